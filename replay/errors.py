@@ -1,0 +1,27 @@
+"""The one exception hierarchy of replay.
+
+Every error a user can cause (bad input file, bad flag, bad log) is a ReplayError. The CLI turns
+it into one line on stderr and a non-zero exit code; any other exception reaching the CLI is a bug.
+"""
+
+
+class ReplayError(Exception):
+    """Base of every error replay reports to its user."""
+
+    exit_code = 1
+
+
+class InputError(ReplayError):
+    """A capture or log file that cannot be read (missing, not a capture, unsupported)."""
+
+    exit_code = 2
+
+
+class LogFormatError(InputError):
+    """A .rlog file whose header or blocks are not what the format says."""
+
+
+class UsageError(ReplayError):
+    """A wrong flag or flag value."""
+
+    exit_code = 2
