@@ -386,6 +386,7 @@ class Framer:
         self.resync_flag = 0      # set after loss: flags the next message
         self.gap_since_pair = False
         self.held = False
+        self.truncated_pending = False  # a snaplen-cut packet carried bytes of the current message
 
     # -- input from the stream ------------------------------------------------------------------
     def feed(self, data, ts, ack):
@@ -411,16 +412,13 @@ class Framer:
             # the hole is inside a Content-Length body: framing stays in step
             self.flags |= lost_flag
             self.remaining -= n
-            self.body_len_missing = True
             self.base += n  # keep stream offsets true: buf no longer maps 1:1 to the stream
-            self._skip_marks_offset(n)
             if self.remaining == 0:
                 self._emit(len(self.buf))
             return
         if st == S_BODY_CLOSE:
             self.flags |= lost_flag
             self.base += n
-            self._skip_marks_offset(n)
             return
         if st in (S_BODY_LEN, S_CHUNK_SIZE, S_CHUNK_DATA, S_CHUNK_CRLF, S_TRAILERS):
             self.flags |= lost_flag
@@ -437,9 +435,6 @@ class Framer:
         self.state = S_RESYNC
         self.resync_flag = F_RESYNC
         self.gap_since_pair = True
-
-    def _skip_marks_offset(self, n):
-        pass  # marks are offsets into buf, which did not grow: nothing to shift
 
     def eof(self, ts, clean):
         """The direction ended: FIN (clean) or RST / expiry / end of input (not clean)."""
@@ -638,14 +633,28 @@ class Framer:
         if nl < 0 and len(buf) < 4096 and not final:
             return False  # too early to tell
         m = ANY_SEARCH_RE.search(buf)
-        if m is None:
+        start = m.start() if m is not None else len(buf)
+        role = ROLE_UNKNOWN
+        if m is not None:
+            role = ROLE_CLIENT if m.group(1) is not None else ROLE_SERVER
+        for mark in self.marks:
+            p = mark[0]
+            if p >= start:
+                break
+            if REQ_START_RE.match(buf, p):
+                start, role = p, ROLE_CLIENT
+                break
+            if STATUS_START_RE.match(buf, p):
+                start, role = p, ROLE_SERVER
+                break
+        if role == ROLE_UNKNOWN:
             if len(buf) > NOT_HTTP_SCAN_LIMIT or final:
                 self._not_http()
             return False
-        eng.st_skipped_bytes += m.start()
-        self._drop_front(m.start())
+        eng.st_skipped_bytes += start
+        self._drop_front(start)
         self.resync_flag = F_RESYNC
-        self.conn.set_role(self.side, ROLE_CLIENT if m.group(1) is not None else ROLE_SERVER)
+        self.conn.set_role(self.side, role)
         return True
 
     def _not_http(self):
@@ -693,6 +702,17 @@ class Framer:
             return True
         rx = REQ_SEARCH_RE if self.role == ROLE_CLIENT else STATUS_SEARCH_RE
         m = rx.search(buf, 1)
+        # a start line also counts where a segment began, even if no line ended just before it
+        limit = m.start() if m is not None else len(buf)
+        for mark in self.marks:
+            p = mark[0]
+            if p >= limit:
+                break
+            if p > 0 and rx_match.match(buf, p):
+                eng.st_skipped_bytes += p
+                self._drop_front(p)
+                self.state = S_START
+                return True
         if m is None:
             # keep the tail that might begin a start line
             nl = buf.rfind(b"\n")
@@ -783,9 +803,8 @@ class Framer:
         elif te == 1:
             self.flags |= F_CHUNKED
             self.state = S_CHUNK_SIZE
-        elif te == 2 or cl < 0 and cl != -1 or cl == -1:
-            if cl >= 0 and te == 0:
-                pass
+        elif te == 2 or cl < 0:
+            # RFC 9112 §6.3 rules 4 and 8: neither chunked last nor a valid Content-Length
             self.state = S_BODY_CLOSE
         elif cl == 0:
             self._emit(end)
@@ -816,7 +835,7 @@ class Framer:
         ack_abs = unwrap(ack, client.nxt) if (ack >= 0 and client.nxt is not None) else None
         if ack_abs is not None and pend:
             # answers a request that was never captured
-            if ack_abs <= pend[0].start and not (conn.midstream and pend[0].index == 0 and False):
+            if ack_abs <= pend[0].start:
                 conn.engine.st_unpaired_responses += 1
                 self.flags |= F_UNPAIRED
                 return None
@@ -857,9 +876,6 @@ class Framer:
         if ts_end is not None and not self.marks:
             ts_last = ts_end
         flags = self.flags
-        for m in self.marks:
-            if m[0] > end:
-                break
         if self.role == ROLE_CLIENT:
             p = self.pending
             index = p.index if p is not None else -1
@@ -912,8 +928,6 @@ class Framer:
             self.state = S_START
         if kind == KIND_REQUEST and conn.pending and conn.pending[-1].upgrade and index == conn.pending[-1].index:
             self.state = S_WAIT
-
-    truncated_pending = False
 
 
 class Stream:

@@ -1,0 +1,1 @@
+"""The command line: one click group (main.py), one module per command."""

@@ -1,0 +1,72 @@
+"""The ``replay`` command group.
+
+Commands live in their own modules and are imported only when run, so ``replay --help`` stays
+instant. Every ``ReplayError`` becomes one line on stderr and its exit code; a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from replay import __version__
+from replay.errors import ReplayError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "convert": ("replay.cli.convert", "Turn a pcap/pcapng capture into a .rlog log of HTTP messages."),
+    "ls": ("replay.cli.ls", "List the HTTP messages of a log or a capture."),
+    "info": ("replay.cli.info", "Summarise a log or a capture: counts, time span, warnings."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, _ = COMMANDS[name]
+        return importlib.import_module(module).command
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="replay")
+def cli():
+    """Capture, convert, list and replay HTTP traffic at the packet level."""
+
+
+def main(argv=None):
+    try:
+        rv = cli.main(args=argv, prog_name="replay", standalone_mode=False)
+    except ReplayError as e:
+        click.echo(f"replay: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("replay: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except BrokenPipeError:
+        # the reader of our output went away (``replay ls ... | head``): not an error
+        try:
+            sys.stdout = None
+        finally:
+            sys.exit(0)
+    except KeyboardInterrupt:
+        click.echo("replay: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""The one place that picks the implementation of the core.
+
+``replay._fastparse`` (compiled from Cython) is used when it was built; ``REPLAY_NO_EXTENSIONS=1``
+forces the pure-Python twin ``replay._fastparse_py``. Both have the same API and produce the same
+``replay.events.Message`` objects and counters.
+"""
+
+from __future__ import annotations
+
+import os
+
+NO_EXTENSIONS = os.environ.get("REPLAY_NO_EXTENSIONS", "") not in ("", "0")
+
+if NO_EXTENSIONS:
+    from replay import _fastparse_py as impl
+    COMPILED = False
+else:
+    try:
+        from replay import _fastparse as impl  # type: ignore[attr-defined]
+        COMPILED = True
+    except ImportError:
+        from replay import _fastparse_py as impl
+        COMPILED = False
+
+Engine = impl.Engine
+STAT_NAMES = impl.STAT_NAMES
+SUPPORTED_LINKTYPES = impl.SUPPORTED_LINKTYPES
+IMPLEMENTATION = "compiled" if COMPILED else "pure"
