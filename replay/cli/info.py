@@ -1,0 +1,119 @@
+"""``replay info``: what a log (or a capture) holds: counts, time span, connections, problems."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timezone
+
+import click
+
+from replay.events import FLAG_NAMES, KIND_REQUEST
+
+
+def summarise(messages) -> dict:
+    req = resp = interim = 0
+    t_min = t_max = None
+    conns = set()
+    statuses: Counter = Counter()
+    methods: Counter = Counter()
+    flags: Counter = Counter()
+    http_bytes = 0
+    for m in messages:
+        if m.kind == KIND_REQUEST:
+            req += 1
+            methods[m.method] += 1
+        else:
+            resp += 1
+            statuses[m.status] += 1
+        conns.add(m.conn)
+        http_bytes += len(m.data)
+        if t_min is None or m.ts_first < t_min:
+            t_min = m.ts_first
+        if t_max is None or m.ts_last > t_max:
+            t_max = m.ts_last
+        if m.flags:
+            for bit, name in FLAG_NAMES:
+                if m.flags & bit:
+                    flags[name] += 1
+    return {
+        "requests": req,
+        "responses": resp,
+        "connections": len(conns),
+        "http_bytes": http_bytes,
+        "first": t_min / 1e9 if t_min is not None else None,
+        "last": t_max / 1e9 if t_max is not None else None,
+        "duration": (t_max - t_min) / 1e9 if t_min is not None else 0.0,
+        "methods": dict(methods.most_common()),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "flags": dict(flags.most_common()),
+    }
+
+
+def _when(t):
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
+
+
+@click.command("info")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+def command(path, as_json):
+    """Summarise PATH, a .rlog log or a pcap/pcapng capture."""
+    import os
+
+    from replay.pipeline import CaptureReader, open_input
+
+    src = open_input(path)
+    info = summarise(src)
+    info["file"] = path
+    info["file_bytes"] = os.path.getsize(path)
+    if isinstance(src, CaptureReader):
+        info["format"] = "capture"
+        info["capture"] = dict(src.stats)
+        info["linktype"] = src.linktype
+    else:
+        info["format"] = "rlog"
+        info["meta"] = src.meta
+        info["blocks"] = len(src.blocks)
+    warnings = list(src.warnings)
+    if info.get("meta"):
+        warnings = list(info["meta"].get("warnings", [])) + warnings
+    info["warnings"] = warnings
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    out = []
+    out.append(f"file:         {path} ({info['format']}, {info['file_bytes']:,} bytes)")
+    meta = info.get("meta") or {}
+    if meta.get("source"):
+        out.append(f"source:       {meta['source']} ({meta.get('command', '?')}, {meta.get('tool', '?')})")
+    out.append(f"messages:     {info['requests']:,} requests, {info['responses']:,} responses "
+               f"({info['http_bytes']:,} HTTP bytes)")
+    out.append(f"connections:  {info['connections']:,}")
+    out.append(f"time span:    {_when(info['first'])} .. {_when(info['last'])} "
+               f"({info['duration']:.3f} s)")
+    if info["methods"]:
+        out.append("methods:      " + ", ".join(f"{k} {v}" for k, v in info["methods"].items()))
+    if info["statuses"]:
+        out.append("statuses:     " + ", ".join(f"{k} {v}" for k, v in info["statuses"].items()))
+    if info["flags"]:
+        out.append("flags:        " + ", ".join(f"{k} {v}" for k, v in info["flags"].items()))
+    stats = info.get("capture") or meta.get("stats") or {}
+    if stats:
+        out.append(f"packets:      {stats.get('packets', 0):,} ({stats.get('tcp_segments', 0):,} TCP "
+                   f"segments, {stats.get('filtered', 0):,} filtered out)")
+        keys = ("gaps", "gap_bytes", "truncated_packets", "ip_fragments", "retransmitted_segments",
+                "out_of_order_segments", "incomplete_messages", "unpaired_responses", "resyncs",
+                "skipped_bytes", "non_http_streams", "midstream_connections",
+                "upgraded_connections", "buffer_cap_hits", "expired_connections",
+                "oversize_messages", "not_ip", "not_tcp", "malformed")
+        probs = [f"{k.replace('_', ' ')} {stats[k]:,}" for k in keys if stats.get(k)]
+        out.append("reassembly:   " + (", ".join(probs) if probs else "no gaps, no truncation, no drops"))
+    drops = meta.get("drops")
+    if drops:
+        out.append("capture drops: " + ", ".join(f"{k} {v:,}" for k, v in drops.items()))
+    for w in warnings:
+        out.append(f"warning:      {w}")
+    click.echo("\n".join(out))
