@@ -451,6 +451,10 @@ class Framer:
             self._emit(len(self.buf), ts)
         elif st == S_HEAD or (st == S_START and self.buf.strip(b"\r\n")):
             eng.st_dropped_head_bytes += len(self.buf)
+        elif st == S_RESYNC:
+            eng.st_skipped_bytes += len(self.buf)
+            if self.produced == 0 and self.scanned + len(self.buf) > 0:
+                eng.st_non_http_streams += 1
         self.buf = bytearray()
         self.marks = []
         self.pos = 0
@@ -674,7 +678,7 @@ class Framer:
             if len(buf) > self.conn.engine.max_head:
                 self._lose_sync(0)
                 return False
-            return False if not final else self._lose_sync(0)
+            return False  # at the end of input, eof() counts these bytes as a dropped head
         rx = REQ_START_RE if self.role == ROLE_CLIENT else STATUS_START_RE
         if rx.match(buf):
             return True
@@ -723,6 +727,11 @@ class Framer:
             if drop:
                 eng.st_skipped_bytes += drop
                 self._drop_front(drop)
+            if self.produced == 0:
+                # a direction that never carried a start line in its first 64 KiB is not HTTP
+                self.scanned += drop
+                if self.scanned > NOT_HTTP_SCAN_LIMIT:
+                    self._not_http()
             return False
         eng.st_skipped_bytes += m.start()
         self._drop_front(m.start())
@@ -871,6 +880,8 @@ class Framer:
         conn = self.conn
         eng = conn.engine
         data = bytes(self.buf[:end])
+        if self.state == S_BODY_CLOSE:
+            self.body_len = end - self.head_len
         ts_first, _ = self._mark_at(0)
         ts_last = self._mark_at(end - 1)[0] if end > 0 else ts_first
         if ts_end is not None and not self.marks:
@@ -956,6 +967,7 @@ class Stream:
             if n == 0 and missing == 0 and not fin:
                 return
             self.nxt = seq  # first byte seen: a midstream start
+            self.framer.base = seq
             self.conn.mark_midstream()
         start = unwrap(seq, self.nxt)
         end = start + n + missing
@@ -1261,6 +1273,7 @@ class Engine:
                 st.syn_seen = True
                 st.isn = seq
                 st.nxt = (seq + 1) & 0xFFFFFFFF
+                st.framer.base = st.nxt
                 conn.set_client(side if not flags & TH_ACK else 1 - side)
             seq = (seq + 1) & 0xFFFFFFFF
         if flags & TH_ACK:
