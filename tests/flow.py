@@ -29,7 +29,7 @@ LINKTYPE_ETHERNET = 1
 
 class Flow:
     def __init__(self, client=("10.0.0.1", 40000), server=("10.0.0.2", 80), isn_c=1000, isn_s=5000,
-                 t0=T0, mss=1460):
+                 t0=T0, mss=1460, link=None, ip_layer=None):
         self.client = client
         self.server = server
         self.v6 = ":" in client[0]
@@ -38,19 +38,24 @@ class Flow:
         self.t = t0
         self.mss = mss
         self.packets: list[tuple[int, bytes]] = []
+        self.link = link or ethernet          # IP packet bytes -> frame bytes
+        self.ip_layer = ip_layer              # (src, dst) -> scapy IP layer, to add options
 
     # -- building blocks ----------------------------------------------------------------------
     def frame(self, side, flags, payload=b"", seq=None, ack=None):
         src, dst = (self.client, self.server) if side == 0 else (self.server, self.client)
-        ipl = IPv6(src=src[0], dst=dst[0]) if self.v6 else IP(src=src[0], dst=dst[0])
+        if self.ip_layer is not None:
+            ipl = self.ip_layer(src[0], dst[0])
+        else:
+            ipl = IPv6(src=src[0], dst=dst[0]) if self.v6 else IP(src=src[0], dst=dst[0])
         tcp = TCP(sport=src[1], dport=dst[1], flags=flags,
                   seq=self.nxt[side] if seq is None else seq & 0xFFFFFFFF,
                   ack=(self.nxt[1 - side] if ack is None else ack & 0xFFFFFFFF) if "A" in flags else 0,
                   window=65535)
-        pkt = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ipl / tcp
+        pkt = ipl / tcp
         if payload:
             pkt = pkt / Raw(payload)
-        return bytes(pkt)
+        return self.link(bytes(pkt))
 
     def tick(self, ts=None):
         if ts is None:
@@ -108,6 +113,11 @@ class Flow:
         self.fin(1)
         self.ack(0)
         return self
+
+
+def ethernet(ip: bytes) -> bytes:
+    etype = 0x86DD if ip[0] >> 4 == 6 else 0x0800
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", type=etype)) + ip
 
 
 def run(impl, packets, linktype=LINKTYPE_ETHERNET, **engine_opts):
