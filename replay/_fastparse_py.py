@@ -127,9 +127,17 @@ _REQ_LINE = rb"[A-Z][A-Z0-9_\-]{0,31} [\x21-\x7e\x80-\xff]+ HTTP/[0-9]\.[0-9]\r?
 _STATUS_LINE = rb"HTTP/[0-9]\.[0-9] [0-9]{3}(?:[ \t][^\r\n]*)?\r?\n"
 REQ_START_RE = re.compile(_REQ_LINE)
 STATUS_START_RE = re.compile(_STATUS_LINE)
-REQ_SEARCH_RE = re.compile(rb"^" + _REQ_LINE, re.M)
-STATUS_SEARCH_RE = re.compile(rb"^" + _STATUS_LINE, re.M)
-ANY_SEARCH_RE = re.compile(rb"^(?:(" + _REQ_LINE + rb")|(" + _STATUS_LINE + rb"))", re.M)
+# When resynchronising, a start line is looked for at the start of a line, at the start of a
+# segment, or right after the bytes of a lost message's body (which need not end with a newline):
+# there, only the registered methods (RFC 9110 §9, RFC 4918) and "HTTP/" after a non-token byte.
+_KNOWN_METHOD = (rb"(?:GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|CONNECT|TRACE|PROPFIND|PROPPATCH"
+                 rb"|MKCOL|COPY|MOVE|LOCK|UNLOCK|REPORT|SEARCH|PURGE)")
+_REQ_ANY = (rb"(?m:^" + _REQ_LINE + rb")|(?<![A-Za-z0-9_\-])" + _KNOWN_METHOD +
+            rb" [\x21-\x7e\x80-\xff]+ HTTP/[0-9]\.[0-9]\r?\n")
+_STATUS_ANY = rb"(?<![A-Za-z0-9_\-])" + _STATUS_LINE
+REQ_SEARCH_RE = re.compile(_REQ_ANY)
+STATUS_SEARCH_RE = re.compile(_STATUS_ANY)
+ANY_SEARCH_RE = re.compile(rb"(" + _REQ_ANY + rb")|(" + _STATUS_ANY + rb")")
 
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
@@ -387,6 +395,7 @@ class Framer:
         self.gap_since_pair = False
         self.held = False
         self.truncated_pending = False  # a snaplen-cut packet carried bytes of the current message
+        self.lost_upto = -1       # stream offset just past the last hole that cost framing
 
     # -- input from the stream ------------------------------------------------------------------
     def feed(self, data, ts, ack):
@@ -416,6 +425,14 @@ class Framer:
             if self.remaining == 0:
                 self._emit(len(self.buf))
             return
+        if st == S_CHUNK_DATA and len(self.buf) - self.pos == 0 and n <= self.remaining:
+            # the hole is inside one chunk's data: framing stays in step too
+            self.flags |= lost_flag
+            self.remaining -= n
+            self.base += n
+            if self.remaining == 0:
+                self.state = S_CHUNK_CRLF
+            return
         if st == S_BODY_CLOSE:
             self.flags |= lost_flag
             self.base += n
@@ -430,6 +447,7 @@ class Framer:
         elif st == S_WAIT:
             eng.st_skipped_bytes += len(self.buf)
         self._reset_buf(n)
+        self.lost_upto = self.base
         if self.role != ROLE_UNKNOWN or self.produced:
             eng.st_resyncs += 1
         self.state = S_RESYNC
@@ -608,7 +626,7 @@ class Framer:
         self.base += n
         for m in self.marks:
             m[0] -= n
-        while len(self.marks) > 1 and self.marks[0][0] <= 0:
+        while self.marks and self.marks[0][0] <= 0:
             self.marks.pop(0)
         self.pos = max(0, self.pos - n)
 
@@ -741,7 +759,7 @@ class Framer:
     def _must_hold(self, final):
         """A response start: wait until the request it answers has been framed."""
         conn = self.conn
-        if final or conn.pending:
+        if final:
             return False
         client = conn.streams[1 - self.side]
         if client.nxt is None or client.finished:
@@ -852,6 +870,13 @@ class Framer:
                 # after a loss on this side, skip requests whose responses fell into the hole
                 while len(pend) > 1 and pend[1].end >= 0 and pend[1].end <= ack_abs:
                     pend.pop(0)
+                if 0 <= pend[0].end < client.framer.lost_upto <= ack_abs:
+                    # it answers a request the capture lost after pend[0], whose own response
+                    # fell into this side's hole
+                    pend.pop(0)
+                    conn.engine.st_unpaired_responses += 1
+                    self.flags |= F_UNPAIRED
+                    return None
         if not pend:
             conn.engine.st_unpaired_responses += 1
             self.flags |= F_UNPAIRED
