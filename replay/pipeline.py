@@ -54,6 +54,8 @@ def open_input(path: str, ports=(), **engine_opts):
 
     Which one is decided by the file's magic, not its name.
     """
+    import os
+
     from replay.sources.pcapfile import is_capture
 
     if is_capture(path):
@@ -62,4 +64,6 @@ def open_input(path: str, ports=(), **engine_opts):
 
     if is_rlog(path):
         return LogReader(path)
-    return CaptureReader(path, ports=ports, **engine_opts)  # raises a clear InputError
+    if os.path.isfile(path) and os.path.getsize(path) >= 4:
+        raise InputError(f"{path}: not a pcap, pcapng or .rlog file")
+    return CaptureReader(path, ports=ports, **engine_opts)  # raises the clear InputError
