@@ -17,7 +17,8 @@ What it does
    therefore really read by the front server (it buffers them before
    proxying) and ``Expect: 100-continue`` gets a real ``100 Continue``.
    Only the front server logs requests, one access-log line per request.
-4. Runs ``tcpdump -i lo -s 0 -B 65536 -w OUT tcp port PORT`` in the namespace.
+4. Runs ``tcpdump -i lo -s 0 -B 262144 -w OUT tcp port PORT`` in the namespace (a 256 MiB
+   kernel buffer: tcpdump writing a 450 MB file must not drop packets).
 5. Drives traffic:
 
    * default (benchmark) mode: ``wrk`` with ``benchmarks/wrk_mix.lua`` (API
@@ -305,7 +306,7 @@ class Tcpdump:
 
     BLOCK_TIMEOUT = 1.5  # > tcpdump's 1000 ms packet-buffer timeout
 
-    def __init__(self, ns: Netns, out: Path, port: int, buffer_kib: int = 65536,
+    def __init__(self, ns: Netns, out: Path, port: int, buffer_kib: int = 262144,
                  immediate: bool = False) -> None:
         self.ns, self.out, self.port, self.buffer_kib = ns, out, port, buffer_kib
         self.immediate = immediate

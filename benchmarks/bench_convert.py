@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""How fast `replay convert` turns a capture into a log, against `tcpdump -r` in the same run.
+
+For one capture (made by ``make_capture.py`` when it does not exist yet) this prints:
+
+* ``tcpdump -r FILE -w /dev/null``: the baseline, best of ``--repeat`` runs;
+* ``replay convert`` with the compiled core and with the pure twin (``REPLAY_NO_EXTENSIONS=1``):
+  wall time, ratio to the baseline, MB/s and packets/s, peak memory (max RSS of the process);
+* peak memory on the first half of the capture too, to show whether memory stays flat as the
+  capture grows;
+* the log's size against the HTTP bytes it holds and against ``gzip -6`` of those bytes;
+* requests in the log against the lines of nginx's access log, when ``--access-log`` is given.
+
+Usage::
+
+    sudo python3 benchmarks/make_capture.py -o /tmp/replay-bench.pcap --size 450 \\
+        --keep-access-log /tmp/replay-bench.access.log
+    python3 benchmarks/bench_convert.py /tmp/replay-bench.pcap --access-log /tmp/replay-bench.access.log
+
+Nothing here is a pass/fail test: the figures are for people to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_timed(cmd, env=None):
+    """Run a command; return (wall seconds, max RSS in MiB, stderr)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, ru = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({code}):\n{err}")
+    return dt, ru.ru_maxrss / 1024, err
+
+
+def best(cmd, repeat, env=None):
+    runs = [run_timed(cmd, env) for _ in range(repeat)]
+    return min(runs, key=lambda r: r[0])
+
+
+def packets_in(path):
+    out = subprocess.run(["capinfos", "-M", "-c", str(path)], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if "Number of packets" in line:
+            return int(line.split(":")[1].strip())
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("capture", nargs="?", default="/tmp/replay-bench.pcap")
+    ap.add_argument("--size", type=int, default=450, help="MB, when the capture must be made")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--access-log", type=Path, help="nginx access log of the capture's server")
+    ap.add_argument("--skip-pure", action="store_true", help="do not time the pure-Python twin")
+    args = ap.parse_args()
+
+    cap = Path(args.capture)
+    if not cap.exists():
+        access = cap.with_suffix(".access.log")
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_capture.py"), "-o", str(cap),
+                        "--size", str(args.size), "--keep-access-log", str(access)], check=True)
+        args.access_log = args.access_log or access
+    size = cap.stat().st_size
+    mb = size / 1e6
+    npk = packets_in(cap)
+    tmp = Path(tempfile.mkdtemp(prefix="replay-bench-"))
+    try:
+        replay = [sys.executable, "-m", "replay.cli.main"]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env_pure = dict(env, REPLAY_NO_EXTENSIONS="1")
+        out = tmp / "out.rlog"
+
+        print(f"capture: {cap} ({mb:.1f} MB, {npk} packets)")
+        base, base_rss, _ = best(["tcpdump", "-r", str(cap), "-w", "/dev/null"], args.repeat)
+        print(f"tcpdump -r:            {base:7.3f} s  {mb / base:8.1f} MB/s  "
+              f"{npk / base:10.0f} packets/s  peak {base_rss:6.1f} MiB")
+        impls = [("compiled", env)] + ([] if args.skip_pure else [("pure", env_pure)])
+        results = {}
+        for name, e in impls:
+            check = subprocess.run(replay[:1] + ["-c", "import replay.core as c; print(c.IMPLEMENTATION)"],
+                                   env=e, capture_output=True, text=True).stdout.strip()
+            if check != name:
+                print(f"replay convert ({name}): not available (core is {check})")
+                continue
+            dt, rss, err = best(replay + ["convert", str(cap), "-o", str(out), "-q"],
+                                args.repeat if name == "compiled" else 1, e)
+            results[name] = dt
+            print(f"replay convert ({name:8s}): {dt:7.3f} s  {mb / dt:8.1f} MB/s  "
+                  f"{npk / dt:10.0f} packets/s  peak {rss:6.1f} MiB  ratio {dt / base:5.1f}x tcpdump")
+
+        # memory as the capture grows: first half
+        half = tmp / "half.pcap"
+        subprocess.run(["tcpdump", "-r", str(cap), "-c", str(npk // 2), "-w", str(half)],
+                       check=True, capture_output=True)
+        _, rss_half, _ = run_timed(replay + ["convert", str(half), "-o", str(tmp / "half.rlog"), "-q"], env)
+        _, rss_full, _ = run_timed(replay + ["convert", str(cap), "-o", str(out), "-q"], env)
+        print(f"peak memory: {rss_half:.1f} MiB on the first half, {rss_full:.1f} MiB on the whole")
+
+        # the log's size against the HTTP bytes it holds and against gzip -6 of them
+        sys.path.insert(0, str(ROOT))
+        from replay.log import LogReader
+
+        reader = LogReader(str(out))
+        raw = bytearray()
+        requests = 0
+        for m in reader:
+            raw += m.data
+            requests += m.kind == 0
+        gz = len(gzip.compress(bytes(raw), compresslevel=6))
+        logsize = out.stat().st_size
+        print(f"log: {logsize / 1e6:.1f} MB for {len(raw) / 1e6:.1f} MB of HTTP bytes "
+              f"({logsize / len(raw):.3f}); gzip -6 of those bytes: {gz / 1e6:.1f} MB "
+              f"(log / gzip = {logsize / gz:.3f})")
+        api = bytearray()
+        for m in reader:
+            if (m.uri or "").startswith("/api/"):
+                api += m.data
+        if api:
+            # API-style traffic alone: the same comparison on its own log
+            from replay.log import LogWriter
+
+            api_log = tmp / "api.rlog"
+            with LogWriter(str(api_log)) as w:
+                for m in reader:
+                    if (m.uri or "").startswith("/api/"):
+                        w.write(m)
+            agz = len(gzip.compress(bytes(api), compresslevel=6))
+            print(f"API messages only: log {api_log.stat().st_size / 1e6:.2f} MB, "
+                  f"gzip -6 {agz / 1e6:.2f} MB (log / gzip = {api_log.stat().st_size / agz:.3f})")
+        if args.access_log and args.access_log.exists():
+            lines = sum(1 for _ in open(args.access_log))
+            print(f"requests: {requests} in the log, {lines} in nginx's access log")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
