@@ -1,0 +1,1345 @@
+# cython: language_level=3, boundscheck=True, wraparound=True
+"""The core, in pure Python: link/IP/TCP decoding, TCP reassembly and HTTP/1.x framing.
+
+This module is the reference twin of the compiled ``replay._fastparse``: the two have the same API,
+create the same ``replay.events.Message`` objects and the same counters, and differential tests
+hold them to identical output. It is sans-IO: it imports no socket, pcap library or clock; the
+caller hands it packets with their capture timestamps.
+
+Theory of operation
+-------------------
+``Engine.feed_batch(buf, meta)`` takes packets in pcapy-ng's ``next_batch`` layout (packet bytes
+concatenated, plus 16-byte records ``sec, usec, offset, caplen`` as native uint32) and returns the
+HTTP messages that completed. Per packet:
+
+1. *Decode* the link layer (Ethernet with any number of 802.1Q/802.1ad tags, MPLS, PPPoE; Linux
+   cooked v1/v2; BSD NULL/LOOP; raw IP), IPv4 (options skipped) or IPv6 (extension headers walked).
+   IP fragments are counted, not reassembled. A TCP segment whose IP length promises more bytes
+   than were captured is *truncated* (snaplen): the captured part is used, the rest becomes a gap.
+   An IP total length of 0 (TSO/GRO super-frames) means "the rest of the frame".
+2. *Reassemble* each direction of each connection. Positions are 64-bit absolute offsets
+   (``replay.seqnum.unwrap``), so wrap-around needs no special case. Overlap policy: bytes once
+   delivered to the framer are final (later copies are retransmissions, counted); among segments
+   waiting beyond a hole, the one starting earliest wins, ties to the first captured. A hole is
+   declared lost, and the framer told how many bytes are missing, when the peer acknowledges data
+   beyond it (the endpoint got bytes the capture never saw), when the stream's waiting bytes pass
+   ``max_stream_buffer``, when all streams together pass ``max_total_buffer``, or when the
+   connection ends (FIN, RST, idle for ``idle_timeout`` seconds of capture time, end of input).
+   A connection seen without its SYN starts at its first data byte and is flagged midstream.
+3. *Frame* HTTP/1.x (RFC 9112) on each direction: requests on the client's, responses on the
+   server's. The client is the sender of the SYN; without one, the first direction whose bytes
+   parse as a request line or status line decides. Body length follows RFC 9112 §6.3 (HEAD, 1xx,
+   204, 304 have none; CONNECT 2xx and 101 end framing on that connection; chunked with
+   extensions and trailers; Content-Length; close-delimited responses). After a hole, or when a
+   connection was already open, the framer resynchronises at the next line that starts a request
+   or a status line. A direction whose first 64 KiB never look like HTTP is counted as non-HTTP.
+4. *Pair* responses with requests by order on their connection. A response whose first segment
+   acknowledges less client data than the start of the oldest unanswered request answers a
+   request that was not captured (unpaired). A response is held until the client bytes it
+   acknowledges have been framed, so a response captured before its request still pairs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import struct
+
+from replay.errors import InputError
+from replay.events import (
+    F_CHUNKED,
+    F_CLOSE_DELIMITED,
+    F_GAP,
+    F_INCOMPLETE,
+    F_INTERIM,
+    F_MIDSTREAM,
+    F_RESYNC,
+    F_TRUNCATED,
+    F_UNPAIRED,
+    F_UPGRADE,
+    KIND_REQUEST,
+    KIND_RESPONSE,
+    Message,
+)
+from replay.seqnum import unwrap
+
+# Link types (https://www.tcpdump.org/linktypes.html)
+DLT_NULL = 0
+DLT_EN10MB = 1
+DLT_RAW_OLD_12 = 12  # OpenBSD's value for DLT_RAW
+DLT_RAW_OLD_14 = 14
+DLT_RAW = 101
+DLT_LOOP = 108
+DLT_LINUX_SLL = 113
+DLT_IPV4 = 228
+DLT_IPV6 = 229
+DLT_LINUX_SLL2 = 276
+SUPPORTED_LINKTYPES = frozenset(
+    (DLT_NULL, DLT_EN10MB, DLT_RAW_OLD_12, DLT_RAW_OLD_14, DLT_RAW, DLT_LOOP, DLT_LINUX_SLL,
+     DLT_IPV4, DLT_IPV6, DLT_LINUX_SLL2))
+
+# EtherTypes
+ETH_IPV4 = 0x0800
+ETH_IPV6 = 0x86DD
+ETH_VLAN_TAGS = (0x8100, 0x88A8, 0x9100, 0x9200)  # 802.1Q, 802.1ad (QinQ) and pre-standard QinQ
+ETH_MPLS = (0x8847, 0x8848)
+ETH_PPPOE_SESSION = 0x8864
+
+# TCP flags (RFC 9293 §3.1)
+TH_FIN = 0x01
+TH_SYN = 0x02
+TH_RST = 0x04
+TH_ACK = 0x10
+
+# IPv6 extension headers walked to reach TCP (RFC 8200 §4)
+IP6_HOPOPTS, IP6_ROUTING, IP6_FRAGMENT, IP6_DSTOPTS, IP6_AH, IP6_NONE = 0, 43, 44, 60, 51, 59
+IP6_EXT_GENERIC = (IP6_HOPOPTS, IP6_ROUTING, IP6_DSTOPTS, 135, 139, 140)
+
+# decode() results
+D_TCP = 0
+D_NOT_IP = 1
+D_NOT_TCP = 2
+D_FRAGMENT = 3
+D_MALFORMED = 4
+
+# Framer states
+S_START = 0       # expecting a start line
+S_HEAD = 1        # start line seen, collecting header lines
+S_BODY_LEN = 2    # Content-Length body
+S_CHUNK_SIZE = 3  # chunk-size line
+S_CHUNK_DATA = 4
+S_CHUNK_CRLF = 5  # CRLF after chunk data
+S_TRAILERS = 6
+S_BODY_CLOSE = 7  # close-delimited response body
+S_WAIT = 8        # client side after CONNECT/Upgrade request: hold bytes until the response decides
+S_TUNNEL = 9      # no more HTTP on this direction (101, CONNECT 2xx)
+S_RESYNC = 10     # lost: looking for the next start line
+S_NOT_HTTP = 11   # this direction never looked like HTTP
+
+ROLE_UNKNOWN = 0
+ROLE_CLIENT = 1   # this direction carries requests
+ROLE_SERVER = 2   # this direction carries responses
+
+NOT_HTTP_SCAN_LIMIT = 64 * 1024
+
+# A request line (RFC 9112 §3) or status line (§4) starting a message; used to decide roles and
+# to resynchronise. Methods are tokens (RFC 9110 §9.1); we accept the usual upper-case form.
+_REQ_LINE = rb"[A-Z][A-Z0-9_\-]{0,31} [\x21-\x7e\x80-\xff]+ HTTP/[0-9]\.[0-9]\r?\n"
+_STATUS_LINE = rb"HTTP/[0-9]\.[0-9] [0-9]{3}(?:[ \t][^\r\n]*)?\r?\n"
+REQ_START_RE = re.compile(_REQ_LINE)
+STATUS_START_RE = re.compile(_STATUS_LINE)
+# When resynchronising, a start line is looked for at the start of a line, at the start of a
+# segment, or right after the bytes of a lost message's body (which need not end with a newline):
+# there, only the registered methods (RFC 9110 §9, RFC 4918) and "HTTP/" after a non-token byte.
+_KNOWN_METHOD = (rb"(?:GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|CONNECT|TRACE|PROPFIND|PROPPATCH"
+                 rb"|MKCOL|COPY|MOVE|LOCK|UNLOCK|REPORT|SEARCH|PURGE)")
+_REQ_ANY = (rb"(?m:^" + _REQ_LINE + rb")|(?<![A-Za-z0-9_\-])" + _KNOWN_METHOD +
+            rb" [\x21-\x7e\x80-\xff]+ HTTP/[0-9]\.[0-9]\r?\n")
+_STATUS_ANY = rb"(?<![A-Za-z0-9_\-])" + _STATUS_LINE
+REQ_SEARCH_RE = re.compile(_REQ_ANY)
+STATUS_SEARCH_RE = re.compile(_STATUS_ANY)
+ANY_SEARCH_RE = re.compile(rb"(" + _REQ_ANY + rb")|(" + _STATUS_ANY + rb")")
+
+_U32 = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+_META = struct.Struct("=IIII")
+
+STAT_NAMES = (
+    "packets", "bytes", "not_ip", "not_tcp", "ip_fragments", "malformed", "truncated_packets",
+    "tcp_segments", "filtered", "connections", "midstream_connections", "retransmitted_segments",
+    "retransmitted_bytes", "out_of_order_segments", "gaps", "gap_bytes", "buffer_cap_hits",
+    "expired_connections", "requests", "responses", "interim_responses", "unpaired_responses",
+    "incomplete_messages", "resyncs", "skipped_bytes", "non_http_streams", "upgraded_connections",
+    "dropped_head_bytes", "oversize_messages",
+)
+
+
+def _addr(b: bytes) -> str:
+    return str(ipaddress.IPv4Address(b) if len(b) == 4 else ipaddress.IPv6Address(b))
+
+
+def decode(linktype: int, frame, off: int = 0, end: int = -1):
+    """Decode one frame down to TCP.
+
+    Returns ``(D_TCP, src, dst, sport, dport, seq, ack, flags, pay_off, pay_end, missing)`` where
+    ``frame[pay_off:pay_end]`` is the captured payload and ``missing`` the payload bytes the IP
+    header promises beyond the capture; or ``(code,)`` for anything else.
+    """
+    if end < 0:
+        end = len(frame)
+    p = off
+    if linktype == DLT_EN10MB:
+        if end - p < 14:
+            return (D_MALFORMED,)
+        etype = (frame[p + 12] << 8) | frame[p + 13]
+        p += 14
+        while etype in ETH_VLAN_TAGS:
+            if end - p < 4:
+                return (D_MALFORMED,)
+            etype = (frame[p + 2] << 8) | frame[p + 3]
+            p += 4
+        if etype in ETH_MPLS:
+            while True:
+                if end - p < 4:
+                    return (D_MALFORMED,)
+                bottom = frame[p + 2] & 1
+                p += 4
+                if bottom:
+                    break
+            if p >= end:
+                return (D_MALFORMED,)
+            v = frame[p] >> 4
+            etype = ETH_IPV4 if v == 4 else ETH_IPV6 if v == 6 else 0
+        elif etype == ETH_PPPOE_SESSION:
+            if end - p < 8:
+                return (D_MALFORMED,)
+            proto = (frame[p + 6] << 8) | frame[p + 7]
+            p += 8
+            etype = ETH_IPV4 if proto == 0x0021 else ETH_IPV6 if proto == 0x0057 else 0
+    elif linktype == DLT_LINUX_SLL:
+        if end - p < 16:
+            return (D_MALFORMED,)
+        etype = (frame[p + 14] << 8) | frame[p + 15]
+        p += 16
+    elif linktype == DLT_LINUX_SLL2:
+        if end - p < 20:
+            return (D_MALFORMED,)
+        etype = (frame[p] << 8) | frame[p + 1]
+        p += 20
+    elif linktype == DLT_NULL or linktype == DLT_LOOP:
+        if end - p < 4:
+            return (D_MALFORMED,)
+        if linktype == DLT_LOOP:
+            fam = (frame[p] << 24) | (frame[p + 1] << 16) | (frame[p + 2] << 8) | frame[p + 3]
+        else:
+            # host byte order of the capturing machine: a small number in either order
+            fam = frame[p] | (frame[p + 1] << 8) | (frame[p + 2] << 16) | (frame[p + 3] << 24)
+            if fam > 0xFFFF:
+                fam = (frame[p] << 24) | (frame[p + 1] << 16) | (frame[p + 2] << 8) | frame[p + 3]
+        p += 4
+        etype = ETH_IPV4 if fam == 2 else ETH_IPV6 if fam in (10, 24, 28, 30) else 0
+    else:  # raw IP
+        if p >= end:
+            return (D_MALFORMED,)
+        v = frame[p] >> 4
+        etype = ETH_IPV4 if v == 4 else ETH_IPV6 if v == 6 else 0
+
+    if etype == ETH_IPV4:
+        if end - p < 20:
+            return (D_MALFORMED,)
+        vihl = frame[p]
+        ihl = (vihl & 0x0F) * 4
+        if vihl >> 4 != 4 or ihl < 20 or end - p < ihl:
+            return (D_MALFORMED,)
+        total = (frame[p + 2] << 8) | frame[p + 3]
+        if total == 0:  # TSO/GRO super-frame: length not filled in
+            ip_end = end
+        else:
+            if total < ihl:
+                return (D_MALFORMED,)
+            ip_end = p + total
+        frag = ((frame[p + 6] << 8) | frame[p + 7]) & 0x3FFF  # MF flag and fragment offset
+        if frag:
+            return (D_FRAGMENT,)
+        if frame[p + 9] != 6:
+            return (D_NOT_TCP,)
+        src = bytes(frame[p + 12:p + 16])
+        dst = bytes(frame[p + 16:p + 20])
+        p += ihl
+    elif etype == ETH_IPV6:
+        if end - p < 40:
+            return (D_MALFORMED,)
+        if frame[p] >> 4 != 6:
+            return (D_MALFORMED,)
+        plen = (frame[p + 4] << 8) | frame[p + 5]
+        ip_end = end if plen == 0 else p + 40 + plen  # 0: jumbogram or GRO super-frame
+        nh = frame[p + 6]
+        src = bytes(frame[p + 8:p + 24])
+        dst = bytes(frame[p + 24:p + 40])
+        p += 40
+        while nh != 6:
+            if nh in IP6_EXT_GENERIC:
+                if end - p < 8:
+                    return (D_MALFORMED,)
+                nh, p = frame[p], p + (frame[p + 1] + 1) * 8
+            elif nh == IP6_FRAGMENT:
+                if end - p < 8:
+                    return (D_MALFORMED,)
+                if ((frame[p + 2] << 8) | frame[p + 3]) & 0xFFF9:  # offset or M flag: a real fragment
+                    return (D_FRAGMENT,)
+                nh, p = frame[p], p + 8
+            elif nh == IP6_AH:
+                if end - p < 8:
+                    return (D_MALFORMED,)
+                nh, p = frame[p], p + (frame[p + 1] + 2) * 4
+            else:
+                return (D_NOT_TCP,)
+    else:
+        return (D_NOT_IP,)
+
+    if ip_end - p < 20 or end - p < 20:
+        return (D_MALFORMED,)
+    doff = (frame[p + 12] >> 4) * 4
+    if doff < 20 or ip_end - p < doff:
+        return (D_MALFORMED,)
+    sport = (frame[p] << 8) | frame[p + 1]
+    dport = (frame[p + 2] << 8) | frame[p + 3]
+    seq = (frame[p + 4] << 24) | (frame[p + 5] << 16) | (frame[p + 6] << 8) | frame[p + 7]
+    ack = (frame[p + 8] << 24) | (frame[p + 9] << 16) | (frame[p + 10] << 8) | frame[p + 11]
+    flags = frame[p + 13]
+    pay_off = p + doff
+    if ip_end > end:  # cut by the snaplen
+        missing = ip_end - max(end, pay_off)
+        pay_end = max(end, pay_off)
+    else:
+        missing = 0
+        pay_end = ip_end  # anything after ip_end is link padding
+    return (D_TCP, src, dst, sport, dport, seq, ack, flags, pay_off, pay_end, missing)
+
+
+def parse_head(head: bytes):
+    """Parse a message head (start line and header fields, RFC 9112 §2-5).
+
+    Returns ``(is_request, method, uri, status, fields)`` with ``fields`` a dict of lower-case
+    name -> list of values, or None when the start line is not HTTP/1.x.
+    """
+    lines = head.split(b"\n")
+    start = lines[0].rstrip(b"\r")
+    if start.startswith(b"HTTP/"):
+        parts = start.split(b" ", 2)
+        if len(parts) < 2 or len(parts[1]) != 3 or not parts[1].isdigit():
+            return None
+        is_req, method, uri, status = False, None, None, int(parts[1])
+    else:
+        parts = start.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/") or not parts[0]:
+            return None
+        is_req, method, uri, status = True, parts[0].decode("latin-1"), parts[1].decode("latin-1"), 0
+    fields: dict = {}
+    last = None
+    for raw in lines[1:]:
+        line = raw.rstrip(b"\r")
+        if not line:
+            continue
+        if line[0] in (32, 9) and last is not None:  # obs-fold (RFC 9112 §5.2)
+            fields[last][-1] += b" " + line.strip()
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        last = name.strip().lower()
+        fields.setdefault(last, []).append(value.strip())
+    return is_req, method, uri, status, fields
+
+
+def _content_length(fields):
+    """RFC 9112 §6.3 rule 5: the value, -1 when absent, -2 when invalid."""
+    vals = fields.get(b"content-length")
+    if not vals:
+        return -1
+    seen = set()
+    for v in vals:
+        for item in v.split(b","):
+            item = item.strip()
+            if not item.isdigit():
+                return -2
+            seen.add(int(item))
+    return seen.pop() if len(seen) == 1 else -2
+
+
+def _is_chunked(fields):
+    vals = fields.get(b"transfer-encoding")
+    if not vals:
+        return 0
+    last = b",".join(vals).split(b",")[-1].strip().lower()
+    return 1 if last == b"chunked" else 2  # 2: encoded, but not chunked last
+
+
+class _Pending:
+    """A request awaiting its response."""
+
+    __slots__ = ("index", "method", "uri", "start", "end", "upgrade")
+
+    def __init__(self, index, method, uri, start, upgrade):
+        self.index = index
+        self.method = method
+        self.uri = uri
+        self.start = start
+        self.end = -1
+        self.upgrade = upgrade
+
+
+class Framer:
+    """HTTP/1.x framing of one direction of one connection."""
+
+    def __init__(self, conn, side):
+        self.conn = conn
+        self.side = side          # 0 or 1: which stream of the connection
+        self.role = ROLE_UNKNOWN
+        self.state = S_START
+        self.buf = bytearray()    # bytes of the current message (and any bytes after it)
+        self.base = 0             # stream offset of buf[0]
+        self.pos = 0              # parse position in buf
+        self.marks = []           # [end offset in buf, ts, ack] per delivery since buf[0]
+        self.flags = 0            # flags of the current message
+        self.remaining = 0
+        self.head_len = 0
+        self.body_len = 0
+        self.method = None
+        self.uri = None
+        self.status = 0
+        self.pending = None       # _Pending of the request being framed (client side)
+        self.answer = None        # _Pending a response being framed answers (server side)
+        self.produced = 0         # messages framed on this direction
+        self.scanned = 0          # bytes searched for a first start line
+        self.resync_flag = 0      # set after loss: flags the next message
+        self.gap_since_pair = False
+        self.held = False
+        self.truncated_pending = False  # a snaplen-cut packet carried bytes of the current message
+        self.lost_upto = -1       # stream offset just past the last hole that cost framing
+
+    # -- input from the stream ------------------------------------------------------------------
+    def feed(self, data, ts, ack):
+        if self.state >= S_TUNNEL and self.state != S_RESYNC:
+            self.conn.engine.st_skipped_bytes += len(data)
+            return
+        self.buf += data
+        self.marks.append([len(self.buf), ts, ack])
+        self.run()
+
+    def gap(self, n, ts, truncated):
+        """``n`` stream bytes were lost at the current end of ``buf``."""
+        if n <= 0:
+            return
+        eng = self.conn.engine
+        lost_flag = F_GAP | F_INCOMPLETE | (F_TRUNCATED if truncated else 0)
+        st = self.state
+        if st == S_TUNNEL or st == S_NOT_HTTP:
+            return
+        self.run()  # frame what is complete before the hole
+        st = self.state
+        if st == S_BODY_LEN and len(self.buf) - self.pos == 0 and n <= self.remaining:
+            # the hole is inside a Content-Length body: framing stays in step
+            self.flags |= lost_flag
+            self.remaining -= n
+            self.base += n  # keep stream offsets true: buf no longer maps 1:1 to the stream
+            if self.remaining == 0:
+                self._emit(len(self.buf))
+            return
+        if st == S_CHUNK_DATA and len(self.buf) - self.pos == 0 and n <= self.remaining:
+            # the hole is inside one chunk's data: framing stays in step too
+            self.flags |= lost_flag
+            self.remaining -= n
+            self.base += n
+            if self.remaining == 0:
+                self.state = S_CHUNK_CRLF
+            return
+        if st == S_BODY_CLOSE:
+            self.flags |= lost_flag
+            self.base += n
+            return
+        if st in (S_BODY_LEN, S_CHUNK_SIZE, S_CHUNK_DATA, S_CHUNK_CRLF, S_TRAILERS):
+            self.flags |= lost_flag
+            self._emit(len(self.buf))
+        elif st == S_HEAD or (st == S_START and self.buf):
+            eng.st_dropped_head_bytes += len(self.buf)
+            if self.role == ROLE_CLIENT and self.pending is not None:
+                self.pending = None
+        elif st == S_WAIT:
+            eng.st_skipped_bytes += len(self.buf)
+        self._reset_buf(n)
+        self.lost_upto = self.base
+        if self.role != ROLE_UNKNOWN or self.produced:
+            eng.st_resyncs += 1
+        self.state = S_RESYNC
+        self.resync_flag = F_RESYNC
+        self.gap_since_pair = True
+
+    def eof(self, ts, clean):
+        """The direction ended: FIN (clean) or RST / expiry / end of input (not clean)."""
+        self.run(final=True)
+        st = self.state
+        eng = self.conn.engine
+        if st == S_BODY_CLOSE:
+            if not clean:
+                self.flags |= F_INCOMPLETE
+            self.flags |= F_CLOSE_DELIMITED
+            self._emit(len(self.buf), ts)
+        elif st in (S_BODY_LEN, S_CHUNK_SIZE, S_CHUNK_DATA, S_CHUNK_CRLF, S_TRAILERS):
+            self.flags |= F_INCOMPLETE
+            self._emit(len(self.buf), ts)
+        elif st == S_HEAD or (st == S_START and self.buf.strip(b"\r\n")):
+            eng.st_dropped_head_bytes += len(self.buf)
+        elif st == S_RESYNC:
+            eng.st_skipped_bytes += len(self.buf)
+            if self.produced == 0 and self.scanned + len(self.buf) > 0:
+                eng.st_non_http_streams += 1
+        self.buf = bytearray()
+        self.marks = []
+        self.pos = 0
+        if st not in (S_TUNNEL, S_NOT_HTTP):
+            self.state = S_TUNNEL if st == S_WAIT else S_START
+
+    # -- framing --------------------------------------------------------------------------------
+    def _reset_buf(self, lost):
+        self.base += len(self.buf) + lost
+        self.buf = bytearray()
+        self.marks = []
+        self.pos = 0
+        self.flags = 0
+
+    def _mark_at(self, off):
+        """(ts, ack) of the delivery that carried buf[off]."""
+        for m in self.marks:
+            if off < m[0]:
+                return m[1], m[2]
+        m = self.marks[-1]
+        return m[1], m[2]
+
+    def run(self, final=False):
+        conn = self.conn
+        eng = conn.engine
+        while True:
+            st = self.state
+            buf = self.buf
+            if st == S_START:
+                if not buf:
+                    return
+                # RFC 9112 §2.2: ignore empty lines before a start line
+                i = 0
+                n = len(buf)
+                while i < n and buf[i] in (13, 10):
+                    i += 1
+                if i:
+                    self._drop_front(i)
+                    continue
+                if self.role == ROLE_UNKNOWN:
+                    if not self._sniff(final):
+                        return
+                    continue
+                if self.role == ROLE_SERVER and self._must_hold(final):
+                    self.held = True
+                    return
+                self.held = False
+                if not self._start_ok(final):
+                    return
+                self.state = S_HEAD
+                self.pos = 0
+            elif st == S_HEAD:
+                end = self._find_head_end()
+                if end < 0:
+                    if len(buf) > eng.max_head:
+                        eng.st_dropped_head_bytes += len(buf)
+                        self._lose_sync(0)
+                        continue
+                    return
+                if not self._on_head(end):
+                    continue
+            elif st == S_BODY_LEN:
+                avail = len(buf) - self.pos
+                if avail <= 0:
+                    return
+                take = avail if avail < self.remaining else self.remaining
+                self.pos += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self._emit(self.pos)
+                elif self._oversize():
+                    return
+                else:
+                    return
+            elif st == S_CHUNK_SIZE:
+                nl = buf.find(b"\n", self.pos)
+                if nl < 0:
+                    if len(buf) - self.pos > 4096:
+                        self._bad_chunk()
+                        continue
+                    return
+                line = bytes(buf[self.pos:nl]).split(b";", 1)[0].strip()
+                try:
+                    size = int(line, 16)
+                except ValueError:
+                    self._bad_chunk()
+                    continue
+                if size < 0:
+                    self._bad_chunk()
+                    continue
+                self.pos = nl + 1
+                if size == 0:
+                    self.state = S_TRAILERS
+                else:
+                    self.remaining = size
+                    self.body_len += size
+                    self.state = S_CHUNK_DATA
+            elif st == S_CHUNK_DATA:
+                avail = len(buf) - self.pos
+                if avail <= 0:
+                    return
+                take = avail if avail < self.remaining else self.remaining
+                self.pos += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self.state = S_CHUNK_CRLF
+                elif self._oversize():
+                    return
+                else:
+                    return
+            elif st == S_CHUNK_CRLF:
+                n = len(buf)
+                if self.pos < n and buf[self.pos] == 13:
+                    if self.pos + 1 >= n:
+                        return
+                    if buf[self.pos + 1] != 10:
+                        self._bad_chunk()
+                        continue
+                    self.pos += 2
+                elif self.pos < n and buf[self.pos] == 10:
+                    self.pos += 1
+                elif self.pos < n:
+                    self._bad_chunk()
+                    continue
+                else:
+                    return
+                self.state = S_CHUNK_SIZE
+            elif st == S_TRAILERS:
+                nl = buf.find(b"\n", self.pos)
+                if nl < 0:
+                    if len(buf) - self.pos > eng.max_head:
+                        self._bad_chunk()
+                        continue
+                    return
+                line = buf[self.pos:nl]
+                self.pos = nl + 1
+                if line == b"" or line == b"\r":
+                    self._emit(self.pos)
+            elif st == S_BODY_CLOSE:
+                self.pos = len(buf)
+                self._oversize()
+                return
+            elif st == S_RESYNC:
+                if not self._resync(final):
+                    return
+            else:  # S_WAIT, S_TUNNEL, S_NOT_HTTP
+                return
+
+    def _drop_front(self, n):
+        del self.buf[:n]
+        self.base += n
+        for m in self.marks:
+            m[0] -= n
+        while self.marks and self.marks[0][0] <= 0:
+            self.marks.pop(0)
+        self.pos = max(0, self.pos - n)
+
+    def _find_head_end(self):
+        buf = self.buf
+        i = buf.find(b"\n\r\n", max(self.pos, 1) - 1)
+        j = buf.find(b"\n\n", max(self.pos, 1) - 1)
+        if i < 0 and j < 0:
+            self.pos = max(0, len(buf) - 2)
+            return -1
+        if i < 0 or (0 <= j < i):
+            return j + 2
+        return i + 3
+
+    def _sniff(self, final):
+        """Decide this direction's role from its first bytes."""
+        eng = self.conn.engine
+        buf = self.buf
+        if REQ_START_RE.match(buf):
+            self.conn.set_role(self.side, ROLE_CLIENT)
+            return True
+        if STATUS_START_RE.match(buf):
+            self.conn.set_role(self.side, ROLE_SERVER)
+            return True
+        nl = buf.find(b"\n")
+        if nl < 0 and len(buf) < 4096 and not final:
+            return False  # too early to tell
+        m = ANY_SEARCH_RE.search(buf)
+        start = m.start() if m is not None else len(buf)
+        role = ROLE_UNKNOWN
+        if m is not None:
+            role = ROLE_CLIENT if m.group(1) is not None else ROLE_SERVER
+        for mark in self.marks:
+            p = mark[0]
+            if p >= start:
+                break
+            if REQ_START_RE.match(buf, p):
+                start, role = p, ROLE_CLIENT
+                break
+            if STATUS_START_RE.match(buf, p):
+                start, role = p, ROLE_SERVER
+                break
+        if role == ROLE_UNKNOWN:
+            if len(buf) > NOT_HTTP_SCAN_LIMIT or final:
+                self._not_http()
+            return False
+        eng.st_skipped_bytes += start
+        self._drop_front(start)
+        self.resync_flag = F_RESYNC
+        self.conn.set_role(self.side, role)
+        return True
+
+    def _not_http(self):
+        eng = self.conn.engine
+        eng.st_non_http_streams += 1
+        eng.st_skipped_bytes += len(self.buf)
+        self.buf = bytearray()
+        self.marks = []
+        self.pos = 0
+        self.state = S_NOT_HTTP
+
+    def _start_ok(self, final):
+        """In a synchronised stream, is buf at a start line? Otherwise lose sync."""
+        buf = self.buf
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) > self.conn.engine.max_head:
+                self._lose_sync(0)
+                return False
+            return False  # at the end of input, eof() counts these bytes as a dropped head
+        rx = REQ_START_RE if self.role == ROLE_CLIENT else STATUS_START_RE
+        if rx.match(buf):
+            return True
+        self._lose_sync(0)
+        return False
+
+    def _lose_sync(self, skip):
+        eng = self.conn.engine
+        eng.st_resyncs += 1
+        self.state = S_RESYNC
+        self.resync_flag = F_RESYNC
+        self.flags = 0
+        self.gap_since_pair = True
+        return False
+
+    def _resync(self, final):
+        eng = self.conn.engine
+        buf = self.buf
+        if self.role == ROLE_UNKNOWN:
+            self.state = S_START
+            return True
+        rx_match = REQ_START_RE if self.role == ROLE_CLIENT else STATUS_START_RE
+        if rx_match.match(buf):
+            self.state = S_START
+            return True
+        rx = REQ_SEARCH_RE if self.role == ROLE_CLIENT else STATUS_SEARCH_RE
+        m = rx.search(buf, 1)
+        # a start line also counts where a segment began, even if no line ended just before it
+        limit = m.start() if m is not None else len(buf)
+        for mark in self.marks:
+            p = mark[0]
+            if p >= limit:
+                break
+            if p > 0 and rx_match.match(buf, p):
+                eng.st_skipped_bytes += p
+                self._drop_front(p)
+                self.state = S_START
+                return True
+        if m is None:
+            # keep the tail that might begin a start line
+            nl = buf.rfind(b"\n")
+            keep = len(buf) - (nl + 1) if nl >= 0 else len(buf)
+            if keep > 8192 or final:
+                keep = 0
+            drop = len(buf) - keep
+            if drop:
+                eng.st_skipped_bytes += drop
+                self._drop_front(drop)
+            if self.produced == 0:
+                # a direction that never carried a start line in its first 64 KiB is not HTTP
+                self.scanned += drop
+                if self.scanned > NOT_HTTP_SCAN_LIMIT:
+                    self._not_http()
+            return False
+        eng.st_skipped_bytes += m.start()
+        self._drop_front(m.start())
+        self.state = S_START
+        return True
+
+    def _must_hold(self, final):
+        """A response start: wait until the request it answers has been framed."""
+        conn = self.conn
+        if final:
+            return False
+        client = conn.streams[1 - self.side]
+        if client.nxt is None or client.finished:
+            return False
+        ack = self.marks[0][2] if self.marks else -1
+        if ack < 0:
+            return False
+        ack_abs = unwrap(ack, client.nxt)
+        return ack_abs > client.nxt
+
+    def _on_head(self, end):
+        """A complete head is buf[:end]. Returns False when it was not HTTP (state changed)."""
+        conn = self.conn
+        eng = conn.engine
+        parsed = parse_head(bytes(self.buf[:end]))
+        if parsed is None or parsed[0] != (self.role == ROLE_CLIENT):
+            self._lose_sync(0)
+            self._drop_front(1)  # move past this false start
+            return False
+        is_req, method, uri, status, fields = parsed
+        self.head_len = end
+        self.body_len = 0
+        self.pos = end
+        self.flags |= self.resync_flag | conn.midstream
+        self.resync_flag = 0
+        if is_req:
+            self.method, self.uri, self.status = method, uri, 0
+            upgrade = method == "CONNECT" or b"upgrade" in fields
+            p = _Pending(conn.next_index, method, uri, self.base, upgrade)
+            conn.next_index += 1
+            self.pending = p
+            conn.pending.append(p)
+            te = _is_chunked(fields)
+            cl = _content_length(fields)
+            if te == 1:
+                self.flags |= F_CHUNKED
+                self.state = S_CHUNK_SIZE
+            elif te == 0 and cl > 0:
+                self.remaining = cl
+                self.body_len = cl
+                self.state = S_BODY_LEN
+            else:
+                self._emit(end)
+            conn.poke_server()
+            return True
+        # response
+        self.status = status
+        answer = self._pair(status)
+        self.answer = answer
+        self.method = answer.method if answer is not None else None
+        self.uri = answer.uri if answer is not None else None
+        te = _is_chunked(fields)
+        cl = _content_length(fields)
+        if 100 <= status < 200:
+            self.flags |= F_INTERIM
+            if status == 101:
+                self.flags |= F_UPGRADE
+            self._emit(end)
+            if status == 101:
+                conn.start_tunnel()
+            return True
+        if self.method == "HEAD" or status == 204 or status == 304:
+            self._emit(end)
+        elif self.method == "CONNECT" and 200 <= status < 300:
+            self.flags |= F_UPGRADE
+            self._emit(end)
+            conn.start_tunnel()
+        elif te == 1:
+            self.flags |= F_CHUNKED
+            self.state = S_CHUNK_SIZE
+        elif te == 2 or cl < 0:
+            # RFC 9112 §6.3 rules 4 and 8: neither chunked last nor a valid Content-Length
+            self.state = S_BODY_CLOSE
+        elif cl == 0:
+            self._emit(end)
+        else:
+            if answer is None and self._looks_bodyless(end):
+                self._emit(end)
+            else:
+                self.remaining = cl
+                self.body_len = cl
+                self.state = S_BODY_LEN
+        if answer is not None and answer.upgrade and self.method != "CONNECT" and status != 101:
+            conn.resume_client()
+        elif answer is not None and self.method == "CONNECT" and not (200 <= status < 300):
+            conn.resume_client()
+        return True
+
+    def _looks_bodyless(self, end):
+        """An unpaired response with Content-Length followed at once by another status line is
+        the answer to a HEAD we did not see."""
+        nxt = self.buf[end:end + 5]
+        return len(nxt) == 5 and nxt == b"HTTP/"
+
+    def _pair(self, status):
+        conn = self.conn
+        pend = conn.pending
+        ack = self.marks[0][2] if self.marks else -1
+        client = conn.streams[1 - self.side]
+        ack_abs = unwrap(ack, client.nxt) if (ack >= 0 and client.nxt is not None) else None
+        if ack_abs is not None and pend:
+            # answers a request that was never captured
+            if ack_abs <= pend[0].start:
+                conn.engine.st_unpaired_responses += 1
+                self.flags |= F_UNPAIRED
+                return None
+            if self.gap_since_pair and not (100 <= status < 200):
+                # after a loss on this side, skip requests whose responses fell into the hole
+                while len(pend) > 1 and pend[1].end >= 0 and pend[1].end <= ack_abs:
+                    pend.pop(0)
+                if 0 <= pend[0].end < client.framer.lost_upto <= ack_abs:
+                    # it answers a request the capture lost after pend[0], whose own response
+                    # fell into this side's hole
+                    pend.pop(0)
+                    conn.engine.st_unpaired_responses += 1
+                    self.flags |= F_UNPAIRED
+                    return None
+        if not pend:
+            conn.engine.st_unpaired_responses += 1
+            self.flags |= F_UNPAIRED
+            return None
+        if 100 <= status < 200 and status != 101:
+            return pend[0]
+        self.gap_since_pair = False
+        return pend.pop(0)
+
+    def _bad_chunk(self):
+        self.flags |= F_INCOMPLETE
+        self._emit(self.pos)
+        self._lose_sync(0)
+
+    def _oversize(self):
+        eng = self.conn.engine
+        if self.pos > eng.max_message:
+            eng.st_oversize_messages += 1
+            self.flags |= F_INCOMPLETE | F_TRUNCATED
+            self._emit(self.pos)
+            self._lose_sync(0)
+            return True
+        return False
+
+    def _emit(self, end, ts_end=None):
+        conn = self.conn
+        eng = conn.engine
+        data = bytes(self.buf[:end])
+        if self.state == S_BODY_CLOSE:
+            self.body_len = end - self.head_len
+        ts_first, _ = self._mark_at(0)
+        ts_last = self._mark_at(end - 1)[0] if end > 0 else ts_first
+        if ts_end is not None and not self.marks:
+            ts_last = ts_end
+        flags = self.flags
+        if self.role == ROLE_CLIENT:
+            p = self.pending
+            index = p.index if p is not None else -1
+            if p is not None:
+                p.end = self.base + end
+            self.pending = None
+            kind = KIND_REQUEST
+            eng.st_requests += 1
+        else:
+            a = self.answer
+            index = a.index if a is not None else -1
+            self.answer = None
+            kind = KIND_RESPONSE
+            eng.st_responses += 1
+            if flags & F_INTERIM:
+                eng.st_interim_responses += 1
+        if flags & F_INCOMPLETE:
+            eng.st_incomplete_messages += 1
+        if self.truncated_pending:
+            flags |= F_TRUNCATED
+        msg = Message(kind, conn.id, index, ts_first, ts_last, conn.client, conn.server,
+                      flags, data, self.method, self.uri, self.status, self.body_len,
+                      self.head_len if self.head_len <= end else end)
+        eng.out.append(msg)
+        self.produced += 1
+        # cut buf at end
+        del self.buf[:end]
+        self.base += end
+        marks = self.marks
+        k = 0
+        while k < len(marks) and marks[k][0] <= end:
+            k += 1
+        if k == len(marks):
+            self.marks = [[0, marks[-1][1], marks[-1][2]]] if marks and self.buf else []
+            if self.buf and not marks:
+                self.marks = []
+        else:
+            self.marks = marks[k:]
+        for m in self.marks:
+            m[0] -= end
+        self.pos = 0
+        self.flags = 0
+        self.head_len = 0
+        self.body_len = 0
+        self.method = None
+        self.uri = None
+        self.status = 0
+        self.truncated_pending = False
+        if self.state != S_TUNNEL and self.state != S_WAIT:
+            self.state = S_START
+        if kind == KIND_REQUEST and conn.pending and conn.pending[-1].upgrade and index == conn.pending[-1].index:
+            self.state = S_WAIT
+
+
+class Stream:
+    """One direction of a TCP connection: reassembly into an in-order byte stream."""
+
+    __slots__ = ("conn", "side", "nxt", "ooo", "ooo_bytes", "fin", "finished", "peer_ack", "framer",
+                 "syn_seen", "isn")
+
+    def __init__(self, conn, side):
+        self.conn = conn
+        self.side = side
+        self.nxt = None       # absolute offset of the next byte expected; None until synchronised
+        self.ooo = []         # [start, end, data, ts, ack, missing] beyond a hole, sorted by start
+        self.ooo_bytes = 0
+        self.fin = None       # absolute offset where the FIN sits
+        self.finished = False
+        self.peer_ack = None  # highest absolute offset the peer acknowledged
+        self.framer = Framer(conn, side)
+        self.syn_seen = False
+        self.isn = -1
+
+    def segment(self, seq, data, ts, ack, missing, fin):
+        eng = self.conn.engine
+        n = len(data)
+        if self.nxt is None:
+            if n == 0 and missing == 0 and not fin:
+                return
+            self.nxt = seq  # first byte seen: a midstream start
+            self.framer.base = seq
+            self.conn.mark_midstream()
+        start = unwrap(seq, self.nxt)
+        end = start + n + missing
+        if fin:
+            self.fin = end
+        if self.finished:
+            if n:
+                eng.st_retransmitted_segments += 1
+                eng.st_retransmitted_bytes += n
+            return
+        if end <= self.nxt and (n or missing):
+            eng.st_retransmitted_segments += 1
+            eng.st_retransmitted_bytes += n
+        elif start <= self.nxt:
+            if start < self.nxt:
+                eng.st_retransmitted_bytes += min(self.nxt, start + n) - start
+            self._deliver(start, data, ts, ack, missing)
+            self._drain()
+        elif n or missing:
+            eng.st_out_of_order_segments += 1
+            self._insert(start, end, data, ts, ack, missing)
+            self._check_hole()
+        self._check_fin(ts)
+
+    def _deliver(self, start, data, ts, ack, missing):
+        skip = self.nxt - start
+        fr = self.framer
+        n = len(data)
+        if skip < n:
+            fr.feed(data[skip:] if skip else data, ts, ack)
+            self.nxt = start + n
+        if missing:
+            gap_start = start + n
+            lost = gap_start + missing - max(self.nxt, gap_start)
+            if lost > 0:
+                fr.truncated_pending = True
+                self.conn.engine.st_gaps += 1
+                self.conn.engine.st_gap_bytes += lost
+                fr.gap(lost, ts, True)
+                self.nxt = start + n + missing
+
+    def _insert(self, start, end, data, ts, ack, missing):
+        ooo = self.ooo
+        i = len(ooo)
+        while i > 0 and ooo[i - 1][0] > start:
+            i -= 1
+        ooo.insert(i, [start, end, data, ts, ack, missing])
+        self.ooo_bytes += len(data)
+        eng = self.conn.engine
+        eng.total_ooo += len(data)
+        if self.ooo_bytes > eng.max_stream_buffer:
+            eng.st_buffer_cap_hits += 1
+            self.skip_hole()
+        elif eng.total_ooo > eng.max_total_buffer:
+            eng.st_buffer_cap_hits += 1
+            eng.relieve()
+
+    def _drain(self):
+        ooo = self.ooo
+        eng = self.conn.engine
+        while ooo and ooo[0][0] <= self.nxt:
+            start, end, data, ts, ack, missing = ooo.pop(0)
+            self.ooo_bytes -= len(data)
+            eng.total_ooo -= len(data)
+            if end > self.nxt:
+                self._deliver(start, data, ts, ack, missing)
+            else:
+                eng.st_retransmitted_segments += 1
+                eng.st_retransmitted_bytes += len(data)
+
+    def skip_hole(self):
+        """Declare the hole before the first waiting segment lost, and go on after it."""
+        if not self.ooo:
+            return
+        lost = self.ooo[0][0] - self.nxt
+        eng = self.conn.engine
+        eng.st_gaps += 1
+        eng.st_gap_bytes += lost
+        self.framer.gap(lost, self.ooo[0][3], False)
+        self.nxt = self.ooo[0][0]
+        self._drain()
+
+    def _check_hole(self):
+        pa = self.peer_ack
+        while self.ooo and pa is not None and pa >= self.ooo[0][0] and pa > self.nxt:
+            self.skip_hole()
+
+    def on_peer_ack(self, ack):
+        if self.nxt is None:
+            return
+        a = unwrap(ack, self.nxt)
+        if self.peer_ack is None or a > self.peer_ack:
+            self.peer_ack = a
+            if self.ooo:
+                self._check_hole()
+                self._check_fin(None)
+
+    def _check_fin(self, ts):
+        if self.fin is not None and not self.finished and self.nxt is not None and self.nxt >= self.fin - 0:
+            if not self.ooo or self.ooo[0][0] >= self.fin:
+                self.finished = True
+                self.framer.eof(ts if ts is not None else self.conn.last_ts, True)
+                self.conn.stream_done()
+
+    def flush(self, clean):
+        """Connection over: deliver whatever waits, marking holes, then end the framer."""
+        while self.ooo:
+            self.skip_hole()
+        if not self.finished:
+            self.finished = True
+            self.framer.eof(self.conn.last_ts, clean)
+
+
+class Connection:
+    __slots__ = ("engine", "id", "key", "addr", "ports", "streams", "client_side", "client", "server",
+                 "pending", "next_index", "midstream", "last_ts", "closed", "tunnel")
+
+    def __init__(self, engine, cid, key, src, sport, dst, dport):
+        self.engine = engine
+        self.id = cid
+        self.key = key
+        self.addr = (src, dst)       # side 0 sends from addr[0]
+        self.ports = (sport, dport)
+        self.streams = (Stream(self, 0), Stream(self, 1))
+        self.client_side = -1
+        self.client = None
+        self.server = None
+        self.pending = []            # requests awaiting responses, in order
+        self.next_index = 0
+        self.midstream = 0
+        self.last_ts = 0
+        self.closed = False
+        self.tunnel = False
+
+    def set_client(self, side):
+        if self.client_side >= 0:
+            return
+        self.client_side = side
+        c, s = side, 1 - side
+        self.client = (_addr(self.addr[c]), self.ports[c])
+        self.server = (_addr(self.addr[s]), self.ports[s])
+        self.streams[c].framer.role = ROLE_CLIENT
+        self.streams[s].framer.role = ROLE_SERVER
+
+    def set_role(self, side, role):
+        self.set_client(side if role == ROLE_CLIENT else 1 - side)
+
+    def mark_midstream(self):
+        if not self.midstream and not (self.streams[0].syn_seen or self.streams[1].syn_seen):
+            self.midstream = F_MIDSTREAM
+            self.engine.st_midstream_connections += 1
+
+    def poke_server(self):
+        if self.client_side < 0:
+            return
+        fr = self.streams[1 - self.client_side].framer
+        if fr.held:
+            fr.run()
+
+    def start_tunnel(self):
+        self.tunnel = True
+        self.engine.st_upgraded_connections += 1
+        for st in self.streams:
+            fr = st.framer
+            if fr.buf:
+                self.engine.st_skipped_bytes += len(fr.buf)
+            fr.buf = bytearray()
+            fr.marks = []
+            fr.pos = 0
+            fr.state = S_TUNNEL
+
+    def resume_client(self):
+        if self.client_side < 0:
+            return
+        fr = self.streams[self.client_side].framer
+        if fr.state == S_WAIT:
+            fr.state = S_START
+            fr.run()
+
+    def stream_done(self):
+        if self.streams[0].finished and self.streams[1].finished:
+            self.engine.close(self)
+
+    def finish(self, clean):
+        # the client's bytes first, so that held responses find their requests
+        order = (self.client_side, 1 - self.client_side) if self.client_side >= 0 else (0, 1)
+        for side in order:
+            self.streams[side].flush(clean)
+        for side in order:
+            fr = self.streams[side].framer
+            if fr.held:
+                fr.run(final=True)
+                fr.eof(self.last_ts, clean)
+
+
+class Engine:
+    """Packets in, HTTP messages out. One Engine per capture."""
+
+    def __init__(self, linktype, ports=(), max_stream_buffer=4 << 20, max_total_buffer=256 << 20,
+                 idle_timeout=120.0, max_message=256 << 20, max_head=64 << 10):
+        if linktype not in SUPPORTED_LINKTYPES:
+            raise InputError(f"unsupported link type {linktype}")
+        self.linktype = linktype
+        self.ports = frozenset(ports)
+        self.max_stream_buffer = max_stream_buffer
+        self.max_total_buffer = max_total_buffer
+        self.idle_timeout_ns = int(idle_timeout * 1e9)
+        self.max_message = max_message
+        self.max_head = max_head
+        self.conns = {}
+        self.next_id = 0
+        self.out = []
+        self.total_ooo = 0
+        self.now = 0
+        self.next_sweep = 0
+        for name in STAT_NAMES:
+            setattr(self, "st_" + name, 0)
+
+    # -- input ----------------------------------------------------------------------------------
+    def feed_batch(self, buf, meta):
+        """Packets in pcapy-ng ``next_batch`` layout. Returns the messages completed."""
+        mv = memoryview(buf)
+        for sec, usec, off, caplen in _META.iter_unpack(meta):
+            self._packet(sec * 1_000_000_000 + usec * 1000, mv, off, off + caplen)
+        return self._take()
+
+    def feed(self, ts_ns, frame):
+        """One packet. Returns the messages completed."""
+        self._packet(ts_ns, frame, 0, len(frame))
+        return self._take()
+
+    def finish(self):
+        """End of input: flush every connection (unfinished messages come out incomplete)."""
+        for conn in list(self.conns.values()):
+            self._close_conn(conn, False)
+        return self._take()
+
+    def stats(self):
+        d = {name: getattr(self, "st_" + name) for name in STAT_NAMES}
+        d["open_connections"] = len(self.conns)
+        d["buffered_bytes"] = self.total_ooo
+        return d
+
+    def _take(self):
+        out = self.out
+        self.out = []
+        return out
+
+    # -- per packet -----------------------------------------------------------------------------
+    def _packet(self, ts, frame, off, end):
+        self.st_packets += 1
+        self.st_bytes += end - off
+        if ts > self.now:
+            self.now = ts
+        if self.now >= self.next_sweep:
+            self._sweep()
+        r = decode(self.linktype, frame, off, end)
+        code = r[0]
+        if code != D_TCP:
+            if code == D_NOT_IP:
+                self.st_not_ip += 1
+            elif code == D_NOT_TCP:
+                self.st_not_tcp += 1
+            elif code == D_FRAGMENT:
+                self.st_ip_fragments += 1
+            else:
+                self.st_malformed += 1
+            return
+        _, src, dst, sport, dport, seq, ack, flags, pay_off, pay_end, missing = r
+        ports = self.ports
+        if ports and sport not in ports and dport not in ports:
+            self.st_filtered += 1
+            return
+        self.st_tcp_segments += 1
+        if missing:
+            self.st_truncated_packets += 1
+        a = (src, sport)
+        b = (dst, dport)
+        key = (a, b) if a <= b else (b, a)
+        conn = self.conns.get(key)
+        has_data = pay_end > pay_off or missing
+        if conn is not None and flags & TH_SYN and not flags & TH_ACK:
+            # a SYN on a known 4-tuple: a retransmitted SYN, or the port was reused
+            side = 0 if conn.addr[0] == src and conn.ports[0] == sport else 1
+            st = conn.streams[side]
+            if not (st.syn_seen and st.isn == seq):
+                self._close_conn(conn, False)
+                conn = None
+        if conn is None:
+            if not (flags & TH_SYN or has_data):
+                return
+            conn = Connection(self, self.next_id, key, src, sport, dst, dport)
+            self.next_id += 1
+            self.conns[key] = conn
+            self.st_connections += 1
+            side = 0
+        else:
+            side = 0 if conn.addr[0] == src and conn.ports[0] == sport else 1
+        conn.last_ts = ts
+        st = conn.streams[side]
+        if flags & TH_SYN:
+            if st.nxt is None or not st.syn_seen:
+                st.syn_seen = True
+                st.isn = seq
+                st.nxt = (seq + 1) & 0xFFFFFFFF
+                st.framer.base = st.nxt
+                conn.set_client(side if not flags & TH_ACK else 1 - side)
+            seq = (seq + 1) & 0xFFFFFFFF
+        if flags & TH_ACK:
+            conn.streams[1 - side].on_peer_ack(ack)
+        if has_data or flags & TH_FIN:
+            st.segment(seq, frame[pay_off:pay_end], ts, ack if flags & TH_ACK else -1, missing,
+                       flags & TH_FIN)
+        if flags & TH_RST and not conn.closed:
+            self._close_conn(conn, False)
+
+    # -- connection life ------------------------------------------------------------------------
+    def close(self, conn):
+        self._close_conn(conn, True)
+
+    def _close_conn(self, conn, clean):
+        if conn.closed:
+            return
+        conn.closed = True
+        conn.finish(clean)
+        if self.conns.get(conn.key) is conn:
+            del self.conns[conn.key]
+        for st in conn.streams:
+            self.total_ooo -= st.ooo_bytes
+            st.ooo_bytes = 0
+
+    def _sweep(self):
+        self.next_sweep = self.now + 1_000_000_000
+        limit = self.now - self.idle_timeout_ns
+        for conn in [c for c in self.conns.values() if c.last_ts < limit]:
+            self.st_expired_connections += 1
+            self._close_conn(conn, False)
+
+    def relieve(self):
+        """All streams together hold too much beyond holes: give up the largest hole."""
+        while self.total_ooo > self.max_total_buffer:
+            worst = None
+            for conn in self.conns.values():
+                for st in conn.streams:
+                    if st.ooo and (worst is None or st.ooo_bytes > worst.ooo_bytes):
+                        worst = st
+            if worst is None:
+                return
+            worst.skip_hole()
