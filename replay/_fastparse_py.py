@@ -1342,3 +1342,61 @@ class Engine:
             if worst is None:
                 return
             worst.skip_hole()
+
+
+class ResponseFramer:
+    """The responses a server sends on one connection, framed by the same rules as a capture.
+
+    Sans-IO, for ``replay play``: call ``expect(method)`` for each request sent on the
+    connection, in order (a HEAD's response has no body, a CONNECT 2xx ends HTTP), ``feed(data,
+    ts_ns)`` with the bytes read from the socket, and ``eof(ts_ns)`` when the server closed it.
+    Each returns the responses completed, as ``Message`` objects whose ``index`` is the position
+    of the request answered (interim 1xx responses share it). Bytes that are not HTTP are
+    counted in ``stats()["skipped_bytes"]`` and ``stats()["resyncs"]``.
+    """
+
+    def __init__(self, client=("", 0), server=("", 0), max_message=256 << 20, max_head=64 << 10):
+        eng = Engine(DLT_RAW, max_message=max_message, max_head=max_head)
+        conn = Connection(eng, 0, None, b"", client[1], b"", server[1])
+        conn.client_side = 0
+        conn.client = tuple(client)
+        conn.server = tuple(server)
+        conn.streams[0].framer.role = ROLE_CLIENT
+        conn.streams[1].framer.role = ROLE_SERVER
+        conn.streams[1].framer.base = 0
+        self._eng = eng
+        self._conn = conn
+        self._framer = conn.streams[1].framer
+        self.closed = False
+
+    def expect(self, method):
+        """A request with this method was sent: the next response not yet framed answers it."""
+        conn = self._conn
+        conn.pending.append(_Pending(conn.next_index, method, None, 0, method == "CONNECT"))
+        conn.next_index += 1
+
+    @property
+    def outstanding(self):
+        """Requests sent whose final response has not been framed."""
+        return len(self._conn.pending) + (self._framer.answer is not None)
+
+    @property
+    def tunnel(self):
+        """A 101 or a CONNECT 2xx ended HTTP on this connection."""
+        return self._conn.tunnel
+
+    def feed(self, data, ts_ns):
+        if data:
+            self._framer.feed(data, ts_ns, -1)
+        return self._eng._take()
+
+    def eof(self, ts_ns):
+        """The server closed the connection: a close-delimited body ends here, others are cut."""
+        if not self.closed:
+            self.closed = True
+            self._conn.last_ts = ts_ns
+            self._framer.eof(ts_ns, True)
+        return self._eng._take()
+
+    def stats(self):
+        return self._eng.stats()

@@ -23,6 +23,7 @@ else:
         COMPILED = False
 
 Engine = impl.Engine
+ResponseFramer = impl.ResponseFramer
 STAT_NAMES = impl.STAT_NAMES
 SUPPORTED_LINKTYPES = impl.SUPPORTED_LINKTYPES
 IMPLEMENTATION = "compiled" if COMPILED else "pure"
