@@ -21,6 +21,10 @@ class LogFormatError(InputError):
     """A .rlog file whose header or blocks are not what the format says."""
 
 
+class OutputError(ReplayError):
+    """A file replay must write that cannot be written (unwritable path, disk full, I/O error)."""
+
+
 class UsageError(ReplayError):
     """A wrong flag or flag value."""
 

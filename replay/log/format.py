@@ -1,0 +1,376 @@
+"""The .rlog format: constants, and encoding/decoding of headers and blocks (no I/O here).
+
+docs/log-format.md describes every byte; this module is its executable form. Rules it keeps:
+
+- everything is little-endian; every variable-length thing is length-prefixed (no separators);
+- a file is a fixed file header followed by self-contained blocks; each block starts with the same
+  8-byte sync marker, carries its own lengths and two CRC-32s (header, body), so a reader can check
+  it alone and, after a damaged one, find the next by scanning for the marker;
+- a data block holds two zstd frames: the *table* (fixed-width columns, then an address table and
+  a string table) and the *payload* (the messages' bytes, concatenated in row order). The table
+  can be read without decompressing the payload;
+- the major version changes when an old reader would misread a file; the minor version when it
+  adds something an old reader can skip (a longer header, a new block type).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import zstandard as zstd
+
+from replay.events import Message
+
+MAGIC = b"RLOG\r\n\x1a\n"  # PNG-style: catches text-mode (CRLF) damage
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+
+# file header: magic, major u16, minor u16, header length u32, flags u32, crc32 u32
+FILE_HEADER = struct.Struct("<8sHHII")
+FILE_HEADER_LEN = FILE_HEADER.size + 4  # 24
+
+SYNC = b"\xd9\x1f\x6b\xe3\x4c\xa7\x02\x95"
+
+BLOCK_DATA = 1
+BLOCK_META = 2
+BLOCK_INDEX = 3
+BLOCK_NAMES = {BLOCK_DATA: "data", BLOCK_META: "metadata", BLOCK_INDEX: "index"}
+
+# block flags
+BF_A_ZSTD = 1 << 0   # section A (table / JSON / index entries) is one zstd frame
+BF_B_ZSTD = 1 << 1   # section B (payload) is one zstd frame
+
+# block header: sync, type u8, flags u8, header length u16, count u32, t_min i64, t_max i64,
+# A compressed u32, A raw u32, B compressed u32, B raw u32, body crc32 u32; then header crc32 u32
+BLOCK_HEADER = struct.Struct("<8sBBHIqqIIIII")
+BLOCK_HEADER_LEN = BLOCK_HEADER.size + 4  # 56
+CRC = struct.Struct("<I")
+
+# index block entries, then the trailer that ends the file
+INDEX_ENTRY = np.dtype([("offset", "<u8"), ("t_min", "<i8"), ("t_max", "<i8"), ("count", "<u4"),
+                        ("type", "u1"), ("pad", "V3")])
+INDEX_TRAILER = struct.Struct("<Q8s")
+INDEX_MAGIC = b"RLOGIDX\n"
+
+MAX_SECTION = 0xFFFFFFFF
+MASK64 = (1 << 64) - 1
+
+# Data-block table columns, widest first so every column is naturally aligned.
+# ts_first is stored as ts_first - block t_min, ts_last as ts_last - ts_first (both mod 2**64).
+COLUMNS = (
+    ("conn", "<u8"),
+    ("index", "<i8"),
+    ("ts_first", "<u8"),
+    ("ts_last", "<u8"),
+    ("body_length", "<u8"),
+    ("flags", "<u4"),
+    ("head_length", "<u4"),
+    ("data_length", "<u4"),
+    ("client", "<u4"),     # id into the block's address table
+    ("server", "<u4"),
+    ("method", "<u4"),     # 0 = None, k = string k-1 of the block's string table
+    ("uri", "<u4"),
+    ("status", "<u2"),
+    ("kind", "u1"),
+)
+COLUMN_DTYPES = [(name, np.dtype(t)) for name, t in COLUMNS]
+ROW_BYTES = sum(dt.itemsize for _, dt in COLUMN_DTYPES)
+
+# What LogReader.table() returns: the columns with absolute values, plus where each row lives.
+TABLE_DTYPE = np.dtype([
+    ("kind", "u1"), ("flags", "<u4"), ("conn", "<u8"), ("index", "<i8"),
+    ("ts_first", "<i8"), ("ts_last", "<i8"), ("status", "<u2"), ("body_length", "<u8"),
+    ("head_length", "<u4"), ("data_length", "<u4"), ("data_offset", "<u4"),
+    ("client", "<u4"), ("server", "<u4"), ("method", "<u4"), ("uri", "<u4"), ("block", "<u4"),
+])
+
+U8 = struct.Struct("<B")
+U16 = struct.Struct("<H")
+U32 = struct.Struct("<I")
+
+
+class FormatError(Exception):
+    """Bytes that are not what the format says (the reader turns it into a warning or LogFormatError)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# file header
+
+
+def pack_file_header() -> bytes:
+    head = FILE_HEADER.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, FILE_HEADER_LEN, 0)
+    return head + CRC.pack(zlib.crc32(head))
+
+
+def unpack_file_header(buf: bytes) -> tuple[int, int, int]:
+    """(major, minor, header length); FormatError with a reason when it is not a usable header."""
+    if len(buf) < len(MAGIC) or buf[:len(MAGIC)] != MAGIC:
+        raise FormatError("not a .rlog file (bad magic)")
+    if len(buf) < FILE_HEADER.size:
+        raise FormatError("cut short inside its file header")
+    _, major, minor, hlen, _flags = FILE_HEADER.unpack_from(buf)
+    if major != VERSION_MAJOR:
+        raise FormatError(f"unsupported .rlog format version {major}.{minor} "
+                          f"(this replay reads {VERSION_MAJOR}.x)")
+    if hlen < FILE_HEADER_LEN:
+        raise FormatError(f"file header length {hlen} is too small")
+    if len(buf) < hlen:
+        raise FormatError("cut short inside its file header")
+    (crc,) = CRC.unpack_from(buf, hlen - 4)
+    if zlib.crc32(buf[:hlen - 4]) != crc:
+        raise FormatError("file header checksum mismatch")
+    return major, minor, hlen
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks
+
+
+class BlockHeader:
+    __slots__ = ("type", "flags", "hlen", "count", "t_min", "t_max", "a_len", "a_raw",
+                 "b_len", "b_raw", "body_crc")
+
+    def __init__(self, type, flags, hlen, count, t_min, t_max, a_len, a_raw, b_len, b_raw, body_crc):
+        self.type = type
+        self.flags = flags
+        self.hlen = hlen
+        self.count = count
+        self.t_min = t_min
+        self.t_max = t_max
+        self.a_len = a_len
+        self.a_raw = a_raw
+        self.b_len = b_len
+        self.b_raw = b_raw
+        self.body_crc = body_crc
+
+    @property
+    def body_len(self) -> int:
+        return self.a_len + self.b_len
+
+    @property
+    def total_len(self) -> int:
+        return self.hlen + self.a_len + self.b_len
+
+
+def pack_block(btype: int, flags: int, count: int, t_min: int, t_max: int,
+               a: bytes, a_raw: int, b: bytes = b"", b_raw: int = 0) -> list:
+    """The block as a list of buffers to write in order (header, section A, section B)."""
+    if len(a) > MAX_SECTION or len(b) > MAX_SECTION or a_raw > MAX_SECTION or b_raw > MAX_SECTION:
+        raise ValueError("a block section exceeds 4 GiB")
+    body_crc = zlib.crc32(b, zlib.crc32(a))
+    head = BLOCK_HEADER.pack(SYNC, btype, flags, BLOCK_HEADER_LEN, count, t_min, t_max,
+                             len(a), a_raw, len(b), b_raw, body_crc)
+    return [head + CRC.pack(zlib.crc32(head)), a, b]
+
+
+def unpack_block_header(buf, offset: int = 0) -> BlockHeader:
+    """The block header at ``offset`` of ``buf``; FormatError when it is not a valid one."""
+    if len(buf) - offset < BLOCK_HEADER_LEN:
+        raise FormatError("cut short")
+    (sync, btype, flags, hlen, count, t_min, t_max, a_len, a_raw, b_len, b_raw,
+     body_crc) = BLOCK_HEADER.unpack_from(buf, offset)
+    if sync != SYNC:
+        raise FormatError("no sync marker")
+    if hlen < BLOCK_HEADER_LEN:
+        raise FormatError("bad header length")
+    if len(buf) - offset < hlen:
+        raise FormatError("cut short")
+    (crc,) = CRC.unpack_from(buf, offset + hlen - 4)
+    if zlib.crc32(buf[offset:offset + hlen - 4]) != crc:
+        raise FormatError("header checksum mismatch")
+    return BlockHeader(btype, flags, hlen, count, t_min, t_max, a_len, a_raw, b_len, b_raw, body_crc)
+
+
+def check_body(h: BlockHeader, buf, offset: int) -> None:
+    """FormatError unless the block body at ``offset`` (start of the block) matches its CRC."""
+    start = offset + h.hlen
+    end = start + h.body_len
+    if end > len(buf):
+        raise FormatError("cut short")
+    if zlib.crc32(buf[start:end]) != h.body_crc:
+        raise FormatError("body checksum mismatch")
+
+
+def sections(h: BlockHeader, buf, offset: int, dctx, want_b: bool = True):
+    """(section A, section B) of a checked block, decompressed; B is None unless ``want_b``."""
+    try:
+        return _sections(h, buf, offset, dctx, want_b)
+    except zstd.ZstdError as e:
+        raise FormatError(f"bad zstd frame: {e}") from None
+
+
+def _sections(h, buf, offset, dctx, want_b):
+    a0 = offset + h.hlen
+    a = buf[a0:a0 + h.a_len]
+    a = dctx.decompress(a, max_output_size=h.a_raw) if h.flags & BF_A_ZSTD else bytes(a)
+    if len(a) != h.a_raw:
+        raise FormatError("section A length mismatch")
+    b = None
+    if want_b:
+        b0 = a0 + h.a_len
+        b = buf[b0:b0 + h.b_len]
+        b = dctx.decompress(b, max_output_size=h.b_raw) if h.flags & BF_B_ZSTD else bytes(b)
+        if len(b) != h.b_raw:
+            raise FormatError("section B length mismatch")
+    return a, b
+
+
+# ---------------------------------------------------------------------------------------------
+# data blocks
+
+
+def _text(s: str) -> bytes:
+    return s.encode("utf-8", "surrogatepass")
+
+
+def encode_table(msgs: list) -> tuple[bytes, bytes, int, int]:
+    """(table section, payload section, t_min, t_max) of a data block holding ``msgs`` (raw)."""
+    n = len(msgs)
+    addrs: dict = {}
+    strings: dict = {}
+    ts_first = [m.ts_first for m in msgs]
+    ts_last = [m.ts_last for m in msgs]
+    t_min = min(min(ts_first), min(ts_last))
+    t_max = max(max(ts_first), max(ts_last))
+    if t_min < -(1 << 63) or t_max >= (1 << 63):
+        raise ValueError("message timestamp outside the signed 64-bit range of .rlog")
+    cols = {
+        "conn": [m.conn for m in msgs],
+        "index": [m.index for m in msgs],
+        "ts_first": [(t - t_min) & MASK64 for t in ts_first],
+        "ts_last": [(b - a) & MASK64 for a, b in zip(ts_first, ts_last)],
+        "body_length": [m.body_length for m in msgs],
+        "flags": [m.flags for m in msgs],
+        "head_length": [m.head_length for m in msgs],
+        "data_length": [len(m.data) for m in msgs],
+        "client": [addrs.setdefault(m.client, len(addrs)) for m in msgs],
+        "server": [addrs.setdefault(m.server, len(addrs)) for m in msgs],
+        "method": [0 if m.method is None else strings.setdefault(m.method, len(strings) + 1)
+                   for m in msgs],
+        "uri": [0 if m.uri is None else strings.setdefault(m.uri, len(strings) + 1) for m in msgs],
+        "status": [m.status for m in msgs],
+        "kind": [m.kind for m in msgs],
+    }
+    out = bytearray()
+    try:
+        for name, dt in COLUMN_DTYPES:
+            out += np.array(cols[name], dtype=dt).tobytes()
+    except (OverflowError, ValueError, TypeError) as e:
+        raise ValueError(f"a message field does not fit the .rlog column {name!r} ({dt}): {e}") from None
+    assert len(out) == n * ROW_BYTES
+    out += U32.pack(len(addrs))
+    for ip, port in addrs:
+        ipb = _text(ip)
+        if len(ipb) > 255:
+            raise ValueError(f"address {ip!r} is longer than 255 bytes")
+        out += U8.pack(len(ipb))
+        out += ipb
+        out += U16.pack(port)
+    out += U32.pack(len(strings))
+    for s in strings:
+        sb = _text(s)
+        out += U32.pack(len(sb))
+        out += sb
+    payload = b"".join([m.data for m in msgs])
+    return bytes(out), payload, t_min, t_max
+
+
+class Table:
+    """The decoded table section of one data block: numpy columns (stored form), addresses, strings."""
+
+    __slots__ = ("n", "cols", "addrs", "strings")
+
+    def __init__(self, buf, n: int):
+        self.n = n
+        cols = {}
+        off = 0
+        for name, dt in COLUMN_DTYPES:
+            cols[name] = np.frombuffer(buf, dtype=dt, count=n, offset=off)
+            off += dt.itemsize * n
+        self.cols = cols
+        mv = memoryview(buf)
+        try:
+            (na,) = U32.unpack_from(mv, off)
+            off += 4
+            addrs = []
+            for _ in range(na):
+                (ln,) = U8.unpack_from(mv, off)
+                ip = bytes(mv[off + 1:off + 1 + ln]).decode("utf-8", "surrogatepass")
+                (port,) = U16.unpack_from(mv, off + 1 + ln)
+                off += 3 + ln
+                addrs.append((ip, port))
+            (ns,) = U32.unpack_from(mv, off)
+            off += 4
+            strings = [None]
+            for _ in range(ns):
+                (ln,) = U32.unpack_from(mv, off)
+                strings.append(bytes(mv[off + 4:off + 4 + ln]).decode("utf-8", "surrogatepass"))
+                off += 4 + ln
+        except (struct.error, UnicodeDecodeError) as e:
+            raise FormatError(f"bad table section: {e}") from None
+        if off != len(buf):
+            raise FormatError("bad table section: trailing bytes")
+        self.addrs = addrs
+        self.strings = strings
+
+    def absolute(self, t_min: int):
+        """(ts_first, ts_last) as int64 arrays."""
+        c = self.cols
+        first = (c["ts_first"] + np.uint64(t_min & MASK64)).view(np.int64)
+        last = (c["ts_last"] + first.view(np.uint64)).view(np.int64)
+        return first, last
+
+    def data_offsets(self):
+        lens = self.cols["data_length"].astype(np.uint64)
+        offs = np.zeros(self.n, dtype=np.uint64)
+        if self.n > 1:
+            np.cumsum(lens[:-1], out=offs[1:])
+        return offs
+
+    def messages(self, t_min: int, payload, rows=None) -> list:
+        """The Message objects of this block (all rows, or the given row numbers)."""
+        c = self.cols
+        first, last = self.absolute(t_min)
+        offs = self.data_offsets()
+        lens = c["data_length"]
+        if int(lens.sum(dtype=np.uint64)) != len(payload):
+            raise FormatError("payload length does not match the table")
+        if rows is None:
+            rows = slice(None)
+        addrs = self.addrs
+        strings = self.strings
+        try:
+            return [
+                Message(kind, conn, index, tf, tl, addrs[cl], addrs[sv], fl,
+                        payload[o:o + ln], strings[me], strings[ur], st, bl, hl)
+                for kind, conn, index, tf, tl, cl, sv, fl, o, ln, me, ur, st, bl, hl in zip(
+                    c["kind"][rows].tolist(), c["conn"][rows].tolist(), c["index"][rows].tolist(),
+                    first[rows].tolist(), last[rows].tolist(), c["client"][rows].tolist(),
+                    c["server"][rows].tolist(), c["flags"][rows].tolist(), offs[rows].tolist(),
+                    lens[rows].tolist(), c["method"][rows].tolist(), c["uri"][rows].tolist(),
+                    c["status"][rows].tolist(), c["body_length"][rows].tolist(),
+                    c["head_length"][rows].tolist())
+            ]
+        except IndexError:
+            raise FormatError("bad table section: id out of range") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# index blocks
+
+
+def encode_index(entries: list, index_offset: int) -> bytes:
+    """Section A of an index block: entries (offset, t_min, t_max, count, type), then the trailer."""
+    arr = np.zeros(len(entries), dtype=INDEX_ENTRY)
+    for i, (off, t0, t1, cnt, bt) in enumerate(entries):
+        arr[i] = (off, t0, t1, cnt, bt, b"\0\0\0")
+    return arr.tobytes() + INDEX_TRAILER.pack(index_offset, INDEX_MAGIC)
+
+
+def decode_index(buf) -> np.ndarray:
+    n, rest = divmod(len(buf) - INDEX_TRAILER.size, INDEX_ENTRY.itemsize)
+    if n < 0 or rest:
+        raise FormatError("bad index length")
+    return np.frombuffer(buf, dtype=INDEX_ENTRY, count=n)

@@ -1,0 +1,327 @@
+"""LogReader: a .rlog file as messages, columns and time ranges (docs/log-format.md).
+
+Rules it keeps:
+
+- a file that is not a log (missing, empty, bad magic, unsupported major version, damaged file
+  header) raises ``InputError``/``LogFormatError`` with "<path>: ..."; anything wrong *after* the
+  file header is a warning, never an exception: every complete, valid block is kept;
+- a closed file ends with an index block, found through the trailer in its last 16 bytes; without
+  one (a killed writer, a capture still running) or with a damaged one, the index is rebuilt by
+  walking the blocks, scanning for the sync marker after a damaged one;
+- blocks listed by the index are checked (both CRCs) when first read; a damaged one is dropped from
+  ``blocks`` with a warning, so ``len()``, ``table()`` rows and ``message_at`` stay consistent
+  with what iteration yields;
+- ``table()`` decompresses only the table sections, never the payloads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import mmap
+import os
+from typing import NamedTuple
+
+import numpy as np
+import zstandard as zstd
+
+from replay.errors import InputError, LogFormatError
+from replay.log import format as fmt
+from replay.log.format import FormatError
+
+
+class BlockInfo(NamedTuple):
+    """One data block: where it is, the time span of its messages, how many, and its first row."""
+
+    offset: int
+    t_min: int
+    t_max: int
+    count: int
+    first_row: int
+
+
+def is_rlog(path) -> bool:
+    """True when the file at ``path`` starts like a .rlog file (its magic)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == fmt.MAGIC[:4]
+    except OSError:
+        return False
+
+
+class LogReader:
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.warnings: list[str] = []
+        self.indexed = False          # True when the file's own index was used
+        self.addresses: list = []     # global client/server ids of the last table()
+        self.strings: list = [None]   # global method/uri ids of the last table() (0 = None)
+        self._cache = None            # (offset, t_min, Table, payload or None) of the last block read
+        self._dctx = zstd.ZstdDecompressor()
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    raise LogFormatError(f"{self.path}: empty file")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise InputError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise InputError(f"{self.path}: is a directory") from None
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot read: {(e.strerror or str(e)).lower()}") from None
+        mm = self._mm
+        try:
+            major, minor, self._hlen = fmt.unpack_file_header(mm)
+            self.version = (major, minor)
+        except FormatError as e:
+            mm.close()
+            raise LogFormatError(f"{self.path}: {e}") from None
+        found = self._read_index()
+        if found is None:
+            found = self._scan()
+        data, metas = found
+        self.blocks: list[BlockInfo] = []
+        self._set_blocks([(off, t0, t1, n) for off, t0, t1, n in data])
+        self.meta: dict = self._load_meta(metas)
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return sum(b.count for b in self.blocks)
+
+    def __iter__(self):
+        for b in list(self.blocks):
+            msgs = self._messages(b)
+            if msgs:
+                yield from msgs
+
+    def read_range(self, t0: int | None = None, t1: int | None = None):
+        """Messages whose ``ts_first`` lies in [t0, t1) (ns; None: unbounded), in written order.
+
+        Blocks whose time span misses the range are not read.
+        """
+        lo = -(1 << 63) if t0 is None else t0
+        hi = 1 << 63 if t1 is None else t1
+        for b in list(self.blocks):
+            if b.t_max < lo or b.t_min >= hi:
+                continue
+            for m in self._messages(b) or ():
+                if lo <= m.ts_first < hi:
+                    yield m
+
+    def time_span(self) -> tuple:
+        """(t_min, t_max) in ns over every message timestamp, or (None, None) for an empty log."""
+        if not self.blocks:
+            return None, None
+        return min(b.t_min for b in self.blocks), max(b.t_max for b in self.blocks)
+
+    def table(self) -> np.ndarray:
+        """The fixed columns of every message as a numpy structured array (``format.TABLE_DTYPE``).
+
+        Timestamps are absolute; ``client``/``server`` index ``self.addresses``, ``method``/``uri``
+        index ``self.strings`` (0 is None); ``block`` indexes ``self.blocks`` and ``data_offset``
+        is the message's offset in its block's payload. Payloads are not decompressed.
+        """
+        tables = []
+        for b in list(self.blocks):
+            t = self._table(b)
+            if t is not None:
+                tables.append((b, t))
+        addr_ids: dict = {}
+        str_ids: dict = {None: 0}
+        out = np.zeros(sum(t.n for _, t in tables), dtype=fmt.TABLE_DTYPE)
+        row = 0
+        for bi, (b, t) in enumerate(tables):
+            c = t.cols
+            part = out[row:row + t.n]
+            row += t.n
+            for name in ("kind", "flags", "conn", "index", "status", "body_length", "head_length",
+                         "data_length"):
+                part[name] = c[name]
+            part["ts_first"], part["ts_last"] = t.absolute(b.t_min)
+            part["data_offset"] = t.data_offsets()
+            amap = np.array([addr_ids.setdefault(a, len(addr_ids)) for a in t.addrs], dtype=np.uint32)
+            smap = np.array([str_ids.setdefault(s, len(str_ids)) for s in t.strings], dtype=np.uint32)
+            if t.n:
+                part["client"] = amap[c["client"]]
+                part["server"] = amap[c["server"]]
+                part["method"] = smap[c["method"]]
+                part["uri"] = smap[c["uri"]]
+            part["block"] = bi
+        self.addresses = list(addr_ids)
+        self.strings = list(str_ids)
+        return out
+
+    def message_at(self, row: int):
+        """The message in row ``row`` (0-based, written order; negative counts from the end)."""
+        n = len(self)
+        if row < 0:
+            row += n
+        if not 0 <= row < n:
+            raise IndexError(f"row {row} out of range (the log holds {n} messages)")
+        starts = [b.first_row for b in self.blocks]
+        b = self.blocks[bisect.bisect_right(starts, row) - 1]
+        msgs = self._messages(b, rows=[row - b.first_row])
+        if msgs is None:  # the block turned out damaged and was dropped: rows moved
+            raise IndexError(f"row {row}: its block is damaged (see warnings)")
+        return msgs[0]
+
+    def close(self) -> None:
+        self._cache = None
+        self._mm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- finding blocks --------------------------------------------------------------------------
+
+    def _warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
+
+    def _set_blocks(self, entries) -> None:
+        blocks = []
+        row = 0
+        for off, t0, t1, n in entries:
+            blocks.append(BlockInfo(off, t0, t1, n, row))
+            row += n
+        self.blocks = blocks
+
+    def _read_index(self):
+        """(data entries, meta offsets) from the file's index block, or None to scan instead."""
+        mm = self._mm
+        size = len(mm)
+        tsize = fmt.INDEX_TRAILER.size
+        if size < self._hlen + fmt.BLOCK_HEADER_LEN + tsize:
+            return None
+        off, magic = fmt.INDEX_TRAILER.unpack_from(mm, size - tsize)
+        if magic != fmt.INDEX_MAGIC:
+            return None
+        try:
+            if not self._hlen <= off <= size - fmt.BLOCK_HEADER_LEN - tsize:
+                raise FormatError("trailer points outside the file")
+            h = fmt.unpack_block_header(mm, off)
+            if h.type != fmt.BLOCK_INDEX or off + h.total_len != size:
+                raise FormatError("trailer does not point at the index block")
+            fmt.check_body(h, mm, off)
+            a, _ = fmt.sections(h, mm, off, self._dctx, want_b=False)
+            entries = fmt.decode_index(a)
+            offsets = entries["offset"].astype(np.int64)
+            if len(entries) and (offsets.min() < self._hlen or offsets.max() >= off
+                                 or np.any(np.diff(offsets) <= 0)):
+                raise FormatError("entries point outside the file")
+        except FormatError as e:
+            self._warn(f"index block at offset {off} is damaged ({e}); index rebuilt by scanning")
+            return None
+        self.indexed = True
+        data = [(int(e["offset"]), int(e["t_min"]), int(e["t_max"]), int(e["count"]))
+                for e in entries if e["type"] == fmt.BLOCK_DATA]
+        metas = [int(e["offset"]) for e in entries if e["type"] == fmt.BLOCK_META]
+        return data, metas
+
+    def _scan(self):
+        """Walk every block from the file header on; resynchronise on the sync marker."""
+        mm = self._mm
+        size = len(mm)
+        pos = self._hlen
+        data, metas = [], []
+        while pos < size:
+            try:
+                h = fmt.unpack_block_header(mm, pos)
+            except FormatError as e:
+                reason = str(e)
+                h = None
+            if h is not None:
+                end = pos + h.total_len
+                if end > size:
+                    self._warn(f"{size - pos} bytes at offset {pos} are a torn block, ignored")
+                    break
+                try:
+                    fmt.check_body(h, mm, pos)
+                except FormatError as e:
+                    reason = str(e)
+                else:
+                    if h.type == fmt.BLOCK_DATA:
+                        data.append((pos, h.t_min, h.t_max, h.count))
+                    elif h.type == fmt.BLOCK_META:
+                        metas.append(pos)
+                    pos = end  # other types (index, or newer minor versions): skipped
+                    continue
+                nxt = end if mm[end:end + len(fmt.SYNC)] == fmt.SYNC else mm.find(fmt.SYNC, pos + 1)
+            elif reason == "cut short":
+                self._warn(f"{size - pos} bytes at offset {pos} are a torn block, ignored")
+                break
+            else:
+                nxt = mm.find(fmt.SYNC, pos + 1)
+            if nxt < 0:
+                self._warn(f"{size - pos} bytes at offset {pos} are a torn block, ignored")
+                break
+            self._warn(f"corrupt block at offset {pos} ({reason}), skipped; resynced at offset {nxt}")
+            pos = nxt
+        return data, metas
+
+    def _load_meta(self, offsets) -> dict:
+        mm = self._mm
+        for off in reversed(offsets):
+            try:
+                h = fmt.unpack_block_header(mm, off)
+                if h.type != fmt.BLOCK_META:
+                    raise FormatError("not a metadata block")
+                fmt.check_body(h, mm, off)
+                a, _ = fmt.sections(h, mm, off, self._dctx, want_b=False)
+                meta = json.loads(a)
+                if not isinstance(meta, dict):
+                    raise FormatError("metadata is not a JSON object")
+                return meta
+            except (FormatError, ValueError) as e:
+                self._warn(f"metadata block at offset {off} is damaged ({e}), ignored")
+        return {}
+
+    # -- reading blocks --------------------------------------------------------------------------
+
+    def _load(self, b: BlockInfo, want_payload: bool):
+        """(t_min, Table, payload or None) of data block ``b``; None (with a warning) when it is damaged."""
+        c = self._cache
+        if c is not None and c[0] == b.offset and (c[3] is not None or not want_payload):
+            return c[1:]
+        mm = self._mm
+        try:
+            h = fmt.unpack_block_header(mm, b.offset)
+            if h.type != fmt.BLOCK_DATA or h.count != b.count:
+                raise FormatError("not the data block the index lists")
+            fmt.check_body(h, mm, b.offset)
+            a, payload = fmt.sections(h, mm, b.offset, self._dctx, want_b=want_payload)
+            if len(a) < fmt.ROW_BYTES * h.count:
+                raise FormatError("table section too short")
+            table = fmt.Table(a, h.count)
+        except FormatError as e:
+            self._warn(f"corrupt block at offset {b.offset} ({e}), its {b.count} messages skipped")
+            self._drop(b)
+            return None
+        self._cache = (b.offset, h.t_min, table, payload)
+        return h.t_min, table, payload
+
+    def _drop(self, b: BlockInfo) -> None:
+        self._set_blocks([(x.offset, x.t_min, x.t_max, x.count) for x in self.blocks
+                          if x.offset != b.offset])
+        self._cache = None
+
+    def _table(self, b: BlockInfo):
+        got = self._load(b, want_payload=False)
+        return None if got is None else got[1]
+
+    def _messages(self, b: BlockInfo, rows=None):
+        got = self._load(b, want_payload=True)
+        if got is None:
+            return None
+        t_min, table, payload = got
+        try:
+            return table.messages(t_min, payload, rows)
+        except FormatError as e:
+            self._warn(f"corrupt block at offset {b.offset} ({e}), its {b.count} messages skipped")
+            self._drop(b)
+            return None

@@ -1,0 +1,255 @@
+"""LogWriter: messages in, a .rlog file out (docs/log-format.md).
+
+Rules it keeps:
+
+- the file is created with mode 0600 (messages carry cookies and tokens) and replaced if it exists;
+- ``write`` only buffers; a block is cut when it holds ``block_records`` messages or
+  ``block_bytes`` message bytes, its table is encoded in the caller's thread, then it is
+  compressed and written by one background worker (zstd releases the GIL, so parsing and
+  compression overlap on two cores). At most ``max_pending`` blocks wait; order is kept;
+- ``flush`` writes the partial block and waits until everything queued is in the file (then
+  fsyncs): what a live capture calls every second so a kill loses at most that second;
+- metadata is a JSON object; ``update_meta`` merges into it and appends a new metadata block
+  holding the whole object (readers take the last one);
+- ``close`` writes the index block that ends a finished file. Without it (a killed writer) the
+  reader rebuilds the index by scanning;
+- a failed write (disk full, I/O error) raises ``OutputError`` naming the file, once; the file is
+  cut back to the end of the last complete block, so everything written before stays readable.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+import zstandard as zstd
+
+from replay.errors import OutputError
+from replay.log import format as fmt
+
+
+class LogWriter:
+    def __init__(self, path, meta: dict | None = None, block_records: int = 4096,
+                 block_bytes: int = 1 << 20, level: int = 3, threads: bool = True,
+                 max_pending: int = 4):
+        from replay import __version__
+
+        if block_records < 1 or block_bytes < 1:
+            raise ValueError("block_records and block_bytes must be positive")
+        self.path = os.fspath(path)
+        self.block_records = block_records
+        self.block_bytes = block_bytes
+        self.max_pending = max(1, max_pending)
+        self.records_written = 0     # messages accepted by write()
+        self._msgs: list = []
+        self._msg_bytes = 0
+        self._pending: deque = deque()
+        self._entries: list = []     # (offset, t_min, t_max, count, type) of written blocks
+        self._records_on_disk = 0
+        self._offset = 0             # end of the last complete block (worker-owned)
+        self._error: OutputError | None = None
+        self._error_reported = False
+        self._closed = False
+        self._cctx = zstd.ZstdCompressor(level=level)  # used by one thread at a time
+        self._meta = {
+            "format": f"rlog {fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}",
+            "tool": f"replay {__version__}",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        self._meta.update(meta or {})
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot create: {_reason(e)}") from None
+        try:
+            os.fchmod(self._fd, 0o600)  # also when the file existed with another mode
+        except OSError:
+            pass
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="rlog-writer") if threads else None
+        try:
+            self._write_parts([fmt.pack_file_header()], None)
+            self._submit(self._job_meta, self._meta_bytes())
+        except BaseException:
+            self._release()
+            raise
+
+    # -- public API ----------------------------------------------------------------------------
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of complete blocks (and the file header) in the file so far."""
+        return self._offset
+
+    @property
+    def meta(self) -> dict:
+        return dict(self._meta)
+
+    def write(self, msg) -> None:
+        if self._closed:
+            raise ValueError("write to a closed LogWriter")
+        if self._error is not None:
+            self._raise()
+        self._msgs.append(msg)
+        self._msg_bytes += len(msg.data)
+        self.records_written += 1
+        if len(self._msgs) >= self.block_records or self._msg_bytes >= self.block_bytes:
+            self._cut()
+
+    def flush(self, fsync: bool = True) -> None:
+        """Write the partial block, wait for every queued block, then (by default) fsync."""
+        if self._closed:
+            raise ValueError("flush of a closed LogWriter")
+        self._cut()
+        self._drain()
+        if fsync:
+            self._fsync()
+
+    def update_meta(self, meta: dict) -> None:
+        if self._closed:
+            raise ValueError("update_meta of a closed LogWriter")
+        self._meta.update(meta)
+        self._submit(self._job_meta, self._meta_bytes())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self._error is None:
+                self._cut()
+                self._submit(self._job_index)
+                self._drain()
+                self._fsync()
+        finally:
+            self._release()
+        if self._error is not None and not self._error_reported:
+            self._raise()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+            return
+        try:  # keep what was written; the exception on its way out is the one to report
+            self.close()
+        except Exception:
+            pass
+
+    # -- inside ----------------------------------------------------------------------------------
+
+    def _meta_bytes(self) -> bytes:
+        return json.dumps(self._meta, ensure_ascii=False, default=str, sort_keys=True).encode()
+
+    def _raise(self):
+        self._error_reported = True
+        raise self._error
+
+    def _cut(self) -> None:
+        if not self._msgs:
+            return
+        msgs = self._msgs
+        self._msgs = []
+        self._msg_bytes = 0
+        table, payload, t_min, t_max = fmt.encode_table(msgs)
+        self._submit(self._job_data, table, payload, len(msgs), t_min, t_max)
+
+    def _submit(self, job, *args) -> None:
+        if self._error is not None:
+            self._raise()
+        if self._executor is None:
+            self._run(job, *args)
+            return
+        pending = self._pending
+        pending.append(self._executor.submit(self._run, job, *args))
+        while pending and (len(pending) > self.max_pending or pending[0].done()):
+            self._result(pending.popleft())
+
+    def _drain(self) -> None:
+        pending = self._pending
+        while pending:
+            self._result(pending.popleft())
+
+    def _result(self, fut) -> None:
+        fut.result()
+        if self._error is not None:
+            self._raise()
+
+    def _run(self, job, *args) -> None:
+        if self._error is None:  # after a failure nothing more is appended
+            job(*args)
+
+    def _job_data(self, table: bytes, payload: bytes, count: int, t_min: int, t_max: int) -> None:
+        cctx = self._cctx
+        a = cctx.compress(table)
+        b = cctx.compress(payload)
+        parts = fmt.pack_block(fmt.BLOCK_DATA, fmt.BF_A_ZSTD | fmt.BF_B_ZSTD, count, t_min, t_max,
+                               a, len(table), b, len(payload))
+        self._write_parts(parts, (t_min, t_max, count, fmt.BLOCK_DATA))
+
+    def _job_meta(self, data: bytes) -> None:
+        parts = fmt.pack_block(fmt.BLOCK_META, 0, 0, 0, 0, data, len(data))
+        self._write_parts(parts, (0, 0, 0, fmt.BLOCK_META))
+
+    def _job_index(self) -> None:
+        data = [e for e in self._entries if e[4] == fmt.BLOCK_DATA]
+        t_min = min((e[1] for e in data), default=0)
+        t_max = max((e[2] for e in data), default=0)
+        a = fmt.encode_index(self._entries, self._offset)
+        parts = fmt.pack_block(fmt.BLOCK_INDEX, 0, len(self._entries), t_min, t_max, a, len(a))
+        self._write_parts(parts, None)
+
+    def _write_parts(self, parts: list, entry) -> None:
+        buf = memoryview(b"".join(parts))
+        start = self._offset
+        fd = self._fd
+        try:
+            done = 0
+            while done < len(buf):
+                done += os.write(fd, buf[done:])
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)  # leave no torn block behind
+                os.lseek(fd, start, os.SEEK_SET)
+            except OSError:
+                pass
+            self._fail(e, "cannot write")
+            return
+        self._offset = start + len(buf)
+        if entry is not None:
+            self._entries.append((start, *entry))
+            if entry[3] == fmt.BLOCK_DATA:
+                self._records_on_disk += entry[2]
+
+    def _fsync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EROFS):  # fsync unsupported (pipes, some fs)
+                self._fail(e, "cannot sync")
+                self._raise()
+
+    def _fail(self, e: OSError, what: str) -> None:
+        if self._error is None:
+            n = self._records_on_disk
+            self._error = OutputError(
+                f"{self.path}: {what}: {_reason(e)} "
+                f"({n} message{'s' if n != 1 else ''} written before it are kept)")
+
+    def _release(self) -> None:
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+def _reason(e: OSError) -> str:
+    return (e.strerror or str(e)).lower()
