@@ -1,49 +1,27 @@
-# cython: language_level=3, boundscheck=True, wraparound=True
-"""The core, in pure Python: link/IP/TCP decoding, TCP reassembly and HTTP/1.x framing.
+# cython: language_level=3, boundscheck=True, wraparound=True, cdivision=True
+"""The core, compiled: link/IP/TCP decoding, TCP reassembly and HTTP/1.x framing.
 
-This module is the reference twin of the compiled ``replay._fastparse``: the two have the same API,
-create the same ``replay.events.Message`` objects and the same counters, and differential tests
-hold them to identical output. It is sans-IO: it imports no socket, pcap library or clock; the
-caller hands it packets with their capture timestamps.
-
-Theory of operation
--------------------
-``Engine.feed_batch(buf, meta)`` takes packets in pcapy-ng's ``next_batch`` layout (packet bytes
-concatenated, plus 16-byte records ``sec, usec, offset, caplen`` as native uint32) and returns the
-HTTP messages that completed. Per packet:
-
-1. *Decode* the link layer (Ethernet with any number of 802.1Q/802.1ad tags, MPLS, PPPoE; Linux
-   cooked v1/v2; BSD NULL/LOOP; raw IP), IPv4 (options skipped) or IPv6 (extension headers walked).
-   IP fragments are counted, not reassembled. A TCP segment whose IP length promises more bytes
-   than were captured is *truncated* (snaplen): the captured part is used, the rest becomes a gap.
-   An IP total length of 0 (TSO/GRO super-frames) means "the rest of the frame".
-2. *Reassemble* each direction of each connection. Positions are 64-bit absolute offsets
-   (``replay.seqnum.unwrap``), so wrap-around needs no special case. Overlap policy: bytes once
-   delivered to the framer are final (later copies are retransmissions, counted); among segments
-   waiting beyond a hole, the one starting earliest wins, ties to the first captured. A hole is
-   declared lost, and the framer told how many bytes are missing, when the peer acknowledges data
-   beyond it (the endpoint got bytes the capture never saw), when the stream's waiting bytes pass
-   ``max_stream_buffer``, when all streams together pass ``max_total_buffer``, or when the
-   connection ends (FIN, RST, idle for ``idle_timeout`` seconds of capture time, end of input).
-   A connection seen without its SYN starts at its first data byte and is flagged midstream.
-3. *Frame* HTTP/1.x (RFC 9112) on each direction: requests on the client's, responses on the
-   server's. The client is the sender of the SYN; without one, the first direction whose bytes
-   parse as a request line or status line decides. Body length follows RFC 9112 §6.3 (HEAD, 1xx,
-   204, 304 have none; CONNECT 2xx and 101 end framing on that connection; chunked with
-   extensions and trailers; Content-Length; close-delimited responses). After a hole, or when a
-   connection was already open, the framer resynchronises at the next line that starts a request
-   or a status line. A direction whose first 64 KiB never look like HTTP is counted as non-HTTP.
-4. *Pair* responses with requests by order on their connection. A response whose first segment
-   acknowledges less client data than the start of the oldest unanswered request answers a
-   request that was not captured (unpaired). A response is held until the client bytes it
-   acknowledges have been framed, so a response captured before its request still pairs.
+This is the Cython twin of ``replay._fastparse_py``, which is the reference: the same API, the same
+``replay.events.Message`` objects, the same counters; differential tests hold the two to identical
+output, and the theory of operation in that module's docstring holds here word for word. What
+differs is only how: packets are decoded from the ``next_batch`` buffer through a C pointer into a
+C struct, without a Python object per packet; sequence arithmetic, offsets and counters are C
+integers; connection, stream and framer state live in extension types; payload bytes are copied
+once, from the batch buffer into the framer's buffer (segments waiting beyond a hole are copied
+into a ``bytes`` of their own).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import struct
+
+cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.string cimport memcmp, memcpy, memset
 
 from replay.errors import InputError
 from replay.events import (
@@ -61,76 +39,82 @@ from replay.events import (
     KIND_RESPONSE,
     Message,
 )
-from replay.seqnum import unwrap
 
 # Link types (https://www.tcpdump.org/linktypes.html)
-DLT_NULL = 0
-DLT_EN10MB = 1
-DLT_RAW_OLD_12 = 12  # OpenBSD's value for DLT_RAW
-DLT_RAW_OLD_14 = 14
-DLT_RAW = 101
-DLT_LOOP = 108
-DLT_LINUX_SLL = 113
-DLT_IPV4 = 228
-DLT_IPV6 = 229
-DLT_LINUX_SLL2 = 276
-SUPPORTED_LINKTYPES = frozenset(
-    (DLT_NULL, DLT_EN10MB, DLT_RAW_OLD_12, DLT_RAW_OLD_14, DLT_RAW, DLT_LOOP, DLT_LINUX_SLL,
-     DLT_IPV4, DLT_IPV6, DLT_LINUX_SLL2))
+cdef enum:
+    DLT_NULL = 0
+    DLT_EN10MB = 1
+    DLT_RAW_OLD_12 = 12
+    DLT_RAW_OLD_14 = 14
+    DLT_RAW = 101
+    DLT_LOOP = 108
+    DLT_LINUX_SLL = 113
+    DLT_IPV4 = 228
+    DLT_IPV6 = 229
+    DLT_LINUX_SLL2 = 276
+
+SUPPORTED_LINKTYPES = frozenset((0, 1, 12, 14, 101, 108, 113, 228, 229, 276))
 
 # EtherTypes
-ETH_IPV4 = 0x0800
-ETH_IPV6 = 0x86DD
-ETH_VLAN_TAGS = (0x8100, 0x88A8, 0x9100, 0x9200)  # 802.1Q, 802.1ad (QinQ) and pre-standard QinQ
-ETH_MPLS = (0x8847, 0x8848)
-ETH_PPPOE_SESSION = 0x8864
+cdef enum:
+    ETH_IPV4 = 0x0800
+    ETH_IPV6 = 0x86DD
+    ETH_PPPOE_SESSION = 0x8864
 
 # TCP flags (RFC 9293 §3.1)
-TH_FIN = 0x01
-TH_SYN = 0x02
-TH_RST = 0x04
-TH_ACK = 0x10
-
-# IPv6 extension headers walked to reach TCP (RFC 8200 §4)
-IP6_HOPOPTS, IP6_ROUTING, IP6_FRAGMENT, IP6_DSTOPTS, IP6_AH, IP6_NONE = 0, 43, 44, 60, 51, 59
-IP6_EXT_GENERIC = (IP6_HOPOPTS, IP6_ROUTING, IP6_DSTOPTS, 135, 139, 140)
+cdef enum:
+    TH_FIN = 0x01
+    TH_SYN = 0x02
+    TH_RST = 0x04
+    TH_ACK = 0x10
 
 # decode() results
-D_TCP = 0
-D_NOT_IP = 1
-D_NOT_TCP = 2
-D_FRAGMENT = 3
-D_MALFORMED = 4
+cdef enum:
+    D_TCP = 0
+    D_NOT_IP = 1
+    D_NOT_TCP = 2
+    D_FRAGMENT = 3
+    D_MALFORMED = 4
 
-# Framer states
-S_START = 0       # expecting a start line
-S_HEAD = 1        # start line seen, collecting header lines
-S_BODY_LEN = 2    # Content-Length body
-S_CHUNK_SIZE = 3  # chunk-size line
-S_CHUNK_DATA = 4
-S_CHUNK_CRLF = 5  # CRLF after chunk data
-S_TRAILERS = 6
-S_BODY_CLOSE = 7  # close-delimited response body
-S_WAIT = 8        # client side after CONNECT/Upgrade request: hold bytes until the response decides
-S_TUNNEL = 9      # no more HTTP on this direction (101, CONNECT 2xx)
-S_RESYNC = 10     # lost: looking for the next start line
-S_NOT_HTTP = 11   # this direction never looked like HTTP
+# Framer states (see the twin)
+cdef enum:
+    S_START = 0
+    S_HEAD = 1
+    S_BODY_LEN = 2
+    S_CHUNK_SIZE = 3
+    S_CHUNK_DATA = 4
+    S_CHUNK_CRLF = 5
+    S_TRAILERS = 6
+    S_BODY_CLOSE = 7
+    S_WAIT = 8
+    S_TUNNEL = 9
+    S_RESYNC = 10
+    S_NOT_HTTP = 11
 
-ROLE_UNKNOWN = 0
-ROLE_CLIENT = 1   # this direction carries requests
-ROLE_SERVER = 2   # this direction carries responses
+cdef enum:
+    ROLE_UNKNOWN = 0
+    ROLE_CLIENT = 1
+    ROLE_SERVER = 2
 
-NOT_HTTP_SCAN_LIMIT = 64 * 1024
+cdef enum:
+    NOT_HTTP_SCAN_LIMIT = 64 * 1024
 
-# A request line (RFC 9112 §3) or status line (§4) starting a message; used to decide roles and
-# to resynchronise. Methods are tokens (RFC 9110 §9.1); we accept the usual upper-case form.
+cdef int CF_INCOMPLETE = F_INCOMPLETE
+cdef int CF_TRUNCATED = F_TRUNCATED
+cdef int CF_GAP = F_GAP
+cdef int CF_MIDSTREAM = F_MIDSTREAM
+cdef int CF_INTERIM = F_INTERIM
+cdef int CF_UPGRADE = F_UPGRADE
+cdef int CF_CLOSE_DELIMITED = F_CLOSE_DELIMITED
+cdef int CF_CHUNKED = F_CHUNKED
+cdef int CF_UNPAIRED = F_UNPAIRED
+cdef int CF_RESYNC = F_RESYNC
+
+# Start lines, as in the twin (RFC 9112 §3, §4; RFC 9110 §9.1)
 _REQ_LINE = rb"[A-Z][A-Z0-9_\-]{0,31} [\x21-\x7e\x80-\xff]+ HTTP/[0-9]\.[0-9]\r?\n"
 _STATUS_LINE = rb"HTTP/[0-9]\.[0-9] [0-9]{3}(?:[ \t][^\r\n]*)?\r?\n"
 REQ_START_RE = re.compile(_REQ_LINE)
 STATUS_START_RE = re.compile(_STATUS_LINE)
-# When resynchronising, a start line is looked for at the start of a line, at the start of a
-# segment, or right after the bytes of a lost message's body (which need not end with a newline):
-# there, only the registered methods (RFC 9110 §9, RFC 4918) and "HTTP/" after a non-token byte.
 _KNOWN_METHOD = (rb"(?:GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|CONNECT|TRACE|PROPFIND|PROPPATCH"
                  rb"|MKCOL|COPY|MOVE|LOCK|UNLOCK|REPORT|SEARCH|PURGE)")
 _REQ_ANY = (rb"(?m:^" + _REQ_LINE + rb")|(?<![A-Za-z0-9_\-])" + _KNOWN_METHOD +
@@ -140,9 +124,8 @@ REQ_SEARCH_RE = re.compile(_REQ_ANY)
 STATUS_SEARCH_RE = re.compile(_STATUS_ANY)
 ANY_SEARCH_RE = re.compile(rb"(" + _REQ_ANY + rb")|(" + _STATUS_ANY + rb")")
 
-_U32 = struct.Struct("!I")
-_U16 = struct.Struct("!H")
-_META = struct.Struct("=IIII")
+cdef object _REQ_MATCH = REQ_START_RE.match
+cdef object _STATUS_MATCH = STATUS_START_RE.match
 
 STAT_NAMES = (
     "packets", "bytes", "not_ip", "not_tcp", "ip_fragments", "malformed", "truncated_packets",
@@ -154,157 +137,206 @@ STAT_NAMES = (
 )
 
 
-def _addr(b: bytes) -> str:
+def _addr(b):
     return str(ipaddress.IPv4Address(b) if len(b) == 4 else ipaddress.IPv6Address(b))
 
 
-def decode(linktype: int, frame, off: int = 0, end: int = -1):
-    """Decode one frame down to TCP.
+# -- sequence numbers (RFC 1982; replay.seqnum) --------------------------------------------------
+cdef inline int64_t seq_diff(int64_t a, int64_t b) noexcept nogil:
+    cdef int64_t half = 0x80000000, mask = 0xFFFFFFFF
+    return ((a - b + half) & mask) - half
 
-    Returns ``(D_TCP, src, dst, sport, dport, seq, ack, flags, pay_off, pay_end, missing)`` where
-    ``frame[pay_off:pay_end]`` is the captured payload and ``missing`` the payload bytes the IP
-    header promises beyond the capture; or ``(code,)`` for anything else.
-    """
-    if end < 0:
-        end = len(frame)
-    p = off
+
+cdef inline int64_t unwrap(int64_t seq, int64_t near) noexcept nogil:
+    cdef int64_t mask = 0xFFFFFFFF
+    return near + seq_diff(seq, near & mask)
+
+
+# -- decoding -------------------------------------------------------------------------------------
+cdef struct Pkt:
+    int alen              # 4 or 16
+    uint8_t src[16]
+    uint8_t dst[16]
+    int sport
+    int dport
+    int64_t seq
+    int64_t ack
+    int flags
+    Py_ssize_t pay_off
+    Py_ssize_t pay_end
+    Py_ssize_t missing
+
+
+cdef inline bint _is_vlan(int etype) noexcept nogil:
+    return etype == 0x8100 or etype == 0x88A8 or etype == 0x9100 or etype == 0x9200
+
+
+cdef inline bint _is_ip6_ext(int nh) noexcept nogil:
+    return nh == 0 or nh == 43 or nh == 60 or nh == 135 or nh == 139 or nh == 140
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int c_decode(int linktype, const uint8_t* f, Py_ssize_t p, Py_ssize_t end, Pkt* r) noexcept nogil:
+    """Decode one frame down to TCP: D_TCP with ``r`` filled, or another D_* code."""
+    cdef int etype = 0, v, fam, nh, ihl, vihl, doff, plen, total, frag
+    cdef Py_ssize_t ip_end
     if linktype == DLT_EN10MB:
         if end - p < 14:
-            return (D_MALFORMED,)
-        etype = (frame[p + 12] << 8) | frame[p + 13]
+            return D_MALFORMED
+        etype = (f[p + 12] << 8) | f[p + 13]
         p += 14
-        while etype in ETH_VLAN_TAGS:
+        while _is_vlan(etype):
             if end - p < 4:
-                return (D_MALFORMED,)
-            etype = (frame[p + 2] << 8) | frame[p + 3]
+                return D_MALFORMED
+            etype = (f[p + 2] << 8) | f[p + 3]
             p += 4
-        if etype in ETH_MPLS:
+        if etype == 0x8847 or etype == 0x8848:
             while True:
                 if end - p < 4:
-                    return (D_MALFORMED,)
-                bottom = frame[p + 2] & 1
+                    return D_MALFORMED
+                v = f[p + 2] & 1
                 p += 4
-                if bottom:
+                if v:
                     break
             if p >= end:
-                return (D_MALFORMED,)
-            v = frame[p] >> 4
-            etype = ETH_IPV4 if v == 4 else ETH_IPV6 if v == 6 else 0
+                return D_MALFORMED
+            v = f[p] >> 4
+            etype = ETH_IPV4 if v == 4 else (ETH_IPV6 if v == 6 else 0)
         elif etype == ETH_PPPOE_SESSION:
             if end - p < 8:
-                return (D_MALFORMED,)
-            proto = (frame[p + 6] << 8) | frame[p + 7]
+                return D_MALFORMED
+            v = (f[p + 6] << 8) | f[p + 7]
             p += 8
-            etype = ETH_IPV4 if proto == 0x0021 else ETH_IPV6 if proto == 0x0057 else 0
+            etype = ETH_IPV4 if v == 0x0021 else (ETH_IPV6 if v == 0x0057 else 0)
     elif linktype == DLT_LINUX_SLL:
         if end - p < 16:
-            return (D_MALFORMED,)
-        etype = (frame[p + 14] << 8) | frame[p + 15]
+            return D_MALFORMED
+        etype = (f[p + 14] << 8) | f[p + 15]
         p += 16
     elif linktype == DLT_LINUX_SLL2:
         if end - p < 20:
-            return (D_MALFORMED,)
-        etype = (frame[p] << 8) | frame[p + 1]
+            return D_MALFORMED
+        etype = (f[p] << 8) | f[p + 1]
         p += 20
     elif linktype == DLT_NULL or linktype == DLT_LOOP:
         if end - p < 4:
-            return (D_MALFORMED,)
+            return D_MALFORMED
         if linktype == DLT_LOOP:
-            fam = (frame[p] << 24) | (frame[p + 1] << 16) | (frame[p + 2] << 8) | frame[p + 3]
+            fam = (f[p] << 24) | (f[p + 1] << 16) | (f[p + 2] << 8) | f[p + 3]
         else:
             # host byte order of the capturing machine: a small number in either order
-            fam = frame[p] | (frame[p + 1] << 8) | (frame[p + 2] << 16) | (frame[p + 3] << 24)
-            if fam > 0xFFFF:
-                fam = (frame[p] << 24) | (frame[p + 1] << 16) | (frame[p + 2] << 8) | frame[p + 3]
+            fam = f[p] | (f[p + 1] << 8) | (f[p + 2] << 16) | (<uint32_t>f[p + 3] << 24)
+            if <uint32_t>fam > 0xFFFF:
+                fam = (f[p] << 24) | (f[p + 1] << 16) | (f[p + 2] << 8) | f[p + 3]
         p += 4
-        etype = ETH_IPV4 if fam == 2 else ETH_IPV6 if fam in (10, 24, 28, 30) else 0
+        etype = ETH_IPV4 if fam == 2 else (ETH_IPV6 if (fam == 10 or fam == 24 or fam == 28 or fam == 30) else 0)
     else:  # raw IP
         if p >= end:
-            return (D_MALFORMED,)
-        v = frame[p] >> 4
-        etype = ETH_IPV4 if v == 4 else ETH_IPV6 if v == 6 else 0
+            return D_MALFORMED
+        v = f[p] >> 4
+        etype = ETH_IPV4 if v == 4 else (ETH_IPV6 if v == 6 else 0)
 
     if etype == ETH_IPV4:
         if end - p < 20:
-            return (D_MALFORMED,)
-        vihl = frame[p]
+            return D_MALFORMED
+        vihl = f[p]
         ihl = (vihl & 0x0F) * 4
         if vihl >> 4 != 4 or ihl < 20 or end - p < ihl:
-            return (D_MALFORMED,)
-        total = (frame[p + 2] << 8) | frame[p + 3]
+            return D_MALFORMED
+        total = (f[p + 2] << 8) | f[p + 3]
         if total == 0:  # TSO/GRO super-frame: length not filled in
             ip_end = end
         else:
             if total < ihl:
-                return (D_MALFORMED,)
+                return D_MALFORMED
             ip_end = p + total
-        frag = ((frame[p + 6] << 8) | frame[p + 7]) & 0x3FFF  # MF flag and fragment offset
+        frag = ((f[p + 6] << 8) | f[p + 7]) & 0x3FFF
         if frag:
-            return (D_FRAGMENT,)
-        if frame[p + 9] != 6:
-            return (D_NOT_TCP,)
-        src = bytes(frame[p + 12:p + 16])
-        dst = bytes(frame[p + 16:p + 20])
+            return D_FRAGMENT
+        if f[p + 9] != 6:
+            return D_NOT_TCP
+        r.alen = 4
+        memcpy(r.src, f + p + 12, 4)
+        memcpy(r.dst, f + p + 16, 4)
         p += ihl
     elif etype == ETH_IPV6:
         if end - p < 40:
-            return (D_MALFORMED,)
-        if frame[p] >> 4 != 6:
-            return (D_MALFORMED,)
-        plen = (frame[p + 4] << 8) | frame[p + 5]
-        ip_end = end if plen == 0 else p + 40 + plen  # 0: jumbogram or GRO super-frame
-        nh = frame[p + 6]
-        src = bytes(frame[p + 8:p + 24])
-        dst = bytes(frame[p + 24:p + 40])
+            return D_MALFORMED
+        if f[p] >> 4 != 6:
+            return D_MALFORMED
+        plen = (f[p + 4] << 8) | f[p + 5]
+        ip_end = end if plen == 0 else p + 40 + plen
+        nh = f[p + 6]
+        r.alen = 16
+        memcpy(r.src, f + p + 8, 16)
+        memcpy(r.dst, f + p + 24, 16)
         p += 40
         while nh != 6:
-            if nh in IP6_EXT_GENERIC:
+            if _is_ip6_ext(nh):
                 if end - p < 8:
-                    return (D_MALFORMED,)
-                nh, p = frame[p], p + (frame[p + 1] + 1) * 8
-            elif nh == IP6_FRAGMENT:
+                    return D_MALFORMED
+                nh, p = f[p], p + (f[p + 1] + 1) * 8
+            elif nh == 44:
                 if end - p < 8:
-                    return (D_MALFORMED,)
-                if ((frame[p + 2] << 8) | frame[p + 3]) & 0xFFF9:  # offset or M flag: a real fragment
-                    return (D_FRAGMENT,)
-                nh, p = frame[p], p + 8
-            elif nh == IP6_AH:
+                    return D_MALFORMED
+                if ((f[p + 2] << 8) | f[p + 3]) & 0xFFF9:
+                    return D_FRAGMENT
+                nh, p = f[p], p + 8
+            elif nh == 51:
                 if end - p < 8:
-                    return (D_MALFORMED,)
-                nh, p = frame[p], p + (frame[p + 1] + 2) * 4
+                    return D_MALFORMED
+                nh, p = f[p], p + (f[p + 1] + 2) * 4
             else:
-                return (D_NOT_TCP,)
+                return D_NOT_TCP
     else:
-        return (D_NOT_IP,)
+        return D_NOT_IP
 
     if ip_end - p < 20 or end - p < 20:
-        return (D_MALFORMED,)
-    doff = (frame[p + 12] >> 4) * 4
+        return D_MALFORMED
+    doff = (f[p + 12] >> 4) * 4
     if doff < 20 or ip_end - p < doff:
-        return (D_MALFORMED,)
-    sport = (frame[p] << 8) | frame[p + 1]
-    dport = (frame[p + 2] << 8) | frame[p + 3]
-    seq = (frame[p + 4] << 24) | (frame[p + 5] << 16) | (frame[p + 6] << 8) | frame[p + 7]
-    ack = (frame[p + 8] << 24) | (frame[p + 9] << 16) | (frame[p + 10] << 8) | frame[p + 11]
-    flags = frame[p + 13]
-    pay_off = p + doff
+        return D_MALFORMED
+    r.sport = (f[p] << 8) | f[p + 1]
+    r.dport = (f[p + 2] << 8) | f[p + 3]
+    r.seq = (<int64_t>f[p + 4] << 24) | (f[p + 5] << 16) | (f[p + 6] << 8) | f[p + 7]
+    r.ack = (<int64_t>f[p + 8] << 24) | (f[p + 9] << 16) | (f[p + 10] << 8) | f[p + 11]
+    r.flags = f[p + 13]
+    r.pay_off = p + doff
     if ip_end > end:  # cut by the snaplen
-        missing = ip_end - max(end, pay_off)
-        pay_end = max(end, pay_off)
+        r.pay_end = end if end > r.pay_off else r.pay_off
+        r.missing = ip_end - r.pay_end
     else:
-        missing = 0
-        pay_end = ip_end  # anything after ip_end is link padding
-    return (D_TCP, src, dst, sport, dport, seq, ack, flags, pay_off, pay_end, missing)
+        r.missing = 0
+        r.pay_end = ip_end  # anything after ip_end is link padding
+    return D_TCP
 
 
-def parse_head(head: bytes):
-    """Parse a message head (start line and header fields, RFC 9112 §2-5).
+def decode(int linktype, frame, Py_ssize_t off=0, Py_ssize_t end=-1):
+    """Decode one frame down to TCP; the same result as the twin's ``decode``."""
+    cdef Pkt r
+    cdef const uint8_t[::1] view = frame
+    if end < 0:
+        end = view.shape[0]
+    if end > view.shape[0] or off < 0 or off > end:
+        return (D_MALFORMED,)
+    if end == 0:
+        code = c_decode(linktype, <const uint8_t*><const char*>b"", 0, 0, &r)
+    else:
+        code = c_decode(linktype, &view[0], off, end, &r)
+    if code != D_TCP:
+        return (code,)
+    return (D_TCP, PyBytes_FromStringAndSize(<char*>r.src, r.alen),
+            PyBytes_FromStringAndSize(<char*>r.dst, r.alen), r.sport, r.dport, r.seq, r.ack,
+            r.flags, r.pay_off, r.pay_end, r.missing)
 
-    Returns ``(is_request, method, uri, status, fields)`` with ``fields`` a dict of lower-case
-    name -> list of values, or None when the start line is not HTTP/1.x.
-    """
-    lines = head.split(b"\n")
-    start = lines[0].rstrip(b"\r")
+
+cdef parse_head(bytes head):
+    """Parse a message head (RFC 9112 §2-5): ``(is_request, method, uri, status, fields)`` or None."""
+    cdef list lines = head.split(b"\n")
+    cdef bytes start = lines[0].rstrip(b"\r")
+    cdef list parts
+    cdef dict fields
     if start.startswith(b"HTTP/"):
         parts = start.split(b" ", 2)
         if len(parts) < 2 or len(parts[1]) != 3 or not parts[1].isdigit():
@@ -315,7 +347,7 @@ def parse_head(head: bytes):
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/") or not parts[0]:
             return None
         is_req, method, uri, status = True, parts[0].decode("latin-1"), parts[1].decode("latin-1"), 0
-    fields: dict = {}
+    fields = {}
     last = None
     for raw in lines[1:]:
         line = raw.rstrip(b"\r")
@@ -332,7 +364,7 @@ def parse_head(head: bytes):
     return is_req, method, uri, status, fields
 
 
-def _content_length(fields):
+cdef int64_t _content_length(dict fields):
     """RFC 9112 §6.3 rule 5: the value, -1 when absent, -2 when invalid."""
     vals = fields.get(b"content-length")
     if not vals:
@@ -347,7 +379,7 @@ def _content_length(fields):
     return seen.pop() if len(seen) == 1 else -2
 
 
-def _is_chunked(fields):
+cdef int _is_chunked(dict fields):
     vals = fields.get(b"transfer-encoding")
     if not vals:
         return 0
@@ -355,12 +387,17 @@ def _is_chunked(fields):
     return 1 if last == b"chunked" else 2  # 2: encoded, but not chunked last
 
 
-class _Pending:
+cdef class _Pending:
     """A request awaiting its response."""
 
-    __slots__ = ("index", "method", "uri", "start", "end", "upgrade")
+    cdef public int64_t index
+    cdef public object method
+    cdef public object uri
+    cdef public int64_t start
+    cdef public int64_t end
+    cdef public bint upgrade
 
-    def __init__(self, index, method, uri, start, upgrade):
+    def __init__(self, int64_t index, method, uri, int64_t start, bint upgrade):
         self.index = index
         self.method = method
         self.uri = uri
@@ -369,65 +406,96 @@ class _Pending:
         self.upgrade = upgrade
 
 
-class Framer:
+cdef class Framer:
     """HTTP/1.x framing of one direction of one connection."""
 
-    def __init__(self, conn, side):
+    cdef Connection conn
+    cdef Engine eng
+    cdef int side
+    cdef public int role
+    cdef public int state
+    cdef bytearray buf
+    cdef int64_t base
+    cdef Py_ssize_t pos
+    cdef list marks
+    cdef int flags
+    cdef int64_t remaining
+    cdef int64_t head_len
+    cdef int64_t body_len
+    cdef object method
+    cdef object uri
+    cdef int status
+    cdef _Pending pending
+    cdef _Pending answer
+    cdef int64_t produced
+    cdef int64_t scanned
+    cdef int resync_flag
+    cdef bint gap_since_pair
+    cdef bint held
+    cdef bint truncated_pending
+    cdef int64_t lost_upto
+
+    def __init__(self, Connection conn, int side):
         self.conn = conn
-        self.side = side          # 0 or 1: which stream of the connection
+        self.eng = conn.engine
+        self.side = side
         self.role = ROLE_UNKNOWN
         self.state = S_START
-        self.buf = bytearray()    # bytes of the current message (and any bytes after it)
-        self.base = 0             # stream offset of buf[0]
-        self.pos = 0              # parse position in buf
-        self.marks = []           # [end offset in buf, ts, ack] per delivery since buf[0]
-        self.flags = 0            # flags of the current message
+        self.buf = bytearray()
+        self.base = 0
+        self.pos = 0
+        self.marks = []
+        self.flags = 0
         self.remaining = 0
         self.head_len = 0
         self.body_len = 0
         self.method = None
         self.uri = None
         self.status = 0
-        self.pending = None       # _Pending of the request being framed (client side)
-        self.answer = None        # _Pending a response being framed answers (server side)
-        self.produced = 0         # messages framed on this direction
-        self.scanned = 0          # bytes searched for a first start line
-        self.resync_flag = 0      # set after loss: flags the next message
+        self.pending = None
+        self.answer = None
+        self.produced = 0
+        self.scanned = 0
+        self.resync_flag = 0
         self.gap_since_pair = False
         self.held = False
-        self.truncated_pending = False  # a snaplen-cut packet carried bytes of the current message
-        self.lost_upto = -1       # stream offset just past the last hole that cost framing
+        self.truncated_pending = False
+        self.lost_upto = -1
 
     # -- input from the stream ------------------------------------------------------------------
-    def feed(self, data, ts, ack):
+    cdef feed_ptr(self, const uint8_t* data, Py_ssize_t n, int64_t ts, int64_t ack):
+        cdef Py_ssize_t old
         if self.state >= S_TUNNEL and self.state != S_RESYNC:
-            self.conn.engine.st_skipped_bytes += len(data)
+            self.eng.st_skipped_bytes += n
             return
-        self.buf += data
-        self.marks.append([len(self.buf), ts, ack])
-        self.run()
+        old = PyByteArray_GET_SIZE(self.buf)
+        PyByteArray_Resize(self.buf, old + n)
+        if n:
+            memcpy(PyByteArray_AS_STRING(self.buf) + old, data, n)
+        self.marks.append([old + n, ts, ack])
+        self.run(False)
 
-    def gap(self, n, ts, truncated):
+    cdef gap(self, int64_t n, int64_t ts, bint truncated):
         """``n`` stream bytes were lost at the current end of ``buf``."""
         if n <= 0:
             return
-        eng = self.conn.engine
-        lost_flag = F_GAP | F_INCOMPLETE | (F_TRUNCATED if truncated else 0)
-        st = self.state
+        cdef Engine eng = self.eng
+        cdef int lost_flag = CF_GAP | CF_INCOMPLETE | (CF_TRUNCATED if truncated else 0)
+        cdef int st = self.state
         if st == S_TUNNEL or st == S_NOT_HTTP:
             return
-        self.run()  # frame what is complete before the hole
+        self.run(False)  # frame what is complete before the hole
         st = self.state
-        if st == S_BODY_LEN and len(self.buf) - self.pos == 0 and n <= self.remaining:
+        cdef Py_ssize_t blen = PyByteArray_GET_SIZE(self.buf)
+        if st == S_BODY_LEN and blen - self.pos == 0 and n <= self.remaining:
             # the hole is inside a Content-Length body: framing stays in step
             self.flags |= lost_flag
             self.remaining -= n
-            self.base += n  # keep stream offsets true: buf no longer maps 1:1 to the stream
+            self.base += n
             if self.remaining == 0:
-                self._emit(len(self.buf))
+                self._emit(blen, None)
             return
-        if st == S_CHUNK_DATA and len(self.buf) - self.pos == 0 and n <= self.remaining:
-            # the hole is inside one chunk's data: framing stays in step too
+        if st == S_CHUNK_DATA and blen - self.pos == 0 and n <= self.remaining:
             self.flags |= lost_flag
             self.remaining -= n
             self.base += n
@@ -438,77 +506,95 @@ class Framer:
             self.flags |= lost_flag
             self.base += n
             return
-        if st in (S_BODY_LEN, S_CHUNK_SIZE, S_CHUNK_DATA, S_CHUNK_CRLF, S_TRAILERS):
+        if st == S_BODY_LEN or st == S_CHUNK_SIZE or st == S_CHUNK_DATA or st == S_CHUNK_CRLF or st == S_TRAILERS:
             self.flags |= lost_flag
-            self._emit(len(self.buf))
-        elif st == S_HEAD or (st == S_START and self.buf):
-            eng.st_dropped_head_bytes += len(self.buf)
+            self._emit(blen, None)
+        elif st == S_HEAD or (st == S_START and blen):
+            eng.st_dropped_head_bytes += blen
             if self.role == ROLE_CLIENT and self.pending is not None:
                 self.pending = None
         elif st == S_WAIT:
-            eng.st_skipped_bytes += len(self.buf)
+            eng.st_skipped_bytes += blen
         self._reset_buf(n)
         self.lost_upto = self.base
         if self.role != ROLE_UNKNOWN or self.produced:
             eng.st_resyncs += 1
         self.state = S_RESYNC
-        self.resync_flag = F_RESYNC
+        self.resync_flag = CF_RESYNC
         self.gap_since_pair = True
 
-    def eof(self, ts, clean):
+    cdef eof(self, int64_t ts, bint clean):
         """The direction ended: FIN (clean) or RST / expiry / end of input (not clean)."""
-        self.run(final=True)
-        st = self.state
-        eng = self.conn.engine
+        self.run(True)
+        cdef int st = self.state
+        cdef Engine eng = self.eng
+        cdef Py_ssize_t blen = PyByteArray_GET_SIZE(self.buf)
         if st == S_BODY_CLOSE:
             if not clean:
-                self.flags |= F_INCOMPLETE
-            self.flags |= F_CLOSE_DELIMITED
-            self._emit(len(self.buf), ts)
-        elif st in (S_BODY_LEN, S_CHUNK_SIZE, S_CHUNK_DATA, S_CHUNK_CRLF, S_TRAILERS):
-            self.flags |= F_INCOMPLETE
-            self._emit(len(self.buf), ts)
+                self.flags |= CF_INCOMPLETE
+            self.flags |= CF_CLOSE_DELIMITED
+            self._emit(blen, ts)
+        elif st == S_BODY_LEN or st == S_CHUNK_SIZE or st == S_CHUNK_DATA or st == S_CHUNK_CRLF or st == S_TRAILERS:
+            self.flags |= CF_INCOMPLETE
+            self._emit(blen, ts)
         elif st == S_HEAD or (st == S_START and self.buf.strip(b"\r\n")):
-            eng.st_dropped_head_bytes += len(self.buf)
+            eng.st_dropped_head_bytes += blen
         elif st == S_RESYNC:
-            eng.st_skipped_bytes += len(self.buf)
-            if self.produced == 0 and self.scanned + len(self.buf) > 0:
+            eng.st_skipped_bytes += blen
+            if self.produced == 0 and self.scanned + blen > 0:
                 eng.st_non_http_streams += 1
         self.buf = bytearray()
         self.marks = []
         self.pos = 0
-        if st not in (S_TUNNEL, S_NOT_HTTP):
+        if st != S_TUNNEL and st != S_NOT_HTTP:
             self.state = S_TUNNEL if st == S_WAIT else S_START
 
     # -- framing --------------------------------------------------------------------------------
-    def _reset_buf(self, lost):
-        self.base += len(self.buf) + lost
+    cdef _reset_buf(self, int64_t lost):
+        self.base += PyByteArray_GET_SIZE(self.buf) + lost
         self.buf = bytearray()
         self.marks = []
         self.pos = 0
         self.flags = 0
 
-    def _mark_at(self, off):
+    cdef tuple _mark_at(self, Py_ssize_t off):
         """(ts, ack) of the delivery that carried buf[off]."""
+        cdef list m
         for m in self.marks:
-            if off < m[0]:
+            if off < <Py_ssize_t>m[0]:
                 return m[1], m[2]
         m = self.marks[-1]
         return m[1], m[2]
 
-    def run(self, final=False):
-        conn = self.conn
-        eng = conn.engine
+    cdef run(self, bint final):
+        cdef Engine eng = self.eng
+        cdef int st
+        cdef bytearray buf
+        cdef Py_ssize_t i, n, avail, take, nl
+        cdef const char* cbuf
         while True:
             st = self.state
             buf = self.buf
-            if st == S_START:
-                if not buf:
+            n = PyByteArray_GET_SIZE(buf)
+            if st == S_BODY_LEN:
+                avail = n - self.pos
+                if avail <= 0:
+                    return
+                take = avail if avail < self.remaining else self.remaining
+                self.pos += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self._emit(self.pos, None)
+                else:
+                    self._oversize()
+                    return
+            elif st == S_START:
+                if n == 0:
                     return
                 # RFC 9112 §2.2: ignore empty lines before a start line
+                cbuf = PyByteArray_AS_STRING(buf)
                 i = 0
-                n = len(buf)
-                while i < n and buf[i] in (13, 10):
+                while i < n and (cbuf[i] == 13 or cbuf[i] == 10):
                     i += 1
                 if i:
                     self._drop_front(i)
@@ -528,30 +614,17 @@ class Framer:
             elif st == S_HEAD:
                 end = self._find_head_end()
                 if end < 0:
-                    if len(buf) > eng.max_head:
-                        eng.st_dropped_head_bytes += len(buf)
+                    if n > eng.max_head:
+                        eng.st_dropped_head_bytes += n
                         self._lose_sync(0)
                         continue
                     return
                 if not self._on_head(end):
                     continue
-            elif st == S_BODY_LEN:
-                avail = len(buf) - self.pos
-                if avail <= 0:
-                    return
-                take = avail if avail < self.remaining else self.remaining
-                self.pos += take
-                self.remaining -= take
-                if self.remaining == 0:
-                    self._emit(self.pos)
-                elif self._oversize():
-                    return
-                else:
-                    return
             elif st == S_CHUNK_SIZE:
                 nl = buf.find(b"\n", self.pos)
                 if nl < 0:
-                    if len(buf) - self.pos > 4096:
+                    if n - self.pos > 4096:
                         self._bad_chunk()
                         continue
                     return
@@ -572,7 +645,7 @@ class Framer:
                     self.body_len += size
                     self.state = S_CHUNK_DATA
             elif st == S_CHUNK_DATA:
-                avail = len(buf) - self.pos
+                avail = n - self.pos
                 if avail <= 0:
                     return
                 take = avail if avail < self.remaining else self.remaining
@@ -580,20 +653,19 @@ class Framer:
                 self.remaining -= take
                 if self.remaining == 0:
                     self.state = S_CHUNK_CRLF
-                elif self._oversize():
-                    return
                 else:
+                    self._oversize()
                     return
             elif st == S_CHUNK_CRLF:
-                n = len(buf)
-                if self.pos < n and buf[self.pos] == 13:
+                cbuf = PyByteArray_AS_STRING(buf)
+                if self.pos < n and cbuf[self.pos] == 13:
                     if self.pos + 1 >= n:
                         return
-                    if buf[self.pos + 1] != 10:
+                    if cbuf[self.pos + 1] != 10:
                         self._bad_chunk()
                         continue
                     self.pos += 2
-                elif self.pos < n and buf[self.pos] == 10:
+                elif self.pos < n and cbuf[self.pos] == 10:
                     self.pos += 1
                 elif self.pos < n:
                     self._bad_chunk()
@@ -604,16 +676,16 @@ class Framer:
             elif st == S_TRAILERS:
                 nl = buf.find(b"\n", self.pos)
                 if nl < 0:
-                    if len(buf) - self.pos > eng.max_head:
+                    if n - self.pos > eng.max_head:
                         self._bad_chunk()
                         continue
                     return
                 line = buf[self.pos:nl]
                 self.pos = nl + 1
                 if line == b"" or line == b"\r":
-                    self._emit(self.pos)
+                    self._emit(self.pos, None)
             elif st == S_BODY_CLOSE:
-                self.pos = len(buf)
+                self.pos = n
                 self._oversize()
                 return
             elif st == S_RESYNC:
@@ -622,34 +694,38 @@ class Framer:
             else:  # S_WAIT, S_TUNNEL, S_NOT_HTTP
                 return
 
-    def _drop_front(self, n):
+    cdef _drop_front(self, Py_ssize_t n):
         del self.buf[:n]
         self.base += n
+        cdef list m
         for m in self.marks:
             m[0] -= n
         while self.marks and self.marks[0][0] <= 0:
             self.marks.pop(0)
-        self.pos = max(0, self.pos - n)
+        self.pos = self.pos - n if self.pos > n else 0
 
-    def _find_head_end(self):
+    cdef Py_ssize_t _find_head_end(self):
         buf = self.buf
-        i = buf.find(b"\n\r\n", max(self.pos, 1) - 1)
-        j = buf.find(b"\n\n", max(self.pos, 1) - 1)
+        cdef Py_ssize_t start = (self.pos if self.pos > 1 else 1) - 1
+        cdef Py_ssize_t i = buf.find(b"\n\r\n", start)
+        cdef Py_ssize_t j = buf.find(b"\n\n", start)
+        cdef Py_ssize_t n
         if i < 0 and j < 0:
-            self.pos = max(0, len(buf) - 2)
+            n = PyByteArray_GET_SIZE(buf)
+            self.pos = n - 2 if n > 2 else 0
             return -1
         if i < 0 or (0 <= j < i):
             return j + 2
         return i + 3
 
-    def _sniff(self, final):
+    cdef bint _sniff(self, bint final) except -1:
         """Decide this direction's role from its first bytes."""
-        eng = self.conn.engine
+        cdef Engine eng = self.eng
         buf = self.buf
-        if REQ_START_RE.match(buf):
+        if _REQ_MATCH(buf):
             self.conn.set_role(self.side, ROLE_CLIENT)
             return True
-        if STATUS_START_RE.match(buf):
+        if _STATUS_MATCH(buf):
             self.conn.set_role(self.side, ROLE_SERVER)
             return True
         nl = buf.find(b"\n")
@@ -664,10 +740,10 @@ class Framer:
             p = mark[0]
             if p >= start:
                 break
-            if REQ_START_RE.match(buf, p):
+            if _REQ_MATCH(buf, p):
                 start, role = p, ROLE_CLIENT
                 break
-            if STATUS_START_RE.match(buf, p):
+            if _STATUS_MATCH(buf, p):
                 start, role = p, ROLE_SERVER
                 break
         if role == ROLE_UNKNOWN:
@@ -676,51 +752,48 @@ class Framer:
             return False
         eng.st_skipped_bytes += start
         self._drop_front(start)
-        self.resync_flag = F_RESYNC
+        self.resync_flag = CF_RESYNC
         self.conn.set_role(self.side, role)
         return True
 
-    def _not_http(self):
-        eng = self.conn.engine
+    cdef _not_http(self):
+        cdef Engine eng = self.eng
         eng.st_non_http_streams += 1
-        eng.st_skipped_bytes += len(self.buf)
+        eng.st_skipped_bytes += PyByteArray_GET_SIZE(self.buf)
         self.buf = bytearray()
         self.marks = []
         self.pos = 0
         self.state = S_NOT_HTTP
 
-    def _start_ok(self, final):
+    cdef bint _start_ok(self, bint final) except -1:
         """In a synchronised stream, is buf at a start line? Otherwise lose sync."""
         buf = self.buf
         nl = buf.find(b"\n")
         if nl < 0:
-            if len(buf) > self.conn.engine.max_head:
+            if PyByteArray_GET_SIZE(buf) > self.eng.max_head:
                 self._lose_sync(0)
                 return False
             return False  # at the end of input, eof() counts these bytes as a dropped head
-        rx = REQ_START_RE if self.role == ROLE_CLIENT else STATUS_START_RE
-        if rx.match(buf):
+        if (_REQ_MATCH if self.role == ROLE_CLIENT else _STATUS_MATCH)(buf):
             return True
         self._lose_sync(0)
         return False
 
-    def _lose_sync(self, skip):
-        eng = self.conn.engine
-        eng.st_resyncs += 1
+    cdef _lose_sync(self, Py_ssize_t skip):
+        self.eng.st_resyncs += 1
         self.state = S_RESYNC
-        self.resync_flag = F_RESYNC
+        self.resync_flag = CF_RESYNC
         self.flags = 0
         self.gap_since_pair = True
-        return False
 
-    def _resync(self, final):
-        eng = self.conn.engine
+    cdef bint _resync(self, bint final) except -1:
+        cdef Engine eng = self.eng
         buf = self.buf
         if self.role == ROLE_UNKNOWN:
             self.state = S_START
             return True
-        rx_match = REQ_START_RE if self.role == ROLE_CLIENT else STATUS_START_RE
-        if rx_match.match(buf):
+        rx_match = _REQ_MATCH if self.role == ROLE_CLIENT else _STATUS_MATCH
+        if rx_match(buf):
             self.state = S_START
             return True
         rx = REQ_SEARCH_RE if self.role == ROLE_CLIENT else STATUS_SEARCH_RE
@@ -731,7 +804,7 @@ class Framer:
             p = mark[0]
             if p >= limit:
                 break
-            if p > 0 and rx_match.match(buf, p):
+            if p > 0 and rx_match(buf, p):
                 eng.st_skipped_bytes += p
                 self._drop_front(p)
                 self.state = S_START
@@ -757,24 +830,25 @@ class Framer:
         self.state = S_START
         return True
 
-    def _must_hold(self, final):
+    cdef bint _must_hold(self, bint final) except -1:
         """A response start: wait until the request it answers has been framed."""
-        conn = self.conn
         if final:
             return False
-        client = conn.streams[1 - self.side]
-        if client.nxt is None or client.finished:
+        cdef Stream client = self.conn.streams[1 - self.side]
+        if not client.synced or client.finished:
             return False
-        ack = self.marks[0][2] if self.marks else -1
+        cdef int64_t ack = self.marks[0][2] if self.marks else -1
         if ack < 0:
             return False
-        ack_abs = unwrap(ack, client.nxt)
-        return ack_abs > client.nxt
+        return unwrap(ack, client.nxt) > client.nxt
 
-    def _on_head(self, end):
+    cdef bint _on_head(self, Py_ssize_t end) except -1:
         """A complete head is buf[:end]. Returns False when it was not HTTP (state changed)."""
-        conn = self.conn
-        eng = conn.engine
+        cdef Connection conn = self.conn
+        cdef _Pending p, answer
+        cdef int status
+        cdef int te
+        cdef int64_t cl
         parsed = parse_head(bytes(self.buf[:end]))
         if parsed is None or parsed[0] != (self.role == ROLE_CLIENT):
             self._lose_sync(0)
@@ -786,6 +860,8 @@ class Framer:
         self.pos = end
         self.flags |= self.resync_flag | conn.midstream
         self.resync_flag = 0
+        te = _is_chunked(fields)
+        cl = _content_length(fields)
         if is_req:
             self.method, self.uri, self.status = method, uri, 0
             upgrade = method == "CONNECT" or b"upgrade" in fields
@@ -793,17 +869,15 @@ class Framer:
             conn.next_index += 1
             self.pending = p
             conn.pending.append(p)
-            te = _is_chunked(fields)
-            cl = _content_length(fields)
             if te == 1:
-                self.flags |= F_CHUNKED
+                self.flags |= CF_CHUNKED
                 self.state = S_CHUNK_SIZE
             elif te == 0 and cl > 0:
                 self.remaining = cl
                 self.body_len = cl
                 self.state = S_BODY_LEN
             else:
-                self._emit(end)
+                self._emit(end, None)
             conn.poke_server()
             return True
         # response
@@ -812,33 +886,31 @@ class Framer:
         self.answer = answer
         self.method = answer.method if answer is not None else None
         self.uri = answer.uri if answer is not None else None
-        te = _is_chunked(fields)
-        cl = _content_length(fields)
         if 100 <= status < 200:
-            self.flags |= F_INTERIM
+            self.flags |= CF_INTERIM
             if status == 101:
-                self.flags |= F_UPGRADE
-            self._emit(end)
+                self.flags |= CF_UPGRADE
+            self._emit(end, None)
             if status == 101:
                 conn.start_tunnel()
             return True
         if self.method == "HEAD" or status == 204 or status == 304:
-            self._emit(end)
+            self._emit(end, None)
         elif self.method == "CONNECT" and 200 <= status < 300:
-            self.flags |= F_UPGRADE
-            self._emit(end)
+            self.flags |= CF_UPGRADE
+            self._emit(end, None)
             conn.start_tunnel()
         elif te == 1:
-            self.flags |= F_CHUNKED
+            self.flags |= CF_CHUNKED
             self.state = S_CHUNK_SIZE
         elif te == 2 or cl < 0:
             # RFC 9112 §6.3 rules 4 and 8: neither chunked last nor a valid Content-Length
             self.state = S_BODY_CLOSE
         elif cl == 0:
-            self._emit(end)
+            self._emit(end, None)
         else:
             if answer is None and self._looks_bodyless(end):
-                self._emit(end)
+                self._emit(end, None)
             else:
                 self.remaining = cl
                 self.body_len = cl
@@ -849,70 +921,79 @@ class Framer:
             conn.resume_client()
         return True
 
-    def _looks_bodyless(self, end):
+    cdef bint _looks_bodyless(self, Py_ssize_t end) except -1:
         """An unpaired response with Content-Length followed at once by another status line is
         the answer to a HEAD we did not see."""
         nxt = self.buf[end:end + 5]
         return len(nxt) == 5 and nxt == b"HTTP/"
 
-    def _pair(self, status):
-        conn = self.conn
-        pend = conn.pending
-        ack = self.marks[0][2] if self.marks else -1
-        client = conn.streams[1 - self.side]
-        ack_abs = unwrap(ack, client.nxt) if (ack >= 0 and client.nxt is not None) else None
-        if ack_abs is not None and pend:
+    cdef _Pending _pair(self, int status):
+        cdef Connection conn = self.conn
+        cdef list pend = conn.pending
+        cdef int64_t ack = self.marks[0][2] if self.marks else -1
+        cdef Stream client = conn.streams[1 - self.side]
+        cdef bint has_abs = ack >= 0 and client.synced
+        cdef int64_t ack_abs = unwrap(ack, client.nxt) if has_abs else 0
+        cdef _Pending p0
+        if has_abs and pend:
+            p0 = pend[0]
             # answers a request that was never captured
-            if ack_abs <= pend[0].start:
-                conn.engine.st_unpaired_responses += 1
-                self.flags |= F_UNPAIRED
+            if ack_abs <= p0.start:
+                self.eng.st_unpaired_responses += 1
+                self.flags |= CF_UNPAIRED
                 return None
             if self.gap_since_pair and not (100 <= status < 200):
                 # after a loss on this side, skip requests whose responses fell into the hole
-                while len(pend) > 1 and pend[1].end >= 0 and pend[1].end <= ack_abs:
+                while len(pend) > 1 and (<_Pending>pend[1]).end >= 0 and (<_Pending>pend[1]).end <= ack_abs:
                     pend.pop(0)
-                if 0 <= pend[0].end < client.framer.lost_upto <= ack_abs:
+                p0 = pend[0]
+                if 0 <= p0.end < client.framer.lost_upto <= ack_abs:
                     # it answers a request the capture lost after pend[0], whose own response
                     # fell into this side's hole
                     pend.pop(0)
-                    conn.engine.st_unpaired_responses += 1
-                    self.flags |= F_UNPAIRED
+                    self.eng.st_unpaired_responses += 1
+                    self.flags |= CF_UNPAIRED
                     return None
         if not pend:
-            conn.engine.st_unpaired_responses += 1
-            self.flags |= F_UNPAIRED
+            self.eng.st_unpaired_responses += 1
+            self.flags |= CF_UNPAIRED
             return None
         if 100 <= status < 200 and status != 101:
             return pend[0]
         self.gap_since_pair = False
         return pend.pop(0)
 
-    def _bad_chunk(self):
-        self.flags |= F_INCOMPLETE
-        self._emit(self.pos)
+    cdef _bad_chunk(self):
+        self.flags |= CF_INCOMPLETE
+        self._emit(self.pos, None)
         self._lose_sync(0)
 
-    def _oversize(self):
-        eng = self.conn.engine
+    cdef bint _oversize(self) except -1:
+        cdef Engine eng = self.eng
         if self.pos > eng.max_message:
             eng.st_oversize_messages += 1
-            self.flags |= F_INCOMPLETE | F_TRUNCATED
-            self._emit(self.pos)
+            self.flags |= CF_INCOMPLETE | CF_TRUNCATED
+            self._emit(self.pos, None)
             self._lose_sync(0)
             return True
         return False
 
-    def _emit(self, end, ts_end=None):
-        conn = self.conn
-        eng = conn.engine
-        data = bytes(self.buf[:end])
+    cdef _emit(self, Py_ssize_t end, object ts_end):
+        cdef Connection conn = self.conn
+        cdef Engine eng = self.eng
+        cdef _Pending p, a
+        cdef int64_t index
+        cdef int kind
+        cdef list marks, m
+        cdef Py_ssize_t k, nm
+        data = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self.buf), end)
         if self.state == S_BODY_CLOSE:
             self.body_len = end - self.head_len
-        ts_first, _ = self._mark_at(0)
+        ts_first = self._mark_at(0)[0]
         ts_last = self._mark_at(end - 1)[0] if end > 0 else ts_first
         if ts_end is not None and not self.marks:
             ts_last = ts_end
-        flags = self.flags
+        cdef int flags = self.flags
         if self.role == ROLE_CLIENT:
             p = self.pending
             index = p.index if p is not None else -1
@@ -927,12 +1008,12 @@ class Framer:
             self.answer = None
             kind = KIND_RESPONSE
             eng.st_responses += 1
-            if flags & F_INTERIM:
+            if flags & CF_INTERIM:
                 eng.st_interim_responses += 1
-        if flags & F_INCOMPLETE:
+        if flags & CF_INCOMPLETE:
             eng.st_incomplete_messages += 1
         if self.truncated_pending:
-            flags |= F_TRUNCATED
+            flags |= CF_TRUNCATED
         msg = Message(kind, conn.id, index, ts_first, ts_last, conn.client, conn.server,
                       flags, data, self.method, self.uri, self.status, self.body_len,
                       self.head_len if self.head_len <= end else end)
@@ -942,12 +1023,15 @@ class Framer:
         del self.buf[:end]
         self.base += end
         marks = self.marks
+        nm = len(marks)
         k = 0
-        while k < len(marks) and marks[k][0] <= end:
+        while k < nm and <Py_ssize_t>marks[k][0] <= end:
             k += 1
-        if k == len(marks):
-            self.marks = [[0, marks[-1][1], marks[-1][2]]] if marks and self.buf else []
-            if self.buf and not marks:
+        if k == nm:
+            if marks and PyByteArray_GET_SIZE(self.buf):
+                m = marks[nm - 1]
+                self.marks = [[0, m[1], m[2]]]
+            else:
                 self.marks = []
         else:
             self.marks = marks[k:]
@@ -963,41 +1047,61 @@ class Framer:
         self.truncated_pending = False
         if self.state != S_TUNNEL and self.state != S_WAIT:
             self.state = S_START
-        if kind == KIND_REQUEST and conn.pending and conn.pending[-1].upgrade and index == conn.pending[-1].index:
+        if kind == KIND_REQUEST and conn.pending and (<_Pending>conn.pending[-1]).upgrade and index == (<_Pending>conn.pending[-1]).index:
             self.state = S_WAIT
 
 
-class Stream:
+cdef class Stream:
     """One direction of a TCP connection: reassembly into an in-order byte stream."""
 
-    __slots__ = ("conn", "side", "nxt", "ooo", "ooo_bytes", "fin", "finished", "peer_ack", "framer",
-                 "syn_seen", "isn")
+    cdef Connection conn
+    cdef Engine eng
+    cdef int side
+    cdef bint synced          # the twin's ``nxt is not None``
+    cdef int64_t nxt          # absolute offset of the next byte expected
+    cdef list ooo             # [start, end, data, ts, ack, missing] beyond a hole, sorted by start
+    cdef int64_t ooo_bytes
+    cdef bint has_fin
+    cdef int64_t fin          # absolute offset where the FIN sits
+    cdef bint finished
+    cdef bint has_peer_ack
+    cdef int64_t peer_ack     # highest absolute offset the peer acknowledged
+    cdef Framer framer
+    cdef bint syn_seen
+    cdef int64_t isn
 
-    def __init__(self, conn, side):
+    def __init__(self, Connection conn, int side):
         self.conn = conn
+        self.eng = conn.engine
         self.side = side
-        self.nxt = None       # absolute offset of the next byte expected; None until synchronised
-        self.ooo = []         # [start, end, data, ts, ack, missing] beyond a hole, sorted by start
+        self.synced = False
+        self.nxt = 0
+        self.ooo = []
         self.ooo_bytes = 0
-        self.fin = None       # absolute offset where the FIN sits
+        self.has_fin = False
+        self.fin = 0
         self.finished = False
-        self.peer_ack = None  # highest absolute offset the peer acknowledged
+        self.has_peer_ack = False
+        self.peer_ack = 0
         self.framer = Framer(conn, side)
         self.syn_seen = False
         self.isn = -1
 
-    def segment(self, seq, data, ts, ack, missing, fin):
-        eng = self.conn.engine
-        n = len(data)
-        if self.nxt is None:
+    cdef segment(self, int64_t seq, const uint8_t* data, Py_ssize_t n, int64_t ts, int64_t ack,
+                 Py_ssize_t missing, bint fin):
+        cdef Engine eng = self.eng
+        cdef int64_t start, end
+        if not self.synced:
             if n == 0 and missing == 0 and not fin:
                 return
+            self.synced = True
             self.nxt = seq  # first byte seen: a midstream start
             self.framer.base = seq
             self.conn.mark_midstream()
         start = unwrap(seq, self.nxt)
         end = start + n + missing
         if fin:
+            self.has_fin = True
             self.fin = end
         if self.finished:
             if n:
@@ -1009,41 +1113,44 @@ class Stream:
             eng.st_retransmitted_bytes += n
         elif start <= self.nxt:
             if start < self.nxt:
-                eng.st_retransmitted_bytes += min(self.nxt, start + n) - start
-            self._deliver(start, data, ts, ack, missing)
-            self._drain()
+                eng.st_retransmitted_bytes += (self.nxt if self.nxt < start + n else start + n) - start
+            self._deliver(start, data, n, ts, ack, missing)
+            if self.ooo:
+                self._drain()
         elif n or missing:
             eng.st_out_of_order_segments += 1
-            self._insert(start, end, data, ts, ack, missing)
+            self._insert(start, end, PyBytes_FromStringAndSize(<const char*>data, n), ts, ack, missing)
             self._check_hole()
-        self._check_fin(ts)
+        self._check_fin(ts, True)
 
-    def _deliver(self, start, data, ts, ack, missing):
-        skip = self.nxt - start
-        fr = self.framer
-        n = len(data)
+    cdef _deliver(self, int64_t start, const uint8_t* data, Py_ssize_t n, int64_t ts, int64_t ack,
+                  Py_ssize_t missing):
+        cdef int64_t skip = self.nxt - start
+        cdef Framer fr = self.framer
+        cdef int64_t gap_start, lost
         if skip < n:
-            fr.feed(data[skip:] if skip else data, ts, ack)
+            fr.feed_ptr(data + skip, n - skip, ts, ack)
             self.nxt = start + n
         if missing:
             gap_start = start + n
-            lost = gap_start + missing - max(self.nxt, gap_start)
+            lost = gap_start + missing - (self.nxt if self.nxt > gap_start else gap_start)
             if lost > 0:
                 fr.truncated_pending = True
-                self.conn.engine.st_gaps += 1
-                self.conn.engine.st_gap_bytes += lost
+                self.eng.st_gaps += 1
+                self.eng.st_gap_bytes += lost
                 fr.gap(lost, ts, True)
                 self.nxt = start + n + missing
 
-    def _insert(self, start, end, data, ts, ack, missing):
-        ooo = self.ooo
-        i = len(ooo)
-        while i > 0 and ooo[i - 1][0] > start:
+    cdef _insert(self, int64_t start, int64_t end, bytes data, int64_t ts, int64_t ack, Py_ssize_t missing):
+        cdef list ooo = self.ooo
+        cdef Py_ssize_t i = len(ooo)
+        while i > 0 and <int64_t>ooo[i - 1][0] > start:
             i -= 1
         ooo.insert(i, [start, end, data, ts, ack, missing])
-        self.ooo_bytes += len(data)
-        eng = self.conn.engine
-        eng.total_ooo += len(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        self.ooo_bytes += n
+        cdef Engine eng = self.eng
+        eng.total_ooo += n
         if self.ooo_bytes > eng.max_stream_buffer:
             eng.st_buffer_cap_hits += 1
             self.skip_hole()
@@ -1051,54 +1158,58 @@ class Stream:
             eng.st_buffer_cap_hits += 1
             eng.relieve()
 
-    def _drain(self):
-        ooo = self.ooo
-        eng = self.conn.engine
-        while ooo and ooo[0][0] <= self.nxt:
+    cdef _drain(self):
+        cdef list ooo = self.ooo
+        cdef Engine eng = self.eng
+        cdef bytes data
+        cdef Py_ssize_t n
+        while ooo and <int64_t>ooo[0][0] <= self.nxt:
             start, end, data, ts, ack, missing = ooo.pop(0)
-            self.ooo_bytes -= len(data)
-            eng.total_ooo -= len(data)
+            n = PyBytes_GET_SIZE(data)
+            self.ooo_bytes -= n
+            eng.total_ooo -= n
             if end > self.nxt:
-                self._deliver(start, data, ts, ack, missing)
+                self._deliver(start, <const uint8_t*>PyBytes_AS_STRING(data), n, ts, ack, missing)
             else:
                 eng.st_retransmitted_segments += 1
-                eng.st_retransmitted_bytes += len(data)
+                eng.st_retransmitted_bytes += n
 
-    def skip_hole(self):
+    cdef skip_hole(self):
         """Declare the hole before the first waiting segment lost, and go on after it."""
         if not self.ooo:
             return
-        lost = self.ooo[0][0] - self.nxt
-        eng = self.conn.engine
+        cdef list first = self.ooo[0]
+        cdef int64_t lost = <int64_t>first[0] - self.nxt
+        cdef Engine eng = self.eng
         eng.st_gaps += 1
         eng.st_gap_bytes += lost
-        self.framer.gap(lost, self.ooo[0][3], False)
-        self.nxt = self.ooo[0][0]
+        self.framer.gap(lost, first[3], False)
+        self.nxt = first[0]
         self._drain()
 
-    def _check_hole(self):
-        pa = self.peer_ack
-        while self.ooo and pa is not None and pa >= self.ooo[0][0] and pa > self.nxt:
+    cdef _check_hole(self):
+        while self.ooo and self.has_peer_ack and self.peer_ack >= <int64_t>self.ooo[0][0] and self.peer_ack > self.nxt:
             self.skip_hole()
 
-    def on_peer_ack(self, ack):
-        if self.nxt is None:
+    cdef on_peer_ack(self, int64_t ack):
+        if not self.synced:
             return
-        a = unwrap(ack, self.nxt)
-        if self.peer_ack is None or a > self.peer_ack:
+        cdef int64_t a = unwrap(ack, self.nxt)
+        if not self.has_peer_ack or a > self.peer_ack:
+            self.has_peer_ack = True
             self.peer_ack = a
             if self.ooo:
                 self._check_hole()
-                self._check_fin(None)
+                self._check_fin(0, False)
 
-    def _check_fin(self, ts):
-        if self.fin is not None and not self.finished and self.nxt is not None and self.nxt >= self.fin - 0:
-            if not self.ooo or self.ooo[0][0] >= self.fin:
+    cdef _check_fin(self, int64_t ts, bint has_ts):
+        if self.has_fin and not self.finished and self.synced and self.nxt >= self.fin:
+            if not self.ooo or <int64_t>self.ooo[0][0] >= self.fin:
                 self.finished = True
-                self.framer.eof(ts if ts is not None else self.conn.last_ts, True)
+                self.framer.eof(ts if has_ts else self.conn.last_ts, True)
                 self.conn.stream_done()
 
-    def flush(self, clean):
+    cdef flush(self, bint clean):
         """Connection over: deliver whatever waits, marking holes, then end the framer."""
         while self.ooo:
             self.skip_hole()
@@ -1107,90 +1218,133 @@ class Stream:
             self.framer.eof(self.conn.last_ts, clean)
 
 
-class Connection:
-    __slots__ = ("engine", "id", "key", "addr", "ports", "streams", "client_side", "client", "server",
-                 "pending", "next_index", "midstream", "last_ts", "closed", "tunnel")
+cdef class Connection:
+    cdef Engine engine
+    cdef int64_t id
+    cdef object key
+    cdef tuple addr
+    cdef tuple ports
+    cdef tuple streams
+    cdef bint side0_first         # side 0 is the first endpoint of the key
+    cdef int client_side
+    cdef object client
+    cdef object server
+    cdef list pending             # requests awaiting responses, in order
+    cdef int64_t next_index
+    cdef int midstream
+    cdef int64_t last_ts
+    cdef bint closed
+    cdef bint tunnel
 
-    def __init__(self, engine, cid, key, src, sport, dst, dport):
+    def __init__(self, Engine engine, int64_t cid, key, src, int sport, dst, int dport):
         self.engine = engine
         self.id = cid
         self.key = key
-        self.addr = (src, dst)       # side 0 sends from addr[0]
+        self.addr = (src, dst)
         self.ports = (sport, dport)
         self.streams = (Stream(self, 0), Stream(self, 1))
+        self.side0_first = True
         self.client_side = -1
         self.client = None
         self.server = None
-        self.pending = []            # requests awaiting responses, in order
+        self.pending = []
         self.next_index = 0
         self.midstream = 0
         self.last_ts = 0
         self.closed = False
         self.tunnel = False
 
-    def set_client(self, side):
+    cdef set_client(self, int side):
         if self.client_side >= 0:
             return
         self.client_side = side
-        c, s = side, 1 - side
+        cdef int c = side, s = 1 - side
         self.client = (_addr(self.addr[c]), self.ports[c])
         self.server = (_addr(self.addr[s]), self.ports[s])
-        self.streams[c].framer.role = ROLE_CLIENT
-        self.streams[s].framer.role = ROLE_SERVER
+        (<Stream>self.streams[c]).framer.role = ROLE_CLIENT
+        (<Stream>self.streams[s]).framer.role = ROLE_SERVER
 
-    def set_role(self, side, role):
+    cdef set_role(self, int side, int role):
         self.set_client(side if role == ROLE_CLIENT else 1 - side)
 
-    def mark_midstream(self):
-        if not self.midstream and not (self.streams[0].syn_seen or self.streams[1].syn_seen):
-            self.midstream = F_MIDSTREAM
+    cdef mark_midstream(self):
+        if not self.midstream and not ((<Stream>self.streams[0]).syn_seen or (<Stream>self.streams[1]).syn_seen):
+            self.midstream = CF_MIDSTREAM
             self.engine.st_midstream_connections += 1
 
-    def poke_server(self):
+    cdef poke_server(self):
         if self.client_side < 0:
             return
-        fr = self.streams[1 - self.client_side].framer
+        cdef Framer fr = (<Stream>self.streams[1 - self.client_side]).framer
         if fr.held:
-            fr.run()
+            fr.run(False)
 
-    def start_tunnel(self):
+    cdef start_tunnel(self):
+        cdef Framer fr
         self.tunnel = True
         self.engine.st_upgraded_connections += 1
         for st in self.streams:
-            fr = st.framer
-            if fr.buf:
-                self.engine.st_skipped_bytes += len(fr.buf)
+            fr = (<Stream>st).framer
+            if PyByteArray_GET_SIZE(fr.buf):
+                self.engine.st_skipped_bytes += PyByteArray_GET_SIZE(fr.buf)
             fr.buf = bytearray()
             fr.marks = []
             fr.pos = 0
             fr.state = S_TUNNEL
 
-    def resume_client(self):
+    cdef resume_client(self):
         if self.client_side < 0:
             return
-        fr = self.streams[self.client_side].framer
+        cdef Framer fr = (<Stream>self.streams[self.client_side]).framer
         if fr.state == S_WAIT:
             fr.state = S_START
-            fr.run()
+            fr.run(False)
 
-    def stream_done(self):
-        if self.streams[0].finished and self.streams[1].finished:
-            self.engine.close(self)
+    cdef stream_done(self):
+        if (<Stream>self.streams[0]).finished and (<Stream>self.streams[1]).finished:
+            self.engine._close_conn(self, True)
 
-    def finish(self, clean):
+    cdef finish(self, bint clean):
         # the client's bytes first, so that held responses find their requests
-        order = (self.client_side, 1 - self.client_side) if self.client_side >= 0 else (0, 1)
+        cdef Framer fr
+        cdef tuple order = (0, 1)
+        if self.client_side >= 0:
+            order = (self.client_side, 1 - self.client_side)
         for side in order:
-            self.streams[side].flush(clean)
+            (<Stream>self.streams[side]).flush(clean)
         for side in order:
-            fr = self.streams[side].framer
+            fr = (<Stream>self.streams[side]).framer
             if fr.held:
-                fr.run(final=True)
+                fr.run(True)
                 fr.eof(self.last_ts, clean)
 
 
-class Engine:
+cdef class Engine:
     """Packets in, HTTP messages out. One Engine per capture."""
+
+    cdef readonly int linktype
+    cdef readonly frozenset ports
+    cdef uint8_t port_map[65536]
+    cdef bint any_port
+    cdef public int64_t max_stream_buffer
+    cdef public int64_t max_total_buffer
+    cdef public int64_t idle_timeout_ns
+    cdef public int64_t max_message
+    cdef public int64_t max_head
+    cdef dict conns
+    cdef int64_t next_id
+    cdef list out
+    cdef int64_t total_ooo
+    cdef int64_t now
+    cdef int64_t next_sweep
+    cdef public int64_t st_packets, st_bytes, st_not_ip, st_not_tcp, st_ip_fragments, st_malformed
+    cdef public int64_t st_truncated_packets, st_tcp_segments, st_filtered, st_connections
+    cdef public int64_t st_midstream_connections, st_retransmitted_segments, st_retransmitted_bytes
+    cdef public int64_t st_out_of_order_segments, st_gaps, st_gap_bytes, st_buffer_cap_hits
+    cdef public int64_t st_expired_connections, st_requests, st_responses, st_interim_responses
+    cdef public int64_t st_unpaired_responses, st_incomplete_messages, st_resyncs, st_skipped_bytes
+    cdef public int64_t st_non_http_streams, st_upgraded_connections, st_dropped_head_bytes
+    cdef public int64_t st_oversize_messages
 
     def __init__(self, linktype, ports=(), max_stream_buffer=4 << 20, max_total_buffer=256 << 20,
                  idle_timeout=120.0, max_message=256 << 20, max_head=64 << 10):
@@ -1198,6 +1352,11 @@ class Engine:
             raise InputError(f"unsupported link type {linktype}")
         self.linktype = linktype
         self.ports = frozenset(ports)
+        memset(self.port_map, 0, sizeof(self.port_map))
+        for p in self.ports:
+            if 0 <= p < 65536:
+                self.port_map[p] = 1
+        self.any_port = not self.ports
         self.max_stream_buffer = max_stream_buffer
         self.max_total_buffer = max_total_buffer
         self.idle_timeout_ns = int(idle_timeout * 1e9)
@@ -1215,14 +1374,36 @@ class Engine:
     # -- input ----------------------------------------------------------------------------------
     def feed_batch(self, buf, meta):
         """Packets in pcapy-ng ``next_batch`` layout. Returns the messages completed."""
-        mv = memoryview(buf)
-        for sec, usec, off, caplen in _META.iter_unpack(meta):
-            self._packet(sec * 1_000_000_000 + usec * 1000, mv, off, off + caplen)
+        cdef Py_buffer bb, mb
+        cdef const uint32_t* rec
+        cdef Py_ssize_t i, count, off, caplen
+        PyObject_GetBuffer(buf, &bb, PyBUF_SIMPLE)
+        try:
+            PyObject_GetBuffer(meta, &mb, PyBUF_SIMPLE)
+            try:
+                rec = <const uint32_t*>mb.buf
+                count = mb.len // 16
+                for i in range(count):
+                    off = rec[4 * i + 2]
+                    caplen = rec[4 * i + 3]
+                    if off + caplen > bb.len:
+                        raise InputError("packet batch: record points past the buffer")
+                    self._packet(<int64_t>rec[4 * i] * 1_000_000_000 + <int64_t>rec[4 * i + 1] * 1000,
+                                 <const uint8_t*>bb.buf + off, caplen)
+            finally:
+                PyBuffer_Release(&mb)
+        finally:
+            PyBuffer_Release(&bb)
         return self._take()
 
-    def feed(self, ts_ns, frame):
+    def feed(self, int64_t ts_ns, frame):
         """One packet. Returns the messages completed."""
-        self._packet(ts_ns, frame, 0, len(frame))
+        cdef const uint8_t[::1] view = frame
+        cdef Py_ssize_t n = view.shape[0]
+        if n == 0:
+            self._packet(ts_ns, <const uint8_t*><const char*>b"", 0)
+        else:
+            self._packet(ts_ns, &view[0], n)
         return self._take()
 
     def finish(self):
@@ -1237,21 +1418,30 @@ class Engine:
         d["buffered_bytes"] = self.total_ooo
         return d
 
-    def _take(self):
+    cdef list _take(self):
         out = self.out
         self.out = []
         return out
 
+    def _take_py(self):
+        return self._take()
+
     # -- per packet -----------------------------------------------------------------------------
-    def _packet(self, ts, frame, off, end):
+    cdef _packet(self, int64_t ts, const uint8_t* frame, Py_ssize_t caplen):
+        cdef Pkt r
+        cdef int code, side, c
+        cdef bint first, has_data
+        cdef uint8_t keybuf[36]
+        cdef Connection conn
+        cdef Stream st
+        cdef int64_t seq
         self.st_packets += 1
-        self.st_bytes += end - off
+        self.st_bytes += caplen
         if ts > self.now:
             self.now = ts
         if self.now >= self.next_sweep:
             self._sweep()
-        r = decode(self.linktype, frame, off, end)
-        code = r[0]
+        code = c_decode(self.linktype, frame, 0, caplen, &r)
         if code != D_TCP:
             if code == D_NOT_IP:
                 self.st_not_ip += 1
@@ -1262,59 +1452,71 @@ class Engine:
             else:
                 self.st_malformed += 1
             return
-        _, src, dst, sport, dport, seq, ack, flags, pay_off, pay_end, missing = r
-        ports = self.ports
-        if ports and sport not in ports and dport not in ports:
+        if not self.any_port and not self.port_map[r.sport] and not self.port_map[r.dport]:
             self.st_filtered += 1
             return
         self.st_tcp_segments += 1
-        if missing:
+        if r.missing:
             self.st_truncated_packets += 1
-        a = (src, sport)
-        b = (dst, dport)
-        key = (a, b) if a <= b else (b, a)
-        conn = self.conns.get(key)
-        has_data = pay_end > pay_off or missing
-        if conn is not None and flags & TH_SYN and not flags & TH_ACK:
-            # a SYN on a known 4-tuple: a retransmitted SYN, or the port was reused
-            side = 0 if conn.addr[0] == src and conn.ports[0] == sport else 1
-            st = conn.streams[side]
-            if not (st.syn_seen and st.isn == seq):
-                self._close_conn(conn, False)
-                conn = None
-        if conn is None:
-            if not (flags & TH_SYN or has_data):
+        # the key names the two endpoints in a fixed order: (address, port) of the smaller first
+        c = memcmp(r.src, r.dst, r.alen)
+        first = c < 0 or (c == 0 and r.sport <= r.dport)
+        if first:
+            memcpy(keybuf, r.src, r.alen)
+            memcpy(keybuf + r.alen, r.dst, r.alen)
+            _put_ports(keybuf + 2 * r.alen, r.sport, r.dport)
+        else:
+            memcpy(keybuf, r.dst, r.alen)
+            memcpy(keybuf + r.alen, r.src, r.alen)
+            _put_ports(keybuf + 2 * r.alen, r.dport, r.sport)
+        key = PyBytes_FromStringAndSize(<char*>keybuf, 2 * r.alen + 4)
+        cobj = self.conns.get(key)
+        has_data = r.pay_end > r.pay_off or r.missing
+        if cobj is not None:
+            conn = <Connection>cobj
+            side = 0 if first == conn.side0_first else 1
+            if r.flags & TH_SYN and not r.flags & TH_ACK:
+                # a SYN on a known 4-tuple: a retransmitted SYN, or the port was reused
+                st = conn.streams[side]
+                if not (st.syn_seen and st.isn == r.seq):
+                    self._close_conn(conn, False)
+                    cobj = None
+        if cobj is None:
+            if not (r.flags & TH_SYN or has_data):
                 return
-            conn = Connection(self, self.next_id, key, src, sport, dst, dport)
+            conn = Connection(self, self.next_id, key,
+                              PyBytes_FromStringAndSize(<char*>r.src, r.alen), r.sport,
+                              PyBytes_FromStringAndSize(<char*>r.dst, r.alen), r.dport)
+            conn.side0_first = first
             self.next_id += 1
             self.conns[key] = conn
             self.st_connections += 1
             side = 0
-        else:
-            side = 0 if conn.addr[0] == src and conn.ports[0] == sport else 1
         conn.last_ts = ts
         st = conn.streams[side]
-        if flags & TH_SYN:
-            if st.nxt is None or not st.syn_seen:
+        seq = r.seq
+        if r.flags & TH_SYN:
+            if not st.synced or not st.syn_seen:
                 st.syn_seen = True
                 st.isn = seq
+                st.synced = True
                 st.nxt = (seq + 1) & 0xFFFFFFFF
                 st.framer.base = st.nxt
-                conn.set_client(side if not flags & TH_ACK else 1 - side)
+                conn.set_client(side if not r.flags & TH_ACK else 1 - side)
             seq = (seq + 1) & 0xFFFFFFFF
-        if flags & TH_ACK:
-            conn.streams[1 - side].on_peer_ack(ack)
-        if has_data or flags & TH_FIN:
-            st.segment(seq, frame[pay_off:pay_end], ts, ack if flags & TH_ACK else -1, missing,
-                       flags & TH_FIN)
-        if flags & TH_RST and not conn.closed:
+        if r.flags & TH_ACK:
+            (<Stream>conn.streams[1 - side]).on_peer_ack(r.ack)
+        if has_data or r.flags & TH_FIN:
+            st.segment(seq, frame + r.pay_off, r.pay_end - r.pay_off, ts,
+                       r.ack if r.flags & TH_ACK else -1, r.missing, r.flags & TH_FIN)
+        if r.flags & TH_RST and not conn.closed:
             self._close_conn(conn, False)
 
     # -- connection life ------------------------------------------------------------------------
     def close(self, conn):
         self._close_conn(conn, True)
 
-    def _close_conn(self, conn, clean):
+    cdef _close_conn(self, Connection conn, bint clean):
         if conn.closed:
             return
         conn.closed = True
@@ -1322,82 +1524,112 @@ class Engine:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
         for st in conn.streams:
-            self.total_ooo -= st.ooo_bytes
-            st.ooo_bytes = 0
+            self.total_ooo -= (<Stream>st).ooo_bytes
+            (<Stream>st).ooo_bytes = 0
 
-    def _sweep(self):
+    cdef _sweep(self):
         self.next_sweep = self.now + 1_000_000_000
-        limit = self.now - self.idle_timeout_ns
-        for conn in [c for c in self.conns.values() if c.last_ts < limit]:
+        cdef int64_t limit = self.now - self.idle_timeout_ns
+        for conn in [c for c in self.conns.values() if (<Connection>c).last_ts < limit]:
             self.st_expired_connections += 1
             self._close_conn(conn, False)
 
     def relieve(self):
         """All streams together hold too much beyond holes: give up the largest hole."""
+        cdef Stream worst, s
         while self.total_ooo > self.max_total_buffer:
             worst = None
             for conn in self.conns.values():
-                for st in conn.streams:
-                    if st.ooo and (worst is None or st.ooo_bytes > worst.ooo_bytes):
-                        worst = st
+                for st in (<Connection>conn).streams:
+                    s = st
+                    if s.ooo and (worst is None or s.ooo_bytes > worst.ooo_bytes):
+                        worst = s
             if worst is None:
                 return
             worst.skip_hole()
 
 
+cdef inline void _put_ports(uint8_t* p, int a, int b) noexcept nogil:
+    p[0] = a >> 8
+    p[1] = a & 0xFF
+    p[2] = b >> 8
+    p[3] = b & 0xFF
+
+
 class ResponseFramer:
     """The responses a server sends on one connection, framed by the same rules as a capture.
 
-    Sans-IO, for ``replay play``: call ``expect(method)`` for each request sent on the
-    connection, in order (a HEAD's response has no body, a CONNECT 2xx ends HTTP), ``feed(data,
-    ts_ns)`` with the bytes read from the socket, and ``eof(ts_ns)`` when the server closed it.
-    Each returns the responses completed, as ``Message`` objects whose ``index`` is the position
-    of the request answered (interim 1xx responses share it). Bytes that are not HTTP are
-    counted in ``stats()["skipped_bytes"]`` and ``stats()["resyncs"]``.
+    See the twin's docstring: ``expect(method)``, ``feed(data, ts_ns)``, ``eof(ts_ns)``.
     """
 
     def __init__(self, client=("", 0), server=("", 0), max_message=256 << 20, max_head=64 << 10):
         eng = Engine(DLT_RAW, max_message=max_message, max_head=max_head)
-        conn = Connection(eng, 0, None, b"", client[1], b"", server[1])
-        conn.client_side = 0
-        conn.client = tuple(client)
-        conn.server = tuple(server)
-        conn.streams[0].framer.role = ROLE_CLIENT
-        conn.streams[1].framer.role = ROLE_SERVER
-        conn.streams[1].framer.base = 0
         self._eng = eng
-        self._conn = conn
-        self._framer = conn.streams[1].framer
+        self._state = _ResponseState(eng, tuple(client), tuple(server))
         self.closed = False
 
     def expect(self, method):
         """A request with this method was sent: the next response not yet framed answers it."""
-        conn = self._conn
-        conn.pending.append(_Pending(conn.next_index, method, None, 0, method == "CONNECT"))
-        conn.next_index += 1
+        self._state.expect(method)
 
     @property
     def outstanding(self):
         """Requests sent whose final response has not been framed."""
-        return len(self._conn.pending) + (self._framer.answer is not None)
+        return self._state.outstanding()
 
     @property
     def tunnel(self):
         """A 101 or a CONNECT 2xx ended HTTP on this connection."""
-        return self._conn.tunnel
+        return self._state.is_tunnel()
 
     def feed(self, data, ts_ns):
         if data:
-            self._framer.feed(data, ts_ns, -1)
-        return self._eng._take()
+            self._state.feed(data, ts_ns)
+        return self._eng._take_py()
 
     def eof(self, ts_ns):
         """The server closed the connection: a close-delimited body ends here, others are cut."""
         if not self.closed:
             self.closed = True
-            self._conn.last_ts = ts_ns
-            self._framer.eof(ts_ns, True)
-        return self._eng._take()
+            self._state.eof(ts_ns)
+        return self._eng._take_py()
 
     def stats(self):
         return self._eng.stats()
+
+
+cdef class _ResponseState:
+    """The connection behind a ResponseFramer: only its server side carries bytes."""
+
+    cdef Connection conn
+    cdef Framer framer
+
+    def __init__(self, Engine eng, tuple client, tuple server):
+        cdef Connection conn = Connection(eng, 0, None, b"", client[1], b"", server[1])
+        conn.client_side = 0
+        conn.client = client
+        conn.server = server
+        (<Stream>conn.streams[0]).framer.role = ROLE_CLIENT
+        self.framer = (<Stream>conn.streams[1]).framer
+        self.framer.role = ROLE_SERVER
+        self.framer.base = 0
+        self.conn = conn
+
+    def expect(self, method):
+        cdef Connection conn = self.conn
+        conn.pending.append(_Pending(conn.next_index, method, None, 0, method == "CONNECT"))
+        conn.next_index += 1
+
+    def outstanding(self):
+        return len(self.conn.pending) + (self.framer.answer is not None)
+
+    def is_tunnel(self):
+        return self.conn.tunnel
+
+    def feed(self, data, int64_t ts):
+        cdef const uint8_t[::1] view = data
+        self.framer.feed_ptr(&view[0], view.shape[0], ts, -1)
+
+    def eof(self, int64_t ts):
+        self.conn.last_ts = ts
+        self.framer.eof(ts, True)
