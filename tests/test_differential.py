@@ -1,0 +1,226 @@
+"""The compiled core and its pure twin must agree on everything: messages, flags, counters.
+
+Hypothesis builds HTTP/1.1 conversations, cuts them into TCP segments at random, then reorders,
+duplicates, overlaps and drops segments, starts sequence numbers near 2**32, and starts some
+connections midstream. Both cores see the same packets; the compiled one also through
+``feed_batch`` with random batch boundaries. Real captures (tests/data, the shared corpus and the
+sample) are compared whole.
+"""
+
+from __future__ import annotations
+
+import importlib
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import CORPUS, DATA, NO_EXTENSIONS, ROOT, load_compiled
+from tests.flow import batch
+
+pure = importlib.import_module("replay._fastparse_py")
+compiled = None if NO_EXTENSIONS else load_compiled()
+pytestmark = pytest.mark.skipif(compiled is None, reason="replay._fastparse is not built "
+                                "(or REPLAY_NO_EXTENSIONS=1): nothing to compare")
+
+T0 = 1_700_000_000_000_000_000
+CLIENT = (bytes([10, 0, 0, 1]), 40000)
+SERVER = (bytes([10, 0, 0, 2]), 80)
+
+
+def frame(src, dst, seq, ack, flags, payload):
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), 0, 0x4000, 64, 6, 0, src[0], dst[0])
+    tcp = struct.pack("!HHIIBBHHH", src[1], dst[1], seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 0x50, flags,
+                      65535, 0, 0)
+    return b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00" + ip + tcp + payload
+
+
+# -- conversations ------------------------------------------------------------------------------
+bodies = st.binary(max_size=300)
+
+
+@st.composite
+def exchange(draw, last):
+    method = draw(st.sampled_from(["GET", "POST", "HEAD", "PUT"]))
+    uri = "/" + draw(st.text("abcxyz09/?=&%", max_size=20))
+    body = draw(bodies) if method in ("POST", "PUT") else b""
+    head = f"{method} {uri} HTTP/1.1\r\nHost: t\r\n".encode()
+    expect = bool(body) and draw(st.booleans())
+    if draw(st.booleans()) or not body:
+        req = head + b"Content-Length: %d\r\n" % len(body) + (b"Expect: 100-continue\r\n" if expect else b"") + b"\r\n" + body
+    else:
+        cut = draw(st.integers(0, len(body)))
+        parts = [p for p in (body[:cut], body[cut:]) if p]
+        chunked = b"".join(b"%x;e=1\r\n" % len(p) + p + b"\r\n" for p in parts) + b"0\r\nX-T: 1\r\n\r\n"
+        req = head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked
+    rbody = draw(bodies)
+    kind = draw(st.sampled_from(["cl", "chunked", "204", "304", "close"] if last else ["cl", "chunked", "204", "304"]))
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n" if expect else b""
+    if kind == "cl" or method == "HEAD":
+        resp = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(rbody) + (b"" if method == "HEAD" else rbody)
+    elif kind == "chunked":
+        resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + (
+            b"%x\r\n" % len(rbody) + rbody + b"\r\n" if rbody else b"") + b"0\r\n\r\n"
+    elif kind in ("204", "304"):
+        resp = b"HTTP/1.1 " + kind.encode() + b" X\r\n\r\n"
+    else:
+        resp = b"HTTP/1.1 200 OK\r\n\r\n" + rbody
+    return req, interim + resp
+
+
+@st.composite
+def conversation(draw):
+    n = draw(st.integers(1, 5))
+    return [draw(exchange(i == n - 1)) for i in range(n)]
+
+
+def packets_for(conv, draw):
+    """The packets of one connection carrying ``conv``, segmented at random."""
+    isn = [draw(st.one_of(st.integers(0, 2**32 - 1), st.integers(2**32 - 3000, 2**32 - 1))) for _ in range(2)]
+    nxt = [isn[0], isn[1]]
+    ends = (CLIENT, SERVER)
+    pk = []
+    t = [T0]
+
+    def add(side, flags, payload=b""):
+        t[0] += draw(st.integers(1, 3_000_000))
+        pk.append((t[0], frame(ends[side], ends[1 - side], nxt[side], nxt[1 - side], flags, payload)))
+        nxt[side] = (nxt[side] + len(payload) + (1 if flags & 0x03 else 0)) & 0xFFFFFFFF
+
+    add(0, 0x02)
+    nxt[1] = isn[1]
+    add(1, 0x12)
+    add(0, 0x10)
+    for req, resp in conv:
+        for side, data in ((0, req), (1, resp)):
+            i = 0
+            while i < len(data):
+                size = draw(st.integers(1, 400))
+                add(side, 0x18, data[i:i + size])
+                i += size
+    last_close = conv[-1][1].startswith(b"HTTP/1.1 200 OK\r\n\r\n")
+    add(1, 0x11)
+    if draw(st.booleans()) or last_close:
+        add(0, 0x11)
+        add(1, 0x10)
+    return pk
+
+
+@st.composite
+def capture(draw):
+    pk = packets_for(draw(conversation()), draw)
+    if draw(st.booleans()):
+        pk = pk[3:]  # already open when the capture began
+    ops = draw(st.lists(st.tuples(st.sampled_from(["swap", "dup", "drop", "merge"]),
+                                  st.integers(0, 10**6)), max_size=8))
+    for op, r in ops:
+        if len(pk) < 2:
+            break
+        i = r % (len(pk) - 1)
+        if op == "swap":
+            pk[i], pk[i + 1] = pk[i + 1], pk[i]
+        elif op == "dup":
+            pk.insert(i + 1, pk[i])
+        elif op == "drop":
+            del pk[i]
+        else:  # an overlapping retransmission: the bytes of two segments in one
+            a, b = pk[i][1], pk[i + 1][1]
+            if a[34:38] == b[34:38] and len(a) > 54 and len(b) > 54:
+                seq = int.from_bytes(a[38:42], "big")
+                merged = a[54:] + b[54:]
+                ip_src, ip_dst = a[26:30], a[30:34]
+                sport, dport = int.from_bytes(a[34:36], "big"), int.from_bytes(a[36:38], "big")
+                ack = int.from_bytes(a[42:46], "big")
+                pk.insert(i + 2, (pk[i + 1][0] + 1, frame((ip_src, sport), (ip_dst, dport), seq, ack, 0x18, merged)))
+    # a second connection interleaved, to exercise connection lookup
+    if draw(st.booleans()):
+        other = [(ts, fr[:34] + (40001).to_bytes(2, "big") + fr[36:]) if fr[34:36] == (40000).to_bytes(2, "big")
+                 else (ts, fr[:36] + (40001).to_bytes(2, "big") + fr[38:]) for ts, fr in pk]
+        merged = []
+        for x, y in zip(pk, other):
+            merged += [x, y]
+        pk = merged
+    pk.sort(key=lambda p: p[0]) if draw(st.booleans()) else None
+    return pk
+
+
+def run_feed(mod, packets, **opts):
+    eng = mod.Engine(1, **opts)
+    out = []
+    for ts, fr in packets:
+        out += eng.feed(ts, fr)
+    out += eng.finish()
+    return out, eng.stats()
+
+
+def run_batches(mod, packets, cuts, **opts):
+    eng = mod.Engine(1, **opts)
+    out = []
+    bounds = sorted({c % (len(packets) + 1) for c in cuts} | {0, len(packets)})
+    for a, b in zip(bounds, bounds[1:]):
+        buf, meta = batch([(ts - ts % 1000, fr) for ts, fr in packets[a:b]])
+        out += eng.feed_batch(buf, meta)
+    out += eng.finish()
+    return out, eng.stats()
+
+
+settings.register_profile("differential", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@settings(settings.get_profile("differential"))
+@given(capture(), st.lists(st.integers(0, 10**6), max_size=4), st.sampled_from([4 << 20, 700]))
+def test_compiled_equals_pure(packets, cuts, cap):
+    opts = dict(max_stream_buffer=cap)
+    want = run_feed(pure, packets, **opts)
+    assert run_feed(compiled, packets, **opts) == want
+    rounded = [(ts - ts % 1000, fr) for ts, fr in packets]
+    assert run_batches(compiled, packets, cuts, **opts) == run_feed(pure, rounded, **opts)
+
+
+VALID = frame(CLIENT, SERVER, 2**32 - 5, 7, 0x18, b"GET / HTTP/1.1\r\n\r\n")
+
+
+@st.composite
+def mutated(draw):
+    """A valid Ethernet/IPv4/TCP frame with some bytes changed and perhaps cut short."""
+    data = bytearray(VALID)
+    for _ in range(draw(st.integers(0, 4))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data[:draw(st.integers(0, len(data)))])
+
+
+@given(st.one_of(st.binary(max_size=200), mutated()), st.integers(0, 64))
+@settings(max_examples=500, deadline=None)
+def test_decode_agrees_on_any_bytes(data, skip):
+    for lt in sorted(pure.SUPPORTED_LINKTYPES):
+        assert compiled.decode(lt, data) == pure.decode(lt, data)
+        off = min(skip, len(data))
+        assert compiled.decode(lt, data, off) == pure.decode(lt, data, off)
+
+
+def _captures():
+    paths = sorted(DATA.glob("*.pcap*")) + [ROOT / "captures" / "sample.pcap"]
+    if (CORPUS / "pcaps").is_dir():
+        paths += sorted((CORPUS / "pcaps").glob("*.pcap*"))
+    return paths
+
+
+@pytest.mark.parametrize("path", _captures(), ids=lambda p: p.name)
+def test_real_captures_identical(path: Path):
+    from replay.sources.pcapfile import PcapFile
+
+    results = []
+    for mod in (pure, compiled):
+        src = PcapFile(str(path), batch_size=256)
+        if src.linktype not in mod.SUPPORTED_LINKTYPES:
+            pytest.skip(f"link type {src.linktype}")
+        eng = mod.Engine(src.linktype)
+        out = []
+        for buf, meta in src.batches():
+            out += eng.feed_batch(buf, meta)
+        out += eng.finish()
+        results.append((out, eng.stats()))
+    assert results[0] == results[1]
