@@ -15,6 +15,7 @@ docs/log-format.md describes every byte; this module is its executable form. Rul
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 
@@ -43,9 +44,10 @@ BF_A_ZSTD = 1 << 0   # section A (table / JSON / index entries) is one zstd fram
 BF_B_ZSTD = 1 << 1   # section B (payload) is one zstd frame
 
 # block header: sync, type u8, flags u8, header length u16, count u32, t_min i64, t_max i64,
-# A compressed u32, A raw u32, B compressed u32, B raw u32, body crc32 u32; then header crc32 u32
-BLOCK_HEADER = struct.Struct("<8sBBHIqqIIIII")
-BLOCK_HEADER_LEN = BLOCK_HEADER.size + 4  # 56
+# A stored u32, A raw u32, B stored u32, B raw u32, crc32 of A u32, crc32 of B u32; then the
+# crc32 of the header so far u32
+BLOCK_HEADER = struct.Struct("<8sBBHIqqIIIIII")
+BLOCK_HEADER_LEN = BLOCK_HEADER.size + 4  # 60
 CRC = struct.Struct("<I")
 
 # index block entries, then the trailer that ends the file
@@ -57,38 +59,45 @@ INDEX_MAGIC = b"RLOGIDX\n"
 MAX_SECTION = 0xFFFFFFFF
 MASK64 = (1 << 64) - 1
 
-# Data-block table columns, widest first so every column is naturally aligned.
-# ts_first is stored as ts_first - block t_min, ts_last as ts_last - ts_first (both mod 2**64).
+# Data-block table columns, in stored order. Each is stored byte-plane by byte-plane ("shuffled":
+# byte 0 of every value, then byte 1, ...), which lets zstd drop the planes that are all zero.
+# Stored transformations (undone by the reader; "zz" is zigzag, all arithmetic mod 2**64):
+#   ts_first   zz((ts_first[i] - ts_first[i-1]) / unit), with ts_first[-1] = the block's t_min
+#   ts_last    zz((ts_last[i] - ts_first[i]) / unit)
+#   extra      zz(data_length - head_length - body_length)  (chunk framing, cut messages)
+# where unit (u64, first 8 bytes of the table section) is the gcd of all those time deltas.
 COLUMNS = (
+    ("kind", "u1"),
+    ("flags", "<u4"),
     ("conn", "<u8"),
     ("index", "<i8"),
     ("ts_first", "<u8"),
     ("ts_last", "<u8"),
+    ("status", "<u2"),
     ("body_length", "<u8"),
-    ("flags", "<u4"),
     ("head_length", "<u4"),
-    ("data_length", "<u4"),
+    ("extra", "<u8"),
     ("client", "<u4"),     # id into the block's address table
     ("server", "<u4"),
     ("method", "<u4"),     # 0 = None, k = string k-1 of the block's string table
     ("uri", "<u4"),
-    ("status", "<u2"),
-    ("kind", "u1"),
 )
 COLUMN_DTYPES = [(name, np.dtype(t)) for name, t in COLUMNS]
 ROW_BYTES = sum(dt.itemsize for _, dt in COLUMN_DTYPES)
+TABLE_PREFIX = 8  # u64 unit
 
 # What LogReader.table() returns: the columns with absolute values, plus where each row lives.
 TABLE_DTYPE = np.dtype([
     ("kind", "u1"), ("flags", "<u4"), ("conn", "<u8"), ("index", "<i8"),
     ("ts_first", "<i8"), ("ts_last", "<i8"), ("status", "<u2"), ("body_length", "<u8"),
-    ("head_length", "<u4"), ("data_length", "<u4"), ("data_offset", "<u4"),
+    ("head_length", "<u4"), ("data_length", "<u8"), ("data_offset", "<u8"),
     ("client", "<u4"), ("server", "<u4"), ("method", "<u4"), ("uri", "<u4"), ("block", "<u4"),
 ])
 
 U8 = struct.Struct("<B")
 U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
 
 
 class FormatError(Exception):
@@ -130,9 +139,10 @@ def unpack_file_header(buf: bytes) -> tuple[int, int, int]:
 
 class BlockHeader:
     __slots__ = ("type", "flags", "hlen", "count", "t_min", "t_max", "a_len", "a_raw",
-                 "b_len", "b_raw", "body_crc")
+                 "b_len", "b_raw", "a_crc", "b_crc")
 
-    def __init__(self, type, flags, hlen, count, t_min, t_max, a_len, a_raw, b_len, b_raw, body_crc):
+    def __init__(self, type, flags, hlen, count, t_min, t_max, a_len, a_raw, b_len, b_raw,
+                 a_crc, b_crc):
         self.type = type
         self.flags = flags
         self.hlen = hlen
@@ -143,7 +153,8 @@ class BlockHeader:
         self.a_raw = a_raw
         self.b_len = b_len
         self.b_raw = b_raw
-        self.body_crc = body_crc
+        self.a_crc = a_crc
+        self.b_crc = b_crc
 
     @property
     def body_len(self) -> int:
@@ -159,9 +170,8 @@ def pack_block(btype: int, flags: int, count: int, t_min: int, t_max: int,
     """The block as a list of buffers to write in order (header, section A, section B)."""
     if len(a) > MAX_SECTION or len(b) > MAX_SECTION or a_raw > MAX_SECTION or b_raw > MAX_SECTION:
         raise ValueError("a block section exceeds 4 GiB")
-    body_crc = zlib.crc32(b, zlib.crc32(a))
     head = BLOCK_HEADER.pack(SYNC, btype, flags, BLOCK_HEADER_LEN, count, t_min, t_max,
-                             len(a), a_raw, len(b), b_raw, body_crc)
+                             len(a), a_raw, len(b), b_raw, zlib.crc32(a), zlib.crc32(b))
     return [head + CRC.pack(zlib.crc32(head)), a, b]
 
 
@@ -170,7 +180,7 @@ def unpack_block_header(buf, offset: int = 0) -> BlockHeader:
     if len(buf) - offset < BLOCK_HEADER_LEN:
         raise FormatError("cut short")
     (sync, btype, flags, hlen, count, t_min, t_max, a_len, a_raw, b_len, b_raw,
-     body_crc) = BLOCK_HEADER.unpack_from(buf, offset)
+     a_crc, b_crc) = BLOCK_HEADER.unpack_from(buf, offset)
     if sync != SYNC:
         raise FormatError("no sync marker")
     if hlen < BLOCK_HEADER_LEN:
@@ -180,17 +190,21 @@ def unpack_block_header(buf, offset: int = 0) -> BlockHeader:
     (crc,) = CRC.unpack_from(buf, offset + hlen - 4)
     if zlib.crc32(buf[offset:offset + hlen - 4]) != crc:
         raise FormatError("header checksum mismatch")
-    return BlockHeader(btype, flags, hlen, count, t_min, t_max, a_len, a_raw, b_len, b_raw, body_crc)
+    return BlockHeader(btype, flags, hlen, count, t_min, t_max, a_len, a_raw, b_len, b_raw,
+                       a_crc, b_crc)
 
 
-def check_body(h: BlockHeader, buf, offset: int) -> None:
-    """FormatError unless the block body at ``offset`` (start of the block) matches its CRC."""
-    start = offset + h.hlen
-    end = start + h.body_len
-    if end > len(buf):
+def check_body(h: BlockHeader, buf, offset: int, want_b: bool = True) -> None:
+    """FormatError unless the block body at ``offset`` (start of the block) is whole and matches
+    its CRCs (section B's only when ``want_b``)."""
+    a0 = offset + h.hlen
+    b0 = a0 + h.a_len
+    if b0 + h.b_len > len(buf):
         raise FormatError("cut short")
-    if zlib.crc32(buf[start:end]) != h.body_crc:
-        raise FormatError("body checksum mismatch")
+    if zlib.crc32(buf[a0:b0]) != h.a_crc:
+        raise FormatError("checksum mismatch in section A")
+    if want_b and zlib.crc32(buf[b0:b0 + h.b_len]) != h.b_crc:
+        raise FormatError("checksum mismatch in section B")
 
 
 def sections(h: BlockHeader, buf, offset: int, dctx, want_b: bool = True):
@@ -225,46 +239,76 @@ def _text(s: str) -> bytes:
     return s.encode("utf-8", "surrogatepass")
 
 
+def _zigzag(q: np.ndarray) -> np.ndarray:
+    """int64 -> uint64, small magnitudes to small numbers (bijective, wrapping)."""
+    return ((q << 1) ^ (q >> 63)).view(np.uint64)
+
+
+def _unzigzag(z: np.ndarray) -> np.ndarray:
+    return ((z >> np.uint64(1)) ^ (np.uint64(0) - (z & np.uint64(1)))).view(np.int64)
+
+
+def _planes(a: np.ndarray) -> bytes:
+    return a.view(np.uint8).reshape(len(a), a.itemsize).T.tobytes()
+
+
+def _unplanes(buf, dt: np.dtype, n: int, offset: int) -> np.ndarray:
+    planes = np.frombuffer(buf, dtype=np.uint8, count=n * dt.itemsize, offset=offset)
+    return planes.reshape(dt.itemsize, n).T.copy().view(dt).reshape(n)
+
+
 def encode_table(msgs: list) -> tuple[bytes, bytes, int, int]:
-    """(table section, payload section, t_min, t_max) of a data block holding ``msgs`` (raw)."""
-    n = len(msgs)
+    """(table section, payload section, t_min, t_max) of a data block holding ``msgs`` (raw).
+
+    ValueError when a field does not fit its column (see docs/log-format.md for the ranges).
+    """
     addrs: dict = {}
     strings: dict = {}
-    ts_first = [m.ts_first for m in msgs]
-    ts_last = [m.ts_last for m in msgs]
-    t_min = min(min(ts_first), min(ts_last))
-    t_max = max(max(ts_first), max(ts_last))
-    if t_min < -(1 << 63) or t_max >= (1 << 63):
-        raise ValueError("message timestamp outside the signed 64-bit range of .rlog")
-    cols = {
-        "conn": [m.conn for m in msgs],
-        "index": [m.index for m in msgs],
-        "ts_first": [(t - t_min) & MASK64 for t in ts_first],
-        "ts_last": [(b - a) & MASK64 for a, b in zip(ts_first, ts_last)],
-        "body_length": [m.body_length for m in msgs],
-        "flags": [m.flags for m in msgs],
-        "head_length": [m.head_length for m in msgs],
-        "data_length": [len(m.data) for m in msgs],
-        "client": [addrs.setdefault(m.client, len(addrs)) for m in msgs],
-        "server": [addrs.setdefault(m.server, len(addrs)) for m in msgs],
-        "method": [0 if m.method is None else strings.setdefault(m.method, len(strings) + 1)
-                   for m in msgs],
-        "uri": [0 if m.uri is None else strings.setdefault(m.uri, len(strings) + 1) for m in msgs],
-        "status": [m.status for m in msgs],
-        "kind": [m.kind for m in msgs],
-    }
-    out = bytearray()
+    name = "ts_first"
     try:
-        for name, dt in COLUMN_DTYPES:
-            out += np.array(cols[name], dtype=dt).tobytes()
+        with np.errstate(over="ignore"):
+            tf = np.array([m.ts_first for m in msgs], dtype=np.int64)
+            name = "ts_last"
+            tl = np.array([m.ts_last for m in msgs], dtype=np.int64)
+            t_min = int(min(tf.min(), tl.min()))
+            t_max = int(max(tf.max(), tl.max()))
+            prev = np.empty_like(tf)
+            prev[0] = t_min
+            prev[1:] = tf[:-1]
+            d1 = tf - prev        # wraps mod 2**64: still exact after the reader's wrapping sum
+            d2 = tl - tf
+            unit = math.gcd(*d1.tolist(), *d2.tolist())
+            if not 0 < unit < (1 << 62):
+                unit = 1
+            cols = {
+                "kind": [m.kind for m in msgs],
+                "flags": [m.flags for m in msgs],
+                "conn": [m.conn for m in msgs],
+                "index": [m.index for m in msgs],
+                "ts_first": _zigzag(d1 // unit),
+                "ts_last": _zigzag(d2 // unit),
+                "status": [m.status for m in msgs],
+                "body_length": [m.body_length for m in msgs],
+                "head_length": [m.head_length for m in msgs],
+                "extra": _zigzag(np.array([(len(m.data) - m.head_length - m.body_length) & MASK64
+                                           for m in msgs], dtype=np.uint64).view(np.int64)),
+                "client": [addrs.setdefault(m.client, len(addrs)) for m in msgs],
+                "server": [addrs.setdefault(m.server, len(addrs)) for m in msgs],
+                "method": [0 if m.method is None else strings.setdefault(m.method, len(strings) + 1)
+                           for m in msgs],
+                "uri": [0 if m.uri is None else strings.setdefault(m.uri, len(strings) + 1)
+                        for m in msgs],
+            }
+            out = bytearray(U64.pack(unit))
+            for name, dt in COLUMN_DTYPES:
+                out += _planes(np.asarray(cols[name], dtype=dt))
     except (OverflowError, ValueError, TypeError) as e:
-        raise ValueError(f"a message field does not fit the .rlog column {name!r} ({dt}): {e}") from None
-    assert len(out) == n * ROW_BYTES
+        raise ValueError(f"a message field does not fit the .rlog column {name!r}: {e}") from None
     out += U32.pack(len(addrs))
     for ip, port in addrs:
         ipb = _text(ip)
-        if len(ipb) > 255:
-            raise ValueError(f"address {ip!r} is longer than 255 bytes")
+        if len(ipb) > 255 or not 0 <= port <= 0xFFFF:
+            raise ValueError(f"address {(ip, port)!r} does not fit .rlog (ip <= 255 bytes, port u16)")
         out += U8.pack(len(ipb))
         out += ipb
         out += U16.pack(port)
@@ -278,17 +322,27 @@ def encode_table(msgs: list) -> tuple[bytes, bytes, int, int]:
 
 
 class Table:
-    """The decoded table section of one data block: numpy columns (stored form), addresses, strings."""
+    """The decoded table section of one data block: absolute columns, addresses, strings."""
 
     __slots__ = ("n", "cols", "addrs", "strings")
 
-    def __init__(self, buf, n: int):
+    def __init__(self, buf, n: int, t_min: int):
+        if len(buf) < TABLE_PREFIX + ROW_BYTES * n:
+            raise FormatError("table section too short")
         self.n = n
+        (unit,) = U64.unpack_from(buf, 0)
         cols = {}
-        off = 0
+        off = TABLE_PREFIX
         for name, dt in COLUMN_DTYPES:
-            cols[name] = np.frombuffer(buf, dtype=dt, count=n, offset=off)
+            cols[name] = _unplanes(buf, dt, n, off)
             off += dt.itemsize * n
+        with np.errstate(over="ignore"):
+            u = np.int64(unit if unit < (1 << 63) else 1)
+            first = np.cumsum(_unzigzag(cols["ts_first"]) * u) + np.int64(t_min)
+            cols["ts_first"] = first
+            cols["ts_last"] = first + _unzigzag(cols.pop("ts_last")) * u
+            extra = _unzigzag(cols.pop("extra")).view(np.uint64)
+            cols["data_length"] = cols["body_length"] + cols["head_length"].astype(np.uint64) + extra
         self.cols = cols
         mv = memoryview(buf)
         try:
@@ -306,6 +360,8 @@ class Table:
             strings = [None]
             for _ in range(ns):
                 (ln,) = U32.unpack_from(mv, off)
+                if off + 4 + ln > len(mv):
+                    raise FormatError("bad table section: string runs past its end")
                 strings.append(bytes(mv[off + 4:off + 4 + ln]).decode("utf-8", "surrogatepass"))
                 off += 4 + ln
         except (struct.error, UnicodeDecodeError) as e:
@@ -315,27 +371,18 @@ class Table:
         self.addrs = addrs
         self.strings = strings
 
-    def absolute(self, t_min: int):
-        """(ts_first, ts_last) as int64 arrays."""
-        c = self.cols
-        first = (c["ts_first"] + np.uint64(t_min & MASK64)).view(np.int64)
-        last = (c["ts_last"] + first.view(np.uint64)).view(np.int64)
-        return first, last
-
-    def data_offsets(self):
-        lens = self.cols["data_length"].astype(np.uint64)
+    def data_offsets(self) -> np.ndarray:
         offs = np.zeros(self.n, dtype=np.uint64)
         if self.n > 1:
-            np.cumsum(lens[:-1], out=offs[1:])
+            np.cumsum(self.cols["data_length"][:-1], out=offs[1:])
         return offs
 
-    def messages(self, t_min: int, payload, rows=None) -> list:
+    def messages(self, payload, rows=None) -> list:
         """The Message objects of this block (all rows, or the given row numbers)."""
         c = self.cols
-        first, last = self.absolute(t_min)
-        offs = self.data_offsets()
         lens = c["data_length"]
-        if int(lens.sum(dtype=np.uint64)) != len(payload):
+        offs = self.data_offsets()
+        if self.n and int(offs[-1]) + int(lens[-1]) != len(payload) or not self.n and payload:
             raise FormatError("payload length does not match the table")
         if rows is None:
             rows = slice(None)
@@ -347,9 +394,10 @@ class Table:
                         payload[o:o + ln], strings[me], strings[ur], st, bl, hl)
                 for kind, conn, index, tf, tl, cl, sv, fl, o, ln, me, ur, st, bl, hl in zip(
                     c["kind"][rows].tolist(), c["conn"][rows].tolist(), c["index"][rows].tolist(),
-                    first[rows].tolist(), last[rows].tolist(), c["client"][rows].tolist(),
-                    c["server"][rows].tolist(), c["flags"][rows].tolist(), offs[rows].tolist(),
-                    lens[rows].tolist(), c["method"][rows].tolist(), c["uri"][rows].tolist(),
+                    c["ts_first"][rows].tolist(), c["ts_last"][rows].tolist(),
+                    c["client"][rows].tolist(), c["server"][rows].tolist(),
+                    c["flags"][rows].tolist(), offs[rows].tolist(), lens[rows].tolist(),
+                    c["method"][rows].tolist(), c["uri"][rows].tolist(),
                     c["status"][rows].tolist(), c["body_length"][rows].tolist(),
                     c["head_length"][rows].tolist())
             ]

@@ -56,7 +56,7 @@ class LogReader:
         self.indexed = False          # True when the file's own index was used
         self.addresses: list = []     # global client/server ids of the last table()
         self.strings: list = [None]   # global method/uri ids of the last table() (0 = None)
-        self._cache = None            # (offset, t_min, Table, payload or None) of the last block read
+        self._cache = None            # (offset, Table, payload or None) of the last block read
         self._dctx = zstd.ZstdDecompressor()
         try:
             with open(self.path, "rb") as f:
@@ -136,10 +136,9 @@ class LogReader:
             c = t.cols
             part = out[row:row + t.n]
             row += t.n
-            for name in ("kind", "flags", "conn", "index", "status", "body_length", "head_length",
-                         "data_length"):
+            for name in ("kind", "flags", "conn", "index", "ts_first", "ts_last", "status",
+                         "body_length", "head_length", "data_length"):
                 part[name] = c[name]
-            part["ts_first"], part["ts_last"] = t.absolute(b.t_min)
             part["data_offset"] = t.data_offsets()
             amap = np.array([addr_ids.setdefault(a, len(addr_ids)) for a in t.addrs], dtype=np.uint32)
             smap = np.array([str_ids.setdefault(s, len(str_ids)) for s in t.strings], dtype=np.uint32)
@@ -284,26 +283,24 @@ class LogReader:
     # -- reading blocks --------------------------------------------------------------------------
 
     def _load(self, b: BlockInfo, want_payload: bool):
-        """(t_min, Table, payload or None) of data block ``b``; None (with a warning) when it is damaged."""
+        """(Table, payload or None) of data block ``b``; None (with a warning) when it is damaged."""
         c = self._cache
-        if c is not None and c[0] == b.offset and (c[3] is not None or not want_payload):
+        if c is not None and c[0] == b.offset and (c[2] is not None or not want_payload):
             return c[1:]
         mm = self._mm
         try:
             h = fmt.unpack_block_header(mm, b.offset)
             if h.type != fmt.BLOCK_DATA or h.count != b.count:
                 raise FormatError("not the data block the index lists")
-            fmt.check_body(h, mm, b.offset)
+            fmt.check_body(h, mm, b.offset, want_payload)
             a, payload = fmt.sections(h, mm, b.offset, self._dctx, want_b=want_payload)
-            if len(a) < fmt.ROW_BYTES * h.count:
-                raise FormatError("table section too short")
-            table = fmt.Table(a, h.count)
+            table = fmt.Table(a, h.count, h.t_min)
         except FormatError as e:
             self._warn(f"corrupt block at offset {b.offset} ({e}), its {b.count} messages skipped")
             self._drop(b)
             return None
-        self._cache = (b.offset, h.t_min, table, payload)
-        return h.t_min, table, payload
+        self._cache = (b.offset, table, payload)
+        return table, payload
 
     def _drop(self, b: BlockInfo) -> None:
         self._set_blocks([(x.offset, x.t_min, x.t_max, x.count) for x in self.blocks
@@ -312,15 +309,15 @@ class LogReader:
 
     def _table(self, b: BlockInfo):
         got = self._load(b, want_payload=False)
-        return None if got is None else got[1]
+        return None if got is None else got[0]
 
     def _messages(self, b: BlockInfo, rows=None):
         got = self._load(b, want_payload=True)
         if got is None:
             return None
-        t_min, table, payload = got
+        table, payload = got
         try:
-            return table.messages(t_min, payload, rows)
+            return table.messages(payload, rows)
         except FormatError as e:
             self._warn(f"corrupt block at offset {b.offset} ({e}), its {b.count} messages skipped")
             self._drop(b)

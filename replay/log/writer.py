@@ -192,7 +192,8 @@ class LogWriter:
         self._write_parts(parts, (t_min, t_max, count, fmt.BLOCK_DATA))
 
     def _job_meta(self, data: bytes) -> None:
-        parts = fmt.pack_block(fmt.BLOCK_META, 0, 0, 0, 0, data, len(data))
+        parts = fmt.pack_block(fmt.BLOCK_META, fmt.BF_A_ZSTD, 0, 0, 0, self._cctx.compress(data),
+                               len(data))
         self._write_parts(parts, (0, 0, 0, fmt.BLOCK_META))
 
     def _job_index(self) -> None:
@@ -204,13 +205,16 @@ class LogWriter:
         self._write_parts(parts, None)
 
     def _write_parts(self, parts: list, entry) -> None:
-        buf = memoryview(b"".join(parts))
+        parts = [p for p in parts if p]
+        size = sum(len(p) for p in parts)
         start = self._offset
         fd = self._fd
         try:
-            done = 0
-            while done < len(buf):
-                done += os.write(fd, buf[done:])
+            done = os.writev(fd, parts)
+            if done < size:  # a short write: the rest one piece at a time
+                rest = memoryview(b"".join(parts))
+                while done < size:
+                    done += os.write(fd, rest[done:])
         except OSError as e:
             try:
                 os.ftruncate(fd, start)  # leave no torn block behind
@@ -219,7 +223,7 @@ class LogWriter:
                 pass
             self._fail(e, "cannot write")
             return
-        self._offset = start + len(buf)
+        self._offset = start + size
         if entry is not None:
             self._entries.append((start, *entry))
             if entry[3] == fmt.BLOCK_DATA:
