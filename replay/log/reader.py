@@ -239,6 +239,9 @@ class LogReader:
                 if end > size:
                     self._warn(f"{size - pos} bytes at offset {pos} are a torn block, ignored")
                     break
+                if h.type == fmt.BLOCK_INDEX:  # what it says is being rebuilt here
+                    pos = end
+                    continue
                 try:
                     fmt.check_body(h, mm, pos)
                 except FormatError as e:
@@ -251,6 +254,10 @@ class LogReader:
                     pos = end  # other types (index, or newer minor versions): skipped
                     continue
                 nxt = end if mm[end:end + len(fmt.SYNC)] == fmt.SYNC else mm.find(fmt.SYNC, pos + 1)
+                if nxt < 0:
+                    self._warn(f"corrupt block at offset {pos} ({reason}), skipped")
+                    pos = end
+                    continue
             elif reason == "cut short":
                 self._warn(f"{size - pos} bytes at offset {pos} are a torn block, ignored")
                 break

@@ -1,0 +1,703 @@
+"""The .rlog log: round trips, damage a reader must survive, errors a writer must report, the CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replay.errors import InputError, LogFormatError, OutputError, ReplayError
+from replay.events import FLAG_NAMES, KIND_REQUEST, KIND_RESPONSE, Message
+from replay.log import LogReader, LogWriter, is_rlog
+from replay.log import format as fmt
+from replay.log import writer as writer_mod
+from tests.conftest import DATA, ROOT
+
+SAMPLE = ROOT / "captures" / "sample.pcap"
+T0 = 1_700_000_000_000_000_000
+
+ADDRS = [("10.0.0.1", 40000), ("192.168.1.20", 8080), ("2001:db8::1", 443), ("::1", 80),
+         ("fe80::1%eth0", 65535), ("0.0.0.0", 0)]
+URIS = ["/", "/api/users?id=1001&fields=name,email", "/caf\xe9/\xff\xfe?q=na\xefve", "*",
+        "http://example.com:8080/x", "/" + "a" * 3000]
+METHODS = ["GET", "POST", "HEAD", "DELETE", "PATCH", "CONNECT", "M-SEARCH"]
+ALL_FLAGS = 0
+for _bit, _ in FLAG_NAMES:
+    ALL_FLAGS |= _bit
+
+
+def make_messages(n: int, seed: int = 1, t0: int = T0, step: int = 1_000_000) -> list:
+    """Varied messages: every field exercised, empty and binary bodies, IPv6, None method/uri."""
+    rnd = random.Random(seed)
+    out = []
+    ts = t0
+    for i in range(n):
+        ts += rnd.randrange(0, 2 * step)
+        kind = KIND_REQUEST if i % 2 == 0 else KIND_RESPONSE
+        shape = rnd.randrange(6)
+        if shape == 0:
+            data = b""
+        elif shape == 1:
+            data = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 600)))
+        elif shape == 2:
+            body = json.dumps({"id": i, "name": f"user-{i}", "tags": ["a", "b"]}).encode()
+            data = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode() + b"\r\n\r\n" + body)
+        elif shape == 3:
+            data = b"GET /caf\xe9 HTTP/1.1\r\nHost: x\r\nCookie: sid=" + os.urandom(8).hex().encode() + b"\r\n\r\n"
+        else:
+            data = b"x" * rnd.randrange(0, 5000)
+        unpaired = kind == KIND_RESPONSE and rnd.random() < 0.1
+        method = None if unpaired or rnd.random() < 0.05 else rnd.choice(METHODS)
+        uri = None if unpaired or rnd.random() < 0.05 else rnd.choice(URIS)
+        client, server = rnd.sample(ADDRS, 2)
+        out.append(Message(
+            kind=kind, conn=rnd.choice([0, 1, 7, 2**32 + 5, 2**64 - 1]) if i % 97 == 0 else i // 10,
+            index=-1 if unpaired else rnd.randrange(0, 50),
+            ts_first=ts, ts_last=ts + rnd.choice([0, 0, 1000, 123_456_789]),
+            client=client, server=server,
+            flags=rnd.choice([0, 0, 0, ALL_FLAGS, 1 << 10, 1 << 31, rnd.randrange(1 << 11)]),
+            data=data, method=method, uri=uri,
+            status=0 if kind == KIND_REQUEST else rnd.choice([100, 200, 204, 304, 404, 599, 65535]),
+            body_length=rnd.choice([0, len(data), 2**63 + 1, rnd.randrange(10_000)]),
+            head_length=rnd.choice([0, min(len(data), 40), 2**32 - 1]),
+        ))
+    return out
+
+
+def write_log(path, msgs, **kw) -> Path:
+    with LogWriter(path, **kw) as w:
+        for m in msgs:
+            w.write(m)
+    return Path(path)
+
+
+def block_ends(reader: LogReader) -> list:
+    """(offset, end) of every data block, from their headers."""
+    out = []
+    for b in reader.blocks:
+        h = fmt.unpack_block_header(reader._mm, b.offset)
+        out.append((b.offset, b.offset + h.total_len))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# round trips
+
+
+@pytest.mark.parametrize("threads", [True, False])
+def test_round_trip_many_messages_in_many_blocks(tmp_path, threads):
+    msgs = make_messages(3000)
+    path = write_log(tmp_path / "a.rlog", msgs, meta={"source": "x.pcap", "ports": [80]},
+                     block_records=256, threads=threads)
+    with LogReader(path) as r:
+        assert r.indexed and r.warnings == []
+        assert len(r) == 3000 and len(r.blocks) >= 12
+        back = list(r)
+        assert back == msgs
+        assert r.meta["source"] == "x.pcap" and r.meta["ports"] == [80]
+        assert r.meta["format"] == "rlog 1.0" and r.meta["tool"].startswith("replay ")
+        assert r.version == (1, 0)
+        assert [b.first_row for b in r.blocks] == list(np.cumsum([0] + [b.count for b in r.blocks])[:-1])
+        assert r.time_span() == (min(m.ts_first for m in msgs), max(m.ts_last for m in msgs))
+
+
+def test_block_bytes_cuts_blocks(tmp_path):
+    msgs = make_messages(400)
+    path = write_log(tmp_path / "a.rlog", msgs, block_bytes=20_000)
+    with LogReader(path) as r:
+        assert len(r.blocks) > 5 and list(r) == msgs
+
+
+def test_threaded_and_inline_writers_write_the_same_bytes(tmp_path):
+    msgs = make_messages(1000)
+    meta = {"created": "fixed"}
+    a = write_log(tmp_path / "a.rlog", msgs, meta=meta, block_records=100, threads=True)
+    b = write_log(tmp_path / "b.rlog", msgs, meta=meta, block_records=100, threads=False)
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("pcap", sorted(p.name for p in DATA.glob("*.pcap")) + ["sample.pcap"])
+def test_round_trip_of_real_captures(tmp_path, pcap):
+    from replay.pipeline import CaptureReader
+
+    path = SAMPLE if pcap == "sample.pcap" else DATA / pcap
+    msgs = list(CaptureReader(str(path)))
+    log = write_log(tmp_path / "c.rlog", msgs, block_records=7)
+    with LogReader(log) as r:
+        assert list(r) == msgs and r.warnings == []
+
+
+def test_empty_log(tmp_path):
+    path = write_log(tmp_path / "e.rlog", [])
+    with LogReader(path) as r:
+        assert len(r) == 0 and list(r) == [] and r.blocks == [] and r.warnings == []
+        assert r.time_span() == (None, None)
+        t = r.table()
+        assert len(t) == 0 and t.dtype == fmt.TABLE_DTYPE
+        assert list(r.read_range(0, 2**62)) == []
+        with pytest.raises(IndexError):
+            r.message_at(0)
+
+
+def test_flush_makes_blocks_readable_while_writing(tmp_path):
+    msgs = make_messages(50)
+    path = tmp_path / "live.rlog"
+    w = LogWriter(path, meta={"command": "capture"})
+    for m in msgs[:20]:
+        w.write(m)
+    w.flush()
+    with LogReader(path) as r:  # no index yet: found by walking the blocks
+        assert not r.indexed and r.warnings == []
+        assert list(r) == msgs[:20] and r.meta["command"] == "capture"
+    size = w.bytes_written
+    assert size == path.stat().st_size
+    for m in msgs[20:]:
+        w.write(m)
+    w.flush()
+    w.write(msgs[0])
+    w.close()
+    assert w.records_written == 51
+    with LogReader(path) as r:
+        assert r.indexed and list(r) == msgs + msgs[:1] and len(r.blocks) == 3
+
+
+def test_meta_last_one_wins(tmp_path):
+    path = tmp_path / "m.rlog"
+    msgs = make_messages(30)
+    with LogWriter(path, meta={"source": "a.pcap", "stats": {"packets": 1}}) as w:
+        for i, m in enumerate(msgs):
+            w.write(m)
+            if i % 10 == 0:
+                w.update_meta({"stats": {"packets": i}})
+        w.update_meta({"warnings": ["cut short"], "drops": {"kernel": 3}})
+    with LogReader(path) as r:
+        assert r.meta["stats"] == {"packets": 20}
+        assert r.meta["warnings"] == ["cut short"] and r.meta["source"] == "a.pcap"
+        index_at = max(b.offset for b in r.blocks)
+    # without the index (cut just after the last data block) the scan finds the same last one
+    data = path.read_bytes()
+    with LogReader(path) as r:
+        end = block_ends(r)[-1][1]
+    cut = tmp_path / "cut.rlog"
+    cut.write_bytes(data[:end])
+    with LogReader(cut) as r:
+        assert not r.indexed and r.meta["stats"] == {"packets": 20} and r.warnings == []
+        assert list(r) == msgs and max(b.offset for b in r.blocks) == index_at
+
+
+def test_context_manager_keeps_the_log_when_the_body_raises(tmp_path):
+    msgs = make_messages(10)
+    path = tmp_path / "k.rlog"
+    with pytest.raises(KeyboardInterrupt):
+        with LogWriter(path) as w:
+            for m in msgs:
+                w.write(m)
+            raise KeyboardInterrupt
+    with LogReader(path) as r:
+        assert r.indexed and list(r) == msgs
+
+
+def test_field_out_of_range_is_a_value_error(tmp_path):
+    m = make_messages(1)[0]
+    m.status = 70000
+    with LogWriter(tmp_path / "v.rlog") as w:
+        w.write(make_messages(1)[0])
+        with pytest.raises(ValueError, match="status"):
+            w.write(m)
+            w.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# reading by time, by row, by column
+
+
+def test_read_range_uses_the_index_and_matches_a_filter(tmp_path):
+    msgs = make_messages(2000, step=10_000_000)
+    path = write_log(tmp_path / "r.rlog", msgs, block_records=100)
+    with LogReader(path) as r:
+        loaded = []
+        real = r._load
+        r._load = lambda b, want_payload: loaded.append(b.offset) or real(b, want_payload)
+        lo, hi = msgs[0].ts_first, msgs[-1].ts_last
+        for t0, t1 in [(lo, hi + 1), (lo + (hi - lo) // 3, lo + (hi - lo) // 2), (hi + 1, hi + 5),
+                       (None, lo + 1), (lo + (hi - lo) // 2, None), (5, 4)]:
+            loaded.clear()
+            a = -(2**63) if t0 is None else t0
+            b = 2**63 if t1 is None else t1
+            want = [m for m in msgs if a <= m.ts_first < b]
+            assert list(r.read_range(t0, t1)) == want
+            touched = [blk for blk in r.blocks if blk.t_max >= a and blk.t_min < b]
+            assert sorted(set(loaded)) == sorted(blk.offset for blk in touched)
+        loaded.clear()
+        mid = lo + (hi - lo) // 2
+        list(r.read_range(mid, mid + 1))
+        assert len(set(loaded)) <= 2 < len(r.blocks)
+
+
+def test_table_columns_equal_the_messages_without_reading_payloads(tmp_path):
+    msgs = make_messages(1500)
+    path = write_log(tmp_path / "t.rlog", msgs, block_records=200)
+    with LogReader(path) as r:
+        sizes = []
+
+        class Spy:
+            def __init__(self, d):
+                self.d = d
+
+            def decompress(self, buf, max_output_size=0):
+                out = self.d.decompress(buf, max_output_size=max_output_size)
+                sizes.append(len(out))
+                return out
+
+        r._dctx = Spy(r._dctx)
+        t = r.table()
+        payload_bytes = sum(len(m.data) for m in msgs)
+        assert len(sizes) == len(r.blocks) and sum(sizes) < payload_bytes / 3
+        assert t.dtype == fmt.TABLE_DTYPE and len(t) == len(msgs)
+        for i, m in enumerate(msgs):
+            row = t[i]
+            assert (row["kind"], row["flags"], row["conn"], row["index"], row["ts_first"],
+                    row["ts_last"], row["status"], row["body_length"], row["head_length"],
+                    row["data_length"]) == (m.kind, m.flags, m.conn, m.index, m.ts_first, m.ts_last,
+                                            m.status, m.body_length, m.head_length, len(m.data))
+            assert r.addresses[row["client"]] == m.client and r.addresses[row["server"]] == m.server
+            assert r.strings[row["method"]] == m.method and r.strings[row["uri"]] == m.uri
+            blk = r.blocks[row["block"]]
+            assert blk.first_row <= i < blk.first_row + blk.count
+        # data_offset: where the message starts in its block's payload
+        for bi, blk in enumerate(r.blocks):
+            rows = t[t["block"] == bi]
+            assert rows["data_offset"][0] == 0
+            assert list(rows["data_offset"][1:]) == list(np.cumsum(rows["data_length"])[:-1])
+        # vectorised questions, answered from the columns alone
+        assert int((t["kind"] == KIND_REQUEST).sum()) == sum(m.kind == KIND_REQUEST for m in msgs)
+        assert int(t["data_length"].sum()) == payload_bytes
+
+
+def test_message_at(tmp_path):
+    msgs = make_messages(700)
+    path = write_log(tmp_path / "x.rlog", msgs, block_records=64)
+    with LogReader(path) as r:
+        for row in [0, 1, 63, 64, 65, 300, 699, -1, -700] + random.Random(3).sample(range(700), 50):
+            assert r.message_at(row) == msgs[row]
+        for row in (700, -701):
+            with pytest.raises(IndexError):
+                r.message_at(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# damage: torn tails, corrupt blocks, lost index
+
+
+def test_torn_tail_at_every_byte_of_the_last_block(tmp_path):
+    msgs = make_messages(60)
+    path = write_log(tmp_path / "full.rlog", msgs, block_records=19)  # a last block of 3
+    data = path.read_bytes()
+    with LogReader(path) as r:
+        (last_off, last_end), = block_ends(r)[-1:]
+        assert [b.count for b in r.blocks] == [19, 19, 19, 3]
+    cut_path = tmp_path / "cut.rlog"
+    for cut in range(last_off, len(data)):
+        cut_path.write_bytes(data[:cut])
+        with LogReader(cut_path) as r:
+            got = list(r)
+            if cut < last_end:
+                assert got == msgs[:57], cut
+            else:
+                assert got == msgs, cut
+            assert len(r) == len(got)
+            if cut in (last_off, last_end):
+                assert r.warnings == [], cut
+            else:
+                assert len(r.warnings) == 1, (cut, r.warnings)
+                start = last_off if cut < last_end else last_end
+                assert r.warnings[0] == f"{cut - start} bytes at offset {start} are a torn block, ignored"
+
+
+def test_cut_anywhere_never_raises_after_the_file_header(tmp_path):
+    msgs = make_messages(200)
+    path = write_log(tmp_path / "f.rlog", msgs, block_records=40)
+    data = path.read_bytes()
+    cut_path = tmp_path / "c.rlog"
+    for cut in sorted(set(random.Random(5).sample(range(fmt.FILE_HEADER_LEN, len(data)), 300))):
+        cut_path.write_bytes(data[:cut])
+        with LogReader(cut_path) as r:
+            got = list(r)
+            assert got == msgs[:len(got)] and len(got) % 40 == 0
+    for cut in range(1, fmt.FILE_HEADER_LEN):
+        cut_path.write_bytes(data[:cut])
+        with pytest.raises(LogFormatError):
+            LogReader(cut_path)
+
+
+def _corrupt(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x41
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["sync", "header", "table", "payload"])
+@pytest.mark.parametrize("indexed", [True, False])
+def test_corrupt_middle_block_is_skipped_and_later_blocks_read(tmp_path, where, indexed):
+    msgs = make_messages(500)
+    path = write_log(tmp_path / "c.rlog", msgs, block_records=100)
+    with LogReader(path) as r:
+        ends = block_ends(r)
+        off, end = ends[2]
+        h = fmt.unpack_block_header(r._mm, off)
+    if not indexed:
+        path.write_bytes(path.read_bytes()[:ends[-1][1]])
+    spot = {"sync": off + 3, "header": off + 20, "table": off + h.hlen + h.a_len // 2,
+            "payload": end - 5}[where]
+    _corrupt(path, spot)
+    want = msgs[:200] + msgs[300:]
+    with LogReader(path) as r:
+        assert r.indexed == indexed
+        assert list(r) == want
+        assert len(r) == 400 and [b.count for b in r.blocks] == [100] * 4
+        assert len(r.warnings) == 1, r.warnings
+        w = r.warnings[0]
+        assert w.startswith(f"corrupt block at offset {off} (")
+        if not indexed:
+            assert w.endswith(f"skipped; resynced at offset {end}")
+        t = r.table()
+        assert len(t) == 400 and list(t["ts_first"]) == [m.ts_first for m in want]
+        assert r.message_at(250) == want[250]
+
+
+def test_two_corrupt_blocks_and_garbage_between_blocks(tmp_path):
+    msgs = make_messages(600)
+    path = write_log(tmp_path / "g.rlog", msgs, block_records=100)
+    with LogReader(path) as r:
+        ends = block_ends(r)
+    data = path.read_bytes()
+    # junk inserted between blocks 1 and 2 (bytes a broken copy could leave), blocks 3 and 4 damaged
+    junk = os.urandom(333)
+    damaged = bytearray(data[:ends[1][1]] + junk + data[ends[1][1]:ends[-1][1]])
+    shift = len(junk)
+    damaged[ends[3][0] + shift + 70] ^= 1
+    damaged[ends[4][0] + shift + 8] ^= 1
+    path.write_bytes(bytes(damaged))
+    with LogReader(path) as r:
+        assert list(r) == msgs[:300] + msgs[500:]
+        assert len(r.warnings) == 3
+        assert r.warnings[0] == (f"corrupt block at offset {ends[1][1]} (no sync marker), skipped; "
+                                 f"resynced at offset {ends[2][0] + shift}")
+
+
+def test_missing_index_is_rebuilt(tmp_path):
+    msgs = make_messages(800)
+    path = write_log(tmp_path / "i.rlog", msgs, block_records=100)
+    with LogReader(path) as r:
+        blocks = r.blocks
+        end = block_ends(r)[-1][1]
+        assert r.indexed
+    path.write_bytes(path.read_bytes()[:end])
+    with LogReader(path) as r:
+        assert not r.indexed and r.warnings == [] and r.blocks == blocks
+        assert list(r) == msgs
+        assert list(r.read_range(msgs[100].ts_first, msgs[400].ts_first)) == \
+            [m for m in msgs if msgs[100].ts_first <= m.ts_first < msgs[400].ts_first]
+
+
+@pytest.mark.parametrize("spot", ["entries", "trailer-offset"])
+def test_damaged_index_is_rebuilt_with_a_warning(tmp_path, spot):
+    msgs = make_messages(300)
+    path = write_log(tmp_path / "d.rlog", msgs, block_records=100)
+    size = path.stat().st_size
+    _corrupt(path, size - 40 if spot == "entries" else size - 12)
+    with LogReader(path) as r:
+        assert not r.indexed and list(r) == msgs
+        assert len(r.warnings) == 1 and "index rebuilt by scanning" in r.warnings[0]
+
+
+def test_damaged_last_meta_falls_back_to_an_earlier_one(tmp_path):
+    path = tmp_path / "m.rlog"
+    with LogWriter(path, meta={"v": 1}) as w:
+        w.write(make_messages(1)[0])
+        w.flush()
+        w.update_meta({"v": 2})
+    with LogReader(path) as r:
+        assert r.meta["v"] == 2
+    data = path.read_bytes()
+    # the second metadata block is the one after the data block
+    with LogReader(path) as r:
+        meta2 = block_ends(r)[0][1]
+    _corrupt(path, meta2 + fmt.BLOCK_HEADER_LEN + 2)
+    with LogReader(path) as r:
+        assert r.meta["v"] == 1 and len(r.warnings) == 1
+    del data
+
+
+# ---------------------------------------------------------------------------------------------
+# files that are not logs
+
+
+def test_reader_errors_name_the_file(tmp_path):
+    with pytest.raises(InputError, match=f"^{tmp_path}/missing.rlog: no such file"):
+        LogReader(tmp_path / "missing.rlog")
+    good = write_log(tmp_path / "good.rlog", make_messages(3)).read_bytes()
+    cases = {
+        "empty.rlog": (b"", "empty file"),
+        "text.rlog": (b"hello, this is text\n" * 10, "not a .rlog file (bad magic)"),
+        "crlf.rlog": (good.replace(b"\r\n", b"\n", 1), "not a .rlog file (bad magic)"),
+        "short.rlog": (good[:12], "cut short inside its file header"),
+        "v2.rlog": (good[:8] + (2).to_bytes(2, "little") + good[10:], "unsupported .rlog format version 2.0 (this replay reads 1.x)"),
+        "crc.rlog": (good[:16] + b"\x01" + good[17:], "file header checksum mismatch"),
+    }
+    for name, (content, words) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(content)
+        with pytest.raises(LogFormatError) as e:
+            LogReader(p)
+        assert str(e.value) == f"{p}: {words}", name
+        assert isinstance(e.value, InputError)
+    assert is_rlog(tmp_path / "good.rlog") and is_rlog(tmp_path / "v2.rlog")
+    assert not is_rlog(tmp_path / "text.rlog") and not is_rlog(tmp_path / "missing.rlog")
+    assert not is_rlog(SAMPLE) and not is_rlog(tmp_path)
+
+
+def test_newer_minor_version_and_unknown_block_types_are_read(tmp_path):
+    msgs = make_messages(50)
+    path = write_log(tmp_path / "n.rlog", msgs, block_records=10)
+    data = bytearray(path.read_bytes())
+    data[10:12] = (7).to_bytes(2, "little")  # minor 7
+    head = bytes(data[:fmt.FILE_HEADER_LEN - 4])
+    data[fmt.FILE_HEADER_LEN - 4:fmt.FILE_HEADER_LEN] = fmt.CRC.pack(__import__("zlib").crc32(head))
+    with LogReader(path) as r:
+        end = block_ends(r)[-1][1]
+    extra = b"".join(fmt.pack_block(42, 0, 0, 0, 0, b"from the future", 15))
+    path.write_bytes(bytes(data[:end]) + extra)  # no index, a block type this reader does not know
+    with LogReader(path) as r:
+        assert r.version == (1, 7) and list(r) == msgs and r.warnings == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the writer's file and its failures
+
+
+def test_file_mode_is_0600(tmp_path):
+    path = tmp_path / "secret.rlog"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    old = os.umask(0)
+    try:
+        write_log(path, make_messages(5))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert list(LogReader(path)) == make_messages(5)
+
+
+def test_unwritable_paths_raise_one_clear_error(tmp_path):
+    for bad, words in [(tmp_path / "no" / "such" / "dir.rlog", "no such file or directory"),
+                       (tmp_path, "is a directory")]:
+        with pytest.raises(OutputError) as e:
+            LogWriter(bad)
+        assert str(e.value) == f"{bad}: cannot create: {words}"
+        assert isinstance(e.value, ReplayError)
+
+
+@pytest.mark.parametrize("threads", [True, False])
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_write_failure_raises_and_keeps_earlier_blocks(tmp_path, monkeypatch, threads, err):
+    msgs = make_messages(1000)
+    path = tmp_path / "full.rlog"
+    calls = {"n": 0}
+    real = os.writev
+
+    def writev(fd, parts):
+        calls["n"] += 1
+        if calls["n"] == 6:  # header, meta, then 3 data blocks; the 4th data block half-fits
+            half = sum(len(p) for p in parts) // 2
+            return real(fd, [b"".join(parts)[:half]])
+        if calls["n"] > 6:
+            raise OSError(err, os.strerror(err))
+        return real(fd, parts)
+
+    def write(fd, buf):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(writer_mod.os, "writev", writev)
+    monkeypatch.setattr(writer_mod.os, "write", write)
+    w = LogWriter(path, block_records=100, threads=threads)
+    with pytest.raises(OutputError) as e:
+        for m in msgs:
+            w.write(m)
+        w.close()
+    monkeypatch.undo()
+    assert str(e.value) == (f"{path}: cannot write: {os.strerror(err).lower()} "
+                            "(300 messages written before it are kept)")
+    with pytest.raises(OutputError):  # it stays failed
+        w.write(msgs[0])
+    w.close()  # already reported: closing releases the file quietly
+    with LogReader(path) as r:
+        assert list(r) == msgs[:300] and r.warnings == [] and not r.indexed
+
+
+def test_disk_full_on_a_real_small_filesystem(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = Path(tempfile.mkdtemp(prefix="rlog-full-"))
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        mnt.rmdir()
+        pytest.skip(f"cannot mount a tmpfs: {p.stderr.strip()}")
+    try:
+        rnd = random.Random(9)
+        msgs = [Message(0, i, 0, T0 + i, T0 + i, ("10.0.0.1", 1), ("10.0.0.2", 80), 0,
+                        bytes(rnd.getrandbits(8) for _ in range(2000))) for i in range(200)]
+        path = mnt / "x.rlog"
+        with pytest.raises(OutputError, match=f"^{path}: cannot write: no space left on device"):
+            with LogWriter(path, block_records=4) as w:
+                for m in msgs:
+                    w.write(m)
+                    w.flush()
+        with LogReader(path) as r:
+            got = list(r)
+            assert 4 <= len(got) < len(msgs) and got == msgs[:len(got)] and r.warnings == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        mnt.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------
+# property: any messages the format can hold come back equal
+
+
+ip_text = st.one_of(st.sampled_from([a for a, _ in ADDRS]), st.text(max_size=40))
+addr = st.tuples(ip_text, st.integers(0, 65535))
+i64 = st.integers(-(2**63), 2**63 - 1)
+message = st.builds(
+    Message,
+    kind=st.sampled_from([KIND_REQUEST, KIND_RESPONSE]),
+    conn=st.integers(0, 2**64 - 1),
+    index=i64,
+    ts_first=i64,
+    ts_last=i64,
+    client=addr,
+    server=addr,
+    flags=st.integers(0, 2**32 - 1),
+    data=st.binary(max_size=300),
+    method=st.none() | st.text(max_size=10),
+    uri=st.none() | st.text(max_size=60),
+    status=st.integers(0, 65535),
+    body_length=st.integers(0, 2**64 - 1),
+    head_length=st.integers(0, 2**32 - 1),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(msgs=st.lists(message, max_size=40), block_records=st.integers(1, 9),
+       threads=st.booleans())
+def test_round_trip_property(tmp_path, msgs, block_records, threads):
+    path = write_log(tmp_path / "p.rlog", msgs, block_records=block_records, threads=threads)
+    with LogReader(path) as r:
+        assert list(r) == msgs and len(r) == len(msgs) and r.warnings == []
+        t = r.table()
+        assert list(t["ts_first"]) == [m.ts_first for m in msgs]
+        assert list(t["ts_last"]) == [m.ts_last for m in msgs]
+        assert list(t["data_length"]) == [len(m.data) for m in msgs]
+        assert [r.addresses[i] for i in t["client"]] == [m.client for m in msgs]
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line on logs
+
+
+def replay(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "replay.cli.main", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def no_traceback(p):
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("capture", [SAMPLE, DATA / "zeek_zeek_zero-length-bodies-with-drops.pcap",
+                                     DATA / "OISF_suricata-verify_http-multiple100.pcap"])
+def test_cli_convert_then_ls_equals_ls_of_the_capture(tmp_path, capture):
+    log = tmp_path / "x.rlog"
+    p = replay("convert", capture, "-o", log)
+    assert p.returncode == 0, p.stderr
+    assert log.stat().st_mode & 0o777 == 0o600
+    a = replay("ls", log, "--format", "jsonl")
+    b = replay("ls", capture, "--format", "jsonl")
+    assert a.returncode == 0 and b.returncode == 0
+    assert a.stdout == b.stdout and a.stdout
+    assert replay("ls", log).stdout == replay("ls", capture).stdout
+
+
+def test_cli_info_on_a_log(tmp_path):
+    log = tmp_path / "x.rlog"
+    assert replay("convert", SAMPLE, "-o", log, "-q").returncode == 0
+    p = replay("info", log)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "(rlog," in out and "37 requests, 38 responses" in out
+    assert "connections:  14" in out and "time span:" in out and " .. " in out
+    assert "source:       sample.pcap (convert, replay" in out
+    assert "packets:      377" in out and "no gaps" in out
+    j = json.loads(replay("info", log, "--json").stdout)
+    assert j["format"] == "rlog" and j["blocks"] == 1 and j["meta"]["stats"]["packets"] == 377
+    assert j["warnings"] == []
+
+
+def test_cli_on_a_torn_log_warns_once_and_lists_what_was_kept(tmp_path):
+    log = tmp_path / "x.rlog"
+    assert replay("convert", SAMPLE, "-o", log, "-q").returncode == 0
+    full = replay("ls", log, "--format", "jsonl").stdout.splitlines()
+    # a log of several blocks, cut inside its last one (as a killed writer leaves it)
+    msgs = list(LogReader(log))
+    many = write_log(tmp_path / "many.rlog", msgs, block_records=20)
+    with LogReader(many) as r:
+        off, end = block_ends(r)[-1]
+    torn = tmp_path / "torn.rlog"
+    torn.write_bytes(many.read_bytes()[:off + (end - off) // 2])
+    p = replay("ls", torn, "--format", "jsonl")
+    no_traceback(p)
+    assert p.returncode == 0
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "torn block" in lines[0] and lines[0].startswith("replay: warning:")
+    assert p.stdout.splitlines() == full[:60]
+    p = replay("info", torn)
+    assert p.returncode == 0 and "torn block" in p.stdout
+
+
+def test_cli_on_garbage_files_one_line_and_an_error(tmp_path):
+    cases = {
+        "garbage.rlog": os.urandom(5000),
+        "fake.rlog": b"RLOG" + os.urandom(5000),
+        "newer.rlog": fmt.MAGIC + (9).to_bytes(2, "little") + b"\0" * 200,
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        for cmd in ("ls", "info"):
+            p = replay(cmd, tmp_path / name)
+            no_traceback(p)
+            assert p.returncode != 0, (name, cmd)
+            lines = [x for x in p.stderr.splitlines() if x.strip()]
+            assert len(lines) == 1 and str(tmp_path / name) in lines[0], (name, cmd, p.stderr)
+
+
+def test_cli_convert_to_an_unwritable_path(tmp_path):
+    out = tmp_path / "no" / "dir" / "x.rlog"
+    p = replay("convert", SAMPLE, "-o", out)
+    no_traceback(p)
+    assert p.returncode != 0
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert lines == [f"replay: {out}: cannot create: no such file or directory"]
