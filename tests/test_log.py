@@ -701,3 +701,20 @@ def test_cli_convert_to_an_unwritable_path(tmp_path):
     assert p.returncode != 0
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert lines == [f"replay: {out}: cannot create: no such file or directory"]
+
+
+def test_the_format_document_states_the_constants_of_the_code():
+    doc = (ROOT / "docs" / "log-format.md").read_text()
+    spaced = lambda b: " ".join(f"{x:02X}" for x in b)  # noqa: E731
+    assert f"sync marker `{spaced(fmt.SYNC)}`" in doc
+    assert f"magic `{spaced(fmt.MAGIC)}`" in doc
+    assert f"`{spaced(fmt.INDEX_MAGIC)}`" in doc
+    assert f"| 8 | {fmt.ROW_BYTES}·`n` |" in doc
+    assert f"header length `L` = {fmt.BLOCK_HEADER_LEN}" in doc
+    assert f"header length `H` = {fmt.FILE_HEADER_LEN}" in doc
+    assert f"{fmt.INDEX_ENTRY.itemsize} bytes each" in doc
+    for i, (name, dt) in enumerate(fmt.COLUMN_DTYPES, 1):
+        kind = {"u": "u", "i": "i"}[dt.kind] + str(dt.itemsize * 8)
+        assert f"| {i} | {name} | {kind} |" in doc, name
+    for bit, name in FLAG_NAMES:
+        assert f"| {bit.bit_length() - 1} | 0x{bit:03x} | `{name}` |" in doc, name
