@@ -19,6 +19,8 @@ COMMANDS = {
     "convert": ("replay.cli.convert", "Turn a pcap/pcapng capture into a .rlog log of HTTP messages."),
     "ls": ("replay.cli.ls", "List the HTTP messages of a log or a capture."),
     "info": ("replay.cli.info", "Summarise a log or a capture: counts, time span, warnings."),
+    "play": ("replay.cli.play", "Replay a log or a capture against a target, with the recorded timing."),
+    "sink": ("replay.cli.sink", "A small HTTP server that answers every request and records it."),
 }
 
 
@@ -53,6 +55,11 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("replay: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        # one line, like every other error; the command's --help has the rest
+        where = f" {e.ctx.command_path.split(' ', 1)[1]}" if e.ctx and " " in e.ctx.command_path else ""
+        click.echo(f"replay{where}: {e.format_message()} (see 'replay{where} --help')", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -1,0 +1,363 @@
+"""``replay play``: send the recorded requests of a log or capture to a target, on schedule."""
+
+from __future__ import annotations
+
+import click
+
+
+class SpeedType(click.ParamType):
+    name = "FACTOR|max"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        text = str(value).strip().lower().rstrip("x")
+        if text in ("max", "inf", "0"):
+            return None
+        try:
+            f = float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or 'max'", param, ctx)
+        if not f > 0 or f != f or f == float("inf"):
+            self.fail(f"{value!r} must be > 0 (or 'max')", param, ctx)
+        return f
+
+
+class SecondsType(click.ParamType):
+    name = "SECONDS"
+    UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        text = str(value).strip().lower()
+        mult = 1.0
+        for unit in ("ms", "s", "m", "h"):
+            if text.endswith(unit):
+                text, mult = text[: -len(unit)], self.UNITS[unit]
+                break
+        try:
+            v = float(text) * mult
+        except ValueError:
+            self.fail(f"{value!r} is not a duration (e.g. 30, 30s, 5m)", param, ctx)
+        if not v > 0 or v == float("inf"):
+            self.fail(f"{value!r} must be > 0", param, ctx)
+        return v
+
+
+@click.command("play")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("-t", "--target", metavar="URL",
+              help="Where to send: http[s]://host[:port] ([v6addr] in brackets; host:port means http).")
+@click.option("--sink", "use_sink", is_flag=True,
+              help="Start the built-in sink (`replay sink`) on a free loopback port and target it.")
+@click.option("-s", "--speed", type=SpeedType(), default="1", show_default=True,
+              help="Time factor: 1 keeps the recorded timing, 10 is ten times faster, 0.5 half as "
+                   "fast; max sends as fast as the target answers.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="N",
+              help="Constant N requests/s in recorded order, ignoring the recorded gaps.")
+@click.option("--loop", is_flag=True, help="Start over at the end (until --duration, --limit or Ctrl-C).")
+@click.option("--duration", type=SecondsType(), help="Stop sending after this long (30, 30s, 5m).")
+@click.option("-n", "--limit", type=click.IntRange(min=1), help="Send at most N requests.")
+@click.option("-c", "--connections", type=click.IntRange(min=1), metavar="N",
+              help="At most N replay connections open at once (default: 1000; with --speed max, "
+                   "the recorded connections up to 64).")
+@click.option("--no-keepalive", is_flag=True, help="Each request on a new connection, closed after its answer.")
+@click.option("--keep-host", is_flag=True, help="Send the recorded Host header instead of the target's.")
+@click.option("-k", "--insecure", is_flag=True, help="https: do not verify the target's certificate.")
+@click.option("--timeout", type=SecondsType(), default="10", show_default=True,
+              help="Seconds to wait for a connection, and for each answer.")
+@click.option("--dry-run", is_flag=True, help="Print what would be sent and how long it would take; send nothing.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the requests as sent and the responses received to this .rlog, with "
+                   "the recorded conn and index (join with the input on them).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the final report as JSON to this file.")
+@click.option("--port", "ports", type=int, multiple=True,
+              help="For a capture file: only these server ports (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
+@click.option("--event-loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
+              hidden=True, help="Event loop (auto: microsecond timers when timed, uvloop at max).")
+def command(path, target, use_sink, speed, rate, loop, duration, limit, connections, no_keepalive,
+            keep_host, insecure, timeout, dry_run, output, report_path, ports, quiet, event_loop):
+    """Replay the requests of PATH (a .rlog log or a pcap/pcapng capture) against a target.
+
+    Each recorded connection becomes one connection to the target, opened when it was recorded;
+    its requests go out in recorded order at their recorded times divided by --speed, each
+    after the previous answer unless the capture shows them pipelined.
+    """
+    return run(
+        path=path, target=target, use_sink=use_sink, speed=speed, rate=rate, loop=loop,
+        duration=duration, limit=limit, connections=connections, keepalive=not no_keepalive,
+        keep_host=keep_host, insecure=insecure, timeout=timeout, dry_run=dry_run, output=output,
+        report_path=report_path, ports=ports, quiet=quiet,
+        event_loop=event_loop)
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+SLACK_NS = 3_000_000      # background work (progress line, output log) only when no request is due this soon
+MAX_CONNECTIONS = 1000
+MAX_CONNECTIONS_AT_MAX = 64
+
+
+def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connections, keepalive,
+        keep_host, insecure, timeout, dry_run, output, report_path, ports, quiet, event_loop="auto"):
+    import os
+    import sys
+
+    from replay.errors import ReplayError, UsageError
+    from replay.pipeline import open_input
+    from replay.play.plan import build_plan
+    from replay.play.scheduler import Schedule
+    from replay.play.sender import parse_target
+
+    if rate is not None and speed is not None and speed != 1.0:
+        raise UsageError("--speed and --rate: give one (--rate ignores the recorded gaps)")
+    if rate is not None:
+        speed = 1.0
+    if use_sink and target:
+        raise UsageError("--sink and --target: give one")
+    if not (target or use_sink or dry_run):
+        raise UsageError("no target: give --target http://host:port, or --sink to replay "
+                         "against the built-in server")
+    if output and os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path):
+        raise ReplayError(f"{output}: output would overwrite the input it reads")
+    tgt = parse_target(target, insecure) if target else None
+    sink_proc = None
+    try:
+        if use_sink and not dry_run:
+            from replay.sink import start_sink_process
+
+            sink_proc, port = start_sink_process()
+            tgt = parse_target(f"http://127.0.0.1:{port}")
+        src = open_input(path, ports=ports)
+        plan = build_plan(src, tgt.host_header if tgt else None, keep_host)
+        for w in getattr(src, "warnings", ()):
+            click.echo(f"replay: warning: {w}", err=True)
+        if plan.requests == 0:
+            raise ReplayError(f"{path}: no requests to replay")
+        schedule = Schedule(plan.t0, plan.span_ns, plan.requests, speed=None if rate is None and
+                            speed is None else speed, rate=rate)
+        if connections is None:
+            connections = (min(len(plan.connections), MAX_CONNECTIONS_AT_MAX) if not schedule.timed
+                           else MAX_CONNECTIONS)
+        if dry_run:
+            _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keepalive, keep_host)
+            return 0
+        code = _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections,
+                       keepalive, insecure, timeout, output, report_path, quiet, event_loop)
+    finally:
+        if sink_proc is not None:
+            from replay.sink import stop_sink_process
+
+            summary = stop_sink_process(sink_proc)
+            if summary and not quiet and not dry_run:
+                click.echo(f"sink: received {summary['requests']} requests on "
+                           f"{summary['connections']} connections", err=True)
+    sys.exit(code)
+
+
+def _fmt_s(ns):
+    return f"{ns / 1e9:.3f} s"
+
+
+def _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keepalive, keep_host):
+    n = plan.requests
+    if limit:
+        n = min(n, limit) if not loop else limit
+    click.echo(f"{path}: {plan.requests} requests on {len(plan.connections)} connections, "
+               f"recorded over {_fmt_s(plan.span_ns)} ({plan.pipelined} pipelined"
+               + "".join(f", {v} skipped: {k.replace('_', ' ')}" for k, v in plan.skipped.items())
+               + ")")
+    if schedule.rate is not None:
+        pace = f"at {schedule.rate:g} requests/s"
+    elif schedule.speed is None:
+        pace = "at full speed (as fast as the target answers)"
+    else:
+        pace = f"at speed {schedule.speed:g}"
+    if schedule.timed:
+        if loop:
+            expect = (f"{_fmt_s(schedule.period)} per pass, looping"
+                      + (f" for {duration:g} s" if duration else "")
+                      + (f", until {limit} requests" if limit else "")
+                      + ("" if duration or limit else " until Ctrl-C"))
+        else:
+            d = schedule.duration_ns()
+            if limit and limit < plan.requests:
+                times = sorted((r.t, r.seq) for c in plan.connections for r in c.requests)
+                t, seq = times[limit - 1]
+                d = schedule.offset(t, seq)
+            if duration:
+                d = min(d, int(duration * 1e9))
+            expect = f"expected duration {_fmt_s(d)}"
+    else:
+        expect = "duration depends on the target" + (f" (at most {duration:g} s)" if duration else "")
+    click.echo(f"would send {n}{' per pass' if loop and not limit else ''} requests {pace}, "
+               f"{expect}; at most {connections} connections open"
+               + ("" if keepalive else ", a new connection per request"))
+    if tgt is not None:
+        click.echo(f"target {tgt.display}"
+                   + ("" if keep_host else f", Host: {tgt.host_header}"))
+    click.echo("dry run: nothing sent")
+
+
+def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections, keepalive,
+            insecure, timeout, output, report_path, quiet, event_loop):
+    import asyncio
+    import gc
+    import json
+    import os
+    import resource
+    import signal
+    import sys
+    import time
+
+    from replay import __version__
+    from replay.errors import OutputError
+    from replay.play import clock as clk
+    from replay.play.report import Report
+    from replay.play.scheduler import Lookahead, Pacer
+    from replay.play.sender import Options, Player
+
+    try:  # one descriptor per replay connection
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = min(hard, max(soft, connections + 256))
+        if want > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        pass
+
+    meta = {
+        "input": path,
+        "target": tgt.display + (" (built-in sink)" if use_sink else ""),
+        "speed": "max" if schedule.speed is None and schedule.rate is None else schedule.speed,
+        "rate": schedule.rate,
+        "loop": loop,
+        "connections_cap": connections,
+        "keepalive": keepalive,
+        "plan": {"requests": plan.requests, "connections": len(plan.connections),
+                 "recorded_span_s": plan.span_ns / 1e9, "pipelined": plan.pipelined,
+                 "skipped": plan.skipped},
+    }
+    report = Report(meta)
+    clock = clk.LoopClock()
+    opts = Options(connections=connections, keepalive=keepalive, timeout=timeout,
+                   limit=limit or 0, duration=duration or 0.0, loop=loop)
+    offset = clk.wall_offset()
+
+    writer = None
+    queue = []
+    if output:
+        from replay.log import LogWriter
+
+        writer = LogWriter(output, meta={"command": "play", "source": os.path.basename(path),
+                                         "target": meta["target"], "speed": meta["speed"],
+                                         "rate": schedule.rate, "conn_stride": plan.conn_stride,
+                                         "pairing": "conn and index are those of the recorded "
+                                                    "request (conn modulo conn_stride on --loop)"})
+        sys.setswitchinterval(0.0005)   # the writer's thread must not hold the GIL for long
+
+        def on_exchange(att, req, resp):
+            queue.append(req)
+            queue.append(resp)
+    else:
+        on_exchange = None
+
+    player = Player(plan, schedule, tgt, opts, report, clock, Pacer(clock), on_exchange, offset)
+    look = Lookahead(schedule, plan.deadlines_sorted())
+
+    use_uvloop = event_loop == "uvloop" or (event_loop == "auto" and not schedule.timed)
+    ev = clk.new_event_loop(precise=schedule.timed and event_loop != "asyncio", use_uvloop=use_uvloop)
+    tty = sys.stderr.isatty() and not quiet
+    live = None
+    if tty:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
+
+        live = Live(Text(""), console=Console(stderr=True), auto_refresh=False, transient=True)
+        live.start()
+
+    def drain(n=None):
+        if writer is None or not queue:
+            return
+        k = len(queue) if n is None else min(n, len(queue))
+        for m in queue[:k]:
+            writer.write(m)
+        del queue[:k]
+
+    async def background(done: asyncio.Event):
+        now = clock.now
+        while not done.is_set():
+            try:
+                await asyncio.wait_for(done.wait(), 0.25)
+                break
+            except asyncio.TimeoutError:
+                pass
+            waited = 0
+            while waited < 200:           # at most ~0.2 s waiting for a quiet moment
+                nxt = look.next_after(now())
+                if nxt is None or nxt - now() > SLACK_NS:
+                    break
+                await asyncio.sleep(0.001)
+                waited += 1
+            if live is not None:
+                live.update(Text(report.progress_text(now())), refresh=True)
+            drain(512)
+
+    interrupted = []
+
+    def on_sigint():
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(1)
+        player.cancel()
+
+    async def main():
+        done = asyncio.Event()
+        bg = asyncio.ensure_future(background(done))
+        try:
+            await player.run()
+        finally:
+            done.set()
+            await bg
+
+    asyncio.set_event_loop(ev)
+    ev.add_signal_handler(signal.SIGINT, on_sigint)
+    gc.collect()
+    gc.freeze()
+    started_wall = time.time()
+    try:
+        ev.run_until_complete(main())
+    finally:
+        ev.remove_signal_handler(signal.SIGINT)
+        ev.close()
+        asyncio.set_event_loop(None)
+        gc.unfreeze()
+        if live is not None:
+            live.stop()
+    if player.crash is not None:
+        raise player.crash
+    report.meta["started_unix"] = round(started_wall, 6)
+    report.meta["schedule"] = {"start_unix_ns": schedule.start + offset, "t0_ns": plan.t0,
+                               "period_ns": int(schedule.period)}
+    report.meta["tool"] = f"replay {__version__}"
+    if writer is not None:
+        try:
+            drain()
+            writer.update_meta({"report": report.to_dict()})
+            writer.close()
+        except OutputError:
+            raise
+    d = report.to_dict()
+    if report_path:
+        try:
+            with open(report_path, "w", encoding="utf-8") as f:
+                json.dump(d, f, indent=2)
+                f.write("\n")
+        except OSError as e:
+            raise OutputError(f"{report_path}: cannot write the report: {e.strerror or e}") from None
+    if not quiet:
+        click.echo(report.summary_text())
+    return 130 if report.interrupted else 0

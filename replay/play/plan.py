@@ -1,0 +1,185 @@
+"""What a replay will send: recorded requests grouped by recorded connection, ready to go out.
+
+Sans-IO: built from ``Message`` objects (``replay.pipeline.open_input``), no sockets, no clock.
+
+Rules:
+- one ``ConnPlan`` per recorded connection (``conn``), its requests in recorded order (``index``);
+  connections are ordered by the capture time of their first request;
+- a request's recorded status is the status of the final (non-1xx) response with the same
+  ``conn`` and ``index``; ``None`` when that response was not captured;
+- a request is *pipelined* when the capture shows it sent before the previous response on its
+  connection had ended (its ``ts_first`` < that response's ``ts_last``): the replay then sends it
+  without waiting for that response; otherwise it waits, as the recorded client did;
+- the bytes sent are the recorded bytes, except the ``Host`` header's value, set to the target
+  unless ``keep_host``; a request whose body was cut by the capture (no chunked framing) gets a
+  Content-Length equal to the bytes it carries, so Content-Length is always true; a cut chunked
+  request cannot be made whole without inventing bytes and is skipped (counted);
+- unpaired responses (``index`` -1) and responses in general are not sent, only compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from replay.events import (F_CHUNKED, F_GAP, F_INCOMPLETE, F_INTERIM, F_TRUNCATED, KIND_REQUEST)
+
+CUT = F_INCOMPLETE | F_GAP | F_TRUNCATED
+
+
+@dataclass(slots=True)
+class PlannedRequest:
+    conn: int
+    index: int
+    t: int                       # recorded capture time of the first byte, ns
+    data: bytes                  # the bytes to send (Host rewritten, Content-Length true)
+    method: str
+    uri: str
+    head_length: int
+    recorded_status: int | None = None
+    pipelined: bool = False      # recorded as sent before the previous response ended
+    seq: int = 0                 # position among all planned requests, in recorded time order
+
+
+@dataclass(slots=True)
+class ConnPlan:
+    conn: int
+    client: tuple
+    server: tuple
+    requests: list = field(default_factory=list)
+
+    @property
+    def t_first(self) -> int:
+        return self.requests[0].t
+
+
+@dataclass
+class Plan:
+    connections: list            # ConnPlan, by time of first request
+    t0: int                      # recorded time of the first request, ns
+    t_last: int                  # recorded time of the last request, ns
+    requests: int
+    pipelined: int
+    skipped: dict                # reason -> count (requests not sent)
+    conn_stride: int             # max recorded conn id + 1 (loop iteration k uses conn + k * stride)
+
+    @property
+    def span_ns(self) -> int:
+        return self.t_last - self.t0
+
+    def deadlines_sorted(self) -> list:
+        """Recorded times of every request, sorted (for the scheduler's look-ahead)."""
+        return sorted(r.t for c in self.connections for r in c.requests)
+
+
+def build_plan(messages, host: str | None = None, keep_host: bool = False) -> Plan:
+    """Group the requests of ``messages`` by connection; ``host`` is the Host value to send."""
+    reqs: dict = {}
+    finals: dict = {}
+    conns: dict = {}
+    skipped: dict = {}
+    max_conn = -1
+    for m in messages:
+        max_conn = max(max_conn, m.conn)
+        if m.kind == KIND_REQUEST:
+            reqs[(m.conn, m.index)] = m
+            if m.conn not in conns:
+                conns[m.conn] = ConnPlan(m.conn, tuple(m.client), tuple(m.server))
+        elif m.index >= 0 and not m.flags & F_INTERIM:
+            finals[(m.conn, m.index)] = m
+    by_conn: dict = {}
+    for (conn, index), m in reqs.items():
+        by_conn.setdefault(conn, []).append(m)
+    planned = pipelined = 0
+    for conn, msgs in by_conn.items():
+        msgs.sort(key=lambda m: m.index)
+        cp = conns[conn]
+        prev = None
+        for m in msgs:
+            data = m.data
+            if m.flags & CUT:
+                if m.flags & F_CHUNKED:
+                    skipped["cut_chunked_body"] = skipped.get("cut_chunked_body", 0) + 1
+                    prev = m
+                    continue
+                data = set_content_length(data, m.head_length)
+            if not keep_host and host is not None:
+                data = set_host(data, m.head_length, host)
+            resp = finals.get((conn, m.index))
+            pipe = False
+            if prev is not None:
+                prev_resp = finals.get((conn, prev.index))
+                pipe = prev_resp is not None and m.ts_first < prev_resp.ts_last
+            cp.requests.append(PlannedRequest(
+                conn, m.index, m.ts_first, data, m.method or "GET", m.uri or "",
+                _head_length(data, m.head_length, len(m.data)),
+                resp.status if resp is not None else None, pipe))
+            pipelined += pipe
+            planned += 1
+            prev = m
+    connections = [c for c in conns.values() if c.requests]
+    connections.sort(key=lambda c: (c.t_first, c.conn))
+    order = sorted((r for c in connections for r in c.requests), key=lambda r: (r.t, r.conn, r.index))
+    for i, r in enumerate(order):
+        r.seq = i
+    t0 = order[0].t if order else 0
+    t_last = order[-1].t if order else 0
+    return Plan(connections, t0, t_last, planned, pipelined, skipped, max_conn + 1)
+
+
+def _head_length(new: bytes, old_head: int, old_len: int) -> int:
+    # the head grew or shrank by the size difference; the body did not change
+    return old_head + (len(new) - old_len) if old_head else 0
+
+
+def _split_head(data: bytes, head_length: int):
+    if head_length <= 0 or head_length > len(data):
+        end = data.find(b"\r\n\r\n")
+        head_length = end + 4 if end >= 0 else len(data)
+    return data[:head_length], data[head_length:]
+
+
+def _header_lines(head: bytes):
+    """(start, end) of each header line's content, line endings excluded (CRLF or bare LF)."""
+    out = []
+    pos = head.find(b"\n") + 1          # skip the request line
+    n = len(head)
+    while 0 < pos < n:
+        end = head.find(b"\n", pos)
+        if end < 0:
+            end = n
+        stop = end - 1 if end > pos and head[end - 1:end] == b"\r" else end
+        if stop > pos:
+            out.append((pos, stop))
+        pos = end + 1
+    return out
+
+
+def _replace_header(data: bytes, head_length: int, name: bytes, value: bytes,
+                    add: bool = False) -> bytes:
+    head, body = _split_head(data, head_length)
+    for start, stop in _header_lines(head):
+        colon = head.find(b":", start, stop)
+        if colon < 0:
+            continue
+        if head[start:colon].strip().lower() == name:
+            # keep the original spelling of the name and one space after the colon
+            return head[:colon + 1] + b" " + value + head[stop:] + body
+    if not add:
+        return data
+    lines = _header_lines(head)
+    at = head.find(b"\n") + 1 if not lines else lines[-1][1]
+    eol = b"\r\n" if b"\r\n" in head else b"\n"
+    if lines:
+        return head[:at] + eol + name.title() + b": " + value + head[at:] + body
+    return head[:at] + name.title() + b": " + value + eol + head[at:] + body
+
+
+def set_host(data: bytes, head_length: int, host: str) -> bytes:
+    """``data`` with its Host header's value set to ``host`` (unchanged when it has none)."""
+    return _replace_header(data, head_length, b"host", host.encode("latin-1"))
+
+
+def set_content_length(data: bytes, head_length: int) -> bytes:
+    """``data`` with a Content-Length equal to the body bytes it carries (RFC 9112 §6.2)."""
+    head, body = _split_head(data, head_length)
+    return _replace_header(data, len(head), b"content-length", str(len(body)).encode(), add=bool(body))

@@ -1,0 +1,218 @@
+"""What a replay did: counts, statuses against the recorded ones, latency and lateness.
+
+Rules:
+- every request the replay tried ends as exactly one of: answered (a complete final response,
+  whatever its status), an error of one kind, or in flight when the run stopped;
+- ``sent`` counts requests whose bytes were written to a connection; a request whose connection
+  could not be opened is an error (``refused``, ``timeout``, ``connect``, ``tls``) but not sent;
+- error kinds: ``refused`` (connection refused), ``reset`` (RST or broken pipe), ``timeout`` (no
+  complete answer within ``--timeout``, or no connection), ``bad_response`` (bytes that are not
+  HTTP), ``closed`` (the server closed before answering completely), ``connect`` (other connect
+  errors), ``tls`` (handshake failed);
+- latency is measured to the last byte of the response, from the actual send and from the
+  intended send (the deadline), so a target that makes the replay fall behind cannot hide its
+  slowness (coordinated omission); lateness is actual send - deadline, for every timed request;
+- percentiles are nearest-rank over every sample (no sampling, no histogram buckets).
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections import Counter, deque
+
+ERROR_KINDS = ("refused", "reset", "timeout", "bad_response", "closed", "connect", "tls")
+NS_PER_MS = 1_000_000
+
+
+def percentiles(values, points=(50, 90, 99)) -> dict:
+    """Nearest-rank percentiles and max of ``values`` (ns) in ms; None values when empty."""
+    keys = [f"p{p}" for p in points] + ["max"]
+    n = len(values)
+    if not n:
+        return {k: None for k in keys}
+    import numpy as np
+
+    a = np.sort(np.frombuffer(values, dtype=np.int64) if isinstance(values, array)
+                else np.asarray(values, dtype=np.int64))
+    out = {}
+    for p in points:
+        rank = max(1, math.ceil(p / 100 * n))
+        out[f"p{p}"] = round(float(a[rank - 1]) / NS_PER_MS, 4)
+    out["max"] = round(float(a[-1]) / NS_PER_MS, 4)
+    return out
+
+
+class Report:
+    def __init__(self, meta: dict | None = None):
+        self.meta = dict(meta or {})
+        self.attempted = 0
+        self.sent = 0
+        self.answered = 0
+        self.errors: Counter = Counter()
+        self.errors_after_send = 0
+        self.statuses: Counter = Counter()
+        self.recorded_statuses: Counter = Counter()
+        self.same = self.different = self.unrecorded = 0
+        self.changes: Counter = Counter()
+        self.lateness = array("q")
+        self.recent_lateness: deque = deque(maxlen=5000)
+        self.latency = array("q")
+        self.latency_intended = array("q")
+        self.connect = array("q")
+        self.held_by_response = 0
+        self.opened = 0
+        self.open_now = 0
+        self.max_open = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.garbage_bytes = 0
+        self.unsolicited = 0
+        self.interrupted = False
+        self.started_ns = 0            # monotonic
+        self.ended_ns = 0
+        self.first_send_ns = 0
+        self.last_answer_ns = 0
+
+    # -- events ------------------------------------------------------------------------------
+    def on_attempt(self, recorded_status):
+        self.attempted += 1
+        if recorded_status is not None:
+            self.recorded_statuses[recorded_status] += 1
+
+    def on_connect(self, ns: int):
+        self.opened += 1
+        self.open_now += 1
+        if self.open_now > self.max_open:
+            self.max_open = self.open_now
+        self.connect.append(ns)
+
+    def on_disconnect(self):
+        self.open_now -= 1
+
+    def on_sent(self, nbytes: int, lateness_ns: int | None, held: bool, now: int):
+        self.sent += 1
+        self.bytes_sent += nbytes
+        if not self.first_send_ns:
+            self.first_send_ns = now
+        if lateness_ns is not None:
+            self.lateness.append(lateness_ns)
+            self.recent_lateness.append(lateness_ns)
+        if held:
+            self.held_by_response += 1
+
+    def on_answer(self, status: int, recorded_status, latency_ns: int, intended_ns: int,
+                  nbytes: int, now: int):
+        self.answered += 1
+        self.bytes_received += nbytes
+        self.last_answer_ns = now
+        self.statuses[status] += 1
+        self.latency.append(latency_ns)
+        self.latency_intended.append(intended_ns)
+        if recorded_status is None:
+            self.unrecorded += 1
+        elif recorded_status == status:
+            self.same += 1
+        else:
+            self.different += 1
+            self.changes[f"{recorded_status} -> {status}"] += 1
+
+    def on_error(self, kind: str, was_sent: bool):
+        self.errors[kind] += 1
+        if was_sent:
+            self.errors_after_send += 1
+
+    # -- views -------------------------------------------------------------------------------
+    @property
+    def error_total(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def in_flight(self) -> int:
+        return self.sent - self.answered - self.errors_after_send
+
+    def elapsed_s(self, now: int) -> float:
+        end = self.ended_ns or now
+        return max(0.0, (end - self.started_ns) / 1e9) if self.started_ns else 0.0
+
+    def progress_text(self, now: int) -> str:
+        p99 = "-"
+        if self.recent_lateness:
+            s = sorted(self.recent_lateness)
+            p99 = f"{s[max(0, math.ceil(0.99 * len(s)) - 1)] / NS_PER_MS:.3f} ms"
+        return (f"sent {self.sent}  ok {self.answered}  errors {self.error_total}  "
+                f"in flight {self.in_flight}  lateness p99 {p99}  {self.elapsed_s(now):.1f} s")
+
+    def to_dict(self) -> dict:
+        errors = {k: self.errors.get(k, 0) for k in ERROR_KINDS}
+        errors.update({k: v for k, v in self.errors.items() if k not in errors})
+        wall = ((self.last_answer_ns - self.first_send_ns) / 1e9
+                if self.last_answer_ns > self.first_send_ns else 0.0)
+        d = dict(self.meta)
+        d.update({
+            "attempted": self.attempted,
+            "sent": self.sent,
+            "answered": self.answered,
+            "in_flight": self.in_flight,
+            "errors": errors,
+            "error_total": self.error_total,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "recorded_statuses": {str(k): v for k, v in sorted(self.recorded_statuses.items())},
+            "status_comparison": {
+                "same": self.same, "different": self.different, "not_recorded": self.unrecorded,
+                "changes": dict(self.changes.most_common()),
+            },
+            "latency_ms": percentiles(self.latency),
+            "latency_from_intended_ms": percentiles(self.latency_intended),
+            "lateness_ms": percentiles(self.lateness),
+            "lateness_samples": len(self.lateness),
+            "held_by_response": self.held_by_response,
+            "connect_ms": percentiles(self.connect),
+            "connections": {"opened": self.opened, "max_open": self.max_open},
+            "bytes": {"sent": self.bytes_sent, "received": self.bytes_received,
+                      "not_http": self.garbage_bytes},
+            "unsolicited_responses": self.unsolicited,
+            "elapsed_s": round(self.elapsed_s(self.ended_ns), 6),
+            "requests_per_s": round(self.answered / wall, 1) if wall > 0 else None,
+            "interrupted": self.interrupted,
+        })
+        return d
+
+    def summary_text(self) -> str:
+        d = self.to_dict()
+
+        def ms(p):
+            return "-" if p is None else f"{p:.3f}"
+
+        lines = []
+        head = (f"replayed {d['sent']} of {d['attempted']} requests in {d['elapsed_s']:.2f} s"
+                f"{' (interrupted)' if d['interrupted'] else ''}: "
+                f"{d['answered']} answered, {d['error_total']} errors, {d['in_flight']} in flight")
+        lines.append(head)
+        errs = {k: v for k, v in d["errors"].items() if v}
+        if errs:
+            lines.append("  errors: " + ", ".join(f"{k} {v}" for k, v in errs.items()))
+        if d["statuses"]:
+            sc = d["status_comparison"]
+            lines.append("  statuses: " + ", ".join(f"{k} {v}" for k, v in d["statuses"].items())
+                         + f"  (as recorded: {sc['same']}, different: {sc['different']}"
+                         + (f", not recorded: {sc['not_recorded']}" if sc["not_recorded"] else "")
+                         + ")")
+            if sc["changes"]:
+                top = list(sc["changes"].items())[:5]
+                lines.append("  changed: " + ", ".join(f"{k} ({v})" for k, v in top))
+        lat, lti, late = d["latency_ms"], d["latency_from_intended_ms"], d["lateness_ms"]
+        if lat["max"] is not None:
+            lines.append(f"  latency ms      p50 {ms(lat['p50'])}  p90 {ms(lat['p90'])}  "
+                         f"p99 {ms(lat['p99'])}  max {ms(lat['max'])}")
+            lines.append(f"  from intended   p50 {ms(lti['p50'])}  p90 {ms(lti['p90'])}  "
+                         f"p99 {ms(lti['p99'])}  max {ms(lti['max'])}")
+        if late["max"] is not None:
+            extra = (f"  ({d['held_by_response']} held by a slow previous response)"
+                     if d["held_by_response"] else "")
+            lines.append(f"  lateness ms     p50 {ms(late['p50'])}  p99 {ms(late['p99'])}  "
+                         f"max {ms(late['max'])}{extra}")
+        if d["requests_per_s"]:
+            lines.append(f"  {d['requests_per_s']:.0f} requests/s on {d['connections']['opened']} "
+                         f"connections (at most {d['connections']['max_open']} open)")
+        return "\n".join(lines)

@@ -1,0 +1,463 @@
+"""The network side of ``replay play``: connections to the target, sending on time, reading answers.
+
+One asyncio task per recorded connection (a *replay connection*), started just before its first
+request is due and holding one of ``--connections`` slots while it runs. Its requests go out in
+recorded order, each at its deadline (``scheduler.Pacer``); a request waits for the previous
+response unless the capture shows it pipelined. Across connections nothing waits for anything:
+a slow target delays only the connection it is slow on, and that delay shows as lateness.
+
+Responses are framed by ``core.ResponseFramer`` (the capture's own framing rules, sans-IO) as
+bytes arrive; each final response answers the oldest request outstanding on its connection.
+
+Rules:
+- a connection is opened ``CONNECT_LEAD`` before its first request is due (a recorded connection
+  was open before its first request too), and again, if it was closed, before its next request;
+- ``--no-keepalive``: each request on a connection of its own, closed after the answer;
+- faults never end the run: each is counted against the request it hit (see ``report``), and the
+  recorded connection's next request gets a new connection;
+- a request is never sent before its deadline; a request sent late because the previous response
+  came late is counted as ``held_by_response``;
+- ``--limit`` counts requests tried; ``--duration`` stops sending requests due after it; both
+  then wait up to ``--timeout`` for the answers outstanding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import socket
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from replay import core
+from replay.errors import UsageError
+from replay.events import F_INCOMPLETE, F_INTERIM, KIND_REQUEST, Message
+from replay.httpmsg import header_value
+from replay.play.scheduler import NS, Pacer, Schedule
+
+CONNECT_LEAD_NS = 20_000_000          # open a connection this long before its first request is due
+CONNECT_LEAD_TLS_NS = 100_000_000     # a TLS handshake takes a few ms more
+START_DELAY_NS = 50_000_000           # first deadline after the loop starts: room to connect
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass
+class Target:
+    url: str
+    scheme: str
+    host: str           # as given (name or address)
+    port: int
+    addr: str           # resolved address
+    family: int
+    host_header: str    # Host value sent: host[:port], port omitted when it is the scheme's default
+    ssl: ssl.SSLContext | None = None
+
+    @property
+    def display(self) -> str:
+        h = f"[{self.addr}]" if ":" in self.addr else self.addr
+        return f"{self.scheme}://{h}:{self.port}"
+
+
+def parse_target(url: str, insecure: bool = False, resolve: bool = True) -> Target:
+    """``http[s]://host[:port]`` (``host:port`` means http); IPv6 hosts in brackets."""
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise UsageError(f"--target {url}: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise UsageError(f"--target {url}: scheme must be http or https")
+    host = parts.hostname
+    if not host:
+        raise UsageError(f"--target {url}: no host")
+    if parts.path not in ("", "/") or parts.query:
+        raise UsageError(f"--target {url}: give scheme, host and port only (requests keep their "
+                         "recorded paths)")
+    if port is None:
+        port = DEFAULT_PORTS[scheme]
+    try:
+        is_v6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        is_v6 = False
+    hh = f"[{host}]" if is_v6 else host
+    if port != DEFAULT_PORTS[scheme]:
+        hh = f"{hh}:{port}"
+    addr, family = host, socket.AF_INET6 if is_v6 else socket.AF_INET
+    if resolve:
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise UsageError(f"--target {url}: cannot resolve {host}: {e.strerror}") from None
+        family, _, _, _, sa = info[0]
+        addr = sa[0]
+    ctx = None
+    if scheme == "https":
+        ctx = ssl.create_default_context()
+        if insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+    return Target(url, scheme, host, port, addr, family, hh, ctx)
+
+
+@dataclass(slots=True)
+class Options:
+    connections: int = 1000        # replay connections open at once
+    keepalive: bool = True
+    timeout: float = 10.0          # s: connect, and each answer
+    limit: int = 0                 # requests to try (0: all)
+    duration: float = 0.0          # s of schedule (0: all)
+    loop: bool = False
+
+
+class Attempt:
+    """One planned request on its way: its deadline, when it was sent, on which pass."""
+
+    __slots__ = ("req", "iteration", "deadline", "sent_ns", "conn_id")
+
+    def __init__(self, req, iteration, deadline, conn_id):
+        self.req = req
+        self.iteration = iteration
+        self.deadline = deadline
+        self.sent_ns = 0
+        self.conn_id = conn_id
+
+
+class ReplayProtocol(asyncio.Protocol):
+    """One replay connection: writes requests, frames the responses, fails what is left on loss."""
+
+    def __init__(self, player: "Player"):
+        self.player = player
+        self.loop = player.loop
+        self.now = player.clock.now
+        self.transport = None
+        self.framer = None
+        self.pending: deque = deque()
+        self.closed = False
+        self.reusable = True
+        self.waiter = None
+        self.local = ("", 0)
+        self.peer = ("", 0)
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        local = transport.get_extra_info("sockname") or ("", 0)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.local, self.peer = tuple(local[:2]), tuple(peer[:2])
+        self.framer = core.ResponseFramer(self.local, self.peer)
+
+    def data_received(self, data):
+        now = self.now()
+        self.player.report.bytes_received += len(data)
+        msgs = self.framer.feed(data, now)
+        if msgs:
+            self._answered(msgs, now)
+        if self.framer.tunnel:
+            # a 101 or CONNECT 2xx: HTTP ends here, and we have nothing to send through the tunnel
+            self.reusable = False
+            self.transport.close()
+
+    def eof_received(self):
+        self.reusable = False
+        return False            # close our side too
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.reusable = False
+        now = self.now()
+        msgs = self.framer.eof(now) if self.framer is not None else []
+        cut = False
+        if msgs:
+            cut = any(m.flags & F_INCOMPLETE for m in msgs)
+            self._answered([m for m in msgs if not m.flags & F_INCOMPLETE], now)
+        if self.pending:
+            self.fail_pending(self._kind(exc, cut))
+        self.player.report.on_disconnect()
+        self._wake(True)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _kind(self, exc, cut=False):
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return "reset"
+        if isinstance(exc, ssl.SSLError):
+            return "tls"
+        if self.framer is not None and self.framer.stats().get("skipped_bytes"):
+            return "bad_response"
+        if exc is None:
+            return "closed"
+        return "reset"
+
+    def _answered(self, msgs, now):
+        player = self.player
+        for m in msgs:
+            if m.flags & F_INTERIM:
+                continue
+            if not self.pending:
+                player.report.unsolicited += 1
+                continue
+            att = self.pending.popleft()
+            if m.head_length:
+                conn_hdr = header_value(m.data, m.head_length, b"connection")
+                if conn_hdr and "close" in conn_hdr.lower() or m.data.startswith(b"HTTP/1.0") and \
+                        not (conn_hdr and "keep-alive" in conn_hdr.lower()):
+                    self.reusable = False
+            player.answered(att, m, now, self)
+        if not self.pending:
+            self._wake(True)
+
+    def _wake(self, value):
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(value)
+
+    def send(self, att: Attempt) -> int:
+        self.framer.expect(att.req.method)
+        self.pending.append(att)
+        t = self.now()
+        att.sent_ns = t
+        self.transport.write(att.req.data)
+        return t
+
+    def fail_pending(self, kind: str):
+        skipped = self.framer.stats().get("skipped_bytes", 0) if self.framer is not None else 0
+        if skipped:
+            self.player.report.garbage_bytes += skipped
+        while self.pending:
+            self.player.failed(self.pending.popleft(), kind, True)
+
+    async def wait_idle(self, timeout_ns: int) -> bool:
+        """True once every request sent here is answered (or failed); False on timeout."""
+        while self.pending and not self.closed:
+            limit = self.pending[0].sent_ns + timeout_ns
+            rem = limit - self.now()
+            if rem <= 0:
+                return False
+            fut = self.loop.create_future()
+            self.waiter = fut
+            h = self.loop.call_later(rem / NS, _expire, fut)
+            try:
+                await fut
+            finally:
+                h.cancel()
+                self.waiter = None
+        return True
+
+    def abort(self, kind: str):
+        """Give up on this connection: what is outstanding fails with ``kind``."""
+        if self.pending:
+            if kind == "timeout" and self.framer is not None and \
+                    self.framer.stats().get("skipped_bytes"):
+                kind = "bad_response"
+            self.fail_pending(kind)
+        self.reusable = False
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+
+def _expire(fut):
+    if not fut.done():
+        fut.set_result(False)
+
+
+class Player:
+    """Runs a plan against a target on the current event loop; results go to ``report``.
+
+    ``on_exchange(attempt, request_message, response_message)``, when given, sees every answered
+    request with the bytes sent and the response received (for ``--output``).
+    """
+
+    def __init__(self, plan, schedule: Schedule, target: Target, options: Options, report,
+                 clock, pacer: Pacer | None = None, on_exchange=None, wall_offset: int = 0):
+        self.plan = plan
+        self.schedule = schedule
+        self.target = target
+        self.opts = options
+        self.report = report
+        self.clock = clock
+        self.pacer = pacer or Pacer(clock)
+        self.on_exchange = on_exchange
+        self.wall_offset = wall_offset
+        self.loop = None
+        self.stopping = False
+        self.end_ns = None
+        self.budget = options.limit or None
+        self.tasks: set = set()
+        self.timeout_ns = int(options.timeout * NS)
+        self.lead = CONNECT_LEAD_TLS_NS if target.ssl else CONNECT_LEAD_NS
+        self.slots = None
+        self.crash = None           # an exception that escaped a connection task: a bug
+
+    # -- results -----------------------------------------------------------------------------
+    def answered(self, att: Attempt, m: Message, now: int, proto: ReplayProtocol):
+        intended = att.deadline if att.deadline is not None else att.sent_ns
+        self.report.on_answer(m.status, att.req.recorded_status, now - att.sent_ns,
+                              now - intended, len(m.data), now)
+        if self.on_exchange is not None:
+            self.on_exchange(att, self._request_message(att, proto), self._response_message(att, m))
+
+    def failed(self, att: Attempt, kind: str, was_sent: bool):
+        self.report.on_error(kind, was_sent)
+
+    def _request_message(self, att, proto):
+        r = att.req
+        t = att.sent_ns + self.wall_offset
+        return Message(KIND_REQUEST, att.conn_id, r.index, t, t, proto.local, proto.peer, 0, r.data,
+                       r.method, r.uri, 0, 0, r.head_length)
+
+    def _response_message(self, att, m):
+        m.conn = att.conn_id
+        m.index = att.req.index
+        m.ts_first += self.wall_offset
+        m.ts_last += self.wall_offset
+        m.method = att.req.method
+        m.uri = att.req.uri
+        return m
+
+    # -- running -----------------------------------------------------------------------------
+    def stop(self):
+        self.stopping = True
+
+    def cancel(self):
+        """Ctrl-C: stop at once; what is in flight stays in flight."""
+        self.stopping = True
+        self.report.interrupted = True
+        for t in list(self.tasks):
+            t.cancel()
+
+    async def run(self):
+        self.loop = asyncio.get_running_loop()
+        self.slots = asyncio.Semaphore(max(1, self.opts.connections))
+        now = self.clock.now()
+        self.schedule.start = now + (START_DELAY_NS if self.schedule.timed else 0)
+        self.report.started_ns = now
+        if self.opts.duration:
+            self.end_ns = self.schedule.start + int(self.opts.duration * NS)
+            self.loop.call_later(self.opts.duration + (self.schedule.start - now) / NS, self.stop)
+        launcher = asyncio.ensure_future(self._launch())
+        self.tasks.add(launcher)
+        try:
+            await launcher
+        except asyncio.CancelledError:
+            pass
+        self.tasks.discard(launcher)
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        self.report.ended_ns = self.clock.now()
+
+    async def _launch(self):
+        plan, sched = self.plan, self.schedule
+        iterations = itertools.count() if self.opts.loop else range(1)
+        stride = plan.conn_stride
+        for it in iterations:
+            for cp in plan.connections:
+                if self.stopping or self.budget == 0:
+                    return
+                first = cp.requests[0]
+                d0 = sched.deadline(first.t, first.seq, it)
+                if d0 is not None:
+                    if self.end_ns is not None and d0 >= self.end_ns:
+                        return
+                    await self.pacer.sleep_until(d0 - self.lead)
+                await self.slots.acquire()
+                if self.stopping:
+                    self.slots.release()
+                    return
+                task = asyncio.ensure_future(self._connection(cp, it, cp.conn + it * stride))
+                self.tasks.add(task)
+                task.add_done_callback(self._task_done)
+            if not plan.connections:
+                return
+
+    def _task_done(self, task):
+        self.tasks.discard(task)
+        self.slots.release()
+        if not task.cancelled() and task.exception() is not None and self.crash is None:
+            # a bug, not a fault of the target: stop, and raise it at the end of the run
+            self.crash = task.exception()
+            self.cancel()
+
+    async def _open(self, att: Attempt):
+        t = self.target
+        r = self.report
+        start = self.clock.now()
+        try:
+            _, proto = await asyncio.wait_for(self.loop.create_connection(
+                lambda: ReplayProtocol(self), t.addr, t.port, ssl=t.ssl,
+                server_hostname=t.host if t.ssl else None, family=t.family),
+                self.opts.timeout)
+        except ConnectionRefusedError:
+            kind = "refused"
+        except (asyncio.TimeoutError, TimeoutError):
+            kind = "timeout"
+        except ssl.SSLError:
+            kind = "tls"
+        except OSError:
+            kind = "connect"
+        else:
+            r.on_connect(self.clock.now() - start)
+            return proto
+        r.on_error(kind, False)
+        return None
+
+    async def _connection(self, cp, it: int, conn_id: int):
+        sched, pacer, opts, report = self.schedule, self.pacer, self.opts, self.report
+        now = self.clock.now
+        proto = None
+        try:
+            for req in cp.requests:
+                if self.stopping or self.budget == 0:
+                    break
+                deadline = sched.deadline(req.t, req.seq, it)
+                if deadline is not None and self.end_ns is not None and deadline >= self.end_ns:
+                    break
+                if self.budget is not None:
+                    self.budget -= 1
+                report.on_attempt(req.recorded_status)
+                att = Attempt(req, it, deadline, conn_id)
+                held = False
+                if proto is not None and (not req.pipelined or not opts.keepalive):
+                    ok = await proto.wait_idle(self.timeout_ns)
+                    if not ok:
+                        proto.abort("timeout")
+                        proto = None
+                    elif not opts.keepalive or not proto.reusable or proto.closed:
+                        if not proto.closed:
+                            proto.transport.close()
+                        proto = None
+                    if deadline is not None and now() > deadline:
+                        held = True
+                if proto is None or proto.closed:
+                    if deadline is not None:
+                        await pacer.sleep_until(deadline - self.lead)
+                    proto = await self._open(att)
+                    if proto is None:
+                        continue
+                lateness = None
+                if deadline is not None:
+                    lateness = await pacer.wait_until(deadline)
+                if proto.closed:
+                    # lost while we waited: this request never left
+                    report.on_error("closed", False)
+                    proto = None
+                    continue
+                t = proto.send(att)
+                if lateness is not None:
+                    lateness = t - deadline
+                report.on_sent(len(req.data), lateness, held, t)
+            if proto is not None and not proto.closed:
+                ok = await proto.wait_idle(self.timeout_ns)
+                if not ok:
+                    proto.abort("timeout")
+                elif not proto.closed:
+                    proto.transport.close()
+        except asyncio.CancelledError:
+            if proto is not None and not proto.closed and proto.transport is not None:
+                proto.pending.clear()
+                proto.transport.abort()
+            raise
