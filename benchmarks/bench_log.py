@@ -10,7 +10,9 @@ added when it exists) the messages are first reassembled in memory (not timed), 
 * the log's size against the gzip size, for all messages and for API messages alone
   (``/api/`` URIs: small JSON bodies, where per-message overhead shows most);
 * ``LogReader``: iterating every message (MB/s), ``table()`` (the columns only, no payload
-  decompression) and a ``read_range`` over a tenth of the time span.
+  decompression) and a ``read_range`` over a tenth of the time span;
+* capture to log as ``replay convert`` does it (core and writer in one process), with and without
+  the writer's thread: what the overlap of parsing and compression gains on two cores.
 
 Nothing here is a pass/fail test: the figures are for people to read.
 
@@ -84,6 +86,15 @@ def bench(cap: Path, tmp: Path, args):
     dt, k = timed(lambda: sum(1 for _ in reader.read_range(mid, mid + (t1 - t0) // 10)), args.repeat)
     print(f"  read_range (1/10 span) {dt * 1000:8.1f} ms for {k} messages")
     reader.close()
+
+    for threads in (True, False):  # what convert does: parsing and writing in one process
+        def convert():
+            with LogWriter(out, threads=threads, **kw) as w:
+                for m in CaptureReader(str(cap)):
+                    w.write(m)
+        dt, _ = timed(convert, args.repeat)
+        print(f"  capture -> log ({'thread' if threads else 'inline'}) {mb / dt:8.1f} MB/s "
+              f"{len(msgs) / dt:9.0f} msg/s ({dt:.3f} s)")
 
     api = [m for m in msgs if (m.uri or "").startswith("/api/")]
     if api:
