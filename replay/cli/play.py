@@ -51,14 +51,14 @@ class SecondsType(click.ParamType):
               help="Where to send: http[s]://host[:port] ([v6addr] in brackets; host:port means http).")
 @click.option("--sink", "use_sink", is_flag=True,
               help="Start the built-in sink (`replay sink`) on a free loopback port and target it.")
-@click.option("-s", "--speed", type=SpeedType(), default="1", show_default=True,
+@click.option("-s", "--speed", type=SpeedType(), default="1", show_default=True, metavar="FACTOR|max",
               help="Time factor: 1 keeps the recorded timing, 10 is ten times faster, 0.5 half as "
                    "fast; max sends as fast as the target answers.")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="N",
               help="Constant N requests/s in recorded order, ignoring the recorded gaps.")
 @click.option("--loop", is_flag=True, help="Start over at the end (until --duration, --limit or Ctrl-C).")
 @click.option("--duration", type=SecondsType(), help="Stop sending after this long (30, 30s, 5m).")
-@click.option("-n", "--limit", type=click.IntRange(min=1), help="Send at most N requests.")
+@click.option("-n", "--limit", type=click.IntRange(min=1), metavar="N", help="Send at most N requests.")
 @click.option("-c", "--connections", type=click.IntRange(min=1), metavar="N",
               help="At most N replay connections open at once (default: 1000; with --speed max, "
                    "the recorded connections up to 64).")

@@ -1,0 +1,109 @@
+"""The scheduler with an injected clock: absolute deadlines, lateness that never accumulates."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from replay.play.scheduler import NS, SPIN_NS, Lookahead, Pacer, Schedule
+
+MS = 1_000_000
+
+
+class FakeClock:
+    """Time moves only when asked: each ``now()`` costs ``tick`` ns (so a spin ends), each
+    ``sleep`` overshoots by ``overshoot`` ns (a busy machine wakes sleepers late)."""
+
+    def __init__(self, t=10**12, tick=1_000, overshoot=0):
+        self.t = t
+        self.tick = tick
+        self.overshoot = overshoot
+        self.sleeps = []
+
+    def now(self):
+        self.t += self.tick
+        return self.t
+
+    async def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.t += int(seconds * NS) + self.overshoot
+
+
+def run(coro):
+    return asyncio.new_event_loop().run_until_complete(coro)
+
+
+def test_deadlines_are_absolute_at_every_speed():
+    t0 = 5 * NS
+    for speed, expect in ((1.0, 300 * MS), (10.0, 30 * MS), (0.5, 600 * MS)):
+        s = Schedule(t0, 1 * NS, 11, speed=speed, start=1000)
+        assert s.deadline(t0, 0) == 1000
+        assert s.deadline(t0 + 300 * MS, 3) == 1000 + expect
+        # a later pass of --loop is shifted by whole periods of the same schedule
+        assert s.deadline(t0 + 300 * MS, 3, 2) == 1000 + expect + int(2 * s.period)
+    assert Schedule(t0, NS, 11, speed=1.0).period == 1.1 * NS   # span + one mean gap
+
+
+def test_rate_ignores_recorded_gaps_and_max_has_no_deadlines():
+    s = Schedule(0, 10 * NS, 5, rate=100.0, start=7)
+    assert [s.deadline(999 * i, i) for i in range(5)] == [7 + i * 10 * MS for i in range(5)]
+    assert s.deadline(0, 0, 1) == 7 + 50 * MS                # next pass continues the count
+    assert s.duration_ns() == 40 * MS
+    m = Schedule(0, 10 * NS, 5, speed=None)
+    assert m.deadline(123, 0) is None and not m.timed and m.duration_ns() == 0
+    with pytest.raises(ValueError):
+        Schedule(0, 1, 2, speed=0)
+
+
+def test_lateness_does_not_accumulate():
+    """Every sleep wakes 2 ms late (beyond the spin window): each request is about 2 ms late,
+    the thousandth no later than the first. Relative sleeps would end ~2 s late."""
+    clock = FakeClock(overshoot=2 * MS)
+    pacer = Pacer(clock)
+    s = Schedule(0, 999 * 10 * MS, 1000, speed=1.0, start=clock.now() + 10 * MS)
+
+    async def go():
+        out = []
+        for i in range(1000):
+            out.append(await pacer.wait_until(s.deadline(i * 10 * MS, i)))
+        return out
+
+    late = run(go())
+    assert max(late) < 2 * MS - SPIN_NS + 50_000
+    assert late[-1] <= late[0] + 10_000
+    assert clock.t - s.start < 999 * 10 * MS + 3 * MS
+
+
+def test_short_overshoot_is_absorbed_by_the_spin():
+    """Sleeps that wake up to 200 µs late (less than the spin window) give ~zero lateness."""
+    clock = FakeClock(overshoot=200_000)
+    pacer = Pacer(clock)
+
+    async def go():
+        out = []
+        for i in range(200):
+            out.append(await pacer.wait_until(clock.t + 5 * MS + i))
+        return out
+
+    late = run(go())
+    assert max(late) <= clock.tick
+    # the coarse sleep stops SPIN_NS before the deadline: it is the spin that ends the wait
+    assert all(abs(x * NS - (5 * MS - SPIN_NS)) < 10_000 for x in clock.sleeps[:10])
+
+
+def test_a_past_deadline_returns_at_once_with_its_lateness():
+    clock = FakeClock()
+    late = run(Pacer(clock).wait_until(clock.t - 3 * MS))
+    assert 3 * MS <= late < 3 * MS + 10_000
+    assert clock.sleeps == []
+
+
+def test_lookahead_finds_the_next_deadline_across_passes():
+    s = Schedule(0, 100 * MS, 3, speed=1.0, start=1_000 * MS)
+    look = Lookahead(s, [0, 40 * MS, 100 * MS])
+    assert look.next_after(1_000 * MS) == 1_040 * MS
+    assert look.next_after(1_050 * MS) == 1_100 * MS
+    # after the last request of pass 0 comes the first of pass 1
+    assert look.next_after(1_100 * MS) == 1_000 * MS + int(s.period)
+    assert Lookahead(Schedule(0, 1, 2, speed=None), [0, 1]).next_after(5) is None
