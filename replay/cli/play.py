@@ -11,9 +11,11 @@ class SpeedType(click.ParamType):
     def convert(self, value, param, ctx):
         if value is None or isinstance(value, float):
             return value
-        text = str(value).strip().lower().rstrip("x")
-        if text in ("max", "inf", "0"):
+        text = str(value).strip().lower()
+        if text in ("max", "inf"):
             return None
+        if text.endswith("x"):          # 10x
+            text = text[:-1]
         try:
             f = float(text)
         except ValueError:

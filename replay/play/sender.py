@@ -187,11 +187,18 @@ class ReplayProtocol(asyncio.Protocol):
             return "reset"
         if isinstance(exc, ssl.SSLError):
             return "tls"
-        if self.framer is not None and self.framer.stats().get("skipped_bytes"):
+        if self.garbage():
             return "bad_response"
         if exc is None:
             return "closed"
         return "reset"
+
+    def garbage(self) -> bool:
+        """The target sent bytes that are not HTTP (the framer had to resynchronise)."""
+        if self.framer is None:
+            return False
+        st = self.framer.stats()
+        return bool(st.get("resyncs") or st.get("skipped_bytes") or st.get("non_http_streams"))
 
     def _answered(self, msgs, now):
         player = self.player
@@ -251,8 +258,7 @@ class ReplayProtocol(asyncio.Protocol):
     def abort(self, kind: str):
         """Give up on this connection: what is outstanding fails with ``kind``."""
         if self.pending:
-            if kind == "timeout" and self.framer is not None and \
-                    self.framer.stats().get("skipped_bytes"):
+            if kind == "timeout" and self.garbage():
                 kind = "bad_response"
             self.fail_pending(kind)
         self.reusable = False

@@ -1,0 +1,253 @@
+"""``replay play`` as a user runs it, against real servers on loopback (the built-in sink)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from play_helpers import (MS, SAMPLE, T0, FaultServer, SinkThread, env, free_port, get, ok_response,
+                          replay_cmd, spread_capture, write_capture)
+
+from replay.events import KIND_REQUEST
+from replay.pipeline import open_input
+
+
+def play(*args, timeout=60, check=True):
+    p = subprocess.run(replay_cmd() + ["play", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env=env())
+    assert "Traceback" not in p.stderr, p.stderr
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def play_report(tmp_path, *args, **kw):
+    rep = tmp_path / "report.json"
+    p = play(*args, "--report", rep, "-q", **kw)
+    return json.loads(rep.read_text()), p
+
+
+def recorded_by_conn(path):
+    out = {}
+    for m in open_input(str(path)):
+        if m.kind == KIND_REQUEST:
+            out.setdefault(m.conn, []).append(m)
+    return {c: [m.data for m in sorted(ms, key=lambda m: m.index)] for c, ms in out.items()}
+
+
+def with_host(data, host):
+    return re.sub(rb"(?im)^(host):[^\r\n]*", lambda m: m.group(1) + b": " + host.encode(), data, count=1)
+
+
+def test_exact_bytes_order_and_connections(tmp_path):
+    with SinkThread() as sink:
+        rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "10")
+        got = sink.by_conn()
+    expect = recorded_by_conn(SAMPLE)
+    host = f"127.0.0.1:{sink.port}"
+    # one replay connection per recorded connection, each with exactly the recorded requests,
+    # in recorded order, byte for byte but for the Host header
+    assert len(got) == len(expect) == 14
+    assert sorted(got.values()) == sorted([with_host(d, host) for d in reqs] for reqs in expect.values())
+    assert rep["sent"] == rep["answered"] == 37 and rep["error_total"] == 0
+    assert rep["connections"]["opened"] == 14
+
+
+def test_keep_host_sends_the_recorded_bytes(tmp_path):
+    with SinkThread() as sink:
+        play(SAMPLE, "--target", sink.url, "--speed", "max", "--keep-host", "-q")
+        got = sink.by_conn()
+    assert sorted(got.values()) == sorted(recorded_by_conn(SAMPLE).values())
+
+
+def test_no_keepalive_and_connection_cap(tmp_path):
+    with SinkThread() as sink:
+        rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "max", "--no-keepalive")
+        assert len(sink.by_conn()) == 37 and rep["connections"]["opened"] == 37
+    cap = spread_capture(tmp_path / "s.pcap", n=12, conns=4, span_ns=60 * MS)
+    with SinkThread() as sink:
+        rep, _ = play_report(tmp_path, cap, "--target", sink.url, "--connections", "1")
+        assert rep["connections"]["max_open"] == 1 and rep["answered"] == 12
+        # one connection at a time: each recorded connection still gets its own
+        assert len(sink.by_conn()) == 4
+
+
+def test_speed_factor(tmp_path):
+    cap = spread_capture(tmp_path / "s.pcap", n=11, conns=2, span_ns=1_000_000_000)
+    with SinkThread() as sink:
+        rep, _ = play_report(tmp_path, cap, "--target", sink.url, "--speed", "10")
+        ts = sorted(r["ts"] for r, _ in sink.records)
+    spread = ts[-1] - ts[0]
+    assert 0.09 < spread < 0.2, spread                 # ~1 s recorded, at 10x: ~0.1 s
+    assert rep["lateness_ms"]["p50"] < 5
+    with SinkThread() as sink:
+        play(cap, "--target", sink.url, "--speed", "20", "-q")
+        ts = sorted(r["ts"] for r, _ in sink.records)
+    assert 0.045 < ts[-1] - ts[0] < 0.15
+
+
+def test_rate_limit_loop_and_duration(tmp_path):
+    cap = spread_capture(tmp_path / "s.pcap", n=5, conns=1, span_ns=10_000_000_000)
+    with SinkThread() as sink:
+        rep, _ = play_report(tmp_path, cap, "--target", sink.url, "--rate", "100", "--loop", "--limit", "20")
+        ts = sorted(r["ts"] for r, _ in sink.records)
+    assert rep["sent"] == 20 and len(ts) == 20
+    assert 0.17 < ts[-1] - ts[0] < 0.35                 # 19 gaps of 10 ms, recorded gaps ignored
+    with SinkThread() as sink:
+        rep, _ = play_report(tmp_path, cap, "--target", sink.url, "--speed", "max", "--loop",
+                             "--limit", "50")
+        assert rep["sent"] == rep["answered"] == 50 == len(sink.records)
+    with SinkThread() as sink:
+        t = time.monotonic()
+        rep, _ = play_report(tmp_path, cap, "--target", sink.url, "--rate", "50", "--loop",
+                             "--duration", "0.3")
+        assert time.monotonic() - t < 5
+        assert 12 <= rep["sent"] <= 17 and rep["answered"] == rep["sent"]
+
+
+def test_dry_run_sends_nothing(tmp_path):
+    with SinkThread() as sink:
+        p = play(SAMPLE, "--target", sink.url, "--speed", "2", "--dry-run")
+        time.sleep(0.05)
+        assert sink.records == []
+    assert "37 requests on 14 connections" in p.stdout
+    assert "expected duration 0.404 s" in p.stdout and "nothing sent" in p.stdout
+    p = play(SAMPLE, "--dry-run", "--speed", "max")
+    assert "full speed" in p.stdout
+
+
+def test_report_fields(tmp_path):
+    with SinkThread() as sink:
+        rep, p = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "10")
+    for key in ("sent", "answered", "errors", "statuses", "recorded_statuses", "status_comparison",
+                "latency_ms", "latency_from_intended_ms", "lateness_ms", "connections", "schedule"):
+        assert key in rep, key
+    assert set(rep["errors"]) >= {"refused", "reset", "timeout", "bad_response"}
+    assert set(rep["latency_ms"]) == {"p50", "p90", "p99", "max"}
+    assert {"p50", "p99", "max"} <= set(rep["lateness_ms"])
+    assert rep["statuses"] == {"200": 37}
+    assert rep["recorded_statuses"] == {"200": 31, "206": 1, "301": 1, "304": 2, "404": 2}
+    sc = rep["status_comparison"]
+    assert sc["same"] == 31 and sc["different"] == 6 and sc["changes"]["304 -> 200"] == 2
+    assert 0 <= rep["latency_ms"]["p50"] <= rep["latency_ms"]["p99"] <= rep["latency_ms"]["max"] < 1000
+    assert rep["lateness_samples"] == 37 and p.stdout == ""
+
+
+def test_summary_on_stdout(tmp_path):
+    p = play(SAMPLE, "--sink", "--speed", "4")
+    assert p.stdout.startswith("replayed 37 of 37 requests")
+    assert "lateness ms" in p.stdout and "latency ms" in p.stdout
+    assert "sink: received 37 requests on 14 connections" in p.stderr
+
+
+@pytest.mark.parametrize("mode,kind", [("reset", "reset"), ("garbage", "bad_response"),
+                                       ("silent", "timeout"), ("close", "closed")])
+def test_faults_are_counted(tmp_path, mode, kind):
+    cap = spread_capture(tmp_path / "s.pcap", n=6, conns=2, span_ns=50 * MS)
+    with FaultServer(mode) as srv:
+        rep, _ = play_report(tmp_path, cap, "--target", srv.url, "--timeout", "0.3")
+    assert rep["attempted"] == 6 and rep["answered"] == 0
+    assert rep["errors"][kind] >= 2 and rep["error_total"] == 6, rep["errors"]
+    assert rep["in_flight"] == 0
+
+
+def test_refused(tmp_path):
+    port = free_port()
+    rep, p = play_report(tmp_path, SAMPLE, "--target", f"http://127.0.0.1:{port}", "--speed", "max")
+    assert rep["errors"]["refused"] == 37 and rep["sent"] == 0 and rep["attempted"] == 37
+
+
+def test_output_log(tmp_path):
+    from replay.log import LogReader
+
+    out = tmp_path / "replayed.rlog"
+    with SinkThread() as sink:
+        play(SAMPLE, "--target", sink.url, "--speed", "max", "-o", out, "-q")
+    msgs = list(LogReader(str(out)))
+    reqs = {(m.conn, m.index): m for m in msgs if m.kind == KIND_REQUEST}
+    resps = {(m.conn, m.index): m for m in msgs if m.kind != KIND_REQUEST}
+    recorded = {(m.conn, m.index) for m in open_input(str(SAMPLE)) if m.kind == KIND_REQUEST}
+    assert set(reqs) == set(resps) == recorded
+    for key, r in resps.items():
+        assert r.status == 200 and r.method == reqs[key].method and r.ts_first >= reqs[key].ts_first
+    meta = LogReader(str(out)).meta
+    assert meta["command"] == "play" and meta["report"]["answered"] == 37
+
+
+def test_ctrl_c_prints_the_summary(tmp_path):
+    cap = spread_capture(tmp_path / "s.pcap", n=5, conns=1, span_ns=100 * MS)
+    with SinkThread() as sink:
+        p = subprocess.Popen(replay_cmd() + ["play", str(cap), "--target", sink.url, "--loop",
+                                             "--duration", "20"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        deadline = time.monotonic() + 10
+        while len(sink.records) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(10)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    assert "(interrupted)" in out and re.search(r"replayed \d+ of \d+ requests", out)
+
+
+def test_https_and_ipv6(tmp_path):
+    import ssl
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed (needed to make a test certificate)")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", cert, "-days", "1", "-subj", "/CN=localhost"], capture_output=True)
+    if r.returncode:
+        pytest.skip("openssl could not make a certificate")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    with SinkThread(ssl=ctx) as sink:
+        rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "max", "--insecure")
+        assert rep["answered"] == 37 and rep["error_total"] == 0
+        rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "max", "--limit", "3")
+        assert rep["errors"]["tls"] == 3                  # self-signed: refused without --insecure
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with SinkThread("::1") as sink:
+        rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "max")
+        assert rep["answered"] == 37
+        raw = sink.records[0][1]
+    assert f"\r\nHost: [::1]:{sink.port}\r\n".encode() in raw
+
+
+def test_pipelined_requests_go_out_before_the_answer(tmp_path):
+    cap = write_capture(tmp_path / "p.pcap", [[
+        (T0 + 10 * MS, get("/a"), ok_response()),
+        (T0 + 11 * MS, get("/b"), ok_response(), True),
+        (T0 + 12 * MS, get("/c"), ok_response(), True),
+    ]])
+    with SinkThread() as sink:
+        rep, _ = play_report(tmp_path, cap, "--target", sink.url, "--speed", "max")
+        got = sink.by_conn()
+    assert rep["answered"] == 3 and len(got) == 1
+    assert [r.split(b" ")[1] for r in list(got.values())[0]] == [b"/a", b"/b", b"/c"]
+
+
+def test_help_and_bad_flags():
+    for args in (["play", "--help"], ["sink", "--help"]):
+        p = subprocess.run(replay_cmd() + args, capture_output=True, text=True, env=env())
+        assert p.returncode == 0 and "Usage:" in p.stdout
+    for args in (["--speed", "fast"], ["--speed", "-2"], ["--bogus"], [], ["--rate", "0"],
+                 ["--target", "ftp://x"], ["--target", "http://a:1", "--sink"],
+                 ["--speed", "2", "--rate", "5", "--dry-run"], ["--duration", "soon", "--dry-run"]):
+        p = subprocess.run(replay_cmd() + ["play", str(SAMPLE), *args], capture_output=True,
+                           text=True, env=env())
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("replay"), (args, p.stderr)
+    p = subprocess.run(replay_cmd() + ["play", "/nonexistent.pcap", "--dry-run"], capture_output=True,
+                       text=True, env=env())
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
