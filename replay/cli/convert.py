@@ -53,6 +53,7 @@ def command(capture, output, ports, max_stream_buffer, max_total_buffer, idle_ti
                 responses += 1
         writer.update_meta({"stats": reader.stats, "warnings": list(reader.warnings),
                             "packets_read": reader.source.packets_read})
+        writer.close(fsync=False)
     dt = time.perf_counter() - t0
     for w in reader.warnings:
         click.echo(f"replay: warning: {w}", err=True)

@@ -257,8 +257,9 @@ def _unplanes(buf, dt: np.dtype, n: int, offset: int) -> np.ndarray:
     return planes.reshape(dt.itemsize, n).T.copy().view(dt).reshape(n)
 
 
-def encode_table(msgs: list) -> tuple[bytes, bytes, int, int]:
-    """(table section, payload section, t_min, t_max) of a data block holding ``msgs`` (raw).
+def encode_table(msgs: list) -> tuple[bytes, int, int]:
+    """(table section, t_min, t_max) of a data block holding ``msgs`` (raw); the payload
+    section is the messages' bytes one after another.
 
     ValueError when a field does not fit its column (see docs/log-format.md for the ranges).
     """
@@ -317,8 +318,7 @@ def encode_table(msgs: list) -> tuple[bytes, bytes, int, int]:
         sb = _text(s)
         out += U32.pack(len(sb))
         out += sb
-    payload = b"".join([m.data for m in msgs])
-    return bytes(out), payload, t_min, t_max
+    return bytes(out), t_min, t_max
 
 
 class Table:
