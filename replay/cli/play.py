@@ -77,11 +77,17 @@ class SecondsType(click.ParamType):
               help="Write the final report as JSON to this file.")
 @click.option("--port", "ports", type=int, multiple=True,
               help="For a capture file: only these server ports (repeatable).")
+@click.option("--realtime", is_flag=True,
+              help="Linux: run at real-time priority (SCHED_FIFO; root or CAP_SYS_NICE), so that "
+                   "other processes cannot delay a send by milliseconds. Timed replays only.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
 @click.option("--event-loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
               hidden=True, help="Event loop (auto: microsecond timers when timed, uvloop at max).")
+@click.option("--spin-us", type=click.IntRange(0, 100_000), default=None, hidden=True,
+              help="Microseconds of busy-wait before each deadline (after the sleep).")
 def command(path, target, use_sink, speed, rate, loop, duration, limit, connections, no_keepalive,
-            keep_host, insecure, timeout, dry_run, output, report_path, ports, quiet, event_loop):
+            keep_host, insecure, timeout, dry_run, output, report_path, ports, realtime, quiet, event_loop,
+            spin_us):
     """Replay the requests of PATH (a .rlog log or a pcap/pcapng capture) against a target.
 
     Each recorded connection becomes one connection to the target, opened when it was recorded;
@@ -92,8 +98,8 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
         path=path, target=target, use_sink=use_sink, speed=speed, rate=rate, loop=loop,
         duration=duration, limit=limit, connections=connections, keepalive=not no_keepalive,
         keep_host=keep_host, insecure=insecure, timeout=timeout, dry_run=dry_run, output=output,
-        report_path=report_path, ports=ports, quiet=quiet,
-        event_loop=event_loop)
+        report_path=report_path, ports=ports, quiet=quiet, realtime=realtime,
+        event_loop=event_loop, spin_us=spin_us)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -104,7 +110,8 @@ MAX_CONNECTIONS_AT_MAX = 64
 
 
 def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connections, keepalive,
-        keep_host, insecure, timeout, dry_run, output, report_path, ports, quiet, event_loop="auto"):
+        keep_host, insecure, timeout, dry_run, output, report_path, ports, quiet, event_loop="auto",
+        spin_us=None, realtime=False):
     import os
     import sys
 
@@ -120,6 +127,9 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
         speed = 1.0
     if use_sink and target:
         raise UsageError("--sink and --target: give one")
+    if realtime and speed is None and rate is None:
+        raise UsageError("--realtime is for timed replays: with --speed max it would only take CPU "
+                         "from the target")
     if not (target or use_sink or dry_run):
         raise UsageError("no target: give --target http://host:port, or --sink to replay "
                          "against the built-in server")
@@ -127,6 +137,7 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
         raise ReplayError(f"{output}: output would overwrite the input it reads")
     tgt = parse_target(target, insecure) if target else None
     sink_proc = None
+    code = None
     try:
         if use_sink and not dry_run:
             from replay.sink import start_sink_process
@@ -144,20 +155,44 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
         if connections is None:
             connections = (min(len(plan.connections), MAX_CONNECTIONS_AT_MAX) if not schedule.timed
                            else MAX_CONNECTIONS)
+        if realtime and not dry_run:
+            _realtime()
         if dry_run:
             _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keepalive, keep_host)
             return 0
         code = _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections,
-                       keepalive, insecure, timeout, output, report_path, quiet, event_loop)
+                       keepalive, insecure, timeout, output, report_path, quiet, event_loop, spin_us)
     finally:
         if sink_proc is not None:
             from replay.sink import stop_sink_process
 
             summary = stop_sink_process(sink_proc)
-            if summary and not quiet and not dry_run:
+            if summary and not quiet and code is not None:
                 click.echo(f"sink: received {summary['requests']} requests on "
                            f"{summary['connections']} connections", err=True)
     sys.exit(code)
+
+
+# SCHED_FIFO priority for --realtime: above every normal process, below the kernel's own
+# real-time threads (migration, watchdog at 99). The spin before each deadline is short (see
+# scheduler.SPIN_NS) and the kernel keeps 5 % of each second for normal processes anyway
+# (sched_rt_runtime_us), so nothing starves.
+RT_PRIORITY = 10
+
+
+def _realtime():
+    import os
+
+    from replay.errors import UsageError
+
+    if not hasattr(os, "sched_setscheduler"):
+        raise UsageError("--realtime: real-time scheduling is not available on this system")
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
+    except PermissionError:
+        raise UsageError("--realtime needs root or CAP_SYS_NICE") from None
+    except OSError as e:
+        raise UsageError(f"--realtime: {e.strerror or e}") from None
 
 
 def _fmt_s(ns):
@@ -205,7 +240,7 @@ def _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keep
 
 
 def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections, keepalive,
-            insecure, timeout, output, report_path, quiet, event_loop):
+            insecure, timeout, output, report_path, quiet, event_loop, spin_us):
     import asyncio
     import gc
     import json
@@ -266,7 +301,8 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
     else:
         on_exchange = None
 
-    player = Player(plan, schedule, tgt, opts, report, clock, Pacer(clock), on_exchange, offset)
+    pacer = Pacer(clock) if spin_us is None else Pacer(clock, spin_us * 1000)
+    player = Player(plan, schedule, tgt, opts, report, clock, pacer, on_exchange, offset)
     look = Lookahead(schedule, plan.deadlines_sorted())
 
     use_uvloop = event_loop == "uvloop" or (event_loop == "auto" and not schedule.timed)

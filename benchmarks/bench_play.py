@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""How precisely and how fast ``replay play`` replays, against nginx in a network namespace.
+
+What it does
+------------
+1. Synthesises a capture (pcap, nanosecond timestamps, written with ``struct``): ``--requests``
+   GETs (default 3000) arriving at ``--rps`` (default 500/s, exponential gaps, seeded) dealt over
+   ``--conns`` keep-alive connections (default 16), each answered 200 µs later. Every request has
+   a unique URI, so arrivals at the target can be matched to the schedule.
+2. Creates a throwaway namespace (``netns.py``), starts nginx (one worker) on its loopback, and
+   ``tcpdump --time-stamp-precision=nano`` there, which records when each request reached the
+   target's interface.
+3. Replays at ``--speed 1`` and ``--speed 10``, each at normal priority and with ``--realtime``
+   (replay runs inside the namespace) and prints
+   lateness p50/p99/max against the recorded schedule twice: from tcpdump's arrival times (the
+   deadline of each request is the run's start, from its report, plus its recorded offset divided
+   by the speed) and from the tool's own report (time of the ``send`` call - deadline).
+4. At ``--speed max`` (``--loop --duration``) with the same number of connections, prints
+   requests/s for replay (asyncio and uvloop event loops) and for ``wrk`` on the same nginx, same
+   connections, in the same run, and the ratio.
+
+Usage::
+
+    sudo python3 benchmarks/bench_play.py
+    sudo python3 benchmarks/bench_play.py --requests 5000 --max-seconds 8
+
+Rules: root, iproute2, nginx, tcpdump, wrk (the wrk line is skipped without it). Traffic stays on
+the namespace's loopback. Every run is bounded in time (each subprocess has a timeout; the whole
+script has a watchdog). The machine's load is printed: other work on the 2 cores makes the
+numbers noisy.
+"""
+
+from __future__ import annotations
+
+import sys
+
+sys.dont_write_bytecode = True
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from netns import Netns, netns_available, start_nginx  # noqa: E402
+
+PORT = 8080
+T0 = 1_700_000_000_000_000_000
+BODY = b"x" * 512
+
+
+# -- a capture, packet by packet --------------------------------------------------------------
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _frame(src, dst, sport, dport, seq, ack, flags, payload=b""):
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, flags,
+                      65535, 0, 0) + payload
+    total = 20 + len(tcp)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    eth = b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + b"\x08\x00"
+    return eth + ip + tcp
+
+
+def synth_capture(path, requests, rps, conns, seed=1):
+    """Write the capture; return {uri: recorded offset from the first request, ns}."""
+    SYN, ACK, PSH, FIN = 0x02, 0x10, 0x08, 0x01
+    rnd = random.Random(seed)
+    cli, srv = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    pkts = []
+    state = {}
+    offsets = {}
+    t = T0
+    for k in range(requests):
+        c = k % conns
+        uri = f"/f/small.txt?c={c}&i={k}"
+        req = (f"GET {uri} HTTP/1.1\r\nHost: bench.example\r\nUser-Agent: bench-play/1.0\r\n"
+               f"Accept: */*\r\n\r\n").encode()
+        resp = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(BODY)) + BODY
+        sport = 40000 + c
+        if c not in state:
+            cs, ss = 1000 + c * 7919, 50000 + c * 104729
+            pkts.append((t - 3_000_000, _frame(cli, srv, sport, PORT, cs, 0, SYN)))
+            pkts.append((t - 2_900_000, _frame(srv, cli, PORT, sport, ss, cs + 1, SYN | ACK)))
+            pkts.append((t - 2_800_000, _frame(cli, srv, sport, PORT, cs + 1, ss + 1, ACK)))
+            state[c] = [cs + 1, ss + 1]
+        cs, ss = state[c]
+        pkts.append((t, _frame(cli, srv, sport, PORT, cs, ss, PSH | ACK, req)))
+        cs += len(req)
+        pkts.append((t + 200_000, _frame(srv, cli, PORT, sport, ss, cs, PSH | ACK, resp)))
+        ss += len(resp)
+        state[c] = [cs, ss]
+        offsets[uri] = t - T0
+        t += max(1000, int(rnd.expovariate(rps) * 1e9))
+    for c, (cs, ss) in state.items():
+        sport = 40000 + c
+        pkts.append((t + 1_000_000, _frame(cli, srv, sport, PORT, cs, ss, FIN | ACK)))
+        pkts.append((t + 1_100_000, _frame(srv, cli, PORT, sport, ss, cs + 1, FIN | ACK)))
+        pkts.append((t + 1_200_000, _frame(cli, srv, sport, PORT, cs + 1, ss + 1, ACK)))
+    pkts.sort(key=lambda p: p[0])
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1))
+        for ts, fr in pkts:
+            sec, ns = divmod(ts, 1_000_000_000)
+            f.write(struct.pack("<IIII", sec, ns, len(fr), len(fr)))
+            f.write(fr)
+    return offsets
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+def pct(values, p):
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[max(0, -(-p * len(s) // 100) - 1)]
+
+
+def arrivals(pcap):
+    """{uri: capture time of its first byte at the target, ns} from tcpdump's file."""
+    from replay.events import KIND_REQUEST
+    from replay.pipeline import open_input
+
+    out = {}
+    for m in open_input(str(pcap)):
+        if m.kind == KIND_REQUEST and m.uri not in out:
+            out[m.uri] = m.ts_first
+    return out
+
+
+class Tcpdump:
+    def __init__(self, ns, path):
+        self.path = path
+        self.proc = ns.popen(["tcpdump", "-i", "lo", "-n", "-s", "0", "-B", "65536",
+                              "--time-stamp-precision=nano", "-w", str(path),
+                              f"tcp dst port {PORT}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        line = ""
+        while time.monotonic() < deadline and "listening" not in line:
+            line = self.proc.stderr.readline()
+            if not line and self.proc.poll() is not None:
+                raise SystemExit("tcpdump did not start")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        m = re.search(r"(\d+) packets dropped by kernel", err or "")
+        return int(m.group(1)) if m else 0
+
+
+def replay(ns, cap, workdir, *args, timeout=120):
+    rep = Path(workdir) / f"report-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "replay.cli.main", "play", str(cap), "--target",
+           f"http://127.0.0.1:{PORT}", "--report", str(rep), "-q", *map(str, args)]
+    r = ns.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    if r.returncode != 0:
+        raise SystemExit(f"replay play failed ({r.returncode}): {r.stderr.strip()}")
+    return json.loads(rep.read_text())
+
+
+def fmt_ms(v):
+    return f"{v / 1e6:8.3f}"
+
+
+def timed_run(ns, cap, workdir, offsets, speed, *extra):
+    pcap = Path(workdir) / f"arrivals-{speed}.pcap"
+    td = Tcpdump(ns, pcap)
+    rep = replay(ns, cap, workdir, "--speed", speed, *extra)
+    time.sleep(1.5)       # tcpdump hands packets over in blocks that time out after 1 s
+    dropped = td.stop()
+    arr = arrivals(pcap)
+    start = rep["schedule"]["start_unix_ns"]
+    late = [arr[u] - (start + int(off / speed)) for u, off in offsets.items() if u in arr]
+    absl = [abs(x) for x in late]
+    tool = rep["lateness_ms"]
+    print(f"speed {speed:>4}{' ' + ' '.join(extra) if extra else ''}: {rep['answered']}/{len(offsets)} answered, {rep['error_total']} errors, "
+          f"{len(late)} arrivals seen by tcpdump ({dropped} dropped), "
+          f"{rep['held_by_response']} held by a previous response")
+    print(f"  lateness at the target (tcpdump), ms   p50 {fmt_ms(pct(late, 50))}  "
+          f"p99 {fmt_ms(pct(late, 99))}  max {fmt_ms(max(late) if late else float('nan'))}  "
+          f"|p99| {fmt_ms(pct(absl, 99))}  min {fmt_ms(min(late) if late else float('nan'))}")
+    print(f"  lateness of the send (tool's report), ms p50 {tool['p50']:8.3f}  "
+          f"p99 {tool['p99']:8.3f}  max {tool['max']:8.3f}")
+    return late, rep
+
+
+def wrk_run(ns, seconds, conns):
+    r = ns.run(["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", f"http://127.0.0.1:{PORT}/f/small.txt"],
+               capture_output=True, text=True, timeout=seconds + 30)
+    m = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
+    return float(m.group(1)) if m else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--rps", type=float, default=500.0)
+    ap.add_argument("--conns", type=int, default=16)
+    ap.add_argument("--max-seconds", type=float, default=5.0, help="length of each --speed max run")
+    ap.add_argument("--watchdog", type=float, default=300.0, help="hard limit for the whole script, s")
+    args = ap.parse_args()
+
+    ok, why = netns_available()
+    if not ok:
+        raise SystemExit(f"cannot create network namespaces: {why}")
+    for prog in ("nginx", "tcpdump"):
+        if not shutil.which(prog):
+            raise SystemExit(f"{prog} not installed")
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(SystemExit("watchdog: too long")))
+    signal.alarm(int(args.watchdog))
+
+    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} on {os.cpu_count()} cpus "
+          "(other work on this machine makes the figures noisy)")
+    with tempfile.TemporaryDirectory(prefix="bench-play-") as work, Netns("bplay") as ns:
+        os.chmod(work, 0o755)
+        cap = Path(work) / "capture.pcap"
+        t = time.perf_counter()
+        offsets = synth_capture(cap, args.requests, args.rps, args.conns)
+        span = max(offsets.values()) / 1e9
+        print(f"capture: {args.requests} requests on {args.conns} connections over {span:.2f} s "
+              f"({args.requests / span:.0f} requests/s), made in {time.perf_counter() - t:.2f} s")
+        www = Path(work) / "www"
+        (www / "f").mkdir(parents=True)
+        (www / "f" / "small.txt").write_bytes(BODY)
+        server = start_nginx(ns, www, port=PORT, workdir=Path(work) / "nginx", workers=1)
+        try:
+            replay(ns, cap, work, "--speed", "max", "--limit", "200")      # warm-up
+            for extra in ((), ("--realtime",)):
+                for speed in (1, 10):
+                    timed_run(ns, cap, work, offsets, speed, *extra)
+            print(f"speed max, {args.conns} connections, {args.max_seconds:g} s each:")
+            rates = {}
+            for ev in ("asyncio", "uvloop"):
+                rep = replay(ns, cap, work, "--speed", "max", "--loop", "--duration", args.max_seconds,
+                             "--connections", args.conns, "--event-loop", ev,
+                             timeout=args.max_seconds + 60)
+                rates[ev] = rep["requests_per_s"] or 0.0
+                print(f"  replay ({ev:7}): {rates[ev]:9.0f} requests/s  ({rep['answered']} answered, "
+                      f"{rep['error_total']} errors, latency p50 {rep['latency_ms']['p50']:.3f} ms "
+                      f"p99 {rep['latency_ms']['p99']:.3f} ms)")
+            if shutil.which("wrk"):
+                w = wrk_run(ns, int(args.max_seconds), args.conns)
+                if w:
+                    best = max(rates.values())
+                    print(f"  wrk -t2 -c{args.conns}:    {w:9.0f} requests/s")
+                    print(f"  replay / wrk: {best / w:.2f} (best loop); target >= 0.50")
+            else:
+                print("  wrk not installed: no baseline")
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
