@@ -104,7 +104,13 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
 
 # -- the run -------------------------------------------------------------------------------------
 
-SLACK_NS = 3_000_000      # background work (progress line, output log) only when no request is due this soon
+# Background work (the progress line, the output log) runs only when no request is due this soon,
+# so that it does not make requests late. Handing a message to the LogWriter costs ~1 µs, but
+# every 512th cuts a block, ~1 ms of table encoding in this thread (zstd runs in its worker).
+SLACK_NS = 3_000_000
+WRITE_SLACK_NS = 2_000_000
+OUTPUT_BLOCK_RECORDS = 512
+MAX_QUEUED = 200_000      # beyond this many messages waiting, write them even if it makes requests late
 MAX_CONNECTIONS = 1000
 MAX_CONNECTIONS_AT_MAX = 64
 
@@ -288,7 +294,7 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
     if output:
         from replay.log import LogWriter
 
-        writer = LogWriter(output, meta={"command": "play", "source": os.path.basename(path),
+        writer = LogWriter(output, block_records=OUTPUT_BLOCK_RECORDS, meta={"command": "play", "source": os.path.basename(path),
                                          "target": meta["target"], "speed": meta["speed"],
                                          "rate": schedule.rate, "conn_stride": plan.conn_stride,
                                          "pairing": "conn and index are those of the recorded "
@@ -317,13 +323,21 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
         live = Live(Text(""), console=Console(stderr=True), auto_refresh=False, transient=True)
         live.start()
 
-    def drain(n=None):
+    def drain(force=False):
+        """Hand queued messages to the writer while no request is due within WRITE_SLACK_NS."""
         if writer is None or not queue:
             return
-        k = len(queue) if n is None else min(n, len(queue))
-        for m in queue[:k]:
-            writer.write(m)
-        del queue[:k]
+        now = clock.now
+        timed = schedule.timed and not force and len(queue) < MAX_QUEUED
+        i = 0
+        while i < len(queue):
+            if timed and i % 16 == 0:
+                nxt = look.next_after(now())
+                if nxt is not None and nxt - now() < WRITE_SLACK_NS:
+                    break
+            writer.write(queue[i])
+            i += 1
+        del queue[:i]
 
     async def background(done: asyncio.Event):
         now = clock.now
@@ -342,7 +356,7 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
                 waited += 1
             if live is not None:
                 live.update(Text(report.progress_text(now())), refresh=True)
-            drain(512)
+            drain()
 
     interrupted = []
 
@@ -383,7 +397,7 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
     report.meta["tool"] = f"replay {__version__}"
     if writer is not None:
         try:
-            drain()
+            drain(force=True)
             writer.update_meta({"report": report.to_dict()})
             writer.close()
         except OutputError:
