@@ -38,6 +38,7 @@ class SinkProtocol(asyncio.Protocol):
         self.raw = None
         self.need = 0
         self.close_after = False
+        self.head_only = False
         self.closing = False
 
     def connection_made(self, transport):

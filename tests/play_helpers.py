@@ -148,7 +148,8 @@ class FaultServer:
     - ``reset``: reads the request, then closes with RST (SO_LINGER 0);
     - ``garbage``: answers every request with bytes that are not HTTP, and keeps the connection;
     - ``silent``: reads and never answers;
-    - ``close``: reads the request, then closes cleanly without answering.
+    - ``close``: reads the request, then closes cleanly without answering;
+    - ``slow``: answers 200, after 300 ms when the request's target contains ``/slow``.
     """
 
     def __init__(self, mode):
@@ -189,6 +190,10 @@ class FaultServer:
                 if self.mode == "close":
                     c.close()
                     return
+                if self.mode == "slow":
+                    if b"/slow" in data.split(b"\r\n", 1)[0]:
+                        time.sleep(0.3)
+                    c.sendall(ok_response())
                 if self.mode == "garbage":
                     c.sendall(b"\x00\x01\x02 this is not http at all \xff\xfe\r\n\r\n" * 4)
         except OSError:

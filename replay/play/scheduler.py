@@ -96,10 +96,10 @@ class Lookahead:
     for a while, so that it does not make requests late.
     """
 
-    def __init__(self, schedule: Schedule, times_sorted: list, seqs_sorted: list | None = None):
+    def __init__(self, schedule: Schedule, times_sorted: list):
         self.schedule = schedule
-        self.offsets = [schedule.offset(t, i) or 0 for i, t in enumerate(times_sorted)]
-        self.offsets.sort()
+        # the i-th request in recorded order has seq i (what --rate uses)
+        self.offsets = sorted(schedule.offset(t, i) or 0 for i, t in enumerate(times_sorted))
 
     def next_after(self, now: int) -> int | None:
         s = self.schedule
