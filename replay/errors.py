@@ -29,3 +29,15 @@ class UsageError(ReplayError):
     """A wrong flag or flag value."""
 
     exit_code = 2
+
+
+class CaptureError(ReplayError):
+    """A live capture that cannot start or go on (no such interface, bad filter, libpcap error)."""
+
+    exit_code = 2
+
+
+class CapturePermissionError(CaptureError):
+    """Opening an interface needs root or CAP_NET_RAW (and CAP_NET_ADMIN for a big buffer)."""
+
+    exit_code = 77  # EX_NOPERM (sysexits.h)

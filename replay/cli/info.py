@@ -114,6 +114,12 @@ def command(path, as_json):
     drops = meta.get("drops")
     if drops:
         out.append("capture drops: " + ", ".join(f"{k} {v:,}" for k, v in drops.items()))
+    live = meta.get("capture")
+    if isinstance(live, dict):
+        out.append(f"live capture: {meta.get('interface', '?')}, filter '{meta.get('filter', '')}', "
+                   f"{live.get('packets', 0):,} packets in {live.get('seconds', 0):.1f} s, "
+                   f"stopped: {live.get('stopped') or 'still running or killed'}"
+                   + (f", part {meta['part']}" if meta.get("part", 1) > 1 else ""))
     for w in warnings:
         out.append(f"warning:      {w}")
     click.echo("\n".join(out))

@@ -16,6 +16,7 @@ from replay.errors import ReplayError
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "capture": ("replay.cli.capture", "Capture live HTTP traffic from an interface into a .rlog log."),
     "convert": ("replay.cli.convert", "Turn a pcap/pcapng capture into a .rlog log of HTTP messages."),
     "ls": ("replay.cli.ls", "List the HTTP messages of a log or a capture."),
     "info": ("replay.cli.info", "Summarise a log or a capture: counts, time span, warnings."),

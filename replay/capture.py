@@ -1,0 +1,268 @@
+"""Wiring of the live path: a ``LiveCapture`` through the core into one or more .rlog files.
+
+The offline twin is ``replay.pipeline.CaptureReader``; this one runs until told to stop.
+
+Rules:
+- three threads share the work: the source's reader thread only moves packet batches out of the
+  kernel; the thread that calls ``CaptureSession.run`` (the main thread) runs the core and cuts
+  log blocks; the ``LogWriter``'s worker compresses and writes. zstd and libpcap release the GIL,
+  so under load the core has one CPU and the rest share the other;
+- every ``flush_interval`` seconds the open file is flushed (partial block written, fsync), so a
+  SIGKILL loses at most that interval plus the read timeout of the kernel ring. The metadata
+  (core counters, kernel drops) is rewritten when the drop counters change, every
+  ``META_INTERVAL`` seconds, at each rotation and at the end;
+- ``-o`` is a strftime pattern, expanded (local time) when each file is opened; with rotation a
+  name already used in this run gets ``.1``, ``.2`` ... before its extension. Each file is a
+  complete log: its own metadata (``part``, the settings, counters at its close) and its index.
+  Connection ids continue across files, so a request and its response may sit in two files;
+- a stop (signal, ``--duration``) delivers what the kernel already captured, then closes open
+  connections in the core (their unfinished messages come out flagged incomplete). ``--count``
+  stops at that many messages written, without draining;
+- a write failure (disk full, unwritable path) ends the capture with ``OutputError``; what was
+  written before stays readable (the writer cuts the file back to its last complete block).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from replay.errors import CaptureError, OutputError
+from replay.events import KIND_REQUEST
+
+META_INTERVAL = 30.0
+
+
+def expand_name(pattern: str, when: float, used: set) -> str:
+    """The file name for a file opened at ``when`` (seconds since the epoch)."""
+    name = time.strftime(pattern, time.localtime(when)) if "%" in pattern else pattern
+    if name not in used:
+        return name
+    root, ext = os.path.splitext(name)
+    if not ext or len(ext) > 6:
+        root, ext = name, ""
+    k = 1
+    while f"{root}.{k}{ext}" in used:
+        k += 1
+    return f"{root}.{k}{ext}"
+
+
+class OutputFiles:
+    """The log files of one capture: opened from a pattern, rotated by size and/or time."""
+
+    def __init__(self, pattern: str, meta: dict, rotate_size: int | None = None,
+                 rotate_interval: float | None = None, level: int = 3, clock=time.time):
+        self.pattern = pattern
+        self.base_meta = dict(meta)
+        self.rotate_size = rotate_size or None
+        self.rotate_interval = rotate_interval or None
+        self.level = level
+        self.clock = clock
+        self.paths: list[str] = []
+        self.writer = None
+        self.opened_at = 0.0
+        self.file_messages = 0
+
+    @property
+    def path(self) -> str | None:
+        return self.paths[-1] if self.paths else None
+
+    def open(self) -> None:
+        from replay.log import LogWriter
+
+        now = self.clock()
+        path = expand_name(self.pattern, now, set(self.paths))
+        meta = dict(self.base_meta)
+        meta["part"] = len(self.paths) + 1
+        if self.paths:
+            meta["previous_file"] = os.path.basename(self.paths[-1])
+        self.writer = LogWriter(path, meta=meta, level=self.level)
+        self.paths.append(path)
+        self.opened_at = now
+        self.file_messages = 0
+
+    def write(self, msg) -> None:
+        self.writer.write(msg)
+        self.file_messages += 1
+
+    def due(self) -> bool:
+        """True when the open file should be closed and the next one opened."""
+        if self.rotate_interval and self.clock() - self.opened_at >= self.rotate_interval:
+            return True
+        if self.rotate_size and self.writer.bytes_written >= self.rotate_size:
+            return True
+        return False
+
+    def flush(self, meta: dict | None = None) -> None:
+        if meta:
+            self.writer.update_meta(meta)
+        self.writer.flush(fsync=True)
+
+    def rotate(self, meta: dict) -> None:
+        self.close(meta)
+        self.open()
+
+    def close(self, meta: dict | None = None) -> None:
+        w, self.writer = self.writer, None
+        if w is None:
+            return
+        try:
+            if meta:
+                w.update_meta(meta)
+        finally:
+            w.close(fsync=True)
+
+    def abandon(self) -> None:
+        """Close after a write failure: keep what is on disk, raise nothing more."""
+        w, self.writer = self.writer, None
+        if w is not None:
+            try:
+                w.close(fsync=False)
+            except Exception:  # noqa: BLE001  (the first error is the one reported)
+                pass
+
+
+class CaptureSession:
+    """Source -> core -> files until a stop. ``run()`` returns the reason it stopped."""
+
+    def __init__(self, source, engine, outputs: OutputFiles, *, requests_only: bool = False,
+                 count: int | None = None, duration: float | None = None,
+                 flush_interval: float = 1.0, clock=time.monotonic):
+        self.source = source
+        self.engine = engine
+        self.outputs = outputs
+        self.requests_only = requests_only
+        self.count = count or None
+        self.duration = duration or None
+        self.flush_interval = flush_interval if flush_interval and flush_interval > 0 else None
+        self.clock = clock
+        self.requests = 0
+        self.responses = 0
+        self.written = 0
+        self.stop_reason: str | None = None   # set by request_stop (signal handlers may call it)
+        self.hard_stop = False
+        self.error: Exception | None = None
+        self.started = 0.0
+        self.ended = 0.0
+        self._last_drops = None
+        self._last_meta = 0.0
+        self._stopping = False
+
+    # called from signal handlers: only plain assignments here
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        else:
+            self.hard_stop = True  # a second signal: stop without draining
+
+    def elapsed(self) -> float:
+        end = self.ended or self.clock()
+        return end - self.started if self.started else 0.0
+
+    def run(self, on_tick=None, tick: float = 0.5) -> str:
+        src, engine, clock = self.source, self.engine, self.clock
+        self.started = now = clock()
+        deadline = now + self.duration if self.duration else None
+        next_flush = now + self.flush_interval if self.flush_interval else None
+        next_tick = now
+        src.start()
+        try:
+            while True:
+                try:
+                    item = src.get(0.05)
+                except CaptureError as e:
+                    self.error = e
+                    self.stop_reason = self.stop_reason or "capture error"
+                    break
+                if item is not None:
+                    out = engine.feed_batch(item[0], item[1])
+                    if out:
+                        self._write(out)
+                elif src.done:
+                    break
+                now = clock()
+                if deadline is not None and now >= deadline and self.stop_reason is None:
+                    self.stop_reason = "duration"
+                if self.stop_reason is not None:
+                    if self.hard_stop or self.stop_reason == "count":
+                        src.abort()
+                        break
+                    if not self._stopping:
+                        self._stopping = True
+                        src.stop()
+                if next_flush is not None and now >= next_flush:
+                    self._flush(now)
+                    next_flush = now + self.flush_interval
+                if self.outputs.due():
+                    self.outputs.rotate(self.meta())
+                    self._last_meta = now
+                if on_tick is not None and now >= next_tick:
+                    on_tick(self)
+                    next_tick = now + tick
+            if self.stop_reason != "count" and not self.hard_stop:
+                out = engine.finish()
+                if out:
+                    self._write(out)
+        except OutputError:
+            src.abort()
+            self.stop_reason = "write error"
+            self.ended = clock()
+            self.outputs.abandon()
+            src.close()
+            raise
+        except BaseException:
+            src.abort()
+            self.ended = clock()
+            self.outputs.abandon()
+            src.close()
+            raise
+        self.ended = clock()
+        src.close()
+        self.outputs.close(self.meta())
+        if self.stop_reason is None:
+            self.stop_reason = "end of capture"
+        if self.error is not None:
+            raise self.error
+        return self.stop_reason
+
+    def _write(self, msgs) -> None:
+        outputs = self.outputs
+        for m in msgs:
+            if m.kind == KIND_REQUEST:
+                self.requests += 1
+            else:
+                if self.requests_only:
+                    continue
+                self.responses += 1
+            outputs.write(m)
+            self.written += 1
+            if self.count is not None and self.written >= self.count:
+                self.stop_reason = "count"
+                return
+
+    def _flush(self, now: float) -> None:
+        st = self.source.stats()
+        drops = (st["kernel_drops"], st["interface_drops"])
+        meta = None
+        if drops != self._last_drops or now - self._last_meta >= META_INTERVAL:
+            meta = self.meta()
+            self._last_drops = drops
+            self._last_meta = now
+        self.outputs.flush(meta)
+
+    def meta(self) -> dict:
+        """What the log's metadata says about the capture so far."""
+        st = self.source.stats()
+        return {
+            "stats": self.engine.stats(),
+            "drops": {"kernel": st["kernel_drops"], "interface": st["interface_drops"]},
+            "capture": {
+                "packets": st["packets"], "bytes": st["bytes"],
+                "pcap_received": st["pcap_received"],
+                "queue_peak": st["queue_peak"], "queue_waits": st["queue_waits"],
+                "seconds": round(self.elapsed(), 3),
+                "messages_written": self.written,
+                "stopped": self.stop_reason,
+            },
+            "warnings": list(self.source.warnings),
+        }

@@ -1,0 +1,268 @@
+"""``replay capture``: HTTP traffic from a live interface into .rlog logs (the live twin of convert)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+
+import click
+
+from replay.errors import UsageError
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(text: str, bare_unit: int, what: str) -> int:
+    """``64M``, ``512k``, ``1GiB``...; a bare number is in ``bare_unit`` bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text), re.I)
+    if not m:
+        raise UsageError(f"{what}: not a size: {text!r} (examples: 64M, 512k, 2G)")
+    num, unit = float(m.group(1)), m.group(2).lower()
+    scale = _UNITS[unit] if (unit or m.group(3)) else bare_unit
+    value = int(num * scale)
+    if value <= 0:
+        raise UsageError(f"{what}: must be positive: {text!r}")
+    return value
+
+
+def parse_seconds(text: str, what: str) -> float:
+    """``90``, ``30s``, ``15m``, ``1h``, ``1d``."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text), re.I)
+    if not m:
+        raise UsageError(f"{what}: not a duration: {text!r} (examples: 30, 30s, 15m, 1h)")
+    value = float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise UsageError(f"{what}: must be positive: {text!r}")
+    return value
+
+
+def _mb(n: int) -> str:
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    if n >= 1 << 10:
+        return f"{n / (1 << 10):.1f} KiB"
+    return f"{n} B"
+
+
+def status_text(session) -> str:
+    st = session.source.stats()
+    core = session.engine.stats()
+    return (f"{session.elapsed():7.1f} s  {st['packets']:,} packets  {_mb(st['bytes'])}  "
+            f"{session.requests:,} req  {session.responses:,} resp  "
+            f"{core.get('open_connections', 0):,} open conns  "
+            f"drops: kernel {st['kernel_drops']:,}, interface {st['interface_drops']:,}")
+
+
+@click.command("capture")
+@click.option("-i", "--interface", required=True, metavar="IFACE",
+              help="Interface to capture on: a name (eth0), lo, or any (every interface).")
+@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
+              help="Server port whose HTTP traffic is captured (repeatable). The capture filter "
+                   "becomes 'tcp port A or tcp port B', also matching 802.1Q-tagged frames.")
+@click.option("-f", "--filter", "bpf", metavar="EXPR",
+              help="A BPF expression (tcpdump syntax) that replaces the one made from --port.")
+@click.option("-o", "-w", "--output", "output", required=True, metavar="FILE",
+              help="The .rlog file to write, created with mode 0600; strftime patterns "
+                   "(%Y%m%d-%H%M%S) are expanded when each file is opened.")
+@click.option("-s", "--snaplen", type=click.IntRange(0, 262144), default=262144, show_default=True,
+              help="Bytes kept of each packet; 0 means the largest. The default keeps GRO/TSO "
+                   "super-frames whole, so bodies are never cut.")
+@click.option("-B", "--buffer-size", "buffer_size", default="64M", show_default=True,
+              metavar="SIZE",
+              help="Kernel capture buffer. A bare number is in KiB, as in tcpdump (-B 65536 is "
+                   "64 MiB); or give a unit: 256M, 1G.")
+@click.option("--promisc/--no-promisc", default=False, show_default=True,
+              help="Put the interface in promiscuous mode (traffic not addressed to this host).")
+@click.option("--immediate", is_flag=True,
+              help="Hand every packet over at once instead of in blocks (lower latency, more CPU "
+                   "per packet; without it a quiet capture waits up to 0.1 s).")
+@click.option("--duration", metavar="TIME", help="Stop after this long (90, 30s, 15m, 2h).")
+@click.option("--count", type=click.IntRange(1), help="Stop after writing this many messages.")
+@click.option("--requests-only", is_flag=True,
+              help="Write requests only (responses are kept by default).")
+@click.option("-Z", "--user", metavar="USER",
+              help="After opening the interface, drop root and run as USER, as tcpdump does; "
+                   "output files are then created by USER, so their directory must be writable "
+                   "by USER.")
+@click.option("--rotate-size", metavar="SIZE",
+              help="Start a new file when the current one reaches SIZE (100M, 1G; bare: bytes).")
+@click.option("--rotate-interval", metavar="TIME",
+              help="Start a new file every TIME (3600, 15m, 1h). Use a strftime pattern in -o "
+                   "to name the files; otherwise .1, .2 ... are added.")
+@click.option("--flush-interval", type=float, default=1.0, show_default=True,
+              help="Seconds between flushes to disk: a killed capture loses at most this much.")
+@click.option("--queue-size", default="256M", show_default=True, metavar="SIZE",
+              help="Packet batches that may wait for the parser in memory (bare number: MiB); "
+                   "beyond it the kernel buffer takes the burst.")
+@click.option("--max-stream-buffer", type=int, default=4 << 20, show_default=True,
+              help="Bytes one direction may hold beyond a hole before the hole is declared lost.")
+@click.option("--max-total-buffer", type=int, default=256 << 20, show_default=True,
+              help="Bytes all directions together may hold beyond holes.")
+@click.option("--idle-timeout", type=float, default=120.0, show_default=True,
+              help="Seconds after which a silent connection is closed.")
+@click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
+              help="zstd compression level of the log's blocks.")
+@click.option("-q", "--quiet", is_flag=True, help="No status line and no summary.")
+def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immediate, duration,
+            count, requests_only, user, rotate_size, rotate_interval, flush_interval, queue_size,
+            max_stream_buffer, max_total_buffer, idle_timeout, level, quiet):
+    """Capture the HTTP/1.x traffic of a live interface and write it to a log.
+
+    \b
+      sudo replay capture -i eth0 --port 80 -o captures/prod-%Y%m%d-%H%M.rlog --rotate-interval 1h
+      sudo replay capture -i any --port 8080 --port 8443 --duration 60 -o captures/x.rlog
+
+    Stop with Ctrl-C (or SIGTERM): what was captured is written, the file closed and a summary
+    printed. Kernel drops are reported in the summary and stored in the log (replay info).
+    """
+    from replay import __version__, core
+    from replay.capture import CaptureSession, OutputFiles
+    from replay.errors import OutputError
+    from replay.pipeline import tune_allocator
+    from replay.sources.live import LiveCapture, drop_privileges
+
+    if not ports and not bpf:
+        raise UsageError("give the server port(s) to capture (--port 80) or a filter (-f EXPR)")
+    buf_bytes = parse_size(buffer_size, 1 << 10, "-B/--buffer-size")
+    queue_bytes = parse_size(queue_size, 1 << 20, "--queue-size")
+    dur = parse_seconds(duration, "--duration") if duration else None
+    rsize = parse_size(rotate_size, 1, "--rotate-size") if rotate_size else None
+    rint = parse_seconds(rotate_interval, "--rotate-interval") if rotate_interval else None
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise OutputError(f"{output}: cannot create: directory {out_dir} does not exist")
+
+    # Signals first: a Ctrl-C while the interface opens must not leave a traceback.
+    session_box: list = []
+    early: list = []
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if session_box:
+            session_box[0].request_stop(name)
+        else:
+            early.append(name)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        tune_allocator()
+        source = LiveCapture(interface, ports=ports, bpf=bpf, snaplen=snaplen,
+                             buffer_size=buf_bytes, promisc=promisc, immediate=immediate,
+                             queue_bytes=queue_bytes)
+        try:
+            if user:
+                drop_privileges(user)
+            engine = core.Engine(source.linktype, ports=tuple(ports),
+                                 max_stream_buffer=max_stream_buffer,
+                                 max_total_buffer=max_total_buffer, idle_timeout=idle_timeout)
+            meta = {
+                "tool": f"replay {__version__}",
+                "command": "capture",
+                "source": f"{interface} (live)",
+                "interface": interface,
+                "filter": source.filter,
+                "ports": list(ports),
+                "linktype": source.linktype,
+                "snaplen": source.snaplen,
+                "buffer_size": buf_bytes,
+                "promisc": promisc,
+                "immediate": immediate,
+                "requests_only": requests_only,
+                "core": core.IMPLEMENTATION,
+                "host": os.uname().nodename,
+            }
+            outputs = OutputFiles(output, meta, rotate_size=rsize, rotate_interval=rint,
+                                  level=level)
+            try:
+                outputs.open()
+            except OutputError as e:
+                if user:
+                    raise OutputError(f"{e} (as user {user}: -Z opens output files after "
+                                      "dropping root)") from None
+                raise
+        except BaseException:
+            source.close()
+            raise
+        session = CaptureSession(source, engine, outputs, requests_only=requests_only,
+                                 count=count, duration=dur, flush_interval=flush_interval)
+        session_box.append(session)
+        for name in early:
+            session.request_stop(name)
+        for w in source.warnings:
+            click.echo(f"replay: warning: {w}", err=True)
+        if not quiet:
+            click.echo(f"replay: capturing on {interface} (link type {source.linktype}, filter "
+                       f"'{source.filter}', snaplen {source.snaplen}, buffer {_mb(buf_bytes)}) "
+                       f"-> {outputs.path}", err=True)
+        live = None
+        tick = None
+        if not quiet and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.live import Live
+            from rich.text import Text
+
+            live = Live(Text(""), console=Console(stderr=True), auto_refresh=False,
+                        transient=True)
+            live.start()
+
+            def tick(s):
+                live.update(Text(status_text(s)), refresh=True)
+        error = None
+        try:
+            session.run(on_tick=tick)
+        except OutputError as e:
+            error = e
+        except Exception as e:
+            from replay.errors import CaptureError
+
+            if not isinstance(e, CaptureError):
+                raise
+            error = e
+        finally:
+            if live is not None:
+                live.stop()
+        if not quiet:
+            summary(session, interface)
+        if error is not None:
+            raise error
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def summary(session, interface: str) -> None:
+    st = session.source.stats()
+    core = session.engine.stats()
+    paths = session.outputs.paths
+    sizes = []
+    for p in paths:
+        try:
+            sizes.append(os.path.getsize(p))
+        except OSError:
+            sizes.append(0)
+    where = (f"{paths[0]} ({sizes[0]:,} bytes)" if len(paths) == 1
+             else f"{len(paths)} files, {sum(sizes):,} bytes: {paths[0]} .. {paths[-1]}")
+    reason = session.stop_reason or "?"
+    click.echo(
+        f"replay: capture on {interface} stopped ({reason}) after {session.elapsed():.1f} s: "
+        f"{st['packets']:,} packets ({_mb(st['bytes'])}), {core.get('connections', 0):,} "
+        f"connections; {session.requests:,} requests, {session.responses:,} responses"
+        f"{' (responses not written)' if session.requests_only else ''} -> {where}", err=True)
+    click.echo(f"  drops: kernel {st['kernel_drops']:,}, interface {st['interface_drops']:,}; "
+               f"queue peak {_mb(st['queue_peak'])}", err=True)
+    problems = {k: core[k] for k in ("gaps", "truncated_packets", "ip_fragments",
+                                     "incomplete_messages", "unpaired_responses",
+                                     "non_http_streams", "buffer_cap_hits",
+                                     "oversize_messages") if core.get(k)}
+    if problems:
+        click.echo("  " + ", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in problems.items()),
+                   err=True)
+    if st["kernel_drops"] or st["interface_drops"]:
+        click.echo(f"replay: warning: {st['kernel_drops'] + st['interface_drops']:,} packets were "
+                   "dropped before replay saw them: some messages are missing or incomplete "
+                   "(a bigger -B, a narrower filter, or --requests-only may help)", err=True)
