@@ -1,0 +1,12 @@
+"""``replay play``: recorded requests sent to a target on their recorded schedule.
+
+Data flows one way: ``plan`` (messages -> requests grouped by recorded connection, sans-IO) ->
+``scheduler`` (absolute deadlines and the wait for them, clock injected, sans-IO) -> ``sender``
+(asyncio connections to the target; responses framed by ``core.ResponseFramer``) -> ``report``
+(counts, statuses against the recorded ones, latency, lateness). ``clock`` holds the real clock
+and the event loop with microsecond timers; the CLI (``replay.cli.play``) wires them.
+
+The layout splits the suggested ``scheduler.py`` in two: ``plan.py`` decides *what* is sent
+(grouping, pipelining, Host and Content-Length), ``scheduler.py`` only *when*, so each is tested
+on its own without sockets or clocks.
+"""
