@@ -33,6 +33,7 @@ F_CHUNKED = 1 << 7       # Transfer-Encoding: chunked
 F_UNPAIRED = 1 << 8      # a response whose request was not captured
 F_RESYNC = 1 << 9        # the first message after the framer resynchronised (loss or mid-stream start)
 F_RETRANSMIT = 1 << 10   # retransmitted or overlapping segments carried bytes of this message
+F_REPLAYED = 1 << 11     # sent or received by `replay play` (its --output), not captured
 
 FLAG_NAMES = (
     (F_INCOMPLETE, "incomplete"),
@@ -46,6 +47,7 @@ FLAG_NAMES = (
     (F_UNPAIRED, "unpaired"),
     (F_RESYNC, "resync"),
     (F_RETRANSMIT, "retransmit"),
+    (F_REPLAYED, "replayed"),
 )
 
 

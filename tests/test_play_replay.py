@@ -14,7 +14,7 @@ import pytest
 from play_helpers import (MS, SAMPLE, T0, FaultServer, SinkThread, env, free_port, get, ok_response,
                           replay_cmd, spread_capture, write_capture)
 
-from replay.events import KIND_REQUEST
+from replay.events import F_REPLAYED, KIND_REQUEST
 from replay.pipeline import open_input
 
 
@@ -199,12 +199,16 @@ def test_output_log(tmp_path):
     with SinkThread() as sink:
         play(SAMPLE, "--target", sink.url, "--speed", "max", "-o", out, "-q")
     msgs = list(LogReader(str(out)))
-    reqs = {(m.conn, m.index): m for m in msgs if m.kind == KIND_REQUEST}
-    resps = {(m.conn, m.index): m for m in msgs if m.kind != KIND_REQUEST}
+    replayed = [m for m in msgs if m.flags & F_REPLAYED]
+    reqs = {(m.conn, m.index): m for m in replayed if m.kind == KIND_REQUEST}
+    resps = {(m.conn, m.index): m for m in replayed if m.kind != KIND_REQUEST}
     recorded = {(m.conn, m.index) for m in open_input(str(SAMPLE)) if m.kind == KIND_REQUEST}
     assert set(reqs) == set(resps) == recorded
     for key, r in resps.items():
         assert r.status == 200 and r.method == reqs[key].method and r.ts_first >= reqs[key].ts_first
+    # beside them, the recorded responses of the same requests, unchanged
+    want = [m for m in open_input(str(SAMPLE)) if m.kind != KIND_REQUEST and (m.conn, m.index) in recorded]
+    assert [m for m in msgs if not m.flags & F_REPLAYED] == want
     meta = LogReader(str(out)).meta
     assert meta["command"] == "play" and meta["report"]["answered"] == 37
 

@@ -167,7 +167,8 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
             _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keepalive, keep_host)
             return 0
         code = _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections,
-                       keepalive, insecure, timeout, output, report_path, quiet, event_loop, spin_us)
+                       keepalive, insecure, timeout, output, report_path, quiet, event_loop, spin_us,
+                       ports)
     finally:
         if sink_proc is not None:
             from replay.sink import stop_sink_process
@@ -246,7 +247,7 @@ def _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keep
 
 
 def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections, keepalive,
-            insecure, timeout, output, report_path, quiet, event_loop, spin_us):
+            insecure, timeout, output, report_path, quiet, event_loop, spin_us, ports=()):
     import asyncio
     import gc
     import json
@@ -258,6 +259,8 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
 
     from replay import __version__
     from replay.errors import OutputError
+    from replay.events import KIND_RESPONSE
+    from replay.pipeline import open_input
     from replay.play import clock as clk
     from replay.play.report import Report
     from replay.play.scheduler import Lookahead, Pacer
@@ -298,12 +301,18 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
                                          "target": meta["target"], "speed": meta["speed"],
                                          "rate": schedule.rate, "conn_stride": plan.conn_stride,
                                          "pairing": "conn and index are those of the recorded "
-                                                    "request (conn modulo conn_stride on --loop)"})
+                                                    "request (conn modulo conn_stride on --loop); "
+                                                    "flag 'replayed' marks what play sent and "
+                                                    "received, the recorded responses follow"})
         sys.setswitchinterval(0.0005)   # the writer's thread must not hold the GIL for long
+
+        replayed_keys = set()
+        stride = max(1, plan.conn_stride)
 
         def on_exchange(att, req, resp):
             queue.append(req)
             queue.append(resp)
+            replayed_keys.add((att.conn_id % stride, req.index))
     else:
         on_exchange = None
 
@@ -398,6 +407,10 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
     if writer is not None:
         try:
             drain(force=True)
+            # the recorded responses of what was replayed, for comparison (flags without "replayed")
+            for m in open_input(path, ports=ports):
+                if m.kind == KIND_RESPONSE and (m.conn, m.index) in replayed_keys:
+                    writer.write(m)
             writer.update_meta({"report": report.to_dict()})
             writer.close()
         except OutputError:

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from replay import core
 from replay.errors import UsageError
-from replay.events import F_INCOMPLETE, F_INTERIM, KIND_REQUEST, Message
+from replay.events import F_INCOMPLETE, F_INTERIM, F_REPLAYED, KIND_REQUEST, Message
 from replay.httpmsg import header_value
 from replay.play.scheduler import NS, Pacer, Schedule
 
@@ -313,7 +313,7 @@ class Player:
     def _request_message(self, att, proto):
         r = att.req
         t = att.sent_ns + self.wall_offset
-        return Message(KIND_REQUEST, att.conn_id, r.index, t, t, proto.local, proto.peer, 0, r.data,
+        return Message(KIND_REQUEST, att.conn_id, r.index, t, t, proto.local, proto.peer, F_REPLAYED, r.data,
                        r.method, r.uri, 0, 0, r.head_length)
 
     def _response_message(self, att, m):
@@ -323,6 +323,7 @@ class Player:
         m.ts_last += self.wall_offset
         m.method = att.req.method
         m.uri = att.req.uri
+        m.flags |= F_REPLAYED
         return m
 
     # -- running -----------------------------------------------------------------------------
