@@ -120,11 +120,19 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     Stop with Ctrl-C (or SIGTERM): what was captured is written, the file closed and a summary
     printed. Kernel drops are reported in the summary and stored in the log (replay info).
     """
+    # everything is imported before -Z drops root: the new user may not read the install
+    import replay.log  # noqa: F401
     from replay import __version__, core
     from replay.capture import CaptureSession, OutputFiles
-    from replay.errors import OutputError
+    from replay.errors import CaptureError, OutputError
     from replay.pipeline import tune_allocator
     from replay.sources.live import LiveCapture, drop_privileges
+
+    show_status = not quiet and sys.stderr.isatty()
+    if show_status:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
 
     if not ports and not bpf:
         raise UsageError("give the server port(s) to capture (--port 80) or a filter (-f EXPR)")
@@ -201,11 +209,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
                        f"-> {outputs.path}", err=True)
         live = None
         tick = None
-        if not quiet and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.live import Live
-            from rich.text import Text
-
+        if show_status:
             live = Live(Text(""), console=Console(stderr=True), auto_refresh=False,
                         transient=True)
             live.start()
@@ -217,11 +221,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
             session.run(on_tick=tick)
         except OutputError as e:
             error = e
-        except Exception as e:
-            from replay.errors import CaptureError
-
-            if not isinstance(e, CaptureError):
-                raise
+        except CaptureError as e:
             error = e
         finally:
             if live is not None:
