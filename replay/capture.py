@@ -31,6 +31,36 @@ from replay.errors import CaptureError, OutputError
 from replay.events import KIND_REQUEST
 
 META_INTERVAL = 30.0
+DEFAULT_NICE = -10
+
+
+def raise_priority(nice: int) -> str:
+    """Give this process (and the threads it starts afterwards) CPU priority ``nice``.
+
+    Under full CPU load the scheduler shares the CPUs between the capture and the processes
+    whose traffic it records (nginx and wrk in the benchmark); with the default share the
+    capture's core and log writer fall behind and the kernel ring overflows. Linux threads
+    inherit the nice value of the thread that creates them, so this runs before any thread
+    starts. With autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``) CPU is
+    shared between sessions first, so the session's autogroup is reniced too, but only when
+    this process leads its own session (sudo with ``use_pty``, a service, ``setsid``): a
+    shell's session is left alone. Needs root or CAP_SYS_NICE; without them nothing changes.
+    Returns what was done, for the log's metadata."""
+    if not nice:
+        return "unchanged"
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except (OSError, AttributeError) as e:
+        return f"unchanged ({getattr(e, 'strerror', None) or e})"
+    done = f"nice {nice}"
+    try:
+        if os.getsid(0) == os.getpid():
+            with open("/proc/self/autogroup", "w") as f:
+                f.write(str(nice))
+            done += ", autogroup"
+    except OSError:
+        pass
+    return done
 
 
 def expand_name(pattern: str, when: float, used: set) -> str:
@@ -72,6 +102,9 @@ class OutputFiles:
 
         now = self.clock()
         path = expand_name(self.pattern, now, set(self.paths))
+        if os.path.exists(path) and not os.path.isfile(path):
+            # never a device: the writer truncates and chmods what it opens (/dev/null!)
+            raise OutputError(f"{path}: not a regular file")
         meta = dict(self.base_meta)
         meta["part"] = len(self.paths) + 1
         if self.paths:

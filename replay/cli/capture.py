@@ -94,6 +94,10 @@ def status_text(session) -> str:
 @click.option("--rotate-interval", metavar="TIME",
               help="Start a new file every TIME (3600, 15m, 1h). Use a strftime pattern in -o "
                    "to name the files; otherwise .1, .2 ... are added.")
+@click.option("--nice", type=click.IntRange(-20, 19), default=-10, show_default=True,
+              help="CPU priority of the capture (as nice(1); needs root). Under full load the "
+                   "capture then gets the CPU it needs to lose nothing before the traffic's own "
+                   "processes do; 0 leaves the priority alone.")
 @click.option("--flush-interval", type=float, default=1.0, show_default=True,
               help="Seconds between flushes to disk: a killed capture loses at most this much.")
 @click.option("--queue-size", default="256M", show_default=True, metavar="SIZE",
@@ -109,7 +113,7 @@ def status_text(session) -> str:
               help="zstd compression level of the log's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No status line and no summary.")
 def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immediate, duration,
-            count, requests_only, user, rotate_size, rotate_interval, flush_interval, queue_size,
+            count, requests_only, user, rotate_size, rotate_interval, nice, flush_interval, queue_size,
             max_stream_buffer, max_total_buffer, idle_timeout, level, quiet):
     """Capture the HTTP/1.x traffic of a live interface and write it to a log.
 
@@ -123,7 +127,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     # everything is imported before -Z drops root: the new user may not read the install
     import replay.log  # noqa: F401
     from replay import __version__, core
-    from replay.capture import CaptureSession, OutputFiles
+    from replay.capture import CaptureSession, OutputFiles, raise_priority
     from replay.errors import CaptureError, OutputError
     from replay.pipeline import tune_allocator
     from replay.sources.live import LiveCapture, drop_privileges
@@ -163,6 +167,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
                              buffer_size=buf_bytes, promisc=promisc, immediate=immediate,
                              queue_bytes=queue_bytes)
         try:
+            priority = raise_priority(nice)  # before any thread starts: threads inherit it
             if user:
                 drop_privileges(user)
             engine = core.Engine(source.linktype, ports=tuple(ports),
@@ -181,6 +186,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
                 "promisc": promisc,
                 "immediate": immediate,
                 "requests_only": requests_only,
+                "priority": priority,
                 "core": core.IMPLEMENTATION,
                 "host": os.uname().nodename,
             }

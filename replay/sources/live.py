@@ -81,6 +81,16 @@ def interfaces() -> list[str]:
     return names + ["any"] if sys.platform.startswith("linux") else names
 
 
+def _name_thread(name: bytes) -> None:
+    """Name the calling OS thread (seen in top -H, ps -L): Linux only, best effort."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 class _Libpcap:
     """The libpcap that pcapy-ng itself loaded, for the two calls pcapy-ng does not expose:
     ``pcap_set_immediate_mode`` and ``pcap_geterr`` (the text after a failed activate).
@@ -253,6 +263,7 @@ class LiveCapture:
     def _run(self) -> None:
         import pcapy
 
+        _name_thread(b"replay-reader")
         h, fd, n = self._h, self._fd, self.batch_size
         wait = self.timeout_ms / 1000.0
         next_stats = 0.0
