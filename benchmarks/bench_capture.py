@@ -51,13 +51,19 @@ from netns import Netns, NetnsError, netns_available, start_nginx  # noqa: E402
 REQUEST_RE = re.compile(r'"(\S+) (\S+) HTTP/[\d.]+"')
 
 
-def access_log_requests(path: Path) -> collections.Counter:
+def access_log_requests(path: Path) -> tuple[collections.Counter, int]:
+    """(method, uri) counts of nginx's access log, and how many it logged as 499 (the client
+    closed its connection before the response: wrk does that to requests in flight when it
+    stops)."""
     out: collections.Counter = collections.Counter()
+    closed = 0
     with open(path, errors="replace") as f:
         for line in f:
             m = REQUEST_RE.search(line)
             out[(m.group(1), m.group(2)) if m else ("?", line.strip())] += 1
-    return out
+            if '" 499 ' in line:
+                closed += 1
+    return out, closed
 
 
 def log_summary(paths) -> dict:
@@ -103,6 +109,26 @@ class CaptureProc:
         if not self.ready.wait(20) or self.proc.poll() is not None:
             raise RuntimeError("capture did not start:\n" + "".join(self.lines))
         self.t0 = time.monotonic()
+        self.rss_samples: list[tuple[float, int]] = []
+        threading.Thread(target=self._sample_rss, daemon=True).start()
+
+    def _sample_rss(self):
+        """VmRSS of the capture every 0.1 s (memory must stay flat during a long capture), and
+        VmHWM, its peak. (wait4's ru_maxrss is no use here: Linux carries it across fork and
+        exec, so it shows this script's own size when the child was forked.)"""
+        self.hwm = 0
+        while self.proc.poll() is None:
+            try:
+                with open(f"/proc/{self.proc.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            self.rss_samples.append((time.monotonic() - self.t0,
+                                                     int(line.split()[1]) // 1024))
+                        elif line.startswith("VmHWM:"):
+                            self.hwm = max(self.hwm, int(line.split()[1]) // 1024)
+            except OSError:
+                return
+            time.sleep(0.1)
 
     def _read(self):
         for line in self.proc.stderr:
@@ -112,7 +138,8 @@ class CaptureProc:
         self.ready.set()
 
     def stop(self, timeout=120.0):
-        """SIGINT, then wait; returns (returncode, wall seconds, user s, sys s)."""
+        """SIGINT, then wait; returns (returncode, wall seconds, user s, sys s, peak RSS MiB)."""
+        self.t_stop = time.monotonic() - self.t0
         self.proc.send_signal(signal.SIGINT)
         deadline = time.monotonic() + timeout
         while True:
@@ -127,7 +154,7 @@ class CaptureProc:
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.monotonic() - self.t0
         time.sleep(0.1)
-        return self.proc.returncode, wall, ru.ru_utime, ru.ru_stime
+        return self.proc.returncode, wall, ru.ru_utime, ru.ru_stime, self.hwm
 
 
 def run_once(args, offloads: bool, work: Path) -> dict:
@@ -162,10 +189,10 @@ def run_once(args, offloads: bool, work: Path) -> dict:
                 wrk = ns.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
                 time.sleep(0.5)  # last ACKs and FINs
             finally:
-                rc, wall, utime, stime = cap.stop()
+                rc, wall, utime, stime, rss = cap.stop()
         finally:
             server.stop()
-        served = access_log_requests(server.access_log)
+        served, closed_early = access_log_requests(server.access_log)
     summary = log_summary([out])
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+), ([\d.]+)(\w+) read", wrk.stdout)
     rps = re.search(r"Requests/sec:\s*([\d.]+)", wrk.stdout)
@@ -180,9 +207,10 @@ def run_once(args, offloads: bool, work: Path) -> dict:
         "rps": float(rps.group(1)) if rps else None, "transfer": tput.group(1) if tput else "?",
         "served": n_served, "logged": n_logged, "same": served == logged,
         "paired": summary["paired"], "unanswered": summary["unanswered"],
+        "closed_early": closed_early,
         "unpaired_responses": summary["unpaired_responses"],
         "incomplete": summary["incomplete"], "drops": drops, "rc": rc, "wall": wall,
-        "cpu_user": utime, "cpu_sys": stime, "packets": cap_meta.get("packets"),
+        "cpu_user": utime, "cpu_sys": stime, "rss": rss, "rss_samples": cap.rss_samples, "packets": cap_meta.get("packets"),
         "bytes": cap_meta.get("bytes"), "queue_peak": cap_meta.get("queue_peak"),
         "queue_waits": cap_meta.get("queue_waits"), "log_bytes": out.stat().st_size,
         "warnings": summary["warnings"], "stderr": "".join(cap.lines),
@@ -200,15 +228,21 @@ def report(r: dict) -> None:
     print(f"nginx served:     {r['served']} requests (access-log lines)")
     print(f"in the log:       {r['logged']} requests; (method, uri) lists "
           f"{'EQUAL' if r['same'] else 'DIFFER: ' + str(r.get('diff'))}")
-    print(f"responses:        {r['paired']} paired, {r['unanswered']} requests without response, "
-          f"{r['unpaired_responses']} unpaired responses; {r['incomplete']} incomplete messages")
+    print(f"responses:        {r['paired']} paired, {r['unpaired_responses']} unpaired; "
+          f"{r['unanswered']} requests without response (nginx 499, wrk closed first: "
+          f"{r['closed_early']}); {r['incomplete']} incomplete messages")
     print(f"drops:            kernel {r['drops'].get('kernel')}, interface "
           f"{r['drops'].get('interface')}")
     print(f"capture:          {r['packets']} packets, {(r['bytes'] or 0) / 1e6:.1f} MB, queue peak "
           f"{(r['queue_peak'] or 0) / 2**20:.1f} MiB ({r['queue_waits']} waits), log "
           f"{r['log_bytes'] / 1e6:.1f} MB, exit {r['rc']}")
     print(f"capture CPU:      user {r['cpu_user']:.1f} s + sys {r['cpu_sys']:.1f} s = {cpu:.1f} s "
-          f"over {r['wall']:.1f} s wall ({100 * cpu / r['wall']:.0f} % of one core)")
+          f"over {r['wall']:.1f} s wall ({100 * cpu / r['wall']:.0f} % of one core); "
+          f"peak RSS {r['rss']:.0f} MiB")
+    samples = r["rss_samples"]
+    if samples:
+        at = [f"{m} MiB at {t:.0f} s" for t, m in samples[len(samples) // 4::len(samples) // 4 or 1]]
+        print(f"capture RSS:      " + ", ".join(at))
     if r["warnings"]:
         print(f"log warnings:     {r['warnings'][:3]}")
     last = [line for line in r["stderr"].splitlines() if line.strip()][-3:]
@@ -263,7 +297,8 @@ def main(argv=None) -> int:
     for r in results:
         cpu = r["cpu_user"] + r["cpu_sys"]
         print(f"{r['label']:13s} {r['rps'] or 0:9.0f} req/s  served {r['served']:8d}  logged "
-              f"{r['logged']:8d}  {'equal' if r['same'] else 'DIFFER'}  paired {r['paired']:8d}  "
+              f"{r['logged']:8d}  {'equal' if r['same'] else 'DIFFER'}  paired {r['paired']:8d} "
+              f"(+{r['unanswered']} unanswered, {r['closed_early']} x 499)  "
               f"drops {r['drops'].get('kernel')}/{r['drops'].get('interface')}  "
               f"CPU {cpu:5.1f} s ({100 * cpu / r['wall']:.0f} %)")
     return 0 if all(r["same"] and not r["drops"].get("kernel") for r in results) else 1

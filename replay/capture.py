@@ -77,6 +77,16 @@ def expand_name(pattern: str, when: float, used: set) -> str:
     return f"{root}.{k}{ext}"
 
 
+def check_output(path: str) -> None:
+    """Fail early, in one line, on a path a log cannot be created at."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise OutputError(f"{path}: cannot create: directory {d} does not exist")
+    if os.path.exists(path) and not os.path.isfile(path):
+        # never a device or a directory: the writer truncates and chmods what it opens
+        raise OutputError(f"{path}: not a regular file")
+
+
 class OutputFiles:
     """The log files of one capture: opened from a pattern, rotated by size and/or time."""
 
@@ -102,9 +112,7 @@ class OutputFiles:
 
         now = self.clock()
         path = expand_name(self.pattern, now, set(self.paths))
-        if os.path.exists(path) and not os.path.isfile(path):
-            # never a device: the writer truncates and chmods what it opens (/dev/null!)
-            raise OutputError(f"{path}: not a regular file")
+        check_output(path)
         meta = dict(self.base_meta)
         meta["part"] = len(self.paths) + 1
         if self.paths:
@@ -236,14 +244,9 @@ class CaptureSession:
                 out = engine.finish()
                 if out:
                     self._write(out)
-        except OutputError:
-            src.abort()
-            self.stop_reason = "write error"
-            self.ended = clock()
-            self.outputs.abandon()
-            src.close()
-            raise
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, OutputError):
+                self.stop_reason = "write error"
             src.abort()
             self.ended = clock()
             self.outputs.abandon()

@@ -318,9 +318,9 @@ def test_capture_equals_server_log(ns, server, tmp_path):
     assert "capture drops: interface 0, kernel 0" in info.stdout, info.stdout
 
 
-def test_ipv6(ns, server, tmp_path):
+def test_ipv6_in_immediate_mode(ns, server, tmp_path):
     out = tmp_path / "v6.rlog"
-    cap = Capture(ns, "-i", "lo", "--port", PORT, "-o", out)
+    cap = Capture(ns, "-i", "lo", "--port", PORT, "-o", out, "--immediate")
     curl(ns, "-g", f"http://[::1]:{PORT}/v6/curl")
     run_client(ns, tmp_path, "::1", "bodies")
     rc, err = cap.stop()

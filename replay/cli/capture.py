@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import sys
+import time
 
 import click
 
@@ -127,7 +128,8 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     # everything is imported before -Z drops root: the new user may not read the install
     import replay.log  # noqa: F401
     from replay import __version__, core
-    from replay.capture import CaptureSession, OutputFiles, raise_priority
+    from replay.capture import (CaptureSession, OutputFiles, check_output, expand_name,
+                                raise_priority)
     from replay.errors import CaptureError, OutputError
     from replay.pipeline import tune_allocator
     from replay.sources.live import LiveCapture, drop_privileges
@@ -145,9 +147,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     dur = parse_seconds(duration, "--duration") if duration else None
     rsize = parse_size(rotate_size, 1, "--rotate-size") if rotate_size else None
     rint = parse_seconds(rotate_interval, "--rotate-interval") if rotate_interval else None
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise OutputError(f"{output}: cannot create: directory {out_dir} does not exist")
+    check_output(expand_name(output, time.time(), set()))
 
     # Signals first: a Ctrl-C while the interface opens must not leave a traceback.
     session_box: list = []
