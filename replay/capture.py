@@ -12,7 +12,9 @@ Rules:
   (core counters, kernel drops) is rewritten when the drop counters change, every
   ``META_INTERVAL`` seconds, at each rotation and at the end;
 - ``-o`` is a strftime pattern, expanded (local time) when each file is opened; with rotation a
-  name already used in this run gets ``.1``, ``.2`` ... before its extension. Each file is a
+  name already used in this run gets ``.1``, ``.2`` ... before its extension. ``rotate_size``
+  counts the message bytes written to a file (before compression, so the file stays smaller; a
+  message is never split); ``rotate_interval`` the seconds since it was opened. Each file is a
   complete log: its own metadata (``part``, the settings, counters at its close) and its index.
   Connection ids continue across files, so a request and its response may sit in two files;
 - a stop (signal, ``--duration``) delivers what the kernel already captured, then closes open
@@ -102,6 +104,7 @@ class OutputFiles:
         self.writer = None
         self.opened_at = 0.0
         self.file_messages = 0
+        self.file_bytes = 0
 
     @property
     def path(self) -> str | None:
@@ -121,18 +124,18 @@ class OutputFiles:
         self.paths.append(path)
         self.opened_at = now
         self.file_messages = 0
+        self.file_bytes = 0   # message bytes, before compression: the file is never larger
 
-    def write(self, msg) -> None:
+    def write(self, msg) -> bool:
+        """Write one message; True when the file has reached ``rotate_size``."""
         self.writer.write(msg)
         self.file_messages += 1
+        self.file_bytes += len(msg.data)
+        return self.rotate_size is not None and self.file_bytes >= self.rotate_size
 
     def due(self) -> bool:
-        """True when the open file should be closed and the next one opened."""
-        if self.rotate_interval and self.clock() - self.opened_at >= self.rotate_interval:
-            return True
-        if self.rotate_size and self.writer.bytes_written >= self.rotate_size:
-            return True
-        return False
+        """True when the open file has been open for ``rotate_interval``."""
+        return bool(self.rotate_interval) and self.clock() - self.opened_at >= self.rotate_interval
 
     def flush(self, meta: dict | None = None) -> None:
         if meta:
@@ -270,11 +273,13 @@ class CaptureSession:
                 if self.requests_only:
                     continue
                 self.responses += 1
-            outputs.write(m)
+            full = outputs.write(m)
             self.written += 1
             if self.count is not None and self.written >= self.count:
                 self.stop_reason = "count"
                 return
+            if full:
+                outputs.rotate(self.meta())
 
     def _flush(self, now: float) -> None:
         st = self.source.stats()

@@ -472,6 +472,7 @@ def test_rotation_by_interval_and_size(ns, server, tmp_path):
     for f in files:
         msgs, reader = read_log(f)
         assert not reader.warnings and reader.indexed, f
+        assert sum(len(m.data) for m in msgs[:-1]) < 1 << 20  # full at the message that crossed
         total += msgs
     check_against_server(total, server.entries()[mark:])
 

@@ -91,7 +91,8 @@ def status_text(session) -> str:
                    "output files are then created by USER, so their directory must be writable "
                    "by USER.")
 @click.option("--rotate-size", metavar="SIZE",
-              help="Start a new file when the current one reaches SIZE (100M, 1G; bare: bytes).")
+              help="Start a new file after SIZE bytes of HTTP messages (100M, 1G; bare: bytes). "
+                   "Counted before compression, so no file is larger than SIZE plus one message.")
 @click.option("--rotate-interval", metavar="TIME",
               help="Start a new file every TIME (3600, 15m, 1h). Use a strftime pattern in -o "
                    "to name the files; otherwise .1, .2 ... are added.")
