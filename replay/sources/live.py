@@ -190,6 +190,7 @@ class LiveCapture:
             if hasattr(h, "set_immediate_mode"):
                 h.set_immediate_mode(1)
             elif ptr is None or _Libpcap.lib().pcap_set_immediate_mode(ptr, 1) != 0:
+                h.close()
                 raise CaptureError("immediate mode is not available with this pcapy-ng/libpcap")
         rc = h.activate()
         if rc < 0:
