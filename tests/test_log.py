@@ -718,3 +718,19 @@ def test_the_format_document_states_the_constants_of_the_code():
         assert f"| {i} | {name} | {kind} |" in doc, name
     for bit, name in FLAG_NAMES:
         assert f"| {bit.bit_length() - 1} | 0x{bit:03x} | `{name}` |" in doc, name
+
+
+def test_device_output_keeps_its_mode(tmp_path):
+    """Writing to a device (a private copy of /dev/null) must not chmod it: 0600 is for files."""
+    import stat as st_
+
+    if os.geteuid() != 0:
+        pytest.skip("mknod of a character device needs root")
+    dev = tmp_path / "null"
+    os.mknod(dev, st_.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.chmod(dev, 0o666)
+    from replay.log import LogWriter as W
+
+    with W(str(dev)) as w:
+        w.close(fsync=False)
+    assert st_.S_IMODE(os.stat(dev).st_mode) == 0o666

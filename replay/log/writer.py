@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -71,7 +72,8 @@ class LogWriter:
         except OSError as e:
             raise OutputError(f"{self.path}: cannot create: {_reason(e)}") from None
         try:
-            os.fchmod(self._fd, 0o600)  # also when the file existed with another mode
+            if stat.S_ISREG(os.fstat(self._fd).st_mode):
+                os.fchmod(self._fd, 0o600)  # also when the file existed with another mode
         except OSError:
             pass
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rlog-writer") if threads else None
