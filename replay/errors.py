@@ -41,3 +41,15 @@ class CapturePermissionError(CaptureError):
     """Opening an interface needs root or CAP_NET_RAW (and CAP_NET_ADMIN for a big buffer)."""
 
     exit_code = 77  # EX_NOPERM (sysexits.h)
+
+
+class MiddlewareError(ReplayError):
+    """A middleware process that cannot start, crashes, exits early or writes what is not its protocol."""
+
+
+class PluginError(ReplayError):
+    """A Python hook (``--plugin module:function``) that raised on a message or returned a wrong type."""
+
+
+class PluginSpecError(UsageError):
+    """A ``--plugin`` spec whose module, file or function cannot be found or is not callable."""

@@ -1,0 +1,1 @@
+"""Filters, rewrites, middleware and plugins applied to messages."""
