@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from replay.events import (F_CHUNKED, F_GAP, F_INCOMPLETE, F_INTERIM, F_TRUNCATED, KIND_REQUEST)
+from replay.httpmsg import set_content_length, set_host
 
 CUT = F_INCOMPLETE | F_GAP | F_TRUNCATED
 
@@ -129,57 +130,3 @@ def build_plan(messages, host: str | None = None, keep_host: bool = False) -> Pl
 def _head_length(new: bytes, old_head: int, old_len: int) -> int:
     # the head grew or shrank by the size difference; the body did not change
     return old_head + (len(new) - old_len) if old_head else 0
-
-
-def _split_head(data: bytes, head_length: int):
-    if head_length <= 0 or head_length > len(data):
-        end = data.find(b"\r\n\r\n")
-        head_length = end + 4 if end >= 0 else len(data)
-    return data[:head_length], data[head_length:]
-
-
-def _header_lines(head: bytes):
-    """(start, end) of each header line's content, line endings excluded (CRLF or bare LF)."""
-    out = []
-    pos = head.find(b"\n") + 1          # skip the request line
-    n = len(head)
-    while 0 < pos < n:
-        end = head.find(b"\n", pos)
-        if end < 0:
-            end = n
-        stop = end - 1 if end > pos and head[end - 1:end] == b"\r" else end
-        if stop > pos:
-            out.append((pos, stop))
-        pos = end + 1
-    return out
-
-
-def _replace_header(data: bytes, head_length: int, name: bytes, value: bytes,
-                    add: bool = False) -> bytes:
-    head, body = _split_head(data, head_length)
-    for start, stop in _header_lines(head):
-        colon = head.find(b":", start, stop)
-        if colon < 0:
-            continue
-        if head[start:colon].strip().lower() == name:
-            # keep the original spelling of the name and one space after the colon
-            return head[:colon + 1] + b" " + value + head[stop:] + body
-    if not add:
-        return data
-    lines = _header_lines(head)
-    at = head.find(b"\n") + 1 if not lines else lines[-1][1]
-    eol = b"\r\n" if b"\r\n" in head else b"\n"
-    if lines:
-        return head[:at] + eol + name.title() + b": " + value + head[at:] + body
-    return head[:at] + name.title() + b": " + value + eol + head[at:] + body
-
-
-def set_host(data: bytes, head_length: int, host: str) -> bytes:
-    """``data`` with its Host header's value set to ``host`` (unchanged when it has none)."""
-    return _replace_header(data, head_length, b"host", host.encode("latin-1"))
-
-
-def set_content_length(data: bytes, head_length: int) -> bytes:
-    """``data`` with a Content-Length equal to the body bytes it carries (RFC 9112 §6.2)."""
-    head, body = _split_head(data, head_length)
-    return _replace_header(data, len(head), b"content-length", str(len(body)).encode(), add=bool(body))
