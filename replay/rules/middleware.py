@@ -59,6 +59,7 @@ unchanged from then on.
 from __future__ import annotations
 
 import binascii
+import errno
 import os
 import queue
 import shlex
@@ -78,7 +79,7 @@ MAX_IN_FLIGHT_BYTES = 256 << 20
 IDLE_TIMEOUT = 1.0          # s; see rules (b) and (d) above
 CLOSE_GRACE = 2.0           # s a middleware gets to exit after its stdin closed, before SIGTERM
 STDERR_TAIL = 20            # lines of the middleware's stderr kept for error messages
-ERROR_TAIL = 5              # of which the error line quotes the last non-empty ones
+ERROR_TAIL = 8              # of which the error line quotes the last non-empty ones
 LATE_KEEP = 1024            # dropped messages kept so that a late answer still finds its message
 LATE_KEEP_BYTES = 64 << 20
 REQUEST_TS_KEEP = 100_000   # request timestamps kept to compute the latency of their responses
@@ -187,6 +188,8 @@ class Middleware:
                       f"through its interpreter, e.g. 'python3 {self.argv[0]}')")
         except OSError as e:
             reason = f"{self.argv[0]}: {e.strerror or e}"
+            if e.errno == errno.ENOEXEC:
+                reason += f" (no '#!' line? run it through its interpreter, e.g. 'python3 {self.argv[0]}')"
         else:
             t = threading.Thread(target=self._stderr_loop, name="middleware-stderr", daemon=True)
             t.start()
@@ -237,6 +240,10 @@ class Middleware:
                 name = "?"
             return f"was killed by signal {-rc} ({name})"
         return f"exited with status {rc}"
+
+    def _exit_reason(self, rc, when: str) -> str:
+        return (f"{self._exit_text(rc)} {when}, after answering {self.stats['returned']} of "
+                f"{self.stats['sent']} messages")
 
     def _wait_exit(self, timeout: float):
         try:
@@ -296,7 +303,8 @@ class Middleware:
         for t in self._threads:
             if t.name == "middleware-stderr":
                 t.join(0.5)
-        lines = [line.strip() for line in self._tail if line.strip()][-ERROR_TAIL:]
+        # Python's 3.11+ tracebacks underline the failing expression: markers, not words
+        lines = [line.strip() for line in self._tail if line.strip().strip("~^")][-ERROR_TAIL:]
         tail = ""
         if lines:
             joined = " | ".join(lines)
@@ -419,8 +427,7 @@ class Middleware:
         else:
             # give the reader, which sees the end of stdout, the chance to report with the full story
             time.sleep(0.2)
-            self._fail(f"{self._exit_text(rc)} after answering {self.stats['returned']} of "
-                       f"{self.stats['sent']} messages, before the end of input")
+            self._fail(self._exit_reason(rc, "before the end of input"))
 
     def _fail(self, reason: str):
         with self._cond:
@@ -523,11 +530,10 @@ class Middleware:
                 return
             done = self._input_done and self._stdin_closed
         if not done:
-            self._fail(f"{self._exit_text(rc)} after answering {self.stats['returned']} of "
-                       f"{self.stats['sent']} messages, before the end of input")
+            self._fail(self._exit_reason(rc, "before the end of input"))
             return
         if rc not in (0, None):
-            self._fail(f"{self._exit_text(rc)} at the end of input")
+            self._fail(self._exit_reason(rc, "at the end of its input"))
             return
         with self._cond:
             if self._failed is not None or self._bypass or self._stopping:
