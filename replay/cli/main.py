@@ -18,6 +18,7 @@ from replay.errors import ReplayError
 COMMANDS = {
     "capture": ("replay.cli.capture", "Capture live HTTP traffic from an interface into a .rlog log."),
     "convert": ("replay.cli.convert", "Turn a pcap/pcapng capture into a .rlog log of HTTP messages."),
+    "filter": ("replay.cli.filter", "Keep the exchanges a test needs, rewrite them, write a new log."),
     "ls": ("replay.cli.ls", "List the HTTP messages of a log or a capture."),
     "info": ("replay.cli.info", "Summarise a log or a capture: counts, time span, warnings."),
     "play": ("replay.cli.play", "Replay a log or a capture against a target, with the recorded timing."),

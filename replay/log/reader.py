@@ -57,6 +57,7 @@ class LogReader:
         self.addresses: list = []     # global client/server ids of the last table()
         self.strings: list = [None]   # global method/uri ids of the last table() (0 = None)
         self._cache = None            # (offset, Table, payload or None) of the last block read
+        self._table_blocks = None     # the blocks as the last table() numbered their rows
         self._dctx = zstd.ZstdDecompressor()
         try:
             with open(self.path, "rb") as f:
@@ -150,7 +151,28 @@ class LogReader:
             part["block"] = bi
         self.addresses = list(addr_ids)
         self.strings = list(str_ids)
+        self._table_blocks = [b for b, _ in tables]
         return out
+
+    def messages_at(self, rows):
+        """(row, message) for each of ``rows`` (ascending row numbers of the last ``table()``),
+        block by block: each block's payload is decompressed once. The rows of a block found
+        damaged now are skipped (see ``warnings``); the others keep their numbers."""
+        blocks = self._table_blocks if self._table_blocks is not None else list(self.blocks)
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows) or not blocks:
+            return
+        starts = np.cumsum([0] + [b.count for b in blocks])
+        where = np.searchsorted(starts, rows, side="right") - 1
+        if rows[0] < 0 or rows[-1] >= starts[-1]:
+            raise IndexError(f"row out of range (the table holds {int(starts[-1])} rows)")
+        edges = np.flatnonzero(np.diff(where)) + 1
+        for a, z in zip([0, *edges.tolist()], [*edges.tolist(), len(rows)]):
+            bi = int(where[a])
+            part = rows[a:z]
+            msgs = self._messages(blocks[bi], rows=part - starts[bi])
+            if msgs:
+                yield from zip(part.tolist(), msgs)
 
     def message_at(self, row: int):
         """The message in row ``row`` (0-based, written order; negative counts from the end)."""
