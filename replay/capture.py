@@ -21,7 +21,12 @@ Rules:
   connections in the core (their unfinished messages come out flagged incomplete). ``--count``
   stops at that many messages written, without draining;
 - a write failure (disk full, unwritable path) ends the capture with ``OutputError``; what was
-  written before stays readable (the writer cuts the file back to its last complete block).
+  written before stays readable (the writer cuts the file back to its last complete block);
+- with rules (``replay.rules``: filters, rewrites, middleware, plugins) every message the core
+  finishes goes through their push-based stream before it is written; messages a filter holds
+  (waiting for a response's status) are released by capture time, which a quiet capture advances
+  with the clock; a --limit that is reached stops the capture as a signal would (reason
+  ``limit``). ``requests``/``responses`` count what was written.
 """
 
 from __future__ import annotations
@@ -171,8 +176,9 @@ class CaptureSession:
 
     def __init__(self, source, engine, outputs: OutputFiles, *, requests_only: bool = False,
                  count: int | None = None, duration: float | None = None,
-                 flush_interval: float = 1.0, clock=time.monotonic):
+                 flush_interval: float = 1.0, clock=time.monotonic, rules=None):
         self.source = source
+        self.rules = rules.stream() if rules is not None else None
         self.engine = engine
         self.outputs = outputs
         self.requests_only = requests_only
@@ -224,6 +230,8 @@ class CaptureSession:
                         self._write(out)
                 elif src.done:
                     break
+                elif self.rules is not None:
+                    self._emit(self.rules.advance(time.time_ns()))
                 now = clock()
                 if deadline is not None and now >= deadline and self.stop_reason is None:
                     self.stop_reason = "duration"
@@ -247,7 +255,11 @@ class CaptureSession:
                 out = engine.finish()
                 if out:
                     self._write(out)
+                if self.rules is not None and self.stop_reason != "count":
+                    self._emit(self.rules.finish())
         except BaseException as e:
+            if self.rules is not None:
+                self.rules.close()
             if isinstance(e, OutputError):
                 self.stop_reason = "write error"
             src.abort()
@@ -257,6 +269,8 @@ class CaptureSession:
             raise
         self.ended = clock()
         src.close()
+        if self.rules is not None:
+            self.rules.close()
         self.outputs.close(self.meta())
         if self.stop_reason is None:
             self.stop_reason = "end of capture"
@@ -265,6 +279,19 @@ class CaptureSession:
         return self.stop_reason
 
     def _write(self, msgs) -> None:
+        rules = self.rules
+        if rules is not None:
+            out = []
+            for m in msgs:
+                out += rules.push(m)
+            msgs = out
+            if rules.exhausted and self.stop_reason is None:
+                self.stop_reason = "limit"
+        self._emit(msgs)
+
+    def _emit(self, msgs) -> None:
+        if self.stop_reason == "count":
+            return
         outputs = self.outputs
         for m in msgs:
             if m.kind == KIND_REQUEST:
@@ -306,4 +333,5 @@ class CaptureSession:
                 "stopped": self.stop_reason,
             },
             "warnings": list(self.source.warnings),
+            **({"rules_stats": dict(self.rules.stats)} if self.rules is not None else {}),
         }

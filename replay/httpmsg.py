@@ -143,7 +143,7 @@ def header_values(data: bytes, head_length: int, name: bytes) -> list:
     return [v.decode("latin-1") for k, v in header_fields(data, head_length) if k.lower() == name]
 
 
-def _field_spans(head: bytes, name: bytes):
+def field_spans(head: bytes, name: bytes):
     """(start, colon, stop, next) of each line of header ``name``: ``next`` is where the line
     after it (and its obs-fold continuations) begins."""
     spans = []
@@ -178,7 +178,7 @@ def replace_header(data: bytes, head_length: int, name: bytes, value: bytes,
     """``data`` with the value of its first header ``name`` (lower-case bytes) set to ``value``;
     without one, unchanged, or (``add``) with ``Name: value`` added."""
     head, body = split_head(data, head_length)
-    spans = _field_spans(head, name)
+    spans = field_spans(head, name)
     if spans:
         start, colon, stop, _ = spans[0]
         return head[:colon + 1] + b" " + value + head[stop:] + body
@@ -191,7 +191,7 @@ def set_header(data: bytes, head_length: int, name: bytes, value: bytes) -> byte
     """``data`` with exactly one header ``name`` (spelled as given when added) set to ``value``:
     the first keeps its place and spelling, any later ones are removed."""
     head, body = split_head(data, head_length)
-    spans = _field_spans(head, name.lower())
+    spans = field_spans(head, name.lower())
     if not spans:
         return _add_field(head, body, name, value)
     start, colon, stop, _ = spans[0]
@@ -208,7 +208,7 @@ def set_header(data: bytes, head_length: int, name: bytes, value: bytes) -> byte
 def remove_header(data: bytes, head_length: int, name: bytes) -> bytes:
     """``data`` without any header ``name`` (lower-case bytes); unchanged when it has none."""
     head, body = split_head(data, head_length)
-    spans = _field_spans(head, name)
+    spans = field_spans(head, name)
     if not spans:
         return data
     parts = []

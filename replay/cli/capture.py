@@ -10,6 +10,7 @@ import time
 
 import click
 
+from replay.cli.ruleopts import rule_options, rules_from_kwargs
 from replay.errors import UsageError
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -114,9 +115,10 @@ def status_text(session) -> str:
 @click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
               help="zstd compression level of the log's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No status line and no summary.")
+@rule_options()
 def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immediate, duration,
             count, requests_only, user, rotate_size, rotate_interval, nice, flush_interval, queue_size,
-            max_stream_buffer, max_total_buffer, idle_timeout, level, quiet):
+            max_stream_buffer, max_total_buffer, idle_timeout, level, quiet, **rule_kwargs):
     """Capture the HTTP/1.x traffic of a live interface and write it to a log.
 
     \b
@@ -125,6 +127,9 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
 
     Stop with Ctrl-C (or SIGTERM): what was captured is written, the file closed and a summary
     printed. Kernel drops are reported in the summary and stored in the log (replay info).
+
+    Filters, rewrites, --middleware and --plugin (the options of `replay filter`) apply to each
+    message before it is written; --limit stops the capture once that many exchanges are kept.
     """
     # everything is imported before -Z drops root: the new user may not read the install
     import replay.log  # noqa: F401
@@ -149,6 +154,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     rsize = parse_size(rotate_size, 1, "--rotate-size") if rotate_size else None
     rint = parse_seconds(rotate_interval, "--rotate-interval") if rotate_interval else None
     check_output(expand_name(output, time.time(), set()))
+    rules = rules_from_kwargs(rule_kwargs)   # bad rules fail before the interface opens
 
     # Signals first: a Ctrl-C while the interface opens must not leave a traceback.
     session_box: list = []
@@ -191,6 +197,8 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
                 "core": core.IMPLEMENTATION,
                 "host": os.uname().nodename,
             }
+            if rules is not None:
+                meta["rules"] = rules.describe()
             outputs = OutputFiles(output, meta, rotate_size=rsize, rotate_interval=rint,
                                   level=level)
             try:
@@ -204,7 +212,8 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
             source.close()
             raise
         session = CaptureSession(source, engine, outputs, requests_only=requests_only,
-                                 count=count, duration=dur, flush_interval=flush_interval)
+                                 count=count, duration=dur, flush_interval=flush_interval,
+                                 rules=rules)
         session_box.append(session)
         for name in early:
             session.request_stop(name)
@@ -262,6 +271,12 @@ def summary(session, interface: str) -> None:
         f"{' (responses not written)' if session.requests_only else ''} -> {where}", err=True)
     click.echo(f"  drops: kernel {st['kernel_drops']:,}, interface {st['interface_drops']:,}; "
                f"queue peak {_mb(st['queue_peak'])}", err=True)
+    if session.rules is not None:
+        rs = session.rules.stats
+        click.echo(f"  rules: kept {rs['kept']:,} of {rs['read']:,} messages"
+                   + (f", rewrote {rs['rewritten']:,}" if rs["rewritten"] else "")
+                   + (f", {rs['out']:,} after middleware and plugins" if rs["out"] != rs["kept"] else ""),
+                   err=True)
     problems = {k: core[k] for k in ("gaps", "truncated_packets", "ip_fragments",
                                      "incomplete_messages", "unpaired_responses",
                                      "non_http_streams", "buffer_cap_hits",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from replay.cli.ruleopts import rule_options, rules_from_kwargs
+
 
 class SpeedType(click.ParamType):
     name = "FACTOR|max"
@@ -85,16 +87,20 @@ class SecondsType(click.ParamType):
               hidden=True, help="Event loop (auto: microsecond timers when timed, uvloop at max).")
 @click.option("--spin-us", type=click.IntRange(0, 100_000), default=None, hidden=True,
               help="Microseconds of busy-wait before each deadline (after the sleep).")
+@rule_options(exclude=("limit",))
 def command(path, target, use_sink, speed, rate, loop, duration, limit, connections, no_keepalive,
             keep_host, insecure, timeout, dry_run, output, report_path, ports, realtime, quiet, event_loop,
-            spin_us):
+            spin_us, **rule_kwargs):
     """Replay the requests of PATH (a .rlog log or a pcap/pcapng capture) against a target.
 
     Each recorded connection becomes one connection to the target, opened when it was recorded;
     its requests go out in recorded order at their recorded times divided by --speed, each
     after the previous answer unless the capture shows them pipelined.
+
+    Filters, rewrites, --middleware and --plugin (the options of `replay filter`) run on the
+    recorded messages before the schedule is made, so they cost no timing.
     """
-    return run(
+    return run(rules=rules_from_kwargs(rule_kwargs),
         path=path, target=target, use_sink=use_sink, speed=speed, rate=rate, loop=loop,
         duration=duration, limit=limit, connections=connections, keepalive=not no_keepalive,
         keep_host=keep_host, insecure=insecure, timeout=timeout, dry_run=dry_run, output=output,
@@ -117,7 +123,7 @@ MAX_CONNECTIONS_AT_MAX = 64
 
 def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connections, keepalive,
         keep_host, insecure, timeout, dry_run, output, report_path, ports, quiet, event_loop="auto",
-        spin_us=None, realtime=False):
+        spin_us=None, realtime=False, rules=None):
     import os
     import sys
 
@@ -151,11 +157,18 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
             sink_proc, port = start_sink_process()
             tgt = parse_target(f"http://127.0.0.1:{port}")
         src = open_input(path, ports=ports)
-        plan = build_plan(src, tgt.host_header if tgt else None, keep_host)
+        if rules is not None:
+            plan = build_plan(rules.apply(src), tgt.host_header if tgt else None,
+                              keep_host or rules.sets_host)
+        else:
+            plan = build_plan(src, tgt.host_header if tgt else None, keep_host)
         for w in getattr(src, "warnings", ()):
             click.echo(f"replay: warning: {w}", err=True)
+        if rules is not None and not quiet:
+            click.echo(_rules_line(rules), err=True)
         if plan.requests == 0:
-            raise ReplayError(f"{path}: no requests to replay")
+            raise ReplayError(f"{path}: no requests to replay"
+                              + (" (the rules kept none)" if rules is not None else ""))
         schedule = Schedule(plan.t0, plan.span_ns, plan.requests, speed=None if rate is None and
                             speed is None else speed, rate=rate)
         if connections is None:
@@ -168,7 +181,7 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
             return 0
         code = _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections,
                        keepalive, insecure, timeout, output, report_path, quiet, event_loop, spin_us,
-                       ports)
+                       ports, rules)
     finally:
         if sink_proc is not None:
             from replay.sink import stop_sink_process
@@ -200,6 +213,18 @@ def _realtime():
         raise UsageError("--realtime needs root or CAP_SYS_NICE") from None
     except OSError as e:
         raise UsageError(f"--realtime: {e.strerror or e}") from None
+
+
+def _rules_line(rules) -> str:
+    st = rules.stats
+    line = (f"rules: kept {st['kept']:,} of {st['read']:,} recorded messages"
+            + (f", rewrote {st['rewritten']:,}" if st["rewritten"] else ""))
+    mw = st.get("middleware")
+    if mw:
+        line += f"; middleware dropped {mw.get('dropped', 0):,} and changed {mw.get('changed', 0):,}"
+    if st["out"] != st["kept"]:
+        line += f"; {st['out']:,} left to plan"
+    return line
 
 
 def _fmt_s(ns):
@@ -247,7 +272,7 @@ def _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keep
 
 
 def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections, keepalive,
-            insecure, timeout, output, report_path, quiet, event_loop, spin_us, ports=()):
+            insecure, timeout, output, report_path, quiet, event_loop, spin_us, ports=(), rules=None):
     import asyncio
     import gc
     import json
@@ -286,6 +311,8 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
                  "recorded_span_s": plan.span_ns / 1e9, "pipelined": plan.pipelined,
                  "skipped": plan.skipped},
     }
+    if rules is not None:
+        meta["rules"] = rules.describe()
     report = Report(meta)
     clock = clk.LoopClock()
     opts = Options(connections=connections, keepalive=keepalive, timeout=timeout,
@@ -299,6 +326,7 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
 
         writer = LogWriter(output, block_records=OUTPUT_BLOCK_RECORDS, meta={"command": "play", "source": os.path.basename(path),
                                          "target": meta["target"], "speed": meta["speed"],
+                                         **({"rules": meta["rules"]} if "rules" in meta else {}),
                                          "rate": schedule.rate, "conn_stride": plan.conn_stride,
                                          "pairing": "conn and index are those of the recorded "
                                                     "request (conn modulo conn_stride on --loop); "
@@ -344,7 +372,10 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
                 nxt = look.next_after(now())
                 if nxt is not None and nxt - now() < WRITE_SLACK_NS:
                     break
-            writer.write(queue[i])
+            m = queue[i]
+            if rules is not None and m.kind == KIND_RESPONSE:
+                m = rules.rewrite(m)       # --redact: the target's Set-Cookie too
+            writer.write(m)
             i += 1
         del queue[:i]
 
@@ -408,9 +439,10 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
         try:
             drain(force=True)
             # the recorded responses of what was replayed, for comparison (flags without "replayed")
+            # (through the rewrites again: --redact hides their secrets as it did in the plan)
             for m in open_input(path, ports=ports):
                 if m.kind == KIND_RESPONSE and (m.conn, m.index) in replayed_keys:
-                    writer.write(m)
+                    writer.write(rules.rewrite(m) if rules is not None else m)
             writer.update_meta({"report": report.to_dict()})
             writer.close()
         except OutputError:
