@@ -498,6 +498,22 @@ def test_exit_before_the_end_of_input():
             run(mw, exchanges(5000))
 
 
+def test_exit_before_the_end_of_input_skipped():
+    msgs = exchanges(3000)
+    err = io.StringIO()
+    with Middleware("head -n 3", on_error="skip", stderr=err) as mw:
+        out = run(mw, msgs)
+    assert out == msgs and mw.stats["returned"] == 3 and mw.stats["dropped"] == 0
+    assert err.getvalue().count("replay: warning:") == 1
+
+
+def test_a_middleware_that_stops_reading():
+    with mw_of("sh -c 'exec 0<&-; echo closing >&2; sleep 30'", grace=0.2) as mw:
+        with pytest.raises(MiddlewareError, match="stopped reading its stdin; its stderr ended with: closing"):
+            run(mw, exchanges(2000))          # more than a pipe holds: a write fails
+    assert mw.proc.poll() is not None
+
+
 def test_non_zero_exit_at_the_end():
     msgs = exchanges(3)
     with mw_of("sh -c 'cat; echo bye >&2; exit 3'") as mw:
@@ -564,13 +580,15 @@ def test_stopping_early_ends_the_process():
     assert mw.proc.poll() is not None
 
 
-def test_a_middleware_that_lingers_is_killed(scripts):
+@pytest.mark.parametrize("cmd", ["linger", "sh -c 'cat; sleep 30'", "sh -c 'cat | cat; sleep 30'"])
+def test_a_middleware_that_lingers_after_its_input_is_killed(scripts, cmd):
+    """Once every message is answered the run ends; its process group gets ``grace`` seconds."""
     msgs = exchanges(3)
     t = time.monotonic()
-    with mw_of(py(scripts["linger"]), grace=0.2) as mw:
-        it = mw.map(iter(msgs))
-        assert [next(it) for _ in range(6)] == msgs
-    assert mw.proc.poll() is not None and time.monotonic() - t < 5
+    with mw_of(py(scripts[cmd]) if cmd in scripts else cmd, grace=0.2) as mw:
+        assert run(mw, msgs) == msgs
+    assert mw.proc.poll() is not None and time.monotonic() - t < 3
+    assert mw.exit_status is None          # it did not exit by itself
 
 
 def test_map_runs_once():

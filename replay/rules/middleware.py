@@ -42,7 +42,9 @@ while the message is among the last 1024 dropped.
 
 Concurrency: the input iterable is consumed by a writer thread that feeds stdin; a reader thread
 decodes stdout; the caller's thread only yields results, so a middleware that answers slowly or a
-payload of many megabytes cannot deadlock the two pipes. In flight (sent and not yet yielded,
+payload of many megabytes cannot deadlock the two pipes. The writer does not flush each line: a
+flusher thread flushes ``FLUSH_DELAY`` after a write, so a burst shares one write (twice the
+messages/s of a flush per line) and a lone message still leaves within a millisecond. In flight (sent and not yet yielded,
 answered or not) are at most ``max_in_flight`` messages and ``max_in_flight_bytes`` of payload; the
 writer waits beyond that (backpressure reaches the input). The middleware's stderr goes through to
 ours, each line prefixed ``replay: middleware:``; its last 20 lines are kept for error messages.
@@ -83,6 +85,8 @@ ERROR_TAIL = 8              # of which the error line quotes the last non-empty 
 LATE_KEEP = 1024            # dropped messages kept so that a late answer still finds its message
 LATE_KEEP_BYTES = 64 << 20
 REQUEST_TS_KEEP = 100_000   # request timestamps kept to compute the latency of their responses
+FLUSH_DELAY = 0.0005        # s a written message may wait for others to share its write to stdin
+PIPE_BUFFER = 1 << 16       # our buffers on its stdin and stdout, the size of a Linux pipe
 
 UNPAIRED_INDEX = 0xFFFFFFFF
 TYPES = (b"1", b"2", b"3")
@@ -145,6 +149,8 @@ class Middleware:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._wlock = threading.Lock()   # held while writing to stdin; close() takes it to close stdin
+        self._dirty = False              # stdin holds bytes not flushed yet
+        self._dirty_cond = threading.Condition(threading.Lock())
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: OrderedDict[int, _Entry] = OrderedDict()   # by seq: send order
         self._by_key: dict[tuple, list[_Entry]] = {}
@@ -167,12 +173,17 @@ class Middleware:
         self._bypass = False
         self._input_done = False
         self._input_error: BaseException | None = None
-        self._stdin_closed = False
+        self._stdin_closed = False       # by us, at the end of input or in close(), or broken
+        self._eof_sent = False           # stdin closed because the input ended
+        self._ended = False              # END posted
         self._stopping = False
         self._closed = False
         self._used = False
         self._threads: list[threading.Thread] = []
+        self._reader: threading.Thread | None = None
+        self._stderr_thread: threading.Thread | None = None
         self.proc: subprocess.Popen | None = None
+        self.exit_status: int | None = None   # its own exit status; None while running or when killed
         self._start()
 
     # -- process -----------------------------------------------------------------------------
@@ -180,7 +191,8 @@ class Middleware:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, env=env, start_new_session=True)
+                                         stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                         bufsize=PIPE_BUFFER)
         except FileNotFoundError:
             reason = f"no such command: {self.argv[0]}"
         except PermissionError:
@@ -194,6 +206,7 @@ class Middleware:
             t = threading.Thread(target=self._stderr_loop, name="middleware-stderr", daemon=True)
             t.start()
             self._threads.append(t)
+            self._stderr_thread = t
             return
         text = f"cannot start middleware {self.command!r}: {reason}"
         if self.on_error == "stop":
@@ -265,8 +278,9 @@ class Middleware:
         self._last_answer = time.monotonic()
         writer = threading.Thread(target=self._write_loop, args=(messages,), name="middleware-writer",
                                   daemon=True)
-        reader = threading.Thread(target=self._read_loop, name="middleware-reader", daemon=True)
-        for t in (writer, reader):
+        reader = self._reader = threading.Thread(target=self._read_loop, name="middleware-reader", daemon=True)
+        flusher = threading.Thread(target=self._flush_loop, name="middleware-flusher", daemon=True)
+        for t in (writer, reader, flusher):
             t.start()
             self._threads.append(t)
         get = self._out.get
@@ -292,8 +306,17 @@ class Middleware:
                         self.close()
                         raise MiddlewareError(text)
                     yield from self._go_without(text)
+            self.close()
             if self._input_error is not None:
                 raise self._input_error
+            rc = self.exit_status
+            if rc not in (None, 0) and self._failed is None:
+                # every answer came before it failed: nothing to pass through, but say so
+                self._failed = self._exit_reason(rc, "at the end of its input")
+                text = self._failure_text()
+                if self.on_error == "stop":
+                    raise MiddlewareError(text)
+                self._warn(text)
         finally:
             self.close()
 
@@ -318,6 +341,7 @@ class Middleware:
         self._kill()
         with self._cond:
             self._bypass = True
+            self._cond.notify_all()
             flush = list(self._pending.values())
             self._pending.clear()
             self._by_key.clear()
@@ -328,7 +352,8 @@ class Middleware:
             self._release(e.size)
             yield e.msg
         if done:
-            self._out.put((_END,))
+            with self._lock:
+                self._end()
 
     def _release(self, size: int):
         with self._cond:
@@ -385,6 +410,8 @@ class Middleware:
                 if not self._acquire(size):
                     break
                 with self._lock:
+                    while self._failed is not None and not self._bypass and not self._stopping:
+                        self._cond.wait()       # stdin broke: hold the input until map() chose
                     if self._bypass:
                         self.stats["passed"] += 1
                         self._out.put((_MSG, m, size))
@@ -395,29 +422,69 @@ class Middleware:
                     self._by_key.setdefault(key, []).append(e)
                     self._pending_b += size
                     self.stats["sent"] += 1
+                broke = False
                 with self._wlock:
                     if self._stdin_closed:
                         continue
                     try:
                         stdin.write(line)
-                        stdin.flush()
                     except (OSError, ValueError):
-                        self._stdin_closed = True
-                        self._write_failed()
+                        self._stdin_closed = broke = True
+                if broke:
+                    self._write_failed()
+                elif not self._dirty:
+                    with self._dirty_cond:
+                        self._dirty = True
+                        self._dirty_cond.notify()
         except BaseException as exc:  # noqa: BLE001 - the caller's iterable failed: re-raised in map()
             self._input_error = exc
         finally:
             with self._lock:
                 self._input_done = True
                 if self._bypass:
-                    self._out.put((_END,))
+                    self._end()
+            broke = False
             with self._wlock:
                 if not self._stdin_closed:
                     self._stdin_closed = True
                     try:
+                        stdin.flush()
+                    except (OSError, ValueError):
+                        broke = True
+                    self._eof_sent = not broke      # before it can see the end of its input
+                    try:
                         stdin.close()
                     except (OSError, ValueError):
                         pass
+            if broke:
+                self._write_failed()
+            else:
+                with self._lock:
+                    self._end_if_settled()
+
+    def _flush_loop(self):
+        """Flush stdin soon after writes: a burst goes out in few writes, a lone message still goes now."""
+        stdin = self.proc.stdin
+        cond = self._dirty_cond
+        while True:
+            with cond:
+                while not self._dirty:
+                    if self._stdin_closed or self._stopping:
+                        return
+                    cond.wait(0.5)
+            time.sleep(FLUSH_DELAY)
+            broke = False
+            with self._wlock:
+                self._dirty = False
+                if self._stdin_closed:
+                    return
+                try:
+                    stdin.flush()
+                except (OSError, ValueError):
+                    self._stdin_closed = broke = True
+            if broke:
+                self._write_failed()
+                return
 
     def _write_failed(self):
         """stdin broke: the reader usually reports the exit; if the process lives on, say so here."""
@@ -428,6 +495,18 @@ class Middleware:
             # give the reader, which sees the end of stdout, the chance to report with the full story
             time.sleep(0.2)
             self._fail(self._exit_reason(rc, "before the end of input"))
+
+    def _end(self):
+        """Under the lock: no more results will come (posted once)."""
+        if not self._ended:
+            self._ended = True
+            self._out.put((_END,))
+
+    def _end_if_settled(self):
+        """Under the lock: input ended and every message was answered or counted dropped: done,
+        without waiting for a middleware that lingers after the end of its input."""
+        if self._eof_sent and not self._pending and self._failed is None and not self._bypass:
+            self._end()
 
     def _fail(self, reason: str):
         with self._cond:
@@ -463,6 +542,10 @@ class Middleware:
                 key = (parts[0], parts[1])
                 payload = raw[nl + 1:]
                 if not self._answer(key, payload):
+                    # stopping (or gone without it): keep its stdout flowing so that it can
+                    # reach the end of its input and exit
+                    for _ in out:
+                        pass
                     return
         except (OSError, ValueError):
             return
@@ -506,6 +589,9 @@ class Middleware:
                            f"ignored (counted in stats['unmatched'])")
             return True
         self._out.put((_MSG, e.msg if same else with_data(e.msg, payload), e.size))
+        if self._eof_sent and not self._pending:
+            with self._lock:
+                self._end_if_settled()
         return True
 
     @staticmethod
@@ -526,9 +612,9 @@ class Middleware:
     def _on_eof(self):
         rc = self._wait_exit(self.grace)
         with self._cond:
-            if self._failed is not None or self._bypass or self._stopping:
+            if self._failed is not None or self._bypass or self._stopping or self._ended:
                 return
-            done = self._input_done and self._stdin_closed
+            done = self._eof_sent
         if not done:
             self._fail(self._exit_reason(rc, "before the end of input"))
             return
@@ -540,7 +626,7 @@ class Middleware:
                 return
             for e in list(self._pending.values()):
                 self._drop(e, keep=False)
-            self._out.put((_END,))
+            self._end()
 
     # -- when unanswered messages count as dropped (rules a-d) --------------------------------
     def _drop(self, e: _Entry, keep: bool = True):
@@ -596,14 +682,23 @@ class Middleware:
                 self._drop(e)
             else:
                 break
+        self._end_if_settled()
 
     # -- ending --------------------------------------------------------------------------------
+    def _signal(self, sig):
+        """Signal the middleware's process group (its own session): a shell's children go too."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            if self.proc.poll() is None:
+                try:
+                    self.proc.send_signal(sig)
+                except OSError:
+                    pass
+
     def _kill(self):
         if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.proc.kill()
-            except OSError:
-                pass
+            self._signal(signal.SIGKILL)
             self._wait_exit(1.0)
 
     def close(self):
@@ -628,22 +723,23 @@ class Middleware:
             rc = self._wait_exit(self.grace)
         else:
             rc = None       # a write is stuck: the middleware stopped reading
+        self.exit_status = rc
         if rc is None and proc.poll() is None:
-            try:
-                proc.terminate()
-            except OSError:
-                pass
+            self._signal(signal.SIGTERM)
             if self._wait_exit(1.0) is None:
                 self._kill()
+        # what it left running in its process group would hold the pipes open
+        self._signal(signal.SIGKILL)
         for t in self._threads:
             # the writer may be waiting on the caller's input (a live source): not worth waiting for
             if t is not threading.current_thread():
                 t.join(0.2 if t.name == "middleware-writer" else 1.0)
-        for f in (proc.stdout, proc.stderr):
-            try:
-                f.close()
-            except (OSError, ValueError):
-                pass
+        for t, f in ((self._reader, proc.stdout), (self._stderr_thread, proc.stderr)):
+            if t is None or not t.is_alive():
+                try:
+                    f.close()
+                except (OSError, ValueError):
+                    pass
 
     def __enter__(self):
         return self
