@@ -9,9 +9,11 @@ shell, as GoReplay splits on spaces). For every message one line goes to its std
 
 - TYPE: ``1`` request, ``2`` recorded response, ``3`` replayed response (``F_REPLAYED``); a request
   sent by ``replay play`` is still ``1``.
-- ID: 24 hex digits (GoReplay's ids are 24 hex digits too): ``conn`` in 16, ``index`` in 8, so a
-  request and its responses share it and it reads back as (conn, index). A response whose request
-  was not captured (index -1) gets a unique id with index digits ``ffffffff``.
+- ID: 24 hex digits, ``conn`` in 16 and ``index`` in 8, so a request and its responses share it
+  and it reads back as (conn, index). GoReplay 1.x ids have the same shape: 12 bytes, the flow
+  (ports and client IP) in 8 and the request's TCP ack in 4 (its docs still show the 40-digit sha1
+  ids of 0.x). A response whose request was not captured (index -1) gets a unique id whose index
+  digits are ``ffffffff``.
 - TIMESTAMP: ``ts_first`` in Unix nanoseconds.
 - LATENCY: for a response, its ``ts_first`` minus that of its request when the request went through
   this middleware before it (recorded with recorded, replayed with replayed), else ``-1``. For a
