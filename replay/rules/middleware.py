@@ -506,9 +506,11 @@ class Middleware:
 
     def _end_if_settled(self):
         """Under the lock: input ended and every message was answered or counted dropped: done,
-        without waiting for a middleware that lingers after the end of its input."""
+        without waiting for a middleware that lingers after the end of its input (when messages
+        were counted dropped, a late answer gets ``idle_timeout`` more)."""
         if self._eof_sent and not self._pending and self._failed is None and not self._bypass:
-            self._end()
+            if not self._late or time.monotonic() - self._last_answer > self.idle_timeout:
+                self._end()
 
     def _fail(self, reason: str):
         with self._cond:
