@@ -174,6 +174,29 @@ class LogReader:
             if msgs:
                 yield from zip(part.tolist(), msgs)
 
+    def block_payload(self, block: int):
+        """The payload (every message's bytes, concatenated) of block ``block`` as the last
+        ``table()`` numbered them (its ``block`` column; ``data_offset`` and ``data_length`` find a
+        message in it), decompressed, without decoding the block's table again; None when the
+        block turns out damaged (a warning, and it leaves ``blocks``)."""
+        blocks = self._table_blocks if self._table_blocks is not None else list(self.blocks)
+        b = blocks[block]
+        c = self._cache
+        if c is not None and c[0] == b.offset and c[2] is not None:
+            return c[2]
+        mm = self._mm
+        try:
+            h = fmt.unpack_block_header(mm, b.offset)
+            if h.type != fmt.BLOCK_DATA or h.count != b.count:
+                raise FormatError("not the data block the index lists")
+            fmt.check_body(h, mm, b.offset, True)
+            _, payload = fmt.sections(h, mm, b.offset, self._dctx, want_b=True)
+        except FormatError as e:
+            self._warn(f"corrupt block at offset {b.offset} ({e}), its {b.count} messages skipped")
+            self._drop(b)
+            return None
+        return payload
+
     def message_at(self, row: int):
         """The message in row ``row`` (0-based, written order; negative counts from the end)."""
         n = len(self)

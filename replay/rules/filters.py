@@ -92,6 +92,18 @@ class ExchangeView:
         return self._host
 
 
+class _Head:
+    """What the head filters read of a request on the index path: its head (or, when the head
+    is not whole, its bytes), the head's length and its target."""
+
+    __slots__ = ("data", "head_length", "uri")
+
+    def __init__(self, data, head_length, uri):
+        self.data = data
+        self.head_length = head_length
+        self.uri = uri
+
+
 def request_host(req):
     if req is None:
         return None
@@ -102,17 +114,32 @@ def request_host(req):
 
 
 class ExchangeColumns:
-    """The same fields for many exchanges at once, as numpy arrays (the index path)."""
+    """The same fields for many exchanges at once, as numpy arrays (the index path): ``conn``
+    (u64), ``time`` (i64 ns), ``method`` and ``uri`` (u32 ids into ``strings``, 0: None),
+    ``status`` (u16, 0: no final response). Each is gathered from the table on first use."""
 
-    __slots__ = ("conn", "time", "method", "uri", "status", "strings")
-
-    def __init__(self, conn, time, method, uri, status, strings):
-        self.conn = conn          # u64
-        self.time = time          # i64 ns
-        self.method = method      # u32 ids into strings (0: None)
-        self.uri = uri
-        self.status = status      # u16, 0: no final response
+    def __init__(self, table, rep, strings, status=None):
+        self._t = table
+        self._rep = rep              # row of each exchange's request (or first message)
+        self._status = status        # a callable making the status column, or the column
         self.strings = strings
+
+    def _col(self, name):
+        v = self.__dict__.get(name)
+        if v is None:
+            v = self.__dict__[name] = self._t[name][self._rep]
+        return v
+
+    conn = property(lambda self: self._col("conn"))
+    time = property(lambda self: self._col("ts_first"))
+    method = property(lambda self: self._col("method"))
+    uri = property(lambda self: self._col("uri"))
+
+    @property
+    def status(self):
+        if callable(self._status):
+            self._status = self._status()
+        return self._status
 
 
 @runtime_checkable
@@ -213,6 +240,7 @@ class HostFilter:
 
     def __init__(self, patterns):
         self.patterns = list(patterns)     # (lower-case glob, has port)
+        self._seen: dict = {}              # Host value -> verdict
 
     @classmethod
     def from_settings(cls, settings):
@@ -229,9 +257,14 @@ class HostFilter:
         host = ex.host
         if host is None:
             return False
-        host = host.strip().lower()
-        bare = _split_port(host)[0]
-        return any(fnmatch.fnmatchcase(host if with_port else bare, p) for p, with_port in self.patterns)
+        hit = self._seen.get(host)
+        if hit is None:
+            low = host.strip().lower()
+            bare = _split_port(low)[0]
+            hit = any(fnmatch.fnmatchcase(low if with_port else bare, p) for p, with_port in self.patterns)
+            if len(self._seen) < 65536:
+                self._seen[host] = hit
+        return hit
 
 
 def _split_port(host: str):
@@ -515,9 +548,7 @@ class FilterSet:
             keep[srt] = self._judge_groups(reader, t, srt, gid, starts)[gid]
         if not self.request_level and unpaired.any():
             rows = np.flatnonzero(unpaired)
-            cols = ExchangeColumns(t["conn"][rows], t["ts_first"][rows], t["method"][rows],
-                                   t["uri"][rows], np.zeros(len(rows), dtype=np.uint16),
-                                   reader.strings)
+            cols = ExchangeColumns(t, rows, reader.strings, np.zeros(len(rows), dtype=np.uint16))
             alive = self._columns_pass(cols, np.arange(len(rows)))
             keep[rows[alive]] = True
         return np.flatnonzero(keep)
@@ -528,16 +559,18 @@ class FilterSet:
         first_row = srt[starts]
         kind_s = t["kind"][srt]
         req_row = _first_per_group(gid, kind_s == KIND_REQUEST, srt, ngroups)
-        final = (kind_s != KIND_REQUEST) & ((t["flags"][srt] & F_INTERIM) == 0)
-        fin_row = _first_per_group(gid, final, srt, ngroups)
         rep = np.where(req_row >= 0, req_row, first_row)
-        status = np.where(fin_row >= 0, t["status"][np.maximum(fin_row, 0)], 0).astype(np.uint16)
-        cols = ExchangeColumns(t["conn"][rep], t["ts_first"][rep], t["method"][rep], t["uri"][rep],
-                               status, reader.strings)
+
+        def status():
+            final = (kind_s != KIND_REQUEST) & ((t["flags"][srt] & F_INTERIM) == 0)
+            fin_row = _first_per_group(gid, final, srt, ngroups)
+            return np.where(fin_row >= 0, t["status"][np.maximum(fin_row, 0)], 0).astype(np.uint16)
+
+        cols = ExchangeColumns(t, rep, reader.strings, status)
         alive = self._columns_pass(cols, np.arange(ngroups))
         heavy = [f for f in self.filters if not hasattr(f, "mask")]
         if heavy and len(alive):
-            alive = alive[self._payload_pass(reader, heavy, cols, alive, req_row)]
+            alive = alive[self._payload_pass(reader, t, heavy, cols, alive, req_row)]
         if self.limit is not None and len(alive) > self.limit:
             alive = alive[np.argsort(first_row[alive], kind="stable")[:self.limit]]
         out = np.zeros(ngroups, dtype=bool)
@@ -552,27 +585,39 @@ class FilterSet:
         return alive
 
     @staticmethod
-    def _payload_pass(reader, heavy, cols, alive, req_row) -> np.ndarray:
-        """bool per entry of ``alive``: the filters that read request heads, one pass over the
-        requests still in (block by block), the others (no request captured) judged without."""
+    def _payload_pass(reader, t, heavy, cols, alive, req_row) -> np.ndarray:
+        """bool per entry of ``alive``: the filters that read request heads, in one pass over the
+        requests still in, block by block (only their heads are sliced out of the payloads, no
+        message is built); exchanges without a captured request are judged without one."""
         strings = cols.strings
         ok = np.zeros(len(alive), dtype=bool)
         rows = req_row[alive]
         have = np.flatnonzero(rows >= 0)
         order = have[np.argsort(rows[have], kind="stable")]
-
-        def view(i, req):
-            g = alive[i]
-            return ExchangeView(int(cols.conn[g]), int(cols.time[g]), strings[cols.method[g]],
-                                strings[cols.uri[g]], int(cols.status[g]), req)
-
-        where = dict(zip(rows[order].tolist(), order.tolist()))
-        for row, req in reader.messages_at(rows[order]):
-            i = where[row]
-            v = view(i, req)
-            ok[i] = all(f.keep(v) for f in heavy)
+        r = rows[order]
+        blocks = t["block"][r]
+        offs = t["data_offset"][r].tolist()
+        hls = t["head_length"][r].tolist()
+        lens = t["data_length"][r].tolist()
+        uris = t["uri"][r].tolist()
+        g = alive[order]
+        conn, time, method, uri, status = (cols.conn[g].tolist(), cols.time[g].tolist(),
+                                          cols.method[g].tolist(), cols.uri[g].tolist(),
+                                          cols.status[g].tolist())
+        edges = np.flatnonzero(np.diff(blocks)) + 1
+        for a, z in zip([0, *edges.tolist()], [*edges.tolist(), len(r)]):
+            payload = reader.block_payload(int(blocks[a]))
+            if payload is None:
+                continue
+            for j in range(a, z):
+                o, hl = offs[j], hls[j]
+                head = _Head(payload[o:o + (hl or lens[j])], hl, strings[uris[j]])
+                v = ExchangeView(conn[j], time[j], strings[method[j]], strings[uri[j]], status[j], head)
+                ok[order[j]] = all(f.keep(v) for f in heavy)
         for i in np.flatnonzero(rows < 0).tolist():
-            v = view(i, None)
+            gi = alive[i]
+            v = ExchangeView(int(cols.conn[gi]), int(cols.time[gi]), strings[cols.method[gi]],
+                             strings[cols.uri[gi]], int(cols.status[gi]), None)
             ok[i] = all(f.keep(v) for f in heavy)
         return ok
 
