@@ -604,8 +604,8 @@ class FilterSet:
         conn, time, method, uri, status = (cols.conn[g].tolist(), cols.time[g].tolist(),
                                           cols.method[g].tolist(), cols.uri[g].tolist(),
                                           cols.status[g].tolist())
-        edges = np.flatnonzero(np.diff(blocks)) + 1
-        for a, z in zip([0, *edges.tolist()], [*edges.tolist(), len(r)]):
+        edges = np.flatnonzero(np.diff(blocks)) + 1 if len(r) else np.zeros(0, dtype=np.int64)
+        for a, z in zip([0, *edges.tolist()], [*edges.tolist(), len(r)] if len(r) else []):
             payload = reader.block_payload(int(blocks[a]))
             if payload is None:
                 continue
