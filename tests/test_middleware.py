@@ -6,9 +6,7 @@ Middlewares are the examples in ``examples/``, small scripts written below, and 
 
 from __future__ import annotations
 
-import binascii
 import io
-import os
 import random
 import sys
 import textwrap
