@@ -31,7 +31,7 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import unquote_plus, unquote_to_bytes
 
 from replay.errors import UsageError
-from replay.events import F_CHUNKED, KIND_REQUEST
+from replay.events import KIND_REQUEST
 from replay.httpmsg import (decode_chunked, encode_chunked, field_spans, header_value, remove_header,
                             set_header, split_head, with_data)
 from replay.rules.filters import TOKEN, parse_header_rule
