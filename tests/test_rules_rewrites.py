@@ -315,3 +315,11 @@ def test_redaction_reaches_the_server_and_the_output_log(tmp_path):
     assert recorded and all(b"sid=" + ph(b"7f3a9c0e2b41d5a8") in m.data for m in recorded)
     replayed = [m for m in LogReader(out) if m.kind == KIND_RESPONSE and m.flags & F_REPLAYED]
     assert replayed and all(b"7f3a9c0e2b41d5a8" not in m.data for m in replayed)
+
+
+def test_a_host_set_by_the_rules_is_sent_instead_of_the_targets():
+    with SinkThread() as sink:
+        play(SAMPLE, "--target", sink.url, "--speed", "max", "-q", "--path-include", "^/index",
+             "--set-header", "Host: shop.example")
+        got = [raw for _, raw in sink.records]
+    assert len(got) == 3 and all(b"\r\nHost: shop.example\r\n" in raw for raw in got)
