@@ -595,3 +595,15 @@ def test_map_runs_once():
         run(mw, exchanges(1))
         with pytest.raises(RuntimeError):
             list(mw.map([]))
+
+
+def test_a_middleware_that_never_answers_nor_exits_cannot_hold_the_run(tmp_path):
+    """Rule (e): after the end of input, idle_timeout + grace of silence drops what is left."""
+    script = tmp_path / "hold.py"
+    script.write_text("import sys, time\nfor line in sys.stdin:\n    pass\ntime.sleep(60)\n")
+    msgs = exchanges(3)
+    t0 = time.monotonic()
+    with Middleware(f"{sys.executable} {script}", idle_timeout=0.3, grace=0.5) as mw:
+        out = list(mw.map(msgs))
+    assert out == [] and mw.stats["dropped"] == len(msgs)
+    assert time.monotonic() - t0 < 10

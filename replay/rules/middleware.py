@@ -38,7 +38,10 @@ A message never echoed is dropped. We know it when
   (c) the messages waiting for an answer fill half the in-flight window and one sent after it was
       already answered (no time condition: high drop rates never stall the stream);
   (d) they fill half the window and nothing at all came back for ``idle_timeout``: those sent more
-      than ``idle_timeout`` ago (a middleware that drops everything).
+      than ``idle_timeout`` ago (a middleware that drops everything);
+  (e) the input ended, its stdin was closed, and nothing came back for ``idle_timeout + grace``
+      seconds: everything still unanswered (a middleware that neither answers nor exits cannot
+      hold a run forever; ``close`` then ends it).
 An answer that arrives after its message was counted dropped is still delivered (``stats["late"]``)
 while the message is among the last 1024 dropped.
 
@@ -177,6 +180,7 @@ class Middleware:
         self._input_error: BaseException | None = None
         self._stdin_closed = False       # by us, at the end of input or in close(), or broken
         self._eof_sent = False           # stdin closed because the input ended
+        self._eof_time = 0.0
         self._ended = False              # END posted
         self._stopping = False
         self._closed = False
@@ -454,6 +458,7 @@ class Middleware:
                     except (OSError, ValueError):
                         broke = True
                     self._eof_sent = not broke      # before it can see the end of its input
+                    self._eof_time = time.monotonic()
                     try:
                         stdin.close()
                     except (OSError, ValueError):
@@ -686,6 +691,11 @@ class Middleware:
                 self._drop(e)
             else:
                 break
+        if self._eof_sent and pending:
+            quiet_since = max(self._last_answer, self._eof_time)
+            if now - quiet_since > self.idle_timeout + self.grace:
+                while pending:
+                    self._drop(next(iter(pending.values())))
         self._end_if_settled()
 
     # -- ending --------------------------------------------------------------------------------
