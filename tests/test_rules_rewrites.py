@@ -81,6 +81,7 @@ def test_bad_rewrites_name_the_rule():
         ({"rewrite-path": "([:x"}, "invalid regex"),
         ({"rewrite-path": "(a):$2"}, "the regex has no group 2"),
         ({"rewrite-body": "(?P<n>a):${m}"}, "no group m"),
+        ({"rewrite-path": r"a:\q"}, "bad replacement: bad escape"),
         ({"set-header": "X-A 1"}, "expected 'Name: value'"),
         ({"set-header": "X A: 1"}, "expected 'Name: value'"),
         ({"remove-header": "X A"}, "not a header name"),

@@ -205,11 +205,21 @@ class RewritePath:
 
 
 def _check_template(rx, repl, s):
-    """Fail now, not on the first match, on a replacement naming a group the regex lacks."""
+    """Fail now, not on the first match, on a replacement naming a group the regex lacks or
+    holding a bad escape (``\\q``)."""
     for ref in re.finditer(r"\\g<(\w+)>|\\(\d+)", repl):
         name = ref.group(1) or ref.group(2)
         if name.isdigit() and int(name) > rx.groups or not name.isdigit() and name not in rx.groupindex:
             raise UsageError(f"{s.where()}: bad replacement: the regex has no group {name}")
+    check = getattr(re, "_compile_template", None)            # Python >= 3.12
+    parser = getattr(re, "_parser", None)                     # Python 3.11
+    try:
+        if check is not None:
+            check(rx, repl)
+        elif parser is not None:
+            parser.parse_template(repl, rx)
+    except (re.error, IndexError) as e:
+        raise UsageError(f"{s.where()}: bad replacement: {e}") from None
 
 
 class QueryRewrite:
