@@ -102,6 +102,14 @@ def test_bad_rules_files_are_one_line(tmp_path, text, expect):
     assert len(lines) == 1 and str(rules) in lines[0] and expect in lines[0], p.stderr
 
 
+def test_numbers_where_they_are_natural():
+    r = Rules(rulesfile.settings_from_table({"status": [200, 404], "sample": 10, "status_exclude": 404},
+                                            "f.toml"))
+    status = [f for f in r.filters.filters if f.key == "status"][0]
+    assert status.lut[200] and status.lut[404] and not status.lut[201]
+    assert [f for f in r.filters.filters if f.key == "sample"][0].fraction == 0.1
+
+
 def test_missing_rules_file(tmp_path):
     p = replay("filter", SAMPLE, "--dry-run", "--rules", tmp_path / "nope.toml")
     assert p.returncode == 2 and "nope.toml: no such rules file" in p.stderr

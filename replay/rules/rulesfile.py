@@ -2,7 +2,8 @@
 
 A rules file is one flat TOML table whose keys are the long names of the rule flags, with ``-``
 or ``_`` (``path-include`` or ``path_include``). A repeatable flag takes a list (or one value),
-``redact`` a boolean, ``limit`` an integer, every other key a string::
+``redact`` a boolean, ``limit`` an integer, every other key a string (``status`` and ``sample``
+also take numbers: ``status = [200, 404]``, ``sample = 10`` for 10 %)::
 
     # checkout.toml
     method = ["POST", "PUT"]
@@ -24,6 +25,9 @@ import tomllib
 
 from replay.errors import UsageError
 from replay.rules.options import BY_KEY, FLAG, INT, Setting, normal_key
+
+
+NUMBERS_OK = {"status", "status-exclude", "sample"}
 
 
 def load(path: str) -> list:
@@ -63,6 +67,9 @@ def settings_from_table(data: dict, origin: str) -> list:
             elif opt.kind == INT:
                 ok = isinstance(v, int) and not isinstance(v, bool)
                 want = "an integer"
+            elif key in NUMBERS_OK and isinstance(v, (int, float)) and not isinstance(v, bool):
+                v = str(v)      # status = 404, sample = 10 (percent)
+                ok = True
             else:
                 ok = isinstance(v, str)
                 want = "a string" + (" or a list of strings" if opt.multiple else "")
