@@ -47,3 +47,23 @@ def test_capture_stops_at_the_limit(ns, tmp_path):  # noqa: F811
     assert "stopped (limit)" in err
     msgs, _ = read_log(out)
     assert [m.uri for m in msgs if m.kind == KIND_REQUEST] == [f"/n/{i}" for i in range(5)]
+
+
+def test_capture_through_a_middleware_and_a_plugin(ns, tmp_path):  # noqa: F811
+    from tests.test_filter_cli import HOOKS, MIDDLEWARE
+
+    Server(ns, tmp_path)
+    (tmp_path / "mw.py").write_text(MIDDLEWARE)
+    (tmp_path / "hooks.py").write_text(HOOKS)
+    out = tmp_path / "cap.rlog"
+    cap = Capture(ns, "-i", "lo", "--port", PORT, "-o", out, "--set-header", "X-Rule: 1",
+                  "--middleware", f"python3 {tmp_path / 'mw.py'}", "--plugin", f"{tmp_path / 'hooks.py'}:tag")
+    sent = run_client(ns, tmp_path, "127.0.0.1", "10")
+    rc, err = cap.stop()
+    assert rc == 0, err
+    msgs, reader = read_log(out)
+    reqs = [m for m in msgs if m.kind == KIND_REQUEST]
+    assert sorted(m.uri for m in reqs) == sorted(sent)
+    assert all(m.data.endswith(b"\r\nX-Rule: 1\r\nX-Middleware: saw-rule\r\nX-Plugin: saw-mw\r\n\r\n")
+               for m in reqs)
+    assert len(msgs) == 2 * len(sent) and reader.meta["rules_stats"]["middleware"]["sent"] == len(msgs)
