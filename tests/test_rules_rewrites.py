@@ -197,6 +197,34 @@ def test_redact_fields_in_json_form_and_query():
     assert b"Content-Length: %d\r\n" % (40 + len(out.data) - len(resp.data)) in out.data
 
 
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate"])
+def test_redact_inside_a_compressed_body(coding):
+    """A secret inside gzip'd (or deflate'd) JSON is redacted; the body stays in its coding."""
+    import gzip
+    import zlib
+
+    v = {"redact-field": ["token"], "redact-key": "k"}
+    plain = b'{"token": "s3cret", "n": 1}'
+    if coding == "gzip":
+        enc, name = gzip.compress(plain), b"gzip"
+    elif coding == "deflate":
+        enc, name = zlib.compress(plain), b"deflate"
+    else:
+        c = zlib.compressobj(wbits=-15)
+        enc, name = c.compress(plain) + c.flush(), b"deflate"
+    data = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: " + name +
+            b"\r\nContent-Length: %d\r\n\r\n" % len(enc) + enc)
+    out = rw(v, msg(data, KIND_RESPONSE))
+    body = out.data[out.head_length:]
+    decoded = gzip.decompress(body) if coding == "gzip" else zlib.decompress(body)
+    assert decoded == b'{"token": "' + ph(b"s3cret") + b'", "n": 1}'
+    assert b"Content-Length: %d\r\n" % len(body) in out.data
+    # a coding we do not re-encode is left alone
+    br = data.replace(b"Content-Encoding: " + name, b"Content-Encoding: br")
+    assert rw(v, msg(br, KIND_RESPONSE)).data == br
+
+
 # -- on the wire: what a real server receives --------------------------------------------------
 
 

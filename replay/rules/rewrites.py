@@ -13,8 +13,10 @@ Rules they keep:
 - a body that changes gets a true length: with Content-Length, its value moves by as many bytes
   as the body did (so a body cut by the capture keeps its recorded promise); a chunked body is
   decoded, changed, and sent again as one chunk followed by the original trailers; a chunked body
-  cut before its last chunk is left alone. Bodies with a Content-Encoding (gzip...) are not
-  decoded: body rules see their encoded bytes, so they rarely match;
+  cut before its last chunk is left alone. A body with Content-Encoding gzip or deflate is
+  decoded for the body rules and encoded again with the same coding when they change it (so a
+  secret inside gzip'd JSON is redacted too); other codings (br, zstd, stacked codings) and
+  bodies that do not decode are left alone;
 - redaction replaces a secret by ``redacted-`` and the first 12 hex digits of its HMAC-SHA256 under
   one key (``--redact-key``, else random per run), so equal secrets get equal placeholders and a
   session cookie set by a response matches the cookie the next requests send.
@@ -22,11 +24,13 @@ Rules they keep:
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import hmac
 import json
 import os
 import re
+import zlib
 from typing import Protocol, runtime_checkable
 from urllib.parse import unquote_plus, unquote_to_bytes
 
@@ -131,9 +135,54 @@ def _latin1(text: str) -> bytes:
         return text.encode("utf-8")
 
 
-def content_encoded(data: bytes, head_length: int) -> bool:
+def content_coding(data: bytes, head_length: int) -> str | None:
+    """None (identity), "gzip", "deflate", or "other" for any coding we do not re-encode."""
     ce = header_value(data, head_length, b"content-encoding")
-    return ce is not None and ce.strip().lower() not in ("", "identity")
+    if ce is None:
+        return None
+    codings = [c.strip().lower() for c in ce.split(",") if c.strip().lower() not in ("", "identity")]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in ("gzip", "x-gzip"):
+        return "gzip"
+    if len(codings) == 1 and codings[0] == "deflate":
+        return "deflate"
+    return "other"
+
+
+def _decode_body(coding: str, raw: bytes) -> bytes | None:
+    try:
+        if coding == "gzip":
+            return gzip.decompress(raw)
+        try:
+            return zlib.decompress(raw)          # RFC 9110 §8.4.1.2: a zlib stream
+        except zlib.error:
+            return zlib.decompress(raw, -15)     # what some servers send instead: raw deflate
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def _encode_body(coding: str, plain: bytes) -> bytes:
+    if coding == "gzip":
+        return gzip.compress(plain, mtime=0)
+    return zlib.compress(plain)
+
+
+def _through_coding(coding: str | None, fn):
+    """``fn`` applied to the decoded payload, its result encoded again; None: unchanged."""
+    if coding is None:
+        return fn
+
+    def coded(raw):
+        plain = _decode_body(coding, raw)
+        if plain is None:
+            return None
+        new = fn(plain)
+        if new is None or new == plain:
+            return None
+        return _encode_body(coding, new)
+
+    return coded
 
 
 def edit_body(msg, fn):
@@ -141,8 +190,10 @@ def edit_body(msg, fn):
     true (see the module rules). The same object when nothing changed."""
     data = msg.data
     head, body = split_head(data, msg.head_length)
-    if content_encoded(data, len(head)):
+    coding = content_coding(data, len(head))
+    if coding == "other":
         return msg
+    fn = _through_coding(coding, fn)
     te = header_value(data, len(head), b"transfer-encoding")
     chunked = te is not None and te.split(",")[-1].strip().lower() == "chunked"
     if chunked:
