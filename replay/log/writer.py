@@ -39,7 +39,7 @@ FAST_KEEP_RATIO = 0.85      # a fast frame this size or larger (of the raw bytes
 
 class LogWriter:
     def __init__(self, path, meta: dict | None = None, block_records: int = 4096,
-                 block_bytes: int = 1 << 20, level: int = 3, threads: bool = True,
+                 block_bytes: int = 8 << 20, level: int = 3, threads: bool = True,
                  max_pending: int = 4):
         from replay import __version__
 
