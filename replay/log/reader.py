@@ -184,18 +184,8 @@ class LogReader:
         c = self._cache
         if c is not None and c[0] == b.offset and c[2] is not None:
             return c[2]
-        mm = self._mm
-        try:
-            h = fmt.unpack_block_header(mm, b.offset)
-            if h.type != fmt.BLOCK_DATA or h.count != b.count:
-                raise FormatError("not the data block the index lists")
-            fmt.check_body(h, mm, b.offset, True)
-            _, payload = fmt.sections(h, mm, b.offset, self._dctx, want_b=True)
-        except FormatError as e:
-            self._warn(f"corrupt block at offset {b.offset} ({e}), its {b.count} messages skipped")
-            self._drop(b)
-            return None
-        return payload
+        got = self._read(b, want_payload=True, with_table=False)
+        return None if got is None else got[1]
 
     def message_at(self, row: int):
         """The message in row ``row`` (0-based, written order; negative counts from the end)."""
@@ -339,6 +329,14 @@ class LogReader:
         c = self._cache
         if c is not None and c[0] == b.offset and (c[2] is not None or not want_payload):
             return c[1:]
+        got = self._read(b, want_payload, with_table=True)
+        if got is not None:
+            self._cache = (b.offset, *got)
+        return got
+
+    def _read(self, b: BlockInfo, want_payload: bool, with_table: bool):
+        """(Table or None, payload or None) of data block ``b``, checked; None (with a warning,
+        the block leaving ``blocks``) when it is damaged."""
         mm = self._mm
         try:
             h = fmt.unpack_block_header(mm, b.offset)
@@ -346,12 +344,11 @@ class LogReader:
                 raise FormatError("not the data block the index lists")
             fmt.check_body(h, mm, b.offset, want_payload)
             a, payload = fmt.sections(h, mm, b.offset, self._dctx, want_b=want_payload)
-            table = fmt.Table(a, h.count, h.t_min)
+            table = fmt.Table(a, h.count, h.t_min) if with_table else None
         except FormatError as e:
             self._warn(f"corrupt block at offset {b.offset} ({e}), its {b.count} messages skipped")
             self._drop(b)
             return None
-        self._cache = (b.offset, table, payload)
         return table, payload
 
     def _drop(self, b: BlockInfo) -> None:
