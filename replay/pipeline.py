@@ -36,11 +36,15 @@ def tune_allocator() -> None:
     mallopt(M_TOP_PAD, 64 << 20)
 
 
+# Packets per next_batch call: on the 470 MB benchmark capture, reading and parsing took
+# 0.40-0.44 s with 1024 against 0.54-0.84 s with 4096 (pcapy-ng's read alone: 0.16 s against 0.24 s).
+BATCH_SIZE = 1024
+
 ENGINE_DEFAULTS = dict(max_stream_buffer=4 << 20, max_total_buffer=256 << 20, idle_timeout=120.0)
 
 
 class CaptureReader:
-    def __init__(self, path: str, ports=(), batch_size: int = 4096, **engine_opts):
+    def __init__(self, path: str, ports=(), batch_size: int = BATCH_SIZE, **engine_opts):
         tune_allocator()
         self.path = path
         self.source = PcapFile(path, batch_size=batch_size)
