@@ -142,7 +142,8 @@ def capture(draw):
         for x, y in zip(pk, other):
             merged += [x, y]
         pk = merged
-    pk.sort(key=lambda p: p[0]) if draw(st.booleans()) else None
+    if draw(st.booleans()):
+        pk.sort(key=lambda p: p[0])
     return pk
 
 
@@ -160,7 +161,7 @@ def run_batches(mod, packets, cuts, **opts):
     out = []
     bounds = sorted({c % (len(packets) + 1) for c in cuts} | {0, len(packets)})
     for a, b in zip(bounds, bounds[1:]):
-        buf, meta = batch([(ts - ts % 1000, fr) for ts, fr in packets[a:b]])
+        buf, meta = batch(packets[a:b])  # microsecond records, as pcapy-ng hands them over
         out += eng.feed_batch(buf, meta)
     out += eng.finish()
     return out, eng.stats()
