@@ -196,14 +196,13 @@ class LogWriter:
     def _job_data(self, table: bytes, datas: list, count: int, t_min: int, t_max: int) -> None:
         payload = b"".join(datas)
         a = self._cctx.compress(table)
-        b, zstd_b = self._compress_payload(payload)
-        flags = fmt.BF_A_ZSTD | (fmt.BF_B_ZSTD if zstd_b else 0)
-        parts = fmt.pack_block(fmt.BLOCK_DATA, flags, count, t_min, t_max, a, len(table),
-                               b, len(payload))
+        b = self._compress_payload(payload)
+        parts = fmt.pack_block(fmt.BLOCK_DATA, fmt.BF_A_ZSTD | fmt.BF_B_ZSTD, count, t_min, t_max,
+                               a, len(table), b, len(payload))
         self._write_parts(parts, (t_min, t_max, count, fmt.BLOCK_DATA))
 
-    def _compress_payload(self, payload: bytes) -> tuple[bytes, bool]:
-        """Message bytes as (section, compressed?): the configured level only where it pays.
+    def _compress_payload(self, payload: bytes) -> bytes:
+        """Message bytes as a zstd frame: the configured level only where it pays.
 
         Bodies that are already compressed (images, gzip, archives) gain almost nothing from
         compression but cost it in full: zstd level 3 runs at ~350 MB/s on them, level -1 at
@@ -214,11 +213,11 @@ class LogWriter:
         fast = self._fast
         n = len(payload)
         if fast is None or n < FAST_PROBE_MIN:
-            return self._cctx.compress(payload), True
+            return self._cctx.compress(payload)
         quick = fast.compress(payload)
         if len(quick) > FAST_KEEP_RATIO * n:
-            return quick, True
-        return self._cctx.compress(payload), True
+            return quick
+        return self._cctx.compress(payload)
 
     def _job_meta(self, data: bytes) -> None:
         parts = fmt.pack_block(fmt.BLOCK_META, fmt.BF_A_ZSTD, 0, 0, 0, self._cctx.compress(data),
