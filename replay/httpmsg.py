@@ -195,14 +195,7 @@ def set_header(data: bytes, head_length: int, name: bytes, value: bytes) -> byte
     if not spans:
         return _add_field(head, body, name, value)
     start, colon, stop, _ = spans[0]
-    parts = [head[:colon + 1], b" ", value]
-    pos = stop
-    for s, _, _, nxt in spans[1:]:
-        parts.append(head[pos:s])
-        pos = nxt
-    parts.append(head[pos:])
-    parts.append(body)
-    return b"".join(parts)
+    return head[:colon + 1] + b" " + value + _cut(head, spans[1:], stop) + body
 
 
 def remove_header(data: bytes, head_length: int, name: bytes) -> bytes:
@@ -211,13 +204,16 @@ def remove_header(data: bytes, head_length: int, name: bytes) -> bytes:
     spans = field_spans(head, name)
     if not spans:
         return data
+    return _cut(head, spans, 0) + body
+
+
+def _cut(head: bytes, spans, pos: int) -> bytes:
+    """``head[pos:]`` without the field lines of ``spans`` (``field_spans`` entries, at or after ``pos``)."""
     parts = []
-    pos = 0
     for s, _, _, nxt in spans:
         parts.append(head[pos:s])
         pos = nxt
     parts.append(head[pos:])
-    parts.append(body)
     return b"".join(parts)
 
 
