@@ -169,8 +169,7 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
         if plan.requests == 0:
             raise ReplayError(f"{path}: no requests to replay"
                               + (" (the rules kept none)" if rules is not None else ""))
-        schedule = Schedule(plan.t0, plan.span_ns, plan.requests, speed=None if rate is None and
-                            speed is None else speed, rate=rate)
+        schedule = Schedule(plan.t0, plan.span_ns, plan.requests, speed=speed, rate=rate)
         if connections is None:
             connections = (min(len(plan.connections), MAX_CONNECTIONS_AT_MAX) if not schedule.timed
                            else MAX_CONNECTIONS)
@@ -436,17 +435,14 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
                                "period_ns": int(schedule.period)}
     report.meta["tool"] = f"replay {__version__}"
     if writer is not None:
-        try:
-            drain(force=True)
-            # the recorded responses of what was replayed, for comparison (flags without "replayed")
-            # (through the rewrites again: --redact hides their secrets as it did in the plan)
-            for m in open_input(path, ports=ports):
-                if m.kind == KIND_RESPONSE and (m.conn, m.index) in replayed_keys:
-                    writer.write(rules.rewrite(m) if rules is not None else m)
-            writer.update_meta({"report": report.to_dict()})
-            writer.close()
-        except OutputError:
-            raise
+        drain(force=True)
+        # the recorded responses of what was replayed, for comparison (flags without "replayed")
+        # (through the rewrites again: --redact hides their secrets as it did in the plan)
+        for m in open_input(path, ports=ports):
+            if m.kind == KIND_RESPONSE and (m.conn, m.index) in replayed_keys:
+                writer.write(rules.rewrite(m) if rules is not None else m)
+        writer.update_meta({"report": report.to_dict()})
+        writer.close()
     d = report.to_dict()
     if report_path:
         try:
