@@ -42,6 +42,12 @@ def head_end(data: bytes) -> int:
     return i + 4
 
 
+def is_chunked(data: bytes, head_length: int) -> bool:
+    """True when the last transfer coding of the head is chunked (RFC 9112 §6.3)."""
+    te = header_value(data, head_length, b"transfer-encoding")
+    return te is not None and te.split(",")[-1].strip().lower() == "chunked"
+
+
 def _chunked_length(body: bytes) -> int:
     """Payload octets of a chunked body (RFC 9112 §7.1); what can be read of a malformed one."""
     total = 0
@@ -87,8 +93,7 @@ def with_data(msg, data: bytes):
             fields["uri"] = b" ".join(parts[1:-1]).decode("latin-1")
     elif len(parts) >= 2 and parts[1].isdigit() and len(parts[1]) == 3:
         fields["status"] = int(parts[1])
-    te = header_value(data, head_length, b"transfer-encoding")
-    chunked = te is not None and te.split(",")[-1].strip().lower() == "chunked"
+    chunked = is_chunked(data, head_length)
     body = data[head_length:]
     fields["body_length"] = _chunked_length(body) if chunked else len(body)
     fields["flags"] = (msg.flags | F_CHUNKED) if chunked else (msg.flags & ~F_CHUNKED)

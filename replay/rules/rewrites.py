@@ -36,8 +36,8 @@ from urllib.parse import unquote_plus, unquote_to_bytes
 
 from replay.errors import UsageError
 from replay.events import KIND_REQUEST
-from replay.httpmsg import (decode_chunked, encode_chunked, field_spans, header_value, remove_header,
-                            set_header, split_head, with_data)
+from replay.httpmsg import (decode_chunked, encode_chunked, field_spans, header_value, is_chunked,
+                            remove_header, set_header, split_head, with_data)
 from replay.rules.filters import TOKEN, parse_header_rule
 
 
@@ -194,9 +194,7 @@ def edit_body(msg, fn):
     if coding == "other":
         return msg
     fn = _through_coding(coding, fn)
-    te = header_value(data, len(head), b"transfer-encoding")
-    chunked = te is not None and te.split(",")[-1].strip().lower() == "chunked"
-    if chunked:
+    if is_chunked(data, len(head)):
         payload, trailers, complete = decode_chunked(body)
         if not complete:
             return msg
