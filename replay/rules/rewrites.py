@@ -38,7 +38,7 @@ from replay.errors import UsageError
 from replay.events import KIND_REQUEST
 from replay.httpmsg import (decode_chunked, encode_chunked, field_spans, header_value, is_chunked,
                             remove_header, set_header, split_head, with_data)
-from replay.rules.filters import TOKEN, parse_header_rule
+from replay.rules.filters import TOKEN, _compile, parse_header_rule
 
 
 @runtime_checkable
@@ -89,13 +89,6 @@ def replacement(text: str) -> str:
             return "$"
         return "\\g<" + (m.group(1) or m.group(2)) + ">"
     return _DOLLAR.sub(sub, text)
-
-
-def _compile(pattern, s, flags=0):
-    try:
-        return re.compile(pattern, flags)
-    except re.error as e:
-        raise UsageError(f"{s.where()}: invalid regex: {e}") from None
 
 
 def start_line(data: bytes):
