@@ -445,18 +445,16 @@ class Player:
                     proto = await self._open(att)
                     if proto is None:
                         continue
-                lateness = None
                 if deadline is not None:
-                    lateness = await pacer.wait_until(deadline)
+                    await pacer.wait_until(deadline)
                 if proto.closed:
                     # lost while we waited: this request never left
                     report.on_error("closed", False)
                     proto = None
                     continue
                 t = proto.send(att)
-                if lateness is not None:
-                    lateness = t - deadline
-                report.on_sent(len(req.data), lateness, held, t)
+                # lateness from the send itself, not from the end of the wait
+                report.on_sent(len(req.data), None if deadline is None else t - deadline, held, t)
             if proto is not None and not proto.closed:
                 ok = await proto.wait_idle(self.timeout_ns)
                 if not ok:
