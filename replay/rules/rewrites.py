@@ -210,6 +210,22 @@ def edit_body(msg, fn):
     return with_data(msg, head + new)
 
 
+def edit_target(msg, fn):
+    """``msg`` with the path and query of its request-target replaced by ``fn(path_and_query)``
+    (the prefix of an absolute-form target kept). The same object when nothing changed, for a
+    response, and for a target without a path (``*``, CONNECT's authority-form)."""
+    if msg.kind != KIND_REQUEST or msg.uri is None:
+        return msg
+    parts = split_target(msg.uri)
+    if parts is None:
+        return msg
+    prefix, rest = parts
+    new = fn(rest)
+    if new == rest or start_line(msg.data) is None:
+        return msg
+    return with_data(msg, set_target(msg.data, _latin1(prefix + new)))
+
+
 # -- the rewrites ----------------------------------------------------------------------------------
 
 
@@ -231,19 +247,13 @@ class RewritePath:
             rules.append((rx, repl))
         return [cls(rules)] if rules else []
 
-    def apply(self, msg):
-        if msg.kind != KIND_REQUEST or msg.uri is None:
-            return msg
-        parts = split_target(msg.uri)
-        if parts is None:
-            return msg
-        prefix, rest = parts
-        new = rest
+    def _sub(self, rest):
         for rx, repl in self.rules:
-            new = rx.sub(repl, new)
-        if new == rest or start_line(msg.data) is None:
-            return msg
-        return with_data(msg, set_target(msg.data, _latin1(prefix + new)))
+            rest = rx.sub(repl, rest)
+        return rest
+
+    def apply(self, msg):
+        return edit_target(msg, self._sub)
 
 
 def _check_template(rx, repl, s):
@@ -292,13 +302,7 @@ class QueryRewrite:
             set_.append((unquote_plus(name), text))
         return [cls(remove, set_)] if remove or set_ else []
 
-    def apply(self, msg):
-        if msg.kind != KIND_REQUEST or msg.uri is None:
-            return msg
-        parts = split_target(msg.uri)
-        if parts is None:
-            return msg
-        prefix, rest = parts
+    def _edit(self, rest):
         path, q, query = rest.partition("?")
         params = query.split("&") if query else []
         if self.remove:
@@ -311,10 +315,10 @@ class QueryRewrite:
                     del params[i]
             else:
                 params.append(text)
-        new = path + ("?" + "&".join(params) if params else "")
-        if new == rest or start_line(msg.data) is None:
-            return msg
-        return with_data(msg, set_target(msg.data, _latin1(prefix + new)))
+        return path + ("?" + "&".join(params) if params else "")
+
+    def apply(self, msg):
+        return edit_target(msg, self._edit)
 
 
 class RemoveHeader:
