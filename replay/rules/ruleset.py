@@ -98,7 +98,6 @@ class Rules:
             if s.key not in BY_KEY:
                 raise UsageError(f"{s.where()}: unknown rule")
             by_key.setdefault(s.key, []).append(s)
-        self.by_key = by_key
         filters, rewrites, limit = [], [], None
         self.middleware = None
         self.plugins = None
@@ -121,7 +120,6 @@ class Rules:
         self.filters = FilterSet(filters, limit)
         self.rewrites = rewrites
         self.stats = {"read": 0, "kept": 0, "rewritten": 0, "out": 0}
-        self._mw = None
 
     # -- what the rules are --------------------------------------------------------------------
 
@@ -168,7 +166,7 @@ class Rules:
         mw = None
         try:
             if self.middleware is not None:
-                mw = self._mw = self.middleware.start()
+                mw = self.middleware.start()
                 msgs = mw.map(msgs)
             if self.plugins is not None:
                 msgs = self.plugins.apply(msgs)
@@ -190,7 +188,6 @@ class Rules:
     def _streamed(self, source):
         st = self.stats
         fs = self.filters.stream()
-        self._stream = fs
         for m in source:
             st["read"] += 1
             out = fs.push(m)
