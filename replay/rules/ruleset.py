@@ -272,13 +272,7 @@ class RuleStream:
         st = self.stats
         st["kept"] += len(msgs)
         if self.rules.rewrites:
-            rewrite = self.rules.rewrite
-            out = []
-            for m in msgs:
-                new = rewrite(m)
-                st["rewritten"] += new is not m
-                out.append(new)
-            msgs = out
+            msgs = list(self.rules._rewritten(msgs))
         if self._thread is not None:
             for m in msgs:
                 self._put(m)
