@@ -599,7 +599,6 @@ class FilterSet:
         offs = t["data_offset"][r].tolist()
         hls = t["head_length"][r].tolist()
         lens = t["data_length"][r].tolist()
-        uris = t["uri"][r].tolist()
         g = alive[order]
         conn, time, method, uri, status = (cols.conn[g].tolist(), cols.time[g].tolist(),
                                           cols.method[g].tolist(), cols.uri[g].tolist(),
@@ -611,8 +610,9 @@ class FilterSet:
                 continue
             for j in range(a, z):
                 o, hl = offs[j], hls[j]
-                head = _Head(payload[o:o + (hl or lens[j])], hl, strings[uris[j]])
-                v = ExchangeView(conn[j], time[j], strings[method[j]], strings[uri[j]], status[j], head)
+                target = strings[uri[j]]        # the request's own: ``rep`` is its row
+                head = _Head(payload[o:o + (hl or lens[j])], hl, target)
+                v = ExchangeView(conn[j], time[j], strings[method[j]], target, status[j], head)
                 ok[order[j]] = all(f.keep(v) for f in heavy)
         for i in np.flatnonzero(rows < 0).tolist():
             gi = alive[i]
