@@ -188,7 +188,6 @@ class CaptureSession:
         self.clock = clock
         self.requests = 0
         self.responses = 0
-        self.written = 0
         self.stop_reason: str | None = None   # set by request_stop (signal handlers may call it)
         self.hard_stop = False
         self.error: Exception | None = None
@@ -204,6 +203,11 @@ class CaptureSession:
             self.stop_reason = reason
         else:
             self.hard_stop = True  # a second signal: stop without draining
+
+    @property
+    def written(self) -> int:
+        """Messages written so far: every request and response counted is written."""
+        return self.requests + self.responses
 
     def elapsed(self) -> float:
         end = self.ended or self.clock()
@@ -301,7 +305,6 @@ class CaptureSession:
                     continue
                 self.responses += 1
             full = outputs.write(m)
-            self.written += 1
             if self.count is not None and self.written >= self.count:
                 self.stop_reason = "count"
                 return
