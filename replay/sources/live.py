@@ -223,7 +223,6 @@ class LiveCapture:
         self._qbytes = 0
         self._stop = threading.Event()
         self._abort = False
-        self._stop_time = 0.0
         self._finished = False
         self._error: Exception | None = None
         self._thread: threading.Thread | None = None
@@ -370,9 +369,7 @@ class LiveCapture:
 
     def stop(self) -> None:
         """Stop reading; what the kernel already holds is still delivered."""
-        if not self._stop.is_set():
-            self._stop_time = time.monotonic()
-            self._stop.set()
+        self._stop.set()
 
     def abort(self) -> None:
         """Stop at once; batches still queued are dropped."""
