@@ -235,9 +235,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
         error = None
         try:
             session.run(on_tick=tick)
-        except OutputError as e:
-            error = e
-        except CaptureError as e:
+        except (OutputError, CaptureError) as e:
             error = e
         finally:
             if live is not None:
