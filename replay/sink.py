@@ -46,10 +46,6 @@ class SinkProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.client = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
         self.sink.connections += 1
-        self.sink.open_connections += 1
-
-    def connection_lost(self, exc):
-        self.sink.open_connections -= 1
 
     def data_received(self, data):
         if self.closing:
@@ -222,7 +218,6 @@ class Sink:
         self.server = None
         self.requests = 0
         self.connections = 0
-        self.open_connections = 0
         self.bytes = 0
         self.bad_requests = 0
         self._file = None
