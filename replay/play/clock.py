@@ -20,8 +20,6 @@ import selectors
 import sys
 import time
 
-NS = 1_000_000_000
-
 
 class PreciseSelector(selectors.EpollSelector if hasattr(selectors, "EpollSelector")
                       else selectors.DefaultSelector):
