@@ -329,9 +329,8 @@ class Middleware:
     def _failure_text(self) -> str:
         # stop it now (garbage on stdout, stdin not read) so that its stderr is complete
         self._kill()
-        for t in self._threads:
-            if t.name == "middleware-stderr":
-                t.join(0.5)
+        if self._stderr_thread is not None:
+            self._stderr_thread.join(0.5)
         # Python's 3.11+ tracebacks underline the failing expression: markers, not words
         lines = [line.strip() for line in self._tail if line.strip().strip("~^")][-ERROR_TAIL:]
         tail = ""
