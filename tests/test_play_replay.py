@@ -137,8 +137,19 @@ def test_dry_run_sends_nothing(tmp_path):
 
 
 def test_report_fields(tmp_path):
+    from replay.log import LogReader
+
+    out = tmp_path / "out.rlog"
     with SinkThread() as sink:
-        rep, p = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "10")
+        rep, p = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "10", "-o", out)
+    # every byte that came back is counted once: the final responses in the output log, and the
+    # sink's "100 Continue" to each request that expects one
+    replayed = [m for m in LogReader(str(out)) if m.flags & F_REPLAYED]
+    finals = sum(len(m.data) for m in replayed if m.kind != KIND_REQUEST)
+    interims = sum(b"\r\nexpect: 100-continue" in m.data[:m.head_length].lower()
+                   for m in replayed if m.kind == KIND_REQUEST)
+    assert interims == 1
+    assert rep["bytes"]["received"] == finals + interims * len(b"HTTP/1.1 100 Continue\r\n\r\n")
     for key in ("sent", "answered", "errors", "statuses", "recorded_statuses", "status_comparison",
                 "latency_ms", "latency_from_intended_ms", "lateness_ms", "connections", "schedule"):
         assert key in rep, key

@@ -104,10 +104,9 @@ class Report:
         if held:
             self.held_by_response += 1
 
-    def on_answer(self, status: int, recorded_status, latency_ns: int, intended_ns: int,
-                  nbytes: int, now: int):
+    def on_answer(self, status: int, recorded_status, latency_ns: int, intended_ns: int, now: int):
+        """A final answer; its bytes were counted as they arrived (``bytes_received``)."""
         self.answered += 1
-        self.bytes_received += nbytes
         self.last_answer_ns = now
         self.statuses[status] += 1
         self.latency.append(latency_ns)

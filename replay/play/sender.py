@@ -303,7 +303,7 @@ class Player:
     def answered(self, att: Attempt, m: Message, now: int, proto: ReplayProtocol):
         intended = att.deadline if att.deadline is not None else att.sent_ns
         self.report.on_answer(m.status, att.req.recorded_status, now - att.sent_ns,
-                              now - intended, len(m.data), now)
+                              now - intended, now)
         if self.on_exchange is not None:
             self.on_exchange(att, self._request_message(att, proto), self._response_message(att, m))
 
