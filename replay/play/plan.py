@@ -104,7 +104,7 @@ def build_plan(messages, host: str | None = None, keep_host: bool = False) -> Pl
                     continue
                 data = set_content_length(data, m.head_length)
             if not keep_host and host is not None:
-                data = set_host(data, m.head_length, host)
+                data = set_host(data, _head_length(data, m.head_length, len(m.data)), host)
             resp = finals.get((conn, m.index))
             pipe = False
             if prev is not None:
