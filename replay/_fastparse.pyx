@@ -24,6 +24,8 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.string cimport memcmp, memcpy, memset
 
 from replay.errors import InputError
+from replay.limits import (IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE, MAX_STREAM_BUFFER,
+                           MAX_TOTAL_BUFFER)
 from replay.events import (
     F_CHUNKED,
     F_CLOSE_DELIMITED,
@@ -135,7 +137,7 @@ STAT_NAMES = (
     "retransmitted_bytes", "out_of_order_segments", "gaps", "gap_bytes", "buffer_cap_hits",
     "expired_connections", "requests", "responses", "interim_responses", "unpaired_responses",
     "incomplete_messages", "resyncs", "skipped_bytes", "non_http_streams", "upgraded_connections",
-    "dropped_head_bytes", "oversize_messages",
+    "dropped_head_bytes", "oversize_messages", "oversize_heads",
 )
 
 
@@ -637,8 +639,7 @@ cdef class Framer:
                 end = self._find_head_end()
                 if end < 0:
                     if n > eng.max_head:
-                        eng.st_dropped_head_bytes += n
-                        self._lose_sync(0)
+                        self._cut_head()
                         continue
                     return
                 if not self._on_head(end):
@@ -942,6 +943,46 @@ cdef class Framer:
         elif answer is not None and self.method == "CONNECT" and not (200 <= status < 300):
             conn.resume_client()
         return True
+
+    cdef _cut_head(self):
+        """The head grew past ``max_head`` without ending: its first ``max_head`` bytes become a
+        message flagged incomplete and truncated, then framing looks for the next start line."""
+        cdef Connection conn = self.conn
+        cdef Engine eng = self.eng
+        cdef _Pending p, answer
+        cdef Py_ssize_t cut = eng.max_head
+        eng.st_oversize_heads += 1
+        buf = self.buf
+        nl = buf.find(b"\n")  # S_HEAD is entered on a complete start line
+        parsed = parse_head(bytes(buf[:nl + 1]))
+        if parsed is None or parsed[0] != (self.role == ROLE_CLIENT):
+            eng.st_skipped_bytes += cut
+            self._drop_front(cut)
+            self._lose_sync(0)
+            return
+        is_req, method, uri, status, _ = parsed
+        self.head_len = cut
+        self.body_len = 0
+        self.flags |= self.resync_flag | conn.midstream | CF_INCOMPLETE | CF_TRUNCATED
+        self.resync_flag = 0
+        self.status = status
+        if is_req:
+            self.method, self.uri = method, uri
+            p = _Pending(conn.next_index, method, uri, self.base, False)
+            conn.next_index += 1
+            self.pending = p
+            conn.pending.append(p)
+            self._emit(cut, None)
+            conn.poke_server()
+        else:
+            answer = self._pair(status)
+            self.answer = answer
+            self.method = answer.method if answer is not None else None
+            self.uri = answer.uri if answer is not None else None
+            self._emit(cut, None)
+            if answer is not None and answer.upgrade:
+                conn.resume_client()
+        self._lose_sync(0)
 
     cdef bint _looks_bodyless(self, Py_ssize_t end) except -1:
         """An unpaired response with Content-Length followed at once by another status line is
@@ -1367,10 +1408,11 @@ cdef class Engine:
     cdef public int64_t st_expired_connections, st_requests, st_responses, st_interim_responses
     cdef public int64_t st_unpaired_responses, st_incomplete_messages, st_resyncs, st_skipped_bytes
     cdef public int64_t st_non_http_streams, st_upgraded_connections, st_dropped_head_bytes
-    cdef public int64_t st_oversize_messages
+    cdef public int64_t st_oversize_messages, st_oversize_heads
 
-    def __init__(self, linktype, ports=(), max_stream_buffer=4 << 20, max_total_buffer=256 << 20,
-                 idle_timeout=120.0, max_message=256 << 20, max_head=64 << 10):
+    def __init__(self, linktype, ports=(), max_stream_buffer=MAX_STREAM_BUFFER,
+                 max_total_buffer=MAX_TOTAL_BUFFER, idle_timeout=IDLE_TIMEOUT,
+                 max_message=MAX_MESSAGE, max_head=MAX_HEAD):
         if linktype not in SUPPORTED_LINKTYPES:
             raise InputError(f"unsupported link type {linktype}")
         self.linktype = linktype
@@ -1585,7 +1627,7 @@ class ResponseFramer:
     See the twin's docstring: ``expect(method)``, ``feed(data, ts_ns)``, ``eof(ts_ns)``.
     """
 
-    def __init__(self, client=("", 0), server=("", 0), max_message=256 << 20, max_head=64 << 10):
+    def __init__(self, client=("", 0), server=("", 0), max_message=MAX_MESSAGE, max_head=MAX_HEAD):
         eng = Engine(DLT_RAW, max_message=max_message, max_head=max_head)
         self._eng = eng
         self._state = _ResponseState(eng, tuple(client), tuple(server))

@@ -60,6 +60,8 @@ from replay.events import (
     KIND_RESPONSE,
     Message,
 )
+from replay.limits import (IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE, MAX_STREAM_BUFFER,
+                           MAX_TOTAL_BUFFER)
 from replay.seqnum import unwrap
 
 # Link types (https://www.tcpdump.org/linktypes.html)
@@ -149,7 +151,7 @@ STAT_NAMES = (
     "retransmitted_bytes", "out_of_order_segments", "gaps", "gap_bytes", "buffer_cap_hits",
     "expired_connections", "requests", "responses", "interim_responses", "unpaired_responses",
     "incomplete_messages", "resyncs", "skipped_bytes", "non_http_streams", "upgraded_connections",
-    "dropped_head_bytes", "oversize_messages",
+    "dropped_head_bytes", "oversize_messages", "oversize_heads",
 )
 
 
@@ -528,8 +530,7 @@ class Framer:
                 end = self._find_head_end()
                 if end < 0:
                     if len(buf) > eng.max_head:
-                        eng.st_dropped_head_bytes += len(buf)
-                        self._lose_sync(0)
+                        self._cut_head()
                         continue
                     return
                 if not self._on_head(end):
@@ -847,6 +848,47 @@ class Framer:
         elif answer is not None and self.method == "CONNECT" and not (200 <= status < 300):
             conn.resume_client()
         return True
+
+    def _cut_head(self):
+        """The head grew past ``max_head`` without ending: its first ``max_head`` bytes become a
+        message flagged incomplete and truncated (a request still takes its index, so that the
+        server's answer, typically 431 or 400, pairs with it), then framing looks for the next
+        start line. Servers refuse such heads too (nginx 32 KiB, Envoy 60 KiB)."""
+        conn = self.conn
+        eng = conn.engine
+        eng.st_oversize_heads += 1
+        cut = eng.max_head
+        buf = self.buf
+        nl = buf.find(b"\n")  # S_HEAD is entered on a complete start line
+        parsed = parse_head(bytes(buf[:nl + 1]))
+        if parsed is None or parsed[0] != (self.role == ROLE_CLIENT):
+            eng.st_skipped_bytes += cut
+            self._drop_front(cut)
+            self._lose_sync(0)
+            return
+        is_req, method, uri, status, _ = parsed
+        self.head_len = cut
+        self.body_len = 0
+        self.flags |= self.resync_flag | conn.midstream | F_INCOMPLETE | F_TRUNCATED
+        self.resync_flag = 0
+        self.status = status
+        if is_req:
+            self.method, self.uri = method, uri
+            p = _Pending(conn.next_index, method, uri, self.base, False)
+            conn.next_index += 1
+            self.pending = p
+            conn.pending.append(p)
+            self._emit(cut)
+            conn.poke_server()
+        else:
+            answer = self._pair(status)
+            self.answer = answer
+            self.method = answer.method if answer is not None else None
+            self.uri = answer.uri if answer is not None else None
+            self._emit(cut)
+            if answer is not None and answer.upgrade:
+                conn.resume_client()
+        self._lose_sync(0)
 
     def _looks_bodyless(self, end):
         """An unpaired response with Content-Length followed at once by another status line is
@@ -1191,8 +1233,9 @@ class Connection:
 class Engine:
     """Packets in, HTTP messages out. One Engine per capture."""
 
-    def __init__(self, linktype, ports=(), max_stream_buffer=4 << 20, max_total_buffer=256 << 20,
-                 idle_timeout=120.0, max_message=256 << 20, max_head=64 << 10):
+    def __init__(self, linktype, ports=(), max_stream_buffer=MAX_STREAM_BUFFER,
+                 max_total_buffer=MAX_TOTAL_BUFFER, idle_timeout=IDLE_TIMEOUT,
+                 max_message=MAX_MESSAGE, max_head=MAX_HEAD):
         if linktype not in SUPPORTED_LINKTYPES:
             raise InputError(f"unsupported link type {linktype}")
         self.linktype = linktype
@@ -1355,7 +1398,7 @@ class ResponseFramer:
     counted in ``stats()["skipped_bytes"]`` and ``stats()["resyncs"]``.
     """
 
-    def __init__(self, client=("", 0), server=("", 0), max_message=256 << 20, max_head=64 << 10):
+    def __init__(self, client=("", 0), server=("", 0), max_message=MAX_MESSAGE, max_head=MAX_HEAD):
         eng = Engine(DLT_RAW, max_message=max_message, max_head=max_head)
         conn = Connection(eng, 0, None, b"", client[1], b"", server[1])
         conn.client_side = 0

@@ -27,3 +27,9 @@ ResponseFramer = impl.ResponseFramer
 STAT_NAMES = impl.STAT_NAMES
 SUPPORTED_LINKTYPES = impl.SUPPORTED_LINKTYPES
 IMPLEMENTATION = "compiled" if COMPILED else "pure"
+
+# The counters that say traffic was lost, cut or not understood: the summaries of convert and
+# capture print those that are not zero, `info` prints them before the informative ones.
+PROBLEM_COUNTERS = ("gaps", "truncated_packets", "ip_fragments", "incomplete_messages",
+                    "unpaired_responses", "non_http_streams", "buffer_cap_hits", "oversize_heads",
+                    "oversize_messages")

@@ -23,7 +23,7 @@ KIND_NAMES = ("request", "response")
 
 # Message flags (bit values are part of the .rlog format: docs/log-format.md).
 F_INCOMPLETE = 1 << 0    # the message did not end where HTTP framing says it should (loss, cut, capture end)
-F_TRUNCATED = 1 << 1     # a packet of this message was cut by the capture's snaplen
+F_TRUNCATED = 1 << 1     # cut by the snaplen, or past a size limit of the core (replay.limits)
 F_GAP = 1 << 2           # bytes are missing inside the message (a hole in the TCP stream that never filled)
 F_MIDSTREAM = 1 << 3     # the connection was already open when the capture began
 F_INTERIM = 1 << 4       # a 1xx interim response (100 Continue, 103 Early Hints)

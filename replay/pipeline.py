@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from replay import core
 from replay.errors import InputError
+from replay.limits import ENGINE_DEFAULTS
 from replay.sources.pcapfile import PcapFile
 
 _ALLOCATOR_TUNED = False
@@ -40,7 +41,6 @@ def tune_allocator() -> None:
 # 0.40-0.44 s with 1024 against 0.54-0.84 s with 4096 (pcapy-ng's read alone: 0.16 s against 0.24 s).
 BATCH_SIZE = 1024
 
-ENGINE_DEFAULTS = dict(max_stream_buffer=4 << 20, max_total_buffer=256 << 20, idle_timeout=120.0)
 
 
 class CaptureReader:

@@ -10,6 +10,7 @@ import time
 
 import click
 
+from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
 from replay.cli.ruleopts import rule_options, rules_from_kwargs
 from replay.errors import UsageError
 
@@ -106,19 +107,14 @@ def status_text(session) -> str:
 @click.option("--queue-size", default="256M", show_default=True, metavar="SIZE",
               help="Packet batches that may wait for the parser in memory (bare number: MiB); "
                    "beyond it the kernel buffer takes the burst.")
-@click.option("--max-stream-buffer", type=int, default=4 << 20, show_default=True,
-              help="Bytes one direction may hold beyond a hole before the hole is declared lost.")
-@click.option("--max-total-buffer", type=int, default=256 << 20, show_default=True,
-              help="Bytes all directions together may hold beyond holes.")
-@click.option("--idle-timeout", type=float, default=120.0, show_default=True,
-              help="Seconds after which a silent connection is closed.")
+@reassembly_options()
 @click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
               help="zstd compression level of the log's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No status line and no summary.")
 @rule_options()
 def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immediate, duration,
             count, requests_only, user, rotate_size, rotate_interval, nice, flush_interval, queue_size,
-            max_stream_buffer, max_total_buffer, idle_timeout, level, quiet, **rule_kwargs):
+            level, quiet, **rule_kwargs):
     """Capture the HTTP/1.x traffic of a live interface and write it to a log.
 
     \b
@@ -154,6 +150,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     rsize = parse_size(rotate_size, 1, "--rotate-size") if rotate_size else None
     rint = parse_seconds(rotate_interval, "--rotate-interval") if rotate_interval else None
     check_output(expand_name(output, time.time(), set()))
+    engine_opts = engine_opts_from_kwargs(rule_kwargs)
     rules = rules_from_kwargs(rule_kwargs)   # bad rules fail before the interface opens
 
     # Signals first: a Ctrl-C while the interface opens must not leave a traceback.
@@ -177,9 +174,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
             priority = raise_priority(nice)  # before any thread starts: threads inherit it
             if user:
                 drop_privileges(user)
-            engine = core.Engine(source.linktype, ports=tuple(ports),
-                                 max_stream_buffer=max_stream_buffer,
-                                 max_total_buffer=max_total_buffer, idle_timeout=idle_timeout)
+            engine = core.Engine(source.linktype, ports=tuple(ports), **engine_opts)
             meta = {
                 "tool": f"replay {__version__}",
                 "command": "capture",
@@ -250,6 +245,8 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
 
 
 def summary(session, interface: str) -> None:
+    from replay.core import PROBLEM_COUNTERS
+
     st = session.source.stats()
     core = session.engine.stats()
     paths = session.outputs.paths
@@ -275,10 +272,7 @@ def summary(session, interface: str) -> None:
                    + (f", rewrote {rs['rewritten']:,}" if rs["rewritten"] else "")
                    + (f", {rs['out']:,} after middleware and plugins" if rs["out"] != rs["kept"] else ""),
                    err=True)
-    problems = {k: core[k] for k in ("gaps", "truncated_packets", "ip_fragments",
-                                     "incomplete_messages", "unpaired_responses",
-                                     "non_http_streams", "buffer_cap_hits",
-                                     "oversize_messages") if core.get(k)}
+    problems = {k: core[k] for k in PROBLEM_COUNTERS if core.get(k)}
     if problems:
         click.echo("  " + ", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in problems.items()),
                    err=True)

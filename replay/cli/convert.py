@@ -7,6 +7,8 @@ import time
 
 import click
 
+from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
+
 
 @click.command("convert")
 @click.argument("capture", type=click.Path(dir_okay=False))
@@ -14,18 +16,14 @@ import click
               help="The .rlog file to write (replaced if it exists; created with mode 0600).")
 @click.option("--port", "ports", type=int, multiple=True,
               help="Only connections to or from these ports (repeatable). Default: every TCP port.")
-@click.option("--max-stream-buffer", type=int, default=4 << 20, show_default=True,
-              help="Bytes one direction may hold beyond a hole before the hole is declared lost.")
-@click.option("--max-total-buffer", type=int, default=256 << 20, show_default=True,
-              help="Bytes all directions together may hold beyond holes.")
-@click.option("--idle-timeout", type=float, default=120.0, show_default=True,
-              help="Seconds of capture time after which a silent connection is closed.")
+@reassembly_options()
 @click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
               help="zstd compression level of the log's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
-def command(capture, output, ports, max_stream_buffer, max_total_buffer, idle_timeout, level, quiet):
+def command(capture, output, ports, level, quiet, **kwargs):
     """Reassemble the HTTP/1.x messages of CAPTURE and write them to a log."""
     from replay import __version__, core
+    from replay.core import PROBLEM_COUNTERS
     from replay.errors import ReplayError
     from replay.log import LogWriter
     from replay.pipeline import CaptureReader
@@ -33,8 +31,7 @@ def command(capture, output, ports, max_stream_buffer, max_total_buffer, idle_ti
     if os.path.exists(output) and os.path.samefile(output, capture):
         raise ReplayError(f"{output}: output would overwrite the capture it reads")
     t0 = time.perf_counter()
-    reader = CaptureReader(capture, ports=ports, max_stream_buffer=max_stream_buffer,
-                           max_total_buffer=max_total_buffer, idle_timeout=idle_timeout)
+    reader = CaptureReader(capture, ports=ports, **engine_opts_from_kwargs(kwargs))
     meta = {
         "tool": f"replay {__version__}",
         "command": "convert",
@@ -64,9 +61,7 @@ def command(capture, output, ports, max_stream_buffer, max_total_buffer, idle_ti
             f"{capture}: {st.get('packets', 0)} packets, {st.get('connections', 0)} connections -> "
             f"{output}: {requests} requests, {responses} responses, {size} bytes "
             f"in {dt:.2f} s", err=True)
-        problems = {k: st[k] for k in ("gaps", "truncated_packets", "ip_fragments",
-                                       "incomplete_messages", "unpaired_responses",
-                                       "non_http_streams", "buffer_cap_hits") if st.get(k)}
+        problems = {k: st[k] for k in PROBLEM_COUNTERS if st.get(k)}
         if problems:
             click.echo("  " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in problems.items()),
                        err=True)

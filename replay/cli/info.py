@@ -63,6 +63,7 @@ def command(path, as_json):
     """Summarise PATH, a .rlog log or a pcap/pcapng capture."""
     import os
 
+    from replay.core import PROBLEM_COUNTERS
     from replay.pipeline import CaptureReader, open_input
 
     src = open_input(path)
@@ -104,11 +105,10 @@ def command(path, as_json):
     if stats:
         out.append(f"packets:      {stats.get('packets', 0):,} ({stats.get('tcp_segments', 0):,} TCP "
                    f"segments, {stats.get('filtered', 0):,} filtered out)")
-        keys = ("gaps", "gap_bytes", "truncated_packets", "ip_fragments", "retransmitted_segments",
-                "out_of_order_segments", "incomplete_messages", "unpaired_responses", "resyncs",
-                "skipped_bytes", "non_http_streams", "midstream_connections",
-                "upgraded_connections", "buffer_cap_hits", "expired_connections",
-                "oversize_messages", "not_ip", "not_tcp", "malformed")
+        keys = PROBLEM_COUNTERS + (
+            "gap_bytes", "dropped_head_bytes", "retransmitted_segments", "out_of_order_segments",
+            "resyncs", "skipped_bytes", "midstream_connections", "upgraded_connections",
+            "expired_connections", "not_ip", "not_tcp", "malformed")
         probs = [f"{k.replace('_', ' ')} {stats[k]:,}" for k in keys if stats.get(k)]
         out.append("reassembly:   " + (", ".join(probs) if probs else "no gaps, no truncation, no drops"))
     drops = meta.get("drops")
