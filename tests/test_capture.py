@@ -670,3 +670,39 @@ def test_expand_name():
     assert expand_name("c.rlog", t, {"c.rlog"}) == "c.1.rlog"
     assert expand_name("c.rlog", t, {"c.rlog", "c.1.rlog"}) == "c.2.rlog"
     assert expand_name("dir.v2/c", t, {"dir.v2/c"}) == "dir.v2/c.1"
+
+
+ATTACK = textwrap.dedent(r'''
+    """A client sending a 100 KB header line in 1460-byte writes, 2 ms apart."""
+    import socket, sys, time
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    req = b"GET /big HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    try:
+        for i in range(0, len(req), 1460):
+            s.sendall(req[i:i + 1460])
+            time.sleep(0.002)
+        print(s.recv(100).split(b"\r\n")[0].decode())
+    except OSError as e:  # the server may answer and close before the last write
+        print("closed", e)
+''')
+
+
+def test_oversized_head_cannot_stall_a_live_capture(ns, server, tmp_path):
+    out = tmp_path / "attack.rlog"
+    cap = Capture(ns, "-i", "lo", "--port", PORT, "-o", out, "--duration", "4", "--immediate")
+    script = tmp_path / "attack.py"
+    script.write_text(ATTACK)
+    t0 = time.monotonic()
+    r = ns.run([sys.executable, str(script), "127.0.0.1", str(PORT)], capture_output=True,
+               text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    curl(ns, f"http://127.0.0.1:{PORT}/after")
+    rc, err = cap.wait(timeout=20)
+    assert rc == 0, err
+    assert time.monotonic() - t0 < 10, "--duration did not hold"
+    msgs, _ = read_log(out)
+    reqs = {m.uri: m for m in msgs if m.kind == KIND_REQUEST}
+    assert "/after" in reqs and not reqs["/after"].flags & F_INCOMPLETE
+    assert reqs["/big"].flags & F_INCOMPLETE and len(reqs["/big"].data) == 64 << 10
+    assert "oversize heads: 1" in err
