@@ -93,6 +93,8 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
         if mw:
             parts.append(f"middleware dropped {mw.get('dropped', 0):,} and changed "
                          f"{mw.get('changed', 0):,}")
+        if st.get("limit_reached"):
+            parts.append("--limit reached, the rest not read")
         if st.get("forced_decisions"):
             parts.append(f"{st['forced_decisions']:,} exchanges decided before all their "
                          "messages arrived")

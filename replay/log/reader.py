@@ -124,16 +124,18 @@ class LogReader:
         index ``self.strings`` (0 is None); ``block`` indexes ``self.blocks`` and ``data_offset``
         is the message's offset in its block's payload. Payloads are not decompressed.
         """
+        # filled block by block: one block's own table is held at a time, not all of them
+        addr_ids: dict = {}
+        str_ids: dict = {None: 0}
+        out = np.zeros(sum(b.count for b in self.blocks), dtype=fmt.TABLE_DTYPE)
+        row = 0
         tables = []
         for b in list(self.blocks):
             t = self._table(b)
-            if t is not None:
-                tables.append((b, t))
-        addr_ids: dict = {}
-        str_ids: dict = {None: 0}
-        out = np.zeros(sum(t.n for _, t in tables), dtype=fmt.TABLE_DTYPE)
-        row = 0
-        for bi, (b, t) in enumerate(tables):
+            if t is None:
+                continue
+            bi = len(tables)
+            tables.append(b)
             c = t.cols
             part = out[row:row + t.n]
             row += t.n
@@ -151,8 +153,8 @@ class LogReader:
             part["block"] = bi
         self.addresses = list(addr_ids)
         self.strings = list(str_ids)
-        self._table_blocks = [b for b, _ in tables]
-        return out
+        self._table_blocks = tables
+        return out if row == len(out) else out[:row].copy()
 
     def messages_at(self, rows):
         """(row, message) for each of ``rows`` (ascending row numbers of the last ``table()``),

@@ -704,6 +704,17 @@ class Stream:
         """--limit reached and nothing waiting: nothing more can stay."""
         return self.limit is not None and self.kept_exchanges >= self.limit and not self.pending
 
+    @property
+    def settled(self) -> bool:
+        """``exhausted``, and every kept exchange has ended (its request and final response
+        seen, or quiet for longer than the wait): no later message of a log can stay.
+        (A log holds a request before its final response: the core frames them in that order.)"""
+        if not self.exhausted:
+            return False
+        horizon = self.now - self.wait_ns
+        return not any(ex.fate and ex.last >= horizon and not (ex.final and ex.req is not None)
+                       for ex in self.open.values())
+
     def push(self, m) -> list:
         if not self.started:
             self.started = True

@@ -152,7 +152,8 @@ class Rules:
         from replay.log import LogReader
 
         st = self.stats
-        if self.filters.active and index and isinstance(source, LogReader):
+        # the index path reads the whole log's table; a bare --limit only needs its start
+        if self.filters.filters and index and isinstance(source, LogReader):
             rows = self.filters.select_rows(source)
             st["read"] += len(source)
             st["kept"] += len(rows)
@@ -194,6 +195,9 @@ class Rules:
             if out:
                 st["kept"] += len(out)
                 yield from out
+            if fs.exhausted and not st["read"] & 255 and fs.settled:
+                st["limit_reached"] = True   # the rest of the input cannot add anything
+                break
         out = fs.finish()
         st["kept"] += len(out)
         yield from out
