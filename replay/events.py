@@ -34,6 +34,7 @@ F_UNPAIRED = 1 << 8      # a response whose request was not captured
 F_RESYNC = 1 << 9        # the first message after the framer resynchronised (loss or mid-stream start)
 F_RETRANSMIT = 1 << 10   # retransmitted or overlapping segments carried bytes of this message
 F_REPLAYED = 1 << 11     # sent or received by `replay play` (its --output), not captured
+F_FAILED = 1 << 12       # `replay play` got no complete answer: the data is the error's kind, not HTTP
 
 FLAG_NAMES = (
     (F_INCOMPLETE, "incomplete"),
@@ -48,6 +49,7 @@ FLAG_NAMES = (
     (F_RESYNC, "resync"),
     (F_RETRANSMIT, "retransmit"),
     (F_REPLAYED, "replayed"),
+    (F_FAILED, "failed"),
 )
 
 

@@ -107,8 +107,8 @@ def test_round_trip_many_messages_in_many_blocks(tmp_path, threads):
         back = list(r)
         assert back == msgs
         assert r.meta["source"] == "x.pcap" and r.meta["ports"] == [80]
-        assert r.meta["format"] == "rlog 1.0" and r.meta["tool"].startswith("replay ")
-        assert r.version == (1, 0)
+        assert r.meta["format"] == "rlog 1.1" and r.meta["tool"].startswith("replay ")
+        assert r.version == (1, 1)
         assert [b.first_row for b in r.blocks] == list(np.cumsum([0] + [b.count for b in r.blocks])[:-1])
         assert r.time_span() == (min(m.ts_first for m in msgs), max(m.ts_last for m in msgs))
 

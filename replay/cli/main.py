@@ -22,6 +22,7 @@ COMMANDS = {
     "ls": ("replay.cli.ls", "List the HTTP messages of a log or a capture."),
     "info": ("replay.cli.info", "Summarise a log or a capture: counts, time span, warnings."),
     "play": ("replay.cli.play", "Replay a log or a capture against a target, with the recorded timing."),
+    "report": ("replay.cli.report", "Which endpoints of a replay got slower, fail or answer differently."),
     "sink": ("replay.cli.sink", "A small HTTP server that answers every request and records it."),
 }
 

@@ -26,7 +26,7 @@ from replay.events import Message
 
 MAGIC = b"RLOG\r\n\x1a\n"  # PNG-style: catches text-mode (CRLF) damage
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1
 
 # file header: magic, major u16, minor u16, header length u32, flags u32, crc32 u32
 FILE_HEADER = struct.Struct("<8sHHII")

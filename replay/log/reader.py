@@ -97,6 +97,21 @@ class LogReader:
             if msgs:
                 yield from msgs
 
+    def select(self, mask):
+        """The messages for which ``mask(cols)`` is true, in written order: ``mask`` takes one
+        block's table columns (``cols["flags"]``, ``cols["kind"]``... as numpy arrays) and returns
+        a bool array. Blocks with no row selected are not decompressed."""
+        for b in list(self.blocks):
+            t = self._table(b)
+            if t is None:
+                continue
+            rows = np.flatnonzero(mask(t.cols))
+            if len(rows) == 0:
+                continue
+            msgs = self._messages(b, rows=rows if len(rows) < t.n else None)
+            if msgs:
+                yield from msgs
+
     def read_range(self, t0: int | None = None, t1: int | None = None):
         """Messages whose ``ts_first`` lies in [t0, t1) (ns; None: unbounded), in written order.
 

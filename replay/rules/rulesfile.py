@@ -51,6 +51,8 @@ def load(path: str) -> list:
 def settings_from_table(data: dict, origin: str) -> list:
     out = []
     for raw_key, value in data.items():
+        if raw_key == "report" and isinstance(value, dict):
+            continue        # the [report] table is `replay report`'s (replay/cli/report.py)
         key = normal_key(raw_key)
         opt = BY_KEY.get(key)
         if opt is None:

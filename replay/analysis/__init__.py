@@ -1,0 +1,1 @@
+"""Analysis of replays: which endpoints got slower, fail or answer differently (``replay report``)."""

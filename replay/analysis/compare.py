@@ -1,0 +1,572 @@
+"""One pass over a candidate run and its references, per endpoint: what changed, and whether it
+is a regression (``replay.analysis.verdict``).
+
+Theory of operation: the candidate's replayed exchanges drive (``replay.analysis.runs``); for
+each, the *baseline* (another run's replayed exchange with the same key, or without
+``--baseline`` the recorded exchange inside the candidate's log), the *noise* run's exchange,
+and the recording are looked up through bounded windows. Per endpoint, only counters, HDR
+histograms and a few examples are kept:
+- statuses: a matrix baseline -> candidate (an error kind counts as a status), and how often
+  the candidate's differs from the baseline's, and the noise run's from the baseline's;
+- latency: service time and latency from the intended send, per run (HDR, 2 significant
+  digits, 1 µs to 1 h); the recording's latency (request start to response end at the capture
+  point); how many candidate requests were held back (sent more than 1 ms after they were due,
+  behind an earlier answer on their connection);
+- fields (``replay.analysis.diff``), compared when both answered with the same status: how
+  often each differs candidate vs baseline and baseline vs noise; when the baseline is the
+  recording, also how often it changes between repeated identical requests (a volatile field),
+  and whether its values look random (dates, epoch times, UUIDs, long tokens): a field that
+  differs on nearly every exchange and is volatile or random-looking is a *noise suspect*,
+  reported apart, not as a regression;
+- examples: the first three exchanges of each (endpoint, kind, field), with both bodies cut to
+  ``EXAMPLE_BYTES`` and a curl command that sends the request to the candidate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import shlex
+from collections import Counter, OrderedDict
+
+from hdrh.histogram import HdrHistogram
+
+from replay.analysis import diff as D
+from replay.analysis.endpoints import Endpoints
+from replay.analysis.runs import WINDOW, RunLog, Window
+from replay.analysis.verdict import (PERCENTILES, Thresholds, latency_regressed, rate_regressed)
+
+EXAMPLES = 3
+EXAMPLE_BYTES = 4096
+HELD_NS = 1_000_000
+HIST_MAX_US = 3_600_000_000
+REPEAT_MEMORY = 20_000
+TIMELINE_BUCKETS = 120
+CURVE = (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.99, 100)
+
+_RANDOM = re.compile(
+    r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:?\d\d)?"          # ISO 8601
+    r"|[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT"             # RFC 9110 date
+    r"|1[5-9]\d{8}(\d{3})?(\.\d+)?"                                           # epoch s or ms
+    r"|[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+    r"|[A-Za-z0-9+/_=\-]{20,}")
+
+
+def _random_looking(v) -> bool:
+    if isinstance(v, bool) or v is None:
+        return False
+    s = str(v)
+    return bool(_RANDOM.fullmatch(s)) and not s.isalpha()
+
+
+def _hist():
+    return HdrHistogram(1, HIST_MAX_US, 2)
+
+
+def _record(h, ns):
+    if ns is not None:
+        h.record_value(min(HIST_MAX_US, max(1, ns // 1000)))
+
+
+def _pcts(h) -> dict:
+    n = h.get_total_count()
+    out = {"count": n}
+    for p in PERCENTILES:
+        out[f"p{p}"] = round(h.get_value_at_percentile(p) / 1000, 3) if n else None
+    out["max"] = round(h.get_max_value() / 1000, 3) if n else None
+    return out
+
+
+def status_class(s) -> str:
+    if s is None:
+        return "none"
+    if isinstance(s, str):
+        return s
+    return f"{s // 100}xx"
+
+
+class _LogHist:
+    """A small histogram for the timeline: buckets 10 % wide from 1 µs, enough for a p99 curve."""
+
+    __slots__ = ("counts", "n")
+    STEP = math.log(1.1)
+
+    def __init__(self):
+        self.counts = Counter()
+        self.n = 0
+
+    def add(self, ns):
+        if ns is not None:
+            self.counts[int(math.log(max(1, ns // 1000)) / self.STEP)] += 1
+            self.n += 1
+
+    def merge(self, other):
+        self.counts.update(other.counts)
+        self.n += other.n
+
+    def percentile(self, p):
+        if not self.n:
+            return None
+        want = math.ceil(self.n * p / 100)
+        seen = 0
+        for b in sorted(self.counts):
+            seen += self.counts[b]
+            if seen >= want:
+                return math.exp((b + 1) * self.STEP) / 1000     # ms, the bucket's upper edge
+        return None
+
+
+class _Run:
+    """Per run (candidate, baseline, noise): totals, overall histogram, timeline.
+
+    The timeline has at most 2 * TIMELINE_BUCKETS buckets: when a run outlasts them, the buckets
+    are merged in pairs and their width doubles."""
+
+    def __init__(self, label, t_min, t_max):
+        self.label = label
+        self.hist = _hist()
+        self.t0 = t_min
+        span = max(1, (t_max or 0) - (t_min or 0))
+        self.width = max(1_000_000_000, -(-span // TIMELINE_BUCKETS))
+        self.buckets: dict = {}
+        self.statuses = Counter()
+        self.count = 0
+
+    def add(self, ex):
+        self.count += 1
+        st = ex.status
+        self.statuses[st if isinstance(st, str) else status_class(st)] += 1
+        svc = ex.service_ns
+        _record(self.hist, svc)
+        if ex.request is not None:
+            t = ex.request.ts_first
+            if self.t0 is None:
+                self.t0 = t
+            b = max(0, t - self.t0) // self.width
+            while b >= 2 * TIMELINE_BUCKETS:
+                self._coarser()
+                b = max(0, t - self.t0) // self.width
+            got = self.buckets.get(b)
+            if got is None:
+                got = self.buckets[b] = [0, _LogHist()]
+            got[0] += 1
+            got[1].add(svc)
+
+    def _coarser(self):
+        old = self.buckets
+        self.buckets = {}
+        self.width *= 2
+        for b, (n, h) in old.items():
+            got = self.buckets.get(b // 2)
+            if got is None:
+                self.buckets[b // 2] = [n, h]
+            else:
+                got[0] += n
+                got[1].merge(h)
+
+    def timeline(self) -> list:
+        w = self.width / 1e9
+        out = []
+        for b, (n, h) in sorted(self.buckets.items()):
+            p99 = h.percentile(99)
+            out.append({"t": round(b * w, 3), "requests_per_s": round(n / w, 3),
+                        "p99_ms": round(p99, 3) if p99 is not None else None})
+        return out
+
+    def curve(self) -> list:
+        if not self.hist.get_total_count():
+            return []
+        return [[p, round(self.hist.get_value_at_percentile(p) / 1000, 3)] for p in CURVE]
+
+
+class _Endpoint:
+    __slots__ = ("name", "count", "matrix", "st_cb", "st_bn", "bn_compared", "err_cb", "err_bn",
+                 "lat", "held", "f_cb", "f_bn", "cb_compared", "bn_field_compared", "volatile",
+                 "repeats", "random", "examples", "first_seen")
+
+    def __init__(self, name):
+        self.name = name
+        self.count = 0
+        self.matrix = Counter()
+        self.st_cb = 0            # status differs candidate vs baseline (replay errors excluded)
+        self.st_bn = 0
+        self.bn_compared = 0      # exchanges with a noise counterpart
+        self.err_cb = Counter()   # candidate error kind where the baseline answered
+        self.err_bn = Counter()
+        self.lat = {(v, r): _hist() for v in ("service", "intended")
+                    for r in ("baseline", "candidate", "noise")}
+        self.held = 0
+        self.f_cb = Counter()
+        self.f_bn = Counter()
+        self.cb_compared = 0
+        self.bn_field_compared = 0
+        self.volatile = Counter()
+        self.repeats = 0
+        self.random = Counter()
+        self.examples: dict = {}
+
+
+class Analysis:
+    def __init__(self, candidate: str, baseline: str | None = None, noise: str | None = None,
+                 endpoint_rules=(), ignore=(), unordered: bool = False,
+                 thresholds: Thresholds | None = None, window: int = WINDOW,
+                 ignored_headers=D.DEFAULT_IGNORED_HEADERS):
+        self.cand = RunLog(candidate)
+        self.base = RunLog(baseline) if baseline else None
+        self.noise = RunLog(noise) if noise else None
+        self.endpoints = Endpoints(endpoint_rules)
+        self.ignore = D.Ignore(ignore)
+        self.unordered = unordered
+        self.th = thresholds or Thresholds()
+        self.window = window
+        self.ignored_headers = frozenset(ignored_headers) | self.ignore.headers
+        self.eps: dict = {}
+        self.runs = {"candidate": _Run("candidate", self.cand.t_min, self.cand.t_max)}
+        if self.base:
+            self.runs["baseline"] = _Run("baseline", self.base.t_min, self.base.t_max)
+        else:
+            self.runs["recorded"] = _Run("recorded", None, None)
+        if self.noise:
+            self.runs["noise"] = _Run("noise", self.noise.t_min, self.noise.t_max)
+        self.totals = Counter()
+        self._repeat: OrderedDict = OrderedDict()   # request identity -> baseline Side
+
+    # -- the pass --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        w = self.window
+        recorded = Window(self.cand.recorded(w), w, keep=True)
+        base = Window(self.base.replayed(w), w) if self.base else None
+        noise = Window(self.noise.replayed(w), w) if self.noise else None
+        pos = 0
+        for ex in self.cand.replayed(w):
+            pos += 1
+            key = ex.key
+            rec = recorded.get(key[:2], pos)
+            b = base.get(key, pos) if base is not None else rec
+            n = noise.get(key, pos) if noise is not None else None
+            self._one(ex, b, n, rec)
+        recorded.finish()
+        self.unmatched = {"recorded": recorded.unmatched}
+        if base is not None:
+            base.finish()
+            self.unmatched["baseline"] = base.unmatched
+        if noise is not None:
+            noise.finish()
+            self.unmatched["noise"] = noise.unmatched
+        return self.report()
+
+    def _one(self, c, b, n, rec):
+        t = self.totals
+        t["exchanges"] += 1
+        req = c.request if c.request is not None else (rec.request if rec is not None else None)
+        if req is None:
+            t["no_request"] += 1
+            return
+        name = self.endpoints.name(req.method, req.uri)
+        ep = self.eps.get(name)
+        if ep is None:
+            ep = self.eps[name] = _Endpoint(name)
+        ep.count += 1
+        runs = self.runs
+        runs["candidate"].add(c)
+        cs = c.status
+        if isinstance(cs, str):
+            t["candidate_errors"] += 1
+        elif cs is not None and cs >= 500:
+            t["candidate_5xx"] += 1
+        elif cs is not None and cs >= 400:
+            t["candidate_4xx"] += 1
+        if b is None:
+            t["no_baseline"] += 1
+            ep.matrix[("none", _st(cs))] += 1
+            self._latency(ep, "candidate", c)
+            return
+        runs["baseline" if self.base else "recorded"].add(b)
+        bs = b.status
+        ep.matrix[(_st(bs), _st(cs))] += 1
+        self._latency(ep, "candidate", c)
+        self._latency(ep, "baseline", b)
+        if c.request is not None and c.request.ts_last - c.request.ts_first > HELD_NS:
+            ep.held += 1
+        if isinstance(cs, str) and not isinstance(bs, str):
+            ep.err_cb[cs] += 1
+            self._example(ep, "error", cs, c, b, None)
+        elif cs != bs and cs is not None and bs is not None:
+            ep.st_cb += 1
+            self._example(ep, "status", f"{_st(bs)} -> {_st(cs)}", c, b, None)
+        if n is not None:
+            runs["noise"].add(n)
+            self._latency(ep, "noise", n)
+            ep.bn_compared += 1
+            ns = n.status
+            if isinstance(ns, str) and not isinstance(bs, str):
+                ep.err_bn[ns] += 1
+            elif ns != bs and ns is not None and bs is not None:
+                ep.st_bn += 1
+        # fields: only between answers with the same status
+        if c.response is None or b.response is None or cs != bs:
+            return
+        cside = bside = None
+        if not self._same_bytes(c.response, b.response):
+            cside = self._side(c.response)
+            bside = self._side(b.response)
+            fields = D.compare(bside, cside)
+        else:
+            fields = ()
+        ep.cb_compared += 1
+        for f in fields:
+            if self.ignore.ignored(f):
+                continue
+            ep.f_cb[f] += 1
+            if f.startswith("$") and _random_looking(_value(bside, f)) and _random_looking(_value(cside, f)):
+                ep.random[f] += 1
+            self._example(ep, _kind(f), f, c, b, (bside, cside))
+        if n is not None and n.response is not None and n.status == bs:
+            ep.bn_field_compared += 1
+            if not self._same_bytes(n.response, b.response):
+                bside = bside or self._side(b.response)
+                for f in D.compare(bside, self._side(n.response)):
+                    if not self.ignore.ignored(f):
+                        ep.f_bn[f] += 1
+        if not self.base and self.noise is None:
+            self._volatility(ep, b, bside)
+
+    def _latency(self, ep, run, ex):
+        _record(ep.lat[("service", run)], ex.service_ns)
+        _record(ep.lat[("intended", run)], ex.intended_ns)
+
+    @staticmethod
+    def _same_bytes(x, y) -> bool:
+        hx, hy = x.head_length, y.head_length
+        if x.data[hx:] != y.data[hy:]:
+            return False
+        return D.headers(x.data, hx) == D.headers(y.data, hy)
+
+    def _side(self, m):
+        return D.Side(m.data, m.head_length, m.status, self.ignored_headers, self.unordered)
+
+    def _volatility(self, ep, b, bside):
+        """The recording answered the same request before: which fields changed since."""
+        req = b.request
+        if req is None or b.response is None:
+            return
+        ident = (req.method, req.uri, hashlib.blake2b(req.data[req.head_length:], digest_size=8).digest())
+        prev = self._repeat.get(ident)
+        side = bside or self._side(b.response)
+        if prev is not None:
+            ep.repeats += 1
+            for f in D.compare(prev, side):
+                if not self.ignore.ignored(f):
+                    ep.volatile[f] += 1
+            self._repeat.move_to_end(ident)
+        self._repeat[ident] = side
+        if len(self._repeat) > REPEAT_MEMORY:
+            self._repeat.popitem(last=False)
+
+    def _example(self, ep, kind, field, c, b, sides):
+        k = (kind, field)
+        got = ep.examples.get(k)
+        if got is None:
+            got = ep.examples[k] = []
+        if len(got) >= EXAMPLES:
+            return
+        got.append(example(c, b, field if kind in ("body", "header") else None, sides,
+                           self.cand.target))
+
+    # -- the verdicts ----------------------------------------------------------------------------
+    def report(self) -> dict:
+        th = self.th
+        endpoints = []
+        suspects = []
+        base_label = "baseline" if self.base else "recorded"
+        for ep in self.eps.values():
+            regs = []
+            scale = ep.cb_compared / ep.bn_compared if ep.bn_compared else 0
+            # status
+            noise_st = ep.st_bn * (ep.count / ep.bn_compared) if ep.bn_compared else 0
+            if rate_regressed(ep.st_cb, noise_st, ep.count, th):
+                for (kind, field), ex in ep.examples.items():
+                    if kind == "status":
+                        regs.append({"kind": "status", "field": field, "count": _matrix_count(ep, field),
+                                     "rate": round(_matrix_count(ep, field) / ep.count, 6),
+                                     "examples": ex})
+            # replay errors
+            for kind, cnt in ep.err_cb.items():
+                noise_e = ep.err_bn[kind] * (ep.count / ep.bn_compared) if ep.bn_compared else 0
+                if rate_regressed(cnt, noise_e, ep.count, th):
+                    regs.append({"kind": "error", "field": kind, "count": cnt,
+                                 "rate": round(cnt / ep.count, 6),
+                                 "examples": ep.examples.get(("error", kind), [])})
+            # latency
+            lat = {}
+            for view in ("service", "intended"):
+                lat[view] = {r: _pcts(ep.lat[(view, r)]) for r in ("baseline", "candidate", "noise")}
+            noise_h = ep.lat[("service", "noise")] if self.noise else None
+            for p, b_us, c_us, z in latency_regressed(ep.lat[("service", "baseline")],
+                                                      ep.lat[("service", "candidate")], noise_h, th):
+                regs.append({"kind": "latency", "field": f"p{p}", "baseline_ms": round(b_us / 1000, 3),
+                             "candidate_ms": round(c_us / 1000, 3),
+                             "change": round((c_us - b_us) / b_us * 100, 1), "z": z})
+            lat["held_back"] = ep.held
+            # fields
+            fields = []
+            for f, cnt in ep.f_cb.most_common():
+                noise_f = ep.f_bn[f] * scale
+                share = cnt / ep.cb_compared * 100 if ep.cb_compared else 0
+                verdict = "below_threshold"
+                if rate_regressed(cnt, noise_f, ep.cb_compared, th):
+                    verdict = "regression"
+                    if not self.noise:
+                        vol = ep.volatile[f] / ep.repeats if ep.repeats else 0
+                        rnd = ep.random[f] / cnt
+                        if share >= th.noise_share and (vol >= 0.5 or rnd >= 0.9):
+                            verdict = "suspected_noise"
+                elif self.noise and ep.f_bn[f]:
+                    verdict = "noise"
+                row = {"field": f, "differences": cnt, "compared": ep.cb_compared,
+                       "share": round(share, 3), "noise_differences": ep.f_bn[f],
+                       "noise_compared": ep.bn_field_compared, "verdict": verdict}
+                fields.append(row)
+                if verdict == "regression":
+                    regs.append({"kind": _kind(f), "field": f, "count": cnt,
+                                 "rate": round(cnt / ep.cb_compared, 6),
+                                 "noise_count": ep.f_bn[f],
+                                 "examples": ep.examples.get((_kind(f), f), [])})
+                elif verdict == "suspected_noise":
+                    suspects.append({"endpoint": ep.name, "field": f, "share": round(share, 3)})
+            order = {k: i for i, k in enumerate(("error", "status", "latency", "body", "header"))}
+            regs.sort(key=lambda r: (order[r["kind"]], -r.get("count", 0)))
+            endpoints.append({
+                "endpoint": ep.name, "count": ep.count,
+                "status": {"changed": ep.st_cb, "rate": round(ep.st_cb / ep.count, 6),
+                           "noise_changed": ep.st_bn, "noise_compared": ep.bn_compared,
+                           "matrix": [{base_label: k[0], "baseline": k[0], "candidate": k[1], "count": v}
+                                      for k, v in sorted(ep.matrix.items(), key=lambda kv: -kv[1])]},
+                "errors": {"candidate": dict(ep.err_cb), "noise": dict(ep.err_bn)},
+                "latency": lat,
+                "fields": fields[:200],
+                "regressions": regs,
+            })
+        endpoints.sort(key=lambda e: (-len(e["regressions"]), -e["count"], e["endpoint"]))
+        t = self.totals
+        runs = {"candidate": self._describe(self.cand)}
+        if self.base:
+            runs["baseline"] = self._describe(self.base)
+        else:
+            runs["baseline"] = {"path": self.cand.path, "what": "the recording inside the candidate's log"}
+        if self.noise:
+            runs["noise"] = self._describe(self.noise)
+        return {
+            "report": "replay report",
+            "runs": runs,
+            "thresholds": vars(th).copy(),
+            "totals": {
+                "exchanges": t["exchanges"],
+                "without_baseline": t["no_baseline"],
+                "unmatched": dict(self.unmatched),
+                "endpoints": len(endpoints),
+                "endpoints_grouped_as_other": self.endpoints.others,
+                "candidate": {"errors": t["candidate_errors"], "5xx": t["candidate_5xx"],
+                              "4xx": t["candidate_4xx"]},
+            },
+            "endpoints": endpoints,
+            "regressions_total": sum(len(e["regressions"]) for e in endpoints),
+            "suspected_noise": suspects,
+            "statuses": {k: dict(r.statuses) for k, r in self.runs.items()},
+            "percentiles": {k: r.curve() for k, r in self.runs.items()},
+            "timeline": {k: r.timeline() for k, r in self.runs.items()},
+            "warnings": list(dict.fromkeys(
+                [f"{self.cand.path}: {w}" for w in self.cand.warnings] +
+                ([f"{self.base.path}: {w}" for w in self.base.warnings] if self.base else []) +
+                ([f"{self.noise.path}: {w}" for w in self.noise.warnings] if self.noise else []))),
+        }
+
+    @staticmethod
+    def _describe(run: RunLog) -> dict:
+        m = run.meta
+        rep = m.get("report") or {}
+        return {"path": run.path, "target": run.target, "speed": m.get("speed"),
+                "source": m.get("source"), "sent": rep.get("sent"), "answered": rep.get("answered")}
+
+
+def _st(s) -> str:
+    return "none" if s is None else str(s)
+
+
+def _kind(field: str) -> str:
+    return "header" if field.startswith("header:") else "body"
+
+
+def _matrix_count(ep, field) -> int:
+    a, _, b = field.partition(" -> ")
+    return ep.matrix.get((a, b), 0)
+
+
+def _value(side, field):
+    """The value of a field (generic path) in a response: the first element's, for arrays."""
+    if side is None or side.json is None:
+        return None
+    return side.by_field().get(field)
+
+
+def _cut(data: bytes) -> str:
+    text = data[:EXAMPLE_BYTES].decode("utf-8", "replace")
+    return text + ("\n[... %d more bytes]" % (len(data) - EXAMPLE_BYTES) if len(data) > EXAMPLE_BYTES else "")
+
+
+def _body_text(m) -> str:
+    if m is None:
+        return ""
+    return _cut(m.data[:m.head_length] + D.payload(m.data, m.head_length))
+
+
+def example(c, b, field, sides, target) -> dict:
+    req = c.request
+    out = {"conn": c.key[0], "index": c.key[1], "pass": c.key[2] if len(c.key) > 2 else 0,
+           "method": req.method if req is not None else None,
+           "uri": req.uri if req is not None else None,
+           "baseline_status": _st(b.status), "candidate_status": _st(c.status),
+           "baseline_ms": round(b.service_ns / 1e6, 3) if b.service_ns is not None else None,
+           "candidate_ms": round(c.service_ns / 1e6, 3) if c.service_ns is not None else None,
+           "baseline": _body_text(b.response), "candidate": _body_text(c.response),
+           "curl": curl(req, target) if req is not None else None}
+    if field and sides is not None:
+        bside, cside = sides
+        if field.startswith("header:"):
+            out["baseline_value"] = bside.headers.get(field[7:]) if bside else None
+            out["candidate_value"] = cside.headers.get(field[7:]) if cside else None
+        elif field.startswith("$"):
+            out["baseline_value"] = _short(_value(bside, field))
+            out["candidate_value"] = _short(_value(cside, field))
+    return out
+
+
+def _short(v):
+    if isinstance(v, str) and len(v) > 200:
+        return v[:200] + "..."
+    return v
+
+
+def curl(req, target: str) -> str:
+    """A curl command that sends ``req`` (a replayed request, Host already the target's) again."""
+    base = target.split(" ", 1)[0].rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        base = "http://" + base
+    uri = req.uri or "/"
+    url = uri if uri.startswith(("http://", "https://")) else base + (uri if uri.startswith("/") else "/" + uri)
+    parts = ["curl", "-sS", "-i", "-X", req.method or "GET"]
+    skip = {"content-length", "host", "connection", "transfer-encoding"}
+    for name, value in D.header_fields(req.data, req.head_length):
+        n = name.decode("latin-1")
+        if n.lower() in skip:
+            continue
+        parts += ["-H", f"{n}: {value.decode('latin-1')}"]
+    body = D.payload(req.data, req.head_length) if req.head_length else b""
+    if body:
+        try:
+            parts += ["--data-binary", body.decode("utf-8")]
+        except UnicodeDecodeError:
+            parts += ["--data-binary", "@request-body.bin"]
+    parts.append(url)
+    return " ".join(shlex.quote(p) for p in parts)

@@ -1,0 +1,334 @@
+"""What differs between two responses to the same request: fields of the body, and headers.
+
+Rules:
+- the body compared is the payload: chunked framing removed, gzip and deflate decoded (at most
+  ``MAX_BODY`` bytes decoded; beyond that the rest is compared as raw bytes);
+- JSON bodies (a ``json`` media type, or a body that starts like JSON and parses) are compared
+  field by field. A field is a path from the root: ``$.user.name``, ``$.items[*].price``, one
+  name per array element position (the index is part of the comparison, not of the name). A
+  field present on one side only differs; numbers compare by value (1 == 1.0), other values by
+  type and value. A string holding JSON is compared as the JSON it holds (``$.payload.id``).
+  With ``unordered``, arrays are compared as multisets: sorted by their canonical text first;
+- other bodies are compared as text with line endings and trailing spaces normalised when
+  they decode as UTF-8, as bytes otherwise; the field is ``body``;
+- headers compare by lower-case name (``header:content-type``); repeated fields are joined;
+  the names in ``DEFAULT_IGNORED_HEADERS`` are not compared, and of ``Set-Cookie`` only the
+  cookie names are (their values are sessions and expiry dates);
+- ``--ignore`` patterns: ``json:$.ts``, ``json:$..updated_at`` (at any depth), ``json:$.items[*].*``,
+  ``header:X-Trace``, ``body`` (the whole non-JSON body). A pattern also covers the fields
+  below the one it names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+
+from replay.errors import UsageError
+from replay.httpmsg import decode_chunked, header_fields, header_value
+
+MAX_BODY = 4 << 20
+
+# Values that differ on every response by design: dates, caches, tracing, connection handling;
+# Content-Length and Transfer-Encoding follow the body, which is compared on its own.
+DEFAULT_IGNORED_HEADERS = frozenset((
+    "date", "age", "etag", "last-modified", "expires", "x-request-id", "x-correlation-id",
+    "request-id", "x-trace-id", "traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid",
+    "x-b3-parentspanid", "x-b3-sampled", "x-amzn-trace-id", "x-amzn-requestid", "cf-ray",
+    "x-runtime", "x-response-time", "server-timing", "x-served-by", "x-cache", "x-cache-hits",
+    "x-timer", "via", "keep-alive", "connection", "content-length", "transfer-encoding",
+    "report-to", "nel", "x-envoy-upstream-service-time",
+))
+
+
+# -- bodies -----------------------------------------------------------------------------------
+
+def _bounded_decode(raw: bytes, wbits: int) -> bytes | None:
+    try:
+        d = zlib.decompressobj(wbits)
+        out = d.decompress(raw, MAX_BODY)
+        return out
+    except zlib.error:
+        return None
+
+
+def payload(data: bytes, head_length: int) -> bytes:
+    """The body of a message without transfer and content codings (bounded)."""
+    body = data[head_length:]
+    te = header_value(data, head_length, b"transfer-encoding")
+    if te and te.split(",")[-1].strip().lower() == "chunked":
+        body = decode_chunked(body)[0]
+    ce = header_value(data, head_length, b"content-encoding")
+    if ce:
+        ce = ce.strip().lower()
+        if ce in ("gzip", "x-gzip"):
+            body = _bounded_decode(body, 16 + 15) or body
+        elif ce == "deflate":
+            body = _bounded_decode(body, 15) or _bounded_decode(body, -15) or body
+    return body
+
+
+def media_type(data: bytes, head_length: int) -> str:
+    ct = header_value(data, head_length, b"content-type") or ""
+    return ct.split(";", 1)[0].strip().lower()
+
+
+def parse_json(body: bytes, mtype: str):
+    """The JSON value of a body, or ``NOT_JSON``."""
+    if not body:
+        return NOT_JSON
+    looks = mtype.endswith("json") or mtype.endswith("+json")
+    if not looks:
+        c = body.lstrip()[:1]
+        if c not in (b"{", b"["):
+            return NOT_JSON
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return NOT_JSON
+
+
+class _NotJson:
+    def __repr__(self):
+        return "NOT_JSON"
+
+
+NOT_JSON = _NotJson()
+
+
+# -- JSON fields ------------------------------------------------------------------------------
+
+_SIMPLE_KEY = re.compile(r"[A-Za-z_$][A-Za-z0-9_$\-]*")
+MAX_DEPTH = 64
+MAX_LEAVES = 20_000
+
+
+def _key(k: str) -> str:
+    return "." + k if _SIMPLE_KEY.fullmatch(k) else "[" + json.dumps(k) + "]"
+
+
+def _canon(v) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def flatten(value, unordered: bool = False) -> dict:
+    """{concrete path: leaf} of a JSON value; containers that are empty are leaves themselves."""
+    out: dict = {}
+    stack = [("$", value, 0)]
+    while stack:
+        path, v, depth = stack.pop()
+        if len(out) >= MAX_LEAVES or depth > MAX_DEPTH:
+            out[path] = _canon(v)[:200] if depth > MAX_DEPTH else v
+            continue
+        if isinstance(v, dict):
+            if not v:
+                out[path] = "{}"
+            for k, x in v.items():
+                stack.append((path + _key(str(k)), x, depth + 1))
+        elif isinstance(v, list):
+            if not v:
+                out[path] = "[]"
+            items = sorted(v, key=_canon) if unordered else v
+            for i, x in enumerate(items):
+                stack.append((f"{path}[{i}]", x, depth + 1))
+        elif isinstance(v, str) and len(v) > 1 and v[0] in "{[" and v[-1] in "}]":
+            try:
+                inner = json.loads(v)
+            except (ValueError, RecursionError):
+                out[path] = v
+            else:
+                stack.append((path, inner, depth + 1))
+        else:
+            out[path] = v
+    return out
+
+
+_INDEX = re.compile(r"\[\d+\]")
+_generic_cache: dict = {}
+
+
+def generic(path: str) -> str:
+    """``$.items[3].price`` -> ``$.items[*].price``."""
+    g = _generic_cache.get(path)
+    if g is None:
+        g = _INDEX.sub("[*]", path) if "[" in path else path
+        if len(_generic_cache) > 200_000:
+            _generic_cache.clear()
+        _generic_cache[path] = g
+    return g
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    ta, tb = type(a), type(b)
+    if ta is tb:
+        return a == b
+    num = (int, float)
+    return ta in num and tb in num and ta is not bool and tb is not bool and a == b
+
+
+def json_diff(a: dict, b: dict) -> set:
+    """Generic paths of the fields that differ between two flattened values."""
+    out = set()
+    for p, va in a.items():
+        if p in b:
+            if not _same(va, b[p]):
+                out.add(generic(p))
+        else:
+            out.add(generic(p))
+    for p in b.keys() - a.keys():
+        out.add(generic(p))
+    return out
+
+
+# -- headers ----------------------------------------------------------------------------------
+
+def headers(data: bytes, head_length: int, ignored=DEFAULT_IGNORED_HEADERS) -> dict:
+    """{lower-case name: comparable value} of a message's headers."""
+    out: dict = {}
+    for name, value in header_fields(data, head_length):
+        n = name.decode("latin-1").lower()
+        if n in ignored:
+            continue
+        v = value.decode("latin-1")
+        if n == "set-cookie":
+            v = v.split("=", 1)[0].strip()
+        if n in out:
+            out[n] = out[n] + ", " + v
+        else:
+            out[n] = v
+    if "set-cookie" in out:
+        out["set-cookie"] = ", ".join(sorted(out["set-cookie"].split(", ")))
+    return out
+
+
+# -- ignore patterns --------------------------------------------------------------------------
+
+def _path_regex(pattern: str) -> str:
+    """A JSONPath-like pattern as a regex over generic paths."""
+    if not pattern.startswith("$"):
+        raise ValueError("a JSON path starts with $")
+    out = ["\\$"]
+    i = 1
+    seg = r"(?:\.[^.\[\]]+|\[[^\]]*\])"
+    while i < len(pattern):
+        if pattern.startswith("..", i):
+            out.append(seg + "*")
+            i += 1                       # the second dot starts the next name
+        elif pattern.startswith("[*]", i):
+            out.append(r"\[\*\]")
+            i += 3
+        elif pattern[i] == ".":
+            j = i + 1
+            while j < len(pattern) and pattern[j] not in ".[":
+                j += 1
+            name = pattern[i + 1:j]
+            if not name:
+                raise ValueError("an empty name")
+            out.append(r"(?:\.[^.\[\]]+|\[\"[^\]]*\"\])" if name == "*" else
+                       "(?:" + re.escape("." + name) + "|" + re.escape(_key(name)) + ")")
+            i = j
+        elif pattern[i] == "[":
+            j = pattern.find("]", i)
+            if j < 0:
+                raise ValueError("an unclosed [")
+            inner = pattern[i + 1:j]
+            if inner.isdigit():
+                out.append(r"\[\*\]")    # generic paths have no indexes
+            else:
+                name = inner.strip("'\"")
+                out.append("(?:" + re.escape("." + name) + "|" + re.escape(_key(name)) + ")")
+            i = j + 1
+        else:
+            raise ValueError(f"unexpected {pattern[i]!r}")
+    return "".join(out) + r"(?=$|[.\[])"
+
+
+class Ignore:
+    """Compiled ``--ignore`` patterns: ``ignored(field)`` for ``$...``, ``header:...``, ``body``."""
+
+    def __init__(self, patterns=()):
+        self.headers: set = set()
+        self.body = False
+        rx = []
+        for p in patterns:
+            kind, sep, rest = p.partition(":")
+            kind = kind.strip().lower()
+            if not sep and kind == "body":
+                self.body = True
+            elif kind == "header" and rest.strip():
+                self.headers.add(rest.strip().lower())
+            elif kind == "json" and rest.strip():
+                try:
+                    rx.append(_path_regex(rest.strip()))
+                except ValueError as e:
+                    raise UsageError(f"--ignore {p!r}: {e} (e.g. json:$.items[*].updated_at)") from None
+            else:
+                raise UsageError(f"--ignore {p!r}: expected json:$.PATH, header:NAME or body")
+        self._rx = re.compile("|".join(f"(?:{r})" for r in rx)) if rx else None
+        self._cache: dict = {}
+
+    def ignored(self, field: str) -> bool:
+        if field.startswith("header:"):
+            return field[7:] in self.headers
+        if field == "body":
+            return self.body
+        if self._rx is None:
+            return False
+        got = self._cache.get(field)
+        if got is None:
+            got = self._cache[field] = bool(self._rx.match(field))
+        return got
+
+
+# -- one comparison ----------------------------------------------------------------------------
+
+class Side:
+    """What of a response takes part in comparisons, computed once per response."""
+
+    __slots__ = ("status", "headers", "json", "text", "mtype", "_by_field")
+
+    def __init__(self, data: bytes, head_length: int, status: int, ignored_headers, unordered=False):
+        self.status = status
+        self.headers = headers(data, head_length, ignored_headers)
+        mtype = media_type(data, head_length)
+        self.mtype = mtype
+        body = payload(data, head_length)
+        value = parse_json(body, mtype)
+        if value is NOT_JSON:
+            self.json = None
+            try:
+                self.text = "\n".join(line.rstrip() for line in body.decode("utf-8").splitlines()).strip()
+            except UnicodeDecodeError:
+                self.text = body
+        else:
+            self.json = flatten(value, unordered)
+            self.text = None
+        self._by_field = None
+
+    def by_field(self) -> dict:
+        """{generic path: value} (the first value of each, for arrays)."""
+        if self._by_field is None:
+            out: dict = {}
+            for p, v in (self.json or {}).items():
+                out.setdefault(generic(p), v)
+            self._by_field = out
+        return self._by_field
+
+
+def compare(a: Side, b: Side) -> set:
+    """The fields that differ between two responses (before ``--ignore``)."""
+    out = set()
+    ha, hb = a.headers, b.headers
+    if ha != hb:
+        for n in ha.keys() | hb.keys():
+            if ha.get(n) != hb.get(n):
+                out.add("header:" + n)
+    if a.json is not None and b.json is not None:
+        if a.json != b.json:
+            out |= json_diff(a.json, b.json)
+    elif a.json is not None or b.json is not None or a.text != b.text:
+        out.add("body")
+    return out

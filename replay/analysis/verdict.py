@@ -1,0 +1,155 @@
+"""When a difference is a regression: thresholds, the noise rule, the latency test, the CI gate.
+
+Rules (each threshold settable from ``replay report``):
+- *rates* (a status, an error kind, a field): the candidate's difference from the baseline is a
+  regression when it happens more often than the baseline's difference from the noise run, by
+  Diffy's rule: with ``raw`` and ``noise`` the counts of differing exchanges (the noise count
+  scaled to the same number of comparisons), ``|raw - noise| / (raw + noise) > 20 %`` and
+  ``|raw - noise| / count > 0.03 %``, and ``raw > noise``. Without a noise run ``noise`` is 0;
+- *latency*, per endpoint, on the service time (from the actual send, so that an endpoint is not
+  blamed for the requests that waited behind a slow one): at p50, p90 and p99, the candidate is
+  slower than the baseline by more than ``latency_rel`` (20 %) and ``latency_abs_ms`` (1 ms),
+  beyond what the noise run moved, with at least ``min_count`` (20) exchanges on each side, and
+  significantly so: of the candidate's samples, more lie above the baseline's p-th percentile
+  than chance allows (a one-sided binomial test at z > 3, about 1 in 700);
+- the gate (``--fail-on``): ``regression`` (any), a kind (``status``, ``latency``, ``body``,
+  ``header``, ``error``), or a limit: ``p99>+20%`` / ``p50>+5ms`` (an endpoint's service time),
+  ``5xx>0.1%`` / ``errors>0`` (the candidate's share of all exchanges). Breached: exit 3.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from replay.errors import UsageError
+
+PERCENTILES = (50, 90, 99)
+KINDS = ("status", "error", "latency", "body", "header")
+
+
+@dataclass
+class Thresholds:
+    relative: float = 20.0          # percent, Diffy's relative threshold
+    absolute: float = 0.03          # percent of the endpoint's exchanges
+    latency_rel: float = 20.0       # percent
+    latency_abs_ms: float = 1.0
+    min_count: int = 20
+    z: float = 3.0
+    noise_share: float = 90.0       # percent: a field differing this often is a noise suspect
+
+
+def rate_regressed(raw: float, noise: float, count: int, th: Thresholds) -> bool:
+    """Diffy's rule on counts of differing exchanges."""
+    if raw <= noise or count <= 0:
+        return False
+    rel = abs(raw - noise) / (raw + noise) * 100
+    ab = abs(raw - noise) / count * 100
+    return rel > th.relative and ab > th.absolute
+
+
+def count_above(hist, value: int) -> int:
+    """Samples of an HdrHistogram above ``value``."""
+    n = 0
+    for item in hist.get_recorded_iterator():
+        if item.value_iterated_to > value:
+            n += item.count_at_value_iterated_to
+    return n
+
+
+def latency_regressed(base, cand, noise, th: Thresholds):
+    """[(percentile, baseline µs, candidate µs, z)] where the candidate is significantly slower."""
+    nb, nc = base.get_total_count(), cand.get_total_count()
+    if nb < th.min_count or nc < th.min_count:
+        return []
+    out = []
+    for p in PERCENTILES:
+        b = base.get_value_at_percentile(p)
+        c = cand.get_value_at_percentile(p)
+        if b <= 0:
+            continue
+        allowed = th.latency_rel / 100
+        if noise is not None and noise.get_total_count() >= th.min_count:
+            allowed += max(0.0, noise.get_value_at_percentile(p) / b - 1)
+        if not (c > b * (1 + allowed) and (c - b) / 1000 > th.latency_abs_ms):
+            continue
+        q = 1 - p / 100
+        k = count_above(cand, base.get_highest_equivalent_value(b))
+        z = (k - nc * q) / math.sqrt(nc * q * (1 - q))
+        if z > th.z:
+            out.append((p, b, c, round(z, 1)))
+    return out
+
+
+# -- the gate ----------------------------------------------------------------------------------
+
+_LIMIT = re.compile(r"(?P<what>p50|p90|p99|5xx|4xx|errors)\s*>\s*(?P<plus>\+)?"
+                    r"(?P<num>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>%|ms|s)?", re.I)
+
+
+@dataclass
+class GateRule:
+    text: str
+    kind: str            # "regression", a KIND, or "limit"
+    what: str = ""       # limit: p50|p90|p99|5xx|4xx|errors
+    value: float = 0.0
+    unit: str = ""       # "%" or "ms"
+
+
+def parse_gate(text: str) -> GateRule:
+    t = text.strip()
+    low = t.lower()
+    if low in ("regression", "regressions", "any"):
+        return GateRule(t, "regression")
+    if low in KINDS:
+        return GateRule(t, low)
+    m = _LIMIT.fullmatch(t)
+    if m:
+        what = m.group("what").lower()
+        unit = (m.group("unit") or "").lower()
+        value = float(m.group("num"))
+        if what.startswith("p"):
+            if unit not in ("%", "ms", "s") or not m.group("plus"):
+                raise UsageError(f"--fail-on {text!r}: a latency limit is relative to the baseline: "
+                                 f"{what}>+20% or {what}>+5ms")
+            if unit == "s":
+                value, unit = value * 1000, "ms"
+        else:
+            if unit not in ("%", ""):
+                raise UsageError(f"--fail-on {text!r}: {what} is a share: {what}>0.1%")
+            unit = "%" if unit == "%" or value != 0 else "%"
+        return GateRule(t, "limit", what, value, unit)
+    raise UsageError(f"--fail-on {text!r}: expected regression, one of {', '.join(KINDS)}, or a "
+                     "limit such as p99>+20%, p50>+5ms, 5xx>0.1%, errors>0")
+
+
+def gate_breaches(rules, report: dict) -> list:
+    """The rules the report breaches, each with why."""
+    out = []
+    totals = report["totals"]
+    n = max(1, totals["exchanges"])
+    for r in rules:
+        if r.kind == "regression":
+            if report["regressions_total"]:
+                out.append(f"{r.text}: {report['regressions_total']} regression(s)")
+        elif r.kind in KINDS:
+            hits = sum(1 for e in report["endpoints"] for g in e["regressions"] if g["kind"] == r.kind)
+            if hits:
+                out.append(f"{r.text}: {hits} {r.kind} regression(s)")
+        elif r.what in ("5xx", "4xx", "errors"):
+            got = totals["candidate"][r.what]
+            share = got / n * 100
+            if share > r.value:
+                out.append(f"{r.text}: {got} of {totals['exchanges']} ({share:.3g} %)")
+        else:
+            p = r.what
+            for e in report["endpoints"]:
+                lat = e["latency"]["service"]
+                b, c = lat["baseline"].get(p), lat["candidate"].get(p)
+                if b is None or c is None or min(lat["baseline"]["count"], lat["candidate"]["count"]) < 1:
+                    continue
+                over = (c - b) / b * 100 if r.unit == "%" and b > 0 else c - b
+                if over > r.value:
+                    out.append(f"{r.text}: {e['endpoint']} {p} {b:.3f} -> {c:.3f} ms")
+    return out

@@ -1,0 +1,180 @@
+"""``replay report``: which endpoints of a replay got slower, fail or answer differently."""
+
+from __future__ import annotations
+
+import click
+
+# the keys of a rules file's [report] table: option name -> (kind, repeatable)
+REPORT_KEYS = {"endpoint": (str, True), "ignore": (str, True), "unordered-arrays": (bool, False),
+               "fail-on": (str, True), "relative-threshold": (float, False),
+               "absolute-threshold": (float, False), "latency-threshold": (float, False),
+               "latency-min-ms": (float, False), "min-count": (int, False)}
+
+
+@click.command("report")
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.option("-b", "--baseline", type=click.Path(dir_okay=False),
+              help="A run of the same log against the release in production (replay play -o). "
+                   "Default: the recorded responses inside CANDIDATE.")
+@click.option("--noise", type=click.Path(dir_okay=False),
+              help="A second run against the baseline's release: what differs between the two "
+                   "is noise, not regression.")
+@click.option("--endpoint", "endpoint_rules", multiple=True, metavar="REGEX=NAME",
+              help="Name the requests whose path matches REGEX (repeatable; first match wins). "
+                   "Other paths are grouped with ids templated: /users/{id}.")
+@click.option("--ignore", multiple=True, metavar="PATTERN",
+              help="Do not compare: json:$.ts, json:$..updated_at, json:$.items[*].etag, "
+                   "header:X-Trace, body (repeatable).")
+@click.option("--unordered-arrays", is_flag=True, default=None,
+              help="Compare JSON arrays without regard to the order of their elements.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Write the report as one self-contained HTML file.")
+@click.option("--fail-on", multiple=True, metavar="RULE",
+              help="Exit 3 when breached: regression, status, error, latency, body, header, "
+                   "p99>+20%, p50>+5ms, 5xx>0.1%, errors>0 (repeatable).")
+@click.option("--relative-threshold", type=click.FloatRange(0, 100), metavar="PCT",
+              help="Noise rule: how much more often than in the noise run a field must differ "
+                   "(|raw-noise|/(raw+noise), percent). [default: 20]")
+@click.option("--absolute-threshold", type=click.FloatRange(0, 100), metavar="PCT",
+              help="Noise rule: the least share of an endpoint's exchanges that must differ. "
+                   "[default: 0.03]")
+@click.option("--latency-threshold", type=click.FloatRange(0, 10_000), metavar="PCT",
+              help="How much slower (percent) p50/p90/p99 must get to count. [default: 20]")
+@click.option("--latency-min-ms", type=click.FloatRange(0, 3_600_000), metavar="MS",
+              help="...and by at least this many milliseconds. [default: 1]")
+@click.option("--min-count", type=click.IntRange(1), metavar="N",
+              help="Exchanges an endpoint needs on each side for a latency verdict. [default: 20]")
+@click.option("--rules", "rule_file", type=click.Path(dir_okay=False), metavar="FILE.toml",
+              help="Read these options from the [report] table of a rules file.")
+@click.option("-q", "--quiet", is_flag=True, help="No table on the terminal (the gate still decides the exit code).")
+def command(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays, json_path,
+            html_path, fail_on, relative_threshold, absolute_threshold, latency_threshold,
+            latency_min_ms, min_count, rule_file, quiet):
+    """Compare CANDIDATE, a run written by `replay play -o`, with what was recorded or with
+    a baseline run, endpoint by endpoint.
+
+    \b
+      replay report candidate.rlog
+      replay report candidate.rlog --baseline primary.rlog --noise secondary.rlog --html report.html
+      replay report candidate.rlog --baseline primary.rlog --fail-on regression   # exit 3
+
+    Exit status: 0 when the gate holds (or no --fail-on), 3 when it is breached, 2 on bad input.
+    """
+    import json
+    import time
+
+    from replay.analysis.compare import Analysis
+    from replay.analysis.verdict import Thresholds, gate_breaches, parse_gate
+    inputs = [p for p in (candidate, baseline, noise) if p]
+    _check_outputs(inputs, [p for p in (json_path, html_path) if p])
+    opts = _from_rules_file(rule_file) if rule_file else {}
+    endpoint_rules = list(opts.get("endpoint", ())) + list(endpoint_rules)
+    ignore = list(opts.get("ignore", ())) + list(ignore)
+    fail_on = list(opts.get("fail-on", ())) + list(fail_on)
+    if unordered_arrays is None:
+        unordered_arrays = bool(opts.get("unordered-arrays", False))
+    th = Thresholds()
+    for name, attr, value in (("relative-threshold", "relative", relative_threshold),
+                              ("absolute-threshold", "absolute", absolute_threshold),
+                              ("latency-threshold", "latency_rel", latency_threshold),
+                              ("latency-min-ms", "latency_abs_ms", latency_min_ms),
+                              ("min-count", "min_count", min_count)):
+        v = value if value is not None else opts.get(name)
+        if v is not None:
+            setattr(th, attr, v)
+    gates = [parse_gate(g) for g in fail_on]
+    t0 = time.perf_counter()
+    analysis = Analysis(candidate, baseline, noise, endpoint_rules=endpoint_rules, ignore=ignore,
+                        unordered=unordered_arrays, thresholds=th)
+    report = analysis.run()
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    breaches = gate_breaches(gates, report)
+    report["gate"] = {"rules": [g.text for g in gates], "breached": breaches,
+                      "exit_code": 3 if breaches else 0}
+    if json_path:
+        _write_text(json_path, json.dumps(report, indent=1, default=str) + "\n")
+    if html_path:
+        from replay.analysis.html import render
+
+        _write_text(html_path, render(report))
+    for w in report["warnings"]:
+        click.echo(f"replay: warning: {w}", err=True)
+    if not quiet:
+        from replay.analysis.text import render_text
+
+        render_text(report)
+    for b in breaches:
+        click.echo(f"replay report: gate breached: {b}", err=True)
+    return 3 if breaches else 0
+
+
+def _check_outputs(inputs, outputs) -> None:
+    import os
+
+    from replay.errors import UsageError
+
+    for o in outputs:
+        d = os.path.dirname(os.path.abspath(o))
+        if not os.path.isdir(d):
+            raise UsageError(f"{o}: no such directory: {d}")
+        for i in inputs:
+            if os.path.exists(o) and os.path.exists(i) and os.path.samefile(o, i):
+                raise UsageError(f"{o}: is one of the inputs; it would be overwritten")
+    if len(set(map(os.path.abspath, outputs))) < len(outputs):
+        raise UsageError("--json and --html name the same file")
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename it into place."""
+    import os
+    import tempfile
+
+    from replay.errors import OutputError
+
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".replay-", dir=d)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def _from_rules_file(path: str) -> dict:
+    import tomllib
+
+    from replay.errors import UsageError
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such rules file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"{path}: cannot read it as TOML: {e}") from None
+    table = data.get("report", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: 'report' must be a table ([report])")
+    out = {}
+    for key, value in table.items():
+        k = key.replace("_", "-")
+        if k not in REPORT_KEYS:
+            raise UsageError(f"{path}: [report]: unknown key '{key}' (known: {', '.join(REPORT_KEYS)})")
+        typ, many = REPORT_KEYS[k]
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not many:
+            raise UsageError(f"{path}: [report]: '{key}' takes one value, not a list")
+        for v in values:
+            ok = isinstance(v, typ) and not (typ is not bool and isinstance(v, bool)) or \
+                (typ is float and isinstance(v, int) and not isinstance(v, bool))
+            if not ok:
+                raise UsageError(f"{path}: [report]: '{key}' must be {typ.__name__}, not {v!r}")
+        out[k] = values if many else value
+    return out
