@@ -231,6 +231,8 @@ class Analysis:
             self.runs["noise"] = _Run("noise", self.noise.t_min, self.noise.t_max)
         self.totals = Counter()
         self._repeat: OrderedDict = OrderedDict()   # request identity -> baseline Side
+        self.repeats = 0                             # repeated requests seen in the baseline
+        self.volatile_headers = Counter()            # header -> times it changed on a repeat
 
     # -- the pass --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -329,7 +331,7 @@ class Analysis:
                 for f in D.compare(bside, self._side(n.response)):
                     if not self.ignore.ignored(f):
                         ep.f_bn[f] += 1
-        if not self.base and self.noise is None:
+        if self.noise is None:
             self._volatility(ep, b, bside)
 
     def _latency(self, ep, run, ex):
@@ -356,9 +358,12 @@ class Analysis:
         side = bside or self._side(b.response)
         if prev is not None:
             ep.repeats += 1
+            self.repeats += 1
             for f in D.compare(prev, side):
                 if not self.ignore.ignored(f):
                     ep.volatile[f] += 1
+                    if f.startswith("header:"):
+                        self.volatile_headers[f] += 1
             self._repeat.move_to_end(ident)
         self._repeat[ident] = side
         if len(self._repeat) > REPEAT_MEMORY:
@@ -419,6 +424,9 @@ class Analysis:
                     verdict = "regression"
                     if not self.noise:
                         vol = ep.volatile[f] / ep.repeats if ep.repeats else 0
+                        if f.startswith("header:") and self.repeats:
+                            # headers are the same on every endpoint: changes anywhere count
+                            vol = max(vol, self.volatile_headers[f] / self.repeats)
                         rnd = ep.random[f] / cnt
                         if share >= th.noise_share and (vol >= 0.5 or rnd >= 0.9):
                             verdict = "suspected_noise"

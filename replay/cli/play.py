@@ -330,7 +330,7 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
                                          "pairing": "conn and index are those of the recorded "
                                                     "request (conn modulo conn_stride on --loop); "
                                                     "flag 'replayed' marks what play sent and "
-                                                    "received, the recorded responses follow"})
+                                                    "received, the recorded exchanges follow"})
         sys.setswitchinterval(0.0005)   # the writer's thread must not hold the GIL for long
 
         replayed_keys = set()
@@ -436,10 +436,10 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
     report.meta["tool"] = f"replay {__version__}"
     if writer is not None:
         drain(force=True)
-        # the recorded responses of what was replayed, for comparison (flags without "replayed")
+        # the recorded exchanges of what was replayed, for comparison (flags without "replayed")
         # (through the rewrites again: --redact hides their secrets as it did in the plan)
         for m in open_input(path, ports=ports):
-            if m.kind == KIND_RESPONSE and (m.conn, m.index) in replayed_keys:
+            if (m.conn, m.index) in replayed_keys:
                 writer.write(rules.rewrite(m) if rules is not None else m)
         writer.update_meta({"report": report.to_dict()})
         writer.close()

@@ -1,0 +1,184 @@
+"""The parts of `replay report` one by one: endpoints, JSON fields, ignore patterns, the noise
+rule, the latency test, the gate, and the windowed join of run logs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hdrh.histogram import HdrHistogram
+
+from replay.analysis import diff as D
+from replay.analysis.endpoints import Endpoints, looks_like_id, path_of
+from replay.analysis.runs import Exchange, Window, exchanges
+from replay.analysis.verdict import (Thresholds, gate_breaches, latency_regressed, parse_gate,
+                                     rate_regressed)
+from replay.errors import UsageError
+from replay.events import F_FAILED, F_REPLAYED, KIND_REQUEST, KIND_RESPONSE, Message
+
+
+# -- endpoints --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seg,want", [
+    ("123", True), ("2026-11-30", True), ("550e8400-e29b-41d4-a716-446655440000", True),
+    ("5f2c9a1e7b3d4c6a8e9f", True), ("dGhpcyBpcyBhIHRva2VuMTIz", True),
+    ("users", False), ("authentication-settings-for-tenants", False), ("v2", False),
+    ("app.js", False), ("", False), ("deadbeefdeadbeef", False),   # hex without a digit: a word
+])
+def test_ids_are_recognised(seg, want):
+    assert looks_like_id(seg) is want
+
+
+def test_endpoints_template_ids_and_drop_the_query():
+    e = Endpoints()
+    assert e.name("GET", "/api/users/42?x=1") == "GET /api/users/{id}"
+    assert e.name("GET", "/api/users/43") == "GET /api/users/{id}"
+    assert e.name("GET", "http://h:8080/api/users/7/orders#top") == "GET /api/users/{id}/orders"
+    assert e.name("OPTIONS", "*") == "OPTIONS *"
+    assert e.name("CONNECT", "h:443") == "CONNECT h:443"
+    assert path_of("") == "/" and path_of("/a?b") == "/a"
+
+
+def test_endpoint_rules_come_first_and_endpoints_are_bounded():
+    e = Endpoints(["^/files/=/files/{path}", r"^/u/[a-z]+$=/u/{name}"], max_endpoints=3)
+    assert e.name("GET", "/files/a/b/c.txt") == "GET /files/{path}"
+    assert e.name("GET", "/u/alice") == "GET /u/{name}"
+    assert e.name("GET", "/x") == "GET /x"
+    assert e.name("GET", "/y") == "GET (other)" and e.others == 1
+    with pytest.raises(UsageError, match="REGEX=NAME"):
+        Endpoints(["nothing"])
+    with pytest.raises(UsageError, match="bad regular expression"):
+        Endpoints(["([=x"])
+
+
+# -- fields -----------------------------------------------------------------------------------
+
+def test_flatten_and_generic_paths():
+    flat = D.flatten({"a": {"b": 1}, "items": [{"price": 2}, {"price": 3}], "e": [], "o": {},
+                      "odd key": True, "s": '{"inner": 5}'})
+    assert flat == {"$.a.b": 1, "$.items[0].price": 2, "$.items[1].price": 3, "$.e": "[]",
+                    "$.o": "{}", '$["odd key"]': True, "$.s.inner": 5}
+    assert D.generic("$.items[12].price") == "$.items[*].price"
+
+
+def test_json_diff_types_missing_and_numbers():
+    a = D.flatten({"n": 1, "f": 1.0, "s": "1", "b": True, "gone": 1, "items": [1, 2]})
+    b = D.flatten({"n": 1.0, "f": 1, "s": 1, "b": 1, "new": 1, "items": [2, 1]})
+    assert D.json_diff(a, b) == {"$.s", "$.b", "$.gone", "$.new", "$.items[*]"}
+    ua = D.flatten({"items": [1, 2]}, unordered=True)
+    ub = D.flatten({"items": [2, 1]}, unordered=True)
+    assert D.json_diff(ua, ub) == set()
+
+
+@pytest.mark.parametrize("pattern,field,want", [
+    ("json:$.ts", "$.ts", True), ("json:$.ts", "$.ts.sub", True), ("json:$.ts", "$.tsx", False),
+    ("json:$..updated_at", "$.a[*].b.updated_at", True), ("json:$..updated_at", "$.updated_at", True),
+    ("json:$.items[*].price", "$.items[*].price", True), ("json:$.items[0].price", "$.items[*].price", True),
+    ("json:$.items[*].*", "$.items[*].id", True), ("json:$.items[*].*", "$.other[*].id", False),
+    ("header:X-Trace", "header:x-trace", True), ("header:X-Trace", "header:x-other", False),
+    ("body", "body", True),
+])
+def test_ignore_patterns(pattern, field, want):
+    assert D.Ignore([pattern]).ignored(field) is want
+
+
+@pytest.mark.parametrize("bad", ["json:ts", "xml:$.a", "header:", "json:$.a[0"])
+def test_bad_ignore_patterns_are_usage_errors(bad):
+    with pytest.raises(UsageError, match="--ignore"):
+        D.Ignore([bad])
+
+
+def _resp(body: bytes, headers=b"", status=200, ctype=b"application/json"):
+    head = (b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nDate: now\r\nContent-Length: %d\r\n%s\r\n"
+            % (status, ctype, len(body), headers))
+    return head + body, len(head)
+
+
+def test_compare_sides_headers_bodies_and_codings():
+    import gzip
+
+    a, ha = _resp(json.dumps({"id": 1, "price": 10}).encode(), b"Set-Cookie: s=abc; Path=/\r\n")
+    z = gzip.compress(json.dumps({"id": 1, "price": 11}).encode())
+    b, hb = _resp(z, b"Set-Cookie: s=xyz\r\nContent-Encoding: gzip\r\nX-New: 1\r\n")
+    fields = D.compare(D.Side(a, ha, 200, D.DEFAULT_IGNORED_HEADERS), D.Side(b, hb, 200, D.DEFAULT_IGNORED_HEADERS))
+    # the cookie's value and the Date are not compared; the decoded body is
+    assert fields == {"$.price", "header:content-encoding", "header:x-new"}
+    t1, h1 = _resp(b"hello \r\nworld\n", ctype=b"text/plain")
+    t2, h2 = _resp(b"hello\nworld", ctype=b"text/plain")
+    assert D.compare(D.Side(t1, h1, 200, ()), D.Side(t2, h2, 200, ())) == {"header:content-length"}
+
+
+# -- verdicts ---------------------------------------------------------------------------------
+
+def test_diffy_rule():
+    th = Thresholds()
+    assert rate_regressed(10, 0, 1000, th)            # 1 % of exchanges, no noise
+    assert not rate_regressed(10, 9, 1000, th)        # noise differs nearly as often
+    assert not rate_regressed(10, 12, 1000, th)       # noise differs more often
+    assert not rate_regressed(1, 0, 10_000, th)       # 0.01 %: below the absolute threshold
+    assert rate_regressed(3, 0, 3, th)
+
+
+def _hist(values_us):
+    h = HdrHistogram(1, 3_600_000_000, 2)
+    for v in values_us:
+        h.record_value(v)
+    return h
+
+
+def test_latency_needs_size_and_significance():
+    th = Thresholds()
+    base = _hist([10_000] * 200)
+    slower = _hist([10_000] * 100 + [30_000] * 100)
+    assert [p for p, *_ in latency_regressed(base, slower, None, th)] == [90, 99]
+    same = _hist([10_000] * 200)
+    assert latency_regressed(base, same, None, th) == []
+    few = _hist([30_000] * 5)
+    assert latency_regressed(base, few, None, th) == []              # too few to judge
+    assert latency_regressed(base, _hist([10_500] * 200), None, th) == []   # +5 %: under 20 %
+    noisy = _hist([10_000] * 100 + [29_000] * 100)                  # the noise run moved as much
+    assert latency_regressed(base, slower, noisy, th) == []
+
+
+def test_gate_rules():
+    assert parse_gate("regression").kind == "regression"
+    assert parse_gate("latency").kind == "latency"
+    r = parse_gate("p99>+20%")
+    assert (r.kind, r.what, r.value, r.unit) == ("limit", "p99", 20.0, "%")
+    assert parse_gate("p50>+0.5s").value == 500.0
+    assert parse_gate("5xx>0.1%").what == "5xx"
+    for bad in ("p99>20%", "sometimes", "5xx>3ms"):
+        with pytest.raises(UsageError, match="--fail-on"):
+            parse_gate(bad)
+    report = {"totals": {"exchanges": 1000, "candidate": {"errors": 0, "5xx": 2, "4xx": 0}},
+              "regressions_total": 0,
+              "endpoints": [{"endpoint": "GET /a", "regressions": [],
+                             "latency": {"service": {"baseline": {"count": 50, "p50": 10.0, "p99": 20.0},
+                                                     "candidate": {"count": 50, "p50": 10.2, "p99": 30.0}}}}]}
+    rules = [parse_gate(t) for t in ("regression", "5xx>0.1%", "5xx>1%", "p99>+20%", "p50>+1ms", "errors>0")]
+    got = gate_breaches(rules, report)
+    assert [b.split(":")[0] for b in got] == ["5xx>0.1%", "p99>+20%"]
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+def _m(kind, conn, index, flags=0, data=b"", status=0, t=0):
+    return Message(kind, conn, index, t, t, ("c", 1), ("s", 2), flags, data, "GET", "/a", status, 0, 0)
+
+
+def test_exchanges_complete_in_any_order_and_failures_carry_their_kind():
+    msgs = [_m(KIND_REQUEST, 0, 0, F_REPLAYED), _m(KIND_REQUEST, 1, 0, F_REPLAYED),
+            _m(KIND_RESPONSE, 1, 0, F_REPLAYED, status=200),
+            _m(KIND_RESPONSE, 0, 0, F_REPLAYED | F_FAILED, b"timeout"),
+            _m(KIND_REQUEST, 10, 0, F_REPLAYED)]                 # pass 1 of conn 0 (stride 10), unanswered
+    got = list(exchanges(msgs, 10))
+    assert [(e.key, e.status) for e in got] == [((1, 0, 0), 200), ((0, 0, 0), "timeout"), ((0, 0, 1), None)]
+
+
+def test_window_matches_nearby_keys_and_counts_the_rest():
+    side = [Exchange((i, 0)) for i in (1, 0, 3, 2, 99, 5, 4)]
+    w = Window(iter(side), window=3)
+    found = [w.get((i, 0), pos) is not None for pos, i in enumerate(range(6), 1)]
+    w.finish()
+    assert found == [True, True, True, True, True, True]
+    assert w.unmatched == 1           # (99, 0) was never asked for
