@@ -454,7 +454,7 @@ def test_reader_errors_name_the_file(tmp_path):
         "text.rlog": (b"hello, this is text\n" * 10, "not a .rlog file (bad magic)"),
         "crlf.rlog": (good.replace(b"\r\n", b"\n", 1), "not a .rlog file (bad magic)"),
         "short.rlog": (good[:12], "cut short inside its file header"),
-        "v2.rlog": (good[:8] + (2).to_bytes(2, "little") + good[10:], "unsupported .rlog format version 2.0 (this replay reads 1.x)"),
+        "v2.rlog": (good[:8] + (2).to_bytes(2, "little") + good[10:], "unsupported .rlog format version 2.1 (this replay reads 1.x)"),
         "crc.rlog": (good[:16] + b"\x01" + good[17:], "file header checksum mismatch"),
     }
     for name, (content, words) in cases.items():

@@ -10,7 +10,7 @@ from hdrh.histogram import HdrHistogram
 
 from replay.analysis import diff as D
 from replay.analysis.endpoints import Endpoints, looks_like_id, path_of
-from replay.analysis.runs import Exchange, Window, exchanges
+from replay.analysis.runs import exchanges
 from replay.analysis.verdict import (Thresholds, gate_breaches, latency_regressed, parse_gate,
                                      rate_regressed)
 from replay.errors import UsageError
@@ -175,10 +175,32 @@ def test_exchanges_complete_in_any_order_and_failures_carry_their_kind():
     assert [(e.key, e.status) for e in got] == [((1, 0, 0), 200), ((0, 0, 0), "timeout"), ((0, 0, 1), None)]
 
 
-def test_window_matches_nearby_keys_and_counts_the_rest():
-    side = [Exchange((i, 0)) for i in (1, 0, 3, 2, 99, 5, 4)]
-    w = Window(iter(side), window=3)
-    found = [w.get((i, 0), pos) is not None for pos, i in enumerate(range(6), 1)]
-    w.finish()
-    assert found == [True, True, True, True, True, True]
-    assert w.unmatched == 1           # (99, 0) was never asked for
+def test_sections_join_exactly_whatever_the_order(tmp_path):
+    """A run whose replayed order is the reverse of the recorded one (--speed max runs whole
+    connections one after another): every exchange still finds its counterpart."""
+    from replay.analysis.compare import Analysis
+    from replay.log import LogWriter
+
+    def run_log(path, reverse):
+        keys = [(c, i) for i in range(300) for c in range(40)]        # recorded: by time
+        with LogWriter(str(path), meta={"command": "play", "conn_stride": 40, "target": "t"},
+                       block_records=256) as w:
+            for c, i in (sorted(keys) if reverse else keys):          # replayed: conn by conn
+                w.write(_m(KIND_REQUEST, c, i, F_REPLAYED, b"GET /a HTTP/1.1\r\n\r\n"))
+                w.write(_m(KIND_RESPONSE, c, i, F_REPLAYED,
+                           b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 200))
+            for c, i in keys:
+                w.write(_m(KIND_REQUEST, c, i, 0, b"GET /a HTTP/1.1\r\n\r\n"))
+                w.write(_m(KIND_RESPONSE, c, i, 0, b"HTTP/1.1 %d OK\r\nContent-Length: 0\r\n\r\n"
+                           % (500 if (c, i) == (3, 7) else 200), 500 if (c, i) == (3, 7) else 200))
+        return str(path)
+
+    cand = run_log(tmp_path / "c.rlog", reverse=True)
+    base = run_log(tmp_path / "b.rlog", reverse=False)
+    for baseline in (None, base):
+        rep = Analysis(cand, baseline).run()
+        t = rep["totals"]
+        assert t["exchanges"] == 12_000 and t["without_baseline"] == 0
+        assert t["unmatched"]["recorded"] == 0
+        (ep,) = rep["endpoints"]
+        assert ep["status"]["changed"] == (1 if baseline is None else 0)

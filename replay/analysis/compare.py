@@ -34,9 +34,10 @@ from hdrh.histogram import HdrHistogram
 
 from replay.analysis import diff as D
 from replay.analysis.endpoints import Endpoints
-from replay.analysis.runs import WINDOW, RunLog, Window
+from replay.analysis.runs import WINDOW, RunLog, key_of
 from replay.analysis.verdict import (PERCENTILES, Thresholds, latency_regressed, rate_regressed)
 
+CHUNK = 2048            # candidate exchanges whose counterparts are read together
 EXAMPLES = 3
 EXAMPLE_BYTES = 4096
 HELD_NS = 1_000_000
@@ -236,27 +237,39 @@ class Analysis:
 
     # -- the pass --------------------------------------------------------------------------------
     def run(self) -> dict:
-        w = self.window
-        recorded = Window(self.cand.recorded(w), w, keep=True)
-        base = Window(self.base.replayed(w), w) if self.base else None
-        noise = Window(self.noise.replayed(w), w) if self.noise else None
-        pos = 0
-        for ex in self.cand.replayed(w):
-            pos += 1
-            key = ex.key
-            rec = recorded.get(key[:2], pos)
-            b = base.get(key, pos) if base is not None else rec
-            n = noise.get(key, pos) if noise is not None else None
-            self._one(ex, b, n, rec)
-        recorded.finish()
-        self.unmatched = {"recorded": recorded.unmatched}
+        recorded = self.cand.section(replayed=False)
+        base = self.base.section(replayed=True) if self.base else None
+        noise = self.noise.section(replayed=True) if self.noise else None
+        chunk = []
+        for ex in self.cand.replayed(self.window):
+            chunk.append(ex)
+            if len(chunk) >= CHUNK:
+                self._chunk(chunk, recorded, base, noise)
+                chunk = []
+        if chunk:
+            self._chunk(chunk, recorded, base, noise)
+        self.unmatched = {"recorded": self.totals["exchanges"] - recorded.found}
         if base is not None:
-            base.finish()
-            self.unmatched["baseline"] = base.unmatched
+            self.unmatched["baseline"] = self.totals["exchanges"] - base.found
         if noise is not None:
-            noise.finish()
-            self.unmatched["noise"] = noise.unmatched
+            self.unmatched["noise"] = self.totals["exchanges"] - noise.found
         return self.report()
+
+    def _chunk(self, chunk, recorded, base, noise):
+        rec_keys = [key_of(e.key[0], e.key[1]) for e in chunk]
+        recs = recorded.get(rec_keys, [e.key[:2] for e in chunk])
+        ex_keys = [e.key for e in chunk]
+
+        def other(section, run):
+            if section is None:
+                return [None] * len(chunk)
+            stride = run.stride or 0
+            return section.get([key_of(k[0] + k[2] * stride, k[1]) for k in ex_keys], ex_keys)
+
+        bases = other(base, self.base) if base is not None else recs
+        noises = other(noise, self.noise)
+        for c, b, n, r in zip(chunk, bases, noises, recs):
+            self._one(c, b, n, r)
 
     def _one(self, c, b, n, rec):
         t = self.totals

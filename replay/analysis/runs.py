@@ -11,14 +11,15 @@ its bytes were written (the same for ``--speed max``, and in logs of older relea
 last byte of the answer: service time = answer end - ts_last; latency from the intended send =
 answer end - ts_first (what a client on the recorded schedule would have felt).
 
-Theory of operation: every section of every log is read once, in written order, as exchanges
-that complete as their messages arrive (``exchanges``). Sections are in nearly the same order —
-the recorded one in capture order, the replayed ones in completion order, which differs from it
-by what was in flight at once — so a join needs only a bounded window (``Window``): the
-candidate's replayed exchanges drive; each other section is read ahead up to ``window`` exchanges
-past the driver's position, and what was read more than ``window`` exchanges ago without being
-asked for is dropped and counted (``unmatched``). Memory is bounded by the window, not by the
-length of the logs.
+Theory of operation: the candidate's replayed exchanges are read once, in written order (a
+replayed request and its answer are written together), in chunks. Every other section — the
+recorded exchanges inside the candidate's log, a baseline's and a noise run's replayed ones — is
+indexed first from its blocks' tables alone (no payload is decompressed): for each exchange key,
+the row of its request and of its final answer (``SectionIndex``, 16 bytes per message). Each
+chunk's counterparts are then read by row, block by block, with recently read blocks kept
+decompressed. The order of the sections may differ as much as it likes (``--speed max`` runs
+whole connections one after another; the recording interleaves them by time): the join is
+exact, and memory holds the indexes, a chunk and a few blocks, never the logs' bodies.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+
 from replay.errors import InputError
 from replay.events import F_FAILED, F_INTERIM, F_REPLAYED, KIND_REQUEST
 
-WINDOW = 20_000
+WINDOW = 10_000     # exchanges open at once while a section is read in written order
 
 
 @dataclass(slots=True)
@@ -96,56 +99,107 @@ def exchanges(messages, stride: int | None, window: int = WINDOW):
     yield from open_.values()
 
 
-class Window:
-    """Exchanges of one section looked up by key, reading ahead at most ``window`` exchanges.
+class SectionIndex:
+    """Rows of the request and of the final answer of each exchange of one section of a log, by
+    key ``conn << 32 | index`` (the message's own conn: a replayed one includes its pass)."""
 
-    ``get(key, pos)``: ``pos`` is the driver's position (exchanges it has handed out so far).
-    ``keep``: entries stay after a lookup (a recorded exchange serves every ``--loop`` pass)."""
+    def __init__(self, reader, replayed: bool):
+        req_k, req_r, fin_k, fin_r = [], [], [], []
+        for b in list(reader.blocks):
+            t = reader._table(b)
+            if t is None:
+                continue
+            c = t.cols
+            sel = ((c["flags"] & F_REPLAYED) != 0) if replayed else ((c["flags"] & F_REPLAYED) == 0)
+            if not sel.any():
+                continue
+            key = (c["conn"].astype(np.uint64) << np.uint64(32)) | (c["index"].astype(np.uint64) & np.uint64(0xFFFFFFFF))
+            rows = np.arange(b.first_row, b.first_row + t.n, dtype=np.int64)
+            is_req = sel & (c["kind"] == KIND_REQUEST)
+            is_fin = sel & (c["kind"] != KIND_REQUEST) & ((c["flags"] & F_INTERIM) == 0) & (c["index"] >= 0)
+            req_k.append(key[is_req])
+            req_r.append(rows[is_req])
+            fin_k.append(key[is_fin])
+            fin_r.append(rows[is_fin])
+        self.req = self._sorted(req_k, req_r, first=True)
+        self.fin = self._sorted(fin_k, fin_r, first=False)
 
-    def __init__(self, it, window: int = WINDOW, keep: bool = False, key=None):
-        self.it = iter(it)
-        self.window = window
-        self.keep = keep
-        self.key = key or (lambda ex: ex.key)
-        self.buf: OrderedDict = OrderedDict()
-        self.read = 0
-        self.done = False
-        self.unmatched = 0          # read, never asked for, and dropped
-        self.used = 0
+    @staticmethod
+    def _sorted(keys, rows, first: bool):
+        if not keys:
+            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        k = np.concatenate(keys)
+        r = np.concatenate(rows)
+        order = np.lexsort((r, k))
+        k, r = k[order], r[order]
+        if len(k):
+            # one row per key: the first request, the last final answer
+            keep = np.ones(len(k), dtype=bool)
+            if first:
+                keep[1:] = k[1:] != k[:-1]
+            else:
+                keep[:-1] = k[1:] != k[:-1]
+            k, r = k[keep], r[keep]
+        return k, r
 
-    def get(self, key, pos: int):
-        while not self.done and self.read < pos + self.window:
-            try:
-                ex = next(self.it)
-            except StopIteration:
-                self.done = True
-                break
-            self.read += 1
-            self.buf[self.key(ex)] = [self.read, ex, False]
-        got = self.buf.get(key)
-        if got is not None:
-            if not got[2]:
-                got[2] = True
-                self.used += 1
-            if not self.keep:
-                del self.buf[key]
-        horizon = pos - self.window
-        buf = self.buf
-        while buf:
-            first = next(iter(buf.values()))
-            if first[0] >= horizon:
-                break
-            _, (_, _, used) = buf.popitem(last=False)
-            if not used:
-                self.unmatched += 1
-        return got[1] if got is not None else None
+    @staticmethod
+    def _find(table, want):
+        k, r = table
+        if not len(k):
+            return np.full(len(want), -1, dtype=np.int64)
+        pos = np.searchsorted(k, want)
+        pos = np.minimum(pos, len(k) - 1)
+        return np.where(k[pos] == want, r[pos], -1)
 
-    def finish(self) -> None:
-        """Count what was never asked for (the driver ended)."""
-        for _ in self.it:
-            self.unmatched += 1
-        self.unmatched += sum(1 for e in self.buf.values() if not e[2])
-        self.buf.clear()
+    def rows(self, want: np.ndarray):
+        """(request rows, final answer rows) of the keys ``want`` (-1: none)."""
+        return self._find(self.req, want), self._find(self.fin, want)
+
+    def __len__(self) -> int:
+        return len(self.req[0]) + len(self.fin[0])
+
+
+def key_of(conn: int, index: int) -> int:
+    return (conn << 32) | (index & 0xFFFFFFFF)
+
+
+class Section:
+    """One section of a run log, read by key: ``get(keys)`` -> Exchange or None for each."""
+
+    def __init__(self, path: str, replayed: bool, cache_blocks: int = 32):
+        from replay.log import LogReader
+
+        self.reader = LogReader(path, cache_blocks=cache_blocks)
+        self.index = SectionIndex(self.reader, replayed)
+        self.replayed = replayed
+        self.asked = 0
+        self.found = 0
+
+    def get(self, keys: list, ex_keys: list) -> list:
+        """Exchanges for ``keys`` (ints from ``key_of``); ``ex_keys`` are the keys the Exchange
+        objects carry."""
+        want = np.fromiter(keys, dtype=np.uint64, count=len(keys))
+        req_rows, fin_rows = self.index.rows(want)
+        rows = np.concatenate([req_rows[req_rows >= 0], fin_rows[fin_rows >= 0]])
+        rows.sort()
+        got = dict(self.reader.messages_at(rows)) if len(rows) else {}
+        out = []
+        for i, k in enumerate(ex_keys):
+            rq, fn = int(req_rows[i]), int(fin_rows[i])
+            if rq < 0 and fn < 0:
+                out.append(None)
+                continue
+            ex = Exchange(k, got.get(rq), None)
+            m = got.get(fn)
+            if m is not None:
+                if m.flags & F_FAILED:
+                    ex.error = m.data.decode("ascii", "replace") or "error"
+                else:
+                    ex.response = m
+            out.append(ex)
+        self.asked += len(keys)
+        self.found += sum(1 for x in out if x is not None)
+        return out
 
 
 class RunLog:
@@ -180,25 +234,17 @@ class RunLog:
     def target(self) -> str:
         return str(self.meta.get("target", "?"))
 
-    def _section(self, replayed: bool):
+    def replayed(self, window: int = WINDOW):
+        """The replayed exchanges, in written order."""
         from replay.log import LogReader
 
         reader = LogReader(self.path)
-        if replayed:
-            msgs = reader.select(lambda c: (c["flags"] & F_REPLAYED) != 0)
-        else:
-            msgs = reader.select(lambda c: (c["flags"] & F_REPLAYED) == 0)
-        return msgs, reader
-
-    def replayed(self, window: int = WINDOW):
-        msgs, reader = self._section(True)
+        msgs = reader.select(lambda c: (c["flags"] & F_REPLAYED) != 0)
         yield from exchanges(msgs, self.stride or (1 << 62), window)
         self._absorb(reader)
 
-    def recorded(self, window: int = WINDOW):
-        msgs, reader = self._section(False)
-        yield from exchanges(msgs, None, window)
-        self._absorb(reader)
+    def section(self, replayed: bool) -> Section:
+        return Section(self.path, replayed)
 
     def _absorb(self, reader) -> None:
         for w in reader.warnings:

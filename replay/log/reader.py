@@ -20,6 +20,7 @@ import bisect
 import json
 import mmap
 import os
+from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
@@ -50,13 +51,15 @@ def is_rlog(path) -> bool:
 
 
 class LogReader:
-    def __init__(self, path):
+    def __init__(self, path, cache_blocks: int = 1):
+        """``cache_blocks``: how many recently read blocks stay decompressed (random access)."""
         self.path = os.fspath(path)
         self.warnings: list[str] = []
         self.indexed = False          # True when the file's own index was used
         self.addresses: list = []     # global client/server ids of the last table()
         self.strings: list = [None]   # global method/uri ids of the last table() (0 = None)
-        self._cache = None            # (offset, Table, payload or None) of the last block read
+        self._cache: OrderedDict = OrderedDict()   # offset -> (Table, payload or None), recent last
+        self._cache_blocks = max(1, cache_blocks)
         self._table_blocks = None     # the blocks as the last table() numbered their rows
         self._dctx = zstd.ZstdDecompressor()
         try:
@@ -198,9 +201,9 @@ class LogReader:
         block turns out damaged (a warning, and it leaves ``blocks``)."""
         blocks = self._table_blocks if self._table_blocks is not None else list(self.blocks)
         b = blocks[block]
-        c = self._cache
-        if c is not None and c[0] == b.offset and c[2] is not None:
-            return c[2]
+        c = self._cache.get(b.offset)
+        if c is not None and c[1] is not None:
+            return c[1]
         got = self._read(b, want_payload=True, with_table=False)
         return None if got is None else got[1]
 
@@ -219,7 +222,7 @@ class LogReader:
         return msgs[0]
 
     def close(self) -> None:
-        self._cache = None
+        self._cache.clear()
         self._mm.close()
 
     def __enter__(self):
@@ -343,12 +346,17 @@ class LogReader:
 
     def _load(self, b: BlockInfo, want_payload: bool):
         """(Table, payload or None) of data block ``b``; None (with a warning) when it is damaged."""
-        c = self._cache
-        if c is not None and c[0] == b.offset and (c[2] is not None or not want_payload):
-            return c[1:]
+        cache = self._cache
+        c = cache.get(b.offset)
+        if c is not None and (c[1] is not None or not want_payload):
+            cache.move_to_end(b.offset)
+            return c
         got = self._read(b, want_payload, with_table=True)
         if got is not None:
-            self._cache = (b.offset, *got)
+            cache[b.offset] = got
+            cache.move_to_end(b.offset)
+            while len(cache) > self._cache_blocks:
+                cache.popitem(last=False)
         return got
 
     def _read(self, b: BlockInfo, want_payload: bool, with_table: bool):
@@ -371,7 +379,7 @@ class LogReader:
     def _drop(self, b: BlockInfo) -> None:
         self._set_blocks([(x.offset, x.t_min, x.t_max, x.count) for x in self.blocks
                           if x.offset != b.offset])
-        self._cache = None
+        self._cache.clear()
 
     def _table(self, b: BlockInfo):
         got = self._load(b, want_payload=False)
