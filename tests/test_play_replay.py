@@ -295,3 +295,32 @@ def test_help_and_bad_flags():
     p = subprocess.run(replay_cmd() + ["play", "/nonexistent.pcap", "--dry-run"], capture_output=True,
                        text=True, env=env())
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_connection_the_target_closed_while_idle_is_reopened(tmp_path):
+    # the target closes a keep-alive connection after 0.2 s without a request, without saying
+    # so; the recorded client sent its requests 0.4 s apart on one connection
+    cap = write_capture(tmp_path / "idle.pcap",
+                        [[(T0 + i * 400 * MS, get(f"/i/{i}"), ok_response()) for i in range(4)]])
+    with FaultServer("idle", idle=0.2) as srv:
+        rep, _ = play_report(tmp_path, cap, "--target", srv.url)
+        assert srv.accepted == 4
+    assert rep["sent"] == rep["answered"] == 4 and rep["error_total"] == 0, rep["errors"]
+    assert rep["connections"]["reconnects"] == 3
+
+
+def test_a_request_lost_to_a_closing_connection_is_sent_again(tmp_path):
+    # the target closes a reused connection as the next request arrives, before any byte of
+    # its answer: an idempotent request goes out again on a new connection; a POST does not
+    post = b"POST /p HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nhi"
+    cap = write_capture(tmp_path / "race.pcap", [[
+        (T0 + 10 * MS, get("/a"), ok_response()),
+        (T0 + 30 * MS, get("/b"), ok_response()),
+        (T0 + 50 * MS, get("/c"), ok_response()),
+        (T0 + 70 * MS, post, ok_response()),
+    ]])
+    with FaultServer("close-reused") as srv:
+        rep, _ = play_report(tmp_path, cap, "--target", srv.url, "--timeout", "2")
+    assert rep["sent"] == 4 and rep["answered"] == 3, rep
+    assert rep["errors"]["closed"] == 1 and rep["error_total"] == 1
+    assert rep["connections"]["reconnects"] == 2 and rep["retried"] == 2
