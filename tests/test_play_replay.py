@@ -14,7 +14,7 @@ import pytest
 from play_helpers import (MS, SAMPLE, T0, FaultServer, SinkThread, env, free_port, get, ok_response,
                           replay_cmd, spread_capture, write_capture)
 
-from replay.events import F_REPLAYED, KIND_REQUEST
+from replay.events import F_CHUNKED, F_REPLAYED, KIND_REQUEST
 from replay.pipeline import open_input
 
 
@@ -324,3 +324,20 @@ def test_a_request_lost_to_a_closing_connection_is_sent_again(tmp_path):
     assert rep["sent"] == 4 and rep["answered"] == 3, rep
     assert rep["errors"]["closed"] == 1 and rep["error_total"] == 1
     assert rep["connections"]["reconnects"] == 2 and rep["retried"] == 2
+
+
+def test_output_log_keeps_the_body_length_of_what_was_sent(tmp_path):
+    from replay.log import LogReader
+
+    chunked = (b"POST /c HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    post = b"POST /p HTTP/1.1\r\nHost: example.test\r\nContent-Length: 5\r\n\r\nhello"
+    cap = write_capture(tmp_path / "bodies.pcap", [[
+        (T0 + 10 * MS, post, ok_response()), (T0 + 20 * MS, chunked, ok_response()),
+        (T0 + 30 * MS, get("/g"), ok_response())]])
+    out = tmp_path / "replayed.rlog"
+    with SinkThread() as sink:
+        play(cap, "--target", sink.url, "--speed", "max", "-o", out, "-q")
+    sent = {m.uri: m for m in LogReader(str(out)) if m.flags & F_REPLAYED and m.kind == KIND_REQUEST}
+    assert {u: m.body_length for u, m in sent.items()} == {"/p": 5, "/c": 5, "/g": 0}
+    assert sent["/c"].flags & F_CHUNKED and not sent["/p"].flags & F_CHUNKED

@@ -336,8 +336,9 @@ class Player:
     def _request_message(self, att, proto):
         r = att.req
         t = att.sent_ns + self.wall_offset
-        return Message(KIND_REQUEST, att.conn_id, r.index, t, t, proto.local, proto.peer, F_REPLAYED, r.data,
-                       r.method, r.uri, 0, 0, r.head_length)
+        return Message(KIND_REQUEST, att.conn_id, r.index, t, t, proto.local, proto.peer,
+                       F_REPLAYED | r.flags, r.data, r.method, r.uri, 0, r.body_length,
+                       r.head_length)
 
     def _response_message(self, att, m):
         m.conn = att.conn_id
