@@ -341,3 +341,42 @@ def test_output_log_keeps_the_body_length_of_what_was_sent(tmp_path):
     sent = {m.uri: m for m in LogReader(str(out)) if m.flags & F_REPLAYED and m.kind == KIND_REQUEST}
     assert {u: m.body_length for u, m in sent.items()} == {"/p": 5, "/c": 5, "/g": 0}
     assert sent["/c"].flags & F_CHUNKED and not sent["/p"].flags & F_CHUNKED
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--speed", "1e-300"], "--speed"), (["--speed", "nan"], "--speed"),
+    (["--rate", "nan"], "--rate"), (["--rate", "1e-300"], "--rate"), (["--rate", "-inf"], "--rate"),
+    (["--timeout", "1e300"], "--timeout"), (["--timeout", "nan"], "--timeout"),
+    (["--duration", "1e300"], "--duration"), (["--duration", "0"], "--duration"),
+    (["--port", "70000"], "--port"), (["--port", "0"], "--port"),
+])
+def test_absurd_flags_are_refused_up_front(args, flag):
+    p = play(SAMPLE, "--dry-run", *args, check=False)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("replay play: ") and flag in lines[0]
+
+
+def test_huge_speed_and_rate_are_the_largest(tmp_path):
+    p = play(SAMPLE, "--dry-run", "--speed", "1e308")
+    assert "at speed 1e+06" in p.stdout
+    p = play(SAMPLE, "--dry-run", "--rate", "1e300")
+    assert "at 1e+09 requests/s" in p.stdout
+    # an answer that takes longer than the whole schedule at that speed
+    cap = write_capture(tmp_path / "slow.pcap", [
+        [(T0 + 10 * MS, get("/slow"), ok_response()), (T0 + 30 * MS, get("/after"), ok_response())],
+        [(T0 + 20 * MS, get("/other"), ok_response())]])
+    with FaultServer("slow") as srv:
+        rep, _ = play_report(tmp_path, cap, "--target", srv.url, "--speed", "1e308")
+    assert rep["answered"] == 3 and rep["speed"] == 1e6
+
+
+def test_convert_refuses_an_absurd_idle_timeout(tmp_path):
+    for v in ("nan", "inf", "-1", "1e300"):
+        p = subprocess.run(replay_cmd() + ["convert", str(SAMPLE), "-o", str(tmp_path / "x.rlog"),
+                                           "--idle-timeout", v], capture_output=True, text=True, env=env())
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and "--idle-timeout" in lines[0], (v, p.stderr)
+    p = subprocess.run(replay_cmd() + ["convert", str(SAMPLE), "-o", str(tmp_path / "x.rlog"),
+                                       "--idle-timeout", "2m", "-q"], capture_output=True, text=True, env=env())
+    assert p.returncode == 0, p.stderr

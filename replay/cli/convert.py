@@ -7,19 +7,22 @@ import time
 
 import click
 
+from replay.cli.types import DURATION, PORT
+
 
 @click.command("convert")
 @click.argument("capture", type=click.Path(dir_okay=False))
 @click.option("-o", "-w", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="The .rlog file to write (replaced if it exists; created with mode 0600).")
-@click.option("--port", "ports", type=int, multiple=True,
+@click.option("--port", "ports", type=PORT, multiple=True,
               help="Only connections to or from these ports (repeatable). Default: every TCP port.")
 @click.option("--max-stream-buffer", type=int, default=4 << 20, show_default=True,
               help="Bytes one direction may hold beyond a hole before the hole is declared lost.")
 @click.option("--max-total-buffer", type=int, default=256 << 20, show_default=True,
               help="Bytes all directions together may hold beyond holes.")
-@click.option("--idle-timeout", type=float, default=120.0, show_default=True,
-              help="Seconds of capture time after which a silent connection is closed.")
+@click.option("--idle-timeout", type=DURATION, default="120", show_default=True,
+              help="Capture time after which a silent connection is closed (120, 2m; from 1us "
+                   "to 366d).")
 @click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
               help="zstd compression level of the log's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")

@@ -15,7 +15,7 @@ from replay.cli.ruleopts import rule_options, rules_from_kwargs
 @click.option("-o", "-w", "--output", "output", type=click.Path(dir_okay=False),
               help="The .rlog file to write (replaced if it exists; created with mode 0600).")
 @click.option("--dry-run", is_flag=True, help="Count what would be kept; write nothing.")
-@click.option("--port", "ports", type=int, multiple=True,
+@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
               help="For a capture file: only these server ports (repeatable).")
 @click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
               help="zstd compression level of the output's blocks.")

@@ -5,48 +5,7 @@ from __future__ import annotations
 import click
 
 from replay.cli.ruleopts import rule_options, rules_from_kwargs
-
-
-class SpeedType(click.ParamType):
-    name = "FACTOR|max"
-
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, float):
-            return value
-        text = str(value).strip().lower()
-        if text in ("max", "inf"):
-            return None
-        if text.endswith("x"):          # 10x
-            text = text[:-1]
-        try:
-            f = float(text)
-        except ValueError:
-            self.fail(f"{value!r} is not a number or 'max'", param, ctx)
-        if not f > 0 or f != f or f == float("inf"):
-            self.fail(f"{value!r} must be > 0 (or 'max')", param, ctx)
-        return f
-
-
-class SecondsType(click.ParamType):
-    name = "SECONDS"
-    UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float):
-            return value
-        text = str(value).strip().lower()
-        mult = 1.0
-        for unit in ("ms", "s", "m", "h"):
-            if text.endswith(unit):
-                text, mult = text[: -len(unit)], self.UNITS[unit]
-                break
-        try:
-            v = float(text) * mult
-        except ValueError:
-            self.fail(f"{value!r} is not a duration (e.g. 30, 30s, 5m)", param, ctx)
-        if not v > 0 or v == float("inf"):
-            self.fail(f"{value!r} must be > 0", param, ctx)
-        return v
+from replay.cli.types import DURATION, PORT, RATE, SPEED
 
 
 @click.command("play")
@@ -55,13 +14,16 @@ class SecondsType(click.ParamType):
               help="Where to send: http[s]://host[:port] ([v6addr] in brackets; host:port means http).")
 @click.option("--sink", "use_sink", is_flag=True,
               help="Start the built-in sink (`replay sink`) on a free loopback port and target it.")
-@click.option("-s", "--speed", type=SpeedType(), default="1", show_default=True, metavar="FACTOR|max",
+@click.option("-s", "--speed", type=SPEED, default="1", show_default=True, metavar="FACTOR|max",
               help="Time factor: 1 keeps the recorded timing, 10 is ten times faster, 0.5 half as "
-                   "fast; max sends as fast as the target answers.")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="N",
-              help="Constant N requests/s in recorded order, ignoring the recorded gaps.")
+                   "fast (from 0.000001; above 1000000 it is 1000000); max sends as fast as the "
+                   "target answers.")
+@click.option("--rate", type=RATE, metavar="N",
+              help="Constant N requests/s in recorded order, ignoring the recorded gaps "
+                   "(from 0.000001; above 1e9 it is 1e9).")
 @click.option("--loop", is_flag=True, help="Start over at the end (until --duration, --limit or Ctrl-C).")
-@click.option("--duration", type=SecondsType(), help="Stop sending after this long (30, 30s, 5m).")
+@click.option("--duration", type=DURATION,
+              help="Stop sending after this long (30, 30s, 5m; from 1us to 366d).")
 @click.option("-n", "--limit", type=click.IntRange(min=1), metavar="N", help="Send at most N requests.")
 @click.option("-c", "--connections", type=click.IntRange(min=1), metavar="N",
               help="At most N replay connections open at once (default: 1000; with --speed max, "
@@ -69,15 +31,16 @@ class SecondsType(click.ParamType):
 @click.option("--no-keepalive", is_flag=True, help="Each request on a new connection, closed after its answer.")
 @click.option("--keep-host", is_flag=True, help="Send the recorded Host header instead of the target's.")
 @click.option("-k", "--insecure", is_flag=True, help="https: do not verify the target's certificate.")
-@click.option("--timeout", type=SecondsType(), default="10", show_default=True,
-              help="Seconds to wait for a connection, and for each answer.")
+@click.option("--timeout", type=DURATION, default="10", show_default=True,
+              help="How long to wait for a connection, and for each answer (10, 500ms; from 1us "
+                   "to 366d).")
 @click.option("--dry-run", is_flag=True, help="Print what would be sent and how long it would take; send nothing.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the requests as sent and the responses received to this .rlog, with "
                    "the recorded conn and index (join with the input on them).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write the final report as JSON to this file.")
-@click.option("--port", "ports", type=int, multiple=True,
+@click.option("--port", "ports", type=PORT, multiple=True,
               help="For a capture file: only these server ports (repeatable).")
 @click.option("--realtime", is_flag=True,
               help="Linux: run at real-time priority (SCHED_FIFO; root or CAP_SYS_NICE), so that "
