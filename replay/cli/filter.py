@@ -89,6 +89,8 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
                  f"{st['read'] - st['kept']:,}"]
         if st["rewritten"]:
             parts.append(f"{st['rewritten']:,} rewritten")
+        if rules.refused_rewrites:
+            parts.append(f"{rules.refused_rewrites:,} rewrites refused (not a valid request-target)")
         mw = st.get("middleware")
         if mw:
             parts.append(f"middleware dropped {mw.get('dropped', 0):,} and changed "

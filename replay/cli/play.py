@@ -180,7 +180,9 @@ def _realtime():
 def _rules_line(rules) -> str:
     st = rules.stats
     line = (f"rules: kept {st['kept']:,} of {st['read']:,} recorded messages"
-            + (f", rewrote {st['rewritten']:,}" if st["rewritten"] else ""))
+            + (f", rewrote {st['rewritten']:,}" if st["rewritten"] else "")
+            + (f", refused {rules.refused_rewrites:,} rewrites (not a valid request-target)"
+               if rules.refused_rewrites else ""))
     mw = st.get("middleware")
     if mw:
         line += f"; middleware dropped {mw.get('dropped', 0):,} and changed {mw.get('changed', 0):,}"
