@@ -52,7 +52,9 @@ def main(argv=None):
     try:
         rv = cli.main(args=argv, prog_name="replay", standalone_mode=False)
     except ReplayError as e:
-        click.echo(f"replay: {e}", err=True)
+        from replay.spool import given_name
+
+        click.echo(f"replay: {given_name(str(e))}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("replay: aborted", err=True)

@@ -71,13 +71,30 @@ class Target:
 
 def parse_target(url: str, insecure: bool = False, resolve: bool = True) -> Target:
     """``http[s]://host[:port]`` (``host:port`` means http); IPv6 hosts in brackets."""
+    given = url
     if "://" not in url:
         url = "http://" + url
+    scheme_, _, rest = url.partition("://")
+    authority = rest.split("/", 1)[0]
+    if authority.count(":") >= 2 and not authority.startswith("["):
+        # an IPv6 address: where would its port start?
+        host, _, port_text = authority.rpartition(":")
+        try:
+            ipaddress.IPv6Address(host)
+            if not port_text.isdigit():
+                raise ValueError(port_text)
+            hint = f"{scheme_}://[{host}]:{port_text}"
+        except ValueError:
+            hint = f"{scheme_}://[{authority}]"
+        raise UsageError(f"--target {given}: an IPv6 address goes in brackets: {hint}")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise UsageError(f"--target {url}: {e}") from None
+        what = "not a port (1 to 65535)" if "port" in str(e).lower() else str(e)
+        raise UsageError(f"--target {given}: {what}") from None
+    if port == 0:
+        raise UsageError(f"--target {given}: not a port (1 to 65535)")
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise UsageError(f"--target {url}: scheme must be http or https")
