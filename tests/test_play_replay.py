@@ -176,7 +176,8 @@ def test_summary_on_stdout(tmp_path):
 def test_faults_are_counted(tmp_path, mode, kind):
     cap = spread_capture(tmp_path / "s.pcap", n=6, conns=2, span_ns=50 * MS)
     with FaultServer(mode) as srv:
-        rep, _ = play_report(tmp_path, cap, "--target", srv.url, "--timeout", "0.3")
+        rep, p = play_report(tmp_path, cap, "--target", srv.url, "--timeout", "0.3", check=False)
+    assert p.returncode == 1 and p.stderr.strip() == "replay play: all 6 requests failed"
     assert rep["attempted"] == 6 and rep["answered"] == 0
     assert rep["errors"][kind] >= 2 and rep["error_total"] == 6, rep["errors"]
     assert rep["in_flight"] == 0
@@ -199,7 +200,9 @@ def test_a_slow_answer_delays_only_its_own_connection(tmp_path):
 
 def test_refused(tmp_path):
     port = free_port()
-    rep, p = play_report(tmp_path, SAMPLE, "--target", f"http://127.0.0.1:{port}", "--speed", "max")
+    rep, p = play_report(tmp_path, SAMPLE, "--target", f"http://127.0.0.1:{port}", "--speed", "max",
+                         check=False)
+    assert p.returncode == 1
     assert rep["errors"]["refused"] == 37 and rep["sent"] == 0 and rep["attempted"] == 37
 
 
@@ -255,7 +258,8 @@ def test_https_and_ipv6(tmp_path):
     with SinkThread(ssl=ctx) as sink:
         rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "max", "--insecure")
         assert rep["answered"] == 37 and rep["error_total"] == 0
-        rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "max", "--limit", "3")
+        rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "max", "--limit", "3",
+                             check=False)
         assert rep["errors"]["tls"] == 3                  # self-signed: refused without --insecure
     try:
         socket.socket(socket.AF_INET6).bind(("::1", 0))
@@ -380,3 +384,51 @@ def test_convert_refuses_an_absurd_idle_timeout(tmp_path):
     p = subprocess.run(replay_cmd() + ["convert", str(SAMPLE), "-o", str(tmp_path / "x.rlog"),
                                        "--idle-timeout", "2m", "-q"], capture_output=True, text=True, env=env())
     assert p.returncode == 0, p.stderr
+
+
+def test_exit_code_follows_max_errors(tmp_path):
+    # one request of four times out
+    cap = write_capture(tmp_path / "slow.pcap", [
+        [(T0 + 10 * MS, get("/slow"), ok_response())],
+        *[[(T0 + (20 + i) * MS, get(f"/fast/{i}"), ok_response())] for i in range(3)]])
+    with FaultServer("slow") as srv:
+        for budget, code in ((None, 0), ("0", 1), ("1", 0), ("25%", 0), ("20%", 1)):
+            extra = [] if budget is None else ["--max-errors", budget]
+            p = play(cap, "--target", srv.url, "--speed", "max", "--timeout", "0.1", "-q", *extra,
+                     check=False)
+            assert p.returncode == code, (budget, p.stderr)
+            if code:
+                assert p.stderr.strip() == (f"replay play: 1 of 4 requests failed, more than "
+                                            f"--max-errors {budget} allows")
+    for bad in ("-1", "101%", "x", "nan%"):
+        p = play(SAMPLE, "--dry-run", "--max-errors", bad, check=False)
+        assert p.returncode == 2 and "--max-errors" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path):
+    cap = spread_capture(tmp_path / "s.pcap", n=5, conns=1, span_ns=100 * MS)
+    with SinkThread() as sink:
+        p = subprocess.Popen(replay_cmd() + ["play", str(cap), "--target", sink.url, "--loop",
+                                             "--duration", "20"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        deadline = time.monotonic() + 10
+        while len(sink.records) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(10)
+    assert time.monotonic() - t < 1.5
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    assert "(interrupted)" in out and re.search(r"replayed \d+ of \d+ requests", out)
+    # a command reading a pipe that does not end
+    for cmd in (["ls", "/dev/stdin"], ["convert", "/dev/stdin", "-o", str(tmp_path / "x.rlog")]):
+        p = subprocess.Popen(replay_cmd() + cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env())
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        try:
+            out, err = p.communicate(timeout=5)
+        finally:
+            p.stdin.close() if p.stdin and not p.stdin.closed else None
+        assert p.returncode == 130 and "Traceback" not in err and err.strip() == "replay: interrupted", err

@@ -47,14 +47,19 @@ def command(capture, output, ports, max_stream_buffer, max_total_buffer, idle_ti
         "ports": list(ports),
     }
     requests = responses = 0
+    interrupted = False
     with LogWriter(output, meta=meta, level=level) as writer:
-        for msg in reader:
-            writer.write(msg)
-            if msg.kind == 0:
-                requests += 1
-            else:
-                responses += 1
-        writer.update_meta({"stats": reader.stats, "warnings": list(reader.warnings),
+        try:
+            for msg in reader:
+                writer.write(msg)
+                if msg.kind == 0:
+                    requests += 1
+                else:
+                    responses += 1
+        except KeyboardInterrupt:           # Ctrl-C or SIGTERM: keep what was converted
+            interrupted = True
+            reader.stats = reader.engine.stats()
+        writer.update_meta({"stats": reader.stats, "interrupted": interrupted, "warnings": list(reader.warnings),
                             "packets_read": reader.source.packets_read})
         writer.close(fsync=False)
     dt = time.perf_counter() - t0
@@ -66,10 +71,12 @@ def command(capture, output, ports, max_stream_buffer, max_total_buffer, idle_ti
         click.echo(
             f"{capture}: {st.get('packets', 0)} packets, {st.get('connections', 0)} connections -> "
             f"{output}: {requests} requests, {responses} responses, {size} bytes "
-            f"in {dt:.2f} s", err=True)
+            f"in {dt:.2f} s" + (" (interrupted)" if interrupted else ""), err=True)
         problems = {k: st[k] for k in ("gaps", "truncated_packets", "ip_fragments",
                                        "incomplete_messages", "unpaired_responses",
                                        "non_http_streams", "buffer_cap_hits") if st.get(k)}
         if problems:
             click.echo("  " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in problems.items()),
                        err=True)
+    if interrupted:
+        raise KeyboardInterrupt

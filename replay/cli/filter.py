@@ -53,6 +53,7 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
 
         rules = Rules()
     counts = {"requests": 0, "responses": 0}
+    interrupted = False
     writer = None
     try:
         if output:
@@ -65,10 +66,13 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
             if getattr(src, "meta", None):
                 meta["source_meta"] = src.meta
             writer = LogWriter(output, meta=meta, level=level)
-        for m in rules.apply(src):
-            counts["requests" if m.kind == KIND_REQUEST else "responses"] += 1
-            if writer is not None:
-                writer.write(m)
+        try:
+            for m in rules.apply(src):
+                counts["requests" if m.kind == KIND_REQUEST else "responses"] += 1
+                if writer is not None:
+                    writer.write(m)
+        except KeyboardInterrupt:           # Ctrl-C or SIGTERM: keep what was written
+            interrupted = True
         st = dict(rules.stats)
         if writer is not None:
             writer.update_meta({"counts": {
@@ -100,4 +104,7 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
                          "messages arrived")
         where = output if output else "(dry run, nothing written)"
         click.echo("; ".join(parts) + f" -> {where}: {st['out']:,} messages ({counts['requests']:,} "
-                   f"requests, {counts['responses']:,} responses) in {dt:.2f} s", err=True)
+                   f"requests, {counts['responses']:,} responses) in {dt:.2f} s"
+                   + (" (interrupted)" if interrupted else ""), err=True)
+    if interrupted:
+        raise KeyboardInterrupt

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from replay.cli.ruleopts import rule_options, rules_from_kwargs
-from replay.cli.types import DURATION, PORT, RATE, SPEED
+from replay.cli.types import DURATION, ERROR_BUDGET, PORT, RATE, SPEED
 
 
 @click.command("play")
@@ -34,6 +34,9 @@ from replay.cli.types import DURATION, PORT, RATE, SPEED
 @click.option("--timeout", type=DURATION, default="10", show_default=True,
               help="How long to wait for a connection, and for each answer (10, 500ms; from 1us "
                    "to 366d).")
+@click.option("--max-errors", type=ERROR_BUDGET, metavar="N|P%",
+              help="Exit with code 1 when more than N requests (or P% of those tried) fail "
+                   "(refused, reset, timeout...). Default: only when every request fails.")
 @click.option("--dry-run", is_flag=True, help="Print what would be sent and how long it would take; send nothing.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the requests as sent and the responses received to this .rlog, with "
@@ -52,7 +55,7 @@ from replay.cli.types import DURATION, PORT, RATE, SPEED
               help="Microseconds of busy-wait before each deadline (after the sleep).")
 @rule_options(exclude=("limit",))
 def command(path, target, use_sink, speed, rate, loop, duration, limit, connections, no_keepalive,
-            keep_host, insecure, timeout, dry_run, output, report_path, ports, realtime, quiet, event_loop,
+            keep_host, insecure, timeout, max_errors, dry_run, output, report_path, ports, realtime, quiet, event_loop,
             spin_us, **rule_kwargs):
     """Replay the requests of PATH (a .rlog log or a pcap/pcapng capture) against a target.
 
@@ -66,7 +69,8 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
     return run(rules=rules_from_kwargs(rule_kwargs),
         path=path, target=target, use_sink=use_sink, speed=speed, rate=rate, loop=loop,
         duration=duration, limit=limit, connections=connections, keepalive=not no_keepalive,
-        keep_host=keep_host, insecure=insecure, timeout=timeout, dry_run=dry_run, output=output,
+        keep_host=keep_host, insecure=insecure, timeout=timeout, max_errors=max_errors,
+        dry_run=dry_run, output=output,
         report_path=report_path, ports=ports, quiet=quiet, realtime=realtime,
         event_loop=event_loop, spin_us=spin_us)
 
@@ -86,7 +90,7 @@ MAX_CONNECTIONS_AT_MAX = 64
 
 def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connections, keepalive,
         keep_host, insecure, timeout, dry_run, output, report_path, ports, quiet, event_loop="auto",
-        spin_us=None, realtime=False, rules=None):
+        spin_us=None, realtime=False, rules=None, max_errors=None):
     import os
     import sys
 
@@ -141,9 +145,10 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
         if dry_run:
             _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keepalive, keep_host)
             return 0
-        code = _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections,
-                       keepalive, insecure, timeout, output, report_path, quiet, event_loop, spin_us,
-                       ports, rules)
+        report = _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections,
+                         keepalive, insecure, timeout, output, report_path, quiet, event_loop,
+                         spin_us, ports, rules)
+        code = _exit_code(report, max_errors)
     finally:
         if sink_proc is not None:
             from replay.sink import stop_sink_process
@@ -380,7 +385,8 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
             await bg
 
     asyncio.set_event_loop(ev)
-    ev.add_signal_handler(signal.SIGINT, on_sigint)
+    for sig in (signal.SIGINT, signal.SIGTERM):      # SIGTERM stops a replay as Ctrl-C does
+        ev.add_signal_handler(sig, on_sigint)
     gc.collect()
     gc.freeze()
     started_wall = time.time()
@@ -388,6 +394,7 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
         ev.run_until_complete(main())
     finally:
         ev.remove_signal_handler(signal.SIGINT)
+        ev.remove_signal_handler(signal.SIGTERM)
         ev.close()
         asyncio.set_event_loop(None)
         gc.unfreeze()
@@ -418,4 +425,23 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
             raise OutputError(f"{report_path}: cannot write the report: {e.strerror or e}") from None
     if not quiet:
         click.echo(report.summary_text())
-    return 130 if report.interrupted else 0
+    return report
+
+
+def _exit_code(report, max_errors) -> int:
+    """130 interrupted; 1 when more requests failed than ``--max-errors`` allows (by default:
+    all of them), with one line saying so; else 0."""
+    from replay.cli.types import over_budget
+
+    if report.interrupted:
+        return 130
+    failed, tried = report.error_total, report.attempted
+    if over_budget(max_errors, failed, tried):
+        if max_errors is None:
+            click.echo(f"replay play: all {tried} requests failed", err=True)
+        else:
+            limit = max_errors[1] if max_errors[0] == "count" else f"{max_errors[1]:g}%"
+            click.echo(f"replay play: {failed} of {tried} requests failed, more than "
+                       f"--max-errors {limit} allows", err=True)
+        return 1
+    return 0

@@ -57,3 +57,39 @@ DURATION = Duration()
 SPEED = Speed()
 RATE = Rate()
 PORT = click.IntRange(1, 65535)       # TCP ports; 0 is not a port one can connect to
+
+
+class ErrorBudget(click.ParamType):
+    """``N`` (failed requests) or ``P%`` (of those tried): how many may fail before exit code 1."""
+
+    name = "N|P%"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        try:
+            if text.endswith("%"):
+                p = float(text[:-1])
+                if 0 <= p <= 100:
+                    return ("percent", p)
+            elif text.isdigit():
+                return ("count", int(text))
+        except ValueError:
+            pass
+        raise click.UsageError(f"{_flag(param)}: {value!r} is not a count (0 or more) or a "
+                               "percentage (0% to 100%)", ctx)
+
+
+ERROR_BUDGET = ErrorBudget()
+
+
+def over_budget(budget, failed: int, tried: int) -> bool:
+    """True when ``failed`` of ``tried`` requests is more than ``budget`` allows; no budget:
+    only when every request failed."""
+    if tried == 0:
+        return False
+    if budget is None:
+        return failed >= tried
+    kind, n = budget
+    return failed > n if kind == "count" else failed * 100 > n * tried
