@@ -70,6 +70,16 @@ def _chunked_length(body: bytes) -> int:
             pos += 1
 
 
+def body_length(data: bytes, head_length: int):
+    """(payload octets, chunked) of the body of ``data``, whose head is ``head_length`` bytes."""
+    if head_length <= 0 or head_length > len(data):
+        end = head_end(data)
+        head_length = end if end >= 0 else len(data)
+    if is_chunked(data, head_length):
+        return _chunked_length(data[head_length:]), True
+    return len(data) - head_length, False
+
+
 def with_data(msg, data: bytes):
     """A copy of ``msg`` carrying ``data`` instead of its bytes, its parsed fields made true again.
 
@@ -93,9 +103,7 @@ def with_data(msg, data: bytes):
             fields["uri"] = b" ".join(parts[1:-1]).decode("latin-1")
     elif len(parts) >= 2 and parts[1].isdigit() and len(parts[1]) == 3:
         fields["status"] = int(parts[1])
-    chunked = is_chunked(data, head_length)
-    body = data[head_length:]
-    fields["body_length"] = _chunked_length(body) if chunked else len(body)
+    fields["body_length"], chunked = body_length(data, head_length)
     fields["flags"] = (msg.flags | F_CHUNKED) if chunked else (msg.flags & ~F_CHUNKED)
     return replace(msg, **fields)
 

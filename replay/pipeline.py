@@ -45,9 +45,11 @@ BATCH_SIZE = 1024
 
 class CaptureReader:
     def __init__(self, path: str, ports=(), batch_size: int = BATCH_SIZE, **engine_opts):
+        from replay.spool import seekable
+
         tune_allocator()
         self.path = path
-        self.source = PcapFile(path, batch_size=batch_size)
+        self.source = PcapFile(seekable(path), batch_size=batch_size)
         opts = dict(ENGINE_DEFAULTS)
         opts.update(engine_opts)
         if self.source.linktype not in core.SUPPORTED_LINKTYPES:
@@ -82,11 +84,15 @@ class CaptureReader:
 def open_input(path: str, ports=(), **engine_opts):
     """A log (``.rlog``) or a capture file, as an iterable of messages with ``warnings``.
 
-    Which one is decided by the file's magic, not its name.
+    Which one is decided by the file's magic, not its name. A pipe (``/dev/stdin``) is read
+    into a temporary file first (``replay.spool``).
     """
     import os
 
     from replay.sources.pcapfile import is_capture
+    from replay.spool import seekable
+
+    path = seekable(path)      # a pipe is copied to a temporary file first
 
     if is_capture(path):
         return CaptureReader(path, ports=ports, **engine_opts)

@@ -149,11 +149,17 @@ class FaultServer:
     - ``garbage``: answers every request with bytes that are not HTTP, and keeps the connection;
     - ``silent``: reads and never answers;
     - ``close``: reads the request, then closes cleanly without answering;
-    - ``slow``: answers 200, after 300 ms when the request's target contains ``/slow``.
+    - ``slow``: answers 200, after 300 ms when the request's target contains ``/slow``;
+    - ``idle``: answers 200 and keeps the connection, but closes it (FIN, no ``Connection:
+      close``) after ``idle`` seconds without a request, as servers do after their keep-alive
+      timeout;
+    - ``close-reused``: answers the first request of a connection, then closes on the next one
+      without answering (a keep-alive timeout that fires as the request arrives).
     """
 
-    def __init__(self, mode):
+    def __init__(self, mode, idle=0.2):
         self.mode = mode
+        self.idle = idle
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -177,12 +183,26 @@ class FaultServer:
             threading.Thread(target=self._handle, args=(c,), daemon=True).start()
 
     def _handle(self, c):
-        c.settimeout(5)
+        c.settimeout(self.idle if self.mode == "idle" else 5)
+        served = 0
         try:
             while not self._stop.is_set():
-                data = c.recv(65536)
+                try:
+                    data = c.recv(65536)
+                except socket.timeout:
+                    if self.mode == "idle":
+                        c.close()
+                        return
+                    raise
                 if not data:
                     break
+                if self.mode == "idle" or (self.mode == "close-reused" and not served):
+                    served += 1
+                    c.sendall(ok_response())
+                    continue
+                if self.mode == "close-reused":
+                    c.close()
+                    return
                 if self.mode == "reset":
                     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     c.close()

@@ -119,3 +119,34 @@ def test_wrong_flag():
     p = replay("ls", SAMPLE, "--format", "xml")
     no_traceback(p)
     assert p.returncode == 2 and "xml" in p.stderr
+
+
+def test_logs_and_captures_can_come_from_a_pipe(tmp_path):
+    log = tmp_path / "s.rlog"
+    replay("convert", SAMPLE, "-o", log, "-q", check=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    want = replay("ls", SAMPLE, check=True).stdout
+    for src in (SAMPLE, log):
+        for cmd in ("ls /dev/stdin", "info /dev/stdin", "play /dev/stdin --sink --speed max -q"):
+            p = subprocess.run(f"cat {src} | {sys.executable} -m replay.cli.main {cmd}", shell=True,
+                               capture_output=True, text=True, env=env, timeout=120)
+            no_traceback(p)
+            assert p.returncode == 0, (src, cmd, p.stderr)
+            if cmd.startswith("ls"):
+                assert p.stdout == want
+            if cmd.startswith("info"):
+                assert "37 requests" in p.stdout and "0 bytes" not in p.stdout
+    p = subprocess.run(f"printf 'not a log' | {sys.executable} -m replay.cli.main ls /dev/stdin",
+                       shell=True, capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 2 and p.stderr.strip() == "replay: /dev/stdin: not a pcap, pcapng or .rlog file"
+
+
+@pytest.mark.parametrize("target,words", [
+    ("::1:8080", "http://[::1]:8080"), ("https://::1:8443", "https://[::1]:8443"),
+    ("http://127.0.0.1:0", "1 to 65535"), ("http://127.0.0.1:70000", "1 to 65535"),
+])
+def test_bad_targets_say_what_to_write(target, words):
+    p = replay("play", SAMPLE, "--dry-run", "--target", target)
+    no_traceback(p)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and words in lines[0] and "--target" in lines[0], p.stderr

@@ -14,7 +14,7 @@ import pytest
 from play_helpers import (MS, SAMPLE, T0, FaultServer, SinkThread, env, free_port, get, ok_response,
                           replay_cmd, spread_capture, write_capture)
 
-from replay.events import F_REPLAYED, KIND_REQUEST
+from replay.events import F_CHUNKED, F_REPLAYED, KIND_REQUEST
 from replay.pipeline import open_input
 
 
@@ -176,7 +176,8 @@ def test_summary_on_stdout(tmp_path):
 def test_faults_are_counted(tmp_path, mode, kind):
     cap = spread_capture(tmp_path / "s.pcap", n=6, conns=2, span_ns=50 * MS)
     with FaultServer(mode) as srv:
-        rep, _ = play_report(tmp_path, cap, "--target", srv.url, "--timeout", "0.3")
+        rep, p = play_report(tmp_path, cap, "--target", srv.url, "--timeout", "0.3", check=False)
+    assert p.returncode == 1 and p.stderr.strip() == "replay play: all 6 requests failed"
     assert rep["attempted"] == 6 and rep["answered"] == 0
     assert rep["errors"][kind] >= 2 and rep["error_total"] == 6, rep["errors"]
     assert rep["in_flight"] == 0
@@ -199,7 +200,9 @@ def test_a_slow_answer_delays_only_its_own_connection(tmp_path):
 
 def test_refused(tmp_path):
     port = free_port()
-    rep, p = play_report(tmp_path, SAMPLE, "--target", f"http://127.0.0.1:{port}", "--speed", "max")
+    rep, p = play_report(tmp_path, SAMPLE, "--target", f"http://127.0.0.1:{port}", "--speed", "max",
+                         check=False)
+    assert p.returncode == 1
     assert rep["errors"]["refused"] == 37 and rep["sent"] == 0 and rep["attempted"] == 37
 
 
@@ -255,7 +258,8 @@ def test_https_and_ipv6(tmp_path):
     with SinkThread(ssl=ctx) as sink:
         rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "max", "--insecure")
         assert rep["answered"] == 37 and rep["error_total"] == 0
-        rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "max", "--limit", "3")
+        rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "max", "--limit", "3",
+                             check=False)
         assert rep["errors"]["tls"] == 3                  # self-signed: refused without --insecure
     try:
         socket.socket(socket.AF_INET6).bind(("::1", 0))
@@ -295,3 +299,136 @@ def test_help_and_bad_flags():
     p = subprocess.run(replay_cmd() + ["play", "/nonexistent.pcap", "--dry-run"], capture_output=True,
                        text=True, env=env())
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_connection_the_target_closed_while_idle_is_reopened(tmp_path):
+    # the target closes a keep-alive connection after 0.2 s without a request, without saying
+    # so; the recorded client sent its requests 0.4 s apart on one connection
+    cap = write_capture(tmp_path / "idle.pcap",
+                        [[(T0 + i * 400 * MS, get(f"/i/{i}"), ok_response()) for i in range(4)]])
+    with FaultServer("idle", idle=0.2) as srv:
+        rep, _ = play_report(tmp_path, cap, "--target", srv.url)
+        assert srv.accepted == 4
+    assert rep["sent"] == rep["answered"] == 4 and rep["error_total"] == 0, rep["errors"]
+    assert rep["connections"]["reconnects"] == 3
+
+
+def test_a_request_lost_to_a_closing_connection_is_sent_again(tmp_path):
+    # the target closes a reused connection as the next request arrives, before any byte of
+    # its answer: an idempotent request goes out again on a new connection; a POST does not
+    post = b"POST /p HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nhi"
+    cap = write_capture(tmp_path / "race.pcap", [[
+        (T0 + 10 * MS, get("/a"), ok_response()),
+        (T0 + 30 * MS, get("/b"), ok_response()),
+        (T0 + 50 * MS, get("/c"), ok_response()),
+        (T0 + 70 * MS, post, ok_response()),
+    ]])
+    with FaultServer("close-reused") as srv:
+        rep, _ = play_report(tmp_path, cap, "--target", srv.url, "--timeout", "2")
+    assert rep["sent"] == 4 and rep["answered"] == 3, rep
+    assert rep["errors"]["closed"] == 1 and rep["error_total"] == 1
+    assert rep["connections"]["reconnects"] == 2 and rep["retried"] == 2
+
+
+def test_output_log_keeps_the_body_length_of_what_was_sent(tmp_path):
+    from replay.log import LogReader
+
+    chunked = (b"POST /c HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    post = b"POST /p HTTP/1.1\r\nHost: example.test\r\nContent-Length: 5\r\n\r\nhello"
+    cap = write_capture(tmp_path / "bodies.pcap", [[
+        (T0 + 10 * MS, post, ok_response()), (T0 + 20 * MS, chunked, ok_response()),
+        (T0 + 30 * MS, get("/g"), ok_response())]])
+    out = tmp_path / "replayed.rlog"
+    with SinkThread() as sink:
+        play(cap, "--target", sink.url, "--speed", "max", "-o", out, "-q")
+    sent = {m.uri: m for m in LogReader(str(out)) if m.flags & F_REPLAYED and m.kind == KIND_REQUEST}
+    assert {u: m.body_length for u, m in sent.items()} == {"/p": 5, "/c": 5, "/g": 0}
+    assert sent["/c"].flags & F_CHUNKED and not sent["/p"].flags & F_CHUNKED
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--speed", "1e-300"], "--speed"), (["--speed", "nan"], "--speed"),
+    (["--rate", "nan"], "--rate"), (["--rate", "1e-300"], "--rate"), (["--rate", "-inf"], "--rate"),
+    (["--timeout", "1e300"], "--timeout"), (["--timeout", "nan"], "--timeout"),
+    (["--duration", "1e300"], "--duration"), (["--duration", "0"], "--duration"),
+    (["--port", "70000"], "--port"), (["--port", "0"], "--port"),
+])
+def test_absurd_flags_are_refused_up_front(args, flag):
+    p = play(SAMPLE, "--dry-run", *args, check=False)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("replay play: ") and flag in lines[0]
+
+
+def test_huge_speed_and_rate_are_the_largest(tmp_path):
+    p = play(SAMPLE, "--dry-run", "--speed", "1e308")
+    assert "at speed 1e+06" in p.stdout
+    p = play(SAMPLE, "--dry-run", "--rate", "1e300")
+    assert "at 1e+09 requests/s" in p.stdout
+    # an answer that takes longer than the whole schedule at that speed
+    cap = write_capture(tmp_path / "slow.pcap", [
+        [(T0 + 10 * MS, get("/slow"), ok_response()), (T0 + 30 * MS, get("/after"), ok_response())],
+        [(T0 + 20 * MS, get("/other"), ok_response())]])
+    with FaultServer("slow") as srv:
+        rep, _ = play_report(tmp_path, cap, "--target", srv.url, "--speed", "1e308")
+    assert rep["answered"] == 3 and rep["speed"] == 1e6
+
+
+def test_convert_refuses_an_absurd_idle_timeout(tmp_path):
+    for v in ("nan", "inf", "-1", "1e300"):
+        p = subprocess.run(replay_cmd() + ["convert", str(SAMPLE), "-o", str(tmp_path / "x.rlog"),
+                                           "--idle-timeout", v], capture_output=True, text=True, env=env())
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and "--idle-timeout" in lines[0], (v, p.stderr)
+    p = subprocess.run(replay_cmd() + ["convert", str(SAMPLE), "-o", str(tmp_path / "x.rlog"),
+                                       "--idle-timeout", "2m", "-q"], capture_output=True, text=True, env=env())
+    assert p.returncode == 0, p.stderr
+
+
+def test_exit_code_follows_max_errors(tmp_path):
+    # one request of four times out
+    cap = write_capture(tmp_path / "slow.pcap", [
+        [(T0 + 10 * MS, get("/slow"), ok_response())],
+        *[[(T0 + (20 + i) * MS, get(f"/fast/{i}"), ok_response())] for i in range(3)]])
+    with FaultServer("slow") as srv:
+        for budget, code in ((None, 0), ("0", 1), ("1", 0), ("25%", 0), ("20%", 1)):
+            extra = [] if budget is None else ["--max-errors", budget]
+            p = play(cap, "--target", srv.url, "--speed", "max", "--timeout", "0.1", "-q", *extra,
+                     check=False)
+            assert p.returncode == code, (budget, p.stderr)
+            if code:
+                assert p.stderr.strip() == (f"replay play: 1 of 4 requests failed, more than "
+                                            f"--max-errors {budget} allows")
+    for bad in ("-1", "101%", "x", "nan%"):
+        p = play(SAMPLE, "--dry-run", "--max-errors", bad, check=False)
+        assert p.returncode == 2 and "--max-errors" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path):
+    cap = spread_capture(tmp_path / "s.pcap", n=5, conns=1, span_ns=100 * MS)
+    with SinkThread() as sink:
+        p = subprocess.Popen(replay_cmd() + ["play", str(cap), "--target", sink.url, "--loop",
+                                             "--duration", "20"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        deadline = time.monotonic() + 10
+        while len(sink.records) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(10)
+    assert time.monotonic() - t < 1.5
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    assert "(interrupted)" in out and re.search(r"replayed \d+ of \d+ requests", out)
+    # a command reading a pipe that does not end
+    for cmd in (["ls", "/dev/stdin"], ["convert", "/dev/stdin", "-o", str(tmp_path / "x.rlog")]):
+        p = subprocess.Popen(replay_cmd() + cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env())
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        try:
+            out, err = p.communicate(timeout=5)
+        finally:
+            p.stdin.close() if p.stdin and not p.stdin.closed else None
+        assert p.returncode == 130 and "Traceback" not in err and err.strip() == "replay: interrupted", err

@@ -352,3 +352,32 @@ def test_a_host_set_by_the_rules_is_sent_instead_of_the_targets():
              "--set-header", "Host: shop.example")
         got = [raw for _, raw in sink.records]
     assert len(got) == 3 and all(b"\r\nHost: shop.example\r\n" in raw for raw in got)
+
+
+def test_rewrite_path_cannot_break_the_request_line():
+    # the literal part of the replacement is checked at start ...
+    for repl in ["/a b", "/a\r\nX: y", r"/a\r\nX: y", "/a\tb", '/a"b']:
+        with pytest.raises(UsageError) as e:
+            Rules(settings_from_values({"rewrite-path": "^/v1/:" + repl}))
+        assert "--rewrite-path" in str(e.value) and "request-target" in str(e.value), repl
+    assert one({"rewrite-path": "^/v1/:/a%20b/"}, GET).startswith(b"GET /a%20b/users/42/ping?a=1")
+    # ... and each result: a group that brings a line break from elsewhere (a target left so by a
+    # plugin or a broken capture) is refused, the request keeps its target, the refusal is counted
+    rules = Rules(settings_from_values({"rewrite-path": r"(?s)^/v1/(.*)$:/\1.html"}))
+    crafted = msg(GET)
+    crafted.uri = "/v1/a b\r\nX: y"
+    out = rules.rewrite(crafted)
+    assert out is crafted and b"X: y.html" not in out.data
+    assert rules.refused_rewrites == 1
+    # characters the recorded target already had are its own business
+    odd = msg(b"GET /v1/a|b HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert rules.rewrite(odd).data.startswith(b"GET /a|b.html HTTP/1.1\r\n")
+    assert rules.refused_rewrites == 1
+
+
+def test_rewrite_path_injection_is_refused_on_the_command_line(tmp_path):
+    p = subprocess.run(replay_cmd() + ["play", str(SAMPLE), "--dry-run", "--rewrite-path",
+                                       "^/(.*):/\\1 b\r\nX: y"],
+                       capture_output=True, text=True, env=env())
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "--rewrite-path" in lines[0], p.stderr

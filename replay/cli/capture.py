@@ -12,10 +12,11 @@ import click
 
 from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
 from replay.cli.ruleopts import rule_options, rules_from_kwargs
+from replay.cli.types import DURATION
 from replay.errors import UsageError
+from replay.units import parse_seconds  # noqa: F401 - the one duration parser, used below
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_size(text: str, bare_unit: int, what: str) -> int:
@@ -26,17 +27,6 @@ def parse_size(text: str, bare_unit: int, what: str) -> int:
     num, unit = float(m.group(1)), m.group(2).lower()
     scale = _UNITS[unit] if (unit or m.group(3)) else bare_unit
     value = int(num * scale)
-    if value <= 0:
-        raise UsageError(f"{what}: must be positive: {text!r}")
-    return value
-
-
-def parse_seconds(text: str, what: str) -> float:
-    """``90``, ``30s``, ``15m``, ``1h``, ``1d``."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text), re.I)
-    if not m:
-        raise UsageError(f"{what}: not a duration: {text!r} (examples: 30, 30s, 15m, 1h)")
-    value = float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
     if value <= 0:
         raise UsageError(f"{what}: must be positive: {text!r}")
     return value
@@ -102,8 +92,8 @@ def status_text(session) -> str:
               help="CPU priority of the capture (as nice(1); needs root). Under full load the "
                    "capture then gets the CPU it needs to lose nothing before the traffic's own "
                    "processes do; 0 leaves the priority alone.")
-@click.option("--flush-interval", type=float, default=1.0, show_default=True,
-              help="Seconds between flushes to disk: a killed capture loses at most this much.")
+@click.option("--flush-interval", type=DURATION, default="1", show_default=True,
+              help="Time between flushes to disk: a killed capture loses at most this much.")
 @click.option("--queue-size", default="256M", show_default=True, metavar="SIZE",
               help="Packet batches that may wait for the parser in memory (bare number: MiB); "
                    "beyond it the kernel buffer takes the burst.")

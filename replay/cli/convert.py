@@ -8,13 +8,14 @@ import time
 import click
 
 from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
+from replay.cli.types import PORT
 
 
 @click.command("convert")
 @click.argument("capture", type=click.Path(dir_okay=False))
 @click.option("-o", "-w", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="The .rlog file to write (replaced if it exists; created with mode 0600).")
-@click.option("--port", "ports", type=int, multiple=True,
+@click.option("--port", "ports", type=PORT, multiple=True,
               help="Only connections to or from these ports (repeatable). Default: every TCP port.")
 @reassembly_options()
 @click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
@@ -41,14 +42,19 @@ def command(capture, output, ports, level, quiet, **kwargs):
         "ports": list(ports),
     }
     requests = responses = 0
+    interrupted = False
     with LogWriter(output, meta=meta, level=level) as writer:
-        for msg in reader:
-            writer.write(msg)
-            if msg.kind == 0:
-                requests += 1
-            else:
-                responses += 1
-        writer.update_meta({"stats": reader.stats, "warnings": list(reader.warnings),
+        try:
+            for msg in reader:
+                writer.write(msg)
+                if msg.kind == 0:
+                    requests += 1
+                else:
+                    responses += 1
+        except KeyboardInterrupt:           # Ctrl-C or SIGTERM: keep what was converted
+            interrupted = True
+            reader.stats = reader.engine.stats()
+        writer.update_meta({"stats": reader.stats, "interrupted": interrupted, "warnings": list(reader.warnings),
                             "packets_read": reader.source.packets_read})
         writer.close(fsync=False)
     dt = time.perf_counter() - t0
@@ -60,8 +66,10 @@ def command(capture, output, ports, level, quiet, **kwargs):
         click.echo(
             f"{capture}: {st.get('packets', 0)} packets, {st.get('connections', 0)} connections -> "
             f"{output}: {requests} requests, {responses} responses, {size} bytes "
-            f"in {dt:.2f} s", err=True)
+            f"in {dt:.2f} s" + (" (interrupted)" if interrupted else ""), err=True)
         problems = {k: st[k] for k in PROBLEM_COUNTERS if st.get(k)}
         if problems:
             click.echo("  " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in problems.items()),
                        err=True)
+    if interrupted:
+        raise KeyboardInterrupt

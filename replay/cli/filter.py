@@ -15,7 +15,7 @@ from replay.cli.ruleopts import rule_options, rules_from_kwargs
 @click.option("-o", "-w", "--output", "output", type=click.Path(dir_okay=False),
               help="The .rlog file to write (replaced if it exists; created with mode 0600).")
 @click.option("--dry-run", is_flag=True, help="Count what would be kept; write nothing.")
-@click.option("--port", "ports", type=int, multiple=True,
+@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
               help="For a capture file: only these server ports (repeatable).")
 @click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
               help="zstd compression level of the output's blocks.")
@@ -53,6 +53,7 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
 
         rules = Rules()
     counts = {"requests": 0, "responses": 0}
+    interrupted = False
     writer = None
     try:
         if output:
@@ -65,10 +66,13 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
             if getattr(src, "meta", None):
                 meta["source_meta"] = src.meta
             writer = LogWriter(output, meta=meta, level=level)
-        for m in rules.apply(src):
-            counts["requests" if m.kind == KIND_REQUEST else "responses"] += 1
-            if writer is not None:
-                writer.write(m)
+        try:
+            for m in rules.apply(src):
+                counts["requests" if m.kind == KIND_REQUEST else "responses"] += 1
+                if writer is not None:
+                    writer.write(m)
+        except KeyboardInterrupt:           # Ctrl-C or SIGTERM: keep what was written
+            interrupted = True
         st = dict(rules.stats)
         if writer is not None:
             writer.update_meta({"counts": {
@@ -89,6 +93,8 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
                  f"{st['read'] - st['kept']:,}"]
         if st["rewritten"]:
             parts.append(f"{st['rewritten']:,} rewritten")
+        if rules.refused_rewrites:
+            parts.append(f"{rules.refused_rewrites:,} rewrites refused (not a valid request-target)")
         mw = st.get("middleware")
         if mw:
             parts.append(f"middleware dropped {mw.get('dropped', 0):,} and changed "
@@ -100,4 +106,7 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
                          "messages arrived")
         where = output if output else "(dry run, nothing written)"
         click.echo("; ".join(parts) + f" -> {where}: {st['out']:,} messages ({counts['requests']:,} "
-                   f"requests, {counts['responses']:,} responses) in {dt:.2f} s", err=True)
+                   f"requests, {counts['responses']:,} responses) in {dt:.2f} s"
+                   + (" (interrupted)" if interrupted else ""), err=True)
+    if interrupted:
+        raise KeyboardInterrupt

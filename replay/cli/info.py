@@ -65,11 +65,12 @@ def command(path, as_json):
 
     from replay.core import PROBLEM_COUNTERS
     from replay.pipeline import CaptureReader, open_input
+    from replay.spool import seekable
 
     src = open_input(path)
     info = summarise(src)
     info["file"] = path
-    info["file_bytes"] = os.path.getsize(path)
+    info["file_bytes"] = os.path.getsize(seekable(path))   # a pipe: its copy
     if isinstance(src, CaptureReader):
         info["format"] = "capture"
         info["capture"] = dict(src.stats)

@@ -46,7 +46,7 @@ def with_hosts(messages):
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table",
               show_default=True, help="table: one readable line per message; jsonl: one JSON object per line.")
-@click.option("--port", "ports", type=int, multiple=True,
+@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
               help="For a capture file: only these server ports (repeatable). Default: every TCP port.")
 @click.option("--requests-only", is_flag=True, help="Only requests.")
 @click.option("-n", "--limit", type=int, default=0, help="Stop after this many messages.")

@@ -7,6 +7,7 @@ instant. Every ``ReplayError`` becomes one line on stderr and its exit code; a t
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -49,14 +50,26 @@ def cli():
     """Capture, convert, list and replay HTTP traffic at the packet level."""
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
+    # SIGTERM stops every command as Ctrl-C does: summary printed, outputs closed, exit code 130
+    # (a command with its own handling, such as capture, installs its own)
+    try:
+        signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:
+        pass                    # not the main thread (main() called by a test or an embedder)
     try:
         rv = cli.main(args=argv, prog_name="replay", standalone_mode=False)
     except ReplayError as e:
-        click.echo(f"replay: {e}", err=True)
+        from replay.spool import given_name
+
+        click.echo(f"replay: {given_name(str(e))}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
-        click.echo("replay: aborted", err=True)
+        click.echo("replay: interrupted", err=True)   # click turns Ctrl-C into Abort
         sys.exit(130)
     except click.UsageError as e:
         # one line, like every other error; the command's --help has the rest

@@ -5,48 +5,7 @@ from __future__ import annotations
 import click
 
 from replay.cli.ruleopts import rule_options, rules_from_kwargs
-
-
-class SpeedType(click.ParamType):
-    name = "FACTOR|max"
-
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, float):
-            return value
-        text = str(value).strip().lower()
-        if text in ("max", "inf"):
-            return None
-        if text.endswith("x"):          # 10x
-            text = text[:-1]
-        try:
-            f = float(text)
-        except ValueError:
-            self.fail(f"{value!r} is not a number or 'max'", param, ctx)
-        if not f > 0 or f != f or f == float("inf"):
-            self.fail(f"{value!r} must be > 0 (or 'max')", param, ctx)
-        return f
-
-
-class SecondsType(click.ParamType):
-    name = "SECONDS"
-    UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float):
-            return value
-        text = str(value).strip().lower()
-        mult = 1.0
-        for unit in ("ms", "s", "m", "h"):
-            if text.endswith(unit):
-                text, mult = text[: -len(unit)], self.UNITS[unit]
-                break
-        try:
-            v = float(text) * mult
-        except ValueError:
-            self.fail(f"{value!r} is not a duration (e.g. 30, 30s, 5m)", param, ctx)
-        if not v > 0 or v == float("inf"):
-            self.fail(f"{value!r} must be > 0", param, ctx)
-        return v
+from replay.cli.types import DURATION, ERROR_BUDGET, PORT, RATE, SPEED
 
 
 @click.command("play")
@@ -55,13 +14,16 @@ class SecondsType(click.ParamType):
               help="Where to send: http[s]://host[:port] ([v6addr] in brackets; host:port means http).")
 @click.option("--sink", "use_sink", is_flag=True,
               help="Start the built-in sink (`replay sink`) on a free loopback port and target it.")
-@click.option("-s", "--speed", type=SpeedType(), default="1", show_default=True, metavar="FACTOR|max",
+@click.option("-s", "--speed", type=SPEED, default="1", show_default=True, metavar="FACTOR|max",
               help="Time factor: 1 keeps the recorded timing, 10 is ten times faster, 0.5 half as "
-                   "fast; max sends as fast as the target answers.")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="N",
-              help="Constant N requests/s in recorded order, ignoring the recorded gaps.")
+                   "fast (from 0.000001; above 1000000 it is 1000000); max sends as fast as the "
+                   "target answers.")
+@click.option("--rate", type=RATE, metavar="N",
+              help="Constant N requests/s in recorded order, ignoring the recorded gaps "
+                   "(from 0.000001; above 1e9 it is 1e9).")
 @click.option("--loop", is_flag=True, help="Start over at the end (until --duration, --limit or Ctrl-C).")
-@click.option("--duration", type=SecondsType(), help="Stop sending after this long (30, 30s, 5m).")
+@click.option("--duration", type=DURATION,
+              help="Stop sending after this long (30, 30s, 5m; from 1us to 366d).")
 @click.option("-n", "--limit", type=click.IntRange(min=1), metavar="N", help="Send at most N requests.")
 @click.option("-c", "--connections", type=click.IntRange(min=1), metavar="N",
               help="At most N replay connections open at once (default: 1000; with --speed max, "
@@ -69,15 +31,19 @@ class SecondsType(click.ParamType):
 @click.option("--no-keepalive", is_flag=True, help="Each request on a new connection, closed after its answer.")
 @click.option("--keep-host", is_flag=True, help="Send the recorded Host header instead of the target's.")
 @click.option("-k", "--insecure", is_flag=True, help="https: do not verify the target's certificate.")
-@click.option("--timeout", type=SecondsType(), default="10", show_default=True,
-              help="Seconds to wait for a connection, and for each answer.")
+@click.option("--timeout", type=DURATION, default="10", show_default=True,
+              help="How long to wait for a connection, and for each answer (10, 500ms; from 1us "
+                   "to 366d).")
+@click.option("--max-errors", type=ERROR_BUDGET, metavar="N|P%",
+              help="Exit with code 1 when more than N requests (or P% of those tried) fail "
+                   "(refused, reset, timeout...). Default: only when every request fails.")
 @click.option("--dry-run", is_flag=True, help="Print what would be sent and how long it would take; send nothing.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the requests as sent and the responses received to this .rlog, with "
                    "the recorded conn and index (join with the input on them).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write the final report as JSON to this file.")
-@click.option("--port", "ports", type=int, multiple=True,
+@click.option("--port", "ports", type=PORT, multiple=True,
               help="For a capture file: only these server ports (repeatable).")
 @click.option("--realtime", is_flag=True,
               help="Linux: run at real-time priority (SCHED_FIFO; root or CAP_SYS_NICE), so that "
@@ -89,7 +55,7 @@ class SecondsType(click.ParamType):
               help="Microseconds of busy-wait before each deadline (after the sleep).")
 @rule_options(exclude=("limit",))
 def command(path, target, use_sink, speed, rate, loop, duration, limit, connections, no_keepalive,
-            keep_host, insecure, timeout, dry_run, output, report_path, ports, realtime, quiet, event_loop,
+            keep_host, insecure, timeout, max_errors, dry_run, output, report_path, ports, realtime, quiet, event_loop,
             spin_us, **rule_kwargs):
     """Replay the requests of PATH (a .rlog log or a pcap/pcapng capture) against a target.
 
@@ -103,7 +69,8 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
     return run(rules=rules_from_kwargs(rule_kwargs),
         path=path, target=target, use_sink=use_sink, speed=speed, rate=rate, loop=loop,
         duration=duration, limit=limit, connections=connections, keepalive=not no_keepalive,
-        keep_host=keep_host, insecure=insecure, timeout=timeout, dry_run=dry_run, output=output,
+        keep_host=keep_host, insecure=insecure, timeout=timeout, max_errors=max_errors,
+        dry_run=dry_run, output=output,
         report_path=report_path, ports=ports, quiet=quiet, realtime=realtime,
         event_loop=event_loop, spin_us=spin_us)
 
@@ -123,7 +90,7 @@ MAX_CONNECTIONS_AT_MAX = 64
 
 def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connections, keepalive,
         keep_host, insecure, timeout, dry_run, output, report_path, ports, quiet, event_loop="auto",
-        spin_us=None, realtime=False, rules=None):
+        spin_us=None, realtime=False, rules=None, max_errors=None):
     import os
     import sys
 
@@ -178,9 +145,10 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
         if dry_run:
             _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keepalive, keep_host)
             return 0
-        code = _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections,
-                       keepalive, insecure, timeout, output, report_path, quiet, event_loop, spin_us,
-                       ports, rules)
+        report = _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections,
+                         keepalive, insecure, timeout, output, report_path, quiet, event_loop,
+                         spin_us, ports, rules)
+        code = _exit_code(report, max_errors)
     finally:
         if sink_proc is not None:
             from replay.sink import stop_sink_process
@@ -217,7 +185,9 @@ def _realtime():
 def _rules_line(rules) -> str:
     st = rules.stats
     line = (f"rules: kept {st['kept']:,} of {st['read']:,} recorded messages"
-            + (f", rewrote {st['rewritten']:,}" if st["rewritten"] else ""))
+            + (f", rewrote {st['rewritten']:,}" if st["rewritten"] else "")
+            + (f", refused {rules.refused_rewrites:,} rewrites (not a valid request-target)"
+               if rules.refused_rewrites else ""))
     mw = st.get("middleware")
     if mw:
         line += f"; middleware dropped {mw.get('dropped', 0):,} and changed {mw.get('changed', 0):,}"
@@ -415,7 +385,8 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
             await bg
 
     asyncio.set_event_loop(ev)
-    ev.add_signal_handler(signal.SIGINT, on_sigint)
+    for sig in (signal.SIGINT, signal.SIGTERM):      # SIGTERM stops a replay as Ctrl-C does
+        ev.add_signal_handler(sig, on_sigint)
     gc.collect()
     gc.freeze()
     started_wall = time.time()
@@ -423,6 +394,7 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
         ev.run_until_complete(main())
     finally:
         ev.remove_signal_handler(signal.SIGINT)
+        ev.remove_signal_handler(signal.SIGTERM)
         ev.close()
         asyncio.set_event_loop(None)
         gc.unfreeze()
@@ -453,4 +425,23 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
             raise OutputError(f"{report_path}: cannot write the report: {e.strerror or e}") from None
     if not quiet:
         click.echo(report.summary_text())
-    return 130 if report.interrupted else 0
+    return report
+
+
+def _exit_code(report, max_errors) -> int:
+    """130 interrupted; 1 when more requests failed than ``--max-errors`` allows (by default:
+    all of them), with one line saying so; else 0."""
+    from replay.cli.types import over_budget
+
+    if report.interrupted:
+        return 130
+    failed, tried = report.error_total, report.attempted
+    if over_budget(max_errors, failed, tried):
+        if max_errors is None:
+            click.echo(f"replay play: all {tried} requests failed", err=True)
+        else:
+            limit = max_errors[1] if max_errors[0] == "count" else f"{max_errors[1]:g}%"
+            click.echo(f"replay play: {failed} of {tried} requests failed, more than "
+                       f"--max-errors {limit} allows", err=True)
+        return 1
+    return 0

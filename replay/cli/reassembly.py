@@ -3,62 +3,34 @@
 ``reassembly_options()`` adds them to a command with the defaults of ``replay.limits``;
 ``engine_opts_from_kwargs(kwargs)`` takes their values back out as ``Engine`` keyword arguments.
 Sizes take units (``64k``, ``4M``, ``1G``; a bare number is bytes), durations too (``90``, ``30s``,
-``2m``).
+``2m``: ``replay.units``).
 """
 
 from __future__ import annotations
 
-import math
-
 import click
 
 from replay import limits
+from replay.cli.types import DURATION, _Parsed
 
-# Beyond these a limit means nothing but an overflow: the core counts bytes and nanoseconds
-# in signed 64 bits.
+# Beyond this a limit means nothing but an overflow risk: the core counts bytes in 64 bits.
 MAX_SIZE = 1 << 40
-MAX_SECONDS = 365 * 86400.0
 
 
-class SizeType(click.ParamType):
+class SizeType(_Parsed):
     name = "SIZE"
 
     def __init__(self, minimum: int = 1):
         self.minimum = minimum
 
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
+    def parse(self, value, flag):
         from replay.cli.capture import parse_size
         from replay.errors import UsageError
 
-        try:
-            n = parse_size(value, 1, param.opts[0] if param else "size")
-        except UsageError as e:
-            self.fail(str(e).split(": ", 1)[-1], param, ctx)
-        if n > MAX_SIZE:
-            self.fail(f"{value!r} is more than 1T", param, ctx)
-        if n < self.minimum:
-            self.fail(f"{value!r} is less than {_shown(self.minimum)}", param, ctx)
+        n = parse_size(value, 1, flag)
+        if not self.minimum <= n <= MAX_SIZE:
+            raise UsageError(f"{flag}: {value} is out of range (from {_shown(self.minimum)} to 1T)")
         return n
-
-
-class DurationType(click.ParamType):
-    name = "SECONDS"
-    UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float):
-            return value
-        text = str(value).strip().lower()
-        unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
-        try:
-            v = float(text[:len(text) - len(unit)]) * self.UNITS[unit]
-        except ValueError:
-            self.fail(f"{value!r} is not a duration (e.g. 90, 30s, 2m)", param, ctx)
-        if not (math.isfinite(v) and 0 < v <= MAX_SECONDS):
-            self.fail(f"{value!r} must be more than 0 and at most a year", param, ctx)
-        return v
 
 
 _OPTIONS = (
@@ -71,8 +43,8 @@ _OPTIONS = (
      "Bytes one direction may hold beyond a hole before the hole is declared lost."),
     ("--max-total-buffer", "max_total_buffer", SizeType(), limits.MAX_TOTAL_BUFFER,
      "Bytes all directions together may hold beyond holes."),
-    ("--idle-timeout", "idle_timeout", DurationType(), limits.IDLE_TIMEOUT,
-     "Seconds after which a silent connection is closed (capture time)."),
+    ("--idle-timeout", "idle_timeout", DURATION, limits.IDLE_TIMEOUT,
+     "Capture time after which a silent connection is closed (120, 2m; 1us to 366d)."),
 )
 
 

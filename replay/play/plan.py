@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from replay.events import (F_CHUNKED, F_GAP, F_INCOMPLETE, F_INTERIM, F_TRUNCATED, KIND_REQUEST)
-from replay.httpmsg import set_content_length, set_host
+from replay.httpmsg import body_length, set_content_length, set_host
 
 CUT = F_INCOMPLETE | F_GAP | F_TRUNCATED
 
@@ -39,6 +39,8 @@ class PlannedRequest:
     recorded_status: int | None = None
     pipelined: bool = False      # recorded as sent before the previous response ended
     seq: int = 0                 # position among all planned requests, in recorded time order
+    body_length: int = 0         # payload octets of ``data`` (chunk framing removed)
+    flags: int = 0               # F_CHUNKED when ``data`` is chunked
 
 
 @dataclass(slots=True)
@@ -110,10 +112,12 @@ def build_plan(messages, host: str | None = None, keep_host: bool = False) -> Pl
             if prev is not None:
                 prev_resp = finals.get((conn, prev.index))
                 pipe = prev_resp is not None and m.ts_first < prev_resp.ts_last
+            hl = _head_length(data, m.head_length, len(m.data))
+            blen, chunked = body_length(data, hl)
             cp.requests.append(PlannedRequest(
-                conn, m.index, m.ts_first, data, m.method or "GET", m.uri or "",
-                _head_length(data, m.head_length, len(m.data)),
-                resp.status if resp is not None else None, pipe))
+                conn, m.index, m.ts_first, data, m.method or "GET", m.uri or "", hl,
+                resp.status if resp is not None else None, pipe,
+                body_length=blen, flags=F_CHUNKED if chunked else 0))
             pipelined += pipe
             planned += 1
             prev = m

@@ -12,6 +12,10 @@ Rules:
 - latency is measured to the last byte of the response, from the actual send and from the
   intended send (the deadline), so a target that makes the replay fall behind cannot hide its
   slowness (coordinated omission); lateness is actual send - deadline, for every timed request;
+- ``reconnects`` counts connections opened again because the target closed a kept-alive one
+  (while it was idle, or as a request arrived, before any byte of its answer); ``retried`` the
+  requests sent a second time on such a new connection (counted once in ``sent``): neither is
+  an error;
 - percentiles are nearest-rank over every sample (no sampling, no histogram buckets).
 """
 
@@ -63,6 +67,8 @@ class Report:
         self.connect = array("q")
         self.held_by_response = 0
         self.opened = 0
+        self.reconnects = 0
+        self.retried = 0
         self.open_now = 0
         self.max_open = 0
         self.bytes_sent = 0
@@ -87,6 +93,12 @@ class Report:
         if self.open_now > self.max_open:
             self.max_open = self.open_now
         self.connect.append(ns)
+
+    def on_reconnect(self, retried: int = 0, nbytes: int = 0):
+        """A connection the target closed is replaced; ``retried`` requests go out again on it."""
+        self.reconnects += 1
+        self.retried += retried
+        self.bytes_sent += nbytes
 
     def on_disconnect(self):
         self.open_now -= 1
@@ -171,7 +183,9 @@ class Report:
             "held_by_response": self.held_by_response,
             "lateness_not_held_ms": percentiles(self.lateness_free),
             "connect_ms": percentiles(self.connect),
-            "connections": {"opened": self.opened, "max_open": self.max_open},
+            "connections": {"opened": self.opened, "max_open": self.max_open,
+                            "reconnects": self.reconnects},
+            "retried": self.retried,
             "bytes": {"sent": self.bytes_sent, "received": self.bytes_received,
                       "not_http": self.garbage_bytes},
             "unsolicited_responses": self.unsolicited,
@@ -221,4 +235,8 @@ class Report:
         if d["requests_per_s"]:
             lines.append(f"  {d['requests_per_s']:.0f} requests/s on {d['connections']['opened']} "
                          f"connections (at most {d['connections']['max_open']} open)")
+        if d["connections"]["reconnects"]:
+            lines.append(f"  {d['connections']['reconnects']} connections reopened after the "
+                         f"target closed them" + (f", {d['retried']} requests sent again"
+                                                  if d["retried"] else ""))
         return "\n".join(lines)

@@ -15,6 +15,12 @@ Rules:
 - ``--no-keepalive``: each request on a connection of its own, closed after the answer;
 - faults never end the run: each is counted against the request it hit (see ``report``), and the
   recorded connection's next request gets a new connection;
+- a kept-alive connection the target closed while idle (servers do after their keep-alive
+  timeout, without ``Connection: close``) is reopened before the next request, just before its
+  deadline; and when a reused connection is lost after a send but before any byte of the answer,
+  its unanswered requests go out again, in order, on a new connection if every one of them is
+  idempotent (RFC 9110 §9.2.2), as browsers and HTTP clients do. Both count as ``reconnects``,
+  never as errors; a request is sent again at most once (a new connection is not a reused one);
 - a request is never sent before its deadline; a request sent late because the previous response
   came late is counted as ``held_by_response``;
 - ``--limit`` counts requests tried; ``--duration`` stops sending requests due after it; both
@@ -42,6 +48,8 @@ CONNECT_LEAD_NS = 20_000_000          # open a connection this long before its f
 CONNECT_LEAD_TLS_NS = 100_000_000     # a TLS handshake takes a few ms more
 START_DELAY_NS = 50_000_000           # first deadline after the loop starts: room to connect
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# a request lost with its connection may be sent again only if its method is idempotent
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))   # RFC 9110 §9.2.2
 
 
 @dataclass
@@ -63,13 +71,30 @@ class Target:
 
 def parse_target(url: str, insecure: bool = False, resolve: bool = True) -> Target:
     """``http[s]://host[:port]`` (``host:port`` means http); IPv6 hosts in brackets."""
+    given = url
     if "://" not in url:
         url = "http://" + url
+    scheme_, _, rest = url.partition("://")
+    authority = rest.split("/", 1)[0]
+    if authority.count(":") >= 2 and not authority.startswith("["):
+        # an IPv6 address: where would its port start?
+        host, _, port_text = authority.rpartition(":")
+        try:
+            ipaddress.IPv6Address(host)
+            if not port_text.isdigit():
+                raise ValueError(port_text)
+            hint = f"{scheme_}://[{host}]:{port_text}"
+        except ValueError:
+            hint = f"{scheme_}://[{authority}]"
+        raise UsageError(f"--target {given}: an IPv6 address goes in brackets: {hint}")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise UsageError(f"--target {url}: {e}") from None
+        what = "not a port (1 to 65535)" if "port" in str(e).lower() else str(e)
+        raise UsageError(f"--target {given}: {what}") from None
+    if port == 0:
+        raise UsageError(f"--target {given}: not a port (1 to 65535)")
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise UsageError(f"--target {url}: scheme must be http or https")
@@ -143,6 +168,10 @@ class ReplayProtocol(asyncio.Protocol):
         self.waiter = None
         self.local = ("", 0)
         self.peer = ("", 0)
+        self.answers = 0            # final answers read here: > 0 means the connection was reused
+        self.rx = 0                 # bytes received
+        self.rx_answered = 0        # bytes of the final answers among them
+        self.retry: list = []       # sent, lost before any byte of their answer: to send again
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport):
@@ -154,6 +183,7 @@ class ReplayProtocol(asyncio.Protocol):
 
     def data_received(self, data):
         now = self.now()
+        self.rx += len(data)
         self.player.report.bytes_received += len(data)
         msgs = self.framer.feed(data, now)
         if msgs:
@@ -176,12 +206,20 @@ class ReplayProtocol(asyncio.Protocol):
         if msgs:
             cut = any(m.flags & F_INCOMPLETE for m in msgs)
             self._answered([m for m in msgs if not m.flags & F_INCOMPLETE], now)
-        if self.pending:
+        if self.pending and self._may_retry():
+            self.retry = list(self.pending)
+            self.pending.clear()
+        elif self.pending:
             self.fail_pending(self._kind(exc, cut))
         self.player.report.on_disconnect()
         self._wake(True)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _may_retry(self) -> bool:
+        """Lost after a send on a reused connection, no byte of an answer read, all idempotent."""
+        return (self.answers > 0 and self.rx == self.rx_answered and not self.garbage()
+                and all(a.req.method.upper() in IDEMPOTENT for a in self.pending))
+
     def _kind(self, exc, cut=False):
         if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
             return "reset"
@@ -209,6 +247,8 @@ class ReplayProtocol(asyncio.Protocol):
                 player.report.unsolicited += 1
                 continue
             att = self.pending.popleft()
+            self.answers += 1
+            self.rx_answered += len(m.data)
             if m.head_length:
                 conn_hdr = header_value(m.data, m.head_length, b"connection")
                 if conn_hdr and "close" in conn_hdr.lower() or m.data.startswith(b"HTTP/1.0") and \
@@ -313,8 +353,9 @@ class Player:
     def _request_message(self, att, proto):
         r = att.req
         t = att.sent_ns + self.wall_offset
-        return Message(KIND_REQUEST, att.conn_id, r.index, t, t, proto.local, proto.peer, F_REPLAYED, r.data,
-                       r.method, r.uri, 0, 0, r.head_length)
+        return Message(KIND_REQUEST, att.conn_id, r.index, t, t, proto.local, proto.peer,
+                       F_REPLAYED | r.flags, r.data, r.method, r.uri, 0, r.body_length,
+                       r.head_length)
 
     def _response_message(self, att, m):
         m.conn = att.conn_id
@@ -389,7 +430,8 @@ class Player:
             self.crash = task.exception()
             self.cancel()
 
-    async def _open(self, att: Attempt):
+    async def _open(self):
+        """A new connection to the target, or the kind of error that prevented it."""
         t = self.target
         r = self.report
         start = self.clock.now()
@@ -399,17 +441,45 @@ class Player:
                 server_hostname=t.host if t.ssl else None, family=t.family),
                 self.opts.timeout)
         except ConnectionRefusedError:
-            kind = "refused"
+            return None, "refused"
         except (asyncio.TimeoutError, TimeoutError):
-            kind = "timeout"
+            return None, "timeout"
         except ssl.SSLError:
-            kind = "tls"
+            return None, "tls"
         except OSError:
-            kind = "connect"
-        else:
-            r.on_connect(self.clock.now() - start)
-            return proto
-        r.on_error(kind, False)
+            return None, "connect"
+        r.on_connect(self.clock.now() - start)
+        return proto, None
+
+    async def _reopen(self, proto: ReplayProtocol | None):
+        """After ``proto`` was lost: a new connection carrying its requests to send again.
+
+        None when there is nothing to send again or the new connection failed (those requests
+        then fail with its error, counted as sent)."""
+        if proto is None or not proto.retry:
+            return None
+        atts, proto.retry = proto.retry, []
+        new, kind = await self._open()
+        if new is None:
+            for att in atts:
+                self.report.on_error(kind, True)
+            return None
+        self.report.on_reconnect(len(atts), sum(len(a.req.data) for a in atts))
+        for att in atts:
+            new.send(att)
+        return new
+
+    async def _settle(self, proto: ReplayProtocol) -> ReplayProtocol | None:
+        """Wait for the answers outstanding on ``proto``, sending lost ones again; the connection
+        they ended on (None if it timed out, or was lost with nothing to send again)."""
+        while proto is not None:
+            ok = await proto.wait_idle(self.timeout_ns)
+            if not ok:
+                proto.abort("timeout")
+                return None
+            if not proto.retry:
+                return proto
+            proto = await self._reopen(proto)
         return None
 
     async def _connection(self, cp, it: int, conn_id: int):
@@ -429,40 +499,56 @@ class Player:
                 att = Attempt(req, it, deadline, conn_id)
                 held = False
                 if proto is not None and (not req.pipelined or not opts.keepalive):
-                    ok = await proto.wait_idle(self.timeout_ns)
-                    if not ok:
-                        proto.abort("timeout")
-                        proto = None
-                    elif not opts.keepalive or not proto.reusable or proto.closed:
+                    proto = await self._settle(proto)
+                    if proto is not None and (not opts.keepalive or not proto.reusable or proto.closed):
                         if not proto.closed:
                             proto.transport.close()
                         proto = None
                     if deadline is not None and now() > deadline:
                         held = True
+                elif proto is not None and proto.closed:
+                    proto = await self._reopen(proto)       # pipelined behind requests lost with it
+                if proto is not None and deadline is not None and not proto.pending:
+                    # idle until this request: the target may close the connection meanwhile
+                    await pacer.sleep_until(deadline - self.lead)
+                    if proto.closed or not proto.reusable:
+                        self._drop(proto)
+                        proto = None
+                        report.on_reconnect(0)
                 if proto is None or proto.closed:
                     if deadline is not None:
                         await pacer.sleep_until(deadline - self.lead)
-                    proto = await self._open(att)
+                    proto, kind = await self._open()
                     if proto is None:
+                        report.on_error(kind, False)
                         continue
                 if deadline is not None:
                     await pacer.wait_until(deadline)
                 if proto.closed:
-                    # lost while we waited: this request never left
-                    report.on_error("closed", False)
-                    proto = None
-                    continue
+                    # lost in the last moments before the deadline: this request has not left
+                    retry = proto.retry
+                    proto = await self._reopen(proto) if retry else None
+                    if proto is None or proto.closed:
+                        proto, kind = await self._open()
+                        if proto is None:
+                            report.on_error(kind, False)
+                            continue
+                        if not retry:
+                            report.on_reconnect(0)
                 t = proto.send(att)
                 # lateness from the send itself, not from the end of the wait
                 report.on_sent(len(req.data), None if deadline is None else t - deadline, held, t)
-            if proto is not None and not proto.closed:
-                ok = await proto.wait_idle(self.timeout_ns)
-                if not ok:
-                    proto.abort("timeout")
-                elif not proto.closed:
+            if proto is not None:
+                proto = await self._settle(proto)
+                if proto is not None and not proto.closed:
                     proto.transport.close()
         except asyncio.CancelledError:
             if proto is not None and not proto.closed and proto.transport is not None:
                 proto.pending.clear()
                 proto.transport.abort()
             raise
+
+    @staticmethod
+    def _drop(proto: ReplayProtocol):
+        if not proto.closed and proto.transport is not None:
+            proto.transport.close()

@@ -57,6 +57,7 @@ import numpy as np
 from replay.errors import UsageError
 from replay.events import F_INTERIM, KIND_REQUEST
 from replay.httpmsg import header_value, header_values
+from replay.units import NS, parse_duration_ns
 
 TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")   # RFC 9110 §5.6.2 token (field names, methods)
 
@@ -414,27 +415,21 @@ class TimeFilter:
         return m
 
 
-_UNITS = {"ns": Decimal(1), "us": Decimal(10) ** 3, "ms": Decimal(10) ** 6, "s": Decimal(10) ** 9,
-          "m": 60 * Decimal(10) ** 9, "h": 3600 * Decimal(10) ** 9}
-
-
 def parse_time(s):
     """(relative, ns) of a --since/--until value."""
     text = str(s.value).strip()
     try:
         if text.startswith("+"):
-            m = re.fullmatch(r"\+(\d+(?:\.\d*)?|\.\d+)\s*(ns|us|ms|s|m|h)?", text)
-            if m:
-                return True, int(Decimal(m.group(1)) * _UNITS[m.group(2) or "s"])
+            return True, parse_duration_ns(text[1:], s.where(), minimum=0, maximum=10 ** 10)
         elif text.startswith("@"):
-            return False, int(Decimal(text[1:]) * _UNITS["s"])
+            return False, int(Decimal(text[1:]) * NS)
         else:
             dt = datetime.fromisoformat(text)
             if dt.tzinfo is None:
                 dt = dt.astimezone()          # local time, as strftime in capture's -o
             delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
             return False, (delta.days * 86400 + delta.seconds) * 10 ** 9 + delta.microseconds * 1000
-    except (ValueError, InvalidOperation, OverflowError):
+    except (ValueError, InvalidOperation, OverflowError, UsageError):
         pass
     raise UsageError(f"{s.where()}: not a time (examples: 2024-05-01T12:00:00Z, @1714564800, "
                      "+10s, +1.5m, +250ms)")

@@ -41,7 +41,10 @@ class Setting:
         if self.origin is None:
             if self.value is True:
                 return f"--{self.key}"
-            return f"--{self.key} {shlex.quote(str(self.value))}"
+            text = str(self.value)
+            if any(c < " " or c == "\x7f" for c in text):
+                return f"--{self.key} $'{repr(text)[1:-1]}'"    # one line, as bash would quote it
+            return f"--{self.key} {shlex.quote(text)}"
         if isinstance(self.value, bool):
             return f"{self.origin}: {self.key} = {'true' if self.value else 'false'}"
         return f"{self.origin}: {self.key} = {self.value!r}"

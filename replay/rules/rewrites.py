@@ -10,6 +10,13 @@ Rules they keep:
   escapes redaction;
 - all but --redact change requests only; --redact changes responses too (Set-Cookie, JSON fields);
 - header edits keep every other byte of the head (``httpmsg`` editing rules);
+- a rewritten request-target holds only what RFC 9112 §3.2 allows (RFC 3986 path and query
+  characters, ``%`` escapes included): the literal part of a --rewrite-path replacement is
+  checked at start (a space or line break there is a usage error, not percent-encoded: the rule
+  says what to send, and guessing an encoding would hide the mistake); on each message, a result
+  with a character the rule brought in that is not allowed (CR and LF never are), from a group
+  captured elsewhere or a regex that joins odd bytes, is refused: the request keeps its target
+  and the refusal is counted (``refused``);
 - a body that changes gets a true length: with Content-Length, its value moves by as many bytes
   as the body did (so a body cut by the capture keeps its recorded promise); a chunked body is
   decoded, changed, and sent again as one chunk followed by the original trailers; a chunked body
@@ -210,10 +217,25 @@ def edit_body(msg, fn):
     return with_data(msg, head + new)
 
 
-def edit_target(msg, fn):
+# RFC 9112 §3.2 origin-form: absolute-path ["?" query], made of RFC 3986 pchar, "/" and "?"
+TARGET_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                         "-._~" "!$&'()*+,;=" ":@" "%" "/?")
+
+
+def target_ok(new: str, old: str = "") -> bool:
+    """True when ``new`` brings no character into a request-target that may not be there
+    (characters ``old`` already had are the recording's business; CR and LF never pass)."""
+    if "\r" in new or "\n" in new:
+        return False
+    extra = set(new) - TARGET_CHARS
+    return not extra or extra <= set(old)
+
+
+def edit_target(msg, fn, refused=None):
     """``msg`` with the path and query of its request-target replaced by ``fn(path_and_query)``
     (the prefix of an absolute-form target kept). The same object when nothing changed, for a
-    response, and for a target without a path (``*``, CONNECT's authority-form)."""
+    response, for a target without a path (``*``, CONNECT's authority-form), and when the result
+    is not a valid request-target (``target_ok``; then ``refused()`` is called)."""
     if msg.kind != KIND_REQUEST or msg.uri is None:
         return msg
     parts = split_target(msg.uri)
@@ -222,6 +244,10 @@ def edit_target(msg, fn):
     prefix, rest = parts
     new = fn(rest)
     if new == rest or start_line(msg.data) is None:
+        return msg
+    if not target_ok(new, rest):
+        if refused is not None:
+            refused()
         return msg
     return with_data(msg, set_target(msg.data, _latin1(prefix + new)))
 
@@ -235,6 +261,7 @@ class RewritePath:
 
     def __init__(self, rules):
         self.rules = rules          # (compiled regex, replacement)
+        self.refused = 0            # results that were not a valid request-target
 
     @classmethod
     def from_settings(cls, settings):
@@ -244,6 +271,12 @@ class RewritePath:
             rx = _compile(pat, s)
             repl = replacement(repl)
             _check_template(rx, repl, s)
+            literal = re.sub("", re.sub(r"\\g<\w+>|\\\d+", "", repl), "", count=1)
+            bad = sorted(set(literal) - TARGET_CHARS)
+            if bad:
+                raise UsageError(f"{s.where()}: the replacement holds {', '.join(map(repr, bad))}, "
+                                 "not allowed in a request-target (RFC 9112 §3.2; percent-encode "
+                                 "it, e.g. %20 for a space)")
             rules.append((rx, repl))
         return [cls(rules)] if rules else []
 
@@ -252,8 +285,11 @@ class RewritePath:
             rest = rx.sub(repl, rest)
         return rest
 
+    def _refused(self):
+        self.refused += 1
+
     def apply(self, msg):
-        return edit_target(msg, self._sub)
+        return edit_target(msg, self._sub, self._refused)
 
 
 def _check_template(rx, repl, s):

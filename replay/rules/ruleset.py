@@ -132,6 +132,12 @@ class Rules:
         """A --set-header Host rule: play then sends it instead of the target's Host."""
         return any(getattr(r, "sets_host", False) for r in self.rewrites)
 
+    @property
+    def refused_rewrites(self) -> int:
+        """Rewrites not applied because their result was not valid (a request-target with a
+        space or line break): the message went on as it was."""
+        return sum(getattr(r, "refused", 0) for r in self.rewrites)
+
     def describe(self) -> dict:
         """The rules as a rules file would write them (for the metadata of what they produce);
         the redaction key is not shown."""

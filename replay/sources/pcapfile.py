@@ -17,6 +17,7 @@ import os
 import struct
 
 from replay.errors import InputError
+from replay.spool import given_name
 
 _META = struct.Struct("=IIII")
 
@@ -116,7 +117,7 @@ class PcapFile:
             recs.append(_META.pack(sec, usec, off, len(data)))
             off += len(data)
         self.warnings.append(
-            f"{self.path}: capture is cut short after packet {self.packets_read + len(recs)} "
+            f"{given_name(self.path)}: capture is cut short after packet {self.packets_read + len(recs)} "
             f"({error}); every packet before the cut was read")
         if recs:
             self.packets_read += len(recs)
