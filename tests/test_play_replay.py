@@ -220,8 +220,8 @@ def test_output_log(tmp_path):
     assert set(reqs) == set(resps) == recorded
     for key, r in resps.items():
         assert r.status == 200 and r.method == reqs[key].method and r.ts_first >= reqs[key].ts_first
-    # beside them, the recorded responses of the same requests, unchanged
-    want = [m for m in open_input(str(SAMPLE)) if m.kind != KIND_REQUEST and (m.conn, m.index) in recorded]
+    # after them, the recorded exchanges of the same requests, unchanged
+    want = [m for m in open_input(str(SAMPLE)) if (m.conn, m.index) in recorded]
     assert [m for m in msgs if not m.flags & F_REPLAYED] == want
     meta = LogReader(str(out)).meta
     assert meta["command"] == "play" and meta["report"]["answered"] == 37

@@ -87,7 +87,7 @@ def test_candidate_against_baseline_and_noise_finds_exactly_the_injected(runs):
     assert p.returncode == 3, p.stderr
     assert "gate breached" in p.stderr
     rep = json.loads(js.read_text())
-    assert found(rep) == INJECTED
+    assert found(rep) == INJECTED, (found(rep), p.stdout)
     assert rep["totals"]["exchanges"] == sum(len(c) for c in traffic())
     assert rep["totals"]["without_baseline"] == 0
     assert not rep["suspected_noise"]

@@ -130,7 +130,9 @@ def test_latency_needs_size_and_significance():
     th = Thresholds()
     base = _hist([10_000] * 200)
     slower = _hist([10_000] * 100 + [30_000] * 100)
-    assert [p for p, *_ in latency_regressed(base, slower, None, th)] == [90, 99]
+    assert [p for p, *_ in latency_regressed(base, slower, None, th)] == [90]   # p99 needs 500
+    base, slower = _hist([10_000] * 600), _hist([10_000] * 580 + [30_000] * 20)
+    assert [p for p, *_ in latency_regressed(base, slower, None, th)] == [99]
     same = _hist([10_000] * 200)
     assert latency_regressed(base, same, None, th) == []
     few = _hist([30_000] * 5)

@@ -11,7 +11,8 @@ Rules (each threshold settable from ``replay report``):
   slower than the baseline by more than ``latency_rel`` (20 %) and ``latency_abs_ms`` (1 ms),
   beyond what the noise run moved, with at least ``min_count`` (20) exchanges on each side, and
   significantly so: of the candidate's samples, more lie above the baseline's p-th percentile
-  than chance allows (a one-sided binomial test at z > 3, about 1 in 700);
+  than chance allows (a one-sided binomial test at z > 3, about 1 in 700), judged only where at
+  least 5 samples are expected above the percentile (p90 needs 50 exchanges, p99 500);
 - the gate (``--fail-on``): ``regression`` (any), a kind (``status``, ``latency``, ``body``,
   ``header``, ``error``), or a limit: ``p99>+20%`` / ``p50>+5ms`` (an endpoint's service time),
   ``5xx>0.1%`` / ``errors>0`` (the candidate's share of all exchanges). Breached: exit 3.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from replay.errors import UsageError
 
 PERCENTILES = (50, 90, 99)
+MIN_TAIL = 5        # samples expected above a percentile for a verdict on it (p99: 500 exchanges)
 KINDS = ("status", "error", "latency", "body", "header")
 
 
@@ -65,6 +67,9 @@ def latency_regressed(base, cand, noise, th: Thresholds):
         return []
     out = []
     for p in PERCENTILES:
+        q = 1 - p / 100
+        if min(nb, nc) * q < MIN_TAIL:
+            continue        # too few samples above this percentile to tell anything of it
         b = base.get_value_at_percentile(p)
         c = cand.get_value_at_percentile(p)
         if b <= 0:
@@ -74,7 +79,6 @@ def latency_regressed(base, cand, noise, th: Thresholds):
             allowed += max(0.0, noise.get_value_at_percentile(p) / b - 1)
         if not (c > b * (1 + allowed) and (c - b) / 1000 > th.latency_abs_ms):
             continue
-        q = 1 - p / 100
         k = count_above(cand, base.get_highest_equivalent_value(b))
         z = (k - nc * q) / math.sqrt(nc * q * (1 - q))
         if z > th.z:
