@@ -9,6 +9,11 @@ frame given twice (the second copy a retransmission) and of the frame cut at the
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: this checkout's replay
+
 import struct
 
 import atheris

@@ -11,6 +11,11 @@ any shape).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: this checkout's replay
+
 import atheris
 
 with atheris.instrument_imports(include=["replay"]):

@@ -9,6 +9,11 @@ nothing at all.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: this checkout's replay
+
 import binascii
 
 import atheris

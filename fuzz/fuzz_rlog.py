@@ -11,6 +11,11 @@ iteration, ``table()`` and ``messages_at`` over its rows, ``block_payload``, ``r
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: this checkout's replay
+
 import os
 import struct
 import tempfile

@@ -10,6 +10,11 @@ by the file, which is what they are for. Only ``ReplayError`` may escape; every 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: this checkout's replay
+
 import os
 import tempfile
 
