@@ -111,6 +111,24 @@ def differ(what: str, pure_result, compiled_result) -> AssertionError:
     return AssertionError("\n".join(lines))
 
 
+def scratch_file(suffix: str):
+    """(path, write) of a file the harness rewrites for every input, gone when the process ends:
+    unlinked at once and reached through /proc/self/fd where there is one."""
+    import tempfile
+
+    d = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    fd, path = tempfile.mkstemp(prefix="replay-fuzz-", suffix=suffix, dir=d)
+    if os.path.isdir("/proc/self/fd"):
+        os.unlink(path)
+        path = f"/proc/self/fd/{fd}"
+
+    def write(data: bytes) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+
+    return path, write
+
+
 def main(test_one_input, instrumented=()):
     """Run a harness under libFuzzer (``sys.argv``: libFuzzer's flags and corpus directories)."""
     import atheris

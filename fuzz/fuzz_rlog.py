@@ -28,11 +28,9 @@ with atheris.instrument_imports(include=["replay"]):
     from replay.log import format as fmt
     from replay.log.reader import LogReader
 
-from fuzz._common import capture_messages, capture_paths, main
+from fuzz._common import scratch_file, capture_messages, capture_paths, main
 
-_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-_FD, _PATH = tempfile.mkstemp(prefix="replay-fuzz-", suffix=".rlog", dir=_DIR)
-os.close(_FD)
+_PATH, _write = scratch_file(".rlog")
 
 
 def repair(buf: bytearray) -> None:
@@ -85,8 +83,7 @@ def TestOneInput(data: bytes) -> None:
     buf = bytearray(data[1:])
     if data[0] & 1:
         repair(buf)
-    with open(_PATH, "wb") as f:
-        f.write(buf)
+    _write(bytes(buf))
     try:
         read_all(_PATH)
     except ReplayError:

@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: this checkout's replay
 
 import os
-import tempfile
 
 import atheris
 
@@ -27,11 +26,9 @@ with atheris.instrument_imports(include=["replay"]):
     from replay.rules import filters, rewrites, rulesfile  # noqa: F401 (instrumented for Rules)
     from replay.rules.ruleset import Rules
 
-from fuzz._common import T0, capture_messages, capture_paths, main
+from fuzz._common import scratch_file, T0, capture_messages, capture_paths, main
 
-_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-_FD, _PATH = tempfile.mkstemp(prefix="replay-fuzz-", suffix=".toml", dir=_DIR)
-os.close(_FD)
+_PATH, _write = scratch_file(".toml")
 SKIPPED = {"plugin", "middleware", "middleware-on-error"}
 MAX_MESSAGE = 4096  # a fuzzed regex may backtrack for long: it is the user's own, on short text
 
@@ -47,8 +44,7 @@ def messages(data: bytes):
 
 def TestOneInput(data: bytes) -> None:
     toml, _, msg = data.partition(b"\0")
-    with open(_PATH, "wb") as f:
-        f.write(toml)
+    _write(bytes(toml))
     try:
         settings = [s for s in rulesfile.load(_PATH) if s.key not in SKIPPED]
         rules = Rules(settings)
