@@ -340,6 +340,8 @@ class LogReader:
                 return meta
             except (FormatError, ValueError) as e:
                 self._warn(f"metadata block at offset {off} is damaged ({e}), ignored")
+            except RecursionError:  # json recurses once per level of nesting
+                self._warn(f"metadata block at offset {off} is damaged (JSON nested too deeply), ignored")
         return {}
 
     # -- reading blocks --------------------------------------------------------------------------

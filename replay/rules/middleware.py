@@ -112,6 +112,26 @@ def message_id(conn: int, index: int) -> bytes:
     return b"%016x%08x" % (conn & _MASK64, index & UNPAIRED_INDEX)
 
 
+def decode_answer(line: bytes, nline: int = 1):
+    """``((TYPE, ID), payload)`` of one line the middleware wrote, None for a blank line;
+    ``MiddlewareError`` saying what is wrong with any other line (``nline`` numbers it)."""
+    s = line.strip()
+    if not s:
+        return None
+    try:
+        raw = binascii.unhexlify(s)
+    except (binascii.Error, ValueError):
+        raise MiddlewareError(f"wrote a line that is not hex on its stdout (line {nline}: {_preview(line)}); "
+                              f"only answers go there, logs go to stderr") from None
+    nl = raw.find(b"\n")
+    parts = raw[:nl].split(b" ") if nl >= 0 else []
+    if len(parts) < 2 or parts[0] not in TYPES or not parts[1]:
+        what = "no meta line" if nl < 0 else f"a bad meta line {_preview(raw[:nl])}"
+        raise MiddlewareError(f"wrote an answer with {what} on its stdout (line {nline}); "
+                              f"expected 'TYPE ID TIMESTAMP LATENCY', TYPE 1, 2 or 3")
+    return (parts[0], parts[1]), raw[nl + 1:]
+
+
 class _Entry:
     __slots__ = ("seq", "key", "msg", "size", "t")
 
@@ -531,24 +551,14 @@ class Middleware:
         try:
             for line in out:
                 nline += 1
-                s = line.strip()
-                if not s:
-                    continue
                 try:
-                    raw = binascii.unhexlify(s)
-                except (binascii.Error, ValueError):
-                    self._fail(f"wrote a line that is not hex on its stdout (line {nline}: {_preview(line)}); "
-                               f"only answers go there, logs go to stderr")
+                    answer = decode_answer(line, nline)
+                except MiddlewareError as e:
+                    self._fail(str(e))
                     return
-                nl = raw.find(b"\n")
-                parts = raw[:nl].split(b" ") if nl >= 0 else []
-                if len(parts) < 2 or parts[0] not in TYPES or not parts[1]:
-                    what = "no meta line" if nl < 0 else f"a bad meta line {_preview(raw[:nl])}"
-                    self._fail(f"wrote an answer with {what} on its stdout (line {nline}); "
-                               f"expected 'TYPE ID TIMESTAMP LATENCY', TYPE 1, 2 or 3")
-                    return
-                key = (parts[0], parts[1])
-                payload = raw[nl + 1:]
+                if answer is None:
+                    continue
+                key, payload = answer
                 if not self._answer(key, payload):
                     # stopping (or gone without it): keep its stdout flowing so that it can
                     # reach the end of its input and exit

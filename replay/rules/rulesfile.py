@@ -45,6 +45,8 @@ def load(path: str) -> list:
         raise UsageError(f"{path}: not a TOML file (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and tables
+        raise UsageError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     return settings_from_table(data, path)
 
 

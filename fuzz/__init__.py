@@ -1,0 +1,1 @@
+"""Coverage-guided fuzz harnesses (atheris/libFuzzer) for every parser of outside bytes; see fuzz/run.py."""

@@ -1,0 +1,44 @@
+"""Inputs the fuzz harnesses (fuzz/) showed to break an invariant, kept so they stay fixed.
+
+The invariant is the one every harness holds: bytes from outside make replay raise a
+``ReplayError`` (one line from the CLI), never another exception.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from replay.errors import LogFormatError, ReplayError, UsageError
+from replay.log import format as fmt
+from replay.log.reader import LogReader
+from replay.rules import rulesfile
+
+DEEP = 100_000  # deeper than Python's recursion limit
+
+
+def _log_with_meta(meta: bytes) -> bytes:
+    return fmt.pack_file_header() + b"".join(fmt.pack_block(fmt.BLOCK_META, 0, 0, 0, 0, meta, len(meta)))
+
+
+def test_rlog_metadata_nested_too_deep_is_a_warning(tmp_path):
+    """A metadata block whose JSON nests past the recursion limit raised RecursionError."""
+    path = tmp_path / "deep.rlog"
+    path.write_bytes(_log_with_meta(b"[" * DEEP))
+    with LogReader(path) as r:
+        assert r.meta == {}
+        assert len(r) == 0
+        assert any("metadata block" in w for w in r.warnings)
+
+
+@pytest.mark.parametrize("text", ["a = " + "[" * DEEP, "a = " + "{b = " * DEEP],
+                         ids=["arrays", "inline-tables"])
+def test_rules_file_nested_too_deep_is_a_usage_error(tmp_path, text):
+    """tomllib recurses once per nesting level: a deep file raised RecursionError."""
+    path = tmp_path / "deep.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match="deep.toml: not valid TOML"):
+        rulesfile.load(str(path))
+
+
+def test_errors_of_both_are_replay_errors():
+    assert issubclass(LogFormatError, ReplayError) and issubclass(UsageError, ReplayError)
