@@ -3,9 +3,9 @@
 Rules:
 - the page fetches nothing: styles and the little script are inline, the charts are SVG drawn
   by ``replay.analysis.svg``; it opens from ``file://`` without a network;
-- everything from the report reaches the page through Jinja2's autoescaping, or through
-  ``markupsafe.escape`` when built here as markup (bodies, URIs, headers and endpoint names are
-  captured traffic). A Content-Security-Policy allows only the page's own script (by its hash),
+- everything from the report reaches the page through Jinja2's autoescaping, or escaped here
+  (``_text``) when built as markup (bodies, URIs, headers and endpoint names are captured
+  traffic). A Content-Security-Policy allows only the page's own script (by its hash),
   so even a missed escape could not run injected code;
 - the template reads a view built here (``_view``), never the report directly: keys missing
   from older reports get their defaults in one place, and new keys do no harm;
@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
 from replay.analysis import svg
 from replay.analysis.diff import _key, generic
@@ -257,6 +257,12 @@ def _example(x: dict, field: str, base_label: str) -> dict:
             "uri": x.get("uri"), "curl": x.get("curl"), "panes": panes}
 
 
+def _text(s: str) -> str:
+    """Escaped for element content (a <pre>): quotes need no escape there, which keeps JSON
+    readable in the page's source and the page smaller."""
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _clean(text: str) -> str:
     return _CONTROL.sub("\ufffd", text.replace("\r\n", "\n"))
 
@@ -273,11 +279,11 @@ def message(text: str, field: str) -> tuple:
     for line in _clean(raw_head).split("\n"):
         name = line.split(":", 1)[0].strip().lower() if ":" in line else None
         if hname is not None and name == hname:
-            lines.append(Markup("<mark>%s</mark>") % line)
+            lines.append("<mark>" + _text(line) + "</mark>")
             marks += 1
         else:
-            lines.append(escape(line))
-    head = Markup("\n").join(lines)
+            lines.append(_text(line))
+    head = Markup("\n".join(lines))
     note = None
     value = None
     if raw_body[:1] in ("{", "[") or raw_body.lstrip()[:1] in ("{", "["):
@@ -294,7 +300,7 @@ def message(text: str, field: str) -> tuple:
             return head, Markup("".join(parts)), marks + n, note
         except RecursionError:
             note = "the body is nested too deeply to pretty-print: shown as it is"
-    return head, escape(_clean(raw_body)), marks, note
+    return head, Markup(_text(_clean(raw_body))), marks, note
 
 
 def _pretty(v, path: str, field, depth: int, out: list, marks=None) -> int:
@@ -316,7 +322,7 @@ def _pretty(v, path: str, field, depth: int, out: list, marks=None) -> int:
     if isinstance(v, dict) and v:
         out.append("{\n")
         for i, (k, x) in enumerate(v.items()):
-            out.append(pad + str(escape(json.dumps(str(k), ensure_ascii=False))) + ": ")
+            out.append(pad + _text(_clean(json.dumps(str(k), ensure_ascii=False))) + ": ")
             _pretty(x, path + _key(str(k)), field, depth + 1, out, marks)
             out.append(",\n" if i < len(v) - 1 else "\n")
         out.append(end + "}")
@@ -328,5 +334,5 @@ def _pretty(v, path: str, field, depth: int, out: list, marks=None) -> int:
             out.append(",\n" if i < len(v) - 1 else "\n")
         out.append(end + "]")
     else:
-        out.append(str(escape(_clean(json.dumps(v, ensure_ascii=False)))))
+        out.append(_text(_clean(json.dumps(v, ensure_ascii=False))))
     return marks[0]
