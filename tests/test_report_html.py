@@ -48,7 +48,8 @@ def _endpoint(name, count, b50, c50, regressions=(), matrix=None):
     c = _lat(count, c50, c50 * 2, c50 * 5, c50 * 6)
     return {"endpoint": name, "count": count,
             "status": {"changed": sum(m["count"] for m in matrix or [] if m["baseline"] != m["candidate"]),
-                       "rate": 0.0, "noise_changed": 0, "noise_compared": 0,
+                       "rate": sum(m["count"] for m in matrix or [] if m["baseline"] != m["candidate"]) / count,
+                       "noise_changed": 0, "noise_compared": 0,
                        "matrix": matrix or [{"baseline": "200", "candidate": "200", "count": count}]},
             "errors": {"candidate": {}, "noise": {}},
             "latency": {"service": {"baseline": b, "candidate": c, "noise": NONE_LAT},

@@ -76,7 +76,7 @@ def fmt(v: float) -> str:
 class _Frame:
     """A plot area inside a viewBox, with the mapping from data to pixels."""
 
-    def __init__(self, width, height, x0, x1, y0, y1, left=56, right=16, top=28, bottom=40):
+    def __init__(self, width, height, x0, x1, y0, y1, left=56, right=30, top=44, bottom=40):
         self.w, self.h = width, height
         self.left, self.right, self.top, self.bottom = left, right, top, bottom
         self.x0, self.x1 = x0, (x1 if x1 > x0 else x0 + 1)
@@ -124,7 +124,7 @@ def _axes(f: _Frame, xticks, yticks, xlabel, ylabel) -> list:
         out.append(f"<text x='{(f.left + f.w - f.right) / 2}' y='{f.h - 6}' text-anchor='middle' "
                    f"fill='#495057'>{escape(xlabel)}</text>")
     if ylabel:
-        out.append(f"<text x='{f.left}' y='{f.top - 8}' text-anchor='start' fill='#495057'>"
+        out.append(f"<text x='{f.left - 6}' y='{f.top - 12}' text-anchor='end' fill='#495057'>"
                    f"{escape(ylabel)}</text>")
     return out
 
@@ -165,7 +165,7 @@ def _polylines(f: _Frame, name, i, points, unit, xname) -> list:
     return out
 
 
-def percentile_chart(curves: dict, title="Service time by percentile", width=640, height=300) -> Markup:
+def percentile_chart(curves: dict, title="Service time by percentile", width=640, height=320) -> Markup:
     """``curves``: {run: [[percentile, ms], ...]}, drawn on an HDR-style percentile axis."""
     series = {k: [(p, v) for p, v in (pts or []) if p is not None] for k, pts in (curves or {}).items()}
     values = [v for pts in series.values() for _, v in pts if v is not None]
@@ -184,7 +184,7 @@ def percentile_chart(curves: dict, title="Service time by percentile", width=640
     return Markup("".join(out))
 
 
-def time_chart(series: dict, key: str, title: str, unit: str, width=640, height=220) -> Markup:
+def time_chart(series: dict, key: str, title: str, unit: str, width=640, height=240) -> Markup:
     """``series``: {run: [{"t": seconds, key: value}, ...]}: one line per run over time."""
     pts = {k: [(p.get("t"), p.get(key)) for p in (v or []) if p.get("t") is not None]
            for k, v in (series or {}).items()}
