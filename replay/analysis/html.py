@@ -144,7 +144,8 @@ def _view(r: dict) -> dict:
         "chart_percentiles": svg.percentile_chart(curves),
         "chart_rps": svg.time_chart(timeline, "requests_per_s", "Requests per second", "req/s"),
         "chart_p99": svg.time_chart(timeline, "p99_ms", "p99 service time over time", "ms"),
-        "chart_bars": svg.change_bars(changed[:MAX_BARS]),
+        "chart_bars": svg.change_bars(
+            changed[:MAX_BARS], f"Service time change per endpoint, candidate vs {base_label}"),
         "bars_total": len(changed), "bars_shown": min(len(changed), MAX_BARS),
         "matrix": matrix,
         "statuses": _statuses(r.get("statuses") or {}),
