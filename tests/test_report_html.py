@@ -337,7 +337,7 @@ def test_large_reports_are_capped_and_say_so():
     assert len(rows) == H.MAX_ENDPOINTS
     assert f"The first {H.MAX_ENDPOINTS} of {H.MAX_ENDPOINTS + 50} endpoints are shown" in page
     assert f"The first {H.MAX_DETAILED} of {4 * (H.MAX_ENDPOINTS + 50)} regressions are detailed" in page
-    assert page.count("class=\"reg\"") == H.MAX_DETAILED
+    assert len(re.findall(r"class=\"reg [a-z]+\"", page)) == H.MAX_DETAILED
     assert sum(1 for t, a in p.tags if t == "rect" and a.get("height") == "10") <= 2 * H.MAX_BARS
     assert len(page) < 3_000_000
 
