@@ -129,7 +129,8 @@ class _Run:
         self.hist = _hist()
         self.t0 = t_min
         span = max(1, (t_max or 0) - (t_min or 0))
-        self.width = max(1_000_000_000, -(-span // TIMELINE_BUCKETS))
+        # buckets start at 10 ms and double as the run outlasts them (see _coarser)
+        self.width = max(10_000_000, -(-span // TIMELINE_BUCKETS))
         self.buckets: dict = {}
         self.statuses = Counter()
         self.count = 0
@@ -223,13 +224,12 @@ class Analysis:
         self.window = window
         self.ignored_headers = frozenset(ignored_headers) | self.ignore.headers
         self.eps: dict = {}
-        self.runs = {"candidate": _Run("candidate", self.cand.t_min, self.cand.t_max)}
-        if self.base:
-            self.runs["baseline"] = _Run("baseline", self.base.t_min, self.base.t_max)
-        else:
-            self.runs["recorded"] = _Run("recorded", None, None)
+        # each run's timeline starts at its own first request (a log's time span also covers
+        # the recording inside it)
+        self.runs = {"candidate": _Run("candidate", None, None)}
+        self.runs["baseline" if self.base else "recorded"] = _Run("baseline", None, None)
         if self.noise:
-            self.runs["noise"] = _Run("noise", self.noise.t_min, self.noise.t_max)
+            self.runs["noise"] = _Run("noise", None, None)
         self.totals = Counter()
         self._repeat: OrderedDict = OrderedDict()   # request identity -> baseline Side
         self.repeats = 0                             # repeated requests seen in the baseline
