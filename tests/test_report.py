@@ -159,3 +159,33 @@ def test_bad_input_is_one_line(runs, args, msg):
     p = replay("report", *[a.format(**subst) for a in args])
     assert p.returncode == 2, p.stderr
     assert msg in p.stderr and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_replay_errors_and_the_intended_send_time(tmp_path):
+    """A target that resets every connection: each request of the run log has a failed record
+    naming the error, and the report calls it an error regression against the recording.
+    A timed run's requests carry when they were due and when they left."""
+    from replay.events import F_FAILED, F_REPLAYED, KIND_REQUEST
+    from replay.log import LogReader
+    from tests.play_helpers import FaultServer, spread_capture
+
+    cap = spread_capture(tmp_path / "s.pcap", n=12, conns=2, span_ns=300 * MS)
+    out = tmp_path / "reset.rlog"
+    with FaultServer("reset") as srv:
+        p = replay("play", cap, "--target", srv.url, "-o", out, "-q", "--timeout", "2")
+        assert p.returncode == 1, p.stderr          # every request failed
+    msgs = list(LogReader(str(out)))
+    failed = [m for m in msgs if m.flags & F_FAILED]
+    reqs = [m for m in msgs if m.flags & F_REPLAYED and m.kind == KIND_REQUEST]
+    assert len(failed) == len(reqs) == 12
+    assert {m.data for m in failed} <= {b"reset", b"closed"} and failed[0].status == 0
+    # a timed replay: due (ts_first) no later than sent (ts_last), and close to it
+    assert all(0 <= m.ts_last - m.ts_first < 50 * MS for m in reqs)
+    js = tmp_path / "r.json"
+    p = replay("report", out, "--json", js, "--fail-on", "errors>0")
+    assert p.returncode == 3, p.stderr
+    rep = json.loads(js.read_text())
+    (ep,) = rep["endpoints"]
+    kinds = {(r["kind"], r["field"]) for r in ep["regressions"]}
+    assert kinds and all(k == "error" for k, _ in kinds), kinds
+    assert rep["totals"]["candidate"]["errors"] == 12

@@ -129,8 +129,8 @@ class _Run:
         self.hist = _hist()
         self.t0 = t_min
         span = max(1, (t_max or 0) - (t_min or 0))
-        # buckets start at 10 ms and double as the run outlasts them (see _coarser)
-        self.width = max(10_000_000, -(-span // TIMELINE_BUCKETS))
+        # buckets start at 100 ms and double as the run outlasts them (see _coarser)
+        self.width = max(100_000_000, -(-span // TIMELINE_BUCKETS))
         self.buckets: dict = {}
         self.statuses = Counter()
         self.count = 0

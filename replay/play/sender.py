@@ -40,7 +40,8 @@ from urllib.parse import urlsplit
 
 from replay import core
 from replay.errors import UsageError
-from replay.events import F_INCOMPLETE, F_INTERIM, F_REPLAYED, KIND_REQUEST, Message
+from replay.events import (F_FAILED, F_INCOMPLETE, F_INTERIM, F_REPLAYED, KIND_REQUEST,
+                           KIND_RESPONSE, Message)
 from replay.httpmsg import header_value
 from replay.play.scheduler import NS, Pacer, Schedule
 
@@ -314,8 +315,9 @@ def _expire(fut):
 class Player:
     """Runs a plan against a target on the current event loop; results go to ``report``.
 
-    ``on_exchange(attempt, request_message, response_message)``, when given, sees every answered
-    request with the bytes sent and the response received (for ``--output``).
+    ``on_exchange(attempt, request_message, response_message)``, when given, sees every request
+    tried with the bytes sent and the response received, or a ``failed`` record whose data is
+    the error's kind (for ``--output``).
     """
 
     def __init__(self, plan, schedule: Schedule, target: Target, options: Options, report,
@@ -349,11 +351,24 @@ class Player:
 
     def failed(self, att: Attempt, kind: str, was_sent: bool):
         self.report.on_error(kind, was_sent)
+        if self.on_exchange is not None:
+            now = self.clock.now()
+            req = self._request_message(att, None, att.sent_ns if was_sent and att.sent_ns else now)
+            t = now + self.wall_offset
+            r = att.req
+            self.on_exchange(att, req, Message(
+                KIND_RESPONSE, att.conn_id, r.index, t, t, req.client, req.server,
+                F_REPLAYED | F_FAILED | F_INCOMPLETE, kind.encode("ascii"), r.method, r.uri, 0, 0, 0))
 
-    def _request_message(self, att, proto):
+    def _request_message(self, att, proto, sent_ns=None):
+        """The request as sent: ``ts_first`` when it was due (its deadline; the send itself for
+        --speed max), ``ts_last`` when it was written."""
         r = att.req
-        t = att.sent_ns + self.wall_offset
-        return Message(KIND_REQUEST, att.conn_id, r.index, t, t, proto.local, proto.peer,
+        sent = (att.sent_ns if sent_ns is None else sent_ns) + self.wall_offset
+        due = att.deadline + self.wall_offset if att.deadline is not None else sent
+        local, peer = (proto.local, proto.peer) if proto is not None else \
+            (("", 0), (self.target.addr, self.target.port))
+        return Message(KIND_REQUEST, att.conn_id, r.index, min(due, sent), sent, local, peer,
                        F_REPLAYED | r.flags, r.data, r.method, r.uri, 0, r.body_length,
                        r.head_length)
 
@@ -462,7 +477,7 @@ class Player:
         new, kind = await self._open()
         if new is None:
             for att in atts:
-                self.report.on_error(kind, True)
+                self.failed(att, kind, True)
             return None
         self.report.on_reconnect(len(atts), sum(len(a.req.data) for a in atts))
         for att in atts:
@@ -520,7 +535,7 @@ class Player:
                         await pacer.sleep_until(deadline - self.lead)
                     proto, kind = await self._open()
                     if proto is None:
-                        report.on_error(kind, False)
+                        self.failed(att, kind, False)
                         continue
                 if deadline is not None:
                     await pacer.wait_until(deadline)
@@ -531,7 +546,7 @@ class Player:
                     if proto is None or proto.closed:
                         proto, kind = await self._open()
                         if proto is None:
-                            report.on_error(kind, False)
+                            self.failed(att, kind, False)
                             continue
                         if not retry:
                             report.on_reconnect(0)
