@@ -11,7 +11,8 @@ import click
 @click.command("convert")
 @click.argument("capture", type=click.Path(dir_okay=False))
 @click.option("-o", "-w", "--output", "output", required=True, type=click.Path(dir_okay=False),
-              help="The .rlog file to write (replaced if it exists; created with mode 0600).")
+              help="The .rlog file to write (created with mode 0600; an existing file is replaced "
+                   "once the new one is complete).")
 @click.option("--port", "ports", type=int, multiple=True,
               help="Only connections to or from these ports (repeatable). Default: every TCP port.")
 @click.option("--max-stream-buffer", type=int, default=4 << 20, show_default=True,
@@ -26,12 +27,12 @@ import click
 def command(capture, output, ports, max_stream_buffer, max_total_buffer, idle_timeout, level, quiet):
     """Reassemble the HTTP/1.x messages of CAPTURE and write them to a log."""
     from replay import __version__, core
-    from replay.errors import ReplayError
     from replay.log import LogWriter
+    from replay.outputs import LOG_MODE, Outputs
     from replay.pipeline import CaptureReader
 
-    if os.path.exists(output) and os.path.samefile(output, capture):
-        raise ReplayError(f"{output}: output would overwrite the capture it reads")
+    outputs = Outputs({"the capture": capture})
+    out = outputs.atomic(output, "-o", mode=LOG_MODE)
     t0 = time.perf_counter()
     reader = CaptureReader(capture, ports=ports, max_stream_buffer=max_stream_buffer,
                            max_total_buffer=max_total_buffer, idle_timeout=idle_timeout)
@@ -44,16 +45,17 @@ def command(capture, output, ports, max_stream_buffer, max_total_buffer, idle_ti
         "ports": list(ports),
     }
     requests = responses = 0
-    with LogWriter(output, meta=meta, level=level) as writer:
-        for msg in reader:
-            writer.write(msg)
-            if msg.kind == 0:
-                requests += 1
-            else:
-                responses += 1
-        writer.update_meta({"stats": reader.stats, "warnings": list(reader.warnings),
-                            "packets_read": reader.source.packets_read})
-        writer.close(fsync=False)
+    with outputs.open():
+        with LogWriter(out.path, fd=out.detach(), meta=meta, level=level) as writer:
+            for msg in reader:
+                writer.write(msg)
+                if msg.kind == 0:
+                    requests += 1
+                else:
+                    responses += 1
+            writer.update_meta({"stats": reader.stats, "warnings": list(reader.warnings),
+                                "packets_read": reader.source.packets_read})
+            writer.close(fsync=False)
     dt = time.perf_counter() - t0
     for w in reader.warnings:
         click.echo(f"replay: warning: {w}", err=True)
