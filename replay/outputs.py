@@ -124,11 +124,11 @@ def _lock(real: str, shown: str) -> _Lock:
     for _ in range(100):
         try:
             fd = os.open(lp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except PermissionError:
+        except PermissionError as denied:
             try:   # a lock file another user left: reading is enough to lock it
                 fd = os.open(lp, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                raise OutputError(f"{shown}: cannot create: {reason(e)}") from None
+            except OSError:
+                raise OutputError(f"{shown}: cannot create: {reason(denied)}") from None
         except OSError as e:
             raise OutputError(f"{shown}: cannot create: {reason(e)}") from None
         try:

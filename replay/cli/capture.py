@@ -10,7 +10,7 @@ import time
 
 import click
 
-from replay.cli.ruleopts import rule_options, rules_from_kwargs
+from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwargs
 from replay.errors import UsageError
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -137,6 +137,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     from replay.capture import (CaptureSession, OutputFiles, check_output, expand_name,
                                 raise_priority)
     from replay.errors import CaptureError, OutputError
+    from replay.outputs import check_distinct
     from replay.pipeline import tune_allocator
     from replay.sources.live import LiveCapture, drop_privileges
 
@@ -153,7 +154,10 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     dur = parse_seconds(duration, "--duration") if duration else None
     rsize = parse_size(rotate_size, 1, "--rotate-size") if rotate_size else None
     rint = parse_seconds(rotate_interval, "--rotate-interval") if rotate_interval else None
-    check_output(expand_name(output, time.time(), set()))
+    first = expand_name(output, time.time(), set())
+    check_output(first)
+    inputs = rule_input_files(rule_kwargs)
+    check_distinct(first, "-o", inputs)
     rules = rules_from_kwargs(rule_kwargs)   # bad rules fail before the interface opens
 
     # Signals first: a Ctrl-C while the interface opens must not leave a traceback.
@@ -200,7 +204,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
             if rules is not None:
                 meta["rules"] = rules.describe()
             outputs = OutputFiles(output, meta, rotate_size=rsize, rotate_interval=rint,
-                                  level=level)
+                                  level=level, inputs=inputs)
             try:
                 outputs.open()
             except OutputError as e:
