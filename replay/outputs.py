@@ -294,27 +294,26 @@ class AtomicFile(_Output):
             except OSError as e:
                 raise OutputError(f"{self.path}: cannot write: {reason(e)}") from None
             return self
-        self._lock = _lock(real, self.path)
+        _guard_enter()     # before the temporary file exists, so that no SIGTERM leaves it
         try:
+            self._lock = _lock(real, self.path)
             _remove_stale_temps(real)
             d, base = os.path.split(real)
             mode = self._mode_for(st)
-            self.tmp = os.path.join(d, f".{base}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+            tmp = os.path.join(d, f".{base}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
             try:
-                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+                self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
             except OSError as e:
-                self.tmp = None
                 raise OutputError(f"{self.path}: cannot create: {reason(e)}") from None
+            self.tmp = tmp
             if self.mode is not None or st is not None:
                 try:
                     os.fchmod(self.fd, mode)   # exact, whatever the umask
                 except OSError:
                     pass
         except BaseException:
-            self._lock.release()
-            self._lock = None
+            self.discard()
             raise
-        _guard_enter()
         return self
 
     def write_text(self, text: str) -> None:
@@ -367,6 +366,7 @@ class AtomicFile(_Output):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if self._opened and not self.direct:
             _guard_exit()
 
 
