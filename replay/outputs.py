@@ -187,8 +187,7 @@ def _remove_stale_temps(real: str) -> None:
 
 # -- SIGTERM while a temporary file is open -------------------------------------------------------
 
-_guard = {"depth": 0, "installed": False}
-_guard_lock = threading.Lock()
+_guard = {"depth": 0, "installed": False}     # main thread only: no lock an interrupt could leave held
 
 
 def _on_sigterm(signum, frame):
@@ -196,29 +195,31 @@ def _on_sigterm(signum, frame):
 
 
 def _guard_enter() -> None:
-    with _guard_lock:
-        _guard["depth"] += 1
-        if _guard["depth"] > 1 or threading.current_thread() is not threading.main_thread():
-            return
-        try:
-            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-                signal.signal(signal.SIGTERM, _on_sigterm)
-                _guard["installed"] = True
-        except (ValueError, OSError):
-            pass
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _guard["depth"] += 1
+    if _guard["depth"] > 1:
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+            _guard["installed"] = True
+    except (ValueError, OSError):
+        pass
 
 
 def _guard_exit() -> None:
-    with _guard_lock:
-        _guard["depth"] -= 1
-        if _guard["depth"] > 0 or not _guard["installed"]:
-            return
-        try:
-            if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _guard["installed"] = False
-        except (ValueError, OSError):
-            pass
+    if threading.current_thread() is not threading.main_thread() or _guard["depth"] == 0:
+        return
+    _guard["depth"] -= 1
+    if _guard["depth"] > 0 or not _guard["installed"]:
+        return
+    _guard["installed"] = False
+    try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except (ValueError, OSError):
+        pass
 
 
 # -- the files ------------------------------------------------------------------------------------
@@ -300,12 +301,14 @@ class AtomicFile(_Output):
             _remove_stale_temps(real)
             d, base = os.path.split(real)
             mode = self._mode_for(st)
-            tmp = os.path.join(d, f".{base}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+            # named before it exists: an interrupt as open() returns must not leave it behind
+            self.tmp = os.path.join(d, f".{base}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
             try:
-                self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                  mode)
             except OSError as e:
+                self.tmp = None      # not ours (EEXIST) or not there
                 raise OutputError(f"{self.path}: cannot create: {reason(e)}") from None
-            self.tmp = tmp
             if self.mode is not None or st is not None:
                 try:
                     os.fchmod(self.fd, mode)   # exact, whatever the umask
