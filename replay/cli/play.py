@@ -420,6 +420,8 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
 
     asyncio.set_event_loop(ev)
     ev.add_signal_handler(signal.SIGINT, on_sigint)
+    term = signal.getsignal(signal.SIGTERM)   # SIGTERM stops as Ctrl-C does: -o and --report whole
+    ev.add_signal_handler(signal.SIGTERM, on_sigint)
     gc.collect()
     gc.freeze()
     started_wall = time.time()
@@ -427,6 +429,8 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
         ev.run_until_complete(main())
     finally:
         ev.remove_signal_handler(signal.SIGINT)
+        ev.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, term)
         ev.close()
         asyncio.set_event_loop(None)
         gc.unfreeze()
