@@ -80,15 +80,17 @@ def check_distinct(path: str, what: str, inputs: dict, outputs: dict | None = No
 def _target(path: str) -> tuple[str, os.stat_result | None]:
     """The file ``path`` leads to (symlinks followed) and its stat (None: it does not exist).
     A missing directory or a directory at ``path`` is an ``OutputError``."""
-    real = os.path.realpath(path)
     try:
-        st = os.stat(real)
+        st = os.stat(path)
     except FileNotFoundError:
         st = None
     except OSError as e:
         raise OutputError(f"{path}: cannot write: {reason(e)}") from None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise OutputError(f"{path}: is a directory")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return path, st      # /dev/stdout is a link to a pipe: no real path to resolve
+    real = os.path.realpath(path)
     d = os.path.dirname(real)
     if st is None and not os.path.isdir(d):
         raise OutputError(f"{path}: cannot create: directory {os.path.dirname(os.path.abspath(path))} "
