@@ -301,6 +301,29 @@ def test_sink_record_to_a_bad_path_names_the_file(tmp_path, where):
     assert p.returncode != 0 and str(path) in line and "listen" not in line
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_sink_stops_when_a_record_cannot_be_written(tmp_path):
+    p = subprocess.Popen(cmd("sink", "--port", "0", "--record", "/dev/full", "--announce"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        port = int(p.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                answer = s.recv(4096)
+            except ConnectionResetError:
+                answer = b""
+        assert answer == b""                      # not answered: it is not recorded
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert p.returncode != 0 and len(lines) == 1, err
+    assert "/dev/full: cannot write: no space left on device" in lines[0]
+
+
 # -- the module itself ----------------------------------------------------------------------------
 
 def test_atomic_file_commit_discard_and_lock(tmp_path):
