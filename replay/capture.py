@@ -22,6 +22,9 @@ Rules:
   stops at that many messages written, without draining;
 - a write failure (disk full, unwritable path) ends the capture with ``OutputError``; what was
   written before stays readable (the writer cuts the file back to its last complete block);
+- each file is written in place (a temporary file renamed at the end would lose everything to a
+  SIGKILL) but locked while open (``replay.outputs.LiveFile``): a second process writing the same
+  name fails at once; a name that is one of the run's input files is refused;
 - with rules (``replay.rules``: filters, rewrites, middleware, plugins) every message the core
   finishes goes through their push-based stream before it is written; messages a filter holds
   (waiting for a response's status) are released by capture time, which a quiet capture advances
@@ -98,8 +101,10 @@ class OutputFiles:
     """The log files of one capture: opened from a pattern, rotated by size and/or time."""
 
     def __init__(self, pattern: str, meta: dict, rotate_size: int | None = None,
-                 rotate_interval: float | None = None, level: int = 3, clock=time.time):
+                 rotate_interval: float | None = None, level: int = 3, clock=time.time,
+                 inputs: dict | None = None):
         self.pattern = pattern
+        self.inputs = dict(inputs or {})   # label -> path of files the run reads
         self.base_meta = dict(meta)
         self.rotate_size = rotate_size or None
         self.rotate_interval = rotate_interval or None
@@ -107,6 +112,7 @@ class OutputFiles:
         self.clock = clock
         self.paths: list[str] = []
         self.writer = None
+        self._file = None      # the LiveFile (lock) of the open log
         self.opened_at = 0.0
         self.file_messages = 0
         self.file_bytes = 0
@@ -117,15 +123,23 @@ class OutputFiles:
 
     def open(self) -> None:
         from replay.log import LogWriter
+        from replay.outputs import LOG_MODE, LiveFile, check_distinct
 
         now = self.clock()
         path = expand_name(self.pattern, now, set(self.paths))
         check_output(path)
+        check_distinct(path, "-o", self.inputs)
         meta = dict(self.base_meta)
         meta["part"] = len(self.paths) + 1
         if self.paths:
             meta["previous_file"] = os.path.basename(self.paths[-1])
-        self.writer = LogWriter(path, meta=meta, level=self.level)
+        f = LiveFile(path, "-o", mode=LOG_MODE).open()
+        try:
+            self.writer = LogWriter(path, fd=f.detach(), meta=meta, level=self.level)
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
         self.paths.append(path)
         self.opened_at = now
         self.file_messages = 0
@@ -159,7 +173,15 @@ class OutputFiles:
             if meta:
                 w.update_meta(meta)
         finally:
-            w.close(fsync=True)
+            try:
+                w.close(fsync=True)
+            finally:
+                self._unlock()
+
+    def _unlock(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
 
     def abandon(self) -> None:
         """Close after a write failure: keep what is on disk, raise nothing more."""
@@ -169,6 +191,7 @@ class OutputFiles:
                 w.close(fsync=False)
             except Exception:  # noqa: BLE001  (the first error is the one reported)
                 pass
+        self._unlock()
 
 
 class CaptureSession:

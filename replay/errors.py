@@ -25,6 +25,12 @@ class OutputError(ReplayError):
     """A file replay must write that cannot be written (unwritable path, disk full, I/O error)."""
 
 
+class OutputBusyError(OutputError):
+    """An output file another replay process is writing (it holds the file's lock)."""
+
+    exit_code = 75  # EX_TEMPFAIL (sysexits.h): try again once the other writer is done
+
+
 class UsageError(ReplayError):
     """A wrong flag or flag value."""
 
@@ -53,3 +59,8 @@ class PluginError(ReplayError):
 
 class PluginSpecError(UsageError):
     """A ``--plugin`` spec whose module, file or function cannot be found or is not callable."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while a file is being written (``replay.outputs``): unwinds like Ctrl-C, so the
+    half-written temporary file is removed on the way out."""

@@ -11,7 +11,11 @@ Each request is recorded as one dict: ``ts`` (Unix time of the arrival of its fi
 ``conn`` (connection number in order of acceptance), ``client``, ``method``, ``uri``,
 ``version``, ``body`` (body bytes after removing chunk framing) and ``bytes`` (the whole request
 as received). ``on_request(record, raw)`` sees each with its raw bytes (``keep_raw=True``);
-``--record FILE.jsonl`` writes one JSON object per line.
+``--record FILE.jsonl`` writes one JSON object per line, each written to the file (no buffer in
+the process) before its answer is sent: the file holds every answered request even after a
+SIGKILL, and memory stays bounded however long the sink runs. The file is locked against a second
+writer (``replay.outputs``); a failed write stops the sink (``error``, ``failed``) and the request
+it could not record is not answered.
 """
 
 from __future__ import annotations
@@ -186,7 +190,10 @@ class SinkProtocol(asyncio.Protocol):
         rec, raw = self.rec, self.raw
         self.rec = self.raw = None
         self.state = HEAD
-        self.sink.record(rec, bytes(raw) if raw is not None else None)
+        if not self.sink.record(rec, bytes(raw) if raw is not None else None):
+            self.closing = True
+            self.transport.abort()
+            return
         body = self.sink.body
         close = self.close_after
         self.transport.write(
@@ -220,16 +227,27 @@ class Sink:
         self.connections = 0
         self.bytes = 0
         self.bad_requests = 0
+        self.recorded = 0
+        self.error = None              # an OutputError once recording failed
+        self.failed = asyncio.Event()  # set with it
         self._file = None
         self._conn_ids = 0
 
     async def start(self):
-        if self.record_path:
-            self._file = open(self.record_path, "w", encoding="utf-8")
+        """Listen (``OSError`` when the address is taken), then open ``record_path``
+        (``OutputError`` naming it)."""
+        from replay.outputs import LiveFile
+
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(self._protocol, self.host, self.port, ssl=self.ssl,
                                                reuse_address=True, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
+        if self.record_path:
+            try:
+                self._file = LiveFile(self.record_path, "--record").open()
+            except BaseException:
+                await self.close()
+                raise
         return self
 
     def _protocol(self):
@@ -237,12 +255,28 @@ class Sink:
         self._conn_ids += 1
         return SinkProtocol(self, conn)
 
-    def record(self, rec: dict, raw: bytes | None):
-        self.requests += 1
+    def record(self, rec: dict, raw: bytes | None) -> bool:
+        """Count and record one request; False when it could not be written to the file."""
+        if self.error is not None:
+            return False
         if self._file is not None:
-            self._file.write(json.dumps(rec) + "\n")
+            try:
+                self._file.write((json.dumps(rec) + "\n").encode())
+            except OSError as e:
+                from replay.errors import OutputError
+                from replay.outputs import reason
+
+                n = self.recorded
+                self.error = OutputError(
+                    f"{self.record_path}: cannot write: {reason(e)} ({n} record"
+                    f"{'s' if n != 1 else ''} written before it are kept)")
+                self.failed.set()
+                return False
+            self.recorded += 1
+        self.requests += 1
         if self.on_request is not None:
             self.on_request(rec, raw)
+        return True
 
     def summary(self) -> dict:
         return {"requests": self.requests, "connections": self.connections,

@@ -700,7 +700,7 @@ def test_cli_convert_to_an_unwritable_path(tmp_path):
     no_traceback(p)
     assert p.returncode != 0
     lines = [x for x in p.stderr.splitlines() if x.strip()]
-    assert lines == [f"replay: {out}: cannot create: no such file or directory"]
+    assert lines == [f"replay: {out}: cannot create: directory {out.parent} does not exist"]
 
 
 def test_the_format_document_states_the_constants_of_the_code():

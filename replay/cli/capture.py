@@ -11,7 +11,7 @@ import time
 import click
 
 from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
-from replay.cli.ruleopts import rule_options, rules_from_kwargs
+from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwargs
 from replay.cli.types import DURATION
 from replay.errors import UsageError
 from replay.units import parse_seconds  # noqa: F401 - the one duration parser, used below
@@ -123,6 +123,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     from replay.capture import (CaptureSession, OutputFiles, check_output, expand_name,
                                 raise_priority)
     from replay.errors import CaptureError, OutputError
+    from replay.outputs import check_distinct
     from replay.pipeline import tune_allocator
     from replay.sources.live import LiveCapture, drop_privileges
 
@@ -139,8 +140,11 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     dur = parse_seconds(duration, "--duration") if duration else None
     rsize = parse_size(rotate_size, 1, "--rotate-size") if rotate_size else None
     rint = parse_seconds(rotate_interval, "--rotate-interval") if rotate_interval else None
-    check_output(expand_name(output, time.time(), set()))
+    first = expand_name(output, time.time(), set())
+    check_output(first)
     engine_opts = engine_opts_from_kwargs(rule_kwargs)
+    inputs = rule_input_files(rule_kwargs)
+    check_distinct(first, "-o", inputs)
     rules = rules_from_kwargs(rule_kwargs)   # bad rules fail before the interface opens
 
     # Signals first: a Ctrl-C while the interface opens must not leave a traceback.
@@ -185,7 +189,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
             if rules is not None:
                 meta["rules"] = rules.describe()
             outputs = OutputFiles(output, meta, rotate_size=rsize, rotate_interval=rint,
-                                  level=level)
+                                  level=level, inputs=inputs)
             try:
                 outputs.open()
             except OutputError as e:

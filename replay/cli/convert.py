@@ -14,7 +14,8 @@ from replay.cli.types import PORT
 @click.command("convert")
 @click.argument("capture", type=click.Path(dir_okay=False))
 @click.option("-o", "-w", "--output", "output", required=True, type=click.Path(dir_okay=False),
-              help="The .rlog file to write (replaced if it exists; created with mode 0600).")
+              help="The .rlog file to write (created with mode 0600; an existing file is replaced "
+                   "once the new one is complete).")
 @click.option("--port", "ports", type=PORT, multiple=True,
               help="Only connections to or from these ports (repeatable). Default: every TCP port.")
 @reassembly_options()
@@ -25,12 +26,12 @@ def command(capture, output, ports, level, quiet, **kwargs):
     """Reassemble the HTTP/1.x messages of CAPTURE and write them to a log."""
     from replay import __version__, core
     from replay.core import PROBLEM_COUNTERS
-    from replay.errors import ReplayError
     from replay.log import LogWriter
+    from replay.outputs import LOG_MODE, Outputs
     from replay.pipeline import CaptureReader
 
-    if os.path.exists(output) and os.path.samefile(output, capture):
-        raise ReplayError(f"{output}: output would overwrite the capture it reads")
+    outputs = Outputs({"the capture": capture})
+    out = outputs.atomic(output, "-o", mode=LOG_MODE)
     t0 = time.perf_counter()
     reader = CaptureReader(capture, ports=ports, **engine_opts_from_kwargs(kwargs))
     meta = {
@@ -43,20 +44,22 @@ def command(capture, output, ports, level, quiet, **kwargs):
     }
     requests = responses = 0
     interrupted = False
-    with LogWriter(output, meta=meta, level=level) as writer:
-        try:
-            for msg in reader:
-                writer.write(msg)
-                if msg.kind == 0:
-                    requests += 1
-                else:
-                    responses += 1
-        except KeyboardInterrupt:           # Ctrl-C or SIGTERM: keep what was converted
-            interrupted = True
-            reader.stats = reader.engine.stats()
-        writer.update_meta({"stats": reader.stats, "interrupted": interrupted, "warnings": list(reader.warnings),
-                            "packets_read": reader.source.packets_read})
-        writer.close(fsync=False)
+    with outputs.open():
+        with LogWriter(out.path, fd=out.detach(), meta=meta, level=level) as writer:
+            try:
+                for msg in reader:
+                    writer.write(msg)
+                    if msg.kind == 0:
+                        requests += 1
+                    else:
+                        responses += 1
+            except KeyboardInterrupt:       # Ctrl-C or SIGTERM: keep what was converted
+                interrupted = True
+                reader.stats = reader.engine.stats()
+            writer.update_meta({"stats": reader.stats, "interrupted": interrupted,
+                                "warnings": list(reader.warnings),
+                                "packets_read": reader.source.packets_read})
+            writer.close(fsync=False)
     dt = time.perf_counter() - t0
     for w in reader.warnings:
         click.echo(f"replay: warning: {w}", err=True)

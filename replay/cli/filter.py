@@ -7,13 +7,14 @@ import time
 
 import click
 
-from replay.cli.ruleopts import rule_options, rules_from_kwargs
+from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwargs
 
 
 @click.command("filter")
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("-o", "-w", "--output", "output", type=click.Path(dir_okay=False),
-              help="The .rlog file to write (replaced if it exists; created with mode 0600).")
+              help="The .rlog file to write (created with mode 0600; an existing file is replaced "
+                   "once the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Count what would be kept; write nothing.")
 @click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
               help="For a capture file: only these server ports (repeatable).")
@@ -34,17 +35,18 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
     the order listed below, then --middleware, then each --plugin.
     """
     from replay import __version__
-    from replay.errors import ReplayError, UsageError
+    from replay.errors import UsageError
     from replay.events import KIND_REQUEST
     from replay.log import LogWriter
+    from replay.outputs import LOG_MODE, Outputs
     from replay.pipeline import open_input
 
     if not output and not dry_run:
         raise UsageError("give the output log (-o FILE.rlog), or --dry-run to count only")
     if output and dry_run:
         raise UsageError("--dry-run writes nothing: leave out -o")
-    if output and os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path):
-        raise ReplayError(f"{output}: output would overwrite the input it reads")
+    outputs = Outputs({"the input": path, **rule_input_files(kwargs)})
+    out = outputs.atomic(output, "-o", mode=LOG_MODE) if output else None
     rules = rules_from_kwargs(kwargs)
     t0 = time.perf_counter()
     src = open_input(path, ports=ports)
@@ -55,36 +57,38 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
     counts = {"requests": 0, "responses": 0}
     interrupted = False
     writer = None
-    try:
-        if output:
-            meta = {
-                "tool": f"replay {__version__}",
-                "command": "filter",
-                "source": os.path.basename(path),
-                "rules": rules.describe(),
-            }
-            if getattr(src, "meta", None):
-                meta["source_meta"] = src.meta
-            writer = LogWriter(output, meta=meta, level=level)
+    with outputs.open():
         try:
-            for m in rules.apply(src):
-                counts["requests" if m.kind == KIND_REQUEST else "responses"] += 1
-                if writer is not None:
-                    writer.write(m)
-        except KeyboardInterrupt:           # Ctrl-C or SIGTERM: keep what was written
-            interrupted = True
-        st = dict(rules.stats)
-        if writer is not None:
-            writer.update_meta({"counts": {
-                "read": st["read"], "kept": st["kept"], "dropped": st["read"] - st["kept"],
-                "rewritten": st["rewritten"], "written": st["out"], **counts,
-                **({"middleware": st["middleware"]} if "middleware" in st else {})},
-                "warnings": list(getattr(src, "warnings", ()))})
-            writer.close(fsync=False)
-            writer = None
-    finally:
-        if writer is not None:
-            writer.close(fsync=False)
+            if out is not None:
+                meta = {
+                    "tool": f"replay {__version__}",
+                    "command": "filter",
+                    "source": os.path.basename(path),
+                    "rules": rules.describe(),
+                }
+                if getattr(src, "meta", None):
+                    meta["source_meta"] = src.meta
+                writer = LogWriter(out.path, fd=out.detach(), meta=meta, level=level)
+            try:
+                for m in rules.apply(src):
+                    counts["requests" if m.kind == KIND_REQUEST else "responses"] += 1
+                    if writer is not None:
+                        writer.write(m)
+            except KeyboardInterrupt:       # Ctrl-C or SIGTERM: keep what was written
+                interrupted = True
+            st = dict(rules.stats)
+            if writer is not None:
+                writer.update_meta({"counts": {
+                    "read": st["read"], "kept": st["kept"], "dropped": st["read"] - st["kept"],
+                    "rewritten": st["rewritten"], "written": st["out"], **counts,
+                    **({"middleware": st["middleware"]} if "middleware" in st else {})},
+                    "interrupted": interrupted,
+                    "warnings": list(getattr(src, "warnings", ()))})
+                writer.close(fsync=False)
+                writer = None
+        finally:
+            if writer is not None:
+                writer.close(fsync=False)
     dt = time.perf_counter() - t0
     for w in getattr(src, "warnings", ()):
         click.echo(f"replay: warning: {w}", err=True)

@@ -91,10 +91,10 @@ MAX_CONNECTIONS_AT_MAX = 64
 def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connections, keepalive,
         keep_host, insecure, timeout, dry_run, output, report_path, ports, quiet, event_loop="auto",
         spin_us=None, realtime=False, rules=None, max_errors=None):
-    import os
     import sys
 
     from replay.errors import ReplayError, UsageError
+    from replay.outputs import LOG_MODE, Outputs
     from replay.pipeline import open_input
     from replay.play.plan import build_plan
     from replay.play.scheduler import Schedule
@@ -112,12 +112,15 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
     if not (target or use_sink or dry_run):
         raise UsageError("no target: give --target http://host:port, or --sink to replay "
                          "against the built-in server")
-    if output and os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path):
-        raise ReplayError(f"{output}: output would overwrite the input it reads")
+    outputs = Outputs({"the input": path})
+    out_log = outputs.atomic(output, "-o", mode=LOG_MODE) if output else None
+    out_report = outputs.atomic(report_path, "--report") if report_path else None
     tgt = parse_target(target, insecure) if target else None
     sink_proc = None
     code = None
     try:
+        if not dry_run:
+            outputs.open()   # a bad or busy path fails here, before anything is sent
         if use_sink and not dry_run:
             from replay.sink import start_sink_process
 
@@ -146,10 +149,12 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
             _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keepalive, keep_host)
             return 0
         report = _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections,
-                         keepalive, insecure, timeout, output, report_path, quiet, event_loop,
+                         keepalive, insecure, timeout, out_log, out_report, quiet, event_loop,
                          spin_us, ports, rules)
+        outputs.commit()
         code = _exit_code(report, max_errors)
     finally:
+        outputs.discard()
         if sink_proc is not None:
             from replay.sink import stop_sink_process
 
@@ -252,7 +257,6 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
     import time
 
     from replay import __version__
-    from replay.errors import OutputError
     from replay.events import KIND_RESPONSE
     from replay.pipeline import open_input
     from replay.play import clock as clk
@@ -293,7 +297,7 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
     if output:
         from replay.log import LogWriter
 
-        writer = LogWriter(output, block_records=OUTPUT_BLOCK_RECORDS, meta={"command": "play", "source": os.path.basename(path),
+        writer = LogWriter(output.path, fd=output.detach(), block_records=OUTPUT_BLOCK_RECORDS, meta={"command": "play", "source": os.path.basename(path),
                                          "target": meta["target"], "speed": meta["speed"],
                                          **({"rules": meta["rules"]} if "rules" in meta else {}),
                                          "rate": schedule.rate, "conn_stride": plan.conn_stride,
@@ -385,8 +389,9 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
             await bg
 
     asyncio.set_event_loop(ev)
-    for sig in (signal.SIGINT, signal.SIGTERM):      # SIGTERM stops a replay as Ctrl-C does
-        ev.add_signal_handler(sig, on_sigint)
+    ev.add_signal_handler(signal.SIGINT, on_sigint)
+    term = signal.getsignal(signal.SIGTERM)   # SIGTERM stops as Ctrl-C does: -o and --report whole
+    ev.add_signal_handler(signal.SIGTERM, on_sigint)
     gc.collect()
     gc.freeze()
     started_wall = time.time()
@@ -395,6 +400,7 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
     finally:
         ev.remove_signal_handler(signal.SIGINT)
         ev.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, term)
         ev.close()
         asyncio.set_event_loop(None)
         gc.unfreeze()
@@ -416,13 +422,8 @@ def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connecti
         writer.update_meta({"report": report.to_dict()})
         writer.close()
     d = report.to_dict()
-    if report_path:
-        try:
-            with open(report_path, "w", encoding="utf-8") as f:
-                json.dump(d, f, indent=2)
-                f.write("\n")
-        except OSError as e:
-            raise OutputError(f"{report_path}: cannot write the report: {e.strerror or e}") from None
+    if report_path is not None:
+        report_path.write_text(json.dumps(d, indent=2) + "\n")
     if not quiet:
         click.echo(report.summary_text())
     return report

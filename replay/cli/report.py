@@ -64,10 +64,13 @@ def command(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays
     import json
     import time
 
-    from replay.analysis.compare import Analysis
-    from replay.analysis.verdict import Thresholds, gate_breaches, parse_gate
-    inputs = [p for p in (candidate, baseline, noise) if p]
-    _check_outputs(inputs, [p for p in (json_path, html_path) if p])
+    from replay.analysis.verdict import Thresholds, parse_gate
+    from replay.outputs import Outputs
+
+    outputs = Outputs({k: v for k, v in (("the candidate", candidate), ("--baseline", baseline),
+                                         ("--noise", noise), ("--rules", rule_file)) if v})
+    out_json = outputs.atomic(json_path, "--json") if json_path else None
+    out_html = outputs.atomic(html_path, "--html") if html_path else None
     opts = _from_rules_file(rule_file) if rule_file else {}
     endpoint_rules = list(opts.get("endpoint", ())) + list(endpoint_rules)
     ignore = list(opts.get("ignore", ())) + list(ignore)
@@ -85,19 +88,15 @@ def command(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays
             setattr(th, attr, v)
     gates = [parse_gate(g) for g in fail_on]
     t0 = time.perf_counter()
-    analysis = Analysis(candidate, baseline, noise, endpoint_rules=endpoint_rules, ignore=ignore,
-                        unordered=unordered_arrays, thresholds=th)
-    report = analysis.run()
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    breaches = gate_breaches(gates, report)
-    report["gate"] = {"rules": [g.text for g in gates], "breached": breaches,
-                      "exit_code": 3 if breaches else 0}
-    if json_path:
-        _write_text(json_path, json.dumps(report, indent=1, default=str) + "\n")
-    if html_path:
-        from replay.analysis.html import render
+    with outputs.open():       # a bad or busy path fails here, before the logs are read
+        report, breaches = _analyse(candidate, baseline, noise, endpoint_rules, ignore,
+                                    unordered_arrays, th, gates, t0)
+        if out_json is not None:
+            out_json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        if out_html is not None:
+            from replay.analysis.html import render
 
-        _write_text(html_path, render(report))
+            out_html.write_text(render(report))
     for w in report["warnings"]:
         click.echo(f"replay: warning: {w}", err=True)
     if not quiet:
@@ -109,42 +108,20 @@ def command(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays
     return 3 if breaches else 0
 
 
-def _check_outputs(inputs, outputs) -> None:
-    import os
+def _analyse(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays, th, gates, t0):
+    import time
 
-    from replay.errors import UsageError
+    from replay.analysis.compare import Analysis
+    from replay.analysis.verdict import gate_breaches
 
-    for o in outputs:
-        d = os.path.dirname(os.path.abspath(o))
-        if not os.path.isdir(d):
-            raise UsageError(f"{o}: no such directory: {d}")
-        for i in inputs:
-            if os.path.exists(o) and os.path.exists(i) and os.path.samefile(o, i):
-                raise UsageError(f"{o}: is one of the inputs; it would be overwritten")
-    if len(set(map(os.path.abspath, outputs))) < len(outputs):
-        raise UsageError("--json and --html name the same file")
-
-
-def _write_text(path: str, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename it into place."""
-    import os
-    import tempfile
-
-    from replay.errors import OutputError
-
-    d = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".replay-", dir=d)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+    analysis = Analysis(candidate, baseline, noise, endpoint_rules=endpoint_rules, ignore=ignore,
+                        unordered=unordered_arrays, thresholds=th)
+    report = analysis.run()
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    breaches = gate_breaches(gates, report)
+    report["gate"] = {"rules": [g.text for g in gates], "breached": breaches,
+                      "exit_code": 3 if breaches else 0}
+    return report, breaches
 
 
 def _from_rules_file(path: str) -> dict:

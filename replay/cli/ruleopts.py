@@ -35,6 +35,19 @@ def rule_options(exclude=()):
     return deco
 
 
+def rule_input_files(kwargs: dict) -> dict:
+    """The files the rule options read (``--rules``, ``--plugin FILE.py:FUNCTION``), label ->
+    path, so that no output overwrites them (``replay.outputs``). Leaves ``kwargs`` as it is."""
+    files = {}
+    if kwargs.get("rule_file"):
+        files["the rules file"] = kwargs["rule_file"]
+    for spec in kwargs.get(_param("plugin")) or ():
+        path = str(spec).rpartition(":")[0]
+        if path.endswith(".py"):
+            files[f"the plugin {path}"] = path
+    return files
+
+
 def rules_from_kwargs(kwargs: dict):
     """Pop the rule options out of ``kwargs``; the ``Rules`` they make, or None."""
     from replay.rules import rulesfile

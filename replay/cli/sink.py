@@ -12,7 +12,7 @@ import click
               help="Address to listen on (::1 for IPv6 loopback).")
 @click.option("--record", "record", type=click.Path(dir_okay=False),
               help="Write one JSON object per request to this file (ts, conn, client, method, uri, "
-                   "version, body, bytes).")
+                   "version, body, bytes), each before its answer is sent.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
               help="Serve HTTPS with this certificate (PEM); needs --tls-key.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="Private key (PEM).")
@@ -41,6 +41,11 @@ def command(port, host, record, tls_cert, tls_key, announce):
         except (ssl.SSLError, OSError) as e:
             raise UsageError(f"--tls-cert/--tls-key: {e}") from None
 
+    if record:
+        from replay.outputs import check_distinct
+
+        check_distinct(record, "--record", {"--tls-cert": tls_cert, "--tls-key": tls_key})
+
     async def serve():
         sink = Sink(host, port, record_path=record, ssl=ctx)
         try:
@@ -58,8 +63,14 @@ def command(port, host, record, tls_cert, tls_key, announce):
         else:
             click.echo(f"replay sink: listening on {scheme}://{shown}:{sink.port}"
                        f"{' recording to ' + record if record else ''} (Ctrl-C to stop)", err=True)
-        await stop.wait()
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(sink.failed.wait())
+        await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        failed.cancel()
         await sink.close()
+        if sink.error is not None:
+            raise sink.error
         return sink.summary()
 
     summary = asyncio.run(serve())

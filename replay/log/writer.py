@@ -3,6 +3,8 @@
 Rules it keeps:
 
 - the file is created with mode 0600 (messages carry cookies and tokens) and replaced if it exists;
+  or the writer is handed an open descriptor (``fd=``, from ``replay.outputs``, which locks the
+  name and renames a temporary file into place) and ``path`` only names it in messages;
 - ``write`` only buffers; a block is cut when it holds ``block_records`` messages or
   ``block_bytes`` message bytes, its table is encoded in the caller's thread, then it is
   compressed and written by one background worker (zstd releases the GIL, so parsing and
@@ -40,7 +42,7 @@ FAST_KEEP_RATIO = 0.85      # a fast frame this size or larger (of the raw bytes
 class LogWriter:
     def __init__(self, path, meta: dict | None = None, block_records: int = 4096,
                  block_bytes: int = 8 << 20, level: int = 3, threads: bool = True,
-                 max_pending: int = 4):
+                 max_pending: int = 4, fd: int | None = None):
         from replay import __version__
 
         if block_records < 1 or block_bytes < 1:
@@ -67,15 +69,19 @@ class LogWriter:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         self._meta.update(meta or {})
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise OutputError(f"{self.path}: cannot create: {_reason(e)}") from None
-        try:
-            if stat.S_ISREG(os.fstat(self._fd).st_mode):
-                os.fchmod(self._fd, 0o600)  # also when the file existed with another mode
-        except OSError:
-            pass
+        if fd is not None:
+            self._fd = fd
+        else:
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                   0o600)
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot create: {_reason(e)}") from None
+            try:
+                if stat.S_ISREG(os.fstat(self._fd).st_mode):
+                    os.fchmod(self._fd, 0o600)  # also when the file existed with another mode
+            except OSError:
+                pass
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rlog-writer") if threads else None
         try:
             self._write_parts([fmt.pack_file_header()], None)
