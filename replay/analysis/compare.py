@@ -13,11 +13,11 @@ histograms and a few examples are kept:
   point); how many candidate requests were held back (sent more than 1 ms after they were due,
   behind an earlier answer on their connection);
 - fields (``replay.analysis.diff``), compared when both answered with the same status: how
-  often each differs candidate vs baseline and baseline vs noise; when the baseline is the
-  recording, also how often it changes between repeated identical requests (a volatile field),
-  and whether its values look random (dates, epoch times, UUIDs, long tokens): a field that
-  differs on nearly every exchange and is volatile or random-looking is a *noise suspect*,
-  reported apart, not as a regression;
+  often each differs candidate vs baseline and baseline vs noise; without a noise run, also how
+  often it changes between repeated identical requests of the baseline (which then stand in
+  for a noise run in the same rule: headers count over every endpoint, being the same
+  everywhere), and whether its values look random (dates, epoch times, UUIDs, long tokens) on
+  nearly every exchange: such a field is a *noise suspect*, reported apart, not as a regression;
 - examples: the first three exchanges of each (endpoint, kind, field), with both bodies cut to
   ``EXAMPLE_BYTES`` and a curl command that sends the request to the candidate.
 """
@@ -468,7 +468,12 @@ class Analysis:
                             # headers are the same on every endpoint: changes anywhere count
                             vol = max(vol, self.volatile_headers[f] / self.repeats)
                         rnd = ep.random[f] / cnt
-                        if share >= th.noise_share and (vol >= 0.5 or rnd >= 0.9):
+                        # the repeated requests of the baseline stand in for a noise run: a
+                        # field that changes between them about as often as it differs from
+                        # the candidate is noise by the same rule
+                        if vol > 0 and not rate_regressed(cnt, vol * ep.cb_compared, ep.cb_compared, th):
+                            verdict = "suspected_noise"
+                        elif share >= th.noise_share and rnd >= 0.9:
                             verdict = "suspected_noise"
                 elif self.noise and ep.f_bn[f]:
                     verdict = "noise"
