@@ -102,6 +102,7 @@ cdef enum:
 
 cdef enum:
     NOT_HTTP_SCAN_LIMIT = 64 * 1024
+    RESYNC_KEEP = 8192      # bytes after the last line end kept while resynchronising
 
 cdef int CF_INCOMPLETE = F_INCOMPLETE
 cdef int CF_TRUNCATED = F_TRUNCATED
@@ -815,6 +816,8 @@ cdef class Framer:
         if self.role == ROLE_UNKNOWN:
             self.state = S_START
             return True
+        if not final and len(buf) <= RESYNC_KEEP and buf.find(b"\n") < 0:
+            return False    # no line has ended: nothing can match yet (and a search costs)
         rx_match = _REQ_MATCH if self.role == ROLE_CLIENT else _STATUS_MATCH
         if rx_match(buf):
             self.state = S_START
@@ -836,7 +839,7 @@ cdef class Framer:
             # keep the tail that might begin a start line
             nl = buf.rfind(b"\n")
             keep = len(buf) - (nl + 1) if nl >= 0 else len(buf)
-            if keep > 8192 or final:
+            if keep > RESYNC_KEEP or final:
                 keep = 0
             drop = len(buf) - keep
             if drop:

@@ -122,6 +122,7 @@ ROLE_CLIENT = 1   # this direction carries requests
 ROLE_SERVER = 2   # this direction carries responses
 
 NOT_HTTP_SCAN_LIMIT = 64 * 1024
+RESYNC_KEEP = 8192          # bytes after the last line end kept while resynchronising
 
 # A request line (RFC 9112 §3) or status line (§4) starting a message; used to decide roles and
 # to resynchronise. Methods are tokens (RFC 9110 §9.1); we accept the usual upper-case form.
@@ -719,6 +720,8 @@ class Framer:
         if self.role == ROLE_UNKNOWN:
             self.state = S_START
             return True
+        if not final and len(buf) <= RESYNC_KEEP and buf.find(b"\n") < 0:
+            return False    # no line has ended: nothing can match yet (and a search costs)
         rx_match = REQ_START_RE if self.role == ROLE_CLIENT else STATUS_START_RE
         if rx_match.match(buf):
             self.state = S_START
@@ -740,7 +743,7 @@ class Framer:
             # keep the tail that might begin a start line
             nl = buf.rfind(b"\n")
             keep = len(buf) - (nl + 1) if nl >= 0 else len(buf)
-            if keep > 8192 or final:
+            if keep > RESYNC_KEEP or final:
                 keep = 0
             drop = len(buf) - keep
             if drop:

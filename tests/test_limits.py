@@ -186,3 +186,27 @@ def test_convert_takes_the_limits_as_flags(tmp_path):
         p = subprocess.run([*argv, "convert", pcap, "-o", out, *bad], capture_output=True,
                            text=True, timeout=60)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and bad[0] in p.stderr, p.stderr
+
+
+def test_garbage_one_byte_at_a_time_then_a_response(impl):
+    """While resynchronising, a read without a line end costs no search: 1-byte reads of
+    garbage frame as one whole read does, and the next status line is found."""
+    import random
+
+    rnd = random.Random(5)
+    garbage = bytes(rnd.choice(b"abcdefgh \t\x00\xff") for _ in range(20_000))
+    wire = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx" + garbage + b"\r\n" + R200
+
+    def frame(chunks):
+        fr = impl.ResponseFramer()
+        fr.expect("GET")
+        fr.expect("GET")
+        out = []
+        for i, c in enumerate(chunks):
+            out += fr.feed(c, i)
+        out += fr.eof(len(chunks))
+        return [(m.status, m.index, m.data) for m in out], fr.stats()["skipped_bytes"]
+
+    whole = frame([wire])
+    assert frame([wire[i:i + 1] for i in range(len(wire))]) == whole
+    assert [s for s, _, _ in whole[0]] == [200, 200] and whole[0][1][2] == R200

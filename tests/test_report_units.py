@@ -91,21 +91,31 @@ def test_bad_ignore_patterns_are_usage_errors(bad):
 def _resp(body: bytes, headers=b"", status=200, ctype=b"application/json"):
     head = (b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nDate: now\r\nContent-Length: %d\r\n%s\r\n"
             % (status, ctype, len(body), headers))
-    return head + body, len(head)
+    return Message(KIND_RESPONSE, 0, 0, 0, 0, ("c", 1), ("s", 2), 0, head + body, "GET", "/",
+                   status, len(body), len(head))
 
 
-def test_compare_sides_headers_bodies_and_codings():
+def test_compare_headers_bodies_and_codings():
     import gzip
 
-    a, ha = _resp(json.dumps({"id": 1, "price": 10}).encode(), b"Set-Cookie: s=abc; Path=/\r\n")
+    cmp = D.Comparer()
+    a = _resp(json.dumps({"id": 1, "price": 10}).encode(), b"Set-Cookie: s=abc; Path=/\r\n")
     z = gzip.compress(json.dumps({"id": 1, "price": 11}).encode())
-    b, hb = _resp(z, b"Set-Cookie: s=xyz\r\nContent-Encoding: gzip\r\nX-New: 1\r\n")
-    fields = D.compare(D.Side(a, ha, 200, D.DEFAULT_IGNORED_HEADERS), D.Side(b, hb, 200, D.DEFAULT_IGNORED_HEADERS))
+    b = _resp(z, b"Set-Cookie: s=xyz\r\nContent-Encoding: gzip\r\nX-New: 1\r\n")
     # the cookie's value and the Date are not compared; the decoded body is
-    assert fields == {"$.price", "header:content-encoding", "header:x-new"}
-    t1, h1 = _resp(b"hello \r\nworld\n", ctype=b"text/plain")
-    t2, h2 = _resp(b"hello\nworld", ctype=b"text/plain")
-    assert D.compare(D.Side(t1, h1, 200, ()), D.Side(t2, h2, 200, ())) == {"header:content-length"}
+    assert cmp.diff(a, b, {}) == {"$.price", "header:content-encoding", "header:x-new"}
+    t1 = _resp(b"hello \r\nworld\n", ctype=b"text/plain")
+    t2 = _resp(b"hello\nworld", ctype=b"text/plain")
+    assert D.Comparer(()).diff(t1, t2, {}) == {"header:content-length"}
+    assert cmp.diff(t1, t2, {}) == set()
+    # only ignored lines differ: nothing to parse, nothing differs
+    d1 = _resp(b"{}", b"X-Request-Id: 1\r\n")
+    d2 = _resp(b"{}", b"X-Request-Id: 2\r\n")
+    assert cmp.diff(d1, d2, {}) == set()
+    # a folded header line is compared whole
+    f1 = _resp(b"{}", b"X-A: one\r\n two\r\n")
+    f2 = _resp(b"{}", b"X-A: one\r\n three\r\n")
+    assert cmp.diff(f1, f2, {}) == {"header:x-a"}
 
 
 # -- verdicts ---------------------------------------------------------------------------------

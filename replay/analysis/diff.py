@@ -286,17 +286,13 @@ class Ignore:
 # -- one comparison ----------------------------------------------------------------------------
 
 class Side:
-    """What of a response takes part in comparisons, computed once per response."""
+    """The body of a response as compared: flattened JSON, or normalised text, or bytes."""
 
-    __slots__ = ("status", "headers", "json", "text", "mtype", "_by_field")
+    __slots__ = ("json", "text", "_by_field")
 
-    def __init__(self, data: bytes, head_length: int, status: int, ignored_headers, unordered=False):
-        self.status = status
-        self.headers = headers(data, head_length, ignored_headers)
-        mtype = media_type(data, head_length)
-        self.mtype = mtype
+    def __init__(self, data: bytes, head_length: int, unordered=False):
         body = payload(data, head_length)
-        value = parse_json(body, mtype)
+        value = parse_json(body, media_type(data, head_length))
         if value is NOT_JSON:
             self.json = None
             try:
@@ -318,17 +314,56 @@ class Side:
         return self._by_field
 
 
-def compare(a: Side, b: Side) -> set:
-    """The fields that differ between two responses (before ``--ignore``)."""
-    out = set()
-    ha, hb = a.headers, b.headers
-    if ha != hb:
-        for n in ha.keys() | hb.keys():
-            if ha.get(n) != hb.get(n):
-                out.add("header:" + n)
-    if a.json is not None and b.json is not None:
-        if a.json != b.json:
-            out |= json_diff(a.json, b.json)
-    elif a.json is not None or b.json is not None or a.text != b.text:
-        out.add("body")
-    return out
+class Comparer:
+    """The fields that differ between two responses (before ``--ignore``), cheaply when little
+    differs: heads are compared line by line first and parsed only where a line that is not an
+    ignored header differs; bodies are parsed only when their bytes differ. ``sides`` caches
+    each response's parsed body for the exchange (keyed by ``id``)."""
+
+    def __init__(self, ignored_headers=DEFAULT_IGNORED_HEADERS, unordered: bool = False):
+        self.ignored = frozenset(ignored_headers)
+        self.unordered = unordered
+
+    def side(self, m, sides: dict) -> Side:
+        got = sides.get(id(m))
+        if got is None:
+            got = sides[id(m)] = Side(m.data, m.head_length, self.unordered)
+        return got
+
+    def headers(self, m) -> dict:
+        return headers(m.data, m.head_length, self.ignored)
+
+    def diff(self, a, b, sides: dict) -> set:
+        out = self.header_diff(a, b)
+        if a.data[a.head_length:] != b.data[b.head_length:]:
+            sa, sb = self.side(a, sides), self.side(b, sides)
+            if sa.json is not None and sb.json is not None:
+                if sa.json != sb.json:
+                    out |= json_diff(sa.json, sb.json)
+            elif sa.json is not None or sb.json is not None or sa.text != sb.text:
+                out.add("body")
+        return out
+
+    def header_diff(self, a, b) -> set:
+        ha, hb = a.data[:a.head_length], b.data[:b.head_length]
+        if ha == hb:
+            return set()
+        names: set | None = set()
+        for line in set(ha.split(b"\n")[1:]).symmetric_difference(hb.split(b"\n")[1:]):
+            k, sep, _ = line.partition(b":")
+            if not sep:
+                if line.strip():
+                    names = None          # an odd line (obs-fold): compare every header
+                    break
+                continue
+            if k[:1] in b" \t":
+                names = None
+                break
+            n = k.strip().lower().decode("latin-1")
+            if n not in self.ignored:
+                names.add(n)
+        if names is not None and not names:
+            return set()
+        xa, xb = self.headers(a), self.headers(b)
+        keys = (xa.keys() | xb.keys()) if names is None else names
+        return {"header:" + n for n in keys if xa.get(n) != xb.get(n)}
