@@ -92,6 +92,16 @@ def wait_until_writing(d: Path, out: Path, before: bytes | None, proc, timeout=6
     raise AssertionError("the convert did not start writing")
 
 
+def _temp_size(d: Path) -> int:
+    for n in names(d):
+        if n.endswith(".replay-tmp"):
+            try:
+                return (d / n).stat().st_size
+            except FileNotFoundError:     # renamed into place meanwhile
+                return 1 << 62
+    return 0
+
+
 def count_messages(path: Path) -> int:
     return sum(1 for _ in LogReader(str(path)))
 
@@ -202,6 +212,10 @@ def test_interrupted_convert_keeps_what_it_converted(big, sample_log, tmp_path, 
                          stderr=subprocess.PIPE, text=True, env=env())
     try:
         wait_until_writing(tmp_path, out, before, p)
+        # until a first block is out: the conversion is under way, not still starting
+        end = time.monotonic() + 60
+        while time.monotonic() < end and p.poll() is None and _temp_size(tmp_path) <= 4096:
+            time.sleep(0.002)
         p.send_signal(sig)
         _, err = p.communicate(timeout=60)
     finally:
