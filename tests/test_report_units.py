@@ -53,21 +53,23 @@ def test_endpoint_rules_come_first_and_endpoints_are_bounded():
 
 # -- fields -----------------------------------------------------------------------------------
 
-def test_flatten_and_generic_paths():
-    flat = D.flatten({"a": {"b": 1}, "items": [{"price": 2}, {"price": 3}], "e": [], "o": {},
-                      "odd key": True, "s": '{"inner": 5}'})
-    assert flat == {"$.a.b": 1, "$.items[0].price": 2, "$.items[1].price": 3, "$.e": "[]",
-                    "$.o": "{}", '$["odd key"]': True, "$.s.inner": 5}
+def test_value_diff_walks_only_what_differs():
+    a = {"a": {"b": 1}, "items": [{"price": 2}, {"price": 3}], "e": [], "o": {},
+         "odd key": True, "s": '{"inner": 5}', "gone": {"x": 1}}
+    b = {"a": {"b": 1}, "items": [{"price": 2}, {"price": 4}], "e": [1], "o": {},
+         "odd key": False, "s": '{"inner": 6}', "new": 1}
+    assert D.value_diff(a, b) == {"$.items[*].price", "$.e[*]", '$["odd key"]', "$.s.inner",
+                                  "$.gone", "$.new"}
     assert D.generic("$.items[12].price") == "$.items[*].price"
+    assert D.differing_values(a, b, "$.items[*].price") == (3, 4)
 
 
-def test_json_diff_types_missing_and_numbers():
-    a = D.flatten({"n": 1, "f": 1.0, "s": "1", "b": True, "gone": 1, "items": [1, 2]})
-    b = D.flatten({"n": 1.0, "f": 1, "s": 1, "b": 1, "new": 1, "items": [2, 1]})
-    assert D.json_diff(a, b) == {"$.s", "$.b", "$.gone", "$.new", "$.items[*]"}
-    ua = D.flatten({"items": [1, 2]}, unordered=True)
-    ub = D.flatten({"items": [2, 1]}, unordered=True)
-    assert D.json_diff(ua, ub) == set()
+def test_value_diff_types_missing_and_numbers():
+    a = {"n": 1, "f": 1.0, "s": "1", "b": True, "gone": 1, "items": [1, 2]}
+    b = {"n": 1.0, "f": 1, "s": 1, "b": 1, "new": 1, "items": [2, 1]}
+    assert D.value_diff(a, b) == {"$.s", "$.b", "$.gone", "$.new", "$.items[*]"}
+    assert D.value_diff({"items": [1, 2]}, {"items": [2, 1]}, unordered=True) == set()
+    assert D.value_diff([{"k": [1, {"d": 2}]}], [{"k": [1, {"d": 3}]}]) == {"$[*].k[*].d"}
 
 
 @pytest.mark.parametrize("pattern,field,want", [

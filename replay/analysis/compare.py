@@ -44,7 +44,8 @@ EXAMPLES = 3
 EXAMPLE_BYTES = 4096
 HELD_NS = 1_000_000
 HIST_MAX_US = 3_600_000_000
-REPEAT_MEMORY = 20_000
+REPEAT_MEMORY = 20_000      # request identities whose last baseline answer is kept
+REPEAT_SAMPLE = 1_000       # repeats compared per endpoint (a rate needs no more)
 TIMELINE_BUCKETS = 120
 CURVE = (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.99, 100)
 
@@ -137,7 +138,8 @@ class _LogHist:
 
     def add(self, ns):
         if ns is not None:
-            self.counts[int(math.log(max(1, ns // 1000)) / self.STEP)] += 1
+            us = ns // 1000
+            self.counts[int(math.log(us) / self.STEP) if us > 1 else 0] += 1
             self.n += 1
 
     def merge(self, other):
@@ -372,7 +374,8 @@ class Analysis:
             ep.f_cb[f] += 1
             if f[0] == "$":
                 bside, cside = cmp.side(b.response, sides), cmp.side(c.response, sides)
-                if _random_looking(_value(bside, f)) and _random_looking(_value(cside, f)):
+                vb, vc = _values(bside, cside, f)
+                if _random_looking(vb) and _random_looking(vc):
                     ep.random[f] += 1
             self._example(ep, _kind(f), f, c, b, sides)
         if n is not None and n.response is not None and n.status == bs:
@@ -394,6 +397,8 @@ class Analysis:
             return
         body = req.data[req.head_length:]
         ident = (req.method, req.uri, hashlib.blake2b(body, digest_size=8).digest() if body else b"")
+        if ep.repeats >= REPEAT_SAMPLE:
+            return          # enough repeats of this endpoint to estimate how often fields change
         prev = self._repeat.get(ident)
         if prev is not None:
             ep.repeats += 1
@@ -556,11 +561,11 @@ def _matrix_count(ep, field) -> int:
     return ep.matrix.get((a, b), 0)
 
 
-def _value(side, field):
-    """The value of a field (generic path) in a response: the first element's, for arrays."""
-    if side is None or side.json is None:
-        return None
-    return side.by_field().get(field)
+def _values(bside, cside, field) -> tuple:
+    """The baseline's and the candidate's values of a field, where they differ."""
+    if bside is None or cside is None or not (bside.is_json and cside.is_json):
+        return None, None
+    return D.differing_values(bside.json, cside.json, field)
 
 
 def _cut(data: bytes) -> str:
@@ -589,8 +594,8 @@ def example(c, b, field, sides, cmp, target) -> dict:
             out["baseline_value"] = cmp.headers(b.response).get(field[7:])
             out["candidate_value"] = cmp.headers(c.response).get(field[7:])
         elif field.startswith("$"):
-            out["baseline_value"] = _short(_value(cmp.side(b.response, sides), field))
-            out["candidate_value"] = _short(_value(cmp.side(c.response, sides), field))
+            vb, vc = _values(cmp.side(b.response, sides), cmp.side(c.response, sides), field)
+            out["baseline_value"], out["candidate_value"] = _short(vb), _short(vc)
     return out
 
 

@@ -6,8 +6,10 @@ Rules:
 - JSON bodies (a ``json`` media type, or a body that starts like JSON and parses) are compared
   field by field. A field is a path from the root: ``$.user.name``, ``$.items[*].price``, one
   name per array element position (the index is part of the comparison, not of the name). A
-  field present on one side only differs; numbers compare by value (1 == 1.0), other values by
-  type and value. A string holding JSON is compared as the JSON it holds (``$.payload.id``).
+  member present on one side only differs, at its own path; numbers compare by value
+  (1 == 1.0), other values by type and value (inside a subtree that is otherwise equal, Python's
+  ``True == 1`` lets a boolean turned number pass). A string holding JSON is compared as the
+  JSON it holds (``$.payload.id``).
   With ``unordered``, arrays are compared as multisets: sorted by their canonical text first;
 - other bodies are compared as text with line endings and trailing spaces normalised when
   they decode as UTF-8, as bytes otherwise; the field is ``body``;
@@ -100,8 +102,7 @@ NOT_JSON = _NotJson()
 # -- JSON fields ------------------------------------------------------------------------------
 
 _SIMPLE_KEY = re.compile(r"[A-Za-z_$][A-Za-z0-9_$\-]*")
-MAX_DEPTH = 64
-MAX_LEAVES = 20_000
+MAX_DEPTH = 64          # below this, subtrees compare as canonical text
 
 
 def _key(k: str) -> str:
@@ -110,38 +111,6 @@ def _key(k: str) -> str:
 
 def _canon(v) -> str:
     return json.dumps(v, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def flatten(value, unordered: bool = False) -> dict:
-    """{concrete path: leaf} of a JSON value; containers that are empty are leaves themselves."""
-    out: dict = {}
-    stack = [("$", value, 0)]
-    while stack:
-        path, v, depth = stack.pop()
-        if len(out) >= MAX_LEAVES or depth > MAX_DEPTH:
-            out[path] = _canon(v)[:200] if depth > MAX_DEPTH else v
-            continue
-        if isinstance(v, dict):
-            if not v:
-                out[path] = "{}"
-            for k, x in v.items():
-                stack.append((path + _key(str(k)), x, depth + 1))
-        elif isinstance(v, list):
-            if not v:
-                out[path] = "[]"
-            items = sorted(v, key=_canon) if unordered else v
-            for i, x in enumerate(items):
-                stack.append((f"{path}[{i}]", x, depth + 1))
-        elif isinstance(v, str) and len(v) > 1 and v[0] in "{[" and v[-1] in "}]":
-            try:
-                inner = json.loads(v)
-            except (ValueError, RecursionError):
-                out[path] = v
-            else:
-                stack.append((path, inner, depth + 1))
-        else:
-            out[path] = v
-    return out
 
 
 _INDEX = re.compile(r"\[\d+\]")
@@ -169,18 +138,101 @@ def _same(a, b) -> bool:
     return ta in num and tb in num and ta is not bool and tb is not bool and a == b
 
 
-def json_diff(a: dict, b: dict) -> set:
-    """Generic paths of the fields that differ between two flattened values."""
-    out = set()
-    for p, va in a.items():
-        if p in b:
-            if not _same(va, b[p]):
-                out.add(generic(p))
-        else:
-            out.add(generic(p))
-    for p in b.keys() - a.keys():
-        out.add(generic(p))
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def value_diff(a, b, path: str = "$", out: set | None = None, unordered: bool = False,
+               depth: int = 0) -> set:
+    """Generic paths of what differs between two JSON values, walking only where they differ
+    (equal subtrees are skipped by one C-level comparison). A member present on one side only
+    is reported at its own path; strings holding JSON are compared as that JSON."""
+    if out is None:
+        out = set()
+    if depth > MAX_DEPTH:
+        if _canon(a) != _canon(b):
+            out.add(path)
+        return out
+    ta, tb = type(a), type(b)
+    if ta is dict and tb is dict:
+        if a == b:
+            return out
+        for k, va in a.items():
+            p = path + _key(str(k))
+            if k in b:
+                vb = b[k]
+                if va is vb or (type(va) is type(vb) and type(va) in (str, int, float, bool) and va == vb):
+                    continue
+                value_diff(va, vb, p, out, unordered, depth + 1)
+            else:
+                out.add(p)
+        for k in b.keys() - a.keys():
+            out.add(path + _key(str(k)))
+        return out
+    if ta is list and tb is list:
+        if a == b:
+            return out
+        if unordered:
+            a, b = sorted(a, key=_canon), sorted(b, key=_canon)
+        p = path + "[*]"
+        for va, vb in zip(a, b):
+            value_diff(va, vb, p, out, unordered, depth + 1)
+        if len(a) != len(b):
+            out.add(p)
+        return out
+    if ta is str and tb is str:
+        if a == b:
+            return out
+        if len(a) > 1 and len(b) > 1 and a[0] in "{[" and b[0] in "{[":
+            try:
+                ia, ib = json.loads(a), json.loads(b)
+            except (ValueError, RecursionError):
+                pass
+            else:
+                return value_diff(ia, ib, path, out, unordered, depth + 1)
+        out.add(path)
+        return out
+    if not _same(a, b):
+        out.add(path)
     return out
+
+
+def values_at(value, generic_path: str, limit: int = 1000) -> list:
+    """Every value at a generic path (``$.items[*].price``: one per element), in order."""
+    cur = [value]
+    for tok in _TOKENS.findall(generic_path[1:]):
+        nxt = []
+        for v in cur:
+            if isinstance(v, str) and v[:1] in "{[":
+                try:
+                    v = json.loads(v)
+                except (ValueError, RecursionError):
+                    continue
+            if tok == "[*]":
+                if isinstance(v, list):
+                    nxt.extend(v[:limit])
+            elif isinstance(v, dict):
+                name = json.loads(tok[1:-1]) if tok.startswith("[") else tok[1:]
+                if name in v:
+                    nxt.append(v[name])
+        cur = nxt[:limit]
+        if not cur:
+            break
+    return cur
+
+
+def differing_values(a, b, generic_path: str) -> tuple:
+    """The first pair of values at a generic path that differ (None where one side has none)."""
+    va, vb = values_at(a, generic_path), values_at(b, generic_path)
+    for i in range(max(len(va), len(vb))):
+        x = va[i] if i < len(va) else None
+        y = vb[i] if i < len(vb) else None
+        if i >= len(va) or i >= len(vb) or value_diff(x, y):
+            return x, y
+    return (va[0] if va else None), (vb[0] if vb else None)
+
+
+_TOKENS = re.compile(r'\[\*\]|\["(?:[^"\\]|\\.)*"\]|\.[^.\[]+')
 
 
 # -- headers ----------------------------------------------------------------------------------
@@ -286,32 +338,26 @@ class Ignore:
 # -- one comparison ----------------------------------------------------------------------------
 
 class Side:
-    """The body of a response as compared: flattened JSON, or normalised text, or bytes."""
+    """The body of a response as compared: its JSON value, or normalised text, or bytes."""
 
-    __slots__ = ("json", "text", "_by_field")
+    __slots__ = ("json", "text")
 
     def __init__(self, data: bytes, head_length: int, unordered=False):
         body = payload(data, head_length)
         value = parse_json(body, media_type(data, head_length))
         if value is NOT_JSON:
-            self.json = None
+            self.json = NOT_JSON
             try:
                 self.text = "\n".join(line.rstrip() for line in body.decode("utf-8").splitlines()).strip()
             except UnicodeDecodeError:
                 self.text = body
         else:
-            self.json = flatten(value, unordered)
+            self.json = value
             self.text = None
-        self._by_field = None
 
-    def by_field(self) -> dict:
-        """{generic path: value} (the first value of each, for arrays)."""
-        if self._by_field is None:
-            out: dict = {}
-            for p, v in (self.json or {}).items():
-                out.setdefault(generic(p), v)
-            self._by_field = out
-        return self._by_field
+    @property
+    def is_json(self) -> bool:
+        return self.json is not NOT_JSON
 
 
 class Comparer:
@@ -337,10 +383,9 @@ class Comparer:
         out = self.header_diff(a, b)
         if a.data[a.head_length:] != b.data[b.head_length:]:
             sa, sb = self.side(a, sides), self.side(b, sides)
-            if sa.json is not None and sb.json is not None:
-                if sa.json != sb.json:
-                    out |= json_diff(sa.json, sb.json)
-            elif sa.json is not None or sb.json is not None or sa.text != sb.text:
+            if sa.is_json and sb.is_json:
+                value_diff(sa.json, sb.json, "$", out, self.unordered)
+            elif sa.is_json or sb.is_json or sa.text != sb.text:
                 out.add("body")
         return out
 

@@ -32,6 +32,21 @@ _LETTER = re.compile(r"[A-Za-z]")
 def looks_like_id(seg: str) -> bool:
     if not seg:
         return False
+    if seg.isdigit():
+        return True
+    got = _WORDS.get(seg)
+    if got is not None:
+        return got
+    got = _looks_like_id(seg)
+    if len(_WORDS) < 50_000:
+        _WORDS[seg] = got
+    return got
+
+
+_WORDS: dict = {}     # segments seen, with their verdict (most repeat: api, users, v2...)
+
+
+def _looks_like_id(seg: str) -> bool:
     if _NUMERIC.fullmatch(seg) or _UUID.fullmatch(seg):
         return True
     if _HEX.fullmatch(seg) and _DIGIT.search(seg):

@@ -166,7 +166,7 @@ def key_of(conn: int, index: int) -> int:
 class Section:
     """One section of a run log, read by key: ``get(keys)`` -> Exchange or None for each."""
 
-    def __init__(self, path: str, replayed: bool, cache_blocks: int = 32):
+    def __init__(self, path: str, replayed: bool, cache_blocks: int = 8):
         from replay.log import LogReader
 
         self.reader = LogReader(path, cache_blocks=cache_blocks)
