@@ -46,6 +46,7 @@ HELD_NS = 1_000_000
 HIST_MAX_US = 3_600_000_000
 REPEAT_MEMORY = 20_000      # request identities whose last baseline answer is kept
 REPEAT_SAMPLE = 1_000       # repeats compared per endpoint (a rate needs no more)
+RANDOM_SAMPLE = 200         # differing values per field checked for a random look
 TIMELINE_BUCKETS = 120
 CURVE = (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.99, 100)
 
@@ -226,7 +227,7 @@ class _Run:
 class _Endpoint:
     __slots__ = ("name", "count", "matrix", "st_cb", "st_bn", "bn_compared", "err_cb", "err_bn",
                  "lat", "held", "f_cb", "f_bn", "cb_compared", "bn_field_compared", "volatile",
-                 "repeats", "random", "examples", "first_seen")
+                 "repeats", "random", "random_checked", "examples")
 
     def __init__(self, name):
         self.name = name
@@ -246,7 +247,8 @@ class _Endpoint:
         self.bn_field_compared = 0
         self.volatile = Counter()
         self.repeats = 0
-        self.random = Counter()
+        self.random = Counter()         # field -> checked pairs of values that looked random
+        self.random_checked = Counter()
         self.examples: dict = {}
 
 
@@ -372,12 +374,13 @@ class Analysis:
             if ignored(f):
                 continue
             ep.f_cb[f] += 1
-            if f[0] == "$":
-                bside, cside = cmp.side(b.response, sides), cmp.side(c.response, sides)
-                vb, vc = _values(bside, cside, f)
+            if f[0] == "$" and ep.random_checked[f] < RANDOM_SAMPLE:
+                ep.random_checked[f] += 1
+                vb, vc = _values(cmp.side(b.response, sides), cmp.side(c.response, sides), f)
                 if _random_looking(vb) and _random_looking(vc):
                     ep.random[f] += 1
-            self._example(ep, _kind(f), f, c, b, sides)
+            if len(ep.examples.get((_kind(f), f), ())) < EXAMPLES:
+                self._example(ep, _kind(f), f, c, b, sides)
         if n is not None and n.response is not None and n.status == bs:
             ep.bn_field_compared += 1
             for f in cmp.diff(b.response, n.response, sides):
@@ -472,7 +475,7 @@ class Analysis:
                         if f.startswith("header:") and self.repeats:
                             # headers are the same on every endpoint: changes anywhere count
                             vol = max(vol, self.volatile_headers[f] / self.repeats)
-                        rnd = ep.random[f] / cnt
+                        rnd = ep.random[f] / max(1, ep.random_checked[f])
                         # the repeated requests of the baseline stand in for a noise run: a
                         # field that changes between them about as often as it differs from
                         # the candidate is noise by the same rule

@@ -58,10 +58,11 @@ def _bounded_decode(raw: bytes, wbits: int) -> bytes | None:
 def payload(data: bytes, head_length: int) -> bytes:
     """The body of a message without transfer and content codings (bounded)."""
     body = data[head_length:]
-    te = header_value(data, head_length, b"transfer-encoding")
+    low = data[:head_length].lower()
+    te = header_value(data, head_length, b"transfer-encoding") if b"\ntransfer-encoding:" in low else None
     if te and te.split(",")[-1].strip().lower() == "chunked":
         body = decode_chunked(body)[0]
-    ce = header_value(data, head_length, b"content-encoding")
+    ce = header_value(data, head_length, b"content-encoding") if b"\ncontent-encoding:" in low else None
     if ce:
         ce = ce.strip().lower()
         if ce in ("gzip", "x-gzip"):
