@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -83,7 +82,7 @@ def synth(path: str, n: int, candidate: bool, seed: int = 1) -> None:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 what, cand, base = sys.argv[2], sys.argv[3], sys.argv[4]
 t = time.perf_counter()
@@ -94,8 +93,9 @@ else:
     from replay.analysis.compare import Analysis
     rep = Analysis(cand, base if what == "baseline" else None).run()
     n = rep["totals"]["exchanges"]
-print(json.dumps({"n": n, "s": time.perf_counter() - t,
-                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({"n": n, "s": time.perf_counter() - t, "rss_mib": hwm / 1024}))
 """
 
 
