@@ -15,7 +15,7 @@ Theory of operation: the candidate's replayed exchanges are read once, in writte
 replayed request and its answer are written together), in chunks. Every other section — the
 recorded exchanges inside the candidate's log, a baseline's and a noise run's replayed ones — is
 indexed first from its blocks' tables alone (no payload is decompressed): for each exchange key,
-the row of its request and of its final answer (``SectionIndex``, 16 bytes per message). Each
+the row of its request and of its final answer (``SectionIndex``, 12 bytes per message). Each
 chunk's counterparts are then read by row, block by block, with recently read blocks kept
 decompressed. The order of the sections may differ as much as it likes (``--speed max`` runs
 whole connections one after another; the recording interleaves them by time): the join is
@@ -114,7 +114,7 @@ class SectionIndex:
             if not sel.any():
                 continue
             key = (c["conn"].astype(np.uint64) << np.uint64(32)) | (c["index"].astype(np.uint64) & np.uint64(0xFFFFFFFF))
-            rows = np.arange(b.first_row, b.first_row + t.n, dtype=np.int64)
+            rows = np.arange(b.first_row, b.first_row + t.n, dtype=np.int32)
             is_req = sel & (c["kind"] == KIND_REQUEST)
             is_fin = sel & (c["kind"] != KIND_REQUEST) & ((c["flags"] & F_INTERIM) == 0) & (c["index"] >= 0)
             req_k.append(key[is_req])
@@ -127,11 +127,15 @@ class SectionIndex:
     @staticmethod
     def _sorted(keys, rows, first: bool):
         if not keys:
-            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+            return np.zeros(0, np.uint64), np.zeros(0, np.int32)
         k = np.concatenate(keys)
+        keys.clear()
         r = np.concatenate(rows)
-        order = np.lexsort((r, k))
+        rows.clear()
+        # rows ascend as concatenated: a stable sort by key keeps them ascending within a key
+        order = np.argsort(k, kind="stable")
         k, r = k[order], r[order]
+        del order
         if len(k):
             # one row per key: the first request, the last final answer
             keep = np.ones(len(k), dtype=bool)

@@ -376,7 +376,17 @@ class LogReader:
             self._warn(f"corrupt block at offset {b.offset} ({e}), its {b.count} messages skipped")
             self._drop(b)
             return None
+        self._release(b.offset, h.total_len)
         return table, payload
+
+    def _release(self, offset: int, length: int) -> None:
+        """The block's bytes were copied out: unmap its pages from this process (they stay in
+        the page cache), so reading a log of any size keeps the resident set flat."""
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, min(len(self._mm), offset + length) - start)
+        except (AttributeError, ValueError, OSError):
+            pass
 
     def _drop(self, b: BlockInfo) -> None:
         self._set_blocks([(x.offset, x.t_min, x.t_max, x.count) for x in self.blocks
