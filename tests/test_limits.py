@@ -123,14 +123,15 @@ def test_start_line_over_the_limit(impl):
     assert st["resyncs"] >= 1
 
 
-def _replay_framer(impl, chunks):
+def _replay_framer(impl, chunks, stats=False):
     fr = impl.ResponseFramer()
     fr.expect("GET")
     fr.expect("GET")
     out = []
     for i, c in enumerate(chunks):
         out += fr.feed(c, i)
-    return out + fr.eof(len(chunks))
+    out += fr.eof(len(chunks))
+    return (out, fr.stats()) if stats else out
 
 
 def test_target_sending_an_endless_head_slowly(impl):
@@ -198,14 +199,8 @@ def test_garbage_one_byte_at_a_time_then_a_response(impl):
     wire = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx" + garbage + b"\r\n" + R200
 
     def frame(chunks):
-        fr = impl.ResponseFramer()
-        fr.expect("GET")
-        fr.expect("GET")
-        out = []
-        for i, c in enumerate(chunks):
-            out += fr.feed(c, i)
-        out += fr.eof(len(chunks))
-        return [(m.status, m.index, m.data) for m in out], fr.stats()["skipped_bytes"]
+        out, st = _replay_framer(impl, chunks, stats=True)
+        return [(m.status, m.index, m.data) for m in out], st["skipped_bytes"]
 
     whole = frame([wire])
     assert frame([wire[i:i + 1] for i in range(len(wire))]) == whole

@@ -189,3 +189,21 @@ def test_replay_errors_and_the_intended_send_time(tmp_path):
     kinds = {(r["kind"], r["field"]) for r in ep["regressions"]}
     assert kinds and all(k == "error" for k, _ in kinds), kinds
     assert rep["totals"]["candidate"]["errors"] == 12
+
+
+def test_options_from_the_report_table_of_a_rules_file(runs):
+    rules = runs["dir"] / "rules.toml"
+    rules.write_text('method = ["GET", "POST"]\n\n[report]\nignore = ["json:$.price", "header:cache-control"]\n'
+                     'endpoint = ["^/api/items/=items"]\nfail-on = ["regression"]\nlatency-min-ms = 10\n')
+    js = runs["dir"] / "toml.json"
+    p = replay("report", runs["candidate"], "--baseline", runs["primary"], "--noise", runs["secondary"],
+               "--rules", rules, "--json", js)
+    rep = json.loads(js.read_text())
+    assert p.returncode == 3                     # the gate from the file: orders and users regressed
+    assert not [r for e in rep["endpoints"] if e["endpoint"] == "GET items" for r in e["regressions"]]
+    # the same file serves filter and play: they skip the [report] table
+    p = replay("filter", runs["primary"], "--rules", rules, "--dry-run")
+    assert p.returncode == 0, p.stderr
+    rules.write_text("[report]\nthreshold = 3\n")
+    p = replay("report", runs["candidate"], "--rules", rules)
+    assert p.returncode == 2 and "unknown key 'threshold'" in p.stderr

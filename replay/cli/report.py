@@ -125,18 +125,10 @@ def _analyse(candidate, baseline, noise, endpoint_rules, ignore, unordered_array
 
 
 def _from_rules_file(path: str) -> dict:
-    import tomllib
-
     from replay.errors import UsageError
+    from replay.rules.rulesfile import read_toml
 
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such rules file") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"{path}: cannot read it as TOML: {e}") from None
-    table = data.get("report", {})
+    table = read_toml(path).get("report", {})
     if not isinstance(table, dict):
         raise UsageError(f"{path}: 'report' must be a table ([report])")
     out = {}

@@ -32,6 +32,11 @@ NUMBERS_OK = {"status", "status-exclude", "sample"}
 
 def load(path: str) -> list:
     """The settings of the rules file at ``path``."""
+    return settings_from_table(read_toml(path), path)
+
+
+def read_toml(path: str) -> dict:
+    """The TOML table of a rules file; any fault is one ``UsageError`` naming the file."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -47,7 +52,7 @@ def load(path: str) -> list:
         raise UsageError(f"{path}: not valid TOML: {e}") from None
     except RecursionError:  # tomllib recurses once per level of nested arrays and tables
         raise UsageError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
-    return settings_from_table(data, path)
+    return data
 
 
 def settings_from_table(data: dict, origin: str) -> list:
