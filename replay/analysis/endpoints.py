@@ -38,7 +38,7 @@ def looks_like_id(seg: str) -> bool:
     if got is not None:
         return got
     got = _looks_like_id(seg)
-    if len(_WORDS) < 50_000:
+    if len(_WORDS) < 20_000:
         _WORDS[seg] = got
     return got
 
@@ -117,7 +117,7 @@ class Endpoints:
                 self.others += 1
                 ep = f"{method} {OTHER}"
             self.seen.add(ep)
-        if len(self._cache) > 100_000:
+        if len(self._cache) > 20_000:
             self._cache.clear()
         self._cache[key] = ep
         return ep
