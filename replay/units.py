@@ -21,7 +21,7 @@ Every refusal is a ``UsageError`` naming the flag and the accepted range.
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, DecimalException, InvalidOperation
 
 from replay.errors import UsageError
 
@@ -52,6 +52,8 @@ def parse_duration_ns(text, what: str, *, minimum: float = MIN_SECONDS,
         ns = Decimal(m.group(1)) * UNITS_NS[(m.group(2) or "s").lower().replace("µ", "u")]
     except InvalidOperation:
         raise UsageError(f"{what}: not a duration: {str(text)!r} (examples: {EXAMPLES})") from None
+    except DecimalException:        # Overflow, Underflow: an exponent no duration has
+        raise UsageError(f"{what}: {str(text).strip()} is out of range ({RANGE})") from None
     if not Decimal(str(minimum)) * NS <= ns <= Decimal(str(maximum)) * NS:
         raise UsageError(f"{what}: {str(text).strip()} is out of range ({RANGE})")
     return int(ns)

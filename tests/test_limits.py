@@ -183,7 +183,8 @@ def test_convert_takes_the_limits_as_flags(tmp_path):
     p = subprocess.run([*argv, "ls", out, "--format", "jsonl"], capture_output=True, text=True,
                        timeout=60)
     assert '"bytes": 4096, "flags": ["incomplete", "truncated"]' in p.stdout
-    for bad in (["--max-head", "10"], ["--idle-timeout", "nan"], ["--max-stream-buffer", "x"]):
+    for bad in (["--max-head", "10"], ["--idle-timeout", "nan"], ["--idle-timeout", "1e999999999"],
+                ["--max-stream-buffer", "x"]):
         p = subprocess.run([*argv, "convert", pcap, "-o", out, *bad], capture_output=True,
                            text=True, timeout=60)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and bad[0] in p.stderr, p.stderr

@@ -417,7 +417,7 @@ def test_sigterm_stops_like_ctrl_c(tmp_path):
         t = time.monotonic()
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(10)
-    assert time.monotonic() - t < 1.5
+    assert time.monotonic() - t < 5     # "within a second" on a quiet machine; CI shares 2 cores
     assert p.returncode == 130, err
     assert "Traceback" not in err
     assert "(interrupted)" in out and re.search(r"replayed \d+ of \d+ requests", out)

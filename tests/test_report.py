@@ -180,7 +180,7 @@ def test_replay_errors_and_the_intended_send_time(tmp_path):
     assert len(failed) == len(reqs) == 12
     assert {m.data for m in failed} <= {b"reset", b"closed"} and failed[0].status == 0
     # a timed replay: due (ts_first) no later than sent (ts_last), and close to it
-    assert all(0 <= m.ts_last - m.ts_first < 50 * MS for m in reqs)
+    assert all(0 <= m.ts_last - m.ts_first < 1000 * MS for m in reqs)
     js = tmp_path / "r.json"
     p = replay("report", out, "--json", js, "--fail-on", "errors>0")
     assert p.returncode == 3, p.stderr

@@ -142,9 +142,11 @@ def test_latency_needs_size_and_significance():
     th = Thresholds()
     base = _hist([10_000] * 200)
     slower = _hist([10_000] * 100 + [30_000] * 100)
-    assert [p for p, *_ in latency_regressed(base, slower, None, th)] == [90]   # p99 needs 500
-    base, slower = _hist([10_000] * 600), _hist([10_000] * 580 + [30_000] * 20)
+    assert [p for p, *_ in latency_regressed(base, slower, None, th)] == [90]   # p99 needs 1000
+    base, slower = _hist([10_000] * 1200), _hist([10_000] * 1160 + [30_000] * 40)
     assert [p for p, *_ in latency_regressed(base, slower, None, th)] == [99]
+    # many tests in one report: each must clear a higher bar
+    assert latency_regressed(base, slower, None, th, tests=10**9) == []
     same = _hist([10_000] * 200)
     assert latency_regressed(base, same, None, th) == []
     few = _hist([30_000] * 5)
@@ -164,14 +166,18 @@ def test_gate_rules():
     for bad in ("p99>20%", "sometimes", "5xx>3ms"):
         with pytest.raises(UsageError, match="--fail-on"):
             parse_gate(bad)
-    report = {"totals": {"exchanges": 1000, "candidate": {"errors": 0, "5xx": 2, "4xx": 0}},
-              "regressions_total": 0,
-              "endpoints": [{"endpoint": "GET /a", "regressions": [],
-                             "latency": {"service": {"baseline": {"count": 50, "p50": 10.0, "p99": 20.0},
-                                                     "candidate": {"count": 50, "p50": 10.2, "p99": 30.0}}}}]}
+    def report(n):
+        return {"totals": {"exchanges": 1000, "candidate": {"errors": 0, "5xx": 2, "4xx": 0}},
+                "regressions_total": 0,
+                "endpoints": [{"endpoint": "GET /a", "regressions": [],
+                               "latency": {"service": {"baseline": {"count": n, "p50": 10.0, "p99": 20.0},
+                                                       "candidate": {"count": n, "p50": 10.2, "p99": 30.0}}}}]}
     rules = [parse_gate(t) for t in ("regression", "5xx>0.1%", "5xx>1%", "p99>+20%", "p50>+1ms", "errors>0")]
-    got = gate_breaches(rules, report)
-    assert [b.split(":")[0] for b in got] == ["5xx>0.1%", "p99>+20%"]
+    assert [b.split(":")[0] for b in gate_breaches(rules, report(1000))] == ["5xx>0.1%", "p99>+20%"]
+    # a p99 of 50 exchanges is not one: the limit waits for the samples a verdict needs
+    assert [b.split(":")[0] for b in gate_breaches(rules, report(50))] == ["5xx>0.1%"]
+    with pytest.raises(UsageError, match="share"):
+        parse_gate("errors>5")
 
 
 # -- runs -------------------------------------------------------------------------------------
@@ -218,3 +224,46 @@ def test_sections_join_exactly_whatever_the_order(tmp_path):
         assert t["unmatched"]["recorded"] == 0
         (ep,) = rep["endpoints"]
         assert ep["status"]["changed"] == (1 if baseline is None else 0)
+
+
+def test_an_exchange_pushed_out_of_the_window_is_not_counted_twice():
+    msgs = [_m(KIND_REQUEST, 0, 0, F_REPLAYED), _m(KIND_REQUEST, 1, 0, F_REPLAYED),
+            _m(KIND_REQUEST, 2, 0, F_REPLAYED),                       # pushes (0, 0) out
+            _m(KIND_RESPONSE, 0, 0, F_REPLAYED, status=200),          # late: dropped
+            _m(KIND_RESPONSE, 1, 0, F_REPLAYED, status=200), _m(KIND_RESPONSE, 2, 0, F_REPLAYED, status=200)]
+    got = list(exchanges(msgs, 10, window=2))
+    assert sorted(e.key for e in got) == [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
+
+
+def test_captured_bytes_reach_neither_terminal_nor_shell_raw(tmp_path):
+    import io
+    import subprocess
+
+    from replay.analysis.compare import curl
+    from replay.analysis.text import render_text
+
+    body = bytes(range(256)) + b"'%\\"
+    head = (b"POST /up HTTP/1.1\r\nHost: t\r\nX-Evil: \x1b]0;PWNED\x07\x1b[2J\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    req = Message(KIND_REQUEST, 0, 0, 0, 0, ("c", 1), ("s", 2), 0, head + body, "POST", "/up",
+                  0, len(body), len(head))
+    cmd = curl(req, "http://127.0.0.1:9")
+    assert "\x1b" not in cmd and "\x07" not in cmd
+    # the command sends exactly the recorded body (checked through bash, without curl)
+    printf = cmd.split(" | ")[0]
+    assert subprocess.run(["bash", "-c", printf], capture_output=True).stdout == body
+    evil = "GET /\x1b[2J\x1b]0;x\x07"
+    rep = {"runs": {"candidate": {"target": "t"}, "baseline": {}},
+           "totals": {"exchanges": 1, "endpoints": 1, "without_baseline": 0},
+           "suspected_noise": [], "regressions_total": 1,
+           "endpoints": [{"endpoint": evil, "count": 1, "status": {"changed": 1},
+                          "latency": {"service": {"baseline": {"p50": 1, "p99": 1},
+                                                  "candidate": {"p50": 1, "p99": 1}}},
+                          "regressions": [{"kind": "status", "field": "200 -> 500", "count": 1,
+                                           "examples": [{"conn": 0, "index": 0, "method": "GET",
+                                                         "uri": evil[4:], "baseline_status": "200",
+                                                         "candidate_status": "500", "curl": cmd}]}]}]}
+    out = io.StringIO()
+    render_text(rep, file=out)
+    assert "\x1b" not in out.getvalue() and "\x07" not in out.getvalue()
+    assert "\\x1b[2J" in out.getvalue()

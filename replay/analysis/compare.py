@@ -101,14 +101,6 @@ class Hist:
         return self.h
 
 
-def _hist():
-    return Hist()
-
-
-def _record(h, ns):
-    h.add(ns)
-
-
 def _pcts(hist) -> dict:
     h = hist.flush()
     n = h.get_total_count()
@@ -165,13 +157,11 @@ class _Run:
     The timeline has at most 2 * TIMELINE_BUCKETS buckets: when a run outlasts them, the buckets
     are merged in pairs and their width doubles."""
 
-    def __init__(self, label, t_min, t_max):
+    def __init__(self, label):
         self.label = label
-        self.hist = _hist()
-        self.t0 = t_min
-        span = max(1, (t_max or 0) - (t_min or 0))
-        # buckets start at 100 ms and double as the run outlasts them (see _coarser)
-        self.width = max(100_000_000, -(-span // TIMELINE_BUCKETS))
+        self.hist = Hist()
+        self.t0 = None              # the run's first request: its timeline starts there
+        self.width = 100_000_000    # buckets start at 100 ms and double as the run outlasts them
         self.buckets: dict = {}
         self.statuses = Counter()
         self.count = 0
@@ -181,7 +171,7 @@ class _Run:
         st = ex.status
         self.statuses[st if isinstance(st, str) else status_class(st)] += 1
         svc = ex.service_ns
-        _record(self.hist, svc)
+        self.hist.add(svc)
         if ex.request is not None:
             t = ex.request.ts_first
             if self.t0 is None:
@@ -225,7 +215,8 @@ class _Run:
 
 
 class _Endpoint:
-    __slots__ = ("name", "count", "matrix", "st_cb", "st_bn", "bn_compared", "err_cb", "err_bn",
+    __slots__ = ("name", "count", "matrix", "compared", "trans_cb", "trans_bn", "bn_compared",
+                 "err_cb", "err_bn",
                  "lat", "held", "f_cb", "f_bn", "cb_compared", "bn_field_compared", "volatile",
                  "repeats", "random", "random_checked", "examples")
 
@@ -233,12 +224,13 @@ class _Endpoint:
         self.name = name
         self.count = 0
         self.matrix = Counter()
-        self.st_cb = 0            # status differs candidate vs baseline (replay errors excluded)
-        self.st_bn = 0
-        self.bn_compared = 0      # exchanges with a noise counterpart
+        self.compared = 0         # exchanges whose baseline answered with a status
+        self.trans_cb = Counter() # (baseline status, candidate status) where they differ
+        self.trans_bn = Counter() # (baseline status, noise status) where they differ
+        self.bn_compared = 0      # of ``compared``, those with a noise counterpart
         self.err_cb = Counter()   # candidate error kind where the baseline answered
         self.err_bn = Counter()
-        self.lat = {(v, r): _hist() for v in ("service", "intended")
+        self.lat = {(v, r): Hist() for v in ("service", "intended")
                     for r in ("baseline", "candidate", "noise")}
         self.held = 0
         self.f_cb = Counter()
@@ -269,10 +261,10 @@ class Analysis:
         self.eps: dict = {}
         # each run's timeline starts at its own first request (a log's time span also covers
         # the recording inside it)
-        self.runs = {"candidate": _Run("candidate", None, None)}
-        self.runs["baseline" if self.base else "recorded"] = _Run("baseline", None, None)
+        self.runs = {"candidate": _Run("candidate")}
+        self.runs["baseline" if self.base else "recorded"] = _Run("baseline")
         if self.noise:
-            self.runs["noise"] = _Run("noise", None, None)
+            self.runs["noise"] = _Run("noise")
         self.totals = Counter()
         self._repeat: OrderedDict = OrderedDict()   # request identity -> baseline answer
         self.repeats = 0                             # repeated requests seen in the baseline
@@ -280,22 +272,34 @@ class Analysis:
 
     # -- the pass --------------------------------------------------------------------------------
     def run(self) -> dict:
-        recorded = self.cand.section(replayed=False)
-        base = self.base.section(replayed=True) if self.base else None
-        noise = self.noise.section(replayed=True) if self.noise else None
-        chunk = []
-        for ex in self.cand.replayed(self.window):
-            chunk.append(ex)
-            if len(chunk) >= CHUNK:
+        recorded = base = noise = None
+        try:
+            recorded = self.cand.section(replayed=False)
+            base = self.base.section(replayed=True) if self.base else None
+            noise = self.noise.section(replayed=True) if self.noise else None
+            chunk = []
+            for ex in self.cand.replayed(self.window):
+                chunk.append(ex)
+                if len(chunk) >= CHUNK:
+                    self._chunk(chunk, recorded, base, noise)
+                    chunk = []
+            if chunk:
                 self._chunk(chunk, recorded, base, noise)
-                chunk = []
-        if chunk:
-            self._chunk(chunk, recorded, base, noise)
-        self.unmatched = {"recorded": self.totals["exchanges"] - recorded.found}
-        if base is not None:
-            self.unmatched["baseline"] = self.totals["exchanges"] - base.found
-        if noise is not None:
-            self.unmatched["noise"] = self.totals["exchanges"] - noise.found
+            n = self.totals["exchanges"]
+            self.unmatched = {"recorded": n - recorded.found}
+            if base is not None:
+                self.unmatched["baseline"] = n - base.found
+            if noise is not None:
+                self.unmatched["noise"] = n - noise.found
+        finally:
+            self.cand.done(recorded)
+            if self.base:
+                self.base.done(base)
+            if self.noise:
+                self.noise.done(noise)
+            for run in (self.cand, self.base, self.noise):
+                if run is not None:
+                    run.close()
         return self.report()
 
     def _chunk(self, chunk, recorded, base, noise):
@@ -306,8 +310,11 @@ class Analysis:
         def other(section, run):
             if section is None:
                 return [None] * len(chunk)
-            stride = run.stride or 0
-            return section.get([key_of(k[0] + k[2] * stride, k[1]) for k in ex_keys], ex_keys)
+            got = section.get([key_of(k[0] + k[2] * (run.stride or 0), k[1]) for k in ex_keys], ex_keys)
+            if not run.stride:
+                # a run without --loop has only a first pass: later passes have no counterpart
+                got = [g if k[2] == 0 else None for g, k in zip(got, ex_keys)]
+            return got
 
         bases = other(base, self.base) if base is not None else recs
         noises = other(noise, self.noise)
@@ -335,33 +342,36 @@ class Analysis:
             t["candidate_5xx"] += 1
         elif cs is not None and cs >= 400:
             t["candidate_4xx"] += 1
+        self._latency(ep, "candidate", c)
+        if c.request is not None and c.request.ts_last - c.request.ts_first > HELD_NS:
+            ep.held += 1
         if b is None:
             t["no_baseline"] += 1
             ep.matrix[("none", _st(cs))] += 1
-            self._latency(ep, "candidate", c)
             return
         runs["baseline" if self.base else "recorded"].add(b)
         bs = b.status
         ep.matrix[(_st(bs), _st(cs))] += 1
-        self._latency(ep, "candidate", c)
         self._latency(ep, "baseline", b)
-        if c.request is not None and c.request.ts_last - c.request.ts_first > HELD_NS:
-            ep.held += 1
-        if isinstance(cs, str) and not isinstance(bs, str):
-            ep.err_cb[cs] += 1
-            self._example(ep, "error", cs, c, b, None)
-        elif cs != bs and cs is not None and bs is not None:
-            ep.st_cb += 1
-            self._example(ep, "status", f"{_st(bs)} -> {_st(cs)}", c, b, None)
+        if type(bs) is int:
+            # statuses and errors are judged where the baseline answered
+            ep.compared += 1
+            if isinstance(cs, str):
+                ep.err_cb[cs] += 1
+                self._example(ep, "error", cs, c, b, None)
+            elif cs is not None and cs != bs:
+                ep.trans_cb[(bs, cs)] += 1
+                self._example(ep, "status", f"{bs} -> {cs}", c, b, None)
         if n is not None:
             runs["noise"].add(n)
             self._latency(ep, "noise", n)
-            ep.bn_compared += 1
             ns = n.status
-            if isinstance(ns, str) and not isinstance(bs, str):
-                ep.err_bn[ns] += 1
-            elif ns != bs and ns is not None and bs is not None:
-                ep.st_bn += 1
+            if type(bs) is int:
+                ep.bn_compared += 1
+                if isinstance(ns, str):
+                    ep.err_bn[ns] += 1
+                elif ns is not None and ns != bs:
+                    ep.trans_bn[(bs, ns)] += 1
         # fields: only between answers with the same status
         if c.response is None or b.response is None or cs != bs:
             return
@@ -390,8 +400,8 @@ class Analysis:
             self._volatility(ep, b, sides)
 
     def _latency(self, ep, run, ex):
-        _record(ep.lat[("service", run)], ex.service_ns)
-        _record(ep.lat[("intended", run)], ex.intended_ns)
+        ep.lat[("service", run)].add(ex.service_ns)
+        ep.lat[("intended", run)].add(ex.intended_ns)
 
     def _volatility(self, ep, b, sides):
         """The baseline answered the same request before: which fields changed since."""
@@ -434,21 +444,26 @@ class Analysis:
         base_label = "baseline" if self.base else "recorded"
         for ep in self.eps.values():
             regs = []
-            scale = ep.cb_compared / ep.bn_compared if ep.bn_compared else 0
-            # status
-            noise_st = ep.st_bn * (ep.count / ep.bn_compared) if ep.bn_compared else 0
-            if rate_regressed(ep.st_cb, noise_st, ep.count, th):
-                for (kind, field), ex in ep.examples.items():
-                    if kind == "status":
-                        regs.append({"kind": "status", "field": field, "count": _matrix_count(ep, field),
-                                     "rate": round(_matrix_count(ep, field) / ep.count, 6),
-                                     "examples": ex})
-            # replay errors
+            improvements = []
+            # the noise run's counts, scaled to as many comparisons as the candidate's
+            scale = ep.cb_compared / ep.bn_field_compared if ep.bn_field_compared else 0
+            st_scale = ep.compared / ep.bn_compared if ep.bn_compared else 0
+            # statuses: each change of status judged on its own
+            for (bs, cs), cnt in sorted(ep.trans_cb.items(), key=lambda kv: -kv[1]):
+                field = f"{bs} -> {cs}"
+                row = {"kind": "status", "field": field, "count": cnt,
+                       "rate": round(cnt / ep.compared, 6), "noise_count": ep.trans_bn[(bs, cs)],
+                       "examples": ep.examples.get(("status", field), [])}
+                if bs >= 400 and cs < 400:
+                    improvements.append(row)            # a failure that now succeeds
+                elif rate_regressed(cnt, ep.trans_bn[(bs, cs)] * st_scale, ep.compared, th):
+                    regs.append(row)
+            # replay errors, where the baseline answered
             for kind, cnt in ep.err_cb.items():
-                noise_e = ep.err_bn[kind] * (ep.count / ep.bn_compared) if ep.bn_compared else 0
-                if rate_regressed(cnt, noise_e, ep.count, th):
+                if rate_regressed(cnt, ep.err_bn[kind] * st_scale, ep.compared, th):
                     regs.append({"kind": "error", "field": kind, "count": cnt,
-                                 "rate": round(cnt / ep.count, 6),
+                                 "rate": round(cnt / ep.compared, 6),
+                                 "noise_count": ep.err_bn[kind],
                                  "examples": ep.examples.get(("error", kind), [])})
             # latency
             lat = {}
@@ -457,7 +472,7 @@ class Analysis:
             noise_h = ep.lat[("service", "noise")].flush() if self.noise else None
             for p, b_us, c_us, z in latency_regressed(ep.lat[("service", "baseline")].flush(),
                                                       ep.lat[("service", "candidate")].flush(),
-                                                      noise_h, th):
+                                                      noise_h, th, tests=len(self.eps) * len(PERCENTILES)):
                 regs.append({"kind": "latency", "field": f"p{p}", "baseline_ms": round(b_us / 1000, 3),
                              "candidate_ms": round(c_us / 1000, 3),
                              "change": round((c_us - b_us) / b_us * 100, 1), "z": z})
@@ -500,8 +515,10 @@ class Analysis:
             regs.sort(key=lambda r: (order[r["kind"]], -r.get("count", 0)))
             endpoints.append({
                 "endpoint": ep.name, "count": ep.count,
-                "status": {"changed": ep.st_cb, "rate": round(ep.st_cb / ep.count, 6),
-                           "noise_changed": ep.st_bn, "noise_compared": ep.bn_compared,
+                "status": {"changed": sum(ep.trans_cb.values()), "compared": ep.compared,
+                           "rate": round(sum(ep.trans_cb.values()) / ep.compared, 6) if ep.compared else 0,
+                           "noise_changed": sum(ep.trans_bn.values()), "noise_compared": ep.bn_compared,
+                           "improvements": improvements,
                            "matrix": [{base_label: k[0], "baseline": k[0], "candidate": k[1], "count": v}
                                       for k, v in sorted(ep.matrix.items(), key=lambda kv: -kv[1])]},
                 "errors": {"candidate": dict(ep.err_cb), "noise": dict(ep.err_bn)},
@@ -559,11 +576,6 @@ def _kind(field: str) -> str:
     return "header" if field.startswith("header:") else "body"
 
 
-def _matrix_count(ep, field) -> int:
-    a, _, b = field.partition(" -> ")
-    return ep.matrix.get((a, b), 0)
-
-
 def _values(bside, cside, field) -> tuple:
     """The baseline's and the candidate's values of a field, where they differ."""
     if bside is None or cside is None or not (bside.is_json and cside.is_json):
@@ -608,25 +620,58 @@ def _short(v):
     return v
 
 
+CURL_BODY_MAX = 64 << 10
+
+
+def sh_quote(value) -> str:
+    """One shell word for ``value`` (str or bytes): plain quoting for printable ASCII, ``$'...'``
+    with escapes otherwise, so that no byte of a capture reaches a terminal or a shell raw."""
+    raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else bytes(value)
+    if all(0x20 <= c < 0x7F for c in raw):
+        return shlex.quote(raw.decode("ascii"))
+    out = []
+    for c in raw:
+        if c == 0x5C:
+            out.append("\\\\")
+        elif c == 0x27:
+            out.append("\\'")
+        elif 0x20 <= c < 0x7F:
+            out.append(chr(c))
+        else:
+            out.append("\\x%02x" % c)
+    return "$'" + "".join(out) + "'"
+
+
 def curl(req, target: str) -> str:
-    """A curl command that sends ``req`` (a replayed request, Host already the target's) again."""
+    """A curl command that sends ``req`` (a replayed request, Host already the target's) again:
+    its method, headers and body bytes (chunked framing removed; a body over 64 KiB is left out,
+    and the command says so)."""
+    from replay.httpmsg import decode_chunked, is_chunked
+
     base = target.split(" ", 1)[0].rstrip("/")
     if not base.startswith(("http://", "https://")):
         base = "http://" + base
     uri = req.uri or "/"
     url = uri if uri.startswith(("http://", "https://")) else base + (uri if uri.startswith("/") else "/" + uri)
-    parts = ["curl", "-sS", "-i", "-X", req.method or "GET"]
+    parts = ["curl", "-sS", "-i", "-X", sh_quote(req.method or "GET")]
     skip = {"content-length", "host", "connection", "transfer-encoding"}
     for name, value in D.header_fields(req.data, req.head_length):
-        n = name.decode("latin-1")
-        if n.lower() in skip:
+        if name.decode("latin-1").lower() in skip:
             continue
-        parts += ["-H", f"{n}: {value.decode('latin-1')}"]
-    body = D.payload(req.data, req.head_length) if req.head_length else b""
-    if body:
-        try:
-            parts += ["--data-binary", body.decode("utf-8")]
-        except UnicodeDecodeError:
-            parts += ["--data-binary", "@request-body.bin"]
-    parts.append(url)
-    return " ".join(shlex.quote(p) for p in parts)
+        parts += ["-H", sh_quote(name + b": " + value)]
+    body = req.data[req.head_length:] if req.head_length else b""
+    if body and is_chunked(req.data, req.head_length):
+        body = decode_chunked(body)[0]
+    head, tail = "", ""
+    if len(body) > CURL_BODY_MAX:
+        tail = f"  # the request body ({len(body):,} bytes) is left out"
+    elif b"\0" in body:
+        # a shell word cannot hold a NUL byte: printf writes the body to curl's stdin
+        esc = "".join(chr(c) if 0x20 <= c < 0x7F and c not in (0x27, 0x5C, 0x25) else "\\0%03o" % c
+                      for c in body)
+        head = f"printf %b '{esc}' | "
+        parts += ["--data-binary", "@-"]
+    elif body:
+        parts += ["--data-binary", sh_quote(body)]
+    parts.append(sh_quote(url))
+    return head + " ".join(parts) + tail

@@ -66,9 +66,15 @@ def payload(data: bytes, head_length: int) -> bytes:
     if ce:
         ce = ce.strip().lower()
         if ce in ("gzip", "x-gzip"):
-            body = _bounded_decode(body, 16 + 15) or body
+            got = _bounded_decode(body, 16 + 15)
         elif ce == "deflate":
-            body = _bounded_decode(body, 15) or _bounded_decode(body, -15) or body
+            got = _bounded_decode(body, 15)
+            if got is None:
+                got = _bounded_decode(body, -15)
+        else:
+            got = None
+        if got is not None:       # b"" is a body too: an empty payload, compressed
+            body = got
     return body
 
 

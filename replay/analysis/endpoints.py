@@ -105,6 +105,8 @@ class Endpoints:
         key = (method, path)
         got = self._cache.get(key)
         if got is not None:
+            if got.endswith(OTHER):
+                self.others += 1
             return got
         for rx, nm in self.rules:
             if rx.search(path):
@@ -114,9 +116,10 @@ class Endpoints:
             ep = f"{method} {template(path)}"
         if ep not in self.seen:
             if len(self.seen) >= self.max_endpoints:
-                self.others += 1
                 ep = f"{method} {OTHER}"
             self.seen.add(ep)
+        if ep.endswith(OTHER):
+            self.others += 1          # requests grouped as (other)
         if len(self._cache) > 20_000:
             self._cache.clear()
         self._cache[key] = ep

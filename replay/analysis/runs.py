@@ -76,6 +76,7 @@ class Exchange:
 def exchanges(messages, stride: int | None, window: int = WINDOW):
     """Messages of one section -> exchanges, as they complete (or are pushed out of the window)."""
     open_: OrderedDict = OrderedDict()
+    gone: OrderedDict = OrderedDict()     # keys pushed out: their late messages are dropped
     for m in messages:
         if stride:
             key = (m.conn % stride, m.index, m.conn // stride)
@@ -83,6 +84,8 @@ def exchanges(messages, stride: int | None, window: int = WINDOW):
             key = (m.conn, m.index)
         ex = open_.get(key)
         if ex is None:
+            if key in gone:
+                continue
             ex = open_[key] = Exchange(key)
         if m.kind == KIND_REQUEST:
             if ex.request is None:
@@ -95,7 +98,11 @@ def exchanges(messages, stride: int | None, window: int = WINDOW):
             del open_[key]
             yield ex
         elif len(open_) > window:
-            yield open_.popitem(last=False)[1]
+            k, old = open_.popitem(last=False)
+            gone[k] = None
+            if len(gone) > window:
+                gone.popitem(last=False)
+            yield old
     yield from open_.values()
 
 
@@ -176,7 +183,6 @@ class Section:
         self.reader = LogReader(path, cache_blocks=cache_blocks)
         self.index = SectionIndex(self.reader, replayed)
         self.replayed = replayed
-        self.asked = 0
         self.found = 0
 
     def get(self, keys: list, ex_keys: list) -> list:
@@ -201,7 +207,6 @@ class Section:
                 else:
                     ex.response = m
             out.append(ex)
-        self.asked += len(keys)
         self.found += sum(1 for x in out if x is not None)
         return out
 
@@ -228,7 +233,6 @@ class RunLog:
                              f"{meta.get('command') or 'unknown'}): run replay play ... -o run.rlog")
         self.meta = meta
         self.stride = int(meta.get("conn_stride") or 0) or None
-        self.t_min, self.t_max = self._reader.time_span()
 
     @property
     def warnings(self) -> list:
@@ -243,12 +247,24 @@ class RunLog:
         from replay.log import LogReader
 
         reader = LogReader(self.path)
-        msgs = reader.select(lambda c: (c["flags"] & F_REPLAYED) != 0)
-        yield from exchanges(msgs, self.stride or (1 << 62), window)
-        self._absorb(reader)
+        try:
+            msgs = reader.select(lambda c: (c["flags"] & F_REPLAYED) != 0)
+            yield from exchanges(msgs, self.stride or (1 << 62), window)
+        finally:
+            self._absorb(reader)
+            reader.close()
 
     def section(self, replayed: bool) -> Section:
         return Section(self.path, replayed)
+
+    def done(self, section: Section | None = None) -> None:
+        """A section of this log is read: keep its warnings, close it."""
+        if section is not None:
+            self._absorb(section.reader)
+            section.reader.close()
+
+    def close(self) -> None:
+        self._reader.close()
 
     def _absorb(self, reader) -> None:
         for w in reader.warnings:

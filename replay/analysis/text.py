@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import sys
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _safe(text) -> str:
+    """Text from a capture, fit for a terminal: control characters (escape sequences that
+    could retitle, clear or rewrite the terminal) shown as \\xNN."""
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
+
 
 MAX_ROWS = 40
 MAX_DETAIL = 10         # endpoints whose regressions are detailed
@@ -24,7 +34,7 @@ def _reg_text(r) -> str:
     k = r["kind"]
     if k in ("body", "header") and "baseline_value" in ((r.get("examples") or [{}])[0]):
         x = r["examples"][0]
-        return (f"{r['field']}: differs in {r['count']:,} ({r['rate'] * 100:.3g}%), e.g. "
+        return (f"{_safe(r['field'])}: differs in {r['count']:,} ({r['rate'] * 100:.3g}%), e.g. "
                 f"{_clip(repr(x['baseline_value']), 60)} → {_clip(repr(x['candidate_value']), 60)}")
     if k == "latency":
         return f"latency {r['field']} {r['baseline_ms']:.3g} → {r['candidate_ms']:.3g} ms (+{r['change']}%)"
@@ -32,22 +42,24 @@ def _reg_text(r) -> str:
         return f"status {r['field']} ×{r['count']}"
     if k == "error":
         return f"error {r['field']} ×{r['count']}"
-    return f"{r['field']}: differs in {r['count']:,} ({r['rate'] * 100:.3g}%)"
+    return f"{_safe(r['field'])}: differs in {r['count']:,} ({r['rate'] * 100:.3g}%)"
 
 
 def render_text(report: dict, file=None) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     out = Console(file=file or sys.stdout, highlight=False, soft_wrap=False,
                   width=None if (file or sys.stdout).isatty() else 160)
     runs = report["runs"]
     t = report["totals"]
     base = runs["baseline"].get("target") or "recorded"
-    out.print(f"candidate {runs['candidate'].get('target', '?')} vs baseline {base}"
-              + (f", noise {runs['noise'].get('target')}" if "noise" in runs else "")
-              + f": {t['exchanges']:,} exchanges, {t['endpoints']} endpoints"
-              + (f", {t['without_baseline']:,} without a baseline" if t["without_baseline"] else ""))
+    out.print(_safe(f"candidate {runs['candidate'].get('target', '?')} vs baseline {base}"
+                    + (f", noise {runs['noise'].get('target')}" if "noise" in runs else "")
+                    + f": {t['exchanges']:,} exchanges, {t['endpoints']} endpoints"
+                    + (f", {t['without_baseline']:,} without a baseline" if t["without_baseline"] else "")),
+              markup=False)
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     table.add_column("endpoint", overflow="fold")
     table.add_column("count", justify="right")
@@ -58,22 +70,23 @@ def render_text(report: dict, file=None) -> None:
     eps = report["endpoints"]
     for e in eps[:MAX_ROWS]:
         p50, p99 = _lat(e)
-        table.add_row(e["endpoint"], f"{e['count']:,}", f"{e['status']['changed']:,}", p50, p99,
-                      _kinds(e["regressions"]), style="red" if e["regressions"] else None)
+        table.add_row(Text(_safe(e["endpoint"])), f"{e['count']:,}", f"{e['status']['changed']:,}",
+                      p50, p99, Text(_safe(_kinds(e["regressions"]))),
+                      style="red" if e["regressions"] else None)
     out.print(table)
     if len(eps) > MAX_ROWS:
         out.print(f"... {len(eps) - MAX_ROWS} more endpoints (--json or --html for all)")
     if report["suspected_noise"]:
         out.print("suspected noise (differs on nearly every exchange and looks random or changed "
                   "between repeated requests; not counted): "
-                  + ", ".join(f"{s['endpoint']} {s['field']}" for s in report["suspected_noise"][:10]),
+                  + _safe(", ".join(f"{s['endpoint']} {s['field']}" for s in report["suspected_noise"][:10])),
                   markup=False)
     n = report["regressions_total"]
     hit = [e for e in eps if e["regressions"]]
     out.print(f"[bold]{n} regression{'s' if n != 1 else ''} in {len(hit)} endpoint"
               f"{'s' if len(hit) != 1 else ''}[/bold]" if n else "no regressions")
     for e in hit[:MAX_DETAIL]:
-        out.print(f"\n[bold]{e['endpoint']}[/bold]", highlight=False)
+        out.print(Text("\n" + _safe(e["endpoint"]), style="bold"))
         regs = e["regressions"]
         for r in regs[:MAX_LINES]:
             out.print("  " + _reg_text(r), markup=False)
@@ -81,7 +94,7 @@ def render_text(report: dict, file=None) -> None:
             out.print(f"  ... and {len(regs) - MAX_LINES} more")
         x = next((x for r in regs for x in (r.get("examples") or [])[:1]), None)
         if x is not None:
-            out.print(f"  e.g. conn {x['conn']} #{x['index']}: {x['method']} {_clip(x['uri'], 120)}  "
+            out.print(f"  e.g. conn {x['conn']} #{x['index']}: {_safe(x['method'])} {_clip(x['uri'], 120)}  "
                       f"{x['baseline_status']} → {x['candidate_status']}", markup=False)
             if x.get("curl"):
                 out.print("    " + _clip(x["curl"], CURL_CHARS), markup=False, soft_wrap=True)
@@ -90,7 +103,7 @@ def render_text(report: dict, file=None) -> None:
 
 
 def _clip(text, n) -> str:
-    text = str(text).replace("\n", "\\n")
+    text = _safe(text)
     return text if len(text) <= n else text[:n] + f"... ({len(text) - n} more characters)"
 
 

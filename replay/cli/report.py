@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import click
 
-# the keys of a rules file's [report] table: option name -> (kind, repeatable)
-REPORT_KEYS = {"endpoint": (str, True), "ignore": (str, True), "unordered-arrays": (bool, False),
-               "fail-on": (str, True), "relative-threshold": (float, False),
-               "absolute-threshold": (float, False), "latency-threshold": (float, False),
-               "latency-min-ms": (float, False), "min-count": (int, False)}
+# the keys of a rules file's [report] table: option name -> (kind, repeatable, (min, max))
+REPORT_KEYS = {"endpoint": (str, True, None), "ignore": (str, True, None),
+               "unordered-arrays": (bool, False, None), "fail-on": (str, True, None),
+               "relative-threshold": (float, False, (0, 100)),
+               "absolute-threshold": (float, False, (0, 100)),
+               "latency-threshold": (float, False, (0, 10_000)),
+               "latency-min-ms": (float, False, (0, 3_600_000)),
+               "min-count": (int, False, (1, 1 << 40))}
 
 
 @click.command("report")
@@ -33,17 +36,17 @@ REPORT_KEYS = {"endpoint": (str, True), "ignore": (str, True), "unordered-arrays
 @click.option("--fail-on", multiple=True, metavar="RULE",
               help="Exit 3 when breached: regression, status, error, latency, body, header, "
                    "p99>+20%, p50>+5ms, 5xx>0.1%, errors>0 (repeatable).")
-@click.option("--relative-threshold", type=click.FloatRange(0, 100), metavar="PCT",
+@click.option("--relative-threshold", type=click.FloatRange(*REPORT_KEYS["relative-threshold"][2]), metavar="PCT",
               help="Noise rule: how much more often than in the noise run a field must differ "
                    "(|raw-noise|/(raw+noise), percent). [default: 20]")
-@click.option("--absolute-threshold", type=click.FloatRange(0, 100), metavar="PCT",
+@click.option("--absolute-threshold", type=click.FloatRange(*REPORT_KEYS["absolute-threshold"][2]), metavar="PCT",
               help="Noise rule: the least share of an endpoint's exchanges that must differ. "
                    "[default: 0.03]")
-@click.option("--latency-threshold", type=click.FloatRange(0, 10_000), metavar="PCT",
+@click.option("--latency-threshold", type=click.FloatRange(*REPORT_KEYS["latency-threshold"][2]), metavar="PCT",
               help="How much slower (percent) p50/p90/p99 must get to count. [default: 20]")
-@click.option("--latency-min-ms", type=click.FloatRange(0, 3_600_000), metavar="MS",
+@click.option("--latency-min-ms", type=click.FloatRange(*REPORT_KEYS["latency-min-ms"][2]), metavar="MS",
               help="...and by at least this many milliseconds. [default: 1]")
-@click.option("--min-count", type=click.IntRange(1), metavar="N",
+@click.option("--min-count", type=click.IntRange(*REPORT_KEYS["min-count"][2]), metavar="N",
               help="Exchanges an endpoint needs on each side for a latency verdict. [default: 20]")
 @click.option("--rules", "rule_file", type=click.Path(dir_okay=False), metavar="FILE.toml",
               help="Read these options from the [report] table of a rules file.")
@@ -65,12 +68,13 @@ def command(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays
     import time
 
     from replay.analysis.verdict import Thresholds, parse_gate
-    from replay.outputs import Outputs
+    from replay.outputs import LOG_MODE, Outputs
 
     outputs = Outputs({k: v for k, v in (("the candidate", candidate), ("--baseline", baseline),
                                          ("--noise", noise), ("--rules", rule_file)) if v})
-    out_json = outputs.atomic(json_path, "--json") if json_path else None
-    out_html = outputs.atomic(html_path, "--html") if html_path else None
+    # 0600 as the logs: examples carry the captured bodies, cookies and authorization headers
+    out_json = outputs.atomic(json_path, "--json", mode=LOG_MODE) if json_path else None
+    out_html = outputs.atomic(html_path, "--html", mode=LOG_MODE) if html_path else None
     opts = _from_rules_file(rule_file) if rule_file else {}
     endpoint_rules = list(opts.get("endpoint", ())) + list(endpoint_rules)
     ignore = list(opts.get("ignore", ())) + list(ignore)
@@ -118,7 +122,7 @@ def _analyse(candidate, baseline, noise, endpoint_rules, ignore, unordered_array
                         unordered=unordered_arrays, thresholds=th)
     report = analysis.run()
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    breaches = gate_breaches(gates, report)
+    breaches = gate_breaches(gates, report, th.min_count)
     report["gate"] = {"rules": [g.text for g in gates], "breached": breaches,
                       "exit_code": 3 if breaches else 0}
     return report, breaches
@@ -136,7 +140,7 @@ def _from_rules_file(path: str) -> dict:
         k = key.replace("_", "-")
         if k not in REPORT_KEYS:
             raise UsageError(f"{path}: [report]: unknown key '{key}' (known: {', '.join(REPORT_KEYS)})")
-        typ, many = REPORT_KEYS[k]
+        typ, many, bounds = REPORT_KEYS[k]
         values = value if isinstance(value, list) else [value]
         if isinstance(value, list) and not many:
             raise UsageError(f"{path}: [report]: '{key}' takes one value, not a list")
@@ -145,5 +149,8 @@ def _from_rules_file(path: str) -> dict:
                 (typ is float and isinstance(v, int) and not isinstance(v, bool))
             if not ok:
                 raise UsageError(f"{path}: [report]: '{key}' must be {typ.__name__}, not {v!r}")
+            if bounds is not None and not bounds[0] <= v <= bounds[1]:
+                raise UsageError(f"{path}: [report]: '{key}' = {v!r} is out of range "
+                                 f"({bounds[0]} to {bounds[1]})")
         out[k] = values if many else value
     return out
