@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from replay.events import KIND_REQUEST, flag_names
+from replay.events import F_FAILED, KIND_REQUEST, flag_names
 from replay.httpmsg import format_addr, header_value
 
 
@@ -27,6 +27,7 @@ def message_record(msg, host: str | None) -> dict:
         "length": msg.body_length,
         "bytes": len(msg.data),
         "flags": flag_names(msg.flags),
+        **({"error": msg.data.decode("ascii", "replace")} if msg.flags & F_FAILED else {}),
     }
 
 
@@ -73,7 +74,8 @@ def command(path, fmt, ports, requests_only, limit):
             rel = (msg.ts_first - t0) / 1e9
             is_req = msg.kind == KIND_REQUEST
             kind = "req" if is_req else "resp"
-            status = "" if is_req else str(msg.status)
+            status = "" if is_req else (msg.data.decode("ascii", "replace") if msg.flags & F_FAILED
+                                        else str(msg.status))
             flags = ",".join(flag_names(msg.flags))
             write(f"{rel:12.6f} {msg.conn:>5} {msg.index:>4} {kind:<4} {status:>6} "
                   f"{(msg.method or '-'):<7} {msg.body_length:>9}  {(host or '-')[:20]:<20} "
