@@ -59,7 +59,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 # Query tags of the request kinds nginx logs in its own way (400, 408) or not at all: counted
-# apart from the requests that must be in both the log and nginx's access log.
+# apart from the requests that must be in both the log and nginx's access log. c=xo: a head over
+# 64 KiB, c=xb: a header line without a colon, c=h: a partial head.
 APART = ("c=x", "c=h")
 SMALL, MID, BIG = "/small.txt", "/mid.bin", "/big.bin"
 
@@ -252,11 +253,12 @@ class Clients:
             await asyncio.sleep(rng.uniform(1, 4))
             r, w = await self.open()
             try:
-                head = f"GET {self.uri(SMALL, 'x')} HTTP/1.1\r\nHost: soak\r\n"
-                if rng.random() < 0.6:
+                if not self.events["oversized heads"] or rng.random() < 0.6:
+                    head = f"GET {self.uri(SMALL, 'xo')} HTTP/1.1\r\nHost: soak\r\n"
                     head += "X-Big: " + "a" * rng.randint(66_000, 90_000) + "\r\n"
                     self.events["oversized heads"] += 1
                 else:
+                    head = f"GET {self.uri(SMALL, 'xb')} HTTP/1.1\r\nHost: soak\r\n"
                     head += "This is not a header line\r\n"
                     self.events["bad header lines"] += 1
                 self.sent["x"] += 1
@@ -363,7 +365,8 @@ def window_median(samples: list[dict], t0: float, t1: float) -> float:
 
 def run_soak(seconds: float, *, workdir: Path, port: int = 8080, rotate: str = "30s",
              idle_timeout: str = "5s", rate: float = 300.0, warmup: float = 0.2,
-             nice: int = 0, seed: int = 1, log=print) -> dict:
+             nice: int = 0, seed: int = 1, log=print,
+             replay_argv: tuple = (sys.executable, "-m", "replay.cli.main")) -> dict:
     """Run one soak; returns the figures and the per-second samples (nothing is asserted)."""
     from netns import Netns, start_nginx
 
@@ -381,7 +384,7 @@ def run_soak(seconds: float, *, workdir: Path, port: int = 8080, rotate: str = "
         server = start_nginx(ns, docroot, port=port, workdir=workdir / "nginx",
                              extra_http="client_header_timeout 20s;",
                              extra_server='location /b/ { return 200 "ok\\n"; }')
-        cap_cmd = [sys.executable, "-m", "replay.cli.main", "capture", "-i", "lo",
+        cap_cmd = [*replay_argv, "capture", "-i", "lo",
                    "--port", str(port), "-o", str(outdir / "soak-%Y%m%d-%H%M%S.rlog"),
                    "--rotate-interval", rotate, "--idle-timeout", idle_timeout,
                    "--immediate", "--nice", str(nice)]
