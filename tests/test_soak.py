@@ -33,7 +33,7 @@ def test_short_soak(tmp_path):
     assert r["capture_rc"] == 0, r["capture_stderr"]
     assert "Traceback" not in r["capture_stderr"]
     assert len(r["files"]) >= 4 and not r["warnings"]
-    assert r["requests_nginx"] > 500
+    assert r["requests_nginx"] > 200
     assert (r["missing"], r["extra"]) == (0, 0), (r["missing_examples"], r["extra_examples"])
     # half-open and idle connections were closed by the core's idle timeout, none is left open
     assert sum(f["expired_connections"] or 0 for f in r["files"][-1:]) > 0
