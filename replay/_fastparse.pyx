@@ -638,7 +638,9 @@ cdef class Framer:
                 self.pos = 0
             elif st == S_HEAD:
                 end = self._find_head_end()
-                if end < 0:
+                if end < 0 or end > eng.max_head:
+                    # a head longer than max_head is cut however it was segmented: whole in
+                    # one delivery (GRO, loopback) as when it trickles in
                     if n > eng.max_head:
                         self._cut_head()
                         continue

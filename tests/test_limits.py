@@ -73,6 +73,28 @@ def test_head_over_the_limit_in_many_segments_is_kept_cut_and_framing_goes_on(im
     assert st["skipped_bytes"] == len(big_request(100_000)) - MAX_HEAD
 
 
+@pytest.mark.parametrize("size", [1460, 9000, 65483])
+def test_head_over_the_limit_is_cut_however_it_arrives(impl, size):
+    """Whole in one delivery (loopback's 64 KiB segments, GRO on a NIC) as in 1460-byte pieces:
+    the same cut request, the same next one."""
+    expected = None
+    for req in (big_request(100_000), big_request(MAX_HEAD + 1 - len(big_request(0)))):
+        f = Flow(mss=size).handshake()
+        f.c(req + NEXT)
+        f.s(R431 + R200)
+        f.close()
+        msgs, st = run_bounded(impl, f.packets)
+        reqs = requests(msgs)
+        assert [(m.uri, m.index) for m in reqs] == [("/big", 0), ("/next", 1)]
+        assert reqs[0].data == req[:MAX_HEAD] and reqs[0].flags & F_TRUNCATED
+        assert reqs[1].data == NEXT and st["oversize_heads"] == 1
+        assert [(m.status, m.index) for m in responses(msgs)] == [(431, 0), (200, 1)]
+        got = [(m.data, m.flags) for m in reqs]
+        if req == big_request(100_000):
+            expected = expected or got
+            assert got == expected
+
+
 def test_head_just_under_the_limit_is_whole(impl):
     req = big_request(MAX_HEAD - len(big_request(0)))
     assert len(req) == MAX_HEAD
