@@ -980,6 +980,8 @@ cdef class Framer:
             self._emit(cut, None)
             conn.poke_server()
         else:
+            if 100 <= status < 200:
+                self.flags |= CF_INTERIM      # a cut 1xx is still interim: the final answer follows
             answer = self._pair(status)
             self.answer = answer
             self.method = answer.method if answer is not None else None

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from replay.events import F_INCOMPLETE, F_RESYNC, F_TRUNCATED
+from replay.events import F_INCOMPLETE, F_INTERIM, F_RESYNC, F_TRUNCATED
 from replay.limits import MAX_HEAD
 from tests.flow import Flow, requests, responses, run
 
@@ -228,3 +228,15 @@ def test_garbage_one_byte_at_a_time_then_a_response(impl):
     whole = frame([wire])
     assert frame([wire[i:i + 1] for i in range(len(wire))]) == whole
     assert [s for s, _, _ in whole[0]] == [200, 200] and whole[0][1][2] == R200
+
+
+def test_an_interim_response_with_an_oversize_head_stays_interim(impl):
+    f = Flow().handshake()
+    f.c(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    f.s(b"HTTP/1.1 100 Continue\r\nX-Big: " + b"c" * 80_000 + b"\r\n\r\n")
+    f.c(b"ok")
+    f.s(R200)
+    f.close()
+    msgs, _ = run_bounded(impl, f.packets)
+    resps = responses(msgs)
+    assert [(m.status, m.index, bool(m.flags & F_INTERIM)) for m in resps] == [(100, 0, True), (200, 0, False)]
