@@ -66,20 +66,6 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
     Filters, rewrites, --middleware and --plugin (the options of `replay filter`) run on the
     recorded messages before the schedule is made, so they cost no timing.
     """
-    return run(rules=rules_from_kwargs(rule_kwargs),
-        path=path, target=target, use_sink=use_sink, speed=speed, rate=rate, loop=loop,
-        duration=duration, limit=limit, connections=connections, keepalive=not no_keepalive,
-        keep_host=keep_host, insecure=insecure, timeout=timeout, max_errors=max_errors,
-        dry_run=dry_run, output=output,
-        report_path=report_path, ports=ports, quiet=quiet, realtime=realtime,
-        event_loop=event_loop, spin_us=spin_us)
-
-
-# -- the run -------------------------------------------------------------------------------------
-
-def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connections, keepalive,
-        keep_host, insecure, timeout, dry_run, output, report_path, ports, quiet, event_loop="auto",
-        spin_us=None, realtime=False, rules=None, max_errors=None):
     import json
     import sys
 
@@ -91,6 +77,7 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
                                      default_connections)
     from replay.play.source import RecordedSource
 
+    rules = rules_from_kwargs(rule_kwargs)
     if rate is not None and speed is not None and speed != 1.0:
         raise UsageError("--speed and --rate: give one (--rate ignores the recorded gaps)")
     if rate is not None:
@@ -129,15 +116,15 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
         schedule = Schedule(plan.t0, plan.span_ns, plan.requests, speed=speed, rate=rate)
         if connections is None:
             connections = default_connections(plan, schedule)
+        opts = Options(connections=connections, keepalive=not no_keepalive, timeout=timeout,
+                       limit=limit or 0, duration=duration or 0.0, loop=loop)
         if realtime and not dry_run:
             _realtime()
         if dry_run:
-            _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keepalive, keep_host)
+            _dry_run(path, plan, schedule, tgt, opts, keep_host)
             return 0
         session = PlaySession(
-            plan, schedule, tgt,
-            Options(connections=connections, keepalive=keepalive, timeout=timeout,
-                    limit=limit or 0, duration=duration or 0.0, loop=loop),
+            plan, schedule, tgt, opts,
             About(path, tgt.display + (" (built-in sink)" if use_sink else ""),
                   rules.describe() if rules is not None else None),
             output=ExchangeLog(out_log, rewrite=rules.rewrite if rules is not None else None,
@@ -203,7 +190,8 @@ def _fmt_s(ns):
     return f"{ns / 1e9:.3f} s"
 
 
-def _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keepalive, keep_host):
+def _dry_run(path, plan, schedule, tgt, opts, keep_host):
+    loop, duration, limit = opts.loop, opts.duration, opts.limit
     n = plan.requests
     if limit:
         n = min(n, limit) if not loop else limit
@@ -235,8 +223,8 @@ def _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keep
     else:
         expect = "duration depends on the target" + (f" (at most {duration:g} s)" if duration else "")
     click.echo(f"would send {n}{' per pass' if loop and not limit else ''} requests {pace}, "
-               f"{expect}; at most {connections} connections open"
-               + ("" if keepalive else ", a new connection per request"))
+               f"{expect}; at most {opts.connections} connections open"
+               + ("" if opts.keepalive else ", a new connection per request"))
     if tgt is not None:
         click.echo(f"target {tgt.display}"
                    + ("" if keep_host else f", Host: {tgt.host_header}"))
