@@ -66,40 +66,18 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
     Filters, rewrites, --middleware and --plugin (the options of `replay filter`) run on the
     recorded messages before the schedule is made, so they cost no timing.
     """
-    return run(rules=rules_from_kwargs(rule_kwargs),
-        path=path, target=target, use_sink=use_sink, speed=speed, rate=rate, loop=loop,
-        duration=duration, limit=limit, connections=connections, keepalive=not no_keepalive,
-        keep_host=keep_host, insecure=insecure, timeout=timeout, max_errors=max_errors,
-        dry_run=dry_run, output=output,
-        report_path=report_path, ports=ports, quiet=quiet, realtime=realtime,
-        event_loop=event_loop, spin_us=spin_us)
-
-
-# -- the run -------------------------------------------------------------------------------------
-
-# Background work (the progress line, the output log) runs only when no request is due this soon,
-# so that it does not make requests late. Handing a message to the LogWriter costs ~1 µs, but
-# every 512th cuts a block, ~1 ms of table encoding in this thread (zstd runs in its worker).
-SLACK_NS = 3_000_000
-WRITE_SLACK_NS = 2_000_000
-OUTPUT_BLOCK_RECORDS = 512
-MAX_QUEUED = 200_000      # beyond this many messages waiting, write them even if it makes requests late
-MAX_CONNECTIONS = 1000
-MAX_CONNECTIONS_AT_MAX = 64
-
-
-def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connections, keepalive,
-        keep_host, insecure, timeout, dry_run, output, report_path, ports, quiet, event_loop="auto",
-        spin_us=None, realtime=False, rules=None, max_errors=None):
+    import json
     import sys
 
     from replay.errors import ReplayError, UsageError
     from replay.outputs import LOG_MODE, Outputs
-    from replay.pipeline import open_input
-    from replay.play.plan import build_plan
     from replay.play.scheduler import Schedule
-    from replay.play.sender import parse_target
+    from replay.play.sender import Options, parse_target
+    from replay.play.session import (About, ExchangeLog, LoopOptions, PlaySession, TerminalStatus,
+                                     default_connections)
+    from replay.play.source import RecordedSource
 
+    rules = rules_from_kwargs(rule_kwargs)
     if rate is not None and speed is not None and speed != 1.0:
         raise UsageError("--speed and --rate: give one (--rate ignores the recorded gaps)")
     if rate is not None:
@@ -126,13 +104,9 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
 
             sink_proc, port = start_sink_process()
             tgt = parse_target(f"http://127.0.0.1:{port}")
-        src = open_input(path, ports=ports)
-        if rules is not None:
-            plan = build_plan(rules.apply(src), tgt.host_header if tgt else None,
-                              keep_host or rules.sets_host)
-        else:
-            plan = build_plan(src, tgt.host_header if tgt else None, keep_host)
-        for w in getattr(src, "warnings", ()):
+        source = RecordedSource(path, ports=ports, rules=rules)
+        plan = source.plan(tgt.host_header if tgt else None, keep_host)
+        for w in source.warnings:
             click.echo(f"replay: warning: {w}", err=True)
         if rules is not None and not quiet:
             click.echo(_rules_line(rules), err=True)
@@ -141,16 +115,27 @@ def run(*, path, target, use_sink, speed, rate, loop, duration, limit, connectio
                               + (" (the rules kept none)" if rules is not None else ""))
         schedule = Schedule(plan.t0, plan.span_ns, plan.requests, speed=speed, rate=rate)
         if connections is None:
-            connections = (min(len(plan.connections), MAX_CONNECTIONS_AT_MAX) if not schedule.timed
-                           else MAX_CONNECTIONS)
+            connections = default_connections(plan, schedule)
+        opts = Options(connections=connections, keepalive=not no_keepalive, timeout=timeout,
+                       limit=limit or 0, duration=duration or 0.0, loop=loop)
         if realtime and not dry_run:
             _realtime()
         if dry_run:
-            _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keepalive, keep_host)
+            _dry_run(path, plan, schedule, tgt, opts, keep_host)
             return 0
-        report = _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections,
-                         keepalive, insecure, timeout, out_log, out_report, quiet, event_loop,
-                         spin_us, ports, rules)
+        session = PlaySession(
+            plan, schedule, tgt, opts,
+            About(path, tgt.display + (" (built-in sink)" if use_sink else ""),
+                  rules.describe() if rules is not None else None),
+            output=ExchangeLog(out_log, rewrite=rules.rewrite if rules is not None else None,
+                               recorded=source.recorded) if out_log else None,
+            status=TerminalStatus() if sys.stderr.isatty() and not quiet else None,
+            loop=LoopOptions(event_loop, spin_us))
+        report = session.run()
+        if out_report is not None:
+            out_report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        if not quiet:
+            click.echo(report.summary_text())
         outputs.commit()
         code = _exit_code(report, max_errors)
     finally:
@@ -205,7 +190,8 @@ def _fmt_s(ns):
     return f"{ns / 1e9:.3f} s"
 
 
-def _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keepalive, keep_host):
+def _dry_run(path, plan, schedule, tgt, opts, keep_host):
+    loop, duration, limit = opts.loop, opts.duration, opts.limit
     n = plan.requests
     if limit:
         n = min(n, limit) if not loop else limit
@@ -237,196 +223,12 @@ def _dry_run(path, plan, schedule, tgt, loop, duration, limit, connections, keep
     else:
         expect = "duration depends on the target" + (f" (at most {duration:g} s)" if duration else "")
     click.echo(f"would send {n}{' per pass' if loop and not limit else ''} requests {pace}, "
-               f"{expect}; at most {connections} connections open"
-               + ("" if keepalive else ", a new connection per request"))
+               f"{expect}; at most {opts.connections} connections open"
+               + ("" if opts.keepalive else ", a new connection per request"))
     if tgt is not None:
         click.echo(f"target {tgt.display}"
                    + ("" if keep_host else f", Host: {tgt.host_header}"))
     click.echo("dry run: nothing sent")
-
-
-def _replay(path, plan, schedule, tgt, use_sink, loop, duration, limit, connections, keepalive,
-            insecure, timeout, output, report_path, quiet, event_loop, spin_us, ports=(), rules=None):
-    import asyncio
-    import gc
-    import json
-    import os
-    import resource
-    import signal
-    import sys
-    import time
-
-    from replay import __version__
-    from replay.events import KIND_RESPONSE
-    from replay.pipeline import open_input
-    from replay.play import clock as clk
-    from replay.play.report import Report
-    from replay.play.scheduler import Lookahead, Pacer
-    from replay.play.sender import Options, Player
-
-    try:  # one descriptor per replay connection
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = min(hard, max(soft, connections + 256))
-        if want > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ValueError, OSError):
-        pass
-
-    meta = {
-        "input": path,
-        "target": tgt.display + (" (built-in sink)" if use_sink else ""),
-        "speed": "max" if schedule.speed is None and schedule.rate is None else schedule.speed,
-        "rate": schedule.rate,
-        "loop": loop,
-        "connections_cap": connections,
-        "keepalive": keepalive,
-        "plan": {"requests": plan.requests, "connections": len(plan.connections),
-                 "recorded_span_s": plan.span_ns / 1e9, "pipelined": plan.pipelined,
-                 "skipped": plan.skipped},
-    }
-    if rules is not None:
-        meta["rules"] = rules.describe()
-    report = Report(meta)
-    clock = clk.LoopClock()
-    opts = Options(connections=connections, keepalive=keepalive, timeout=timeout,
-                   limit=limit or 0, duration=duration or 0.0, loop=loop)
-    offset = clk.wall_offset()
-
-    writer = None
-    queue = []
-    if output:
-        from replay.log import LogWriter
-
-        writer = LogWriter(output.path, fd=output.detach(), block_records=OUTPUT_BLOCK_RECORDS, meta={"command": "play", "source": os.path.basename(path),
-                                         "target": meta["target"], "speed": meta["speed"],
-                                         **({"rules": meta["rules"]} if "rules" in meta else {}),
-                                         "rate": schedule.rate, "conn_stride": plan.conn_stride,
-                                         "pairing": "conn and index are those of the recorded "
-                                                    "request (conn modulo conn_stride on --loop); "
-                                                    "flag 'replayed' marks what play sent and "
-                                                    "received, the recorded exchanges follow"})
-        sys.setswitchinterval(0.0005)   # the writer's thread must not hold the GIL for long
-
-        replayed_keys = set()
-        stride = max(1, plan.conn_stride)
-
-        def on_exchange(att, req, resp):
-            queue.append(req)
-            queue.append(resp)
-            replayed_keys.add((att.conn_id % stride, req.index))
-    else:
-        on_exchange = None
-
-    pacer = Pacer(clock) if spin_us is None else Pacer(clock, spin_us * 1000)
-    player = Player(plan, schedule, tgt, opts, report, clock, pacer, on_exchange, offset)
-    look = Lookahead(schedule, plan.deadlines_sorted())
-
-    use_uvloop = event_loop == "uvloop" or (event_loop == "auto" and not schedule.timed)
-    ev = clk.new_event_loop(precise=schedule.timed and event_loop != "asyncio", use_uvloop=use_uvloop)
-    tty = sys.stderr.isatty() and not quiet
-    live = None
-    if tty:
-        from rich.console import Console
-        from rich.live import Live
-        from rich.text import Text
-
-        live = Live(Text(""), console=Console(stderr=True), auto_refresh=False, transient=True)
-        live.start()
-
-    def drain(force=False):
-        """Hand queued messages to the writer while no request is due within WRITE_SLACK_NS."""
-        if writer is None or not queue:
-            return
-        now = clock.now
-        timed = schedule.timed and not force and len(queue) < MAX_QUEUED
-        i = 0
-        while i < len(queue):
-            if timed and i % 16 == 0:
-                nxt = look.next_after(now())
-                if nxt is not None and nxt - now() < WRITE_SLACK_NS:
-                    break
-            m = queue[i]
-            if rules is not None and m.kind == KIND_RESPONSE:
-                m = rules.rewrite(m)       # --redact: the target's Set-Cookie too
-            writer.write(m)
-            i += 1
-        del queue[:i]
-
-    async def background(done: asyncio.Event):
-        now = clock.now
-        while not done.is_set():
-            try:
-                await asyncio.wait_for(done.wait(), 0.25)
-                break
-            except asyncio.TimeoutError:
-                pass
-            waited = 0
-            while waited < 200:           # at most ~0.2 s waiting for a quiet moment
-                nxt = look.next_after(now())
-                if nxt is None or nxt - now() > SLACK_NS:
-                    break
-                await asyncio.sleep(0.001)
-                waited += 1
-            if live is not None:
-                live.update(Text(report.progress_text(now())), refresh=True)
-            drain()
-
-    interrupted = []
-
-    def on_sigint():
-        if interrupted:
-            raise KeyboardInterrupt
-        interrupted.append(1)
-        player.cancel()
-
-    async def main():
-        done = asyncio.Event()
-        bg = asyncio.ensure_future(background(done))
-        try:
-            await player.run()
-        finally:
-            done.set()
-            await bg
-
-    asyncio.set_event_loop(ev)
-    ev.add_signal_handler(signal.SIGINT, on_sigint)
-    term = signal.getsignal(signal.SIGTERM)   # SIGTERM stops as Ctrl-C does: -o and --report whole
-    ev.add_signal_handler(signal.SIGTERM, on_sigint)
-    gc.collect()
-    gc.freeze()
-    started_wall = time.time()
-    try:
-        ev.run_until_complete(main())
-    finally:
-        ev.remove_signal_handler(signal.SIGINT)
-        ev.remove_signal_handler(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, term)
-        ev.close()
-        asyncio.set_event_loop(None)
-        gc.unfreeze()
-        if live is not None:
-            live.stop()
-    if player.crash is not None:
-        raise player.crash
-    report.meta["started_unix"] = round(started_wall, 6)
-    report.meta["schedule"] = {"start_unix_ns": schedule.start + offset, "t0_ns": plan.t0,
-                               "period_ns": int(schedule.period)}
-    report.meta["tool"] = f"replay {__version__}"
-    if writer is not None:
-        drain(force=True)
-        # the recorded exchanges of what was replayed, for comparison (flags without "replayed")
-        # (through the rewrites again: --redact hides their secrets as it did in the plan)
-        for m in open_input(path, ports=ports):
-            if (m.conn, m.index) in replayed_keys:
-                writer.write(rules.rewrite(m) if rules is not None else m)
-        writer.update_meta({"report": report.to_dict()})
-        writer.close()
-    d = report.to_dict()
-    if report_path is not None:
-        report_path.write_text(json.dumps(d, indent=2) + "\n")
-    if not quiet:
-        click.echo(report.summary_text())
-    return report
 
 
 def _exit_code(report, max_errors) -> int:

@@ -1,0 +1,57 @@
+"""Where a replay's requests come from: a log or capture file, planned before the run.
+
+``RecordedSource`` reads the file once to plan (``plan.build_plan``, after the rules: filters,
+rewrites, middleware, plugins), and once more after the run to hand the recorded exchanges of
+what was replayed to the output log (``session.ExchangeLog``), so that ``replay report`` and
+``replay ls`` find each recorded answer beside the new one.
+
+Rules:
+- the plan is built from the messages the rules let through; with a rule that sets Host
+  (``--set-header 'Host: ...'``) the recorded Host is kept, as with ``--keep-host``;
+- the recorded exchanges go through the rules' rewrites again (``--redact`` hides their secrets
+  as it did in the plan), never through the filters: they are chosen by ``(conn, index)``, the
+  keys of the replayed requests;
+- reading is lazy and single-pass each time; nothing of the file is kept between the two reads.
+
+A live source (``replay shadow``, a stream) has no second read: it writes the production
+exchanges as they are captured, and offers no ``recorded``.
+"""
+
+from __future__ import annotations
+
+from replay.play.plan import Plan, build_plan
+
+
+class RecordedSource:
+    """The requests of ``path`` (a .rlog log or a pcap/pcapng capture), planned."""
+
+    def __init__(self, path: str, *, ports=(), rules=None):
+        self.path = path
+        self.ports = ports
+        self.rules = rules
+        self._read = None
+
+    @property
+    def warnings(self) -> tuple:
+        """What the reader of the planning pass found worth a warning (after ``plan``)."""
+        return tuple(getattr(self._read, "warnings", ()))
+
+    def _open(self):
+        from replay.pipeline import open_input
+
+        return open_input(self.path, ports=self.ports)
+
+    def plan(self, host: str | None, keep_host: bool = False) -> Plan:
+        """The plan, with ``host`` as the Host value sent (None: the recorded one)."""
+        src = self._read = self._open()
+        rules = self.rules
+        if rules is not None:
+            return build_plan(rules.apply(src), host, keep_host or rules.sets_host)
+        return build_plan(src, host, keep_host)
+
+    def recorded(self, keys: set):
+        """The recorded messages whose ``(conn, index)`` is in ``keys``, rewritten as planned."""
+        rules = self.rules
+        for m in self._open():
+            if (m.conn, m.index) in keys:
+                yield rules.rewrite(m) if rules is not None else m
