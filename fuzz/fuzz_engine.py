@@ -48,6 +48,7 @@ PORTS = (40000, 80)
 # Bytes per direction: past the core's 64 KiB head limit, so that oversize heads are reached.
 MAX_SIDE_BYTES = int(os.environ.get("REPLAY_FUZZ_MAX_SIDE_BYTES", 200_000))
 MAX_PACKETS = 3000
+MAX_SEGMENT = 65_000        # an IP packet's length field holds 65,535 bytes, headers included
 MAX_OPS = 400
 MS = 1_000_000
 
@@ -98,7 +99,7 @@ def build(data: bytes):
         side, kind, arg = op & 1, (op >> 1) & 7, op >> 4
         if kind <= 2:
             n = min(fdp.ConsumeUInt(2), budget[side])
-            seg = fdp.ConsumeUInt(2) or 1460
+            seg = min(fdp.ConsumeUInt(2) or 1460, MAX_SEGMENT)
             payload = fdp.ConsumeBytes(n)
             budget[side] -= len(payload)
             for i in range(0, len(payload), seg):
