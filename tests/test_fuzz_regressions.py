@@ -42,3 +42,26 @@ def test_rules_file_nested_too_deep_is_a_usage_error(tmp_path, text):
 
 def test_errors_of_both_are_replay_errors():
     assert issubclass(LogFormatError, ReplayError) and issubclass(UsageError, ReplayError)
+
+
+def test_rlog_section_declaring_a_huge_size_allocates_nothing_of_it():
+    """A block whose zstd frame carries no content size and whose header declares a 4 GiB
+    section: zstd was asked to allocate the declared size up front (MemoryError, found by the
+    rlog harness). Memory now follows the bytes that really come out."""
+    import tracemalloc
+
+    import zstandard as zstd
+
+    table = b"x" * 1000
+    frame = zstd.ZstdCompressor(write_content_size=False).compress(table)
+    assert zstd.frame_content_size(frame) == -1
+    dctx = zstd.ZstdDecompressor()
+    tracemalloc.start()
+    try:
+        got = fmt._inflate(dctx, frame, 0xFFFFFFF0, "A")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == table and peak < 16 << 20
+    with pytest.raises(fmt.FormatError, match="length mismatch"):
+        fmt._inflate(dctx, frame, 10, "A")

@@ -215,17 +215,38 @@ def sections(h: BlockHeader, buf, offset: int, dctx, want_b: bool = True):
         raise FormatError(f"bad zstd frame: {e}") from None
 
 
+_CHUNK = 1 << 20
+
+
+def _inflate(dctx, data, raw_len: int, name: str) -> bytes:
+    """A zstd section, decompressed without trusting the sizes it declares: memory follows
+    the bytes that really come out, never a length read from the file."""
+    size = zstd.frame_content_size(data)
+    if size == raw_len and raw_len <= 64 * _CHUNK:
+        return dctx.decompress(data, max_output_size=raw_len)     # the one-shot fast path
+    out = bytearray()
+    with dctx.stream_reader(data) as r:
+        while True:
+            chunk = r.read(_CHUNK)
+            if not chunk:
+                break
+            out += chunk
+            if len(out) > raw_len:
+                raise FormatError(f"section {name} length mismatch")
+    return bytes(out)
+
+
 def _sections(h, buf, offset, dctx, want_b):
     a0 = offset + h.hlen
     a = buf[a0:a0 + h.a_len]
-    a = dctx.decompress(a, max_output_size=h.a_raw) if h.flags & BF_A_ZSTD else bytes(a)
+    a = _inflate(dctx, a, h.a_raw, "A") if h.flags & BF_A_ZSTD else bytes(a)
     if len(a) != h.a_raw:
         raise FormatError("section A length mismatch")
     b = None
     if want_b:
         b0 = a0 + h.a_len
         b = buf[b0:b0 + h.b_len]
-        b = dctx.decompress(b, max_output_size=h.b_raw) if h.flags & BF_B_ZSTD else bytes(b)
+        b = _inflate(dctx, b, h.b_raw, "B") if h.flags & BF_B_ZSTD else bytes(b)
         if len(b) != h.b_raw:
             raise FormatError("section B length mismatch")
     return a, b
