@@ -34,6 +34,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ QUEUE_BYTES = 64 << 20
 IDLE = 5.0          # s without a request before a target connection is closed
 DRAIN = 2.0
 TIMEOUT = 5.0       # s: connect, and each answer
+SWITCH_INTERVAL = 0.0005   # s: GIL hand-over between the capture's thread and the sender's
 
 
 @dataclass(slots=True)
@@ -191,6 +193,8 @@ class ShadowSession:
     def run(self, on_tick=None, tick: float = 0.5) -> str:
         from replay.play import clock as clk
 
+        # the sender's thread must not wait the default 5 ms for the GIL the capture holds
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self.loop = clk.new_event_loop(precise=False, use_uvloop=True)
         self.thread = threading.Thread(target=self._loop_main, name="replay-shadow", daemon=True)
         self.thread.start()
