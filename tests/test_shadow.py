@@ -187,7 +187,7 @@ def test_shadow_hung_target_is_isolated(ns, tmp_path):
     ns.popen([sys.executable, str(hung_script), str(HUNG)], stdout=subprocess.DEVNULL)
     assert ns.wait_port(HUNG, timeout=10)
     sh = Shadow(ns, "-t", f"http://127.0.0.1:{STAGING}", "-t", f"http://127.0.0.1:{HUNG}",
-                "--queue", "20", "--timeout", "30", "--drain", "1")
+                "--queue", "30", "--timeout", "30", "--drain", "1")
     t0 = time.monotonic()
     for i in range(20):
         curl(ns, f"http://127.0.0.1:{PORT}/hung/{i}")
