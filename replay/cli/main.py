@@ -24,6 +24,7 @@ COMMANDS = {
     "info": ("replay.cli.info", "Summarise a log or a capture: counts, time span, warnings."),
     "play": ("replay.cli.play", "Replay a log or a capture against a target, with the recorded timing."),
     "report": ("replay.cli.report", "Which endpoints of a replay got slower, fail or answer differently."),
+    "shadow": ("replay.cli.shadow", "Copy live production requests to staging target(s) as they arrive."),
     "sink": ("replay.cli.sink", "A small HTTP server that answers every request and records it."),
 }
 

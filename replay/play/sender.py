@@ -567,3 +567,158 @@ class Player:
     def _drop(proto: ReplayProtocol):
         if not proto.closed and proto.transport is not None:
             proto.transport.close()
+
+
+class StreamPlayer(Player):
+    """Requests handed over as they are captured (``replay shadow``), sent at once to one target.
+
+    ``submit(conn, req)`` (on the loop's thread) queues a ``PlannedRequest`` for the production
+    connection ``conn``; one task per production connection sends its requests in order on a
+    target connection of its own, each after the previous answer (or its failure), opens that
+    connection on the first request and closes it after ``idle`` seconds without one, or after
+    an answer that closes it. ``on_done(req)`` is called once per request that leaves the queue
+    (answered, failed, or dropped when the run ends), so the caller can bound what is queued.
+    ``drain(seconds)`` stops taking requests and gives those queued or in flight that long.
+    """
+
+    def __init__(self, target: Target, options: Options, report, clock, *, idle: float = 5.0,
+                 on_done=None):
+        super().__init__(None, None, target, options, report, clock)
+        self.idle = idle
+        self.on_done = on_done
+        self.queues: dict = {}          # production conn -> deque of requests not yet sent
+        self.drops: dict = {}           # reason -> requests never sent (not errors of the target)
+
+    def answered(self, att, m, now, proto):
+        super().answered(att, m, now, proto)
+        if self.on_done is not None:
+            self.on_done(att.req)
+
+    def failed(self, att, kind, was_sent):
+        super().failed(att, kind, was_sent)
+        if self.on_done is not None:
+            self.on_done(att.req)
+
+    def drop(self, req, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        if self.on_done is not None:
+            self.on_done(req)
+
+    def submit(self, conn: int, req) -> None:
+        if self.stopping:
+            self.drop(req, "stopping")
+            return
+        q = self.queues.get(conn)
+        if q is None:
+            q = self.queues[conn] = _ConnQueue(self.loop)
+            task = asyncio.ensure_future(self._stream(conn, q))
+            self.tasks.add(task)
+            task.add_done_callback(self._stream_done)
+        q.put(req)
+
+    def start(self) -> None:
+        """Bind to the running loop (call on it before the first ``submit``)."""
+        self.loop = asyncio.get_running_loop()
+        self.slots = asyncio.Semaphore(max(1, self.opts.connections))
+        self.report.started_ns = self.clock.now()
+
+    def _stream_done(self, task):
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self.crash is None:
+            self.crash = task.exception()
+
+    async def drain(self, seconds: float) -> None:
+        """No more requests; wait up to ``seconds`` for what is queued and in flight, then give
+        up on the rest (queued: dropped ``drain``; sent: error ``interrupted``)."""
+        self.stopping = True
+        for q in self.queues.values():
+            q.wake()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=max(0.0, seconds))
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        self.report.ended_ns = self.clock.now()
+
+    async def _stream(self, conn: int, q: "_ConnQueue") -> None:
+        report = self.report
+        proto = None
+        att = None
+        await self.slots.acquire()
+        try:
+            while True:
+                if not q.items:
+                    if self.stopping or not await q.wait(self.idle):
+                        break
+                    continue
+                req = q.items.popleft()
+                att = Attempt(req, 0, None, conn)
+                report.on_attempt(None)
+                if proto is not None:
+                    proto = await self._settle(proto)
+                    if proto is not None and (not proto.reusable or proto.closed):
+                        self._drop(proto)
+                        proto = None
+                if proto is None or proto.closed:
+                    proto, kind = await self._open()
+                    if proto is None:
+                        att = None
+                        self.drop(req, kind)
+                        continue
+                t = proto.send(att)
+                att = None
+                report.on_sent(len(req.data), None, False, t)
+            self._detach(conn, q)        # a request from now on starts a new task
+            if proto is not None:
+                proto = await self._settle(proto)
+                if proto is not None:
+                    self._drop(proto)
+        except asyncio.CancelledError:
+            if att is not None:
+                self.drop(att.req, "drain")
+            while q.items:
+                self.drop(q.items.popleft(), "drain")
+            if proto is not None:
+                while proto.pending:
+                    self.failed(proto.pending.popleft(), "interrupted", True)
+                if not proto.closed and proto.transport is not None:
+                    proto.transport.abort()
+            raise
+        finally:
+            self.slots.release()
+            self._detach(conn, q)
+
+    def _detach(self, conn: int, q: "_ConnQueue") -> None:
+        if self.queues.get(conn) is q:
+            del self.queues[conn]
+
+
+class _ConnQueue:
+    """The requests of one production connection waiting for their target connection."""
+
+    __slots__ = ("items", "loop", "waiter")
+
+    def __init__(self, loop):
+        self.items: deque = deque()
+        self.loop = loop
+        self.waiter = None
+
+    def put(self, req) -> None:
+        self.items.append(req)
+        self.wake()
+
+    def wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(True)
+
+    async def wait(self, timeout: float) -> bool:
+        """True when a request (or a wake-up) came within ``timeout`` seconds."""
+        fut = self.waiter = self.loop.create_future()
+        h = self.loop.call_later(timeout, _expire, fut)
+        try:
+            return await fut
+        finally:
+            h.cancel()
+            self.waiter = None
