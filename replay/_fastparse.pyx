@@ -459,6 +459,7 @@ cdef class Framer:
     cdef bint held
     cdef bint truncated_pending
     cdef int64_t lost_upto
+    cdef int64_t sniff_from
 
     def __init__(self, Connection conn, int side):
         self.conn = conn
@@ -486,6 +487,7 @@ cdef class Framer:
         self.held = False
         self.truncated_pending = False
         self.lost_upto = -1
+        self.sniff_from = 0
 
     # -- input from the stream ------------------------------------------------------------------
     cdef feed_ptr(self, const uint8_t* data, Py_ssize_t n, int64_t ts, int64_t ack):
@@ -757,13 +759,20 @@ cdef class Framer:
         nl = buf.find(b"\n")
         if nl < 0 and len(buf) < 4096 and not final:
             return False  # too early to tell
-        m = ANY_SEARCH_RE.search(buf)
+        # a start line ends with a newline and holds none before it: what lay before the line
+        # still open at the last search was searched then, and cannot match now
+        p0 = self.sniff_from - self.base
+        if p0 < 0:
+            p0 = 0
+        m = ANY_SEARCH_RE.search(buf, p0)
         start = m.start() if m is not None else len(buf)
         role = ROLE_UNKNOWN
         if m is not None:
             role = ROLE_CLIENT if m.group(1) is not None else ROLE_SERVER
         for mark in self.marks:
             p = (<_Mark>mark).end
+            if p < p0:
+                continue
             if p >= start:
                 break
             if _REQ_MATCH(buf, p):
@@ -775,6 +784,8 @@ cdef class Framer:
         if role == ROLE_UNKNOWN:
             if len(buf) > NOT_HTTP_SCAN_LIMIT or final:
                 self._not_http()
+            else:
+                self.sniff_from = self.base + buf.rfind(b"\n") + 1
             return False
         eng.st_skipped_bytes += start
         self._drop_front(start)

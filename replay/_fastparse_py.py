@@ -40,6 +40,7 @@ HTTP messages that completed. Per packet:
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 import struct
@@ -154,6 +155,10 @@ STAT_NAMES = (
     "incomplete_messages", "resyncs", "skipped_bytes", "non_http_streams", "upgraded_connections",
     "dropped_head_bytes", "oversize_messages", "oversize_heads",
 )
+
+
+def _mark_end(mark):
+    return mark[0]
 
 
 def _addr(b: bytes) -> str:
@@ -399,6 +404,7 @@ class Framer:
         self.held = False
         self.truncated_pending = False  # a snaplen-cut packet carried bytes of the current message
         self.lost_upto = -1       # stream offset just past the last hole that cost framing
+        self.sniff_from = 0       # stream offset from which a first start line is still searched
 
     # -- input from the stream ------------------------------------------------------------------
     def feed(self, data, ts, ack):
@@ -658,13 +664,19 @@ class Framer:
         nl = buf.find(b"\n")
         if nl < 0 and len(buf) < 4096 and not final:
             return False  # too early to tell
-        m = ANY_SEARCH_RE.search(buf)
+        # a start line ends with a newline and holds none before it: what lay before the line
+        # still open at the last search was searched then, and cannot match now
+        p0 = self.sniff_from - self.base
+        if p0 < 0:
+            p0 = 0
+        m = ANY_SEARCH_RE.search(buf, p0)
         start = m.start() if m is not None else len(buf)
         role = ROLE_UNKNOWN
         if m is not None:
             role = ROLE_CLIENT if m.group(1) is not None else ROLE_SERVER
-        for mark in self.marks:
-            p = mark[0]
+        marks = self.marks
+        for k in range(bisect.bisect_left(marks, p0, key=_mark_end), len(marks)):
+            p = marks[k][0]
             if p >= start:
                 break
             if REQ_START_RE.match(buf, p):
@@ -676,6 +688,8 @@ class Framer:
         if role == ROLE_UNKNOWN:
             if len(buf) > NOT_HTTP_SCAN_LIMIT or final:
                 self._not_http()
+            else:
+                self.sniff_from = self.base + buf.rfind(b"\n") + 1
             return False
         eng.st_skipped_bytes += start
         self._drop_front(start)

@@ -240,3 +240,21 @@ def test_an_interim_response_with_an_oversize_head_stays_interim(impl):
     msgs, _ = run_bounded(impl, f.packets)
     resps = responses(msgs)
     assert [(m.status, m.index, bool(m.flags & F_INTERIM)) for m in resps] == [(100, 0, True), (200, 0, False)]
+
+
+def test_midstream_tiny_segments_of_lines_that_are_not_http(impl):
+    """A connection seen without its SYN is sniffed for a first start line; each of 3,000
+    3-byte segments of non-HTTP lines searched everything again (a spoofed stream cost the
+    capture a second per 2,000 packets). Only the line still open is searched now; the
+    outcome is that of one whole delivery."""
+    junk = b"ab\n" * 3000 + b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"
+
+    def frame(size):
+        f = Flow()                                   # no handshake: midstream
+        f.c(junk, size=size)
+        f.s(R200)
+        f.close()
+        msgs, st = run_bounded(impl, f.packets)
+        return [(m.kind, m.uri, m.status) for m in msgs], st["skipped_bytes"]
+
+    assert frame(3) == frame(len(junk)) == ([(0, "/x", 0), (1, "/x", 200)], 9000)
