@@ -273,7 +273,13 @@ class Clients:
         tasks = [self.short(per_worker) for _ in range(short_workers)]
         tasks += [self.idle() for _ in range(idle_conns)]
         tasks += [self.half_open(), self.syns(), self.malformed()]
-        await asyncio.gather(*tasks)
+        # bounded: a read that never completes (a server that went quiet) must not hold the run
+        running = [asyncio.ensure_future(t) for t in tasks]
+        _, late = await asyncio.wait(running, timeout=max(0.0, self.end - time.monotonic()) + 15)
+        for t in late:
+            t.cancel()
+            self.events["cut_at_end"] += 1
+        await asyncio.gather(*late, return_exceptions=True)
         for w in self.held:
             w.close()
         await asyncio.sleep(0.2)
