@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
 import time
 
@@ -12,6 +11,7 @@ import click
 
 from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
 from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwargs
+from replay.cli.stopping import StopSignals
 from replay.cli.types import DURATION
 from replay.errors import UsageError
 from replay.units import parse_seconds  # noqa: F401 - the one duration parser, used below
@@ -148,17 +148,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     rules = rules_from_kwargs(rule_kwargs)   # bad rules fail before the interface opens
 
     # Signals first: a Ctrl-C while the interface opens must not leave a traceback.
-    session_box: list = []
-    early: list = []
-
-    def on_signal(signum, frame):
-        name = signal.Signals(signum).name
-        if session_box:
-            session_box[0].request_stop(name)
-        else:
-            early.append(name)
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    stop = StopSignals()
     try:
         tune_allocator()
         source = LiveCapture(interface, ports=ports, bpf=bpf, snaplen=snaplen,
@@ -203,9 +193,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
         session = CaptureSession(source, engine, outputs, requests_only=requests_only,
                                  count=count, duration=dur, flush_interval=flush_interval,
                                  rules=rules)
-        session_box.append(session)
-        for name in early:
-            session.request_stop(name)
+        stop.attach(session)
         for w in source.warnings:
             click.echo(f"replay: warning: {w}", err=True)
         if not quiet:
@@ -234,8 +222,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
         if error is not None:
             raise error
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        stop.restore()
 
 
 def summary(session, interface: str) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import socket
 import sys
 
 import click
 
 from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
+from replay.cli.stopping import StopSignals
 from replay.cli.types import DURATION
 from replay.errors import UsageError
 
@@ -127,17 +127,7 @@ def command(interface, ports, targets, split, keep_host, duration, count, drain,
     engine_opts = engine_opts_from_kwargs(kwargs)
     show_status = not quiet and sys.stderr.isatty()
 
-    box: list = []
-    early: list = []
-
-    def on_signal(signum, frame):
-        name = signal.Signals(signum).name
-        if box:
-            box[0].request_stop(name)
-        else:
-            early.append(name)
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    stop = StopSignals()
     try:
         tune_allocator()
         source = LiveCapture(interface, ports=ports, snaplen=snaplen, buffer_size=buf_bytes,
@@ -150,9 +140,7 @@ def command(interface, ports, targets, split, keep_host, duration, count, drain,
         except BaseException:
             source.close()
             raise
-        box.append(session)
-        for name in early:
-            session.request_stop(name)
+        stop.attach(session)
         for w in source.warnings:
             click.echo(f"replay: warning: {w}", err=True)
         if not quiet:
@@ -184,5 +172,4 @@ def command(interface, ports, targets, split, keep_host, duration, count, drain,
         if error is not None:
             raise error
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        stop.restore()
