@@ -961,8 +961,9 @@ cdef class Framer:
         return True
 
     cdef _cut_head(self):
-        """The head grew past ``max_head`` without ending: its first ``max_head`` bytes become a
-        message flagged incomplete and truncated, then framing looks for the next start line."""
+        """The head is longer than ``max_head`` (however it arrived): its first ``max_head`` bytes
+        become a message flagged incomplete and truncated, then framing looks for the next start
+        line."""
         cdef Connection conn = self.conn
         cdef Engine eng = self.eng
         cdef _Pending p, answer

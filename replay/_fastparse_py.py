@@ -869,10 +869,10 @@ class Framer:
         return True
 
     def _cut_head(self):
-        """The head grew past ``max_head`` without ending: its first ``max_head`` bytes become a
-        message flagged incomplete and truncated (a request still takes its index, so that the
-        server's answer, typically 431 or 400, pairs with it), then framing looks for the next
-        start line. Servers refuse such heads too (nginx 32 KiB, Envoy 60 KiB)."""
+        """The head is longer than ``max_head`` (however it arrived): its first ``max_head`` bytes
+        become a message flagged incomplete and truncated (a request still takes its index, so
+        that the server's answer, typically 431 or 400, pairs with it), then framing looks for
+        the next start line. Servers refuse such heads too (nginx 32 KiB, Envoy 60 KiB)."""
         conn = self.conn
         eng = conn.engine
         eng.st_oversize_heads += 1

@@ -121,18 +121,11 @@ def _canon(v) -> str:
 
 
 _INDEX = re.compile(r"\[\d+\]")
-_generic_cache: dict = {}
 
 
 def generic(path: str) -> str:
     """``$.items[3].price`` -> ``$.items[*].price``."""
-    g = _generic_cache.get(path)
-    if g is None:
-        g = _INDEX.sub("[*]", path) if "[" in path else path
-        if len(_generic_cache) > 200_000:
-            _generic_cache.clear()
-        _generic_cache[path] = g
-    return g
+    return _INDEX.sub("[*]", path) if "[" in path else path
 
 
 def _same(a, b) -> bool:
@@ -143,10 +136,6 @@ def _same(a, b) -> bool:
         return a == b
     num = (int, float)
     return ta in num and tb in num and ta is not bool and tb is not bool and a == b
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def value_diff(a, b, path: str = "$", out: set | None = None, unordered: bool = False,
