@@ -13,7 +13,6 @@ corpus size and failures, as a table and, with ``--json FILE``, as JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -22,17 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fuzz.run import HARNESSES, run, summary_line  # noqa: E402
+from fuzz.run import HARNESSES, command_line, run, summary_line  # noqa: E402
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("harness", nargs="*", choices=(*HARNESSES, []), default=[])
+    ap, argv, extra = command_line(__doc__, argv)
     time_arg = ap.add_mutually_exclusive_group()
     time_arg.add_argument("--hours", type=float, default=None, help="per harness (default 1)")
     time_arg.add_argument("--minutes", type=float, default=None, help="per harness")

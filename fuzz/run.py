@@ -106,14 +106,20 @@ def summary_line(r: dict) -> str:
     return line
 
 
-def main(argv=None) -> int:
+def command_line(doc: str, argv=None):
+    """(a parser that takes harness names, our arguments, libFuzzer's own: those after ``--``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("harness", nargs="*", choices=(*HARNESSES, []), default=[])
+    return ap, argv, extra
+
+
+def main(argv=None) -> int:
+    ap, argv, extra = command_line(__doc__, argv)
     ap.add_argument("--seconds", type=float, default=None, help="per harness (default 20)")
     ap.add_argument("--runs", type=int, default=None, help="executions per harness")
     ap.add_argument("--work", type=Path, default=None, help="corpora and crashes (default: a temporary directory)")
