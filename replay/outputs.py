@@ -226,7 +226,17 @@ def _guard_exit() -> None:
 
 # -- the files ------------------------------------------------------------------------------------
 
-class _Output:
+class _Committed:
+    """Leaving a ``with`` block commits, or discards on an exception."""
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+class _Output(_Committed):
     live = False
 
     def __init__(self, path, what: str = "output", mode: int | None = None):
@@ -270,12 +280,6 @@ class _Output:
         if not self._opened:
             self.open()
         return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
 
 
 class AtomicFile(_Output):
@@ -425,7 +429,7 @@ class LiveFile(_Output):
     commit = discard = close
 
 
-class Outputs:
+class Outputs(_Committed):
     """The files one command writes, checked against its inputs and each other.
 
     ``atomic(...)`` and ``live(...)`` check and register a file; ``open()`` opens them all (a bad
@@ -473,9 +477,3 @@ class Outputs:
 
     def __enter__(self):
         return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
