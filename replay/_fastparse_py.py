@@ -1252,11 +1252,19 @@ class Connection:
 
 
 class Engine:
-    """Packets in, HTTP messages out. One Engine per capture."""
+    """Packets in, HTTP messages out. One Engine per capture.
+
+    With ``track_closed=True`` the engine also reports which connections ended (both FINs, an
+    RST, idle for ``idle_timeout``, a SYN reusing the 4-tuple, ``finish()``): ``take_closed()``
+    returns their ids (``Message.conn``) in closing order. A close flushes what its connection
+    still held into the output of the same ``feed``/``feed_batch``/``finish`` call, so a caller
+    that handles a call's messages first and ``take_closed()`` after sees each connection's last
+    message before its close. Off (the default), nothing is kept.
+    """
 
     def __init__(self, linktype, ports=(), max_stream_buffer=MAX_STREAM_BUFFER,
                  max_total_buffer=MAX_TOTAL_BUFFER, idle_timeout=IDLE_TIMEOUT,
-                 max_message=MAX_MESSAGE, max_head=MAX_HEAD):
+                 max_message=MAX_MESSAGE, max_head=MAX_HEAD, track_closed=False):
         if linktype not in SUPPORTED_LINKTYPES:
             raise InputError(f"unsupported link type {linktype}")
         self.linktype = linktype
@@ -1269,6 +1277,8 @@ class Engine:
         self.conns = {}
         self.next_id = 0
         self.out = []
+        self.track_closed = bool(track_closed)
+        self.closed_ids = []
         self.total_ooo = 0
         self.now = 0
         self.next_sweep = 0
@@ -1293,6 +1303,17 @@ class Engine:
         for conn in list(self.conns.values()):
             self._close_conn(conn, False)
         return self._take()
+
+    def take_closed(self):
+        """The ids of the connections closed since the last call, in closing order.
+
+        Each id comes once, in the first list taken after the call that closed the connection;
+        that call's output holds what the close flushed, and no message of the connection comes
+        later. Always ``[]`` unless the engine was made with ``track_closed=True``.
+        """
+        ids = self.closed_ids
+        self.closed_ids = []
+        return ids
 
     def stats(self):
         d = {name: getattr(self, "st_" + name) for name in STAT_NAMES}
@@ -1387,6 +1408,8 @@ class Engine:
         for st in conn.streams:
             self.total_ooo -= st.ooo_bytes
             st.ooo_bytes = 0
+        if self.track_closed:
+            self.closed_ids.append(conn.id)
 
     def _sweep(self):
         self.next_sweep = self.now + 1_000_000_000

@@ -149,3 +149,36 @@ def requests(msgs):
 
 def responses(msgs):
     return [m for m in msgs if m.kind == 1]
+
+
+def run_closing(eng, packets, bounds=None):
+    """Feed packets to an engine made with ``track_closed=True``, then end the input.
+
+    One ``feed`` per packet, or one ``feed_batch`` per slice ``packets[a:b]`` of consecutive
+    ``bounds``. Returns ``(messages, closed_ids)`` per call, the ids taken right after the call,
+    in the order a caller handles them.
+    """
+    calls = []
+    if bounds is None:
+        for ts, frame in packets:
+            calls.append((eng.feed(ts, frame), eng.take_closed()))
+    else:
+        for a, b in zip(bounds, bounds[1:]):
+            calls.append((eng.feed_batch(*batch(packets[a:b])), eng.take_closed()))
+    calls.append((eng.finish(), eng.take_closed()))
+    return calls
+
+
+def check_closes(calls, connections):
+    """Every connection (ids 0 .. connections-1) is reported closed exactly once, and none of its
+    messages comes out in a later call than the one that reported it."""
+    closed_at = {}
+    for i, (_, ids) in enumerate(calls):
+        for cid in ids:
+            assert cid not in closed_at, f"connection {cid} reported closed twice"
+            closed_at[cid] = i
+    assert sorted(closed_at) == list(range(connections))
+    for i, (msgs, _) in enumerate(calls):
+        for m in msgs:
+            assert i <= closed_at[m.conn], f"a message of connection {m.conn} after its close"
+    return closed_at

@@ -4,7 +4,8 @@ Hypothesis builds HTTP/1.1 conversations, cuts them into TCP segments at random,
 duplicates, overlaps and drops segments, starts sequence numbers near 2**32, and starts some
 connections midstream. Both cores see the same packets; the compiled one also through
 ``feed_batch`` with random batch boundaries. Real captures (tests/data, the shared corpus and the
-sample) are compared whole.
+sample) are compared whole. With ``track_closed=True`` both report the same closed connections
+after the same calls.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import CORPUS, DATA, NO_EXTENSIONS, ROOT, load_compiled
-from tests.flow import batch
+from tests.flow import batch, check_closes, run_closing
 
 pure = importlib.import_module("replay._fastparse_py")
 compiled = None if NO_EXTENSIONS else load_compiled()
@@ -226,4 +227,46 @@ def test_real_captures_identical(path: Path):
             out += eng.feed_batch(buf, meta)
         out += eng.finish()
         results.append((out, eng.stats()))
+    assert results[0] == results[1]
+
+
+# -- closed connections -------------------------------------------------------------------------
+@st.composite
+def closing_capture(draw):
+    """A random capture stretched in time (gaps of 1 ms to 3 s, so that a short idle timeout
+    expires connections midway), with perhaps an RST on some segments."""
+    pk = [(T0 + (ts - T0) * 1000, fr) for ts, fr in draw(capture())]
+    for r in draw(st.lists(st.integers(0, 10**6), max_size=2)):
+        ts, fr = pk[r % len(pk)]
+        pk[r % len(pk)] = (ts, fr[:47] + bytes([fr[47] | 0x04]) + fr[48:])  # the TCP flags byte
+    return pk
+
+
+@settings(settings.get_profile("differential"))
+@given(closing_capture(), st.lists(st.integers(0, 10**6), max_size=4), st.sampled_from([120, 2]))
+def test_closed_connections_agree(packets, cuts, idle):
+    opts = dict(idle_timeout=idle, track_closed=True)
+    eng = pure.Engine(1, **opts)
+    want = run_closing(eng, packets)
+    check_closes(want, eng.stats()["connections"])
+    assert run_closing(compiled.Engine(1, **opts), packets) == want
+    bounds = sorted({c % (len(packets) + 1) for c in cuts} | {0, len(packets)})
+    want = run_closing(pure.Engine(1, **opts), packets, bounds)
+    assert run_closing(compiled.Engine(1, **opts), packets, bounds) == want
+
+
+@pytest.mark.parametrize("path", _captures(), ids=lambda p: p.name)
+def test_real_captures_close_alike(path: Path):
+    from replay.sources.pcapfile import PcapFile
+
+    results = []
+    for mod in (pure, compiled):
+        src = PcapFile(str(path), batch_size=256)
+        if src.linktype not in mod.SUPPORTED_LINKTYPES:
+            pytest.skip(f"link type {src.linktype}")
+        eng = mod.Engine(src.linktype, track_closed=True)
+        calls = [(eng.feed_batch(buf, meta), eng.take_closed()) for buf, meta in src.batches()]
+        calls.append((eng.finish(), eng.take_closed()))
+        check_closes(calls, eng.stats()["connections"])
+        results.append(calls)
     assert results[0] == results[1]

@@ -32,5 +32,5 @@ def test_same_api():
     assert mod.SUPPORTED_LINKTYPES == _fastparse_py.SUPPORTED_LINKTYPES
     for name in ("Engine", "decode"):
         assert hasattr(mod, name), name
-    for name in ("feed_batch", "feed", "finish", "stats", "relieve"):
+    for name in ("feed_batch", "feed", "finish", "take_closed", "stats", "relieve"):
         assert hasattr(mod.Engine, name), name
