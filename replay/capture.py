@@ -199,13 +199,15 @@ class CaptureSession:
 
     def __init__(self, source, engine, outputs: OutputFiles, *, requests_only: bool = False,
                  count: int | None = None, duration: float | None = None,
-                 flush_interval: float = 1.0, clock=time.monotonic, rules=None):
+                 flush_interval: float = 1.0, clock=time.monotonic, rules=None,
+                 count_requests: bool = False):
         self.source = source
         self.rules = rules.stream() if rules is not None else None
         self.engine = engine
         self.outputs = outputs
         self.requests_only = requests_only
         self.count = count or None
+        self.count_requests = count_requests    # --count counts requests, not messages
         self.duration = duration or None
         self.flush_interval = flush_interval if flush_interval and flush_interval > 0 else None
         self.clock = clock
@@ -242,6 +244,9 @@ class CaptureSession:
         deadline = now + self.duration if self.duration else None
         next_flush = now + self.flush_interval if self.flush_interval else None
         next_tick = now
+        # an output that follows connections (shadow) hears of each one's end after its messages
+        ended = getattr(self.outputs, "connections_closed", None) \
+            if hasattr(engine, "take_closed") else None
         src.start()
         try:
             while True:
@@ -255,6 +260,10 @@ class CaptureSession:
                     out = engine.feed_batch(item[0], item[1])
                     if out:
                         self._write(out)
+                    if ended is not None:
+                        closed = engine.take_closed()
+                        if closed:
+                            ended(closed)
                 elif src.done:
                     break
                 elif self.rules is not None:
@@ -282,6 +291,8 @@ class CaptureSession:
                 out = engine.finish()
                 if out:
                     self._write(out)
+                if ended is not None:
+                    ended(engine.take_closed())
                 if self.rules is not None and self.stop_reason != "count":
                     self._emit(self.rules.finish())
         except BaseException as e:
@@ -328,7 +339,8 @@ class CaptureSession:
                     continue
                 self.responses += 1
             full = outputs.write(m)
-            if self.count is not None and self.written >= self.count:
+            if self.count is not None and \
+                    (self.requests if self.count_requests else self.written) >= self.count:
                 self.stop_reason = "count"
                 return
             if full:

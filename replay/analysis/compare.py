@@ -28,22 +28,19 @@ import hashlib
 import math
 import re
 import shlex
-from array import array
 from collections import Counter, OrderedDict
 
-import numpy as np
-from hdrh.histogram import HdrHistogram
 
 from replay.analysis import diff as D
 from replay.analysis.endpoints import Endpoints
 from replay.analysis.runs import WINDOW, RunLog, key_of
+from replay.hist import Hist
 from replay.analysis.verdict import (PERCENTILES, Thresholds, latency_regressed, rate_regressed)
 
 CHUNK = 2048            # candidate exchanges whose counterparts are read together
 EXAMPLES = 3
 EXAMPLE_BYTES = 4096
 HELD_NS = 1_000_000
-HIST_MAX_US = 3_600_000_000
 REPEAT_MEMORY = 20_000      # request identities whose last baseline answer is kept
 REPEAT_SAMPLE = 1_000       # repeats compared per endpoint (a rate needs no more)
 RANDOM_SAMPLE = 200         # differing values per field checked for a random look
@@ -63,42 +60,6 @@ def _random_looking(v) -> bool:
         return False
     s = str(v)
     return bool(_RANDOM.fullmatch(s)) and not s.isalpha()
-
-
-class Hist:
-    """An HdrHistogram (µs, 1 µs to 1 h, 2 significant digits) fed in batches: values wait in an
-    array and go into the histogram's counts with numpy, index for index as ``record_value``
-    would put them (``hdrh``'s own bucket arithmetic, vectorised)."""
-
-    __slots__ = ("h", "buf")
-    BATCH = 4096
-
-    def __init__(self):
-        self.h = HdrHistogram(1, HIST_MAX_US, 2)
-        self.buf = array("q")
-
-    def add(self, ns):
-        if ns is not None:
-            self.buf.append(ns)
-            if len(self.buf) >= self.BATCH:
-                self.flush()
-
-    def flush(self) -> HdrHistogram:
-        if self.buf:
-            h = self.h
-            v = np.clip(np.frombuffer(self.buf, dtype=np.int64) // 1000, 1, HIST_MAX_US)
-            self.buf = array("q")
-            # smallest power of 2 containing the value, as hdrh's _get_bucket_index
-            pow2 = np.floor(np.log2((v | h.sub_bucket_mask).astype(np.float64))).astype(np.int64) + 1
-            bucket = pow2 - h.unit_magnitude - (h.sub_bucket_half_count_magnitude + 1)
-            sub = v >> (bucket + h.unit_magnitude)
-            idx = ((bucket + 1) << h.sub_bucket_half_count_magnitude) + (sub - h.sub_bucket_half_count)
-            counts = np.ctypeslib.as_array(h.counts)
-            counts += np.bincount(idx, minlength=h.counts_len)[:h.counts_len].astype(counts.dtype)
-            h.total_count += len(v)
-            h.min_value = min(h.min_value, int(v.min()))
-            h.max_value = max(h.max_value, int(v.max()))
-        return self.h
 
 
 def _pcts(hist) -> dict:
@@ -248,10 +209,11 @@ class Analysis:
     def __init__(self, candidate: str, baseline: str | None = None, noise: str | None = None,
                  endpoint_rules=(), ignore=(), unordered: bool = False,
                  thresholds: Thresholds | None = None, window: int = WINDOW,
-                 ignored_headers=D.DEFAULT_IGNORED_HEADERS):
-        self.cand = RunLog(candidate)
-        self.base = RunLog(baseline) if baseline else None
-        self.noise = RunLog(noise) if noise else None
+                 ignored_headers=D.DEFAULT_IGNORED_HEADERS, targets: dict | None = None):
+        tg = targets or {}
+        self.cand = RunLog(candidate, tg.get("candidate"), "--target")
+        self.base = RunLog(baseline, tg.get("baseline"), "--baseline-target") if baseline else None
+        self.noise = RunLog(noise, tg.get("noise"), "--noise-target") if noise else None
         self.endpoints = Endpoints(endpoint_rules)
         self.ignore = D.Ignore(ignore)
         self.unordered = unordered
@@ -310,7 +272,8 @@ class Analysis:
         def other(section, run):
             if section is None:
                 return [None] * len(chunk)
-            got = section.get([key_of(k[0] + k[2] * (run.stride or 0), k[1]) for k in ex_keys], ex_keys)
+            got = section.get([key_of(k[0] + k[2] * (run.stride or 0) + run.base, k[1])
+                               for k in ex_keys], ex_keys)
             if not run.stride:
                 # a run without --loop has only a first pass: later passes have no counterpart
                 got = [g if k[2] == 0 else None for g, k in zip(got, ex_keys)]

@@ -1,10 +1,18 @@
-"""Runs: the output logs of ``replay play -o``, read as exchanges and joined by recorded request.
+"""Runs: the output logs of ``replay play -o`` and ``replay shadow -o``, read as exchanges and
+joined by recorded request.
 
 A run log holds, for each request the replay sent, the request as sent and the target's answer
 (flag ``replayed``; a request that got no complete answer has a ``failed`` record whose data is
 the error's kind), then, after the replay, the recorded requests and responses of the same
 exchanges (no ``replayed`` flag). ``conn`` and ``index`` are those of the recorded request; with
 ``--loop``, pass ``k`` used ``conn + k * conn_stride`` (the ``conn_stride`` of the log's meta).
+
+A shadow log holds production's requests and responses as captured (no ``replayed`` flag) and
+each target's answers (``replayed``) whose ``conn`` is production's plus ``slot * conn_stride``,
+``slot = target * copies + copy``: one target's answers are the conn range
+``[target * copies * conn_stride, (target + 1) * copies * conn_stride)``, read with that range's
+start subtracted, so that a copy is a pass as with ``--loop``. A log of several targets is read
+for one of them (``RunLog(path, target=...)``).
 
 Timing of a replayed request: ``ts_first`` is when it was due by the schedule, ``ts_last`` when
 its bytes were written (the same for ``--speed max``, and in logs of older releases). So, to the
@@ -73,13 +81,15 @@ class Exchange:
         return len(self.key) == 3
 
 
-def exchanges(messages, stride: int | None, window: int = WINDOW):
-    """Messages of one section -> exchanges, as they complete (or are pushed out of the window)."""
+def exchanges(messages, stride: int | None, window: int = WINDOW, base: int = 0):
+    """Messages of one section -> exchanges, as they complete (or are pushed out of the window).
+    ``base`` is subtracted from each replayed conn (a shadow target's range)."""
     open_: OrderedDict = OrderedDict()
     gone: OrderedDict = OrderedDict()     # keys pushed out: their late messages are dropped
     for m in messages:
         if stride:
-            key = (m.conn % stride, m.index, m.conn // stride)
+            c = m.conn - base
+            key = (c % stride, m.index, c // stride)
         else:
             key = (m.conn, m.index)
         ex = open_.get(key)
@@ -110,7 +120,7 @@ class SectionIndex:
     """Rows of the request and of the final answer of each exchange of one section of a log, by
     key ``conn << 32 | index`` (the message's own conn: a replayed one includes its pass)."""
 
-    def __init__(self, reader, replayed: bool):
+    def __init__(self, reader, replayed: bool, conns: tuple | None = None):
         req_k, req_r, fin_k, fin_r = [], [], [], []
         for b in list(reader.blocks):
             t = reader._table(b)
@@ -118,6 +128,8 @@ class SectionIndex:
                 continue
             c = t.cols
             sel = ((c["flags"] & F_REPLAYED) != 0) if replayed else ((c["flags"] & F_REPLAYED) == 0)
+            if conns is not None:
+                sel &= (c["conn"] >= np.uint64(conns[0])) & (c["conn"] < np.uint64(conns[1]))
             if not sel.any():
                 continue
             key = (c["conn"].astype(np.uint64) << np.uint64(32)) | (c["index"].astype(np.uint64) & np.uint64(0xFFFFFFFF))
@@ -177,11 +189,12 @@ def key_of(conn: int, index: int) -> int:
 class Section:
     """One section of a run log, read by key: ``get(keys)`` -> Exchange or None for each."""
 
-    def __init__(self, path: str, replayed: bool, cache_blocks: int = 8):
+    def __init__(self, path: str, replayed: bool, cache_blocks: int = 8,
+                 conns: tuple | None = None):
         from replay.log import LogReader
 
         self.reader = LogReader(path, cache_blocks=cache_blocks)
-        self.index = SectionIndex(self.reader, replayed)
+        self.index = SectionIndex(self.reader, replayed, conns)
         self.replayed = replayed
         self.found = 0
 
@@ -212,9 +225,9 @@ class Section:
 
 
 class RunLog:
-    """One output log of ``replay play -o``."""
+    """One output log of ``replay play -o``, or one target's part of a ``replay shadow -o`` log."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, target: str | None = None, option: str = "--target"):
         from replay.log import LogReader, is_rlog
 
         if not is_rlog(path):
@@ -228,11 +241,39 @@ class RunLog:
         self.path = path
         self._reader = LogReader(path)
         meta = self._reader.meta
-        if meta.get("command") != "play":
-            raise InputError(f"{path}: not the output of replay play (its command is "
-                             f"{meta.get('command') or 'unknown'}): run replay play ... -o run.rlog")
+        command = meta.get("command")
+        if command not in ("play", "shadow"):
+            raise InputError(f"{path}: not the output of replay play or shadow (its command is "
+                             f"{command or 'unknown'}): run replay play ... -o run.rlog")
         self.meta = meta
         self.stride = int(meta.get("conn_stride") or 0) or None
+        self.base = 0                  # replayed conns start here (a shadow target's range)
+        self.conns = None              # (lo, hi) of the replayed conns read, or None: all
+        self._target = str(meta.get("target", "?"))
+        if command == "shadow":
+            self._pick_target(target, option)
+        elif target is not None:
+            raise InputError(f"{path}: a log of replay play has one target ({self._target}): "
+                             f"{option} is for shadow logs")
+
+    def _pick_target(self, target, option: str) -> None:
+        targets = [str(t) for t in self.meta.get("targets") or []]
+        copies = int(self.meta.get("copies") or 1)
+        if not targets or not self.stride:
+            raise InputError(f"{self.path}: a shadow log without its targets in the metadata")
+        if target is None:
+            if len(targets) > 1:
+                raise InputError(f"{self.path}: holds the answers of {len(targets)} targets "
+                                 f"({', '.join(targets)}): choose one with {option}")
+            i = 0
+        else:
+            i = _target_index(target, targets)
+            if i is None:
+                raise InputError(f"{self.path}: no target {target} in this log (it holds "
+                                 f"{', '.join(targets)})")
+        self._target = targets[i]
+        self.base = i * copies * self.stride
+        self.conns = (self.base, self.base + copies * self.stride)
 
     @property
     def warnings(self) -> list:
@@ -240,7 +281,7 @@ class RunLog:
 
     @property
     def target(self) -> str:
-        return str(self.meta.get("target", "?"))
+        return self._target
 
     def replayed(self, window: int = WINDOW):
         """The replayed exchanges, in written order."""
@@ -248,14 +289,19 @@ class RunLog:
 
         reader = LogReader(self.path)
         try:
-            msgs = reader.select(lambda c: (c["flags"] & F_REPLAYED) != 0)
-            yield from exchanges(msgs, self.stride or (1 << 62), window)
+            if self.conns is None:
+                msgs = reader.select(lambda c: (c["flags"] & F_REPLAYED) != 0)
+            else:
+                lo, hi = np.uint64(self.conns[0]), np.uint64(self.conns[1])
+                msgs = reader.select(lambda c: ((c["flags"] & F_REPLAYED) != 0) &
+                                     (c["conn"] >= lo) & (c["conn"] < hi))
+            yield from exchanges(msgs, self.stride or (1 << 62), window, self.base)
         finally:
             self._absorb(reader)
             reader.close()
 
     def section(self, replayed: bool) -> Section:
-        return Section(self.path, replayed)
+        return Section(self.path, replayed, conns=self.conns if replayed else None)
 
     def done(self, section: Section | None = None) -> None:
         """A section of this log is read: keep its warnings, close it."""
@@ -270,3 +316,25 @@ class RunLog:
         for w in reader.warnings:
             if w not in self._reader.warnings:
                 self._reader.warnings.append(w)
+
+
+def _target_index(given: str, targets: list) -> int | None:
+    """The position of ``given`` among a shadow log's targets: as written there, or the same
+    URL once parsed (``staging:8080``, ``http://staging:8080/``)."""
+    if given in targets:
+        return targets.index(given)
+    from replay.errors import UsageError
+    from replay.play.sender import parse_target
+
+    try:
+        want = parse_target(given)
+    except UsageError:
+        return None
+    for i, t in enumerate(targets):
+        try:
+            have = parse_target(t, resolve=False)
+        except UsageError:
+            continue
+        if have.port == want.port and have.addr in (want.addr, want.host):
+            return i
+    return None

@@ -22,6 +22,13 @@ REPORT_KEYS = {"endpoint": (str, True, None), "ignore": (str, True, None),
 @click.option("--noise", type=click.Path(dir_okay=False),
               help="A second run against the baseline's release: what differs between the two "
                    "is noise, not regression.")
+@click.option("--target", "target", metavar="URL",
+              help="For a log of replay shadow with several targets: whose answers are the "
+                   "candidate (as given to shadow: http://v2:8080).")
+@click.option("--baseline-target", metavar="URL",
+              help="The same for --baseline; the baseline may be the candidate's own shadow log "
+                   "(two releases shadowed at once).")
+@click.option("--noise-target", metavar="URL", help="The same for --noise.")
 @click.option("--endpoint", "endpoint_rules", multiple=True, metavar="REGEX=NAME",
               help="Name the requests whose path matches REGEX (repeatable; first match wins). "
                    "Other paths are grouped with ids templated: /users/{id}.")
@@ -51,16 +58,17 @@ REPORT_KEYS = {"endpoint": (str, True, None), "ignore": (str, True, None),
 @click.option("--rules", "rule_file", type=click.Path(dir_okay=False), metavar="FILE.toml",
               help="Read these options from the [report] table of a rules file.")
 @click.option("-q", "--quiet", is_flag=True, help="No table on the terminal (the gate still decides the exit code).")
-def command(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays, json_path,
+def command(candidate, baseline, noise, target, baseline_target, noise_target, endpoint_rules, ignore, unordered_arrays, json_path,
             html_path, fail_on, relative_threshold, absolute_threshold, latency_threshold,
             latency_min_ms, min_count, rule_file, quiet):
-    """Compare CANDIDATE, a run written by `replay play -o`, with what was recorded or with
-    a baseline run, endpoint by endpoint.
+    """Compare CANDIDATE, a run written by `replay play -o` (or `replay shadow -o`), with what
+    was recorded (in production) or with a baseline run, endpoint by endpoint.
 
     \b
       replay report candidate.rlog
       replay report candidate.rlog --baseline primary.rlog --noise secondary.rlog --html report.html
       replay report candidate.rlog --baseline primary.rlog --fail-on regression   # exit 3
+      replay report shadow.rlog --target http://v2:8080 --baseline shadow.rlog --baseline-target http://v1:8080
 
     Exit status: 0 when the gate holds (or no --fail-on), 3 when it is breached, 2 on bad input.
     """
@@ -68,6 +76,12 @@ def command(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays
     import time
 
     from replay.analysis.verdict import Thresholds, parse_gate
+    from replay.errors import UsageError
+
+    for opt, value, log in (("--baseline-target", baseline_target, baseline),
+                            ("--noise-target", noise_target, noise)):
+        if value and not log:
+            raise UsageError(f"{opt}: give {opt[:-7]} LOG too")
     from replay.outputs import LOG_MODE, Outputs
 
     outputs = Outputs({k: v for k, v in (("the candidate", candidate), ("--baseline", baseline),
@@ -93,8 +107,9 @@ def command(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays
     gates = [parse_gate(g) for g in fail_on]
     t0 = time.perf_counter()
     with outputs.open():       # a bad or busy path fails here, before the logs are read
+        targets = {"candidate": target, "baseline": baseline_target, "noise": noise_target}
         report, breaches = _analyse(candidate, baseline, noise, endpoint_rules, ignore,
-                                    unordered_arrays, th, gates, t0)
+                                    unordered_arrays, th, gates, t0, targets)
         if out_json is not None:
             out_json.write_text(json.dumps(report, indent=1, default=str) + "\n")
         if out_html is not None:
@@ -112,14 +127,15 @@ def command(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays
     return 3 if breaches else 0
 
 
-def _analyse(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays, th, gates, t0):
+def _analyse(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays, th, gates, t0,
+             targets=None):
     import time
 
     from replay.analysis.compare import Analysis
     from replay.analysis.verdict import gate_breaches
 
     analysis = Analysis(candidate, baseline, noise, endpoint_rules=endpoint_rules, ignore=ignore,
-                        unordered=unordered_arrays, thresholds=th)
+                        unordered=unordered_arrays, thresholds=th, targets=targets)
     report = analysis.run()
     report["seconds"] = round(time.perf_counter() - t0, 3)
     breaches = gate_breaches(gates, report, th.min_count)

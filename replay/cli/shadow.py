@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 
 import click
 
 from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
+from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwargs
 from replay.cli.stopping import StopSignals
 from replay.cli.types import DURATION
 from replay.errors import UsageError
+
+# filters on production's answer would hold each request until the answer: not in shadow
+SHADOW_EXCLUDED_RULES = ("status", "status-exclude")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def is_local(addr: str, family: int) -> bool:
@@ -30,22 +36,61 @@ def check_loop(target, ports) -> None:
                          f"{target.port}): its copies would be captured and sent again, in a loop")
 
 
+def _ms(p) -> str:
+    return "-" if p is None else f"{p:.2f} ms"
+
+
 def summary_lines(session, interface: str, reason: str) -> list[str]:
     cap = session.capture
     st = cap.source.stats()
     lines = [f"replay: shadow on {interface} stopped ({reason}) after {cap.elapsed():.1f} s: "
              f"{session.requests:,} requests captured; drops: kernel {st['kernel_drops']:,}, "
              f"interface {st['interface_drops']:,}"]
+    if session.echo is not None:
+        lines.append(f"  dry run: {session.would_send:,} requests would have been sent")
+        return lines
     for t in session.summary():
-        lat = t["latency_ms"]
-        p = ("-" if lat["p50"] is None else f"p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms")
+        lat, delay = t["latency_ms"], t["delay_ms"]
         dropped = sum(t["dropped"].values())
         errors = sum(t["errors"].values())
         why = lambda d: (" (" + ", ".join(f"{k} {v:,}" for k, v in sorted(d.items())) + ")") if d else ""
         lines.append(f"  {t['target']}: sent {t['sent']:,}, answered {t['answered']:,}, "
                      f"dropped {dropped:,}{why(t['dropped'])}, errors {errors:,}{why(t['errors'])}; "
-                     f"latency {p}; queue peak {t['queue_peak']:,}")
+                     f"latency p50 {_ms(lat['p50'])}, p99 {_ms(lat['p99'])}; "
+                     f"delay p50 {_ms(delay['p50'])}, p99 {_ms(delay['p99'])}; "
+                     f"queue peak {t['queue_peak']:,}")
+    rules = cap.rules
+    if rules is not None:
+        rs = rules.stats
+        lines.append(f"  rules: kept {rs['kept']:,} of {rs['read']:,} messages"
+                     + (f", rewrote {rs['rewritten']:,}" if rs["rewritten"] else ""))
+    paths = cap.outputs.paths
+    if paths:
+        where = paths[0] if len(paths) == 1 else f"{len(paths)} files: {paths[0]} .. {paths[-1]}"
+        lines.append(f"  log: {where}" + (f" ({session.output.dropped:,} answers not written: "
+                                          "the writer fell behind)" if session.output.dropped else ""))
     return lines
+
+
+def report_dict(session, interface: str, reason: str) -> dict:
+    """``--report``: the shadow's summary as JSON."""
+    cap = session.capture
+    st = cap.source.stats()
+    return {"command": "shadow", "interface": interface, "stopped": reason,
+            "seconds": round(cap.elapsed(), 3), "requests_captured": session.requests,
+            "drops": {"kernel": st["kernel_drops"], "interface": st["interface_drops"]},
+            "amplify": session.opts.amplify, "split": session.opts.split,
+            "targets": session.summary(), "log": list(cap.outputs.paths),
+            "rules_stats": dict(cap.rules.stats) if cap.rules is not None else None}
+
+
+def dry_run_echo(m, data, target, copy) -> None:
+    """``--dry-run``: one line per request that would be sent."""
+    import time
+
+    t = time.strftime("%H:%M:%S", time.localtime(m.ts_last / 1e9)) + f".{m.ts_last % 10**9 // 1000:06d}"
+    click.echo(f"{t} conn {m.conn} #{m.index} copy {copy + 1} -> {target.display}  "
+               f"{m.method or '?'} {m.uri or '?'}  {len(data):,} bytes")
 
 
 @click.command("shadow")
@@ -53,13 +98,35 @@ def summary_lines(session, interface: str, reason: str) -> list[str]:
               help="Interface to capture on: a name (eth0), lo, or any.")
 @click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True, required=True,
               help="Production server port whose requests are shadowed (repeatable).")
-@click.option("-t", "--target", "targets", multiple=True, required=True, metavar="URL",
+@click.option("-t", "--target", "targets", multiple=True, metavar="URL",
               help="Staging target, http://host:port (repeatable: every request goes to each, "
                    "or with --split each connection to one).")
 @click.option("--split", is_flag=True,
               help="Send each production connection to one target (a stable hash of the "
                    "connection), instead of mirroring to all.")
+@click.option("--amplify", type=click.FloatRange(1, 100), default=1, show_default=True,
+              metavar="N",
+              help="Send N copies of each production connection, each on a connection of its "
+                   "own; fractional N sends some connections once more (1.5: every other "
+                   "connection twice, chosen by a stable hash).")
+@click.option("--copy-header", metavar="NAME",
+              help="Mark each copy with this header, its value the copy's number (1, 2 ...).")
 @click.option("--keep-host", is_flag=True, help="Send the captured Host header instead of the target's.")
+@click.option("--dry-run", is_flag=True,
+              help="Capture and print each request that would be sent (time, connection, copy, "
+                   "target, method, URI, bytes); send nothing.")
+@click.option("-o", "--output", metavar="FILE",
+              help="Write the captured requests, the production responses and each target's "
+                   "answers (flag replayed) to this .rlog, for replay report; strftime patterns "
+                   "are expanded as in capture.")
+@click.option("--rotate-size", metavar="SIZE", help="With -o: start a new file after SIZE bytes "
+              "of HTTP messages (100M, 1G; bare: bytes).")
+@click.option("--rotate-interval", metavar="TIME", help="With -o: start a new file every TIME.")
+@click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
+              help="zstd compression level of the log's blocks.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the summary (per target: counts, drops, errors, latency and delay "
+                   "percentiles) as JSON to this file.")
 @click.option("--duration", type=DURATION, help="Stop after this long (90, 30s, 15m, 2h).")
 @click.option("--count", type=click.IntRange(1), help="Stop after this many requests captured.")
 @click.option("--drain", type=DURATION, default="2", show_default=True,
@@ -68,7 +135,7 @@ def summary_lines(session, interface: str, reason: str) -> list[str]:
               help="Connect, and each answer of a target.")
 @click.option("--idle", type=DURATION, default="5", show_default=True,
               help="Close a target connection after this long without a request on its "
-                   "production connection.")
+                   "production connection (it is closed at once when the production one ends).")
 @click.option("--queue", "queue_requests", type=click.IntRange(1), default=1000, show_default=True,
               help="Requests per target waiting or in flight; beyond it requests for that target "
                    "are dropped (counted), never held back in the capture.")
@@ -86,7 +153,9 @@ def summary_lines(session, interface: str, reason: str) -> list[str]:
               help="CPU priority of the process (as nice(1); needs root).")
 @reassembly_options()
 @click.option("-q", "--quiet", is_flag=True, help="No status line and no summary.")
-def command(interface, ports, targets, split, keep_host, duration, count, drain, timeout, idle,
+@rule_options(exclude=SHADOW_EXCLUDED_RULES)
+def command(interface, ports, targets, split, amplify, copy_header, keep_host, dry_run, output,
+            rotate_size, rotate_interval, level, report_path, duration, count, drain, timeout, idle,
             queue_requests, queue_bytes, snaplen, buffer_size, promisc, immediate, nice, quiet,
             **kwargs):
     """Copy live production requests to staging as each one completes.
@@ -95,48 +164,96 @@ def command(interface, ports, targets, split, keep_host, duration, count, drain,
       sudo replay shadow -i eth0 --port 80 --target http://staging:8080
       sudo replay shadow -i eth0 --port 80 --target http://v2:8080 --target http://v3:8080
       sudo replay shadow -i eth0 --port 80 -t http://a:8080 -t http://b:8080 --split
+      sudo replay shadow -i eth0 --port 80 -t http://staging:8080 --amplify 3 -o shadow.rlog
+      sudo replay shadow -i eth0 --port 80 -t http://staging:8080 --sample 10% --method GET,HEAD
 
     Each request is sent as soon as its head and body are captured, on a connection of its own
-    per production connection, in production order; production responses are not waited for.
-    A slow or hung target never slows the capture: its requests beyond --queue are dropped and
-    counted. Stop with Ctrl-C (or SIGTERM): the targets get --drain seconds, then a summary per
-    target (sent, answered, dropped by reason, errors, latency p50/p99).
+    per production connection (and copy), in production order; production responses are not
+    waited for. A slow or hung target never slows the capture: its requests beyond --queue are
+    dropped and counted. Filters and rewrites (the options of `replay filter`; not --status,
+    which would wait for production's answer) choose and change what is sent. With -o the log
+    holds production's exchanges and each target's answers: `replay report shadow.rlog`
+    compares them per endpoint. Stop with Ctrl-C (or SIGTERM): the targets get --drain seconds,
+    then a summary per target (sent, answered, dropped by reason, errors, latency and delay
+    p50/p99).
     """
-    from replay import core
-    from replay.capture import raise_priority
+    import json
+    import os
+    import time
+
+    from replay import __version__, core
+    from replay.capture import (OutputFiles, check_output, expand_name, raise_priority)
     from replay.cli.capture import parse_size
-    from replay.errors import CaptureError
+    from replay.errors import CaptureError, OutputError
+    from replay.outputs import Outputs, check_distinct
     from replay.pipeline import tune_allocator
     from replay.play.sender import parse_target
     from replay.play.shadow import ShadowOptions, ShadowSession
     from replay.sources.live import LiveCapture
+    from replay.units import parse_seconds
 
+    if not targets:
+        raise UsageError("give a staging target: --target http://host:port (repeatable)")
     parsed = []
     for url in targets:
         t = parse_target(url)
         if t.scheme != "http":
             raise UsageError(f"--target {url}: shadow sends to http targets only, for now")
         check_loop(t, ports)
+        if any(p.addr == t.addr and p.port == t.port for p in parsed):
+            raise UsageError(f"--target {url}: given twice")
         parsed.append(t)
     if split and len(parsed) < 2:
         raise UsageError("--split needs two targets or more")
+    if copy_header is not None and not _TOKEN.fullmatch(copy_header):
+        raise UsageError(f"--copy-header {copy_header!r}: not a header name")
+    if (rotate_size or rotate_interval) and not output:
+        raise UsageError("--rotate-size/--rotate-interval rotate the -o log: give -o FILE")
+    if dry_run and (output or report_path):
+        raise UsageError("--dry-run sends nothing: -o and --report would have nothing to hold")
     opts = ShadowOptions(split=split, keep_host=keep_host, queue_requests=queue_requests,
                          queue_bytes=parse_size(queue_bytes, 1 << 20, "--queue-bytes"),
-                         idle=idle, drain=drain, timeout=timeout)
+                         idle=idle, drain=drain, timeout=timeout, amplify=float(amplify),
+                         copy_header=copy_header)
     buf_bytes = parse_size(buffer_size, 1 << 10, "-B/--buffer-size")
+    rsize = parse_size(rotate_size, 1, "--rotate-size") if rotate_size else None
+    rint = parse_seconds(rotate_interval, "--rotate-interval") if rotate_interval else None
     engine_opts = engine_opts_from_kwargs(kwargs)
+    inputs = rule_input_files(kwargs)
+    rules = rules_from_kwargs(kwargs)
+    outputs = Outputs(inputs)
+    out_report = outputs.atomic(report_path, "--report") if report_path else None
+    if output:
+        first = expand_name(output, time.time(), set())
+        check_output(first)
+        check_distinct(first, "-o", inputs, {"--report": report_path})
     show_status = not quiet and sys.stderr.isatty()
 
     stop = StopSignals()
+    files = None
     try:
+        outputs.open()
         tune_allocator()
         source = LiveCapture(interface, ports=ports, snaplen=snaplen, buffer_size=buf_bytes,
                              promisc=promisc, immediate=immediate)
         try:
             raise_priority(nice)
-            engine = core.Engine(source.linktype, ports=tuple(ports), **engine_opts)
+            engine = core.Engine(source.linktype, ports=tuple(ports), track_closed=True,
+                                 **engine_opts)
+            if output:
+                meta = {"tool": f"replay {__version__}", "source": f"{interface} (live)",
+                        "interface": interface, "filter": source.filter, "ports": list(ports),
+                        "linktype": source.linktype, "snaplen": source.snaplen,
+                        "core": core.IMPLEMENTATION, "host": os.uname().nodename}
+                if rules is not None:
+                    meta["rules"] = rules.describe()
+                files = OutputFiles(output, meta, rotate_size=rsize, rotate_interval=rint,
+                                    level=level, inputs=inputs)
             session = ShadowSession(source, engine, parsed, opts, count=count,
-                                    duration=duration or None)
+                                    duration=duration or None, rules=rules, files=files,
+                                    echo=dry_run_echo if dry_run else None)
+            if files is not None:
+                files.open()
         except BaseException:
             source.close()
             raise
@@ -146,7 +263,10 @@ def command(interface, ports, targets, split, keep_host, duration, count, drain,
         if not quiet:
             click.echo(f"replay: shadowing {interface} (filter '{source.filter}') -> "
                        + ", ".join(t.display for t in parsed)
-                       + (" (split)" if split else ""), err=True)
+                       + (" (split)" if split else "")
+                       + (f", {amplify:g} copies" if amplify != 1 else "")
+                       + (" (dry run: nothing is sent)" if dry_run else "")
+                       + (f"; log {files.path}" if files is not None else ""), err=True)
         live = tick = None
         if show_status:
             from rich.console import Console
@@ -161,15 +281,20 @@ def command(interface, ports, targets, split, keep_host, duration, count, drain,
         error = None
         try:
             reason = session.run(on_tick=tick)
-        except CaptureError as e:
-            error, reason = e, "capture error"
+        except (CaptureError, OutputError) as e:
+            error, reason = e, "capture error" if isinstance(e, CaptureError) else "write error"
         finally:
             if live is not None:
                 live.stop()
         if not quiet:
             for line in summary_lines(session, interface, reason):
                 click.echo(line, err=True)
+        if out_report is not None:
+            out_report.write_text(json.dumps(report_dict(session, interface, reason), indent=2)
+                                  + "\n")
+        outputs.commit()
         if error is not None:
             raise error
     finally:
         stop.restore()
+        outputs.discard()

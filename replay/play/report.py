@@ -16,7 +16,9 @@ Rules:
   (while it was idle, or as a request arrived, before any byte of its answer); ``retried`` the
   requests sent a second time on such a new connection (counted once in ``sent``): neither is
   an error;
-- percentiles are nearest-rank over every sample (no sampling, no histogram buckets).
+- percentiles are nearest-rank over every sample (no sampling, no histogram buckets), except in
+  a ``bounded`` report (``replay shadow``, which may run for days): there every distribution is
+  a ``replay.hist.Hist`` of fixed size, within 1 % of the exact percentiles.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ NS_PER_MS = 1_000_000
 def percentiles(values, points=(50, 90, 99)) -> dict:
     """Nearest-rank percentiles and max of ``values`` (ns) in ms; None values when empty."""
     keys = [f"p{p}" for p in points] + ["max"]
+    if hasattr(values, "percentiles"):
+        return values.percentiles(points)
     n = len(values)
     if not n:
         return {k: None for k in keys}
@@ -47,9 +51,17 @@ def percentiles(values, points=(50, 90, 99)) -> dict:
     return out
 
 
+def _samples():
+    return array("q")
+
+
 class Report:
-    def __init__(self, meta: dict | None = None):
+    def __init__(self, meta: dict | None = None, bounded: bool = False):
         self.meta = dict(meta or {})
+        if bounded:
+            from replay.hist import Hist as samples
+        else:
+            samples = _samples
         self.attempted = 0
         self.sent = 0
         self.answered = 0
@@ -59,12 +71,12 @@ class Report:
         self.recorded_statuses: Counter = Counter()
         self.same = self.different = self.unrecorded = 0
         self.changes: Counter = Counter()
-        self.lateness = array("q")
-        self.lateness_free = array("q")     # requests not held back by a slow previous response
+        self.lateness = samples()
+        self.lateness_free = samples()     # requests not held back by a slow previous response
         self.recent_lateness: deque = deque(maxlen=5000)
-        self.latency = array("q")
-        self.latency_intended = array("q")
-        self.connect = array("q")
+        self.latency = samples()
+        self.latency_intended = samples()
+        self.connect = samples()
         self.held_by_response = 0
         self.opened = 0
         self.reconnects = 0

@@ -572,21 +572,26 @@ class Player:
 class StreamPlayer(Player):
     """Requests handed over as they are captured (``replay shadow``), sent at once to one target.
 
-    ``submit(conn, req)`` (on the loop's thread) queues a ``PlannedRequest`` for the production
-    connection ``conn``; one task per production connection sends its requests in order on a
-    target connection of its own, each after the previous answer (or its failure), opens that
-    connection on the first request and closes it after ``idle`` seconds without one, or after
-    an answer that closes it. ``on_done(req)`` is called once per request that leaves the queue
-    (answered, failed, or dropped when the run ends), so the caller can bound what is queued.
-    ``drain(seconds)`` stops taking requests and gives those queued or in flight that long.
+    ``submit(key, req, conn_id, due)`` (on the loop's thread) queues a ``PlannedRequest`` for the
+    stream ``key`` (a production connection, or one copy of it); one task per stream sends its
+    requests in order on a target connection of its own, each after the previous answer (or its
+    failure), opens that connection on the first request and closes it after ``close(key)`` (the
+    production connection ended) once its queue is empty, after ``idle`` seconds without a
+    request, or after an answer that closes it. ``conn_id`` is the connection id the request is
+    reported under (``on_exchange``); ``due`` (loop clock ns) is when the request was complete
+    in production, so the time it waited before being sent is measured as lateness.
+    ``on_done(req)`` is called once per request that leaves the queue (answered, failed, or
+    dropped when the run ends), so the caller can bound what is queued. ``drain(seconds)``
+    stops taking requests and gives those queued or in flight that long.
     """
 
     def __init__(self, target: Target, options: Options, report, clock, *, idle: float = 5.0,
-                 on_done=None):
-        super().__init__(None, None, target, options, report, clock)
+                 on_done=None, on_exchange=None, wall_offset: int = 0):
+        super().__init__(None, None, target, options, report, clock, on_exchange=on_exchange,
+                         wall_offset=wall_offset)
         self.idle = idle
         self.on_done = on_done
-        self.queues: dict = {}          # production conn -> deque of requests not yet sent
+        self.queues: dict = {}          # stream key -> _ConnQueue of attempts not yet sent
         self.drops: dict = {}           # reason -> requests never sent (not errors of the target)
 
     def answered(self, att, m, now, proto):
@@ -604,17 +609,25 @@ class StreamPlayer(Player):
         if self.on_done is not None:
             self.on_done(req)
 
-    def submit(self, conn: int, req) -> None:
+    def submit(self, key, req, conn_id: int = 0, due: int | None = None) -> None:
         if self.stopping:
             self.drop(req, "stopping")
             return
-        q = self.queues.get(conn)
+        q = self.queues.get(key)
         if q is None:
-            q = self.queues[conn] = _ConnQueue(self.loop)
-            task = asyncio.ensure_future(self._stream(conn, q))
+            q = self.queues[key] = _ConnQueue(self.loop)
+            task = asyncio.ensure_future(self._stream(key, q))
             self.tasks.add(task)
             task.add_done_callback(self._stream_done)
-        q.put(req)
+        q.put(Attempt(req, 0, due, conn_id))
+
+    def close(self, key) -> None:
+        """The production connection of stream ``key`` ended: close its target connection once
+        what is queued on it is sent and answered."""
+        q = self.queues.get(key)
+        if q is not None:
+            q.closing = True
+            q.wake()
 
     def start(self) -> None:
         """Bind to the running loop (call on it before the first ``submit``)."""
@@ -641,7 +654,7 @@ class StreamPlayer(Player):
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
         self.report.ended_ns = self.clock.now()
 
-    async def _stream(self, conn: int, q: "_ConnQueue") -> None:
+    async def _stream(self, key, q: "_ConnQueue") -> None:
         report = self.report
         proto = None
         att = None
@@ -649,11 +662,10 @@ class StreamPlayer(Player):
         try:
             while True:
                 if not q.items:
-                    if self.stopping or not await q.wait(self.idle):
+                    if self.stopping or q.closing or not await q.wait(self.idle):
                         break
                     continue
-                req = q.items.popleft()
-                att = Attempt(req, 0, None, conn)
+                att = q.items.popleft()
                 report.on_attempt(None)
                 if proto is not None:
                     proto = await self._settle(proto)
@@ -663,13 +675,15 @@ class StreamPlayer(Player):
                 if proto is None or proto.closed:
                     proto, kind = await self._open()
                     if proto is None:
-                        att = None
+                        req, att = att.req, None
                         self.drop(req, kind)
                         continue
+                req = att.req
                 t = proto.send(att)
+                late = None if att.deadline is None else max(0, t - att.deadline)
                 att = None
-                report.on_sent(len(req.data), None, False, t)
-            self._detach(conn, q)        # a request from now on starts a new task
+                report.on_sent(len(req.data), late, False, t)
+            self._detach(key, q)        # a request from now on starts a new task
             if proto is not None:
                 proto = await self._settle(proto)
                 if proto is not None:
@@ -678,7 +692,7 @@ class StreamPlayer(Player):
             if att is not None:
                 self.drop(att.req, "drain")
             while q.items:
-                self.drop(q.items.popleft(), "drain")
+                self.drop(q.items.popleft().req, "drain")
             if proto is not None:
                 while proto.pending:
                     self.failed(proto.pending.popleft(), "interrupted", True)
@@ -687,22 +701,23 @@ class StreamPlayer(Player):
             raise
         finally:
             self.slots.release()
-            self._detach(conn, q)
+            self._detach(key, q)
 
-    def _detach(self, conn: int, q: "_ConnQueue") -> None:
-        if self.queues.get(conn) is q:
-            del self.queues[conn]
+    def _detach(self, key, q: "_ConnQueue") -> None:
+        if self.queues.get(key) is q:
+            del self.queues[key]
 
 
 class _ConnQueue:
     """The requests of one production connection waiting for their target connection."""
 
-    __slots__ = ("items", "loop", "waiter")
+    __slots__ = ("items", "loop", "waiter", "closing")
 
     def __init__(self, loop):
         self.items: deque = deque()
         self.loop = loop
         self.waiter = None
+        self.closing = False
 
     def put(self, req) -> None:
         self.items.append(req)
