@@ -79,3 +79,57 @@ def test_hung_target_fills_its_queue_then_drops():
     assert st.report.sent == 2 and st.report.errors["interrupted"] == 2
     assert d == {"queue_full": 35, "drain": 3}
     assert st.queued == 0 and st.queued_bytes == 0
+
+
+def test_https_target(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    import pytest
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed (needed to make a test certificate)")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", cert, "-days", "1", "-subj", "/CN=localhost"], capture_output=True)
+    if r.returncode:
+        pytest.skip("openssl could not make a certificate")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+
+    async def main():
+        log: list = []
+
+        async def handle(reader, writer):
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    log.append(head.split(b" ")[1].decode())
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        out = []
+        for insecure in (True, False):
+            st = ShadowTarget(parse_target(f"https://127.0.0.1:{port}", insecure=insecure),
+                              ShadowOptions(timeout=10), clk.LoopClock())
+            st.player.start()
+            for i in range(3):
+                r = request(1, i)
+                assert st.admit(len(r.data))
+                st.player.submit(1, r)
+            await st.player.drain(5)
+            out.append(st)
+        server.close()
+        return out, log
+
+    (ok, refused), log = asyncio.run(main())
+    assert ok.report.answered == 3 and log == ["/c1/0", "/c1/1", "/c1/2"]
+    # self-signed: without --insecure no connection opens, nothing is sent
+    assert refused.report.sent == 0 and refused.dropped() == {"tls": 3}

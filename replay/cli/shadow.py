@@ -99,8 +99,9 @@ def dry_run_echo(m, data, target, copy) -> None:
 @click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True, required=True,
               help="Production server port whose requests are shadowed (repeatable).")
 @click.option("-t", "--target", "targets", multiple=True, metavar="URL",
-              help="Staging target, http://host:port (repeatable: every request goes to each, "
-                   "or with --split each connection to one).")
+              help="Staging target, http[s]://host:port (repeatable: every request goes to "
+                   "each, or with --split each connection to one).")
+@click.option("-k", "--insecure", is_flag=True, help="https: do not verify the targets' certificates.")
 @click.option("--split", is_flag=True,
               help="Send each production connection to one target (a stable hash of the "
                    "connection), instead of mirroring to all.")
@@ -154,7 +155,7 @@ def dry_run_echo(m, data, target, copy) -> None:
 @reassembly_options()
 @click.option("-q", "--quiet", is_flag=True, help="No status line and no summary.")
 @rule_options(exclude=SHADOW_EXCLUDED_RULES)
-def command(interface, ports, targets, split, amplify, copy_header, keep_host, dry_run, output,
+def command(interface, ports, targets, insecure, split, amplify, copy_header, keep_host, dry_run, output,
             rotate_size, rotate_interval, level, report_path, duration, count, drain, timeout, idle,
             queue_requests, queue_bytes, snaplen, buffer_size, promisc, immediate, nice, quiet,
             **kwargs):
@@ -196,9 +197,7 @@ def command(interface, ports, targets, split, amplify, copy_header, keep_host, d
         raise UsageError("give a staging target: --target http://host:port (repeatable)")
     parsed = []
     for url in targets:
-        t = parse_target(url)
-        if t.scheme != "http":
-            raise UsageError(f"--target {url}: shadow sends to http targets only, for now")
+        t = parse_target(url, insecure)
         check_loop(t, ports)
         if any(p.addr == t.addr and p.port == t.port for p in parsed):
             raise UsageError(f"--target {url}: given twice")
