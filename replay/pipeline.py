@@ -82,7 +82,8 @@ class CaptureReader:
 
 
 def open_input(path: str, ports=(), **engine_opts):
-    """A log (``.rlog``) or a capture file, as an iterable of messages with ``warnings``.
+    """A log (``.rlog``), a capture file, or a file of ``replay.formats`` (``.gor``, HAR), as an
+    iterable of messages with ``warnings``.
 
     Which one is decided by the file's magic, not its name. A pipe (``/dev/stdin``) is read
     into a temporary file first (``replay.spool``).
@@ -100,6 +101,11 @@ def open_input(path: str, ports=(), **engine_opts):
 
     if is_rlog(path):
         return LogReader(path)
+    from replay import formats
+
+    name = formats.sniff(path)
+    if name is not None:
+        return formats.open_reader(path, name)
     if os.path.isfile(path) and os.path.getsize(path) >= 4:
-        raise InputError(f"{path}: not a pcap, pcapng or .rlog file")
+        raise InputError(f"{path}: not a pcap, pcapng, .rlog, .gor or HAR file")
     return CaptureReader(path, ports=ports, **engine_opts)  # raises the clear InputError

@@ -139,7 +139,7 @@ def test_logs_and_captures_can_come_from_a_pipe(tmp_path):
                 assert "37 requests" in p.stdout and not re.search(r"[ (]0 bytes", p.stdout)
     p = subprocess.run(f"printf 'not a log' | {sys.executable} -m replay.cli.main ls /dev/stdin",
                        shell=True, capture_output=True, text=True, env=env, timeout=60)
-    assert p.returncode == 2 and p.stderr.strip() == "replay: /dev/stdin: not a pcap, pcapng or .rlog file"
+    assert p.returncode == 2 and p.stderr.strip() == "replay: /dev/stdin: not a pcap, pcapng, .rlog, .gor or HAR file"
 
 
 @pytest.mark.parametrize("target,words", [

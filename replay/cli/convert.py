@@ -1,4 +1,8 @@
-"""``replay convert``: a pcap/pcapng capture in, a .rlog log of HTTP messages out."""
+"""``replay convert``: a capture (pcap/pcapng) or a log of another format in, a log out.
+
+The input's format is found from its content (``replay.pipeline.open_input``: pcap, pcapng,
+.rlog, and the formats of ``replay.formats``); the output's from -o's extension (``.rlog`` and
+anything unknown: a log; ``.gor``, ``.gor.gz``, ``.har``, ``.pcap``, ``.pcapng``)."""
 
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ from replay.cli.types import PORT
 @click.command("convert")
 @click.argument("capture", type=click.Path(dir_okay=False))
 @click.option("-o", "-w", "--output", "output", required=True, type=click.Path(dir_okay=False),
-              help="The .rlog file to write (created with mode 0600; an existing file is replaced "
-                   "once the new one is complete).")
+              help="The file to write, its format from its extension: .rlog (and any other), "
+                   ".gor, .gor.gz, .har, .pcap, .pcapng (created with mode 0600; an existing file "
+                   "is replaced once the new one is complete).")
 @click.option("--port", "ports", type=PORT, multiple=True,
               help="Only connections to or from these ports (repeatable). Default: every TCP port.")
 @reassembly_options()
@@ -23,53 +28,70 @@ from replay.cli.types import PORT
               help="zstd compression level of the log's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
 def command(capture, output, ports, level, quiet, **kwargs):
-    """Reassemble the HTTP/1.x messages of CAPTURE and write them to a log."""
-    from replay import __version__, core
-    from replay.core import PROBLEM_COUNTERS
-    from replay.log import LogWriter
-    from replay.outputs import LOG_MODE, Outputs
-    from replay.pipeline import CaptureReader
+    """Reassemble the HTTP/1.x messages of CAPTURE and write them to a log; or convert a log
+    (.rlog, GoReplay .gor/.gor.gz, HAR) to another format.
 
-    outputs = Outputs({"the capture": capture})
+    \b
+      replay convert prod.pcap -o prod.rlog
+      replay convert requests.gor -o requests.rlog
+      replay convert prod.rlog -o prod.pcapng       # for Wireshark / tshark
+      replay convert prod.rlog -o prod.har
+    """
+    from replay import __version__, core, formats
+    from replay.core import PROBLEM_COUNTERS
+    from replay.outputs import LOG_MODE, Outputs
+    from replay.pipeline import CaptureReader, open_input
+
+    outputs = Outputs({"the input": capture})
     out = outputs.atomic(output, "-o", mode=LOG_MODE)
     t0 = time.perf_counter()
-    reader = CaptureReader(capture, ports=ports, **engine_opts_from_kwargs(kwargs))
+    reader = open_input(capture, ports=ports, **engine_opts_from_kwargs(kwargs))
+    is_capture = isinstance(reader, CaptureReader)
     meta = {
         "tool": f"replay {__version__}",
         "command": "convert",
         "source": os.path.basename(capture),
-        "linktype": reader.linktype,
         "core": core.IMPLEMENTATION,
         "ports": list(ports),
     }
+    if is_capture:
+        meta["linktype"] = reader.linktype
+    elif getattr(reader, "meta", None):
+        meta["source_meta"] = reader.meta
     requests = responses = 0
     interrupted = False
     with outputs.open():
-        with LogWriter(out.path, fd=out.detach(), meta=meta, level=level) as writer:
+        writer = formats.open_writer(out.path, out.detach(), meta, level=level)
+        try:
             try:
                 for msg in reader:
-                    writer.write(msg)
-                    if msg.kind == 0:
-                        requests += 1
-                    else:
-                        responses += 1
+                    if is_capture or not ports or msg.server[1] in ports or msg.client[1] in ports:
+                        writer.write(msg)
+                        if msg.kind == 0:
+                            requests += 1
+                        else:
+                            responses += 1
             except KeyboardInterrupt:       # Ctrl-C or SIGTERM: keep what was converted
                 interrupted = True
-                reader.stats = reader.engine.stats()
-            writer.update_meta({"stats": reader.stats, "interrupted": interrupted,
-                                "warnings": list(reader.warnings),
-                                "packets_read": reader.source.packets_read})
+                if is_capture:
+                    reader.stats = reader.engine.stats()
+            end = {"interrupted": interrupted, "warnings": list(getattr(reader, "warnings", ()))}
+            if is_capture:
+                end.update({"stats": reader.stats, "packets_read": reader.source.packets_read})
+            writer.update_meta(end)
+        finally:
             writer.close(fsync=False)
     dt = time.perf_counter() - t0
     for w in reader.warnings:
         click.echo(f"replay: warning: {w}", err=True)
     if not quiet:
-        st = reader.stats
+        st = reader.stats if is_capture else {}
         size = os.path.getsize(output)
+        what = (f"{st.get('packets', 0)} packets, {st.get('connections', 0)} connections"
+                if is_capture else "a log")
         click.echo(
-            f"{capture}: {st.get('packets', 0)} packets, {st.get('connections', 0)} connections -> "
-            f"{output}: {requests} requests, {responses} responses, {size} bytes "
-            f"in {dt:.2f} s" + (" (interrupted)" if interrupted else ""), err=True)
+            f"{capture}: {what} -> {output}: {requests} requests, {responses} responses, "
+            f"{size} bytes in {dt:.2f} s" + (" (interrupted)" if interrupted else ""), err=True)
         problems = {k: st[k] for k in PROBLEM_COUNTERS if st.get(k)}
         if problems:
             click.echo("  " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in problems.items()),

@@ -37,7 +37,7 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
     from replay import __version__
     from replay.errors import UsageError
     from replay.events import KIND_REQUEST
-    from replay.log import LogWriter
+    from replay import formats
     from replay.outputs import LOG_MODE, Outputs
     from replay.pipeline import open_input
 
@@ -68,7 +68,7 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
                 }
                 if getattr(src, "meta", None):
                     meta["source_meta"] = src.meta
-                writer = LogWriter(out.path, fd=out.detach(), meta=meta, level=level)
+                writer = formats.open_writer(out.path, out.detach(), meta, level=level)
             try:
                 for m in rules.apply(src):
                     counts["requests" if m.kind == KIND_REQUEST else "responses"] += 1
