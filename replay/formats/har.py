@@ -56,6 +56,7 @@ import os
 import re
 from collections import OrderedDict
 from datetime import datetime, timezone
+from http import HTTPStatus
 from urllib.parse import parse_qsl
 
 from replay.errors import InputError, OutputError
@@ -75,6 +76,7 @@ WINDOW_BYTES = 64 << 20      # bytes of the requests waiting for their response
 NS_PER_MS = 1_000_000
 NO_ADDR = ("0.0.0.0", 0)     # an address HAR does not give (the client's, always)
 
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
 _FLAG_BITS = {name: bit for bit, name in FLAG_NAMES}
 _SNIFF_RE = re.compile(rb'\A\s*\{.*?"log"\s*:\s*\{', re.S)
 _BOM = b"\xef\xbb\xbf"
@@ -727,7 +729,9 @@ def _parse_entry(e, where: str, pos: int) -> dict:
             sheaders = [(n, v) for n, v in sheaders if n.lower() != "content-encoding"]
         reason = rs.get("statusText") if isinstance(rs.get("statusText"), str) else ""
         sversion = _http1(rs.get("httpVersion") if isinstance(rs.get("httpVersion"), str) else "")
-        sstart = f"{sversion} {status}".encode() + (b" " + _enc(reason) if reason else b"")
+        if not reason and not own:    # HTTP/2 has no reason phrase: give the usual one
+            reason = _PHRASES.get(status, "")
+        sstart = f"{sversion} {status} ".encode() + _enc(reason)   # RFC 9112 §4: the SP stays
         bodiless = method == "HEAD" or status in (204, 304) or status < 200
         fix = not missing and (bool(sbody) or (not bodiless and any(
             n.lower() == "content-length" for n, _ in sheaders)))
