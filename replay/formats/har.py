@@ -15,6 +15,8 @@ Rules the writer keeps:
   with ``status`` 0 (HAR's "no response"); a response that comes after it, or whose request was
   never seen, is not written and is counted (``log._replay.written.unpaired_responses``, and
   ``log.comment``); the writer's ``meta`` (``update_meta`` merges into it) is ``log._replay.meta``;
+- a response that ends before its request (a 100 Continue comes before the request's body) waits
+  for it in a window of the same bounds;
 - interim responses (1xx before the final one) are not entries of their own: their statuses go to
   ``_replay.interim``;
 - bodies: HAR's ``content.text`` and ``postData.text`` hold the payload after chunked framing is
@@ -131,6 +133,8 @@ class HarWriter:
         self._meta = dict(meta or {})
         self._pending: OrderedDict = OrderedDict()   # (conn, index) -> _Pending, request order
         self._pending_bytes = 0
+        self._early: OrderedDict = OrderedDict()     # (conn, index) -> responses before their request
+        self._early_bytes = 0
         self._counts = {"unpaired_responses": 0, "no_response": 0, "interim": 0}
         self._closed = False
         self._f = io.open(fd, "wb", buffering=1 << 20, closefd=True)
@@ -155,12 +159,32 @@ class HarWriter:
             p = _Pending(msg)
             self._pending[key] = p
             self._pending_bytes += p.size
+            for r in self._early.pop(key, ()):
+                self._early_bytes -= len(r.data)
+                self._answer(p, r)
             while len(self._pending) > self.window or (
                     self._pending_bytes > self.window_bytes and len(self._pending) > 1):
                 self._pop_oldest()
+            self._flush_answered()
             return
-        p = self._pending.get(key) if msg.index >= 0 else None
-        if p is None or p.resp is not None:
+        if msg.index < 0:
+            self._counts["unpaired_responses"] += 1
+            return
+        p = self._pending.get(key)
+        if p is None:
+            # a response can end before its request: a 100 Continue comes before the body
+            self._early.setdefault(key, []).append(msg)
+            self._early_bytes += len(msg.data)
+            while len(self._early) > self.window or self._early_bytes > self.window_bytes:
+                _, lost = self._early.popitem(last=False)
+                self._early_bytes -= sum(len(r.data) for r in lost)
+                self._counts["unpaired_responses"] += len(lost)
+            return
+        self._answer(p, msg)
+        self._flush_answered()
+
+    def _answer(self, p: _Pending, msg) -> None:
+        if p.resp is not None:
             self._counts["unpaired_responses"] += 1
             return
         if msg.flags & F_INTERIM:
@@ -170,6 +194,8 @@ class HarWriter:
         p.resp = msg
         self._pending_bytes += len(msg.data)
         p.size += len(msg.data)
+
+    def _flush_answered(self) -> None:
         while self._pending and next(iter(self._pending.values())).resp is not None:
             self._pop_oldest()
 
@@ -185,6 +211,8 @@ class HarWriter:
         try:
             while self._pending:
                 self._pop_oldest()
+            self._counts["unpaired_responses"] += sum(len(v) for v in self._early.values())
+            self._early.clear()
             tail = {"comment": self._summary(), "_replay": self._log_replay()}
             text = json.dumps(tail, ensure_ascii=False, default=str)
             self._out(b"\n]" + (", " + text[1:-1]).encode() + b"}}\n")
@@ -313,14 +341,30 @@ def _response_cookies(fields) -> list:
         for attr in parts[1:]:
             an, _, av = attr.strip().partition("=")
             low = an.lower()
-            if low in ("path", "domain", "expires"):
+            if low in ("path", "domain"):
                 c[low] = av
+            elif low == "expires":     # HAR wants ISO 8601; an unreadable date is left out
+                iso = _cookie_date(av)
+                if iso:
+                    c["expires"] = iso
             elif low == "httponly":
                 c["httpOnly"] = True
             elif low == "secure":
                 c["secure"] = True
         out.append(c)
     return out
+
+
+def _cookie_date(text: str) -> str | None:
+    from email.utils import parsedate_to_datetime
+
+    try:
+        dt = parsedate_to_datetime(text.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _host(fields, server) -> str:
