@@ -455,3 +455,50 @@ def test_size_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(har, "MAX_HAR_BYTES", 100)
     with pytest.raises(InputError, match="larger than"):
         har.open_reader(str(FIREFOX))
+
+
+def test_only_input_error_escapes_on_mangled_exports(tmp_path):
+    """Random leaves of real-shaped exports replaced by values of other types: the reader either
+    reads the file or stops with one InputError (h11's fuzz invariant)."""
+    import random
+
+    rng = random.Random(1234)
+    junk = [None, 0, -1, 1e308, float("nan"), 10**30, "", "x", "\ud800", [], {}, True,
+            "2024-13-45T99:99:99Z", "!!!not base64", "base64"]
+    docs = [json.loads(CHROME.read_text()), json.loads(FIREFOX.read_text())]
+
+    def leaves(o, path=()):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                yield from leaves(v, path + (k,))
+        elif isinstance(o, list):
+            for i, v in enumerate(o):
+                yield from leaves(v, path + (i,))
+        yield path
+
+    p = tmp_path / "m.har"
+    for n in range(int(os.environ.get("HAR_MANGLE_ROUNDS", "300"))):
+        doc = json.loads(json.dumps(rng.choice(docs)))
+        paths = [x for x in leaves(doc) if x]
+        for _ in range(rng.randint(1, 3)):
+            path = rng.choice(paths)
+            parent = doc
+            try:
+                for k in path[:-1]:
+                    parent = parent[k]
+                parent[path[-1]] = rng.choice(junk)
+            except (KeyError, IndexError, TypeError):
+                continue
+        p.write_text(json.dumps(doc), encoding="utf-8", errors="surrogatepass")
+        try:
+            for m in har.open_reader(str(p)):
+                assert isinstance(m.data, bytes)
+        except InputError:
+            pass
+
+
+def test_info_on_a_har_file():
+    p = replay("info", FIREFOX, "--json", check=True)
+    info = json.loads(p.stdout)
+    assert info["format"] == "har" and info["requests"] == 3 and info["responses"] == 3
+    assert info["meta"]["creator"]["name"] == "Firefox"

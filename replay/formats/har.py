@@ -613,9 +613,16 @@ def _parse_time(s: str, where: str) -> int:
     return int(dt.timestamp()) * 1_000_000_000 + int(frac)
 
 
+MAX_DURATION_MS = 10 * 365 * 86400 * 1000.0   # a timing beyond ten years is taken as 0
+
+
 def _dur(timings: dict, key: str) -> float:
+    """A duration of ``timings`` in ms; missing, negative (-1: "not known"), NaN or absurd: 0."""
     v = timings.get(key)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else 0.0
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return 0.0
+    v = float(v)
+    return v if 0 < v < MAX_DURATION_MS else 0.0
 
 
 def _addr(text) -> tuple:
@@ -643,8 +650,8 @@ def _bytes(text, encoding, where: str) -> bytes:
 def _enc(s: str) -> bytes:
     try:
         return s.encode("latin-1")
-    except UnicodeEncodeError:
-        return s.encode("utf-8")
+    except UnicodeEncodeError:    # beyond latin-1; a lone surrogate (a \ud8xx escape) kept as is
+        return s.encode("utf-8", "surrogatepass")
 
 
 def _header_list(obj: dict, where: str) -> list:
@@ -754,6 +761,8 @@ def _parse_entry(e, where: str, pos: int) -> dict:
                   method=method, uri=target, body_length=blen, head_length=hl)
     sw = f"{where}.response"
     status = _get(rs, "status", sw, int)
+    if not 0 <= status <= 999:      # RFC 9110 §15: three digits
+        raise _Damage(f"{sw}.status", f"out of range ({status})")
     resp = None
     missing = False
     if status > 0:
