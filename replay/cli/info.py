@@ -75,10 +75,13 @@ def command(path, as_json):
         info["format"] = "capture"
         info["capture"] = dict(src.stats)
         info["linktype"] = src.linktype
-    else:
+    elif hasattr(src, "blocks"):
         info["format"] = "rlog"
         info["meta"] = src.meta
         info["blocks"] = len(src.blocks)
+    else:                   # a format of replay.formats (HAR, .gor): its meta says what it is
+        info["meta"] = dict(getattr(src, "meta", None) or {})
+        info["format"] = info["meta"].get("format", "other")
     warnings = list(src.warnings)
     if info.get("meta"):
         warnings = list(info["meta"].get("warnings", [])) + warnings
