@@ -64,3 +64,34 @@ class Hist:
             h.min_value = min(h.min_value, int(v.min()))
             h.max_value = max(h.max_value, int(v.max()))
         return self.h
+
+
+class SharedHist(Hist):
+    """A ``Hist`` one thread adds to while another reads it (``replay shadow``: the sender adds,
+    the capture's thread writes summaries): every operation holds the same lock."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self):
+        import threading
+
+        super().__init__()
+        self.lock = threading.RLock()
+
+    def add(self, ns):
+        with self.lock:
+            Hist.add(self, ns)
+
+    append = add
+
+    def __len__(self) -> int:
+        with self.lock:
+            return Hist.__len__(self)
+
+    def percentiles(self, points=(50, 90, 99)) -> dict:
+        with self.lock:
+            return Hist.percentiles(self, points)
+
+    def flush(self) -> HdrHistogram:
+        with self.lock:
+            return Hist.flush(self)

@@ -69,6 +69,9 @@ def summary_lines(session, interface: str, reason: str) -> list[str]:
         where = paths[0] if len(paths) == 1 else f"{len(paths)} files: {paths[0]} .. {paths[-1]}"
         lines.append(f"  log: {where}" + (f" ({session.output.dropped:,} answers not written: "
                                           "the writer fell behind)" if session.output.dropped else ""))
+        if session.beyond_stride:
+            lines.append(f"  {session.beyond_stride:,} requests of connections numbered beyond "
+                         "the log's conn_stride were sent but their answers not logged")
     return lines
 
 
@@ -81,6 +84,8 @@ def report_dict(session, interface: str, reason: str) -> dict:
             "drops": {"kernel": st["kernel_drops"], "interface": st["interface_drops"]},
             "amplify": session.opts.amplify, "split": session.opts.split,
             "targets": session.summary(), "log": list(cap.outputs.paths),
+            "answers_not_logged": {"writer_behind": session.output.dropped,
+                                   "beyond_stride": session.beyond_stride},
             "rules_stats": dict(cap.rules.stats) if cap.rules is not None else None}
 
 
@@ -136,7 +141,8 @@ def dry_run_echo(m, data, target, copy) -> None:
               help="Connect, and each answer of a target.")
 @click.option("--idle", type=DURATION, default="5", show_default=True,
               help="Close a target connection after this long without a request on its "
-                   "production connection (it is closed at once when the production one ends).")
+                   "production connection (when the production one ends, it closes as soon as "
+                   "its requests are answered).")
 @click.option("--queue", "queue_requests", type=click.IntRange(1), default=1000, show_default=True,
               help="Requests per target waiting or in flight; beyond it requests for that target "
                    "are dropped (counted), never held back in the capture.")
@@ -199,7 +205,7 @@ def command(interface, ports, targets, insecure, split, amplify, copy_header, ke
     for url in targets:
         t = parse_target(url, insecure)
         check_loop(t, ports)
-        if any(p.addr == t.addr and p.port == t.port for p in parsed):
+        if any((p.scheme, p.host, p.port) == (t.scheme, t.host, t.port) for p in parsed):
             raise UsageError(f"--target {url}: given twice")
         parsed.append(t)
     if split and len(parsed) < 2:
@@ -220,6 +226,13 @@ def command(interface, ports, targets, insecure, split, amplify, copy_header, ke
     engine_opts = engine_opts_from_kwargs(kwargs)
     inputs = rule_input_files(kwargs)
     rules = rules_from_kwargs(kwargs)
+    if rules is not None:
+        from replay.rules.filters import StatusFilter
+
+        if any(isinstance(f, StatusFilter) for f in rules.filters.filters):
+            raise UsageError("shadow: status and status-exclude (here from the rules file) filter "
+                             "on production's answer, which shadow does not wait for: leave them "
+                             "out")
     outputs = Outputs(inputs)
     out_report = outputs.atomic(report_path, "--report") if report_path else None
     if output:

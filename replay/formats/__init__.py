@@ -75,8 +75,12 @@ def open_writer(path: str, fd: int, meta: dict, level: int = 3, **options):
     for ext, (name, mod_path) in WRITERS:
         if low.endswith(ext):
             mod = _module(mod_path)
-            if mod is not None:
-                return mod.open_writer(path, fd, meta, format=name, **options)
+            if mod is None:
+                os.close(fd)
+                from replay.errors import UsageError
+
+                raise UsageError(f"{path}: this release cannot write {name} files")
+            return mod.open_writer(path, fd, meta, format=name, **options)
     from replay.log import LogWriter
 
     return LogWriter(path, fd=fd, meta=meta, level=level)

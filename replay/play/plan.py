@@ -14,14 +14,17 @@ Rules:
   unless ``keep_host``; a request whose body was cut by the capture (no chunked framing) gets a
   Content-Length equal to the bytes it carries, so Content-Length is always true; a cut chunked
   request cannot be made whole without inventing bytes and is skipped (counted);
-- unpaired responses (``index`` -1) and responses in general are not sent, only compared.
+- unpaired responses (``index`` -1) and responses in general are not sent, only compared;
+- messages flagged ``replayed`` (the output log of ``play -o`` or ``shadow -o`` given as input)
+  are left out: what was recorded is replayed, not what a target got.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from replay.events import (F_CHUNKED, F_GAP, F_INCOMPLETE, F_INTERIM, F_TRUNCATED, KIND_REQUEST)
+from replay.events import (F_CHUNKED, F_GAP, F_INCOMPLETE, F_INTERIM, F_REPLAYED, F_TRUNCATED,
+                           KIND_REQUEST)
 from replay.httpmsg import body_length, set_content_length, set_host
 
 CUT = F_INCOMPLETE | F_GAP | F_TRUNCATED
@@ -82,6 +85,8 @@ def build_plan(messages, host: str | None = None, keep_host: bool = False) -> Pl
     skipped: dict = {}
     max_conn = -1
     for m in messages:
+        if m.flags & F_REPLAYED:
+            continue            # a run's output log: what its targets got is not replayed again
         max_conn = max(max_conn, m.conn)
         if m.kind == KIND_REQUEST:
             reqs[(m.conn, m.index)] = m

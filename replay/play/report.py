@@ -59,7 +59,7 @@ class Report:
     def __init__(self, meta: dict | None = None, bounded: bool = False):
         self.meta = dict(meta or {})
         if bounded:
-            from replay.hist import Hist as samples
+            from replay.hist import SharedHist as samples
         else:
             samples = _samples
         self.attempted = 0

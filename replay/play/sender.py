@@ -351,6 +351,10 @@ class Player:
 
     def failed(self, att: Attempt, kind: str, was_sent: bool):
         self.report.on_error(kind, was_sent)
+        self._failed_record(att, kind, was_sent)
+
+    def _failed_record(self, att: Attempt, kind: str, was_sent: bool):
+        """For ``on_exchange``: the request and a ``failed`` record naming ``kind``."""
         if self.on_exchange is not None:
             now = self.clock.now()
             req = self._request_message(att, None, att.sent_ns if was_sent and att.sent_ns else now)
@@ -658,7 +662,13 @@ class StreamPlayer(Player):
         report = self.report
         proto = None
         att = None
-        await self.slots.acquire()
+        try:
+            await self.slots.acquire()
+        except asyncio.CancelledError:          # cancelled while waiting for a connection slot
+            while q.items:
+                self.drop(q.items.popleft().req, "drain")
+            self._detach(key, q)
+            raise
         try:
             while True:
                 if not q.items:
@@ -675,6 +685,8 @@ class StreamPlayer(Player):
                 if proto is None or proto.closed:
                     proto, kind = await self._open()
                     if proto is None:
+                        # never sent: a drop of this target's, and in the log a failed record
+                        self._failed_record(att, kind, False)
                         req, att = att.req, None
                         self.drop(req, kind)
                         continue
@@ -696,6 +708,9 @@ class StreamPlayer(Player):
             if proto is not None:
                 while proto.pending:
                     self.failed(proto.pending.popleft(), "interrupted", True)
+                retry, proto.retry = proto.retry, []
+                for a in retry:                  # lost with their connection, not sent again
+                    self.failed(a, "interrupted", True)
                 if not proto.closed and proto.transport is not None:
                     proto.transport.abort()
             raise

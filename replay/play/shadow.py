@@ -40,8 +40,10 @@ Rules:
   send, then the answer or a ``failed`` record). A replayed message's ``conn`` is the production
   connection's plus ``slot * conn_stride``, ``slot = target * copies + copy`` (metadata:
   ``targets``, ``copies``, ``conn_stride``), so ``replay report --target`` pairs each target's
-  answers with production's. Answers are handed to the capture's thread through a bounded queue
-  (``OUTPUT_QUEUE``; beyond it they are counted in ``output_dropped``, never held);
+  answers with production's (a production conn id at or beyond ``conn_stride``, after 2**32 /
+  slots connections, is sent but its answer not logged: counted in ``beyond_stride``). Answers
+  are handed to the capture's thread through a bounded queue (``OUTPUT_QUEUE`` messages,
+  ``OUTPUT_QUEUE_BYTES``; beyond it they are counted in ``output_dropped``, never held);
 - stopping: when the capture stops (signal, ``--duration``, ``--count``) what it already has is
   handed over, then the targets get ``drain`` seconds for what is queued and in flight, then the
   answers are written and the log closed.
@@ -69,6 +71,7 @@ DRAIN = 2.0
 TIMEOUT = 5.0       # s: connect, and each answer
 SWITCH_INTERVAL = 0.0005   # s: GIL hand-over between the capture's thread and the sender's
 OUTPUT_QUEUE = 100_000     # answers waiting for the capture's thread to write them
+OUTPUT_QUEUE_BYTES = 256 << 20
 AMPLIFY_SALT = 0x5EED_C0FF_EE00_D1CE   # the fraction of --amplify: not the connections --sample keeps
 PAIRING = ("conn and index are those of the production request plus slot * conn_stride for the "
            "targets' answers (flag replayed; slot = target * copies + copy, targets in the order "
@@ -84,7 +87,7 @@ class ShadowOptions:
     idle: float = IDLE
     drain: float = DRAIN
     timeout: float = TIMEOUT
-    connections: int = 1000     # target connections open at once, per target
+    connections: int = 1000     # target connections open at once, per target and copy
     amplify: float = 1.0        # copies of each production connection (fractional: some get one more)
     copy_header: str | None = None   # header carrying the copy's number (1..)
 
@@ -124,7 +127,7 @@ class ShadowTarget:
         self.queued_bytes = 0
         self.peak = 0
         self.drops: dict = {}           # reasons found on the capture's side
-        self.player = StreamPlayer(target, Options(connections=opts.connections,
+        self.player = StreamPlayer(target, Options(connections=opts.connections * opts.copies,
                                                    timeout=opts.timeout),
                                    self.report, clock, idle=opts.idle, on_done=self._done,
                                    on_exchange=on_exchange, wall_offset=wall_offset)
@@ -149,7 +152,7 @@ class ShadowTarget:
 
     def dropped(self) -> dict:
         d = dict(self.drops)
-        for k, v in self.player.drops.items():
+        for k, v in dict(self.player.drops).items():     # a copy: the sender's thread adds reasons
             d[k] = d.get(k, 0) + v
         return d
 
@@ -170,6 +173,7 @@ class ShadowOutput:
         self.session = session
         self.files = files
         self.answers: deque = deque()     # from the sender's thread: appended there, written here
+        self.answer_bytes = 0             # bytes of those (approximate: two threads count)
         self.dropped = 0
         self.closed = False
 
@@ -179,9 +183,13 @@ class ShadowOutput:
 
     # the sender's thread
     def on_exchange(self, att, req, resp) -> None:
-        if self.closed or len(self.answers) >= OUTPUT_QUEUE:
+        if att.conn_id < 0:
+            return      # a production conn id beyond conn_stride: counted as beyond_stride
+        if self.closed or len(self.answers) >= OUTPUT_QUEUE or \
+                self.answer_bytes > OUTPUT_QUEUE_BYTES:
             self.dropped += 1
             return
+        self.answer_bytes += len(req.data) + len(resp.data)
         self.answers.append(req)
         self.answers.append(resp)
 
@@ -190,7 +198,9 @@ class ShadowOutput:
         full = False
         answers, write = self.answers, self.files.write
         while answers:
-            full = write(answers.popleft()) or full
+            m = answers.popleft()
+            self.answer_bytes -= len(m.data)
+            full = write(m) or full
         return full
 
     def connections_closed(self, conns) -> None:
@@ -229,7 +239,11 @@ class ShadowOutput:
         finally:
             self.closed = True
             if self.files is not None:
-                self._write_answers()
+                try:
+                    self._write_answers()
+                except BaseException:
+                    self.files.abandon()
+                    raise
                 self.files.close(self._meta(meta))
 
     def abandon(self) -> None:
@@ -241,15 +255,16 @@ class ShadowOutput:
         if meta is None:
             return None
         return {**meta, "shadow": {"targets": self.session.summary(),
-                                   "output_dropped": self.dropped}}
+                                   "output_dropped": self.dropped,
+                                   "beyond_stride": self.session.beyond_stride}}
 
 
 class ShadowSession:
     """Live capture -> targets until a stop; ``run()`` returns the capture's stop reason.
 
     ``files``: a ``capture.OutputFiles`` for ``-o`` (its metadata gets ``log_meta()``);
-    ``echo``: dry run, each request that would be sent is passed to ``echo(msg, target, copy)``
-    and nothing is sent."""
+    ``echo``: dry run, each request that would be sent is passed to ``echo(msg, data, target,
+    copy)`` and nothing is sent."""
 
     def __init__(self, source, engine, targets: list[Target], opts: ShadowOptions, *,
                  count: int | None = None, duration: float | None = None, rules=None,
@@ -336,7 +351,8 @@ class ShadowSession:
                                      m.uri or "", ohl, body_length=blen,
                                      flags=F_CHUNKED if chunked else 0)
                 slot = t * self.copies + k
-                call(st.player.submit, (conn, k), req, conn % stride + slot * stride, due)
+                call(st.player.submit, (conn, k), req,
+                     conn + slot * stride if conn < stride else -1, due)
 
     def closed(self, conns) -> None:
         """Production connections ``conns`` ended: their target connections close once done."""
