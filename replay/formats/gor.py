@@ -27,7 +27,7 @@ Reading: the rules
   framing cannot say (a response without Content-Length or chunked coding) ends at the first
   separator. Framing is followed over at most ``MAX_RECORD`` bytes;
 - records are sorted by TIMESTAMP (then file order) in a window of ``WINDOW_RECORDS`` records
-  spanning at most ``WINDOW_NS``; ``warnings`` says how many were out of order, and how many came
+  spanning at most ``WINDOW_NS`` and holding at most ``WINDOW_BYTES``; ``warnings`` says how many were out of order, and how many came
   later than the window allowed (those are yielded late, as they come);
 - connections: GoReplay records none. A 24-digit id names its flow in its first 16 digits, so
   the requests of one flow share a ``conn`` (a client port reused later joins the same one) and
@@ -69,9 +69,9 @@ import zlib
 from collections import OrderedDict
 
 from replay.errors import InputError, OutputError
-from replay.events import (F_FAILED, F_INCOMPLETE, F_REPLAYED, F_UNPAIRED,
+from replay.events import (F_CHUNKED, F_FAILED, F_INCOMPLETE, F_REPLAYED, F_UNPAIRED,
                            KIND_REQUEST, KIND_RESPONSE, Message)
-from replay.httpmsg import head_end, header_value, is_chunked, with_data
+from replay.httpmsg import body_length, head_end, header_value, is_chunked
 from replay.rules.middleware import message_id, message_type
 
 SEPARATOR = "\n🐵🙈🙉\n".encode()   # protocol.go: payloadSeparator
@@ -82,6 +82,7 @@ CHUNK = 1 << 16                    # bytes read at a time
 MAX_RECORD = 256 << 20             # framing is followed this far past a record's start
 WINDOW_RECORDS = 10_000            # records held for sorting (GoReplay's reader: 100)
 WINDOW_NS = 60_000_000_000         # and the time they may span
+WINDOW_BYTES = 256 << 20           # and the payload bytes they may hold
 MAX_TRACKED = 100_000              # request ids and flows remembered for pairing
 SNIFF_BYTES = 4096
 UNKNOWN_IP = "0.0.0.0"
@@ -116,10 +117,12 @@ def open_reader(path) -> "GorReader":
 class GorReader:
     """The messages of one ``.gor``/``.gor.gz`` file in time order; see the module's rules."""
 
-    def __init__(self, path, window_records: int = WINDOW_RECORDS, window_ns: int = WINDOW_NS):
+    def __init__(self, path, window_records: int = WINDOW_RECORDS, window_ns: int = WINDOW_NS,
+                 window_bytes: int = WINDOW_BYTES):
         self.path = os.fspath(path)
         self.window_records = max(1, window_records)
         self.window_ns = window_ns
+        self.window_bytes = window_bytes
         self.warnings: list[str] = []
         self.stats = dict(records=0, requests=0, responses=0, out_of_order=0, late=0,
                           separator_in_payload=0, cut=0, unpaired=0)
@@ -274,6 +277,7 @@ class GorReader:
 
     def __iter__(self):
         heap: list = []
+        held = 0              # payload bytes in the heap
         newest = None
         emitted = None
         pair = _Pairing()
@@ -287,8 +291,11 @@ class GorReader:
                     st["out_of_order"] += 1
                 newest = ts if newest is None else max(newest, ts)
                 heapq.heappush(heap, (ts, number, rec))
-                while heap and (len(heap) > self.window_records or newest - heap[0][0] > self.window_ns):
+                held += len(rec[6])
+                while heap and (len(heap) > self.window_records or held > self.window_bytes
+                                or newest - heap[0][0] > self.window_ns):
                     _, _, r = heapq.heappop(heap)
+                    held -= len(r[6])
                     if emitted is not None and r[4] < emitted:
                         st["late"] += 1
                     emitted = r[4] if emitted is None else max(emitted, r[4])
@@ -354,9 +361,10 @@ class _Pairing:
             f = self._flow(rid, payload)
             index = f[1]
             f[1] += 1
-            m = with_data(Message(KIND_REQUEST, f[0], index, ts, ts_last, f[2], f[3], flags, b""),
-                          payload)
-            self.reqs[rid] = (f[0], index, m.method, m.uri)
+            hl, blen, flags, method, uri, _ = _parse(payload, flags, True)
+            m = Message(KIND_REQUEST, f[0], index, ts, ts_last, f[2], f[3], flags, payload,
+                        method, uri, 0, blen, hl)
+            self.reqs[rid] = (f[0], index, method, uri)
             self.reqs.move_to_end(rid)
             if len(self.reqs) > MAX_TRACKED:
                 self.reqs.popitem(last=False)
@@ -372,8 +380,29 @@ class _Pairing:
             flags |= F_UNPAIRED
         else:
             conn, index, method, uri = req
-        return with_data(Message(KIND_RESPONSE, conn, index, ts, ts_last, f[2], f[3], flags, b"",
-                                 method, uri), payload)
+        hl, blen, flags, _, _, status = _parse(payload, flags, False)
+        return Message(KIND_RESPONSE, conn, index, ts, ts_last, f[2], f[3], flags, payload,
+                       method, uri, status, blen, hl)
+
+
+def _parse(data: bytes, flags: int, is_request: bool):
+    """(head length, body length, flags, method, uri, status) of one payload, as
+    ``httpmsg.with_data`` reads them; a payload that is not HTTP leaves them empty."""
+    hl = head_end(data)
+    if hl < 0:
+        hl = len(data)
+    nl = data.find(b"\n")
+    parts = (data[:nl] if nl >= 0 else data).rstrip(b"\r").split(b" ")
+    method = uri = None
+    status = 0
+    if is_request:
+        if len(parts) >= 3:
+            method = parts[0].decode("latin-1")
+            uri = b" ".join(parts[1:-1]).decode("latin-1")
+    elif len(parts) >= 2 and parts[1].isdigit() and len(parts[1]) == 3:
+        status = int(parts[1])
+    blen, chunked = body_length(data, hl)
+    return hl, blen, (flags | F_CHUNKED) if chunked else flags, method, uri, status
 
 
 def _addresses(rid: str, payload: bytes | None):
