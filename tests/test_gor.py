@@ -232,13 +232,33 @@ def test_separator_inside_a_body_framing_decides(tmp_path):
 def test_message_cut_by_goreplay_is_flagged_incomplete(tmp_path):
     path = tmp_path / "cut.gor"
     cut = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nonly this"
+    cut_chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\nonly this"
     path.write_bytes(record(1, "d" * 24, 1, request("/big")) + record(2, "d" * 24, 2, cut, 1)
-                     + record(1, "e" * 24, 3, request("/after")))
+                     + record(1, "e" * 24, 3, request("/after"))
+                     + record(2, "e" * 24, 4, cut_chunked, 1)
+                     + record(1, "f" * 24, 5, request("/last")))
     r = open_input(str(path))
     msgs = list(r)
-    assert [m.data for m in msgs][1] == cut and msgs[1].flags & F_INCOMPLETE
-    assert msgs[2].uri == "/after"
-    assert any("1 messages are shorter than their HTTP framing says" in w for w in r.warnings)
+    assert [m.data for m in msgs] == [request("/big"), cut, request("/after"), cut_chunked,
+                                      request("/last")]
+    assert [bool(m.flags & F_INCOMPLETE) for m in msgs] == [False, True, False, True, False]
+    assert any("2 messages are shorter than their HTTP framing says" in w for w in r.warnings)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_reading_in_small_pieces(tmp_path, monkeypatch, chunk):
+    """Records, separators and headers cut across every read boundary read the same."""
+    path = tmp_path / "x.gor"
+    evil = b"a" + SEP + b"b"
+    path.write_bytes(record(1, "1" * 24, 1, request("/p", evil, b"POST"), 0)
+                     + record(2, "1" * 24, 2, response(evil), 0)
+                     + record(1, "2" * 24, 3, request("/q")))
+    whole = [(m.kind, m.data, m.flags) for m in open_input(str(path))]
+    monkeypatch.setattr(gor, "CHUNK", chunk)
+    r = open_input(str(path))
+    assert [(m.kind, m.data, m.flags) for m in r] == whole and len(whole) == 3
+    assert r.warnings == ["2 records held the record separator inside their payload; their HTTP "
+                          "framing decided where they end"]
 
 
 def test_out_of_order_records_sorted_and_counted(tmp_path):

@@ -232,11 +232,17 @@ class GorReader:
         hl = head_end(first)
         if hl < 0 or (typ != 1 and len(first) == hl):
             return sep, 0, False        # not HTTP, or a response without body bytes (HEAD, 304)
+        limit = body_at + MAX_RECORD
         if is_chunked(first, hl):
-            done = _chunked_end(first, hl)
-            if done is not None:
+            if _chunked_end(first, hl) is not None:
                 return sep, 0, False
-            want = None
+            while True:                 # where does the chunked body end, past this separator?
+                end = _chunked_end(buf, body_at + hl, limit)
+                if end is None and len(buf) < limit + len(SEPARATOR) and more():
+                    continue
+                break
+            if end is None or end < 0:
+                return sep, F_INCOMPLETE, False
         else:
             cl = header_value(first, hl, b"content-length")
             try:
@@ -245,29 +251,15 @@ class GorReader:
                 n = None
             if n is None or n < 0 or hl + n <= len(first):
                 return sep, 0, False
-            want = hl + n
-            if want > MAX_RECORD:
+            end = body_at + hl + n
+            if end > limit:
                 return sep, F_INCOMPLETE, False
-        # the payload is shorter than its framing: is a later separator where the framing ends?
-        limit = body_at + MAX_RECORD + len(SEPARATOR)
-        nxt = sep
-        while True:
-            nxt = buf.find(SEPARATOR, nxt + 1)
-            while nxt < 0 and len(buf) < limit:
-                searched = len(buf) - len(SEPARATOR) + 1
-                if not more():
-                    break
-                nxt = buf.find(SEPARATOR, max(searched, sep + 1))
-            if nxt < 0 or nxt - body_at > MAX_RECORD:
-                return sep, F_INCOMPLETE, False
-            cand = bytes(buf[body_at:nxt])
-            if want is not None:
-                if nxt - body_at == want:
-                    return nxt, 0, True
-                if nxt - body_at > want:
-                    return sep, F_INCOMPLETE, False
-            elif _chunked_end(cand, hl) is not None:
-                return nxt, 0, True
+        # the payload is shorter than its framing: does a separator stand where the framing ends?
+        while len(buf) < end + len(SEPARATOR) and more():
+            pass
+        if buf[end:end + len(SEPARATOR)] == SEPARATOR:
+            return end, 0, True
+        return sep, F_INCOMPLETE, False
 
     def _damage(self, number: int, offset: int, what: str) -> InputError:
         where = " of the decompressed data" if self.compressed else ""
@@ -434,37 +426,40 @@ def _addresses(rid: str, payload: bytes | None):
     return (UNKNOWN_IP, 0), (UNKNOWN_IP, port)
 
 
-def _chunked_end(data: bytes, hl: int):
-    """Offset just past the end of the chunked body of ``data`` (head ``hl`` bytes), or None
-    when the body does not end in ``data`` (RFC 9112 §7.1)."""
-    pos = hl
+def _chunked_end(data, pos: int, limit: int | None = None):
+    """Offset just past the chunked body that starts at ``data[pos]`` (RFC 9112 §7.1); None when
+    ``data`` ends first (or ``limit`` is reached), -1 when it is not chunked coding."""
     n = len(data)
+    if limit is None or limit > n:
+        limit = n
     while True:
-        nl = data.find(b"\n", pos)
+        nl = data.find(b"\n", pos, limit)
         if nl < 0:
-            return None
+            return None if limit - pos < 4096 else -1
         try:
-            size = int(data[pos:nl].split(b";", 1)[0].strip(), 16)
+            size = int(bytes(data[pos:nl]).split(b";", 1)[0].strip(), 16)
         except ValueError:
-            return None
+            return -1
         if size < 0:
-            return None
+            return -1
         pos = nl + 1
         if size == 0:
             while True:        # trailer fields, then the empty line
-                nl = data.find(b"\n", pos)
+                nl = data.find(b"\n", pos, limit)
                 if nl < 0:
                     return None
-                if data[pos:nl].strip(b"\r") == b"":
+                if not bytes(data[pos:nl]).strip(b"\r"):
                     return nl + 1
                 pos = nl + 1
         pos += size
-        if pos > n:
+        if pos + 2 > limit:
             return None
         if data[pos:pos + 2] == b"\r\n":
             pos += 2
         elif data[pos:pos + 1] == b"\n":
             pos += 1
+        else:
+            return -1
 
 
 def _preview(b, n: int = 60) -> str:
