@@ -268,6 +268,8 @@ class GorReader:
     # -- messages --------------------------------------------------------------------------------
 
     def __iter__(self):
+        self.warnings.clear()           # each pass counts afresh
+        self.stats.update(dict.fromkeys(self.stats, 0))
         heap: list = []
         held = 0              # payload bytes in the heap
         newest = None
