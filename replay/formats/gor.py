@@ -27,8 +27,9 @@ Reading: the rules
   framing cannot say (a response without Content-Length or chunked coding) ends at the first
   separator. Framing is followed over at most ``MAX_RECORD`` bytes;
 - records are sorted by TIMESTAMP (then file order) in a window of ``WINDOW_RECORDS`` records
-  spanning at most ``WINDOW_NS`` and holding at most ``WINDOW_BYTES``; ``warnings`` says how many were out of order, and how many came
-  later than the window allowed (those are yielded late, as they come);
+  spanning at most ``WINDOW_NS`` and holding at most ``WINDOW_BYTES``; ``warnings`` says how
+  many were out of order, and how many came later than the window allowed (those are yielded
+  late, as they come);
 - connections: GoReplay records none. A 24-digit id names its flow in its first 16 digits, so
   the requests of one flow share a ``conn`` (a client port reused later joins the same one) and
   take ``index`` 0, 1, ... in time order; any other id (0.x) is its request's own connection.
