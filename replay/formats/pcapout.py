@@ -37,6 +37,8 @@ Rules it keeps:
 - ``F_FAILED`` records (a replay's error, not HTTP) and messages without bytes are skipped and
   counted in ``warnings``; ``F_REPLAYED`` messages get connections of their own, apart from the
   recorded connections that share their ids;
+- two connections open at once never share addresses and ports (they would read back as one):
+  the later one gets another client port;
 - IPv4 and IPv6 over Ethernet (link type 1) with fixed, locally administered MACs; IPv4, and TCP
   checksums are correct; IPv4 sets DF and counts its ID per direction;
 - pcapng: one section (SHB with a comment naming the source), one interface (IDB: link type 1,
@@ -227,6 +229,7 @@ class PcapWriter:
         self.skipped_failed = 0
         self.skipped_empty = 0
         self._conns: OrderedDict = OrderedDict()   # key -> _Conn, least recently active first
+        self._tuples: set = set()   # (client ip, port, server ip, port) of the open connections
         self._heap: list = []
         self._heap_bytes = 0
         self._tick = 0
@@ -328,6 +331,10 @@ class PcapWriter:
         replayed, conn = key
         synth_id = conn * 2 + replayed if conn >= 0 else -conn
         (cip, cport), (sip, sport) = endpoints(msg, synth_id)
+        port = 1024 + synth_id % 60000
+        while (cip, cport, sip, sport) in self._tuples:   # two open connections would read as one
+            cport, port = port, 1024 + (port - 1024 + 1) % 60000
+        self._tuples.add((cip, cport, sip, sport))
         client = _Side(cip, cport, MAC_CLIENT, _isn(synth_id, 0))
         server = _Side(sip, sport, MAC_SERVER, _isn(synth_id, 1))
         c = _Conn(key, client, server, sip.version == 6, max(0, int(msg.ts_first)))
@@ -345,6 +352,8 @@ class PcapWriter:
         c.floor = t + 2000
 
     def _finish(self, c: _Conn) -> None:
+        client, server = c.sides
+        self._tuples.discard((client.ip, client.port, server.ip, server.port))
         self._send(c, c.held)
         c.held = []
         if not c.opened:
@@ -364,7 +373,7 @@ class PcapWriter:
             del conns[key]
             self._finish(c)
 
-    # -- messages to segments -----------------------------------------------------------------------
+    # -- messages to segments ---------------------------------------------------------------------
 
     def _segments(self, msg, floor: int = 0):
         """``(side, payload, ts, last)`` for each segment of ``msg``."""
@@ -390,12 +399,12 @@ class PcapWriter:
                 me, peer = c.sides[side], c.sides[1 - side]
                 peer.unacked = 0
                 me.unacked += 1
-                if last or me.unacked >= 2:   # delayed ACK: every second segment (RFC 9293 §3.8.6.3)
+                if last or me.unacked >= 2:   # delayed ACK (RFC 9293 §3.8.6.3)
                     self._packet(c, 1 - side, ACK, ts, b"")
                     me.unacked = 0
             c.last_flags = m.flags
 
-    # -- packets ---------------------------------------------------------------------------------------
+    # -- packets ----------------------------------------------------------------------------------
 
     def _packet(self, c: _Conn, side: int, flags: int, ts: int, payload: bytes) -> None:
         """Queue a packet; its sequence and acknowledgment numbers are set when it is written, so
@@ -449,7 +458,7 @@ class PcapWriter:
             if len(self._buf) >= WRITE_CHUNK:
                 self._flush()
 
-    # -- file format -----------------------------------------------------------------------------------
+    # -- file format ------------------------------------------------------------------------------
 
     def _file_header(self) -> bytes:
         if self.format == "pcap":
