@@ -37,6 +37,9 @@ Rules it keeps:
 - ``F_FAILED`` records (a replay's error, not HTTP) and messages without bytes are skipped and
   counted in ``warnings``; ``F_REPLAYED`` messages get connections of their own, apart from the
   recorded connections that share their ids;
+- after a message flagged ``gap`` or ``incomplete``, its direction skips the sequence numbers of
+  the bytes it lacks (by its Content-Length; else 1), and the next ACK covers them: a reader sees
+  the loss there, as the capture had it, instead of taking the next message's bytes as the rest;
 - two connections open at once never share addresses and ports (they would read back as one):
   the later one gets another client port;
 - IPv4 and IPv6 over Ethernet (link type 1) with fixed, locally administered MACs; IPv4, and TCP
@@ -60,7 +63,8 @@ from array import array
 from collections import OrderedDict
 
 from replay.errors import OutputError
-from replay.events import F_CLOSE_DELIMITED, F_FAILED, F_REPLAYED, KIND_REQUEST
+from replay.events import (F_CLOSE_DELIMITED, F_FAILED, F_GAP, F_INCOMPLETE, F_REPLAYED,
+                           KIND_REQUEST)
 from replay.limits import IDLE_TIMEOUT
 
 DLT_EN10MB = 1                      # https://www.tcpdump.org/linktypes.html
@@ -81,6 +85,7 @@ WRITE_CHUNK = 1 << 20
 
 # TCP flags (RFC 9293 §3.1)
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+HOLE = 0x100    # not a packet: sequence numbers skipped (a loss the capture had)
 
 # pcapng (draft-ietf-opsawg-pcapng): block types and option codes
 SHB, IDB, EPB = 0x0A0D0D0A, 0x00000001, 0x00000006
@@ -402,6 +407,11 @@ class PcapWriter:
                 if last or me.unacked >= 2:   # delayed ACK (RFC 9293 §3.8.6.3)
                     self._packet(c, 1 - side, ACK, ts, b"")
                     me.unacked = 0
+            if m.flags & (F_GAP | F_INCOMPLETE):
+                # bytes the capture lost: a hole in the sequence space as long as the message
+                # lacks, which the next ACK covers, so a reader sees the loss there instead of
+                # framing the next message's bytes as the rest of this one
+                self._packet(c, side, HOLE, segs[-1][2], _missing(m))
             c.last_flags = m.flags
 
     # -- packets ----------------------------------------------------------------------------------
@@ -410,14 +420,14 @@ class PcapWriter:
         """Queue a packet; its sequence and acknowledgment numbers are set when it is written, so
         an ACK covers exactly what the peer's packets before it in the file carried."""
         me = c.sides[side]
-        if payload or flags & (SYN | FIN):   # what takes sequence space keeps its order
+        if flags & (SYN | FIN | HOLE) or payload:   # what takes sequence space keeps its order
             ts = max(ts, me.last, c.floor)
             me.last = ts
         else:                                # a pure ACK may pass the side's data: it takes none
             ts = max(ts, c.floor)
         self._tick += 1
         heapq.heappush(self._heap, (ts, self._tick, c, side, flags, payload))
-        self._heap_bytes += len(payload) + 80
+        self._heap_bytes += (0 if flags == HOLE else len(payload)) + 80
 
     def _frame(self, c: _Conn, side: int, flags: int, payload: bytes) -> bytes:
         me, peer = c.sides[side], c.sides[1 - side]
@@ -452,7 +462,11 @@ class PcapWriter:
         while heap and (limit is None or heap[0][0] <= limit
                         or self._heap_bytes > self.reorder_max_bytes):
             ts, _, c, side, flags, payload = heapq.heappop(heap)
-            self._heap_bytes -= len(payload) + 80
+            self._heap_bytes -= (0 if flags == HOLE else len(payload)) + 80
+            if flags == HOLE:
+                me = c.sides[side]
+                me.nxt = (me.nxt + payload) & 0xFFFFFFFF
+                continue
             self._buf += self._record(ts, self._frame(c, side, flags, payload))
             self.packets_written += 1
             if len(self._buf) >= WRITE_CHUNK:
@@ -494,6 +508,17 @@ class PcapWriter:
                 off += os.write(self._fd, memoryview(data)[off:])
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write: {e.strerror}") from None
+
+
+def _missing(msg) -> int:
+    """Bytes a message cut by a loss lacks, by its Content-Length; 1 when that says nothing."""
+    from replay.httpmsg import header_value
+
+    try:
+        n = int(header_value(msg.data, msg.head_length, b"content-length") or "")
+    except ValueError:
+        return 1
+    return max(1, min(n - (len(msg.data) - msg.head_length), 1 << 30))
 
 
 def _options(*opts) -> bytes:
