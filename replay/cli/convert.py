@@ -82,7 +82,7 @@ def command(capture, output, ports, level, quiet, **kwargs):
         finally:
             writer.close(fsync=False)
     dt = time.perf_counter() - t0
-    for w in reader.warnings:
+    for w in [*reader.warnings, *getattr(writer, "warnings", ())]:   # a writer's: what it left out
         click.echo(f"replay: warning: {w}", err=True)
     if not quiet:
         st = reader.stats if is_capture else {}
