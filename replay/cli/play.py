@@ -108,7 +108,7 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
         plan = source.plan(tgt.host_header if tgt else None, keep_host)
         for w in source.warnings:
             click.echo(f"replay: warning: {w}", err=True)
-        if rules is not None and not quiet:
+        if rules is not None and not quiet and not plan.streaming:
             click.echo(_rules_line(rules), err=True)
         if plan.requests == 0:
             raise ReplayError(f"{path}: no requests to replay"
@@ -128,10 +128,13 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
             About(path, tgt.display + (" (built-in sink)" if use_sink else ""),
                   rules.describe() if rules is not None else None),
             output=ExchangeLog(out_log, rewrite=rules.rewrite if rules is not None else None,
-                               recorded=source.recorded) if out_log else None,
+                               recorded=None if plan.streaming else source.recorded)
+            if out_log else None,
             status=TerminalStatus() if sys.stderr.isatty() and not quiet else None,
             loop=LoopOptions(event_loop, spin_us))
         report = session.run()
+        if rules is not None and not quiet and plan.streaming:
+            click.echo(_rules_line(rules), err=True)
         if out_report is not None:
             out_report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         if not quiet:
@@ -195,8 +198,9 @@ def _dry_run(path, plan, schedule, tgt, opts, keep_host):
     n = plan.requests
     if limit:
         n = min(n, limit) if not loop else limit
-    click.echo(f"{path}: {plan.requests} requests on {len(plan.connections)} connections, "
-               f"recorded over {_fmt_s(plan.span_ns)} ({plan.pipelined} pipelined"
+    pipelined = "pipelining counted as it is read" if plan.streaming else f"{plan.pipelined} pipelined"
+    click.echo(f"{path}: {plan.requests} requests on {plan.connection_count} connections, "
+               f"recorded over {_fmt_s(plan.span_ns)} ({pipelined}"
                + "".join(f", {v} skipped: {k.replace('_', ' ')}" for k, v in plan.skipped.items())
                + ")")
     if schedule.rate is not None:
@@ -214,9 +218,12 @@ def _dry_run(path, plan, schedule, tgt, opts, keep_host):
         else:
             d = schedule.duration_ns()
             if limit and limit < plan.requests:
-                times = sorted((r.t, r.seq) for c in plan.connections for r in c.requests)
-                t, seq = times[limit - 1]
-                d = schedule.offset(t, seq)
+                if plan.streaming:       # the index has no order of requests: pro rata
+                    d = int(d * (limit - 1) / max(1, plan.requests - 1))
+                else:
+                    times = sorted((r.t, r.seq) for c in plan.connections for r in c.requests)
+                    t, seq = times[limit - 1]
+                    d = schedule.offset(t, seq)
             if duration:
                 d = min(d, int(duration * 1e9))
             expect = f"expected duration {_fmt_s(d)}"

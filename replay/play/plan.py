@@ -68,9 +68,15 @@ class Plan:
     skipped: dict                # reason -> count (requests not sent)
     conn_stride: int             # max recorded conn id + 1 (loop iteration k uses conn + k * stride)
 
+    streaming = False
+
     @property
     def span_ns(self) -> int:
         return self.t_last - self.t0
+
+    @property
+    def connection_count(self) -> int:
+        return len(self.connections)
 
     def deadlines_sorted(self) -> list:
         """Recorded times of every request, sorted (for the scheduler's look-ahead)."""

@@ -20,6 +20,7 @@ Rules:
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from typing import Protocol
 
 # How long before a deadline the coarse sleep ends and the spin starts. With a sleep that wakes
@@ -144,3 +145,20 @@ class Pacer:
         while t < deadline:
             t = now()
         return t - deadline
+
+
+class StreamLookahead:
+    """``Lookahead`` for a streamed plan: the deadlines handed to connections, in the order they
+    were (recorded time order), forgotten once past. Holds what the feeder is ahead of the clock."""
+
+    def __init__(self):
+        self.due: deque = deque()
+
+    def push(self, deadline: int) -> None:
+        self.due.append(deadline)
+
+    def next_after(self, now: int) -> int | None:
+        due = self.due
+        while due and due[0] <= now:
+            due.popleft()
+        return due[0] if due else None

@@ -49,6 +49,9 @@ CONNECT_LEAD_NS = 20_000_000          # open a connection this long before its f
 CONNECT_LEAD_TLS_NS = 100_000_000     # a TLS handshake takes a few ms more
 START_DELAY_NS = 50_000_000           # first deadline after the loop starts: room to connect
 DEFAULT_PORTS = {"http": 80, "https": 443}
+AHEAD_NS = 300_000_000                # a streamed request is handed to its connection this early
+MAX_FED = 10_000                      # --speed max: streamed requests handed over, not yet taken
+POLL_S = 0.0005                       # the stream launcher's wait for the reader's thread
 # a request lost with its connection may be sent again only if its method is idempotent
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))   # RFC 9110 §9.2.2
 
@@ -338,6 +341,10 @@ class Player:
         self.tasks: set = set()
         self.timeout_ns = int(options.timeout * NS)
         self.lead = CONNECT_LEAD_TLS_NS if target.ssl else CONNECT_LEAD_NS
+        self.lookahead = None       # a StreamLookahead the stream launcher tells its deadlines
+        self.on_recorded = None     # (request, final) of each streamed request, for the output log
+        self.fed = 0
+        self.room = None
         self.slots = None
         self.crash = None           # an exception that escaped a connection task: a bug
 
@@ -389,6 +396,8 @@ class Player:
     # -- running -----------------------------------------------------------------------------
     def stop(self):
         self.stopping = True
+        if self.room is not None:
+            self.room.set()
 
     def cancel(self):
         """Ctrl-C: stop at once; what is in flight stays in flight."""
@@ -406,7 +415,8 @@ class Player:
         if self.opts.duration:
             self.end_ns = self.schedule.start + int(self.opts.duration * NS)
             self.loop.call_later(self.opts.duration + (self.schedule.start - now) / NS, self.stop)
-        launcher = asyncio.ensure_future(self._launch())
+        launcher = asyncio.ensure_future(self._launch_stream() if self.plan.streaming
+                                         else self._launch())
         self.tasks.add(launcher)
         try:
             await launcher
@@ -440,6 +450,99 @@ class Player:
                 task.add_done_callback(self._task_done)
             if not plan.connections:
                 return
+
+    async def _launch_stream(self):
+        """``_launch`` for a ``stream.StreamingPlan``: requests arrive from the reader's thread
+        in recorded time order; each recorded connection (per pass) gets a ``_Feed`` that its
+        task reads, opened as its first request comes and ended after its last. The feeder
+        keeps at most ``AHEAD_NS`` ahead of the schedule (``--speed max``: at most
+        ``MAX_FED`` requests fed and not yet taken)."""
+        from replay.play import stream as S
+
+        plan, sched, pacer = self.plan, self.schedule, self.pacer
+        reader = plan.start(None if self.opts.loop else 1)
+        stride = plan.conn_stride
+        feeds: dict = {}         # (conn, pass) -> _Feed
+        running: dict = {}       # (conn, pass) -> the task of its last feed, while it runs
+        self.fed = 0
+        self.room = asyncio.Event()
+        try:
+            while not self.stopping and self.budget != 0:
+                got = reader.get()
+                if got is None:
+                    if reader.done or (not reader.thread.is_alive() and reader.q.empty()):
+                        break
+                    await asyncio.sleep(POLL_S)
+                    continue
+                it, item = got
+                kind = item[0]
+                if kind == S.END_CONN:
+                    f = feeds.pop((item[1], it), None)
+                    if f is not None:
+                        f.end()
+                    continue
+                if kind == S.END_PASS:
+                    for k in [k for k in feeds if k[1] == it]:
+                        feeds.pop(k).end()
+                    continue
+                if kind == S.FAILED:
+                    raise item[1]
+                req, rec_req, rec_final = item
+                if req is None:                  # a recorded answer that ended late
+                    if self.on_recorded is not None:
+                        self.on_recorded(None, rec_final)
+                    continue
+                d = sched.deadline(req.t, req.seq, it)
+                if d is not None:
+                    if self.end_ns is not None and d >= self.end_ns:
+                        break
+                    await pacer.sleep_until(d - AHEAD_NS)
+                else:
+                    while self.fed >= MAX_FED and not self.stopping and self.budget != 0:
+                        self.room.clear()
+                        await self.room.wait()
+                key = (req.conn, it)
+                f = feeds.get(key)
+                if f is None:
+                    if d is not None:
+                        await pacer.sleep_until(d - self.lead)
+                    if self.slots.locked():
+                        # every slot taken: end the least recently fed connection that waits
+                        # with nothing queued (its recorded end may be unknown: the rules may
+                        # have dropped its last requests), rather than wait for its idle end
+                        for k, g in feeds.items():
+                            if not g.items and g.waiter is not None:
+                                feeds.pop(k).end()
+                                break
+                    await self.slots.acquire()
+                    if self.stopping or self.budget == 0:
+                        self.slots.release()
+                        break
+                    f = feeds[key] = _Feed(self)
+                    task = asyncio.ensure_future(self._connection(
+                        f, it, req.conn + it * stride, after=running.get(key)))
+                    running[key] = task
+                    task.add_done_callback(
+                        lambda t, k=key: running.pop(k) if running.get(k) is t else None)
+                    self.tasks.add(task)
+                    task.add_done_callback(self._task_done)
+                else:
+                    feeds[key] = feeds.pop(key)  # most recently fed last
+                f.put(req)
+                if self.lookahead is not None and d is not None:
+                    self.lookahead.push(d)
+                if self.on_recorded is not None:
+                    self.on_recorded(rec_req, rec_final)
+        finally:
+            reader.stop()
+            for f in feeds.values():
+                f.end()
+
+    def _took(self):
+        """A feed's request was taken by its connection."""
+        self.fed -= 1
+        if self.fed < MAX_FED // 2 and self.room is not None:
+            self.room.set()
 
     def _task_done(self, task):
         self.tasks.discard(task)
@@ -501,12 +604,16 @@ class Player:
             proto = await self._reopen(proto)
         return None
 
-    async def _connection(self, cp, it: int, conn_id: int):
+    async def _connection(self, cp, it: int, conn_id: int, after=None):
         sched, pacer, opts, report = self.schedule, self.pacer, self.opts, self.report
         now = self.clock.now
         proto = None
+        if after is not None:
+            # the same recorded connection's previous feed still runs: keep its order
+            await asyncio.gather(after, return_exceptions=True)
+        requests = cp if isinstance(cp, _Feed) else _aiter(cp.requests)
         try:
-            for req in cp.requests:
+            async for req in requests:
                 if self.stopping or self.budget == 0:
                     break
                 deadline = sched.deadline(req.t, req.seq, it)
@@ -514,6 +621,8 @@ class Player:
                     break
                 if self.budget is not None:
                     self.budget -= 1
+                    if self.budget == 0 and self.room is not None:
+                        self.room.set()          # the stream launcher may wait for room
                 report.on_attempt(req.recorded_status)
                 att = Attempt(req, it, deadline, conn_id)
                 held = False
@@ -752,3 +861,50 @@ class _ConnQueue:
         finally:
             h.cancel()
             self.waiter = None
+
+
+async def _aiter(items):
+    for x in items:
+        yield x
+
+
+class _Feed:
+    """The requests of one streamed recorded connection, handed over as the reader plans them;
+    its connection task reads them with ``async for``, until ``end()``."""
+
+    __slots__ = ("player", "items", "waiter", "ended")
+
+    def __init__(self, player):
+        self.player = player
+        self.items: deque = deque()
+        self.waiter = None
+        self.ended = False
+
+    def put(self, req) -> None:
+        self.items.append(req)
+        self.player.fed += 1
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        while not self.items:
+            if self.ended:
+                raise StopAsyncIteration
+            self.waiter = self.player.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        self.player._took()
+        return self.items.popleft()

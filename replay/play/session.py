@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from replay.events import KIND_RESPONSE
 from replay.play.report import Report
-from replay.play.scheduler import Lookahead, Pacer, Schedule
+from replay.play.scheduler import Lookahead, Pacer, Schedule, StreamLookahead
 from replay.play.sender import Options, Player, Target
 
 # Background work (the progress line, the output log) runs only when no request is due this soon,
@@ -59,6 +59,7 @@ WRITE_SLACK_NS = 2_000_000
 OUTPUT_BLOCK_RECORDS = 512
 MAX_QUEUED = 200_000      # beyond this many messages waiting, write them even if it makes requests late
 MAX_CONNECTIONS = 1000
+BOUNDED_FROM = 1_000_000  # requests in a plan beyond which the report keeps histograms, not samples
 MAX_CONNECTIONS_AT_MAX = 64
 STATUS_INTERVAL = 0.25    # s between status updates (and output log drains)
 QUIET_WAIT = 200          # at most this many 1 ms waits for a quiet moment before each update
@@ -72,7 +73,7 @@ def default_connections(plan, schedule: Schedule) -> int:
     """Replay connections open at once when not given: 1000 when timed; at ``--speed max``
     the recorded connections, up to 64 (more would only queue at the target)."""
     if not schedule.timed:
-        return min(len(plan.connections), MAX_CONNECTIONS_AT_MAX)
+        return max(1, min(plan.connection_count, MAX_CONNECTIONS_AT_MAX))
     return MAX_CONNECTIONS
 
 
@@ -112,6 +113,15 @@ class About:
     command: str = "play"
 
 
+class _Recorded:
+    """A recorded message in the output queue (the target's answers are rewritten there)."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg):
+        self.msg = msg
+
+
 class ExchangeLog:
     """The output log of a run (``-o``): what was sent and received, then the recorded exchanges.
 
@@ -142,7 +152,16 @@ class ExchangeLog:
         """The sender's ``on_exchange``: a request as sent and its answer (or failure record)."""
         self.queue.append(req)
         self.queue.append(resp)
-        self.keys.add((att.conn_id % self.stride, req.index))
+        if self.recorded is not None:
+            self.keys.add((att.conn_id % self.stride, req.index))
+
+    def on_recorded(self, req, final) -> None:
+        """A streamed plan's recorded request and final response, written as it is handed to
+        its connection (instead of ``recorded`` after the run)."""
+        if req is not None:
+            self.queue.append(_Recorded(req))     # already through the rules, as planned
+        if final is not None:
+            self.queue.append(_Recorded(final))
 
     def drain(self, due_soon=None) -> None:
         """Hand the queued messages to the writer; stop early when ``due_soon()`` (asked every
@@ -158,7 +177,9 @@ class ExchangeLog:
             if due_soon is not None and i % 16 == 0 and due_soon():
                 break
             m = queue[i]
-            if rewrite is not None and m.kind == KIND_RESPONSE:
+            if type(m) is _Recorded:
+                m = m.msg
+            elif rewrite is not None and m.kind == KIND_RESPONSE:
                 m = rewrite(m)
             write(m)
             i += 1
@@ -215,7 +236,8 @@ class PlaySession:
         self.output = output
         self.status = status
         self.loop_options = loop or LoopOptions()
-        self.report = Report(self._report_meta())
+        # past a million requests, latency and lateness go into fixed-size histograms
+        self.report = Report(self._report_meta(), bounded=plan.requests > BOUNDED_FROM)
         self.player = None
         self.interrupted = False
 
@@ -230,7 +252,7 @@ class PlaySession:
             "loop": o.loop,
             "connections_cap": o.connections,
             "keepalive": o.keepalive,
-            "plan": {"requests": plan.requests, "connections": len(plan.connections),
+            "plan": {"requests": plan.requests, "connections": plan.connection_count,
                      "recorded_span_s": plan.span_ns / 1e9, "pipelined": plan.pipelined,
                      "skipped": plan.skipped},
         }
@@ -279,7 +301,12 @@ class PlaySession:
             output.open(self._log_meta(), self.plan.conn_stride)
         player = self.player = self.make_sender(
             clock, output.on_exchange if output is not None else None, offset)
-        look = Lookahead(schedule, self.plan.deadlines_sorted())
+        if self.plan.streaming:
+            look = player.lookahead = StreamLookahead()
+            if output is not None:
+                player.on_recorded = output.on_recorded
+        else:
+            look = Lookahead(schedule, self.plan.deadlines_sorted())
         now = clock.now
 
         def due_soon():
@@ -343,6 +370,11 @@ class PlaySession:
         report.meta["schedule"] = {"start_unix_ns": schedule.start + offset, "t0_ns": self.plan.t0,
                                    "period_ns": int(schedule.period)}
         report.meta["tool"] = f"replay {__version__}"
+        if self.plan.streaming:          # counted as the plan was read
+            p = self.plan
+            report.meta["plan"].update({"pipelined": p.pipelined, "skipped": dict(p.skipped),
+                                        "streamed": True, "reordered": p.reordered,
+                                        "status_not_recorded": p.unknown_status})
         if output is not None:
             output.close(report)
         return report

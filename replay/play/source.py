@@ -19,16 +19,18 @@ exchanges as they are captured, and offers no ``recorded``.
 
 from __future__ import annotations
 
-from replay.play.plan import Plan, build_plan
+from replay.play.plan import build_plan
 
 
 class RecordedSource:
     """The requests of ``path`` (a .rlog log or a pcap/pcapng capture), planned."""
 
-    def __init__(self, path: str, *, ports=(), rules=None):
+    def __init__(self, path: str, *, ports=(), rules=None, stream: bool = True):
         self.path = path
         self.ports = ports
         self.rules = rules
+        self.stream = stream
+        self.streaming = False
         self._read = None
 
     @property
@@ -41,10 +43,30 @@ class RecordedSource:
 
         return open_input(self.path, ports=self.ports)
 
-    def plan(self, host: str | None, keep_host: bool = False) -> Plan:
-        """The plan, with ``host`` as the Host value sent (None: the recorded one)."""
-        src = self._read = self._open()
+    def plan(self, host: str | None, keep_host: bool = False):
+        """The plan, with ``host`` as the Host value sent (None: the recorded one): for a
+        ``.rlog`` log a ``stream.StreamingPlan`` (read as the replay goes), for a capture (or
+        with ``stream=False``) a whole ``Plan``."""
+        from replay.log import LogReader, is_rlog
+        from replay.spool import seekable
+
         rules = self.rules
+        if self.stream:
+            path = seekable(self.path)
+            if is_rlog(path):
+                from replay.play.stream import StreamingPlan, index_header
+
+                self.streaming = True
+                self._read = LogReader(path)
+                header = index_header(self._read)
+
+                def open_messages():
+                    src = self._read = LogReader(path)
+                    return rules.apply(src) if rules is not None else src
+
+                return StreamingPlan(path, header, open_messages, host,
+                                     keep_host or (rules is not None and rules.sets_host))
+        src = self._read = self._open()
         if rules is not None:
             return build_plan(rules.apply(src), host, keep_host or rules.sets_host)
         return build_plan(src, host, keep_host)

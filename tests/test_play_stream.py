@@ -1,0 +1,262 @@
+"""The streamed plan (``replay.play.stream``): a ``.rlog`` replayed as it is read.
+
+The planner is checked against ``build_plan`` (the whole-file plan, the reference) on real
+captures, as messages in log order; then whole replays of a log, streamed and planned whole,
+against one sink: the same requests, in the same order on each connection; ``--loop`` passes;
+the output log holding the recorded exchanges beside the replayed ones; and memory that does
+not grow with the log."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import random
+import subprocess
+
+import pytest
+from play_helpers import SinkThread, env, get, ok_response, replay_cmd, spread_capture
+
+from replay.events import F_REPLAYED, KIND_REQUEST
+from replay.log import LogReader, LogWriter
+from replay.outputs import LOG_MODE, Outputs
+from replay.pipeline import open_input
+from replay.play import session as ps
+from replay.play import stream as S
+from replay.play.plan import build_plan
+from replay.play.scheduler import Schedule
+from replay.play.sender import Options, parse_target
+from replay.play.source import RecordedSource
+from tests.conftest import ROOT
+
+PCAPS = sorted(glob.glob(str(ROOT / "tests/data/*.pcap"))) + [str(ROOT / "captures/sample.pcap")]
+MS = 1_000_000
+
+
+def to_log(src: str, path) -> str:
+    with LogWriter(str(path), meta={"command": "convert"}) as w:
+        for m in open_input(src):
+            w.write(m)
+    return str(path)
+
+
+def planned(requests):
+    return [(r.conn, r.index, r.t, r.data, r.recorded_status, r.pipelined, r.body_length, r.flags)
+            for r in requests]
+
+
+def stream_all(msgs, header=None, host=None):
+    p = S.StreamPlanner(host, header=header)
+    out, ended = [], []
+    for m in msgs:
+        out += p.push(m)
+        ended += p.ended
+        p.ended = []
+    out += p.finish()
+    ended += p.ended
+    return p, out, ended
+
+
+@pytest.mark.parametrize("pcap", PCAPS, ids=lambda p: p.rsplit("/", 1)[-1])
+def test_planner_plans_as_build_plan(pcap, tmp_path):
+    log = to_log(pcap, tmp_path / "x.rlog")
+    msgs = list(LogReader(log))
+    whole = build_plan(msgs, "target:8080")
+    header = S.index_header(LogReader(log))
+    p, out, ended = stream_all(msgs, header, "target:8080")
+    late = [f for r, _, f in out if r is None]
+    out = [x for x in out if x[0] is not None]
+    want = sorted(planned(r for c in whole.connections for r in c.requests),
+                  key=lambda x: (x[2], x[0], x[1]))
+    assert planned(r for r, _, _ in out) == want
+    assert [r.seq for r, _, _ in out] == list(range(len(out)))
+    assert p.pipelined == whole.pipelined and p.skipped == whole.skipped
+    assert (header.requests, header.conn_stride) == (whole.requests + sum(whole.skipped.values()),
+                                                      whole.conn_stride)
+    assert (header.t0, header.t_last) == (whole.t0, whole.t_last) or whole.skipped
+    # every recorded connection ends once, after its last planned request
+    assert set(ended) >= {r.conn for r, _, _ in out}     # (again if a late request reopened it)
+    # the recorded messages come with their request
+    finals = {(f.conn, f.index): f for f in late}
+    for r, req, final in out:
+        assert (req.conn, req.index) == (r.conn, r.index) and req.kind == KIND_REQUEST
+        final = final or finals.get((r.conn, r.index))
+        assert final is None or (final.conn, final.index, final.status) == (r.conn, r.index, r.recorded_status)
+
+
+def test_planner_puts_late_written_requests_in_time_order():
+    """A log is in completion order: a long upload starts first and is written last."""
+    from replay.events import KIND_RESPONSE, Message
+
+    def msg(kind, conn, t0, t1, status=0):
+        data = b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % conn if kind == KIND_REQUEST else \
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        return Message(kind, conn, 0, t0, t1, ("10.0.0.1", 1000 + conn), ("10.0.0.2", 80), 0, data,
+                       "GET" if kind == KIND_REQUEST else None, f"/{conn}", status, 0,
+                       len(data))
+
+    T = 10**18
+    log = [msg(KIND_REQUEST, 1, T + 100 * MS, T + 101 * MS), msg(KIND_RESPONSE, 1, T + 102 * MS, T + 103 * MS, 200),
+           msg(KIND_REQUEST, 0, T, T + 500 * MS),                # started first, written later
+           msg(KIND_RESPONSE, 0, T + 501 * MS, T + 502 * MS, 201)]
+    p, out, ended = stream_all(log)
+    assert [(r.conn, r.recorded_status) for r, _, _ in out] == [(0, 201), (1, 200)]
+    assert p.reordered == 0 and sorted(ended) == [0, 1]
+
+
+def test_planner_window_is_bounded(monkeypatch):
+    """Requests whose answers never come leave after ANSWER_WAIT_NS of log time, or when the
+    window is full; nothing waits without bound."""
+    monkeypatch.setattr(S, "MAX_PENDING", 50)
+    from replay.events import Message
+
+    p = S.StreamPlanner(None)
+    T = 10**18
+    out = []
+    most = 0
+    for i in range(1000):
+        d = b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % i
+        out += p.push(Message(KIND_REQUEST, i, 0, T + i * MS, T + i * MS, ("a", 1), ("b", 2), 0, d,
+                              "GET", f"/{i}", 0, 0, len(d)))
+        most = max(most, len(p.heap))
+    out += p.finish()
+    assert len(out) == 1000 and most <= 51 and p.unknown_status == 1000
+
+
+def _run(plan, url, tmp_path, name, speed=None, loop=False, limit=0, recorded=None):
+    outputs = Outputs()
+    out = outputs.atomic(tmp_path / name, "-o", mode=LOG_MODE)
+    outputs.open()
+    tgt = parse_target(url)
+    sched = Schedule(plan.t0, plan.span_ns, plan.requests, speed=speed)
+    s = ps.PlaySession(plan, sched, tgt, Options(connections=1000 if speed else 64, loop=loop,
+                                                 limit=limit),
+                       ps.About("in", tgt.display), output=ps.ExchangeLog(out, recorded=recorded))
+    report = s.run()
+    outputs.commit()
+    return report, str(tmp_path / name)
+
+
+@pytest.mark.parametrize("speed", [None, 20.0])
+def test_streamed_replay_sends_what_the_whole_plan_sends(tmp_path, speed):
+    cap = spread_capture(tmp_path / "in.pcap", n=60, conns=6, span_ns=600 * MS)
+    log = to_log(str(cap), tmp_path / "in.rlog")
+    got = {}
+    for stream in (False, True):
+        src = RecordedSource(log, stream=stream)
+        with SinkThread() as sink:
+            plan = src.plan(parse_target(sink.url).host_header)
+            assert plan.streaming is stream
+            report, out = _run(plan, sink.url, tmp_path, f"out{stream}.rlog", speed,
+                               recorded=None if stream else src.recorded)
+            got[stream] = collections.Counter(tuple(r.split(b" ")[1] for r in v)
+                                              for v in sink.by_conn().values())
+        assert (report.attempted, report.answered, report.error_total) == (60, 60, 0)
+        msgs = list(LogReader(out))
+        replayed = [m for m in msgs if m.flags & F_REPLAYED]
+        recorded = [m for m in msgs if not m.flags & F_REPLAYED]
+        assert sum(m.kind == KIND_REQUEST for m in replayed) == 60
+        assert sorted((m.conn, m.index, m.kind) for m in recorded) == \
+            sorted((m.conn, m.index, m.kind) for m in LogReader(log) if m.index >= 0)
+    assert got[True] == got[False]
+
+
+def test_streamed_loop_passes_and_limit(tmp_path):
+    cap = spread_capture(tmp_path / "in.pcap", n=12, conns=3, span_ns=100 * MS)
+    log = to_log(str(cap), tmp_path / "in.rlog")
+    with SinkThread() as sink:
+        plan = RecordedSource(log).plan(parse_target(sink.url).host_header)
+        report, out = _run(plan, sink.url, tmp_path, "loop.rlog", None, loop=True, limit=40)
+        conns = sink.by_conn()
+    assert report.attempted == 40 and report.answered == 40
+    reqs = [m for m in LogReader(out) if m.flags & F_REPLAYED and m.kind == KIND_REQUEST]
+    passes = collections.Counter(m.conn // plan.conn_stride for m in reqs)
+    # at full speed passes overlap (64 connections at once); each is whole but the last ones
+    assert sum(passes.values()) == 40 and len(passes) >= 4 and max(passes.values()) <= 12
+    # each recorded connection of each pass kept its order
+    for seq in conns.values():
+        uris = [r.split(b" ")[1] for r in seq]
+        assert uris == sorted(uris, key=lambda u: int(u.rsplit(b"/", 1)[-1]))
+
+
+def run_bounded(args, timeout=240):
+    """The CLI in a process that, if it outlives ``timeout``, is made to print every thread's
+    stack (faulthandler on SIGABRT) before the test fails with it."""
+    import signal
+
+    p = subprocess.Popen(replay_cmd()[:1] + ["-X", "faulthandler"] + replay_cmd()[1:] + args,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)
+        out, err = p.communicate(timeout=30)
+        raise AssertionError(f"replay {' '.join(args)} did not finish:\n{err}") from None
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def big_log(path, n=50_000, long_conns=8, seed=3, tail=False) -> str:
+    """``n`` requests, answered 0.2 ms later: most on ``long_conns`` kept-alive connections,
+    every 25th on a connection of its own."""
+    from replay.events import KIND_RESPONSE, Message
+
+    rng = random.Random(seed)
+    t = 10**18
+    resp = ok_response()
+    index = collections.Counter()
+    with LogWriter(str(path), meta={"command": "convert"}) as w:
+        for i in range(n):
+            t += rng.randint(50_000, 150_000)
+            conn = long_conns + i if i % 25 == 0 else i % long_conns
+            k = index[conn]
+            index[conn] += 1
+            uri = f"/{'s' if i % 25 == 0 else 'k'}/{i}"
+            req = get(uri)
+            cl, sv = ("10.0.0.1", 1024 + conn % 60000), ("10.0.0.2", 80)
+            w.write(Message(KIND_REQUEST, conn, k, t, t + 10_000, cl, sv, 0, req, "GET", uri, 0, 0,
+                            len(req)))
+            w.write(Message(KIND_RESPONSE, conn, k, t + 200_000, t + 210_000, cl, sv, 0, resp,
+                            "GET", uri, 200, 5, len(resp) - 5))
+            if i % 25 == 0 and tail:         # a second request on the short connection
+                uri2 = uri.replace("/s/", "/s2/")
+                req = get(uri2)
+                w.write(Message(KIND_REQUEST, conn, 1, t + 300_000, t + 310_000, cl, sv, 0, req,
+                                "GET", uri2, 0, 0, len(req)))
+                w.write(Message(KIND_RESPONSE, conn, 1, t + 400_000, t + 410_000, cl, sv, 0,
+                                resp, "GET", uri2, 200, 5, len(resp) - 5))
+    return str(path)
+
+
+def test_streamed_play_cli_on_a_log_bigger_than_its_window(tmp_path):
+    """50,000 requests on 8 kept-alive connections and 2,000 short ones, at full speed with a
+    limit: what the sink got is the first requests, in order on each connection."""
+    log = big_log(tmp_path / "big.rlog")
+    with SinkThread() as sink:
+        p = run_bounded(["play", log, "--target", sink.url, "--speed", "max", "--limit", "3000",
+                         "--report", str(tmp_path / "r.json")])
+        got = sink.by_conn()
+    assert p.returncode == 0, p.stderr
+    rep = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert rep["attempted"] == 3000 and rep["answered"] == 3000 and rep["plan"]["streamed"]
+    assert rep["plan"]["requests"] == 50_000 and rep["plan"]["connections"] == 2008
+    for seq in got.values():
+        ids = [int(r.split(b" ")[1].rsplit(b"/", 1)[-1]) for r in seq]
+        assert ids == sorted(ids)
+    assert sum(len(v) for v in got.values()) == 3000
+
+
+def test_streamed_play_with_rules_that_drop_connections_ends(tmp_path):
+    """The rules drop the last request of 2,000 short connections, so the index cannot tell
+    when they end: at full speed on 64 connections the replay still goes through (an idle
+    connection makes room), in order."""
+    log = big_log(tmp_path / "big2.rlog", n=20_000, tail=True)
+    with SinkThread() as sink:
+        p = run_bounded(["play", log, "--target", sink.url, "--speed", "max",
+                         "--path-exclude", "^/s2/", "--report", str(tmp_path / "r.json")])
+        got = sink.by_conn()
+    assert p.returncode == 0, p.stderr
+    rep = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert rep["attempted"] == 20_000 and rep["answered"] == 20_000
+    assert not any(b"/s2/" in r for v in got.values() for r in v)
+    for seq in got.values():
+        ids = [int(r.split(b" ")[1].rsplit(b"/", 1)[-1]) for r in seq]
+        assert ids == sorted(ids)
