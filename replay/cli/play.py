@@ -135,6 +135,11 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
         report = session.run()
         if rules is not None and not quiet and plan.streaming:
             click.echo(_rules_line(rules), err=True)
+        if plan.streaming and report.attempted == 0 and not report.interrupted and \
+                not (duration or limit):
+            # as a whole plan would have said before sending (the index counts before the rules)
+            raise ReplayError(f"{path}: no requests to replay"
+                              + (" (the rules kept none)" if rules is not None else ""))
         if out_report is not None:
             out_report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         if not quiet:

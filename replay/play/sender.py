@@ -34,7 +34,7 @@ import ipaddress
 import itertools
 import socket
 import ssl
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -51,7 +51,10 @@ START_DELAY_NS = 50_000_000           # first deadline after the loop starts: ro
 DEFAULT_PORTS = {"http": 80, "https": 443}
 AHEAD_NS = 300_000_000                # a streamed request is handed to its connection this early
 MAX_FED = 10_000                      # --speed max: streamed requests handed over, not yet taken
-POLL_S = 0.0005                       # the stream launcher's wait for the reader's thread
+READ_AHEAD_NS = 1_000_000_000         # a timed stream is planned this far ahead of the schedule
+PREFILL_S = 3.0                       # at most this long reading before the first deadline
+POLL_S = 0.0005                       # the stream launcher's wait for the reader
+SLOT_WAIT_S = 0.05                    # ... and, every slot taken, between looks for an idle one
 # a request lost with its connection may be sent again only if its method is idempotent
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))   # RFC 9110 §9.2.2
 
@@ -409,8 +412,12 @@ class Player:
     async def run(self):
         self.loop = asyncio.get_running_loop()
         self.slots = asyncio.Semaphore(max(1, self.opts.connections))
+        if self.plan.streaming:
+            await self._prefill()
         now = self.clock.now()
         self.schedule.start = now + (START_DELAY_NS if self.schedule.timed else 0)
+        if self.plan.streaming:
+            self.reader.start_ns.value = self.schedule.start
         self.report.started_ns = now
         if self.opts.duration:
             self.end_ns = self.schedule.start + int(self.opts.duration * NS)
@@ -460,9 +467,10 @@ class Player:
         from replay.play import stream as S
 
         plan, sched, pacer = self.plan, self.schedule, self.pacer
-        reader = plan.start(None if self.opts.loop else 1)
+        reader = self.reader
         stride = plan.conn_stride
         feeds: dict = {}         # (conn, pass) -> _Feed
+        late: OrderedDict = OrderedDict()   # (conn, index, pass) -> request, its status to come
         running: dict = {}       # (conn, pass) -> the task of its last feed, while it runs
         self.fed = 0
         self.room = asyncio.Event()
@@ -470,12 +478,23 @@ class Player:
             while not self.stopping and self.budget != 0:
                 got = reader.get()
                 if got is None:
-                    if reader.done or (not reader.thread.is_alive() and reader.q.empty()):
+                    if reader.done:
                         break
                     await asyncio.sleep(POLL_S)
                     continue
                 it, item = got
                 kind = item[0]
+                if kind == S.LATE:               # a recorded answer that ended late
+                    conn, index, status, final = item[1]
+                    r = late.pop((conn, index, it), None)
+                    if r is not None:
+                        r.recorded_status = status
+                    if final is not None and self.on_recorded is not None:
+                        self.on_recorded(None, final)
+                    continue
+                if kind == S.STATS:
+                    plan.absorb(item[1])
+                    continue
                 if kind == S.END_CONN:
                     f = feeds.pop((item[1], it), None)
                     if f is not None:
@@ -488,10 +507,10 @@ class Player:
                 if kind == S.FAILED:
                     raise item[1]
                 req, rec_req, rec_final = item
-                if req is None:                  # a recorded answer that ended late
-                    if self.on_recorded is not None:
-                        self.on_recorded(None, rec_final)
-                    continue
+                if req.recorded_status is None:
+                    late[(req.conn, req.index, it)] = req
+                    if len(late) > S.MAX_LATE:
+                        late.popitem(last=False)
                 d = sched.deadline(req.t, req.seq, it)
                 if d is not None:
                     if self.end_ns is not None and d >= self.end_ns:
@@ -506,14 +525,20 @@ class Player:
                 if f is None:
                     if d is not None:
                         await pacer.sleep_until(d - self.lead)
-                    if self.slots.locked():
+                    while self.slots.locked():
                         # every slot taken: end the least recently fed connection that waits
                         # with nothing queued (its recorded end may be unknown: the rules may
-                        # have dropped its last requests), rather than wait for its idle end
+                        # have dropped its last requests), rather than wait for its idle end;
+                        # none waits yet: look again shortly
                         for k, g in feeds.items():
                             if not g.items and g.waiter is not None:
                                 feeds.pop(k).end()
                                 break
+                        try:
+                            await asyncio.wait_for(self.slots.acquire(), SLOT_WAIT_S)
+                            self.slots.release()
+                        except asyncio.TimeoutError:
+                            pass
                     await self.slots.acquire()
                     if self.stopping or self.budget == 0:
                         self.slots.release()
@@ -537,6 +562,22 @@ class Player:
             reader.stop()
             for f in feeds.values():
                 f.end()
+
+    async def _prefill(self):
+        """Start the stream's reader before the schedule, and take what it plans until it has
+        read the first ``READ_AHEAD_NS`` of the schedule (or ``stream.QUEUE_ITEMS``, or the
+        whole log; at most ``PREFILL_S``): the reading that follows keeps ``READ_AHEAD_NS``
+        ahead of the schedule, a little at a time, in its own process."""
+        import time
+
+        from replay.play import stream as S
+
+        r = self.reader = self.plan.start(None if self.opts.loop else 1, _Hold(self.schedule),
+                                          keep_recorded=self.on_recorded is not None)
+        end = time.monotonic() + PREFILL_S
+        while time.monotonic() < end and not r.done and not r.holding and \
+                len(r.items) < S.QUEUE_ITEMS:
+            r.receive(0.005)
 
     def _took(self):
         """A feed's request was taken by its connection."""
@@ -861,6 +902,25 @@ class _ConnQueue:
         finally:
             h.cancel()
             self.waiter = None
+
+
+class _Hold:
+    """How long the stream's reader (in its process) waits before handing over a request: a
+    timed run reads no further than ``READ_AHEAD_NS`` ahead of the schedule; before the start
+    (``start_ns`` 0) the first ``READ_AHEAD_NS``, then it waits (None)."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def offset(self, req, it):
+        return self.schedule.offset(req.t, req.seq, it)
+
+    def __call__(self, off: int, start_ns: int):
+        if not start_ns:
+            return 0.0 if off <= READ_AHEAD_NS else None
+        import time
+
+        return max(0.0, (start_ns + off - READ_AHEAD_NS - time.monotonic_ns()) / NS)
 
 
 async def _aiter(items):

@@ -304,7 +304,7 @@ class PlaySession:
         if self.plan.streaming:
             look = player.lookahead = StreamLookahead()
             if output is not None:
-                player.on_recorded = output.on_recorded
+                player.on_recorded = output.on_recorded     # before the reader starts
         else:
             look = Lookahead(schedule, self.plan.deadlines_sorted())
         now = clock.now

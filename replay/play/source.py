@@ -65,7 +65,7 @@ class RecordedSource:
                     return rules.apply(src) if rules is not None else src
 
                 return StreamingPlan(path, header, open_messages, host,
-                                     keep_host or (rules is not None and rules.sets_host))
+                                     keep_host or (rules is not None and rules.sets_host), rules)
         src = self._read = self._open()
         if rules is not None:
             return build_plan(rules.apply(src), host, keep_host or rules.sets_host)

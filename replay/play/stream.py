@@ -7,10 +7,11 @@ capture of minutes, not for a day of production. For a ``.rlog`` log, ``Streamin
    the schedule and the status line need up front (``index_header``): how many requests, the
    first and last request times, the connection ids' bound, how many connections, and the last
    request of each connection (so its replay connection can close after it, as recorded);
-2. then, in a thread of its own (``StreamReader``), reads the messages block by block through
-   the rules and plans them with ``StreamPlanner`` (sans-IO): requests come out in recorded time
-   order, each with the status of its recorded final response and the pipelining of
-   ``build_plan``, into a bounded queue the sender takes from as their deadlines approach.
+2. then, in a process of its own (``StreamReader``, forked), reads the messages block by block
+   through the rules and plans them with ``StreamPlanner`` (sans-IO): requests come out in
+   recorded time order, each with the status of its recorded final response and the pipelining
+   of ``build_plan``, in batches through a pipe, a timed run's no further than ``READ_AHEAD``
+   ahead of the schedule; the sender takes them as their deadlines approach.
 
 Rules (``StreamPlanner``), beyond those of ``plan.py``:
 - a log is written in completion order, a request when its last byte was captured: a request is
@@ -27,7 +28,8 @@ Rules (``StreamPlanner``), beyond those of ``plan.py``:
 - the recorded messages of each planned request (the request and its final response) come out
   with it, for the output log, so nothing is read twice.
 
-Memory: the queue (``QUEUE_ITEMS``), the planner's window (a few seconds of recorded traffic),
+Memory: what is read ahead (``QUEUE_ITEMS`` before the start; then the pipe and what the sender
+holds ahead of the schedule), the planner's window (a few seconds of recorded traffic),
 one connection state per recorded connection seen in the last ``CONN_IDLE_NS``, and the index
 header (16 bytes per recorded connection).
 """
@@ -35,9 +37,8 @@ header (16 bytes per recorded connection).
 from __future__ import annotations
 
 import heapq
-import queue
-import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,7 @@ MAX_PENDING = 100_000        # requests waiting in the planner's window
 MAX_EARLY = 10_000           # final responses read before their request (kept at most)
 MAX_LATE = 100_000           # requests planned before their answer ended, whose status may come
 QUEUE_ITEMS = 20_000         # planned requests read ahead of the sender
+YIELD_EVERY = 16             # messages planned between two hand-overs of the GIL to the sender
 
 
 @dataclass
@@ -280,7 +282,8 @@ class StreamPlanner:
 
 
 # items of the reader's queue
-END_CONN, END_PASS, FAILED = "end_conn", "end_pass", "failed"
+END_CONN, END_PASS, FAILED, LATE, STATS = "end_conn", "end_pass", "failed", "late", "stats"
+BATCH = 64                   # items per message on the reader's pipe (~0.5 ms to unpickle)
 
 
 class StreamingPlan:
@@ -292,8 +295,10 @@ class StreamingPlan:
 
     streaming = True
 
-    def __init__(self, path: str, header: StreamHeader, open_messages, host, keep_host):
+    def __init__(self, path: str, header: StreamHeader, open_messages, host, keep_host,
+                 rules=None):
         self.path = path
+        self.rules = rules
         self.header = header
         self.open_messages = open_messages     # () -> iterable of messages (after the rules)
         self.host = host
@@ -313,91 +318,198 @@ class StreamingPlan:
     def span_ns(self) -> int:
         return self.t_last - self.t0
 
-    def start(self, passes: int | None) -> "StreamReader":
-        """Start reading (``passes`` times; None: until ``stop``)."""
-        self.reader = StreamReader(self, passes)
+    def start(self, passes: int | None, hold=None, keep_recorded: bool = False) -> "StreamReader":
+        """Start reading (``passes`` times; None: until ``stop``); see ``StreamReader``."""
+        self.reader = StreamReader(self, passes, hold, keep_recorded)
         self.reader.start()
         return self.reader
 
-    def absorb(self, planner: StreamPlanner) -> None:
-        self.pipelined += planner.pipelined
-        for k, v in planner.skipped.items():
-            self.skipped[k] = self.skipped.get(k, 0) + v
-        self.reordered += planner.reordered
-        self.unknown_status += planner.unknown_status
+    def absorb(self, stats: dict) -> None:
+        """The counts of the first pass, from the reader."""
+        self.pipelined = stats["pipelined"]
+        self.skipped = dict(stats["skipped"])
+        self.reordered = stats["reordered"]
+        self.unknown_status = stats["unknown_status"]
+        if stats.get("rules") is not None and self.rules is not None:
+            self.rules.stats.update(stats["rules"])
 
 
 class StreamReader:
-    """The thread that reads and plans: ``get()`` (non-blocking, on the loop's thread) returns
-    ``(iteration, item)``: ``item`` a ``(PlannedRequest, request, final)`` tuple, ``(END_CONN,
-    conn)``, ``(END_PASS, None)``, or ``(FAILED, exception)`` (then nothing follows); None when
-    nothing is ready (``done`` says whether more can come)."""
+    """The process that reads and plans (forked: the log's decompression and the planning never
+    hold the sender's GIL; a thread did, and made requests late by tens of milliseconds).
 
-    def __init__(self, plan: StreamingPlan, passes: int | None):
+    In the parent, on the loop's thread: ``get()`` (non-blocking) returns ``(iteration, item)``:
+    ``item`` a ``(PlannedRequest, request, final)`` tuple (the two recorded messages only when
+    ``keep_recorded``), ``(LATE, (conn, index, status, final))``, ``(END_CONN, conn)``,
+    ``(END_PASS, None)``, ``(STATS, dict)``, or ``(FAILED, exception)``; None when nothing is
+    ready (``done`` says whether more can come). Batches of ``BATCH`` items cross a pipe.
+
+    ``hold(offset_ns)`` -> seconds to wait before handing over a request due ``offset_ns`` after
+    the schedule's start, in the child, given ``start_ns`` (0: not started: prefill)."""
+
+    def __init__(self, plan: StreamingPlan, passes: int | None, hold=None,
+                 keep_recorded: bool = False):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork")
         self.plan = plan
         self.passes = passes
-        self.q: queue.Queue = queue.Queue(maxsize=QUEUE_ITEMS)
-        self.stopping = False
+        self.hold = hold
+        self.keep_recorded = keep_recorded
+        self.rx, self._tx = ctx.Pipe(duplex=False)
+        self.start_ns = ctx.Value("q", 0, lock=False)      # the schedule's start, 0 before
+        self._stop = ctx.Value("b", 0, lock=False)
+        self._state = ctx.Value("b", 0, lock=False)        # 0 reading, 1 holding, 2 finished
+        self.items: deque = deque()
         self.done = False
-        self.thread = threading.Thread(target=self._run, name="replay-plan", daemon=True)
+        self.proc = ctx.Process(target=self._child, name="replay-plan", daemon=True)
 
+    # -- parent --------------------------------------------------------------------------------
     def start(self) -> None:
-        self.thread.start()
+        self.proc.start()
+        self._tx.close()
 
-    def stop(self) -> None:
-        self.stopping = True
+    @property
+    def holding(self) -> bool:
+        return self._state.value == 1
+
+    @property
+    def finished(self) -> bool:
+        return self._state.value == 2
+
+    def alive(self) -> bool:
+        return not self.done
+
+    def receive(self, block: float = 0.0) -> bool:
+        """Take one batch from the pipe if there is one (waiting up to ``block`` s)."""
+        if self.done:
+            return False
+        try:
+            if not self.rx.poll(block):
+                if not self.proc.is_alive() and not self.rx.poll(0):
+                    self.done = True
+                return False
+            batch = self.rx.recv()
+        except (EOFError, OSError):
+            self.done = True
+            return False
+        if batch is None:
+            self.done = True
+            return False
+        self.items.extend(batch)
+        return True
 
     def get(self):
-        try:
-            item = self.q.get_nowait()
-        except queue.Empty:
+        if not self.items and not self.receive():
             return None
-        if item is None:
-            self.done = True
-        return item
+        return self.items.popleft() if self.items else None
 
-    def _put(self, item) -> bool:
-        while not self.stopping:
+    def stop(self) -> None:
+        self._stop.value = 1
+        try:
+            self.rx.close()
+        except OSError:
+            pass
+        self.proc.join(2)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(2)
+
+    # -- child ---------------------------------------------------------------------------------
+    def _child(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent decides when to stop
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.rx.close()
+        self.batch: list = []
+        try:
+            self._run()
+        finally:
             try:
-                self.q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
+                self._flush()
+                self._tx.send(None)
+            except (OSError, ValueError):
                 pass
+            self._tx.close()
+
+    def _flush(self) -> None:
+        if self.batch:
+            b, self.batch = self.batch, []
+            self._tx.send(b)
+
+    def _wait_for(self, off) -> bool:
+        """Until ``hold`` lets a request due at ``off`` go; False when stopping."""
+        while not self._stop.value:
+            wait = self.hold(off, self.start_ns.value)
+            if wait is not None and wait <= 0:
+                self._state.value = 0
+                return True
+            self._flush()
+            self._state.value = 1
+            time.sleep(0.05 if wait is None else min(wait, 0.05))
         return False
+
+    def _put(self, it, item) -> bool:
+        if self._stop.value:
+            return False
+        head = item[0]
+        if isinstance(head, PlannedRequest):
+            if self.hold is not None:
+                off = self.hold.offset(head, it)
+                if off is not None and not self._wait_for(off):
+                    return False
+            if not self.keep_recorded:
+                item = (head, None, None)
+        elif head is None:                # a final response read after its request was planned
+            f = item[2]
+            item = (LATE, (f.conn, f.index, f.status, f if self.keep_recorded else None))
+        self.batch.append((it, item))
+        if len(self.batch) >= BATCH:
+            self._flush()
+        return True
 
     def _run(self) -> None:
         plan = self.plan
         it = 0
         try:
-            while not self.stopping and (self.passes is None or it < self.passes):
+            while not self._stop.value and (self.passes is None or it < self.passes):
                 planner = StreamPlanner(plan.host, plan.keep_host, plan.header)
-                try:
-                    for m in plan.open_messages():
-                        for item in planner.push(m):
-                            if not self._put((it, item)):
+                for m in plan.open_messages():
+                    for item in planner.push(m):
+                        if not self._put(it, item):
+                            return
+                    if planner.ended:
+                        ended, planner.ended = planner.ended, []
+                        for c in ended:
+                            if not self._put(it, (END_CONN, c)):
                                 return
-                        if planner.ended:
-                            ended, planner.ended = planner.ended, []
-                            for c in ended:
-                                if not self._put((it, (END_CONN, c))):
-                                    return
-                        if self.stopping:
-                            return
-                    for item in planner.finish():
-                        if not self._put((it, item)):
-                            return
-                    for c in planner.ended:
-                        if not self._put((it, (END_CONN, c))):
-                            return
-                    if not self._put((it, (END_PASS, None))):
+                for item in planner.finish():
+                    if not self._put(it, item):
                         return
-                finally:
-                    if it == 0:
-                        plan.absorb(planner)
+                for c in planner.ended:
+                    if not self._put(it, (END_CONN, c)):
+                        return
+                if it == 0:
+                    rules = plan.rules
+                    self._put(it, (STATS, {
+                        "pipelined": planner.pipelined, "skipped": dict(planner.skipped),
+                        "reordered": planner.reordered, "unknown_status": planner.unknown_status,
+                        "rules": dict(rules.stats) if rules is not None else None}))
+                if not self._put(it, (END_PASS, None)):
+                    return
                 if planner.planned == 0:
                     break
                 it += 1
-        except BaseException as e:  # noqa: BLE001  (handed to the sender's thread)
-            self._put((it, (FAILED, e)))
+        except BaseException as e:  # noqa: BLE001  (handed to the parent)
+            import pickle
+
+            from replay.errors import InputError
+
+            try:
+                pickle.dumps(e)
+            except Exception:  # noqa: BLE001
+                e = InputError(f"{plan.path}: {e}")
+            self.batch.append((it, (FAILED, e)))
         finally:
-            self._put(None)
+            self._state.value = 2
