@@ -347,7 +347,7 @@ class Table:
 
     __slots__ = ("n", "cols", "addrs", "strings")
 
-    def __init__(self, buf, n: int, t_min: int):
+    def __init__(self, buf, n: int, t_min: int, columns_only: bool = False):
         if len(buf) < TABLE_PREFIX + ROW_BYTES * n:
             raise FormatError("table section too short")
         self.n = n
@@ -365,6 +365,9 @@ class Table:
             extra = _unzigzag(cols.pop("extra")).view(np.uint64)
             cols["data_length"] = cols["body_length"] + cols["head_length"].astype(np.uint64) + extra
         self.cols = cols
+        if columns_only:            # a scan of the index: addresses and strings not decoded
+            self.addrs = self.strings = None
+            return
         mv = memoryview(buf)
         try:
             (na,) = U32.unpack_from(mv, off)

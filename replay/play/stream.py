@@ -85,7 +85,7 @@ def index_header(reader) -> StreamHeader:
     max_conn = -1
     parts_c, parts_i = [], []
     for b in list(reader.blocks):
-        t = reader._table(b)
+        t = reader.columns(b)
         if t is None:
             continue
         c = t.cols
