@@ -260,3 +260,85 @@ def test_streamed_play_with_rules_that_drop_connections_ends(tmp_path):
     for seq in got.values():
         ids = [int(r.split(b" ")[1].rsplit(b"/", 1)[-1]) for r in seq]
         assert ids == sorted(ids)
+
+
+def timed_log(path, n, gap_ns, slow_every=0, slow_ns=0) -> str:
+    """``n`` requests ``gap_ns`` apart, one per connection; every ``slow_every``-th answered
+    ``slow_ns`` later (written to the log when it ends, as the core would)."""
+    from replay.events import KIND_RESPONSE, Message
+
+    t0 = 10**18
+    msgs = []
+    for i in range(n):
+        t = t0 + i * gap_ns
+        uri = f"/t/{i}"
+        req, resp = get(uri), ok_response()
+        cl, sv = ("10.0.0.1", 2000 + i), ("10.0.0.2", 80)
+        late = slow_ns if slow_every and i % slow_every == 0 else 200_000
+        msgs.append(Message(KIND_REQUEST, i, 0, t, t + 10_000, cl, sv, 0, req, "GET", uri, 0, 0,
+                            len(req)))
+        msgs.append(Message(KIND_RESPONSE, i, 0, t + late, t + late + 10_000, cl, sv, 0, resp,
+                            "GET", uri, 200 + (i % slow_every == 0 if slow_every else 0), 5,
+                            len(resp) - 5))
+    msgs.sort(key=lambda m: m.ts_last)
+    with LogWriter(str(path), meta={"command": "convert"}) as w:
+        for m in msgs:
+            w.write(m)
+    return str(path)
+
+
+def test_streamed_statuses_of_answers_that_ended_late(tmp_path):
+    """Every 5th recorded answer took 5 s: the replay at 4x has answered them before the log
+    says what production answered; they are compared all the same."""
+    log = timed_log(tmp_path / "slow.rlog", 100, 25 * MS, slow_every=5, slow_ns=5 * 10**9)
+    with SinkThread() as sink:
+        p = run_bounded(["play", log, "--target", sink.url, "--speed", "4",
+                         "--report", str(tmp_path / "r.json")])
+    assert p.returncode == 0, p.stderr
+    rep = __import__("json").loads((tmp_path / "r.json").read_text())
+    sc = rep["status_comparison"]
+    assert rep["answered"] == 100 and sc["not_recorded"] == 0, sc
+    assert sc["same"] == 80 and sc["different"] == 20        # the sink answers 200; 20 were 201
+    assert rep["recorded_statuses"] == {"200": 80, "201": 20}
+
+
+def test_streamed_schedule_starts_at_the_first_request_the_rules_keep(tmp_path):
+    """The rules drop the log's first 15 s: a 3 s replay still sends (the schedule starts at the
+    first request kept, not at the log's first)."""
+    log = timed_log(tmp_path / "late.rlog", 200, 100 * MS)       # 20 s
+    with SinkThread() as sink:
+        p = run_bounded(["play", log, "--target", sink.url, "--speed", "1", "--duration", "3",
+                         "--path-include", r"^/t/(1[5-9]\d)$", "--report", str(tmp_path / "r.json")])
+    assert p.returncode == 0, p.stderr
+    rep = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert 20 <= rep["answered"] <= 31, rep["answered"]
+
+
+def test_a_killed_plan_reader_stops_the_replay_with_one_line(tmp_path):
+    import os
+    import signal
+    import time
+
+    log = timed_log(tmp_path / "long.rlog", 2000, 10 * MS)       # 20 s
+    with SinkThread() as sink:
+        p = subprocess.Popen(replay_cmd() + ["play", log, "--target", sink.url, "-q"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        kids = []
+        end = time.monotonic() + 20
+        while not kids and time.monotonic() < end:
+            time.sleep(0.2)
+            try:
+                kids = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
+            except OSError:
+                break
+        time.sleep(1)
+        for k in kids:
+            os.kill(int(k), signal.SIGKILL)
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+    assert kids, "no reader process seen"
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert p.returncode != 0 and len(lines) == 1 and "ended unexpectedly" in lines[0], err

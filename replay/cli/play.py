@@ -64,7 +64,9 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
     after the previous answer unless the capture shows them pipelined.
 
     Filters, rewrites, --middleware and --plugin (the options of `replay filter`) run on the
-    recorded messages before the schedule is made, so they cost no timing.
+    recorded messages as they are planned: for a capture before the schedule starts; for a .rlog
+    log (streamed, in a process of its own) a second ahead of it, so a slow middleware can make
+    requests late there.
     """
     import json
     import sys
@@ -134,7 +136,7 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
             loop=LoopOptions(event_loop, spin_us))
         report = session.run()
         if rules is not None and not quiet and plan.streaming:
-            click.echo(_rules_line(rules), err=True)
+            click.echo(_rules_line(rules, plan.refused_rewrites), err=True)
         if plan.streaming and report.attempted == 0 and not report.interrupted and \
                 not (duration or limit):
             # as a whole plan would have said before sending (the index counts before the rules)
@@ -180,12 +182,12 @@ def _realtime():
         raise UsageError(f"--realtime: {e.strerror or e}") from None
 
 
-def _rules_line(rules) -> str:
+def _rules_line(rules, refused=None) -> str:
     st = rules.stats
+    refused = rules.refused_rewrites if refused is None else refused
     line = (f"rules: kept {st['kept']:,} of {st['read']:,} recorded messages"
             + (f", rewrote {st['rewritten']:,}" if st["rewritten"] else "")
-            + (f", refused {rules.refused_rewrites:,} rewrites (not a valid request-target)"
-               if rules.refused_rewrites else ""))
+            + (f", refused {refused:,} rewrites (not a valid request-target)" if refused else ""))
     mw = st.get("middleware")
     if mw:
         line += f"; middleware dropped {mw.get('dropped', 0):,} and changed {mw.get('changed', 0):,}"

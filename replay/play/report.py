@@ -143,6 +143,17 @@ class Report:
             self.different += 1
             self.changes[f"{recorded_status} -> {status}"] += 1
 
+    def late_recorded(self, recorded_status: int, status: int):
+        """The recorded status of a request answered before it was known (a streamed plan whose
+        recorded answer ended late): counted now as ``on_answer`` would have."""
+        self.recorded_statuses[recorded_status] += 1
+        self.unrecorded -= 1
+        if recorded_status == status:
+            self.same += 1
+        else:
+            self.different += 1
+            self.changes[f"{recorded_status} -> {status}"] += 1
+
     def on_error(self, kind: str, was_sent: bool):
         self.errors[kind] += 1
         if was_sent:

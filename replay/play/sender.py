@@ -43,6 +43,7 @@ from replay.errors import UsageError
 from replay.events import (F_FAILED, F_INCOMPLETE, F_INTERIM, F_REPLAYED, KIND_REQUEST,
                            KIND_RESPONSE, Message)
 from replay.httpmsg import header_value
+from replay.play.plan import PlannedRequest
 from replay.play.scheduler import NS, Pacer, Schedule
 
 CONNECT_LEAD_NS = 20_000_000          # open a connection this long before its first request is due
@@ -53,7 +54,8 @@ AHEAD_NS = 300_000_000                # a streamed request is handed to its conn
 MAX_FED = 10_000                      # --speed max: streamed requests handed over, not yet taken
 READ_AHEAD_NS = 1_000_000_000         # a timed stream is planned this far ahead of the schedule
 PREFILL_S = 3.0                       # at most this long reading before the first deadline
-POLL_S = 0.0005                       # the stream launcher's wait for the reader
+POLL_S = 0.005                        # the stream launcher's wait for the reader (300 ms ahead)
+MAX_LATE_ANSWERS = 100_000            # answers kept waiting for a recorded status read late
 SLOT_WAIT_S = 0.05                    # ... and, every slot taken, between looks for an idle one
 # a request lost with its connection may be sent again only if its method is idempotent
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))   # RFC 9110 §9.2.2
@@ -345,6 +347,7 @@ class Player:
         self.timeout_ns = int(options.timeout * NS)
         self.lead = CONNECT_LEAD_TLS_NS if target.ssl else CONNECT_LEAD_NS
         self.lookahead = None       # a StreamLookahead the stream launcher tells its deadlines
+        self.late_answers = None    # streamed: (conn id, index) -> status, recorded status unknown
         self.on_recorded = None     # (request, final) of each streamed request, for the output log
         self.fed = 0
         self.room = None
@@ -353,6 +356,11 @@ class Player:
 
     # -- results -----------------------------------------------------------------------------
     def answered(self, att: Attempt, m: Message, now: int, proto: ReplayProtocol):
+        late = self.late_answers
+        if late is not None and att.req.recorded_status is None:
+            late[(att.conn_id, att.req.index)] = m.status    # its recorded status may come
+            if len(late) > MAX_LATE_ANSWERS:
+                late.popitem(last=False)
         intended = att.deadline if att.deadline is not None else att.sent_ns
         self.report.on_answer(m.status, att.req.recorded_status, now - att.sent_ns,
                               now - intended, now)
@@ -459,7 +467,7 @@ class Player:
                 return
 
     async def _launch_stream(self):
-        """``_launch`` for a ``stream.StreamingPlan``: requests arrive from the reader's thread
+        """``_launch`` for a ``stream.StreamingPlan``: requests arrive from the reader's process
         in recorded time order; each recorded connection (per pass) gets a ``_Feed`` that its
         task reads, opened as its first request comes and ended after its last. The feeder
         keeps at most ``AHEAD_NS`` ahead of the schedule (``--speed max``: at most
@@ -469,6 +477,7 @@ class Player:
         plan, sched, pacer = self.plan, self.schedule, self.pacer
         reader = self.reader
         stride = plan.conn_stride
+        self.late_answers = OrderedDict()
         feeds: dict = {}         # (conn, pass) -> _Feed
         late: OrderedDict = OrderedDict()   # (conn, index, pass) -> request, its status to come
         running: dict = {}       # (conn, pass) -> the task of its last feed, while it runs
@@ -489,6 +498,9 @@ class Player:
                     r = late.pop((conn, index, it), None)
                     if r is not None:
                         r.recorded_status = status
+                    got = self.late_answers.pop((conn + it * stride, index), None)
+                    if got is not None:          # answered before its recorded status came
+                        self.report.late_recorded(status, got)
                     if final is not None and self.on_recorded is not None:
                         self.on_recorded(None, final)
                     continue
@@ -504,12 +516,15 @@ class Player:
                     for k in [k for k in feeds if k[1] == it]:
                         feeds.pop(k).end()
                     continue
-                if kind == S.FAILED:
-                    raise item[1]
+                if kind == S.FAILED:             # reported after the run, as a crash is
+                    if self.crash is None:
+                        self.crash = item[1]
+                    self.cancel()
+                    break
                 req, rec_req, rec_final = item
                 if req.recorded_status is None:
                     late[(req.conn, req.index, it)] = req
-                    if len(late) > S.MAX_LATE:
+                    if len(late) > MAX_LATE_ANSWERS // 10:    # (they hold their bodies)
                         late.popitem(last=False)
                 d = sched.deadline(req.t, req.seq, it)
                 if d is not None:
@@ -556,7 +571,7 @@ class Player:
                 f.put(req)
                 if self.lookahead is not None and d is not None:
                     self.lookahead.push(d)
-                if self.on_recorded is not None:
+                if self.on_recorded is not None and it == 0:
                     self.on_recorded(rec_req, rec_final)
         finally:
             reader.stop()
@@ -578,6 +593,14 @@ class Player:
         while time.monotonic() < end and not r.done and not r.holding and \
                 len(r.items) < S.QUEUE_ITEMS:
             r.receive(0.005)
+        while r.receive(0):          # what the reader sent before it began to wait
+            pass
+        # the schedule starts at the first request the rules kept, not the log's first
+        first = next((item[0].t for it, item in r.items
+                      if it == 0 and isinstance(item[0], PlannedRequest)), None)
+        if first is not None and first > self.schedule.t0 and self.schedule.speed is not None:
+            self.schedule.t0 = first
+            r.t0_ns.value = first
 
     def _took(self):
         """A feed's request was taken by its connection."""
@@ -911,13 +934,17 @@ class _Hold:
 
     def __init__(self, schedule):
         self.schedule = schedule
+        self.first = None          # offset of the first request seen before the start
 
     def offset(self, req, it):
         return self.schedule.offset(req.t, req.seq, it)
 
     def __call__(self, off: int, start_ns: int):
         if not start_ns:
-            return 0.0 if off <= READ_AHEAD_NS else None
+            # the rules may drop the log's first seconds: prefill from the first request kept
+            if self.first is None:
+                self.first = off
+            return 0.0 if off - self.first <= READ_AHEAD_NS else None
         import time
 
         return max(0.0, (start_ns + off - READ_AHEAD_NS - time.monotonic_ns()) / NS)

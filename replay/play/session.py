@@ -236,8 +236,9 @@ class PlaySession:
         self.output = output
         self.status = status
         self.loop_options = loop or LoopOptions()
-        # past a million requests, latency and lateness go into fixed-size histograms
-        self.report = Report(self._report_meta(), bounded=plan.requests > BOUNDED_FROM)
+        # past a million requests, or looping, latency and lateness go into fixed-size histograms
+        self.report = Report(self._report_meta(),
+                             bounded=plan.requests > BOUNDED_FROM or options.loop)
         self.player = None
         self.interrupted = False
 

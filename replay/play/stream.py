@@ -10,7 +10,7 @@ capture of minutes, not for a day of production. For a ``.rlog`` log, ``Streamin
 2. then, in a process of its own (``StreamReader``, forked), reads the messages block by block
    through the rules and plans them with ``StreamPlanner`` (sans-IO): requests come out in
    recorded time order, each with the status of its recorded final response and the pipelining
-   of ``build_plan``, in batches through a pipe, a timed run's no further than ``READ_AHEAD``
+   of ``build_plan``, in batches through a pipe, a timed run's no further than ``READ_AHEAD_NS``
    ahead of the schedule; the sender takes them as their deadlines approach.
 
 Rules (``StreamPlanner``), beyond those of ``plan.py``:
@@ -37,12 +37,14 @@ header (16 bytes per recorded connection).
 from __future__ import annotations
 
 import heapq
+import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from replay.errors import InputError, ReplayError
 from replay.events import F_CHUNKED, F_INTERIM, F_REPLAYED, KIND_REQUEST
 from replay.httpmsg import body_length, set_content_length, set_host
 from replay.play.plan import CUT, PlannedRequest, _head_length
@@ -55,7 +57,6 @@ MAX_PENDING = 100_000        # requests waiting in the planner's window
 MAX_EARLY = 10_000           # final responses read before their request (kept at most)
 MAX_LATE = 100_000           # requests planned before their answer ended, whose status may come
 QUEUE_ITEMS = 20_000         # planned requests read ahead of the sender
-YIELD_EVERY = 16             # messages planned between two hand-overs of the GIL to the sender
 
 
 @dataclass
@@ -312,6 +313,7 @@ class StreamingPlan:
         self.skipped: dict = {}
         self.reordered = 0
         self.unknown_status = 0
+        self.refused_rewrites = 0
         self.reader: StreamReader | None = None
 
     @property
@@ -332,6 +334,7 @@ class StreamingPlan:
         self.unknown_status = stats["unknown_status"]
         if stats.get("rules") is not None and self.rules is not None:
             self.rules.stats.update(stats["rules"])
+            self.refused_rewrites = stats.get("refused_rewrites", 0)
 
 
 class StreamReader:
@@ -358,10 +361,12 @@ class StreamReader:
         self.keep_recorded = keep_recorded
         self.rx, self._tx = ctx.Pipe(duplex=False)
         self.start_ns = ctx.Value("q", 0, lock=False)      # the schedule's start, 0 before
+        self.t0_ns = ctx.Value("q", plan.t0, lock=False)   # the first kept request's time
         self._stop = ctx.Value("b", 0, lock=False)
         self._state = ctx.Value("b", 0, lock=False)        # 0 reading, 1 holding, 2 finished
         self.items: deque = deque()
         self.done = False
+        self.parent = os.getpid()
         self.proc = ctx.Process(target=self._child, name="replay-plan", daemon=True)
 
     # -- parent --------------------------------------------------------------------------------
@@ -377,9 +382,6 @@ class StreamReader:
     def finished(self) -> bool:
         return self._state.value == 2
 
-    def alive(self) -> bool:
-        return not self.done
-
     def receive(self, block: float = 0.0) -> bool:
         """Take one batch from the pipe if there is one (waiting up to ``block`` s)."""
         if self.done:
@@ -387,16 +389,35 @@ class StreamReader:
         try:
             if not self.rx.poll(block):
                 if not self.proc.is_alive() and not self.rx.poll(0):
-                    self.done = True
+                    return self._lost()
                 return False
             batch = self.rx.recv()
         except (EOFError, OSError):
+            return self._lost()
+        except Exception as e:  # noqa: BLE001  (what the child sent cannot be read back)
             self.done = True
-            return False
+            self.items.append((0, (FAILED, InputError(f"{self.plan.path}: the plan's reader sent "
+                                                      f"what cannot be read back ({e})"))))
+            return True
         if batch is None:
             self.done = True
             return False
+        for item in batch:
+            if item[1][0] == STATS:
+                self.plan.absorb(item[1][1])
         self.items.extend(batch)
+        return True
+
+    def _lost(self) -> bool:
+        """The child ended without its end mark (killed: the OOM killer, a signal): True when
+        that is an error for the parent (queued as a FAILED item)."""
+        self.done = True
+        if self._stop.value:
+            return False
+        self.proc.join(1)
+        self.items.append((0, (FAILED, ReplayError(
+            f"{self.plan.path}: the process reading the log ended unexpectedly "
+            f"(exit {self.proc.exitcode}); the replay stopped there"))))
         return True
 
     def get(self):
@@ -405,12 +426,17 @@ class StreamReader:
         return self.items.popleft() if self.items else None
 
     def stop(self) -> None:
+        """Stop the child; the counts it sends as it stops (rules, pipelining) are kept."""
         self._stop.value = 1
+        end = time.monotonic() + 1.0
+        while not self.done and time.monotonic() < end:
+            self.items.clear()
+            self.receive(0.05)
         try:
             self.rx.close()
         except OSError:
             pass
-        self.proc.join(2)
+        self.proc.join(1)
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(2)
@@ -421,6 +447,7 @@ class StreamReader:
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent decides when to stop
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _die_with_parent()
         self.rx.close()
         self.batch: list = []
         try:
@@ -438,9 +465,13 @@ class StreamReader:
             b, self.batch = self.batch, []
             self._tx.send(b)
 
-    def _wait_for(self, off) -> bool:
-        """Until ``hold`` lets a request due at ``off`` go; False when stopping."""
-        while not self._stop.value:
+    def _wait_for(self, req, it) -> bool:
+        """Until ``hold`` lets ``req`` of pass ``it`` go; False when stopping."""
+        while not self._stop.value and os.getppid() == self.parent:
+            self.hold.schedule.t0 = self.t0_ns.value     # the parent may move the start
+            off = self.hold.offset(req, it)
+            if off is None:
+                return True
             wait = self.hold(off, self.start_ns.value)
             if wait is not None and wait <= 0:
                 self._state.value = 0
@@ -455,10 +486,8 @@ class StreamReader:
             return False
         head = item[0]
         if isinstance(head, PlannedRequest):
-            if self.hold is not None:
-                off = self.hold.offset(head, it)
-                if off is not None and not self._wait_for(off):
-                    return False
+            if self.hold is not None and not self._wait_for(head, it):
+                return False
             if not self.keep_recorded:
                 item = (head, None, None)
         elif head is None:                # a final response read after its request was planned
@@ -469,9 +498,17 @@ class StreamReader:
             self._flush()
         return True
 
+    def _stats(self, planner) -> dict:
+        rules = self.plan.rules
+        return {"pipelined": planner.pipelined, "skipped": dict(planner.skipped),
+                "reordered": planner.reordered, "unknown_status": planner.unknown_status,
+                "rules": dict(rules.stats) if rules is not None else None,
+                "refused_rewrites": rules.refused_rewrites if rules is not None else 0}
+
     def _run(self) -> None:
         plan = self.plan
         it = 0
+        planner = None
         try:
             while not self._stop.value and (self.passes is None or it < self.passes):
                 planner = StreamPlanner(plan.host, plan.keep_host, plan.header)
@@ -491,14 +528,11 @@ class StreamReader:
                     if not self._put(it, (END_CONN, c)):
                         return
                 if it == 0:
-                    rules = plan.rules
-                    self._put(it, (STATS, {
-                        "pipelined": planner.pipelined, "skipped": dict(planner.skipped),
-                        "reordered": planner.reordered, "unknown_status": planner.unknown_status,
-                        "rules": dict(rules.stats) if rules is not None else None}))
+                    self._put(it, (STATS, self._stats(planner)))
+                    first, planner = planner, None
                 if not self._put(it, (END_PASS, None)):
                     return
-                if planner.planned == 0:
+                if (planner or first).planned == 0:
                     break
                 it += 1
         except BaseException as e:  # noqa: BLE001  (handed to the parent)
@@ -512,4 +546,21 @@ class StreamReader:
                 e = InputError(f"{plan.path}: {e}")
             self.batch.append((it, (FAILED, e)))
         finally:
+            if it == 0 and planner is not None:       # stopped in the first pass: its counts
+                self.batch.append((it, (STATS, self._stats(planner))))
             self._state.value = 2
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies (PR_SET_PDEATHSIG)."""
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
