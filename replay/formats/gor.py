@@ -73,6 +73,7 @@ from replay.errors import InputError, OutputError
 from replay.events import (F_CHUNKED, F_FAILED, F_INCOMPLETE, F_REPLAYED, F_UNPAIRED,
                            KIND_REQUEST, KIND_RESPONSE, Message)
 from replay.httpmsg import body_length, head_end, header_value, is_chunked
+from replay.outputs import reason
 from replay.rules.middleware import message_id, message_type
 
 SEPARATOR = "\n🐵🙈🙉\n".encode()   # protocol.go: payloadSeparator
@@ -135,7 +136,7 @@ class GorReader:
         except IsADirectoryError:
             raise InputError(f"{self.path}: is a directory") from None
         except OSError as e:
-            raise InputError(f"{self.path}: cannot read: {(e.strerror or str(e)).lower()}") from None
+            raise InputError(f"{self.path}: cannot read: {reason(e)}") from None
         self.meta: dict = {"format": "GoReplay .gor", "compressed": "gzip" if self.compressed else None}
         if sniff(self.path):
             f, _ = _open(self.path)
@@ -152,7 +153,7 @@ class GorReader:
         try:
             f, _ = _open(self.path)
         except OSError as e:
-            raise InputError(f"{self.path}: cannot read: {(e.strerror or str(e)).lower()}") from None
+            raise InputError(f"{self.path}: cannot read: {reason(e)}") from None
         with f:
             buf = bytearray()
             base = 0          # offset of buf[0] in the (decompressed) data
@@ -509,7 +510,7 @@ class GorWriter:
             self._out.write(msg.data)
             self._out.write(SEPARATOR)
         except OSError as e:
-            raise OutputError(f"{self.path}: cannot write: {(e.strerror or str(e)).lower()}") from None
+            raise OutputError(f"{self.path}: cannot write: {reason(e)}") from None
         self.records_written += 1
 
     def update_meta(self, meta: dict) -> None:
@@ -527,7 +528,7 @@ class GorWriter:
             if fsync:
                 os.fsync(self._raw.fileno())
         except OSError as e:
-            raise OutputError(f"{self.path}: cannot write: {(e.strerror or str(e)).lower()}") from None
+            raise OutputError(f"{self.path}: cannot write: {reason(e)}") from None
         finally:
             try:
                 self._raw.close()

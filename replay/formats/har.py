@@ -67,6 +67,7 @@ from replay.events import (F_CHUNKED, F_INCOMPLETE, F_INTERIM, F_TRUNCATED, FLAG
 from replay.httpmsg import (decode_chunked, encode_chunked, format_addr, header_fields,
                             header_value, head_end, is_chunked, remove_header, set_header,
                             split_head)
+from replay.outputs import reason
 
 HAR_VERSION = "1.2"
 # A parsed JSON document takes 5-10 times its size in memory (CPython objects per string and
@@ -221,7 +222,7 @@ class HarWriter:
                 if fsync:
                     os.fsync(self._f.fileno())
             except OSError as e:
-                raise OutputError(f"{self.path}: cannot write: {_reason(e)}") from None
+                raise OutputError(f"{self.path}: cannot write: {reason(e)}") from None
         finally:
             try:
                 self._f.close()
@@ -240,7 +241,7 @@ class HarWriter:
         try:
             self._f.write(b)
         except OSError as e:
-            raise OutputError(f"{self.path}: cannot write: {_reason(e)}") from None
+            raise OutputError(f"{self.path}: cannot write: {reason(e)}") from None
 
     def _pop_oldest(self) -> None:
         _, p = self._pending.popitem(last=False)
@@ -267,10 +268,6 @@ class HarWriter:
 
     def _log_replay(self) -> dict:
         return {"meta": self._meta, "written": dict(self._counts, entries=self.entries_written)}
-
-
-def _reason(e: OSError) -> str:
-    return (e.strerror or str(e)).lower()
 
 
 def _iso_ms(ns: int) -> str:
@@ -501,7 +498,7 @@ class HarReader:
         except IsADirectoryError:
             raise InputError(f"{self.path}: is a directory") from None
         except OSError as e:
-            raise InputError(f"{self.path}: cannot read: {_reason(e)}") from None
+            raise InputError(f"{self.path}: cannot read: {reason(e)}") from None
         if raw.startswith(_BOM):
             raw = raw[len(_BOM):]
         try:

@@ -66,6 +66,7 @@ from replay.errors import OutputError
 from replay.events import (F_CLOSE_DELIMITED, F_FAILED, F_GAP, F_INCOMPLETE, F_REPLAYED,
                            KIND_REQUEST)
 from replay.limits import IDLE_TIMEOUT
+from replay.outputs import reason
 
 DLT_EN10MB = 1                      # https://www.tcpdump.org/linktypes.html
 SNAPLEN = 262144                    # tcpdump's default
@@ -245,7 +246,7 @@ class PcapWriter:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             except OSError as e:
-                raise OutputError(f"{self.path}: cannot create: {e.strerror}") from None
+                raise OutputError(f"{self.path}: cannot create: {reason(e)}") from None
         self._fd = fd
         self._buf += self._file_header()
 
@@ -507,7 +508,7 @@ class PcapWriter:
             while off < len(data):
                 off += os.write(self._fd, memoryview(data)[off:])
         except OSError as e:
-            raise OutputError(f"{self.path}: cannot write: {e.strerror}") from None
+            raise OutputError(f"{self.path}: cannot write: {reason(e)}") from None
 
 
 def _missing(msg) -> int:
