@@ -245,8 +245,7 @@ class CaptureSession:
         next_flush = now + self.flush_interval if self.flush_interval else None
         next_tick = now
         # an output that follows connections (shadow) hears of each one's end after its messages
-        ended = getattr(self.outputs, "connections_closed", None) \
-            if hasattr(engine, "take_closed") else None
+        ended = getattr(self.outputs, "connections_closed", None)
         src.start()
         try:
             while True:

@@ -34,6 +34,7 @@ import ipaddress
 import itertools
 import socket
 import ssl
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -504,8 +505,7 @@ class Player:
                     if final is not None and self.on_recorded is not None:
                         self.on_recorded(None, final)
                     continue
-                if kind == S.STATS:
-                    plan.absorb(item[1])
+                if kind == S.STATS:              # taken in by the reader as it arrived
                     continue
                 if kind == S.END_CONN:
                     f = feeds.pop((item[1], it), None)
@@ -540,21 +540,21 @@ class Player:
                 if f is None:
                     if d is not None:
                         await pacer.sleep_until(d - self.lead)
-                    while self.slots.locked():
-                        # every slot taken: end the least recently fed connection that waits
-                        # with nothing queued (its recorded end may be unknown: the rules may
-                        # have dropped its last requests), rather than wait for its idle end;
-                        # none waits yet: look again shortly
-                        for k, g in feeds.items():
-                            if not g.items and g.waiter is not None:
-                                feeds.pop(k).end()
-                                break
+                    while True:
+                        if self.slots.locked():
+                            # every slot taken: end the least recently fed connection that
+                            # waits with nothing queued (its recorded end may be unknown: the
+                            # rules may have dropped its last requests), rather than wait for
+                            # its idle end; none waits yet: look again shortly
+                            for k, g in feeds.items():
+                                if not g.items and g.waiter is not None:
+                                    feeds.pop(k).end()
+                                    break
                         try:
                             await asyncio.wait_for(self.slots.acquire(), SLOT_WAIT_S)
-                            self.slots.release()
+                            break
                         except asyncio.TimeoutError:
                             pass
-                    await self.slots.acquire()
                     if self.stopping or self.budget == 0:
                         self.slots.release()
                         break
@@ -583,8 +583,6 @@ class Player:
         read the first ``READ_AHEAD_NS`` of the schedule (or ``stream.QUEUE_ITEMS``, or the
         whole log; at most ``PREFILL_S``): the reading that follows keeps ``READ_AHEAD_NS``
         ahead of the schedule, a little at a time, in its own process."""
-        import time
-
         from replay.play import stream as S
 
         r = self.reader = self.plan.start(None if self.opts.loop else 1, _Hold(self.schedule),
@@ -945,8 +943,6 @@ class _Hold:
             if self.first is None:
                 self.first = off
             return 0.0 if off - self.first <= READ_AHEAD_NS else None
-        import time
-
         return max(0.0, (start_ns + off - READ_AHEAD_NS - time.monotonic_ns()) / NS)
 
 
