@@ -238,6 +238,27 @@ class FaultServer:
         return f"http://127.0.0.1:{self.port}"
 
 
+def server_tls_context(tmp_path):
+    """A server-side SSL context with a fresh self-signed certificate (openssl); the test skips
+    when openssl is missing or fails."""
+    import shutil
+    import ssl
+    import subprocess
+
+    import pytest
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed (needed to make a test certificate)")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", cert, "-days", "1", "-subj", "/CN=localhost"], capture_output=True)
+    if r.returncode:
+        pytest.skip("openssl could not make a certificate")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
 def free_port(host="127.0.0.1"):
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(fam, socket.SOCK_STREAM) as s:

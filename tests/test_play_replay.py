@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import time
 
 import pytest
 from play_helpers import (MS, SAMPLE, T0, FaultServer, SinkThread, env, free_port, get, ok_response,
-                          replay_cmd, spread_capture, write_capture)
+                          replay_cmd, server_tls_context, spread_capture, write_capture)
 
 from replay.events import F_CHUNKED, F_REPLAYED, KIND_REQUEST
 from replay.pipeline import open_input
@@ -244,17 +243,7 @@ def test_ctrl_c_prints_the_summary(tmp_path):
 
 
 def test_https_and_ipv6(tmp_path):
-    import ssl
-
-    if not shutil.which("openssl"):
-        pytest.skip("openssl not installed (needed to make a test certificate)")
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                        "-out", cert, "-days", "1", "-subj", "/CN=localhost"], capture_output=True)
-    if r.returncode:
-        pytest.skip("openssl could not make a certificate")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    ctx = server_tls_context(tmp_path)
     with SinkThread(ssl=ctx) as sink:
         rep, _ = play_report(tmp_path, SAMPLE, "--target", sink.url, "--speed", "max", "--insecure")
         assert rep["answered"] == 37 and rep["error_total"] == 0

@@ -82,21 +82,9 @@ def test_hung_target_fills_its_queue_then_drops():
 
 
 def test_https_target(tmp_path):
-    import shutil
-    import ssl
-    import subprocess
+    from play_helpers import server_tls_context
 
-    import pytest
-
-    if not shutil.which("openssl"):
-        pytest.skip("openssl not installed (needed to make a test certificate)")
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                        "-out", cert, "-days", "1", "-subj", "/CN=localhost"], capture_output=True)
-    if r.returncode:
-        pytest.skip("openssl could not make a certificate")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    ctx = server_tls_context(tmp_path)
 
     async def main():
         log: list = []
