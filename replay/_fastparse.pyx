@@ -21,7 +21,8 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyBy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uint8_t, uint32_t
-from libc.string cimport memcmp, memcpy, memset
+from cpython.unicode cimport PyUnicode_DecodeLatin1
+from libc.string cimport memchr, memcmp, memcpy, memset
 
 from replay.errors import InputError
 from replay.limits import (IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE, MAX_STREAM_BUFFER,
@@ -369,6 +370,215 @@ cdef parse_head(bytes head):
     return is_req, method, uri, status, fields
 
 
+# -- the head, read in C -------------------------------------------------------------------------
+# What ``parse_head`` + ``_content_length`` + ``_is_chunked`` decide, read straight from the buffer
+# for the heads that need nothing unusual; anything else (an obs-fold line, a start line that is
+# not HTTP/1.x) returns 0 and the Python-object path above decides, so both paths agree with the
+# twin byte for byte (test_differential).
+
+cdef struct HeadInfo:
+    int is_req
+    Py_ssize_t m_end          # method: p[0:m_end]
+    Py_ssize_t u_start        # uri: p[u_start:u_end]
+    Py_ssize_t u_end
+    int status
+    int te                    # as _is_chunked: 0 none, 1 chunked last, 2 other
+    int64_t cl                # as _content_length: -1 absent, -2 invalid
+    int upgrade               # a field named Upgrade
+
+cdef inline bint _ws(char c) noexcept nogil:
+    # bytes.strip()'s whitespace
+    return c == 32 or c == 9 or c == 10 or c == 13 or c == 11 or c == 12
+
+cdef inline bint _digit(char c) noexcept nogil:
+    return 48 <= c <= 57
+
+cdef inline char _lower(char c) noexcept nogil:
+    return c + 32 if 65 <= c <= 90 else c
+
+cdef bint _name_is(const char* p, Py_ssize_t a, Py_ssize_t b, const char* name, Py_ssize_t k) noexcept nogil:
+    """p[a:b].strip().lower() == name (k bytes, lower case)."""
+    cdef Py_ssize_t i
+    while a < b and _ws(p[a]):
+        a += 1
+    while b > a and _ws(p[b - 1]):
+        b -= 1
+    if b - a != k:
+        return False
+    for i in range(k):
+        if _lower(p[a + i]) != name[i]:
+            return False
+    return True
+
+cdef int _cl_items(const char* p, Py_ssize_t a, Py_ssize_t b, int64_t* seen, int* nseen) noexcept nogil:
+    """The comma-separated Content-Length items of p[a:b] into seen (as _content_length):
+    1 fine, -2 invalid."""
+    cdef Py_ssize_t s, e, i
+    cdef int64_t v
+    while True:
+        s = a
+        while a < b and p[a] != 44:
+            a += 1
+        e = a
+        while s < e and _ws(p[s]):
+            s += 1
+        while e > s and _ws(p[e - 1]):
+            e -= 1
+        if e == s:
+            return -2
+        if e - s > 18:
+            return -2
+        v = 0
+        for i in range(s, e):
+            if not _digit(p[i]):
+                return -2
+            v = v * 10 + (p[i] - 48)
+        if nseen[0] == 0:
+            seen[0] = v
+            nseen[0] = 1
+        elif seen[0] != v:
+            nseen[0] = 2
+        if a >= b:
+            return 1
+        a += 1          # past the comma
+
+cdef int _read_head(const char* p, Py_ssize_t n, HeadInfo* h) noexcept nogil:
+    """The head p[0:n] (it ends with its empty line): 1 read into h, 0 the Python path decides."""
+    cdef Py_ssize_t nl, e, i, k, a, colon, te_a = -1, te_b = -1
+    cdef int64_t seen = 0
+    cdef int nseen = 0
+    cdef bint cl_bad = False, cl_any = False
+    # start line (RFC 9112 §3, §4), as parse_head: rstrip(b"\r"), then split on single spaces
+    nl = 0
+    while nl < n and p[nl] != 10:
+        nl += 1
+    e = nl
+    while e > 0 and p[e - 1] == 13:
+        e -= 1
+    h.upgrade = 0
+    h.status = 0
+    if e >= 5 and memcmp(p, b"HTTP/", 5) == 0:
+        i = 0
+        while i < e and p[i] != 32:
+            i += 1
+        if i + 4 > e or not (_digit(p[i + 1]) and _digit(p[i + 2]) and _digit(p[i + 3])):
+            return 0
+        if i + 4 < e and p[i + 4] != 32:
+            return 0
+        h.is_req = 0
+        h.status = (p[i + 1] - 48) * 100 + (p[i + 2] - 48) * 10 + (p[i + 3] - 48)
+    else:
+        i = 0
+        while i < e and p[i] != 32:
+            i += 1
+        if i == 0 or i >= e:
+            return 0
+        h.m_end = i
+        h.u_start = i + 1
+        k = i + 1
+        while k < e and p[k] != 32:
+            k += 1
+        if k >= e:
+            return 0
+        h.u_end = k
+        # the version: exactly one more part, starting with HTTP/
+        for a in range(k + 1, e):
+            if p[a] == 32:
+                return 0
+        if e - (k + 1) < 5 or memcmp(p + k + 1, b"HTTP/", 5) != 0:
+            return 0
+        h.is_req = 1
+    # fields
+    a = nl + 1
+    while a < n:
+        nl = a
+        while nl < n and p[nl] != 10:
+            nl += 1
+        e = nl
+        while e > a and p[e - 1] == 13:
+            e -= 1
+        if e > a:
+            if p[a] == 32 or p[a] == 9:
+                return 0        # obs-fold (or a first field that starts with white space)
+            colon = a
+            while colon < e and p[colon] != 58:
+                colon += 1
+            if colon < e:
+                if _name_is(p, a, colon, b"content-length", 14):
+                    cl_any = True
+                    if not cl_bad:
+                        if _cl_items(p, colon + 1, e, &seen, &nseen) < 0:
+                            cl_bad = True
+                elif _name_is(p, a, colon, b"transfer-encoding", 17):
+                    te_a, te_b = colon + 1, e        # the last coding of the last field decides
+                elif _name_is(p, a, colon, b"upgrade", 7):
+                    h.upgrade = 1
+        a = nl + 1
+    if not cl_any:
+        h.cl = -1
+    elif cl_bad or nseen != 1:
+        h.cl = -2
+    else:
+        h.cl = seen
+    h.te = 0
+    if te_a >= 0:
+        # b",".join(vals).split(b",")[-1].strip().lower() == b"chunked"
+        k = te_b
+        while k > te_a and p[k - 1] != 44:
+            k -= 1
+        h.te = 1 if _name_is(p, k, te_b, b"chunked", 7) else 2
+    return 1
+
+
+cdef inline bint _status_line(const char* p, Py_ssize_t n) noexcept nogil:
+    """STATUS_START_RE.match: HTTP/d.d ddd, then [ \t] and any text, then \r?\n."""
+    cdef Py_ssize_t i
+    if n < 13 or memcmp(p, b"HTTP/", 5) != 0 or not _digit(p[5]) or p[6] != 46 or \
+            not _digit(p[7]) or p[8] != 32 or not (_digit(p[9]) and _digit(p[10]) and _digit(p[11])):
+        return False
+    i = 12
+    if p[i] == 32 or p[i] == 9:
+        i += 1
+        while i < n and p[i] != 13 and p[i] != 10:
+            i += 1
+    if i < n and p[i] == 13:
+        i += 1
+    return i < n and p[i] == 10
+
+
+cdef inline bint _request_line(const char* p, Py_ssize_t n) noexcept nogil:
+    """REQ_START_RE.match: a method of [A-Z][A-Z0-9_-]{0,31}, a target, HTTP/d.d, \r?\n."""
+    cdef Py_ssize_t i = 1
+    cdef unsigned char c
+    if n < 1 or not (65 <= p[0] <= 90):
+        return False
+    while i < n and i <= 32:
+        c = p[i]
+        if not (65 <= c <= 90 or _digit(c) or c == 95 or c == 45):
+            break
+        i += 1
+    if i >= n or p[i] != 32 or i > 32:
+        return False
+    i += 1
+    if i >= n:
+        return False
+    c = p[i]
+    if not (0x21 <= c <= 0x7e or c >= 0x80):
+        return False
+    while i < n:
+        c = p[i]
+        if not (0x21 <= c <= 0x7e or c >= 0x80):
+            break
+        i += 1
+    if i + 9 > n or memcmp(p + i, b" HTTP/", 6) != 0 or not _digit(p[i + 6]) or p[i + 7] != 46 \
+            or not _digit(p[i + 8]):
+        return False
+    i += 9
+    if i < n and p[i] == 13:
+        i += 1
+    return i < n and p[i] == 10
+
+
 cdef int64_t _content_length(dict fields):
     """RFC 9112 §6.3 rule 5: the value, -1 when absent, -2 when invalid."""
     vals = fields.get(b"content-length")
@@ -378,7 +588,7 @@ cdef int64_t _content_length(dict fields):
     for v in vals:
         for item in v.split(b","):
             item = item.strip()
-            if not item.isdigit():
+            if not item.isdigit() or len(item) > 18:   # beyond 10**18 bytes: no real length
                 return -2
             seen.add(int(item))
     return seen.pop() if len(seen) == 1 else -2
@@ -733,18 +943,23 @@ cdef class Framer:
         self.pos = self.pos - n if self.pos > n else 0
 
     cdef Py_ssize_t _find_head_end(self):
-        buf = self.buf
-        cdef Py_ssize_t start = (self.pos if self.pos > 1 else 1) - 1
-        cdef Py_ssize_t i = buf.find(b"\n\r\n", start)
-        cdef Py_ssize_t j = buf.find(b"\n\n", start)
-        cdef Py_ssize_t n
-        if i < 0 and j < 0:
-            n = PyByteArray_GET_SIZE(buf)
-            self.pos = n - 2 if n > 2 else 0
-            return -1
-        if i < 0 or (0 <= j < i):
-            return j + 2
-        return i + 3
+        # the first b"\n\r\n" or b"\n\n" from pos - 1 (the twin's two finds, whichever is first)
+        cdef Py_ssize_t n = PyByteArray_GET_SIZE(self.buf)
+        cdef const char* p = PyByteArray_AS_STRING(self.buf)
+        cdef Py_ssize_t k = (self.pos if self.pos > 1 else 1) - 1
+        cdef const char* q
+        while k < n:
+            q = <const char*>memchr(p + k, 10, n - k)
+            if q == NULL:
+                break
+            k = q - p
+            if k + 1 < n and p[k + 1] == 10:
+                return k + 2
+            if k + 2 < n and p[k + 1] == 13 and p[k + 2] == 10:
+                return k + 3
+            k += 1
+        self.pos = n - 2 if n > 2 else 0
+        return -1
 
     cdef bint _sniff(self, bint final) except -1:
         """Decide this direction's role from its first bytes."""
@@ -805,13 +1020,14 @@ cdef class Framer:
     cdef bint _start_ok(self, bint final) except -1:
         """In a synchronised stream, is buf at a start line? Otherwise lose sync."""
         buf = self.buf
-        nl = buf.find(b"\n")
-        if nl < 0:
-            if PyByteArray_GET_SIZE(buf) > self.eng.max_head:
+        cdef Py_ssize_t n = PyByteArray_GET_SIZE(buf)
+        cdef const char* p = PyByteArray_AS_STRING(buf)
+        if memchr(p, 10, n) == NULL:
+            if n > self.eng.max_head:
                 self._lose_sync(0)
                 return False
             return False  # at the end of input, eof() counts these bytes as a dropped head
-        if (_REQ_MATCH if self.role == ROLE_CLIENT else _STATUS_MATCH)(buf):
+        if _request_line(p, n) if self.role == ROLE_CLIENT else _status_line(p, n):
             return True
         self._lose_sync(0)
         return False
@@ -888,22 +1104,41 @@ cdef class Framer:
         cdef int status
         cdef int te
         cdef int64_t cl
-        parsed = parse_head(bytes(self.buf[:end]))
-        if parsed is None or parsed[0] != (self.role == ROLE_CLIENT):
+        cdef HeadInfo h
+        cdef const char* cp = PyByteArray_AS_STRING(self.buf)
+        cdef bint is_req
+        parsed = None
+        if _read_head(cp, end, &h):
+            parsed = True
+            is_req = h.is_req
+            status = h.status
+            te = h.te
+            cl = h.cl
+            if is_req:
+                method = PyUnicode_DecodeLatin1(cp, h.m_end, NULL)
+                uri = PyUnicode_DecodeLatin1(cp + h.u_start, h.u_end - h.u_start, NULL)
+                upgrade = h.upgrade or method == "CONNECT"
+        else:
+            parsed = parse_head(bytes(self.buf[:end]))
+            if parsed is None:
+                is_req = not (self.role == ROLE_CLIENT)     # a false start, as below
+            else:
+                is_req, method, uri, status, fields = parsed
+                te = _is_chunked(fields)
+                cl = _content_length(fields)
+                if is_req:
+                    upgrade = method == "CONNECT" or b"upgrade" in fields
+        if parsed is None or is_req != (self.role == ROLE_CLIENT):
             self._lose_sync(0)
             self._drop_front(1)  # move past this false start
             return False
-        is_req, method, uri, status, fields = parsed
         self.head_len = end
         self.body_len = 0
         self.pos = end
         self.flags |= self.resync_flag | conn.midstream
         self.resync_flag = 0
-        te = _is_chunked(fields)
-        cl = _content_length(fields)
         if is_req:
             self.method, self.uri, self.status = method, uri, 0
-            upgrade = method == "CONNECT" or b"upgrade" in fields
             p = _Pending(conn.next_index, method, uri, self.base, upgrade)
             conn.next_index += 1
             self.pending = p

@@ -348,7 +348,7 @@ def _content_length(fields):
     for v in vals:
         for item in v.split(b","):
             item = item.strip()
-            if not item.isdigit():
+            if not item.isdigit() or len(item) > 18:   # beyond 10**18 bytes: no real length
                 return -2
             seen.add(int(item))
     return seen.pop() if len(seen) == 1 else -2
