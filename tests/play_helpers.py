@@ -154,7 +154,8 @@ class FaultServer:
       close``) after ``idle`` seconds without a request, as servers do after their keep-alive
       timeout;
     - ``close-reused``: answers the first request of a connection, then closes on the next one
-      without answering (a keep-alive timeout that fires as the request arrives).
+      without answering (a keep-alive timeout that fires as the request arrives);
+    - ``stall``: answers the first two requests of a connection, then reads and never answers.
     """
 
     def __init__(self, mode, idle=0.2):
@@ -203,6 +204,11 @@ class FaultServer:
                 if self.mode == "close-reused":
                     c.close()
                     return
+                if self.mode == "stall":
+                    served += 1
+                    if served <= 2:
+                        c.sendall(ok_response())
+                    continue
                 if self.mode == "reset":
                     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     c.close()

@@ -26,3 +26,27 @@ def test_rewritten_request_and_response():
     resp = Message(KIND_RESPONSE, 3, 1, 30, 40, req.client, req.server, 0, b"", "GET", "/a", 200, 0, 0)
     new = with_data(resp, b"HTTP/1.1 404 No\r\nTransfer-Encoding: chunked\r\n\r\n3;x\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
     assert (new.status, new.body_length, new.method) == (404, 5, "GET") and new.flags & F_CHUNKED
+
+
+# -- the fast search for a header agrees with the line-by-line one ---------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from replay import httpmsg  # noqa: E402
+
+_PIECES = [b"Host", b"host", b"HOST", b"X-Host", b"Hostname", b":", b": ", b" ", b"\t", b"\r",
+           b"\n", b"\r\n", b"\x0b", b"\x0c", b"a.example", b"v", b"Accept"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=30), st.sampled_from([b"\r\n", b"\n"]))
+def test_first_field_agrees_with_field_spans(pieces, eol):
+    head = b"GET / HTTP/1.1" + eol + b"".join(pieces) + eol + eol
+    spans = httpmsg.field_spans(head, b"host")
+    want = (spans[0][1], spans[0][2]) if spans else None
+    got = httpmsg._first_field(head, b"host")
+    if got is not httpmsg._SLOW:
+        assert got == want
+    data = head + b"body"
+    slow = (head[:want[0] + 1] + b" h" + head[want[1]:] + b"body") if want else data
+    assert httpmsg.replace_header(data, len(head), b"host", b"h") == slow

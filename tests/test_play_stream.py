@@ -14,7 +14,8 @@ import random
 import subprocess
 
 import pytest
-from play_helpers import SinkThread, env, get, ok_response, replay_cmd, spread_capture
+from play_helpers import (FaultServer, SinkThread, env, get, ok_response, replay_cmd,
+                          spread_capture)
 
 from replay.events import F_REPLAYED, KIND_REQUEST
 from replay.log import LogReader, LogWriter
@@ -122,14 +123,14 @@ def test_planner_window_is_bounded(monkeypatch):
     assert len(out) == 1000 and most <= 51 and p.unknown_status == 1000
 
 
-def _run(plan, url, tmp_path, name, speed=None, loop=False, limit=0, recorded=None):
+def _run(plan, url, tmp_path, name, speed=None, loop=False, limit=0, recorded=None, timeout=10.0):
     outputs = Outputs()
     out = outputs.atomic(tmp_path / name, "-o", mode=LOG_MODE)
     outputs.open()
     tgt = parse_target(url)
     sched = Schedule(plan.t0, plan.span_ns, plan.requests, speed=speed)
     s = ps.PlaySession(plan, sched, tgt, Options(connections=1000 if speed else 64, loop=loop,
-                                                 limit=limit),
+                                                 limit=limit, timeout=timeout),
                        ps.About("in", tgt.display), output=ps.ExchangeLog(out, recorded=recorded))
     report = s.run()
     outputs.commit()
@@ -176,6 +177,33 @@ def test_streamed_loop_passes_and_limit(tmp_path):
     for seq in conns.values():
         uris = [r.split(b" ")[1] for r in seq]
         assert uris == sorted(uris, key=lambda u: int(u.rsplit(b"/", 1)[-1]))
+
+
+def test_full_speed_answers_send_the_next_request_and_faults_still_count(tmp_path):
+    """At --speed max a kept-alive connection's answer sends its next request from the answer's
+    callback: the order on each connection, a timeout on a request sent that way, and a
+    connection the target closes under such a request (sent again on a new one) all hold."""
+    cap = spread_capture(tmp_path / "in.pcap", n=20, conns=4, span_ns=100 * MS)
+    log = to_log(str(cap), tmp_path / "in.rlog")
+    with SinkThread() as sink:
+        plan = RecordedSource(log).plan(parse_target(sink.url).host_header)
+        report, _ = _run(plan, sink.url, tmp_path, "ok.rlog")
+        conns = sink.by_conn()
+    assert (report.answered, report.error_total, report.opened) == (20, 0, 4)
+    for seq in conns.values():
+        uris = [r.split(b" ")[1] for r in seq]
+        assert len(uris) == 5 and uris == sorted(uris, key=lambda u: int(u.rsplit(b"/", 1)[-1]))
+    # answers two requests per connection, then none: the third of each recorded connection
+    # times out, the fourth and fifth go on a new connection and are answered
+    with FaultServer("stall") as srv:
+        plan = RecordedSource(log).plan(parse_target(srv.url).host_header)
+        report, _ = _run(plan, srv.url, tmp_path, "stall.rlog", timeout=1.0)
+    assert (report.answered, dict(report.errors), report.opened) == (16, {"timeout": 4}, 8)
+    # closes each connection on its second request: sent again (GET), never an error
+    with FaultServer("close-reused") as srv:
+        plan = RecordedSource(log).plan(parse_target(srv.url).host_header)
+        report, _ = _run(plan, srv.url, tmp_path, "reused.rlog")
+    assert (report.answered, report.error_total, report.retried) == (20, 0, 16)
 
 
 def run_bounded(args, timeout=240):

@@ -176,6 +176,8 @@ class ReplayProtocol(asyncio.Protocol):
         self.closed = False
         self.reusable = True
         self.waiter = None
+        self.timer = None           # wait_idle's, while armed
+        self.pump = None            # (feed, pass, conn id) while its answers send the next requests
         self.local = ("", 0)
         self.peer = ("", 0)
         self.answers = 0            # final answers read here: > 0 means the connection was reused
@@ -210,6 +212,9 @@ class ReplayProtocol(asyncio.Protocol):
     def connection_lost(self, exc):
         self.closed = True
         self.reusable = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         now = self.now()
         msgs = self.framer.eof(now) if self.framer is not None else []
         cut = False
@@ -265,7 +270,7 @@ class ReplayProtocol(asyncio.Protocol):
                         not (conn_hdr and "keep-alive" in conn_hdr.lower()):
                     self.reusable = False
             player.answered(att, m, now, self)
-        if not self.pending:
+        if not self.pending and (self.pump is None or not player._pump(self)):
             self._wake(True)
 
     def _wake(self, value):
@@ -289,21 +294,39 @@ class ReplayProtocol(asyncio.Protocol):
             self.player.failed(self.pending.popleft(), kind, True)
 
     async def wait_idle(self, timeout_ns: int) -> bool:
-        """True once every request sent here is answered (or failed); False on timeout."""
+        """True once every request sent here is answered (or failed); False on timeout.
+
+        One timer per connection, not per wait: armed for the oldest request's limit, it looks
+        again when it fires and re-arms for the request then oldest (at ``--speed max`` a wait
+        lasts one answer; a timer per wait cost more than the rest of it)."""
         while self.pending and not self.closed:
-            limit = self.pending[0].sent_ns + timeout_ns
-            rem = limit - self.now()
+            rem = self.pending[0].sent_ns + timeout_ns - self.now()
             if rem <= 0:
                 return False
-            fut = self.loop.create_future()
-            self.waiter = fut
-            h = self.loop.call_later(rem / NS, _expire, fut)
+            if self.timer is None:
+                self.timer = self.loop.call_later(rem / NS, self._check, timeout_ns)
+            fut = self.waiter = self.loop.create_future()
             try:
-                await fut
+                if not await fut:
+                    return False
             finally:
-                h.cancel()
                 self.waiter = None
         return True
+
+    def _check(self, timeout_ns: int) -> None:
+        """The connection's timer: the oldest request waited ``timeout_ns``, or re-arm for it."""
+        self.timer = None
+        w = self.waiter
+        if w is None or w.done() or self.closed:
+            return
+        if not self.pending:
+            w.set_result(True)
+            return
+        rem = self.pending[0].sent_ns + timeout_ns - self.now()
+        if rem <= 0:
+            w.set_result(False)
+        else:
+            self.timer = self.loop.call_later(rem / NS, self._check, timeout_ns)
 
     def abort(self, kind: str):
         """Give up on this connection: what is outstanding fails with ``kind``."""
@@ -494,33 +517,34 @@ class Player:
                     continue
                 it, item = got
                 kind = item[0]
-                if kind == S.LATE:               # a recorded answer that ended late
-                    conn, index, status, final = item[1]
-                    r = late.pop((conn, index, it), None)
-                    if r is not None:
-                        r.recorded_status = status
-                    got = self.late_answers.pop((conn + it * stride, index), None)
-                    if got is not None:          # answered before its recorded status came
-                        self.report.late_recorded(status, got)
-                    if final is not None and self.on_recorded is not None:
-                        self.on_recorded(None, final)
-                    continue
-                if kind == S.STATS:              # taken in by the reader as it arrived
-                    continue
-                if kind == S.END_CONN:
-                    f = feeds.pop((item[1], it), None)
-                    if f is not None:
-                        f.end()
-                    continue
-                if kind == S.END_PASS:
-                    for k in [k for k in feeds if k[1] == it]:
-                        feeds.pop(k).end()
-                    continue
-                if kind == S.FAILED:             # reported after the run, as a crash is
-                    if self.crash is None:
-                        self.crash = item[1]
-                    self.cancel()
-                    break
+                if kind.__class__ is not PlannedRequest:       # the reader's marks
+                    if kind == S.LATE:               # a recorded answer that ended late
+                        conn, index, status, final = item[1]
+                        r = late.pop((conn, index, it), None)
+                        if r is not None:
+                            r.recorded_status = status
+                        got = self.late_answers.pop((conn + it * stride, index), None)
+                        if got is not None:          # answered before its recorded status came
+                            self.report.late_recorded(status, got)
+                        if final is not None and self.on_recorded is not None:
+                            self.on_recorded(None, final)
+                        continue
+                    if kind == S.STATS:              # taken in by the reader as it arrived
+                        continue
+                    if kind == S.END_CONN:
+                        f = feeds.pop((item[1], it), None)
+                        if f is not None:
+                            f.end()
+                        continue
+                    if kind == S.END_PASS:
+                        for k in [k for k in feeds if k[1] == it]:
+                            feeds.pop(k).end()
+                        continue
+                    if kind == S.FAILED:             # reported after the run, as a crash is
+                        if self.crash is None:
+                            self.crash = item[1]
+                        self.cancel()
+                        break
                 req, rec_req, rec_final = item
                 if req.recorded_status is None:
                     late[(req.conn, req.index, it)] = req
@@ -600,6 +624,29 @@ class Player:
             self.schedule.t0 = first
             r.t0_ns.value = first
 
+    def _pump(self, proto: ReplayProtocol) -> bool:
+        """``proto`` has every answer (``--speed max``): send the next request of its feed now,
+        and those pipelined after it, as its task would; False when its task must decide (the
+        feed is empty, the run stops, the connection cannot be reused)."""
+        feed, it, conn_id = proto.pump
+        items = feed.items
+        if not items or self.stopping or self.budget == 0 or proto.closed or \
+                not proto.reusable or proto.retry or proto.framer.tunnel:
+            return False
+        report = self.report
+        while True:
+            req = items.popleft()
+            self._took()
+            if self.budget is not None:
+                self.budget -= 1
+                if self.budget == 0 and self.room is not None:
+                    self.room.set()
+            report.on_attempt(req.recorded_status)
+            t = proto.send(Attempt(req, it, None, conn_id))
+            report.on_sent(len(req.data), None, False, t)
+            if not items or not items[0].pipelined or self.budget == 0 or self.stopping:
+                return True
+
     def _took(self):
         """A feed's request was taken by its connection."""
         self.fed -= 1
@@ -674,8 +721,25 @@ class Player:
             # the same recorded connection's previous feed still runs: keep its order
             await asyncio.gather(after, return_exceptions=True)
         requests = cp if isinstance(cp, _Feed) else _aiter(cp.requests)
+        # --speed max, kept alive, streamed: between requests the connection waits for its
+        # answer *before* taking the next request, and the answer's callback sends the next
+        # ones itself while it can (``_pump``): no task switch per request
+        pump = (cp, it, conn_id) if isinstance(cp, _Feed) and not sched.timed and \
+            opts.keepalive else None
         try:
-            async for req in requests:
+            while True:
+                if pump is not None and proto is not None and proto.pending and \
+                        not (cp.items and cp.items[0].pipelined):
+                    held = proto
+                    held.pump = pump
+                    try:
+                        proto = await self._settle(proto)
+                    finally:
+                        held.pump = None
+                try:
+                    req = await requests.__anext__()
+                except StopAsyncIteration:
+                    break
                 if self.stopping or self.budget == 0:
                     break
                 deadline = sched.deadline(req.t, req.seq, it)

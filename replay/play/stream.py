@@ -133,11 +133,12 @@ class _Pending:
 
 
 class _Conn:
-    __slots__ = ("resp_end", "last_t")
+    __slots__ = ("resp_end", "last_t", "last")
 
-    def __init__(self):
+    def __init__(self, last):
         self.resp_end = None     # ts_last of the previous planned request's final response
         self.last_t = 0
+        self.last = last         # index of its last recorded request (None: unknown)
 
 
 class StreamPlanner:
@@ -228,12 +229,13 @@ class StreamPlanner:
         m, final = p.msg, p.final
         st = self.conns.get(m.conn)
         if st is None:
-            st = self.conns[m.conn] = _Conn()
+            st = self.conns[m.conn] = _Conn(
+                self.header.last_of(m.conn) if self.header is not None else None)
         else:
             self.conns.move_to_end(m.conn)
         prev_end, st.resp_end = st.resp_end, (final.ts_last if final is not None else None)
         st.last_t = m.ts_first
-        last = self.header.last_of(m.conn) if self.header is not None else None
+        last = st.last
         if last is not None and m.index >= last:
             del self.conns[m.conn]
             self.ended.append(m.conn)
@@ -403,7 +405,7 @@ class StreamReader:
             self.done = True
             return False
         for item in batch:
-            if item[1][0] == STATS:
+            if item[1][0].__class__ is str and item[1][0] == STATS:
                 self.plan.absorb(item[1][1])
         self.items.extend(batch)
         return True
@@ -450,6 +452,8 @@ class StreamReader:
         _die_with_parent()
         self.rx.close()
         self.batch: list = []
+        # --speed max: nothing to wait for (the sender bounds what it takes)
+        self.timed = self.hold is not None and self.hold.schedule.timed
         try:
             self._run()
         finally:
@@ -486,7 +490,7 @@ class StreamReader:
             return False
         head = item[0]
         if isinstance(head, PlannedRequest):
-            if self.hold is not None and not self._wait_for(head, it):
+            if self.timed and not self._wait_for(head, it):
                 return False
             if not self.keep_recorded:
                 item = (head, None, None)
