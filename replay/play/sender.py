@@ -55,6 +55,7 @@ AHEAD_NS = 300_000_000                # a streamed request is handed to its conn
 MAX_FED = 10_000                      # --speed max: streamed requests handed over, not yet taken
 READ_AHEAD_NS = 1_000_000_000         # a timed stream is planned this far ahead of the schedule
 PREFILL_S = 3.0                       # at most this long reading before the first deadline
+PREFILL_MAX_ITEMS = 1024              # --speed max: requests read before the first is sent
 POLL_S = 0.005                        # the stream launcher's wait for the reader (300 ms ahead)
 MAX_LATE_ANSWERS = 100_000            # answers kept waiting for a recorded status read late
 SLOT_WAIT_S = 0.05                    # ... and, every slot taken, between looks for an idle one
@@ -606,14 +607,16 @@ class Player:
         """Start the stream's reader before the schedule, and take what it plans until it has
         read the first ``READ_AHEAD_NS`` of the schedule (or ``stream.QUEUE_ITEMS``, or the
         whole log; at most ``PREFILL_S``): the reading that follows keeps ``READ_AHEAD_NS``
-        ahead of the schedule, a little at a time, in its own process."""
+        ahead of the schedule, a little at a time, in its own process. ``--speed max`` starts
+        after ``PREFILL_MAX_ITEMS``: the reader plans faster than the sender sends."""
         from replay.play import stream as S
 
         r = self.reader = self.plan.start(None if self.opts.loop else 1, _Hold(self.schedule),
                                           keep_recorded=self.on_recorded is not None)
         end = time.monotonic() + PREFILL_S
-        while time.monotonic() < end and not r.done and not r.holding and \
-                len(r.items) < S.QUEUE_ITEMS:
+        # --speed max: a few batches, then the reader keeps ahead of the sender on its own
+        enough = S.QUEUE_ITEMS if self.schedule.timed else PREFILL_MAX_ITEMS
+        while time.monotonic() < end and not r.done and not r.holding and len(r.items) < enough:
             r.receive(0.005)
         while r.receive(0):          # what the reader sent before it began to wait
             pass
