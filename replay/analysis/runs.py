@@ -123,7 +123,7 @@ class SectionIndex:
     def __init__(self, reader, replayed: bool, conns: tuple | None = None):
         req_k, req_r, fin_k, fin_r = [], [], [], []
         for b in list(reader.blocks):
-            t = reader.columns(b)
+            t = reader.columns(b, ("kind", "flags", "conn", "index"))
             if t is None:
                 continue
             c = t.cols

@@ -347,23 +347,31 @@ class Table:
 
     __slots__ = ("n", "cols", "addrs", "strings")
 
-    def __init__(self, buf, n: int, t_min: int, columns_only: bool = False):
+    def __init__(self, buf, n: int, t_min: int, columns_only: bool = False, names=None):
+        """``columns_only``: the numeric columns alone; ``names`` (with it): only those of
+        ``COLUMNS`` (``ts_last`` needs ``ts_first``; ``data_length`` is left out)."""
         if len(buf) < TABLE_PREFIX + ROW_BYTES * n:
             raise FormatError("table section too short")
         self.n = n
         (unit,) = U64.unpack_from(buf, 0)
         cols = {}
         off = TABLE_PREFIX
+        if names is not None:
+            names = set(names) | ({"ts_first"} if "ts_last" in names else set())
         for name, dt in COLUMN_DTYPES:
-            cols[name] = _unplanes(buf, dt, n, off)
+            if names is None or name in names:
+                cols[name] = _unplanes(buf, dt, n, off)
             off += dt.itemsize * n
         with np.errstate(over="ignore"):
             u = np.int64(unit if unit < (1 << 63) else 1)
-            first = np.cumsum(_unzigzag(cols["ts_first"]) * u) + np.int64(t_min)
-            cols["ts_first"] = first
-            cols["ts_last"] = first + _unzigzag(cols.pop("ts_last")) * u
-            extra = _unzigzag(cols.pop("extra")).view(np.uint64)
-            cols["data_length"] = cols["body_length"] + cols["head_length"].astype(np.uint64) + extra
+            if "ts_first" in cols:
+                first = np.cumsum(_unzigzag(cols["ts_first"]) * u) + np.int64(t_min)
+                cols["ts_first"] = first
+                if "ts_last" in cols:
+                    cols["ts_last"] = first + _unzigzag(cols.pop("ts_last")) * u
+            if names is None:
+                extra = _unzigzag(cols.pop("extra")).view(np.uint64)
+                cols["data_length"] = cols["body_length"] + cols["head_length"].astype(np.uint64) + extra
         self.cols = cols
         if columns_only:            # a scan of the index: addresses and strings not decoded
             self.addrs = self.strings = None

@@ -361,14 +361,15 @@ class LogReader:
                 cache.popitem(last=False)
         return got
 
-    def columns(self, b: BlockInfo):
+    def columns(self, b: BlockInfo, names=None):
         """The numeric columns of block ``b``'s table (``Table.cols``; its addresses and strings
-        not decoded, several times faster), not cached: for scans of a whole log's index. None
-        (with a warning) when the block is damaged."""
-        got = self._read(b, False, True, columns_only=True)
+        not decoded, several times faster; only ``names`` when given), not cached: for scans of
+        a whole log's index. None (with a warning) when the block is damaged."""
+        got = self._read(b, False, True, columns_only=True, names=names)
         return None if got is None else got[0]
 
-    def _read(self, b: BlockInfo, want_payload: bool, with_table: bool, columns_only: bool = False):
+    def _read(self, b: BlockInfo, want_payload: bool, with_table: bool, columns_only: bool = False,
+              names=None):
         """(Table or None, payload or None) of data block ``b``, checked; None (with a warning,
         the block leaving ``blocks``) when it is damaged."""
         mm = self._mm
@@ -378,7 +379,7 @@ class LogReader:
                 raise FormatError("not the data block the index lists")
             fmt.check_body(h, mm, b.offset, want_payload)
             a, payload = fmt.sections(h, mm, b.offset, self._dctx, want_b=want_payload)
-            table = fmt.Table(a, h.count, h.t_min, columns_only) if with_table else None
+            table = fmt.Table(a, h.count, h.t_min, columns_only, names) if with_table else None
         except FormatError as e:
             self._warn(f"corrupt block at offset {b.offset} ({e}), its {b.count} messages skipped")
             self._drop(b)

@@ -86,7 +86,7 @@ def index_header(reader) -> StreamHeader:
     max_conn = -1
     parts_c, parts_i = [], []
     for b in list(reader.blocks):
-        t = reader.columns(b)
+        t = reader.columns(b, ("kind", "flags", "conn", "index", "ts_first"))
         if t is None:
             continue
         c = t.cols
