@@ -16,6 +16,7 @@ Usage::
     sudo python3 benchmarks/make_capture.py -o /tmp/replay-bench.pcap --size 450 \\
         --keep-access-log /tmp/replay-bench.access.log
     python3 benchmarks/bench_convert.py /tmp/replay-bench.pcap --access-log /tmp/replay-bench.access.log
+    python3 benchmarks/bench_convert.py --api 100000     # small API messages: per-message cost
 
 Nothing here is a pass/fail test: the figures are for people to read.
 """
@@ -62,6 +63,23 @@ def packets_in(path):
     return None
 
 
+def api_capture(n: int) -> Path:
+    """The API-style capture of ``n`` exchanges (made once, then cached beside its log)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_play_scale
+
+    work = Path("/tmp/replay-bench-scale")
+    work.mkdir(exist_ok=True)
+    log, _ = bench_play_scale.ensure_log(work, n)
+    cap = log.with_suffix(".pcap")
+    if not cap.exists():
+        tmp = cap.with_suffix(".tmp.pcap")
+        subprocess.run([sys.executable, "-m", "replay.cli.main", "convert", str(log), "-o", str(tmp),
+                        "-q"], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        tmp.rename(cap)
+    return cap
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("capture", nargs="?", default="/tmp/replay-bench.pcap")
@@ -69,10 +87,17 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--access-log", type=Path, help="nginx access log of the capture's server")
     ap.add_argument("--skip-pure", action="store_true", help="do not time the pure-Python twin")
+    ap.add_argument("--api", type=int, metavar="N",
+                    help="instead of CAPTURE, an API-style capture of N exchanges (small JSON "
+                         "requests and answers, 32 keep-alive connections and short ones), made "
+                         "from bench_play_scale.py's log with `replay convert LOG -o X.pcap` and "
+                         "cached in /tmp/replay-bench-scale")
     args = ap.parse_args()
 
     cap = Path(args.capture)
-    if not cap.exists():
+    if args.api:
+        cap = api_capture(args.api)
+    elif not cap.exists():
         access = cap.with_suffix(".access.log")
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_capture.py"), "-o", str(cap),
                         "--size", str(args.size), "--keep-access-log", str(access)], check=True)
