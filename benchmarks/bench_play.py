@@ -10,7 +10,9 @@ What it does
 2. Creates a throwaway namespace (``netns.py``), starts nginx (one worker) on its loopback, and
    ``tcpdump --time-stamp-precision=nano`` there, which records when each request reached the
    target's interface.
-3. Replays at ``--speed 1`` and ``--speed 10``, each at normal priority and with ``--realtime``
+3. Replays (the pcap, planned whole; with ``--streamed`` its ``.rlog``, whose plan a reading
+   process streams as the replay goes) at ``--speed 1`` and ``--speed 10``, each at normal
+   priority and with ``--realtime``
    (replay runs inside the namespace) and prints
    lateness p50/p99/max against the recorded schedule twice: from tcpdump's arrival times (the
    deadline of each request is the run's start, from its report, plus its recorded offset divided
@@ -224,6 +226,9 @@ def main():
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--max-seconds", type=float, default=5.0, help="length of each --speed max run")
     ap.add_argument("--watchdog", type=float, default=300.0, help="hard limit for the whole script, s")
+    ap.add_argument("--streamed", action="store_true",
+                    help="replay the capture converted to a .rlog (a plan streamed by a reading "
+                         "process as the replay goes) instead of the pcap (planned whole)")
     args = ap.parse_args()
 
     ok, why = netns_available()
@@ -245,6 +250,12 @@ def main():
         span = max(offsets.values()) / 1e9
         print(f"capture: {args.requests} requests on {args.conns} connections over {span:.2f} s "
               f"({args.requests / span:.0f} requests/s), made in {time.perf_counter() - t:.2f} s")
+        if args.streamed:
+            log = Path(work) / "capture.rlog"
+            subprocess.run([sys.executable, "-m", "replay.cli.main", "convert", str(cap), "-o",
+                            str(log), "-q"], check=True, cwd=str(ROOT), timeout=300)
+            cap = log
+            print("replaying its .rlog: the plan streamed by a reading process")
         www = Path(work) / "www"
         (www / "f").mkdir(parents=True)
         (www / "f" / "small.txt").write_bytes(BODY)
