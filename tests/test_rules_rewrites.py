@@ -381,3 +381,24 @@ def test_rewrite_path_injection_is_refused_on_the_command_line(tmp_path):
                        capture_output=True, text=True, env=env())
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "--rewrite-path" in lines[0], p.stderr
+
+
+def test_a_compression_bomb_is_left_alone(monkeypatch):
+    """A coded body that decodes to more than MAX_DECODED is not decoded (memory stays bounded):
+    it is sent as recorded; gzip members one after another still decode as one body."""
+    import gzip
+
+    from replay.rules import rewrites
+
+    monkeypatch.setattr(rewrites, "MAX_DECODED", 1 << 20)
+    v = {"redact-field": ["token"], "redact-key": "k"}
+    bomb = gzip.compress(b'{"token": "s3cret", "pad": "' + b"0" * (4 << 20) + b'"}')
+    data = (b"POST /b HTTP/1.1\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(bomb) + bomb)
+    assert len(bomb) < 64 << 10
+    assert rw(v, msg(data)).data == data
+    two = gzip.compress(b'{"token": ') + gzip.compress(b'"s3cret"}')
+    data = (b"POST /b HTTP/1.1\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(two) + two)
+    out = rw(v, msg(data))
+    assert gzip.decompress(out.data[out.head_length:]) == b'{"token": "' + ph(b"s3cret") + b'"}'

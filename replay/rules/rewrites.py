@@ -22,8 +22,9 @@ Rules they keep:
   decoded, changed, and sent again as one chunk followed by the original trailers; a chunked body
   cut before its last chunk is left alone. A body with Content-Encoding gzip or deflate is
   decoded for the body rules and encoded again with the same coding when they change it (so a
-  secret inside gzip'd JSON is redacted too); other codings (br, zstd, stacked codings) and
-  bodies that do not decode are left alone;
+  secret inside gzip'd JSON is redacted too); other codings (br, zstd, stacked codings),
+  bodies that do not decode and bodies that decode to more than ``MAX_DECODED`` (64 MiB) are
+  left alone;
 - redaction replaces a secret by ``redacted-`` and the first 12 hex digits of its HMAC-SHA256 under
   one key (``--redact-key``, else random per run), so equal secrets get equal placeholders and a
   session cookie set by a response matches the cookie the next requests send.
@@ -150,16 +151,44 @@ def content_coding(data: bytes, head_length: int) -> str | None:
     return "other"
 
 
-def _decode_body(coding: str, raw: bytes) -> bytes | None:
-    try:
-        if coding == "gzip":
-            return gzip.decompress(raw)
+# a coded body that decodes to more than this is left alone (a compression bomb would otherwise
+# take the memory: 1 MiB of gzip can hold 1 GiB of zeros)
+MAX_DECODED = 64 << 20
+
+
+def _inflate(raw: bytes, wbits: int, members: bool = False) -> bytes | None:
+    """``raw`` decoded (``members``: gzip members one after another, zero padding between them
+    ignored, as ``gzip.decompress`` reads them); None when it does not decode or decodes to more
+    than ``MAX_DECODED`` bytes."""
+    if members and not raw:
+        return b""                          # no member at all: gzip.decompress says b""
+    out = []
+    left = MAX_DECODED
+    while True:
+        d = zlib.decompressobj(wbits)
         try:
-            return zlib.decompress(raw)          # RFC 9110 §8.4.1.2: a zlib stream
+            part = d.decompress(raw, left + 1)
         except zlib.error:
-            return zlib.decompress(raw, -15)     # what some servers send instead: raw deflate
-    except (OSError, EOFError, zlib.error):
-        return None
+            return None
+        left -= len(part)
+        if left < 0 or d.unconsumed_tail or not d.eof:
+            return None                     # too big, or cut before its end
+        out.append(part)
+        raw = d.unused_data
+        if members:
+            raw = raw.lstrip(b"\0")
+        if not raw:
+            return b"".join(out)
+        if not members:
+            return None                     # bytes after the end of the stream
+
+
+def _decode_body(coding: str, raw: bytes) -> bytes | None:
+    if coding == "gzip":
+        return _inflate(raw, 16 + zlib.MAX_WBITS, members=True)
+    # RFC 9110 §8.4.1.2: a zlib stream; or what some servers send instead: raw deflate
+    got = _inflate(raw, zlib.MAX_WBITS)
+    return got if got is not None else _inflate(raw, -zlib.MAX_WBITS)
 
 
 def _encode_body(coding: str, plain: bytes) -> bytes:
