@@ -29,7 +29,7 @@ def test_rewritten_request_and_response():
 
 
 # -- the fast search for a header agrees with the line-by-line one ---------------------------------
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from replay import httpmsg  # noqa: E402
@@ -40,6 +40,8 @@ _PIECES = [b"Host", b"host", b"HOST", b"X-Host", b"Hostname", b":", b": ", b" ",
 
 @settings(max_examples=2000, deadline=None)
 @given(st.lists(st.sampled_from(_PIECES), max_size=30), st.sampled_from([b"\r\n", b"\n"]))
+@example([b"Host", b":", b"\n", b"\n", b" "], b"\r\n")      # a line after an empty one
+@example([b"Host", b": ", b"v", b"\n", b"\r\n", b" ", b"v"], b"\n")
 def test_first_field_agrees_with_field_spans(pieces, eol):
     head = b"GET / HTTP/1.1" + eol + b"".join(pieces) + eol + eol
     spans = httpmsg.field_spans(head, b"host")

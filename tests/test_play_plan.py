@@ -88,3 +88,19 @@ def test_target_urls():
     for bad in ("ftp://x", "http://x:99999", "http://x/path", "http://"):
         with pytest.raises(UsageError):
             parse_target(bad, resolve=False)
+
+
+def test_planned_request_pickles_every_field():
+    """The streamed plan crosses a pipe as pickles: every field comes back."""
+    import copy
+    import dataclasses
+    import pickle
+
+    from replay.play.plan import PlannedRequest
+
+    values = {f.name: i + 1 for i, f in enumerate(dataclasses.fields(PlannedRequest))}
+    values.update(data=b"GET / HTTP/1.1\r\n\r\n", method="GET", uri="/", pipelined=True)
+    r = PlannedRequest(**values)
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert dataclasses.asdict(pickle.loads(pickle.dumps(r, proto))) == values
+    assert copy.deepcopy(r) == r

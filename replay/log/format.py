@@ -349,7 +349,7 @@ class Table:
 
     def __init__(self, buf, n: int, t_min: int, columns_only: bool = False, names=None):
         """``columns_only``: the numeric columns alone; ``names`` (with it): only those of
-        ``COLUMNS`` (``ts_last`` needs ``ts_first``; ``data_length`` is left out)."""
+        ``COLUMNS``, ``extra`` excepted (``ts_last`` brings ``ts_first``; no ``data_length``)."""
         if len(buf) < TABLE_PREFIX + ROW_BYTES * n:
             raise FormatError("table section too short")
         self.n = n
@@ -357,6 +357,9 @@ class Table:
         cols = {}
         off = TABLE_PREFIX
         if names is not None:
+            unknown = set(names) - {name for name, _ in COLUMN_DTYPES} | {"extra"} & set(names)
+            if unknown:
+                raise ValueError(f"not a column that can be asked for: {sorted(unknown)}")
             names = set(names) | ({"ts_first"} if "ts_last" in names else set())
         for name, dt in COLUMN_DTYPES:
             if names is None or name in names:

@@ -274,6 +274,11 @@ class ReplayProtocol(asyncio.Protocol):
         if not self.pending and (self.pump is None or not player._pump(self)):
             self._wake(True)
 
+    def pump_now(self) -> None:
+        """A pipelined request came to the feed while this connection waits for its answers:
+        it goes now, as its task would have sent it."""
+        self.player._pump(self)
+
     def _wake(self, value):
         w = self.waiter
         if w is not None and not w.done():
@@ -631,6 +636,15 @@ class Player:
         """``proto`` has every answer (``--speed max``): send the next request of its feed now,
         and those pipelined after it, as its task would; False when its task must decide (the
         feed is empty, the run stops, the connection cannot be reused)."""
+        try:
+            return self._pump_next(proto)
+        except Exception as e:  # noqa: BLE001  (a bug: stop the run and raise it at the end)
+            if self.crash is None:
+                self.crash = e
+            self.cancel()
+            return False
+
+    def _pump_next(self, proto: ReplayProtocol) -> bool:
         feed, it, conn_id = proto.pump
         items = feed.items
         if not items or self.stopping or self.budget == 0 or proto.closed or \
@@ -735,10 +749,12 @@ class Player:
                         not (cp.items and cp.items[0].pipelined):
                     held = proto
                     held.pump = pump
+                    cp.pumping = held
                     try:
                         proto = await self._settle(proto)
                     finally:
                         held.pump = None
+                        cp.pumping = None
                 try:
                     req = await requests.__anext__()
                 except StopAsyncIteration:
@@ -1022,17 +1038,20 @@ class _Feed:
     """The requests of one streamed recorded connection, handed over as the reader plans them;
     its connection task reads them with ``async for``, until ``end()``."""
 
-    __slots__ = ("player", "items", "waiter", "ended")
+    __slots__ = ("player", "items", "waiter", "ended", "pumping")
 
     def __init__(self, player):
         self.player = player
         self.items: deque = deque()
         self.waiter = None
         self.ended = False
+        self.pumping = None          # the connection whose answers send these, while they do
 
     def put(self, req) -> None:
         self.items.append(req)
         self.player.fed += 1
+        if self.pumping is not None and req.pipelined and len(self.items) == 1:
+            self.pumping.pump_now()
         self._wake()
 
     def end(self) -> None:
