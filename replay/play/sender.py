@@ -271,7 +271,16 @@ class ReplayProtocol(asyncio.Protocol):
                         not (conn_hdr and "keep-alive" in conn_hdr.lower()):
                     self.reusable = False
             player.answered(att, m, now, self)
-        if not self.pending and (self.pump is None or not player._pump(self)):
+        if not self.pending:
+            if self.pump is None:
+                self._wake(True)
+            else:
+                # after the callbacks of this read: with uvloop (--speed max's loop) a FIN
+                # read with the answer is seen first, and the request goes on a new connection
+                self.loop.call_soon(self._pump_or_wake)
+
+    def _pump_or_wake(self) -> None:
+        if self.pending or self.pump is None or not self.player._pump(self):
             self._wake(True)
 
     def pump_now(self) -> None:
