@@ -8,6 +8,10 @@ a slow target delays only the connection it is slow on, and that delay shows as 
 
 Responses are framed by ``core.ResponseFramer`` (the capture's own framing rules, sans-IO) as
 bytes arrive; each final response answers the oldest request outstanding on its connection.
+At ``--speed max`` on a kept-alive streamed connection, the answer that empties a connection
+sends its next request itself (``Player._pump``), just after the read that brought it: the task
+only wakes when there is something to decide (nothing queued, a lost or closed connection, the
+end of the run), so a request costs no task switch.
 
 Rules:
 - a connection is opened ``CONNECT_LEAD`` before its first request is due (a recorded connection
