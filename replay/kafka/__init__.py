@@ -98,23 +98,23 @@ def make(kind: str, url: KafkaURL, conf: dict):
 
 
 def parse_time(text: str | None, what: str) -> int | None:
-    """ISO 8601 (a zone, or UTC) or Unix seconds -> Unix ns; None stays None."""
+    """A time as the rules' --since/--until take it (ISO 8601, local time without a zone;
+    @UNIX_SECONDS) or bare Unix seconds -> Unix ns; None stays None."""
     if text is None:
         return None
     from datetime import datetime, timezone
 
-    from replay.errors import UsageError
-
-    t = text.strip()
+    t = str(text).strip()
     try:
-        return int(float(t) * 1e9)
+        return int(float(t[1:] if t.startswith("@") else t) * 1e9)
     except ValueError:
         pass
     try:
-        d = datetime.fromisoformat(t[:-1] + "+00:00" if t[-1:] in "zZ" else t)
+        d = datetime.fromisoformat(t)
     except ValueError:
-        raise UsageError(f"{what}: not a time: {text!r} (2026-12-01T10:00:00Z, or Unix "
-                         "seconds)") from None
+        raise UsageError(f"{what}: not a time: {text!r} (2026-12-01T10:00:00Z, @1796000000 or "
+                         "Unix seconds)") from None
     if d.tzinfo is None:
-        d = d.replace(tzinfo=timezone.utc)
-    return int(d.timestamp()) * 1_000_000_000 + d.microsecond * 1000
+        d = d.astimezone()
+    delta = d - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000

@@ -76,7 +76,7 @@ class _Entry:
 class TopicReader:
     def __init__(self, url: KafkaURL | str, settings: dict | None = None, *, group: str | None = None,
                  start: int | None = None, until: int | None = None, follow: bool = False,
-                 acks=None):
+                 acks=None, stop=None):
         self.url = parse_url(url) if isinstance(url, str) else url
         self.path = str(self.url)
         self.settings = dict(settings or {})
@@ -85,6 +85,7 @@ class TopicReader:
         self.until = until
         self.follow = follow
         self.acks = acks               # () -> list of (conn, index) sent since the last call
+        self.stop = stop               # () -> True when the reader must end (its replayer stops)
         self.warnings: list[str] = []
         self.meta = {"source": self.path}
         self.records = 0
@@ -308,7 +309,7 @@ class TopicReader:
         heap = self._heap
         opened = last_commit = time.monotonic()
         try:
-            while True:
+            while self.stop is None or not self.stop():
                 if self._fatal:
                     raise InputError(f"{self.path}: {self._fatal}")
                 batch = c.consume(CONSUME_BATCH, 0.1)
