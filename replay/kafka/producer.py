@@ -133,3 +133,52 @@ class KafkaWriter:
 
 def open_writer(url: str, settings: dict | None, meta: dict, **_options) -> KafkaWriter:
     return KafkaWriter(url, settings, meta)
+
+
+class KafkaOutputs:
+    """``replay.capture.OutputFiles`` for ``-o kafka://``: what ``capture`` and ``shadow`` write
+    to, with the same methods. A topic is not rotated; ``write`` waits at most ``CAPTURE_BLOCK``
+    seconds for room (a capture must not stall: beyond the bounded buffer, messages are counted
+    as not delivered and reported at the end)."""
+
+    CAPTURE_BLOCK = 0.5
+
+    def __init__(self, url: str, settings: dict | None, meta: dict):
+        self.url = parse_url(url)
+        self.settings = dict(settings or {})
+        self.base_meta = dict(meta)
+        self.paths: list[str] = []
+        self.writer: KafkaWriter | None = None
+        self.rotate_size = self.rotate_interval = None
+
+    @property
+    def path(self) -> str | None:
+        return self.paths[-1] if self.paths else None
+
+    def open(self) -> None:
+        self.writer = KafkaWriter(self.url, self.settings, self.base_meta, block=self.CAPTURE_BLOCK)
+        self.paths.append(str(self.url))
+
+    def write(self, msg) -> bool:
+        self.writer.write(msg)
+        return False
+
+    def due(self) -> bool:
+        return False
+
+    def flush(self, meta: dict | None = None) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def rotate(self, meta: dict) -> None:
+        pass
+
+    def close(self, meta: dict | None = None) -> None:
+        w, self.writer = self.writer, None
+        if w is not None:
+            w.close()
+
+    def abandon(self) -> None:
+        w, self.writer = self.writer, None
+        if w is not None:
+            w.abandon()
