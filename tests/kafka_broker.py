@@ -110,7 +110,27 @@ class Broker:
                             eof.add(m.partition())
                         continue
                     eof.discard(m.partition())
-                    out.append((m.value(), m.key(), m.headers(), m.partition()))
+                    out.append((m.value(), m.key(), m.headers(), m.partition(), m.offset()))
             return out
+        finally:
+            c.close()
+
+    def ends(self, url: str) -> dict:
+        """partition -> the offset after its last record (read, not asked: see the module)."""
+        out: dict = {}
+        for *_, part, off in self.records(url.rsplit("/", 1)[1]):
+            out[part] = max(out.get(part, 0), off + 1)
+        return out
+
+    def committed(self, url: str, group: str) -> dict:
+        """partition -> the offset ``group`` committed (partitions with a commit)."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        topic = url.rsplit("/", 1)[1]
+        c = Consumer({"bootstrap.servers": self.address, "group.id": group, "log_level": 0})
+        try:
+            parts = sorted(c.list_topics(topic, 10).topics[topic].partitions)
+            got = c.committed([TopicPartition(topic, p) for p in parts], 10)
+            return {tp.partition: tp.offset for tp in got if tp.offset >= 0}
         finally:
             c.close()

@@ -104,10 +104,12 @@ def parse_time(text: str | None, what: str) -> int | None:
         return None
     from datetime import datetime, timezone
 
+    from decimal import Decimal, InvalidOperation
+
     t = str(text).strip()
     try:
-        return int(float(t[1:] if t.startswith("@") else t) * 1e9)
-    except ValueError:
+        return int(Decimal(t[1:] if t.startswith("@") else t) * 1_000_000_000)
+    except (InvalidOperation, ValueError):
         pass
     try:
         d = datetime.fromisoformat(t)
