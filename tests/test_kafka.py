@@ -246,6 +246,23 @@ def test_group_of_two_replayers_replays_each_request_once(kafka_broker, tmp_path
                  if m.kind == 0} for i in range(2)]
     assert not prefixes[0] & prefixes[1]
     assert len(prefixes[0] | prefixes[1]) == conns
+    # the two run logs as one: report and info merge them
+    logs = [str(tmp_path / f"run{i}.rlog") for i in range(2)]
+    singles = []
+    for i, log in enumerate(logs + [None]):
+        out = tmp_path / f"report{i}.json"
+        p = run(["report", *([log] if log else logs), "--json", str(out), "-q"])
+        assert p.returncode == 0, p.stderr
+        singles.append(json.loads(out.read_text()))
+    merged = singles.pop()
+    assert merged["totals"]["exchanges"] == conns * per \
+        == sum(r["totals"]["exchanges"] for r in singles)
+    assert merged["merged_from"] == logs
+    p = run(["info", *logs, "--json"])
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["requests"] == 2 * conns * per          # replayed and recorded
+    assert info["flags"]["replayed"] == 2 * conns * per
 
 
 def test_bounded_until_and_resume(kafka_broker, tmp_path):
