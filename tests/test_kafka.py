@@ -331,3 +331,35 @@ def test_corrupt_record_one_line(kafka_broker, tmp_path):
     one_line_error(p, url, "partition 0 offset 1", "bad magic")
     assert p.returncode == 2
     assert not (tmp_path / "x.rlog").exists()
+
+
+def test_a_replayer_killed_midway_is_replaced(kafka_broker, tmp_path):
+    """Two replayers follow the topic at the recorded pace; one is killed (SIGKILL) a third of
+    the way: the other takes its partitions over from their committed offsets. Every request
+    is replayed, and twice at most those the dead one tried after its last commit."""
+    import signal
+
+    conns, per = 8, 12
+    cap = spread(tmp_path / "spread.pcap", conns, per, gap_ms=60)     # ~5.8 s of traffic
+    url = kafka_broker.create_topic(topic_name("kill"), 4)
+    assert run(["convert", str(cap), "-o", url]).returncode == 0
+    with SinkThread() as sink:
+        procs = [subprocess.Popen(
+            replay_cmd() + ["play", url, "--group", "takeover", "--target", sink.url,
+                            "--duration", "14", "--report", str(tmp_path / f"k{i}.json"),
+                            *GROUP],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+            for i in range(2)]
+        end = time.monotonic() + 30
+        while len(sink.records) < conns * per // 3 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert len(sink.records) >= conns * per // 3, "the replay did not start"
+        procs[1].send_signal(signal.SIGKILL)
+        results = _wait(procs, timeout=60)
+        assert results[0][0] == 0, results[0][2]
+        assert "Traceback" not in results[0][2]
+        uris = collections.Counter(raw.split(b" ", 2)[1].decode() for _, raw in sink.records)
+    want = {f"/c{c}/r{i}" for c in range(conns) for i in range(per)}
+    assert set(uris) == want                      # nothing lost
+    twice = sum(n - 1 for n in uris.values())
+    assert max(uris.values()) <= 2 and twice < conns * per // 2, uris

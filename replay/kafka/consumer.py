@@ -18,7 +18,9 @@
   its capture time, so a broker that answers the offset lookup badly costs time, never results.
   A partition is over once a message captured ``UNTIL_SLACK_NS`` past ``until`` is read;
 - ``follow`` (live) reads on as records arrive; without it the read ends once every assigned
-  partition is at its end (or past ``until``);
+  partition is at its end (or past ``until``). Following, once every partition has been at
+  its end for ``IDLE_S``, ``idle(t)`` is told the capture time it must be by now (the last
+  record's, plus the wall time since): the planner can release what it held for later traffic;
 - commits (group only, ``acks`` on): offsets are committed only for what was replayed. The
   replayer reports each request once it was sent (``ack``); a partition's committed offset is
   that of its oldest request not yet sent, or past its last record read when none waits.
@@ -53,6 +55,7 @@ DOWN_S = 30.0               # brokers unreachable this long end a bounded read
 METADATA_S = 10.0           # for the first look at the topic
 ASSIGN_S = 60.0             # a bounded group read waits this long for its partitions
 CONSUME_BATCH = 1000
+IDLE_S = 0.25               # following, every partition at its end this long: time moves on
 
 DEFAULTS = {
     "enable.auto.commit": False,
@@ -76,7 +79,7 @@ class _Entry:
 class TopicReader:
     def __init__(self, url: KafkaURL | str, settings: dict | None = None, *, group: str | None = None,
                  start: int | None = None, until: int | None = None, follow: bool = False,
-                 acks=None, stop=None):
+                 acks=None, stop=None, idle=None):
         self.url = parse_url(url) if isinstance(url, str) else url
         self.path = str(self.url)
         self.settings = dict(settings or {})
@@ -86,6 +89,7 @@ class TopicReader:
         self.follow = follow
         self.acks = acks               # () -> list of (conn, index) sent since the last call
         self.stop = stop               # () -> True when the reader must end (its replayer stops)
+        self.idle = idle               # (capture ns) -> None: following, every record read
         self.warnings: list[str] = []
         self.meta = {"source": self.path}
         self.records = 0
@@ -293,6 +297,10 @@ class TopicReader:
             w = t if w is None else min(w, t)
         return float("inf") if w is None else w
 
+    def _caught_up(self) -> bool:
+        return bool(self._assigned) and all(p in self._eof or p in self._over
+                                            for p in self._assigned)
+
     def _ended(self) -> bool:
         if self.follow or not self._assign_known:
             return False
@@ -307,7 +315,7 @@ class TopicReader:
         topic = self.url.topic
         start, until = self.start, self.until
         heap = self._heap
-        opened = last_commit = time.monotonic()
+        opened = last_commit = last_read = time.monotonic()
         try:
             while self.stop is None or not self.stop():
                 if self._fatal:
@@ -332,6 +340,7 @@ class TopicReader:
                     if p not in self._assigned:
                         continue
                     self._down_since = None
+                    last_read = now
                     off = rec.offset()
                     try:
                         m = R.decode(rec.value() or b"")
@@ -372,6 +381,11 @@ class TopicReader:
                     self._commit()
                 if not heap and self._ended():
                     return
+                if self.idle is not None and not heap and self._horizon is not None and \
+                        self.follow and now - last_read > IDLE_S and self._caught_up():
+                    # live: the capture's clock has gone on without traffic; as far as this
+                    # read knows, it is now at least that far past the last record
+                    self.idle(self._horizon + int((now - last_read) * NS))
                 if not self.follow:
                     if self._down_since is not None and now - self._down_since > DOWN_S:
                         raise InputError(f"{self.path}: the brokers went away ({self._last_error})")

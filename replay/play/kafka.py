@@ -28,7 +28,7 @@ import time
 from replay.play.plan import PlannedRequest
 from replay.play.scheduler import Schedule
 from replay.play.session import PlaySession
-from replay.play.stream import StreamHeader, StreamingPlan, StreamReader
+from replay.play.stream import END_CONN, StreamHeader, StreamingPlan, StreamReader
 
 NS = 1_000_000_000
 LIVE_MARGIN_NS = 3 * NS     # default start when following: room for the planner's answer wait
@@ -86,6 +86,15 @@ class KafkaPlan(StreamingPlan):
         self.until_ns = until
         self.follow = follow
         self.topic = None          # the TopicReader, in the reading process
+        self.kafka_stats: dict = {}   # what the reading process said of the topic (absorb)
+
+    def absorb(self, stats: dict) -> None:
+        super().absorb(stats)
+        self.kafka_stats = dict(stats.get("kafka") or {})
+
+    @property
+    def warnings(self) -> list:
+        return list(self.kafka_stats.get("warnings", ()))
 
     def check(self) -> None:
         """The brokers reachable and the topic there (before anything forks)."""
@@ -99,7 +108,8 @@ class KafkaPlan(StreamingPlan):
         r = self.reader
         self.topic = TopicReader(self.url, self.settings, group=self.group, start=self.from_ns,
                                  until=self.until_ns, follow=self.follow,
-                                 acks=r.child_acks if self.group else None, stop=r.child_stop)
+                                 acks=r.child_acks if self.group else None, stop=r.child_stop,
+                                 idle=r.child_idle)
         self.topic.open()
         rules = self.rules
         return rules.apply(self.topic) if rules is not None else self.topic
@@ -196,6 +206,35 @@ class KafkaStreamReader(StreamReader):
             self._final = True
         return out
 
+    def child_idle(self, now_ns: int) -> None:
+        """The topic is quiet and read to its end: the planner's clock moves on to ``now_ns``
+        (see consumer.py), so that what it held waiting for later traffic goes out."""
+        p = self.planner
+        if p is None or p.now is None or now_ns <= p.now:
+            return
+        p.now = now_ns
+        for item in p._release(False):
+            if not self._put(0, item):
+                return
+        ended, p.ended = p.ended, []
+        for c in ended:
+            if not self._put(0, (END_CONN, c)):
+                return
+        self._flush()
+
+    def _stats(self, planner) -> dict:
+        st = super()._stats(planner)
+        t = self.plan.topic
+        if t is not None:
+            warnings = list(t.warnings)
+            if t.revoked_in_flight and not warnings:
+                warnings.append(f"{t.path}: {t.revoked_in_flight:,} requests were planned here "
+                                "before their partition went to another replayer: they may be "
+                                "replayed twice")
+            st["kafka"] = {"records": t.records, "revoked_in_flight": t.revoked_in_flight,
+                           "connections": len(t._conns), "warnings": warnings}
+        return st
+
     def _put(self, it, item) -> bool:
         head = item[0]
         if isinstance(head, PlannedRequest) and self.plan.topic is not None:
@@ -259,7 +298,10 @@ class KafkaPlaySession(PlaySession):
 
     def run(self):
         try:
-            return super().run()
+            report = super().run()
         finally:
             if self.plan.reader is not None:
                 self.plan.reader.close()
+        report.meta["kafka"].update({k: v for k, v in self.plan.kafka_stats.items()
+                                     if k != "warnings"})
+        return report
