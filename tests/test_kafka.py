@@ -363,3 +363,28 @@ def test_a_replayer_killed_midway_is_replaced(kafka_broker, tmp_path):
     assert set(uris) == want                      # nothing lost
     twice = sum(n - 1 for n in uris.values())
     assert max(uris.values()) <= 2 and twice < conns * per // 2, uris
+
+
+def test_many_requests_at_full_speed(kafka_broker, tmp_path):
+    """Enough requests that the acknowledgements and the planned requests fill both pipes
+    between the sender and its reading process at once (a deadlock before the acknowledgements
+    were made non-blocking): all replayed, the offsets committed to the end."""
+    from replay.kafka.producer import KafkaWriter
+
+    n, conns = 12_000, 32
+    url = kafka_broker.create_topic(topic_name("many"), 4)
+    w = KafkaWriter(url, {}, {"host": "bench"})
+    for k in range(n):
+        c, t = k % conns, T0 + k * 100_000
+        req = get(f"/m/{k}")
+        resp = ok_response()
+        w.write(Message(0, c, k // conns, t, t, ("10.0.0.1", 40000 + c), ("10.0.0.2", 80), 0,
+                        req, "GET", f"/m/{k}", 0, 0, len(req)))
+        w.write(Message(1, c, k // conns, t + 50_000, t + 50_000, ("10.0.0.1", 40000 + c),
+                        ("10.0.0.2", 80), 0, resp, "GET", f"/m/{k}", 200, 5, len(resp) - 5))
+    w.close()
+    with SinkThread() as sink:
+        code, out, err = _wait([_play(url, sink, "many", "-q")])[0]
+        assert code == 0, err
+        assert len(sink.records) == n
+    assert kafka_broker.committed(url, "many") == kafka_broker.ends(url)

