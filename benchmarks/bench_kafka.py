@@ -15,6 +15,9 @@ What it does
    play kafka://... --group bench --no-follow --sink --speed max``; requests/s from each run's
    report (first send to last answer) and from the command's wall time (which for Kafka includes
    joining the group, ~1 s here), and the ratios.
+5. Timing at 1x: ``--timed`` requests at ``--rps`` (default 3000 at 500/s, 6 s) replayed at
+   ``--speed 1`` from a local log and from a topic (``--no-follow``); the lateness percentiles
+   of each run's report (send - deadline).
 
 Usage::
 
@@ -68,6 +71,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=50_000)
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--timed", type=int, default=3000)
+    ap.add_argument("--rps", type=float, default=500.0)
     a = ap.parse_args()
     why = missing()
     if why:
@@ -100,6 +105,23 @@ def main() -> None:
                       f"{r['attempted']:,} sent, {r['error_total']} errors")
             print(f"ratio kafka / .rlog: {r_k['requests_per_s'] / r_log['requests_per_s']:.2f} "
                   f"(report), {w_log / w_k:.2f} (wall)")
+            if a.timed:
+                tcap = Path(d) / "timed.pcap"
+                synth_capture(tcap, a.timed, a.rps, 16)
+                tlocal = str(Path(d) / "timed.rlog")
+                turl = b.create_topic("timed", a.partitions)
+                timed(["convert", str(tcap), "-o", tlocal, "-q"])
+                timed(["convert", str(tcap), "-o", turl, "-q"])
+                for name, src, extra in (("play .rlog ", tlocal, ()),
+                                         ("play kafka ", turl, ("--group", "timed", "--no-follow",
+                                                                *GROUP))):
+                    rep = str(Path(d) / "timed.json")
+                    timed(["play", src, "--sink", "-q", "--report", rep, *extra])
+                    r = json.loads(Path(rep).read_text())
+                    lt = r["lateness_ms"]
+                    print(f"timing   {name}--speed 1    {r['attempted']:,} requests at "
+                          f"{a.rps:g}/s: lateness p50 {lt['p50']:.3f} ms, p99 {lt['p99']:.3f} ms, "
+                          f"max {lt['max']:.3f} ms")
         finally:
             b.stop()
 

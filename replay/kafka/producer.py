@@ -51,6 +51,8 @@ class KafkaWriter:
         self.last_error = None
         self.warnings: list[str] = []
         self._n = 0
+        # built once: the client converts a list of headers faster than it gets a new one
+        self._headers = tuple([(R.H_HOST, self.host), (R.H_KIND, k)] for k in R.KIND_BYTES)
         conf = config(self.url, DEFAULTS, settings or {})
         conf["on_delivery"] = self._delivered
         conf["error_cb"] = self._error
@@ -68,7 +70,7 @@ class KafkaWriter:
 
     def write(self, m) -> None:
         value = R.encode(m)
-        headers = [(R.H_HOST, self.host), (R.H_KIND, R.KIND_BYTES[m.kind])]
+        headers = self._headers[m.kind]
         k = R.key(self.run, m.conn)
         p = self.producer
         deadline = None
