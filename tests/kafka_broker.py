@@ -116,9 +116,14 @@ class Broker:
             c.close()
 
     def ends(self, url: str) -> dict:
-        """partition -> the offset after its last record (read, not asked: see the module)."""
-        out: dict = {}
-        for *_, part, off in self.records(url.rsplit("/", 1)[1]):
+        """partition -> the offset after its last record, 0 when empty (read, not asked: see
+        the module)."""
+        from confluent_kafka.admin import AdminClient
+
+        topic = url.rsplit("/", 1)[1]
+        admin = AdminClient({"bootstrap.servers": self.address, "log_level": 0})
+        out: dict = dict.fromkeys(admin.list_topics(topic, 10).topics[topic].partitions, 0)
+        for *_, part, off in self.records(topic):
             out[part] = max(out.get(part, 0), off + 1)
         return out
 

@@ -388,3 +388,17 @@ def test_many_requests_at_full_speed(kafka_broker, tmp_path):
         assert code == 0, err
         assert len(sink.records) == n
     assert kafka_broker.committed(url, "many") == kafka_broker.ends(url)
+
+
+def test_what_the_rules_leave_out_is_committed_at_the_end(kafka_broker, tmp_path):
+    """A bounded read that reaches its end commits past the requests its rules left out (they
+    were dealt with: dropped); the group's next run starts after them."""
+    cap = spread(tmp_path / "spread.pcap", 4, 5)
+    url = kafka_broker.create_topic(topic_name("rules"), 2)
+    assert run(["convert", str(cap), "-o", url]).returncode == 0
+    with SinkThread() as sink:
+        code, out, err = _wait([_play(url, sink, "rules", "--path-include", "^/c[01]/")])[0]
+        assert code == 0, err
+        uris = sorted(raw.split(b" ", 2)[1].decode() for _, raw in sink.records)
+    assert uris == sorted(f"/c{c}/r{i}" for c in (0, 1) for i in range(5))
+    assert kafka_broker.committed(url, "rules") == kafka_broker.ends(url)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from replay.kafka import parse_time  # noqa: F401  (the parser of --from/--until/--start-at/--t0)
-
 
 def settings_option():
     """``-X key=value``, repeatable: any librdkafka setting, as kcat takes them."""

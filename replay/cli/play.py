@@ -83,6 +83,7 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
                                      default_connections)
     from replay.play.source import RecordedSource
 
+    rule_until = rule_kwargs.get("rule_until")     # a topic's read also ends there
     rules = rules_from_kwargs(rule_kwargs)
     if rate is not None and speed is not None and speed != 1.0:
         raise UsageError("--speed and --rate: give one (--rate ignores the recorded gaps)")
@@ -118,10 +119,11 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
 
             sink_proc, port = start_sink_process()
             tgt = parse_target(f"http://127.0.0.1:{port}")
+        session_class = PlaySession
         if from_kafka:
-            from replay.play.kafka import KafkaPlaySession as PlaySession  # noqa: F811
+            from replay.play.kafka import KafkaPlaySession as session_class
 
-            plan, schedule = _kafka_plan(path, kafka, rule_kwargs.get("until"), rules, tgt,
+            plan, schedule = _kafka_plan(path, kafka, rule_until, rules, tgt,
                                          keep_host, speed, rate)
             source = None
         else:
@@ -150,7 +152,7 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
         if dry_run:
             _dry_run(path, plan, schedule, tgt, opts, keep_host)
             return 0
-        session = PlaySession(
+        session = session_class(
             plan, schedule, tgt, opts,
             About(path, tgt.display + (" (built-in sink)" if use_sink else ""),
                   rules.describe() if rules is not None else None),

@@ -24,8 +24,8 @@
 - commits (group only, ``acks`` on): offsets are committed only for what was replayed. The
   replayer reports each request once it was sent (``ack``); a partition's committed offset is
   that of its oldest request not yet sent, or past its last record read when none waits.
-  Messages the rules or the planner leave out are taken as done once the read has gone
-  ``DROP_NS`` of capture time past them without their being planned (``handed``). A replayer that
+  Messages the rules or the planner leave out are taken as done once what was handed on to them
+  has gone ``DROP_NS`` of capture time past them without their being planned (``handed``). A replayer that
   dies is replaced by the group from those offsets: at least once, never lost;
 - a partition taken away by a rebalance: what was done is committed, what was read and not yet
   planned is forgotten (its new owner reads it), what was planned and not yet sent is still
@@ -94,6 +94,7 @@ class TopicReader:
         self.meta = {"source": self.path}
         self.records = 0
         self.revoked_in_flight = 0
+        self.complete = False          # the read reached the end of every partition
         self.consumer = None
         self._down_since = None
         self._last_error = None
@@ -111,7 +112,7 @@ class TopicReader:
         self._over: set = set()        # past --until
         self._heard: dict = {}         # partition -> monotonic time of its last news
         self._last_t: dict = {}        # partition -> capture time of its last record
-        self._horizon = None           # the latest capture time read
+        self._horizon = None           # the latest capture time handed on
 
     # -- the client --------------------------------------------------------------------------
     def _error(self, err) -> None:
@@ -263,7 +264,9 @@ class TopicReader:
         if self.consumer is None:
             return
         self.ack(acks)
-        horizon, self._horizon = self._horizon, None     # nothing more counts as left out
+        # a read that reached its end was planned whole: what was not planned was left out;
+        # a read that was stopped: what was not planned was not replayed, and stays
+        horizon, self._horizon = self._horizon, (1 << 62) + DROP_NS if self.complete else None
         try:
             self._commit(sync=True)
         finally:
@@ -364,8 +367,6 @@ class TopicReader:
                     if start is not None and t < start:
                         continue
                     m.conn = self._conn((run, conn))
-                    if self._horizon is None or m.ts_last > self._horizon:
-                        self._horizon = m.ts_last
                     if m.kind == KIND_REQUEST and self.group is not None and self.acks is not None:
                         e = _Entry(off, (m.conn, m.index), t)
                         self._track[p].append(e)
@@ -375,11 +376,15 @@ class TopicReader:
                     self._seq += 1
                 w = self._watermark(now)
                 while heap and ((w is not None and heap[0][0] <= w) or len(heap) > MAX_BUFFER):
-                    yield heapq.heappop(heap)[3]
+                    m = heapq.heappop(heap)[3]
+                    if self._horizon is None or m.ts_last > self._horizon:
+                        self._horizon = m.ts_last     # what was handed on, not what waits here
+                    yield m
                 if now - last_commit >= COMMIT_S:
                     last_commit = now
                     self._commit()
                 if not heap and self._ended():
+                    self.complete = True
                     return
                 if self.idle is not None and not heap and self._horizon is not None and \
                         self.follow and now - last_read > IDLE_S and self._caught_up():
