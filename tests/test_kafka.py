@@ -4,9 +4,12 @@ Kafka-protocol broker on loopback (``kafka_broker.py``: Tansu, in memory).
 The record encoding round-trips every field and refuses what is not a record; a capture
 converted to a topic comes back the same; two replayers in one consumer group replay every
 request exactly once against one sink, each recorded connection on one replayer and in order, and
-a second run of the group finds nothing left (offsets were committed); ``--until`` bounds a read;
-undelivered records (a broker down from the start, a broker that goes away) and a corrupt
-record end in one line and a non-zero exit, never a traceback.
+the group's committed offsets reach the end of every partition; ``--until`` bounds a read and
+the group's next run resumes there; a replayer killed mid-way is replaced by the other with
+nothing lost; ``--start-at``/``--t0`` put requests on the agreed timeline; the two replayers'
+logs merge in ``report`` and ``info``; undelivered records (a broker down from the start, a
+broker that goes away) and a corrupt record end in one line and a non-zero exit, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -402,3 +405,39 @@ def test_what_the_rules_leave_out_is_committed_at_the_end(kafka_broker, tmp_path
         uris = sorted(raw.split(b" ", 2)[1].decode() for _, raw in sink.records)
     assert uris == sorted(f"/c{c}/r{i}" for c in (0, 1) for i in range(5))
     assert kafka_broker.committed(url, "rules") == kafka_broker.ends(url)
+
+
+def test_agreed_schedule_pins_start_and_t0():
+    from replay.play.kafka import AgreedSchedule
+
+    s = AgreedSchedule(0, 0, 0, speed=2.0, start_unix_ns=time.time_ns() + 5 * 10 ** 9,
+                       t0_ns=T0)
+    s.t0 = T0 + 123                 # what the sender would set from the first request read
+    s.start = time.monotonic_ns()   # ... and from its own clock
+    assert s.t0 == T0
+    assert abs(s.start - (time.monotonic_ns() + 5 * 10 ** 9)) < 50 * MS
+    assert s.deadline(T0 + 2 * 10 ** 9, 0) == s.start + 10 ** 9
+    free = AgreedSchedule(0, 0, 0, speed=1.0, margin_ns=3 * 10 ** 9)
+    free.t0 = T0 + 5
+    free.start = 1000
+    assert (free.t0, free.start) == (T0 + 5, 1000 + 3 * 10 ** 9)
+
+
+def test_start_at_and_t0_put_requests_on_the_agreed_timeline(kafka_broker, tmp_path):
+    """--start-at and --t0: request k, recorded at T0 + d_k, reaches the target at
+    start-at + d_k (as the sink's clock sees it), whatever this replayer read first."""
+    cap = spread(tmp_path / "spread.pcap", 2, 4, gap_ms=100)       # 0 .. 700 ms
+    url = kafka_broker.create_topic(topic_name("agreed"), 2)
+    assert run(["convert", str(cap), "-o", url]).returncode == 0
+    start = time.time_ns() + 4 * 10 ** 9            # room for the group join
+    with SinkThread() as sink:
+        code, out, err = _wait([_play(url, sink, "agreed", "--speed", "1", "--start-at",
+                                      at(start), "--t0", at(T0 - 500 * MS),
+                                      "--path-include", "/r[1-3]$")])[0]
+        assert code == 0, err
+        got = {raw.split(b" ", 2)[1].decode(): rec["ts"] for rec, raw in sink.records}
+    assert len(got) == 6
+    for uri, ts in got.items():
+        c, i = map(int, re.match(r"/c(\d+)/r(\d+)", uri).groups())
+        due = start + 500 * MS + (i * 2 + c) * 100 * MS
+        assert abs(ts * 1e9 - due) < 30 * MS, (uri, ts * 1e9 - due)
