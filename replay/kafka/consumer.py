@@ -95,6 +95,7 @@ class TopicReader:
         self.records = 0
         self.revoked_in_flight = 0
         self.complete = False          # the read reached the end of every partition
+        self._closing = False
         self.consumer = None
         self._down_since = None
         self._last_error = None
@@ -189,6 +190,8 @@ class TopicReader:
         self._add(tp.partition for tp in tps)
 
     def _on_revoke(self, consumer, tps) -> None:
+        if self._closing:          # our own leaving: finish() has committed
+            return
         gone = {tp.partition for tp in tps}
         self._commit(sync=True, only=gone)
         for p in gone:
@@ -274,6 +277,7 @@ class TopicReader:
             self.close()
 
     def close(self) -> None:
+        self._closing = True
         c, self.consumer = self.consumer, None
         if c is not None:
             try:
