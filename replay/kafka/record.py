@@ -41,7 +41,24 @@ class RecordError(Exception):
     """A record value that is not a replay message record (the reason is the text)."""
 
 
+_ADDRS: dict = {}             # (ip, port) -> its bytes: a capture has few addresses, many messages
+_ADDRS_MAX = 1 << 16
+
+
 def _addr(a) -> bytes:
+    try:
+        b = _ADDRS.get(a)
+    except TypeError:             # not a tuple: not cached
+        return _addr_bytes(a)
+    if b is not None:
+        return b
+    if len(_ADDRS) >= _ADDRS_MAX:
+        _ADDRS.clear()
+    b = _ADDRS[a] = _addr_bytes(a)
+    return b
+
+
+def _addr_bytes(a) -> bytes:
     ip, port = a
     b = ip.encode("utf-8", "surrogatepass")
     if len(b) > 255 or not 0 <= port <= 0xFFFF:
