@@ -15,6 +15,11 @@ What it does
    play kafka://... --group bench --no-follow --sink --speed max``; requests/s from each run's
    report (first send to last answer) and from the command's wall time (which for Kafka includes
    joining the group, ~1 s here), and the ratios.
+6. End-to-end delay (``--live`` seconds, default 8): messages written to a topic as if captured
+   now (``--live-rps`` requests/s on 16 connections, each request's capture time the moment it
+   is written, its answer 1 ms later) while ``replay play kafka://... --speed max`` follows the
+   topic; the delay from capture time to arrival at a sink in this process, p50/p99/max. It is
+   mostly the planner's wait for each request's answer and the log to move past it (stream.py).
 5. Timing at 1x: ``--timed`` requests at ``--rps`` (default 3000 at 500/s, 6 s) replayed at
    ``--speed 1`` from a local log and from a topic (``--no-follow``); the lateness percentiles
    of each run's report (send - deadline).
@@ -73,6 +78,8 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--timed", type=int, default=3000)
     ap.add_argument("--rps", type=float, default=500.0)
+    ap.add_argument("--live", type=float, default=8.0)
+    ap.add_argument("--live-rps", type=float, default=200.0)
     a = ap.parse_args()
     why = missing()
     if why:
@@ -122,8 +129,60 @@ def main() -> None:
                     print(f"timing   {name}--speed 1    {r['attempted']:,} requests at "
                           f"{a.rps:g}/s: lateness p50 {lt['p50']:.3f} ms, p99 {lt['p99']:.3f} ms, "
                           f"max {lt['max']:.3f} ms")
+            if a.live:
+                live(b, a.live, a.live_rps)
         finally:
             b.stop()
+
+
+def live(b, seconds: float, rps: float) -> None:
+    from play_helpers import SinkThread, get, ok_response
+
+    from replay.events import Message
+    from replay.kafka.producer import KafkaWriter
+
+    url = b.create_topic("live", 4)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with SinkThread() as sink:
+        p = subprocess.Popen(REPLAY + ["play", url, "--group", "live", "--target", sink.url,
+                                       "--speed", "max", "-q", "--duration", str(seconds + 6),
+                                       *GROUP], env=env, stderr=subprocess.PIPE, text=True)
+        w = KafkaWriter(url, {"linger.ms": "5"}, {"host": "bench"})
+        time.sleep(2.0)                      # the group join
+        sent = {}
+        k = 0
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            c = k % 16
+            now = time.time_ns()
+            req, resp = get(f"/live/{k}"), ok_response()
+            w.write(Message(0, c, k // 16, now, now, ("10.0.0.1", 40000 + c), ("10.0.0.2", 80),
+                            0, req, "GET", f"/live/{k}", 0, 0, len(req)))
+            w.write(Message(1, c, k // 16, now + 1_000_000, now + 1_000_000,
+                            ("10.0.0.1", 40000 + c), ("10.0.0.2", 80), 0, resp, "GET",
+                            f"/live/{k}", 200, 5, len(resp) - 5))
+            w.flush()
+            sent[f"/live/{k}"] = now
+            k += 1
+            time.sleep(1 / rps)
+        w.close()
+        try:
+            _, err = p.communicate(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            sys.exit("bench_kafka: the live replay did not end")
+        delays = sorted(rec["ts"] * 1e9 - sent[raw.split(b" ", 2)[1].decode()]
+                        for rec, raw in sink.records
+                        if raw.split(b" ", 2)[1].decode() in sent)
+    if not delays:
+        sys.exit(f"bench_kafka: nothing arrived in the live run: {err.strip()[-300:]}")
+
+    def q(f):
+        return delays[min(len(delays) - 1, int(f * len(delays)))] / 1e6
+
+    print(f"live     capture -> kafka -> play --speed max (following): {len(delays):,} of "
+          f"{len(sent):,} requests arrived; delay p50 {q(0.5):.0f} ms, p99 {q(0.99):.0f} ms, "
+          f"max {delays[-1] / 1e6:.0f} ms")
 
 
 if __name__ == "__main__":
