@@ -204,7 +204,7 @@ class TopicReader:
                 d.pop(p, None)
             self._eof.discard(p)
             self._over.discard(p)
-        self._heap = [x for x in self._heap if x[2] not in gone]
+        self._heap[:] = [x for x in self._heap if x[2] not in gone]   # in place: the reader holds it
         heapq.heapify(self._heap)
         try:
             consumer.unassign()
