@@ -82,14 +82,20 @@ class CaptureReader:
 
 
 def open_input(path: str, ports=(), **engine_opts):
-    """A log (``.rlog``), a capture file, or a file of ``replay.formats`` (``.gor``, HAR), as an
-    iterable of messages with ``warnings``.
+    """A log (``.rlog``), a capture file, a file of ``replay.formats`` (``.gor``, HAR), or a
+    ``kafka://BROKERS/TOPIC`` (read to its end), as an iterable of messages with ``warnings``.
 
     Which one is decided by the file's magic, not its name. A pipe (``/dev/stdin``) is read
     into a temporary file first (``replay.spool``).
     """
     import os
 
+    from replay.kafka import is_kafka_url
+
+    if is_kafka_url(path):       # a whole topic, bounded (docs/kafka.md)
+        from replay.kafka.consumer import open_topic
+
+        return open_topic(path, None, None, None)
     from replay.sources.pcapfile import is_capture
     from replay.spool import seekable
 

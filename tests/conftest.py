@@ -50,3 +50,19 @@ def corpus():
     if not (CORPUS / "pcaps").is_dir():
         pytest.skip(f"public capture corpus not found at {CORPUS}")
     return CORPUS
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """A real Kafka-protocol broker (Tansu, memory storage) on a free loopback port for the
+    session (``tests/kafka_broker.py``); skipped, with the reason, when it cannot run here."""
+    import kafka_broker as kb
+
+    why = kb.missing()
+    if why:
+        pytest.skip(why)
+    b = kb.Broker().start()
+    try:
+        yield b
+    finally:
+        b.stop()

@@ -706,3 +706,37 @@ def test_oversized_head_cannot_stall_a_live_capture(ns, server, tmp_path):
     assert "/after" in reqs and not reqs["/after"].flags & F_INCOMPLETE
     assert reqs["/big"].flags & F_INCOMPLETE and len(reqs["/big"].data) == 64 << 10
     assert "oversize heads: 1" in err
+
+
+def test_capture_to_kafka(ns, server, tmp_path):
+    """``capture -o kafka://``: a Kafka-protocol broker in the namespace (``kafka_broker.py``),
+    the capture writes one record per message, and the topic read back holds the requests."""
+    import kafka_broker as kb
+
+    why = kb.missing()
+    if why:
+        pytest.skip(why)
+    port = 19092
+    url = f"tcp://127.0.0.1:{port}"
+    broker = ns.popen([kb.binary(), "broker", "--listener-url", url, "--advertised-listener-url",
+                       url, "--storage-engine", "memory://tansu/"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert ns.wait_port(port), "the broker did not start"
+        topic = f"kafka://127.0.0.1:{port}/captured"
+        cap = Capture(ns, "-i", "lo", "--port", PORT, "-o", topic)
+        run_client(ns, tmp_path, "127.0.0.1", "10")
+        time.sleep(0.2)
+        rc, err = cap.stop()
+        assert rc == 0, err
+        assert "Traceback" not in err and f"-> {topic}" in err, err
+        out = tmp_path / "back.rlog"
+        p = ns.run(replay_argv("convert", topic, "-o", out), capture_output=True, text=True,
+                   env=env(), timeout=60)
+        assert p.returncode == 0, p.stderr
+        msgs, _ = read_log(out)
+        assert [m.uri for m in msgs if m.kind == 0] == [f"/n/{i}" for i in range(10)]
+        assert sum(1 for m in msgs if m.kind == 1 and m.status == 200) == 10
+    finally:
+        broker.terminate()
+        broker.wait(5)

@@ -32,6 +32,7 @@ exact, and memory holds the indexes, a chunk and a few blocks, never the logs' b
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -338,3 +339,54 @@ def _target_index(given: str, targets: list) -> int | None:
         if have.port == want.port and have.addr in (want.addr, want.host):
             return i
     return None
+
+
+def merge_runs(paths: list, dest: str) -> str:
+    """The output logs of several ``replay play`` runs (N replayers of one Kafka group, or N
+    hosts replaying one log) as one run log at ``dest``, so that a report over them is the report
+    of one run: every exchange counted once, histograms built from all of them (exact, not an
+    average of per-run percentiles).
+
+    Connection ids are renumbered so that runs never share one and each replayed exchange still
+    pairs with the recorded exchange beside it: with run k's ``conn_stride`` s_k, a conn
+    ``c = r + i * s_k`` (recorded conn r, pass i) becomes ``o_k + r + i * S``, where n_k is the
+    largest r of run k plus one, S the sum of the n_k and o_k the sum of those before k (read
+    from the logs' block tables first); the merged log's stride is S."""
+    from replay.log import LogReader, LogWriter
+
+    runs = [RunLog(p) for p in paths]
+    for r in runs:
+        if r.meta.get("command") != "play":
+            raise InputError(f"{r.path}: only logs of replay play merge (this one is of "
+                             f"{r.meta.get('command')}); report a shadow log on its own")
+    strides = [r.stride or (1 << 40) for r in runs]
+    spans = []
+    for r, st in zip(runs, strides):
+        top = 0
+        for b in list(r._reader.blocks):
+            t = r._reader.columns(b)
+            if t is not None and t.n:
+                top = max(top, int((t.cols["conn"] % np.uint64(st)).max()) + 1)
+        spans.append(top)
+    total = sum(spans)
+    if total >= 1 << 31:
+        raise InputError("these runs' connection ids do not fit one merged log")
+    meta = dict(runs[0].meta)
+    targets = sorted({str(r.meta.get("target", "?")) for r in runs})
+    meta.update({"conn_stride": total, "merged_from": [os.path.basename(p) for p in paths],
+                 "target": targets[0] if len(targets) == 1 else " + ".join(targets)})
+    offset = 0
+    with LogWriter(dest, meta=meta) as w:
+        for r, s, n in zip(runs, strides, spans):
+            reader = LogReader(r.path)
+            try:
+                for m in reader:
+                    rec, it = m.conn % s, m.conn // s
+                    m.conn = offset + rec + it * total
+                    w.write(m)
+            finally:
+                r._absorb(reader)
+                reader.close()
+                r.close()
+            offset += n
+    return dest

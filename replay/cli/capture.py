@@ -9,6 +9,7 @@ import time
 
 import click
 
+from replay.cli.kafkaopts import settings_option
 from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
 from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwargs
 from replay.cli.stopping import StopSignals
@@ -61,7 +62,8 @@ def status_text(session) -> str:
               help="A BPF expression (tcpdump syntax) that replaces the one made from --port.")
 @click.option("-o", "-w", "--output", "output", required=True, metavar="FILE",
               help="The .rlog file to write, created with mode 0600; strftime patterns "
-                   "(%Y%m%d-%H%M%S) are expanded when each file is opened.")
+                   "(%Y%m%d-%H%M%S) are expanded when each file is opened. Or "
+                   "kafka://BROKERS/TOPIC: one record per message (-X for librdkafka settings).")
 @click.option("-s", "--snaplen", type=click.IntRange(0, 262144), default=262144, show_default=True,
               help="Bytes kept of each packet; 0 means the largest. The default keeps GRO/TSO "
                    "super-frames whole, so bodies are never cut.")
@@ -101,15 +103,17 @@ def status_text(session) -> str:
 @click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
               help="zstd compression level of the log's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No status line and no summary.")
+@settings_option()
 @rule_options()
 def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immediate, duration,
             count, requests_only, user, rotate_size, rotate_interval, nice, flush_interval, queue_size,
-            level, quiet, **rule_kwargs):
+            level, quiet, kafka_settings, **rule_kwargs):
     """Capture the HTTP/1.x traffic of a live interface and write it to a log.
 
     \b
       sudo replay capture -i eth0 --port 80 -o captures/prod-%Y%m%d-%H%M.rlog --rotate-interval 1h
       sudo replay capture -i any --port 8080 --port 8443 --duration 60 -o captures/x.rlog
+      sudo replay capture -i eth0 --port 80 -o kafka://broker1:9092,broker2:9092/prod-http
 
     Stop with Ctrl-C (or SIGTERM): what was captured is written, the file closed and a summary
     printed. Kernel drops are reported in the summary and stored in the log (replay info).
@@ -140,11 +144,20 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     dur = parse_seconds(duration, "--duration") if duration else None
     rsize = parse_size(rotate_size, 1, "--rotate-size") if rotate_size else None
     rint = parse_seconds(rotate_interval, "--rotate-interval") if rotate_interval else None
-    first = expand_name(output, time.time(), set())
-    check_output(first)
+    from replay.kafka import is_kafka_url, parse_settings, parse_url
+
+    to_kafka = is_kafka_url(output)
+    settings = parse_settings(kafka_settings)
     engine_opts = engine_opts_from_kwargs(rule_kwargs)
     inputs = rule_input_files(rule_kwargs)
-    check_distinct(first, "-o", inputs)
+    if to_kafka:
+        parse_url(output)
+        if rsize or rint:
+            raise UsageError("--rotate-size/--rotate-interval: a kafka:// output is not rotated")
+    else:
+        first = expand_name(output, time.time(), set())
+        check_output(first)
+        check_distinct(first, "-o", inputs)
     rules = rules_from_kwargs(rule_kwargs)   # bad rules fail before the interface opens
 
     # Signals first: a Ctrl-C while the interface opens must not leave a traceback.
@@ -178,8 +191,13 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
             }
             if rules is not None:
                 meta["rules"] = rules.describe()
-            outputs = OutputFiles(output, meta, rotate_size=rsize, rotate_interval=rint,
-                                  level=level, inputs=inputs)
+            if to_kafka:
+                from replay.kafka.producer import KafkaOutputs
+
+                outputs = KafkaOutputs(output, settings, meta)
+            else:
+                outputs = OutputFiles(output, meta, rotate_size=rsize, rotate_interval=rint,
+                                      level=level, inputs=inputs)
             try:
                 outputs.open()
             except OutputError as e:
@@ -237,7 +255,10 @@ def summary(session, interface: str) -> None:
             sizes.append(os.path.getsize(p))
         except OSError:
             sizes.append(0)
-    where = (f"{paths[0]} ({sizes[0]:,} bytes)" if len(paths) == 1
+    from replay.kafka import is_kafka_url
+
+    where = (f"{paths[0]}" if paths and is_kafka_url(paths[0])
+             else f"{paths[0]} ({sizes[0]:,} bytes)" if len(paths) == 1
              else f"{len(paths)} files, {sum(sizes):,} bytes: {paths[0]} .. {paths[-1]}")
     reason = session.stop_reason or "?"
     click.echo(

@@ -11,6 +11,7 @@ import time
 
 import click
 
+from replay.cli.kafkaopts import range_options, settings_option
 from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
 from replay.cli.types import PORT
 
@@ -20,14 +21,17 @@ from replay.cli.types import PORT
 @click.option("-o", "-w", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="The file to write, its format from its extension: .rlog (and any other), "
                    ".gor, .gor.gz, .har, .pcap, .pcapng (created with mode 0600; an existing file "
-                   "is replaced once the new one is complete).")
+                   "is replaced once the new one is complete); or kafka://BROKERS/TOPIC, one "
+                   "record per message.")
 @click.option("--port", "ports", type=PORT, multiple=True,
               help="Only connections to or from these ports (repeatable). Default: every TCP port.")
 @reassembly_options()
 @click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
               help="zstd compression level of the log's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
-def command(capture, output, ports, level, quiet, **kwargs):
+@settings_option()
+@range_options
+def command(capture, output, ports, level, quiet, kafka_settings, from_, until, **kwargs):
     """Reassemble the HTTP/1.x messages of CAPTURE and write them to a log; or convert a log
     (.rlog, GoReplay .gor/.gor.gz, HAR) to another format.
 
@@ -36,16 +40,32 @@ def command(capture, output, ports, level, quiet, **kwargs):
       replay convert requests.gor -o requests.rlog
       replay convert prod.rlog -o prod.pcapng       # for Wireshark / tshark
       replay convert prod.rlog -o prod.har
+      replay convert prod.pcap -o kafka://broker1:9092/prod-http
+      replay convert kafka://broker1:9092/prod-http --from 2026-12-01T10:00:00Z \
+          --until 2026-12-01T11:00:00Z -o hour.rlog
     """
     from replay import __version__, core, formats
     from replay.core import PROBLEM_COUNTERS
     from replay.outputs import LOG_MODE, Outputs
     from replay.pipeline import CaptureReader, open_input
 
-    outputs = Outputs({"the input": capture})
-    out = outputs.atomic(output, "-o", mode=LOG_MODE)
+    from replay.kafka import is_kafka_url, parse_settings
+
+    settings = parse_settings(kafka_settings)
+    to_kafka = is_kafka_url(output)
+    outputs = Outputs({} if is_kafka_url(capture) else {"the input": capture})
+    out = None if to_kafka else outputs.atomic(output, "-o", mode=LOG_MODE)
+    if is_kafka_url(capture):
+        from replay.kafka.consumer import open_topic
+
+        reader = open_topic(capture, settings, from_, until)
+    else:
+        if from_ or until:
+            from replay.errors import UsageError
+
+            raise UsageError("--from/--until are for a kafka:// input")
+        reader = open_input(capture, ports=ports, **engine_opts_from_kwargs(kwargs))
     t0 = time.perf_counter()
-    reader = open_input(capture, ports=ports, **engine_opts_from_kwargs(kwargs))
     is_capture = isinstance(reader, CaptureReader)
     meta = {
         "tool": f"replay {__version__}",
@@ -61,7 +81,12 @@ def command(capture, output, ports, level, quiet, **kwargs):
     requests = responses = 0
     interrupted = False
     with outputs.open():
-        writer = formats.open_writer(out.path, out.detach(), meta, level=level)
+        if to_kafka:
+            from replay.kafka.producer import KafkaWriter
+
+            writer = KafkaWriter(output, settings, meta)
+        else:
+            writer = formats.open_writer(out.path, out.detach(), meta, level=level)
         try:
             try:
                 for msg in reader:
@@ -79,6 +104,10 @@ def command(capture, output, ports, level, quiet, **kwargs):
             if is_capture:
                 end.update({"stats": reader.stats, "packets_read": reader.source.packets_read})
             writer.update_meta(end)
+        except BaseException:
+            if to_kafka:
+                writer.abandon()
+            raise
         finally:
             writer.close(fsync=False)
     dt = time.perf_counter() - t0
@@ -86,12 +115,13 @@ def command(capture, output, ports, level, quiet, **kwargs):
         click.echo(f"replay: warning: {w}", err=True)
     if not quiet:
         st = reader.stats if is_capture else {}
-        size = os.path.getsize(output)
+        size = writer.sent if to_kafka else os.path.getsize(output)
         what = (f"{st.get('packets', 0)} packets, {st.get('connections', 0)} connections"
                 if is_capture else "a log")
         click.echo(
             f"{capture}: {what} -> {output}: {requests} requests, {responses} responses, "
-            f"{size} bytes in {dt:.2f} s" + (" (interrupted)" if interrupted else ""), err=True)
+            + (f"{size} records delivered" if to_kafka else f"{size} bytes")
+            + f" in {dt:.2f} s" + (" (interrupted)" if interrupted else ""), err=True)
         problems = {k: st[k] for k in PROBLEM_COUNTERS if st.get(k)}
         if problems:
             click.echo("  " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in problems.items()),

@@ -7,6 +7,7 @@ import time
 
 import click
 
+from replay.cli.kafkaopts import settings_option
 from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwargs
 
 
@@ -14,15 +15,16 @@ from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwarg
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("-o", "-w", "--output", "output", type=click.Path(dir_okay=False),
               help="The .rlog file to write (created with mode 0600; an existing file is replaced "
-                   "once the new one is complete).")
+                   "once the new one is complete); or kafka://BROKERS/TOPIC.")
 @click.option("--dry-run", is_flag=True, help="Count what would be kept; write nothing.")
 @click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
               help="For a capture file: only these server ports (repeatable).")
 @click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
               help="zstd compression level of the output's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
+@settings_option()
 @rule_options()
-def command(path, output, dry_run, ports, level, quiet, **kwargs):
+def command(path, output, dry_run, ports, level, quiet, kafka_settings, **kwargs):
     """Keep the exchanges of PATH (a .rlog log or a pcap/pcapng capture) that the filters select,
     change them as the rewrites say, and write them to a new log.
 
@@ -45,8 +47,12 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
         raise UsageError("give the output log (-o FILE.rlog), or --dry-run to count only")
     if output and dry_run:
         raise UsageError("--dry-run writes nothing: leave out -o")
+    from replay.kafka import is_kafka_url, parse_settings
+
+    to_kafka = bool(output) and is_kafka_url(output)
+    settings = parse_settings(kafka_settings)
     outputs = Outputs({"the input": path, **rule_input_files(kwargs)})
-    out = outputs.atomic(output, "-o", mode=LOG_MODE) if output else None
+    out = outputs.atomic(output, "-o", mode=LOG_MODE) if output and not to_kafka else None
     rules = rules_from_kwargs(kwargs)
     t0 = time.perf_counter()
     src = open_input(path, ports=ports)
@@ -59,7 +65,7 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
     writer = None
     with outputs.open():
         try:
-            if out is not None:
+            if output:
                 meta = {
                     "tool": f"replay {__version__}",
                     "command": "filter",
@@ -68,7 +74,12 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
                 }
                 if getattr(src, "meta", None):
                     meta["source_meta"] = src.meta
-                writer = formats.open_writer(out.path, out.detach(), meta, level=level)
+                if to_kafka:
+                    from replay.kafka.producer import KafkaWriter
+
+                    writer = KafkaWriter(output, settings, meta)
+                else:
+                    writer = formats.open_writer(out.path, out.detach(), meta, level=level)
             try:
                 for m in rules.apply(src):
                     counts["requests" if m.kind == KIND_REQUEST else "responses"] += 1
@@ -88,6 +99,8 @@ def command(path, output, dry_run, ports, level, quiet, **kwargs):
                 writer = None
         finally:
             if writer is not None:
+                if to_kafka:
+                    writer.abandon()
                 writer.close(fsync=False)
     dt = time.perf_counter() - t0
     for w in getattr(src, "warnings", ()):

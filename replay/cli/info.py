@@ -56,22 +56,38 @@ def _when(t):
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
 
 
+def _renumbered(sources):
+    """The messages of several inputs, connection ids kept apart (input k's in the k-th 2**48)."""
+    for k, src in enumerate(sources):
+        for m in src:
+            m.conn = (k << 48) | (m.conn & ((1 << 48) - 1))
+            yield m
+
+
 @click.command("info")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
-def command(path, as_json):
-    """Summarise PATH, a .rlog log or a pcap/pcapng capture."""
+def command(paths, as_json):
+    """Summarise PATH, a .rlog log, a pcap/pcapng capture or kafka://BROKERS/TOPIC; several
+    PATHs (the run logs of N replayers, the captures of N hosts) are summarised as one."""
     import os
 
     from replay.core import PROBLEM_COUNTERS
+    from replay.kafka import is_kafka_url
     from replay.pipeline import CaptureReader, open_input
     from replay.spool import seekable
 
+    if len(paths) > 1:
+        return _merged(paths, as_json)
+    path = paths[0]
     src = open_input(path)
     info = summarise(src)
     info["file"] = path
-    info["file_bytes"] = os.path.getsize(seekable(path))   # a pipe: its copy
-    if isinstance(src, CaptureReader):
+    info["file_bytes"] = 0 if is_kafka_url(path) else os.path.getsize(seekable(path))
+    if is_kafka_url(path):
+        info["format"] = "kafka"
+        info["meta"] = dict(src.meta)
+    elif isinstance(src, CaptureReader):
         info["format"] = "capture"
         info["capture"] = dict(src.stats)
         info["linktype"] = src.linktype
@@ -125,5 +141,36 @@ def command(path, as_json):
                    f"stopped: {live.get('stopped') or 'still running or killed'}"
                    + (f", part {meta['part']}" if meta.get("part", 1) > 1 else ""))
     for w in warnings:
+        out.append(f"warning:      {w}")
+    click.echo("\n".join(out))
+
+
+def _merged(paths, as_json) -> None:
+    import os
+
+    from replay.kafka import is_kafka_url
+    from replay.pipeline import open_input
+
+    sources = [open_input(p) for p in paths]
+    info = summarise(_renumbered(sources))
+    info["files"] = list(paths)
+    info["file_bytes"] = sum(0 if is_kafka_url(p) else os.path.getsize(p) for p in paths)
+    info["warnings"] = [f"{p}: {w}" for p, s in zip(paths, sources) for w in s.warnings]
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    out = [f"files:        {len(paths)} ({', '.join(paths)}), {info['file_bytes']:,} bytes",
+           f"messages:     {info['requests']:,} requests, {info['responses']:,} responses "
+           f"({info['http_bytes']:,} HTTP bytes)",
+           f"connections:  {info['connections']:,}",
+           f"time span:    {_when(info['first'])} .. {_when(info['last'])} "
+           f"({info['duration']:.3f} s)"]
+    if info["methods"]:
+        out.append("methods:      " + ", ".join(f"{k} {v}" for k, v in info["methods"].items()))
+    if info["statuses"]:
+        out.append("statuses:     " + ", ".join(f"{k} {v}" for k, v in info["statuses"].items()))
+    if info["flags"]:
+        out.append("flags:        " + ", ".join(f"{k} {v}" for k, v in info["flags"].items()))
+    for w in info["warnings"]:
         out.append(f"warning:      {w}")
     click.echo("\n".join(out))

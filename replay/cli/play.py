@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from replay.cli.kafkaopts import play_options
 from replay.cli.ruleopts import rule_options, rules_from_kwargs
 from replay.cli.types import DURATION, ERROR_BUDGET, PORT, RATE, SPEED
 
@@ -53,11 +54,13 @@ from replay.cli.types import DURATION, ERROR_BUDGET, PORT, RATE, SPEED
               hidden=True, help="Event loop (auto: microsecond timers when timed, uvloop at max).")
 @click.option("--spin-us", type=click.IntRange(0, 100_000), default=None, hidden=True,
               help="Microseconds of busy-wait before each deadline (after the sleep).")
+@play_options
 @rule_options(exclude=("limit",))
 def command(path, target, use_sink, speed, rate, loop, duration, limit, connections, no_keepalive,
             keep_host, insecure, timeout, max_errors, dry_run, output, report_path, ports, realtime, quiet, event_loop,
-            spin_us, **rule_kwargs):
-    """Replay the requests of PATH (a .rlog log or a pcap/pcapng capture) against a target.
+            spin_us, kafka, **rule_kwargs):
+    """Replay the requests of PATH (a .rlog log, a pcap/pcapng capture, or kafka://BROKERS/TOPIC)
+    against a target.
 
     Each recorded connection becomes one connection to the target, opened when it was recorded;
     its requests go out in recorded order at their recorded times divided by --speed, each
@@ -75,10 +78,12 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
     from replay.outputs import LOG_MODE, Outputs
     from replay.play.scheduler import Schedule
     from replay.play.sender import Options, parse_target
-    from replay.play.session import (About, ExchangeLog, LoopOptions, PlaySession, TerminalStatus,
+    from replay.play.session import (MAX_CONNECTIONS, MAX_CONNECTIONS_AT_MAX, About, ExchangeLog,
+                                     LoopOptions, PlaySession, TerminalStatus,
                                      default_connections)
     from replay.play.source import RecordedSource
 
+    rule_until = rule_kwargs.get("rule_until")     # a topic's read also ends there
     rules = rules_from_kwargs(rule_kwargs)
     if rate is not None and speed is not None and speed != 1.0:
         raise UsageError("--speed and --rate: give one (--rate ignores the recorded gaps)")
@@ -92,7 +97,15 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
     if not (target or use_sink or dry_run):
         raise UsageError("no target: give --target http://host:port, or --sink to replay "
                          "against the built-in server")
-    outputs = Outputs({"the input": path})
+    from replay.kafka import is_kafka_url
+
+    from_kafka = is_kafka_url(path)
+    if not from_kafka and any(v for k, v in kafka.items() if k != "follow"):
+        raise UsageError("--group, --start-at, --t0, --from, --until and -X are for a kafka:// "
+                         "input")
+    if from_kafka and loop:
+        raise UsageError("--loop: a kafka:// topic is not replayed in passes")
+    outputs = Outputs({} if from_kafka else {"the input": path})
     out_log = outputs.atomic(output, "-o", mode=LOG_MODE) if output else None
     out_report = outputs.atomic(report_path, "--report") if report_path else None
     tgt = parse_target(target, insecure) if target else None
@@ -106,26 +119,40 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
 
             sink_proc, port = start_sink_process()
             tgt = parse_target(f"http://127.0.0.1:{port}")
-        source = RecordedSource(path, ports=ports, rules=rules)
-        plan = source.plan(tgt.host_header if tgt else None, keep_host)
-        for w in source.warnings:
+        session_class = PlaySession
+        if from_kafka:
+            from replay.play.kafka import KafkaPlaySession as session_class
+
+            plan, schedule = _kafka_plan(path, kafka, rule_until, rules, tgt,
+                                         keep_host, speed, rate)
+            source = None
+        else:
+            source = RecordedSource(path, ports=ports, rules=rules)
+            plan = source.plan(tgt.host_header if tgt else None, keep_host)
+        for w in source.warnings if source is not None else ():
             click.echo(f"replay: warning: {w}", err=True)
         if rules is not None and not quiet and not plan.streaming:
             click.echo(_rules_line(rules), err=True)
-        if plan.requests == 0:
+        if plan.requests == 0 and not from_kafka:
             raise ReplayError(f"{path}: no requests to replay"
                               + (" (the rules kept none)" if rules is not None else ""))
-        schedule = Schedule(plan.t0, plan.span_ns, plan.requests, speed=speed, rate=rate)
+        if not from_kafka:
+            schedule = Schedule(plan.t0, plan.span_ns, plan.requests, speed=speed, rate=rate)
         if connections is None:
-            connections = default_connections(plan, schedule)
+            connections = (MAX_CONNECTIONS_AT_MAX if schedule.speed is None else MAX_CONNECTIONS) \
+                if from_kafka else default_connections(plan, schedule)
         opts = Options(connections=connections, keepalive=not no_keepalive, timeout=timeout,
                        limit=limit or 0, duration=duration or 0.0, loop=loop)
         if realtime and not dry_run:
             _realtime()
+        if dry_run and from_kafka:
+            click.echo(f"{path}: a topic's requests are known only as it is read; "
+                       f"dry run: nothing read, nothing sent")
+            return 0
         if dry_run:
             _dry_run(path, plan, schedule, tgt, opts, keep_host)
             return 0
-        session = PlaySession(
+        session = session_class(
             plan, schedule, tgt, opts,
             About(path, tgt.display + (" (built-in sink)" if use_sink else ""),
                   rules.describe() if rules is not None else None),
@@ -135,10 +162,13 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
             status=TerminalStatus() if sys.stderr.isatty() and not quiet else None,
             loop=LoopOptions(event_loop, spin_us))
         report = session.run()
+        if from_kafka:
+            for w in plan.warnings:
+                click.echo(f"replay: warning: {w}", err=True)
         if rules is not None and not quiet and plan.streaming:
             click.echo(_rules_line(rules, plan.refused_rewrites), err=True)
         if plan.streaming and report.attempted == 0 and not report.interrupted and \
-                not (duration or limit):
+                not (duration or limit) and not from_kafka:
             # as a whole plan would have said before sending (the index counts before the rules)
             raise ReplayError(f"{path}: no requests to replay"
                               + (" (the rules kept none)" if rules is not None else ""))
@@ -158,6 +188,29 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
                 click.echo(f"sink: received {summary['requests']} requests on "
                            f"{summary['connections']} connections", err=True)
     sys.exit(code)
+
+
+def _kafka_plan(path, kafka, until, rules, tgt, keep_host, speed, rate):
+    """The ``KafkaPlan`` and ``AgreedSchedule`` of a kafka:// input (``replay.play.kafka``)."""
+    from replay.kafka import parse_settings, parse_time, parse_url
+    from replay.play.kafka import LIVE_MARGIN_NS, AgreedSchedule, KafkaPlan
+    from replay.play.sender import START_DELAY_NS
+
+    url = parse_url(path)
+    settings = parse_settings(kafka["kafka_settings"])
+    follow = kafka["follow"]
+    plan = KafkaPlan(url, settings, group=kafka["group"],
+                     start=parse_time(kafka["from_"], "--from"),
+                     until=None if until is None or str(until).startswith("+")
+                     else parse_time(until, "--until"), follow=follow,
+                     host=tgt.host_header if tgt else None,
+                     keep_host=keep_host or (rules is not None and rules.sets_host), rules=rules)
+    plan.check()
+    schedule = AgreedSchedule(0, 0, 0, speed=speed, rate=rate,
+                              start_unix_ns=parse_time(kafka["start_at"], "--start-at"),
+                              t0_ns=parse_time(kafka["t0"], "--t0"),
+                              margin_ns=LIVE_MARGIN_NS - START_DELAY_NS if follow else 0)
+    return plan, schedule
 
 
 # SCHED_FIFO priority for --realtime: above every normal process, below the kernel's own

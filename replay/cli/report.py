@@ -15,7 +15,7 @@ REPORT_KEYS = {"endpoint": (str, True, None), "ignore": (str, True, None),
 
 
 @click.command("report")
-@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.argument("candidate", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-b", "--baseline", type=click.Path(dir_okay=False),
               help="A run of the same log against the release in production (replay play -o). "
                    "Default: the recorded responses inside CANDIDATE.")
@@ -62,12 +62,14 @@ def command(candidate, baseline, noise, target, baseline_target, noise_target, e
             html_path, fail_on, relative_threshold, absolute_threshold, latency_threshold,
             latency_min_ms, min_count, rule_file, quiet):
     """Compare CANDIDATE, a run written by `replay play -o` (or `replay shadow -o`), with what
-    was recorded (in production) or with a baseline run, endpoint by endpoint.
+    was recorded (in production) or with a baseline run, endpoint by endpoint. Several
+    CANDIDATE logs of play (the replayers of one Kafka group, N hosts) are merged into one run.
 
     \b
       replay report candidate.rlog
       replay report candidate.rlog --baseline primary.rlog --noise secondary.rlog --html report.html
       replay report candidate.rlog --baseline primary.rlog --fail-on regression   # exit 3
+      replay report run-host1.rlog run-host2.rlog                                  # merged
       replay report shadow.rlog --target http://v2:8080 --baseline shadow.rlog --baseline-target http://v1:8080
 
     Exit status: 0 when the gate holds (or no --fail-on), 3 when it is breached, 2 on bad input.
@@ -84,8 +86,10 @@ def command(candidate, baseline, noise, target, baseline_target, noise_target, e
             raise UsageError(f"{opt}: give {opt[:-7]} LOG too")
     from replay.outputs import LOG_MODE, Outputs
 
-    outputs = Outputs({k: v for k, v in (("the candidate", candidate), ("--baseline", baseline),
-                                         ("--noise", noise), ("--rules", rule_file)) if v})
+    candidates = list(candidate)
+    outputs = Outputs({k: v for k, v in (*((f"the candidate {c}", c) for c in candidates),
+                                         ("--baseline", baseline), ("--noise", noise),
+                                         ("--rules", rule_file)) if v})
     # 0600 as the logs: examples carry the captured bodies, cookies and authorization headers
     out_json = outputs.atomic(json_path, "--json", mode=LOG_MODE) if json_path else None
     out_html = outputs.atomic(html_path, "--html", mode=LOG_MODE) if html_path else None
@@ -108,8 +112,11 @@ def command(candidate, baseline, noise, target, baseline_target, noise_target, e
     t0 = time.perf_counter()
     with outputs.open():       # a bad or busy path fails here, before the logs are read
         targets = {"candidate": target, "baseline": baseline_target, "noise": noise_target}
-        report, breaches = _analyse(candidate, baseline, noise, endpoint_rules, ignore,
-                                    unordered_arrays, th, gates, t0, targets)
+        with _merged(candidates) as candidate:
+            report, breaches = _analyse(candidate, baseline, noise, endpoint_rules, ignore,
+                                        unordered_arrays, th, gates, t0, targets)
+        if len(candidates) > 1:
+            report["merged_from"] = candidates
         if out_json is not None:
             out_json.write_text(json.dumps(report, indent=1, default=str) + "\n")
         if out_html is not None:
@@ -125,6 +132,31 @@ def command(candidate, baseline, noise, target, baseline_target, noise_target, e
     for b in breaches:
         click.echo(f"replay report: gate breached: {b}", err=True)
     return 3 if breaches else 0
+
+
+class _merged:
+    """One candidate path: itself; several: their merge (``analysis.runs.merge_runs``) in a
+    temporary file, removed after the analysis."""
+
+    def __init__(self, paths: list):
+        self.paths = paths
+        self.tmp = None
+
+    def __enter__(self) -> str:
+        if len(self.paths) == 1:
+            return self.paths[0]
+        import os
+        import tempfile
+
+        from replay.analysis.runs import merge_runs
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="replay-report-")
+        name = "+".join(os.path.basename(p) for p in self.paths[:3])[:100]
+        return merge_runs(self.paths, os.path.join(self.tmp.name, name))
+
+    def __exit__(self, *exc):
+        if self.tmp is not None:
+            self.tmp.cleanup()
 
 
 def _analyse(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays, th, gates, t0,

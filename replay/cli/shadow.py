@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from replay.cli.kafkaopts import settings_option
 from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
 from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwargs
 from replay.cli.stopping import StopSignals
@@ -124,7 +125,7 @@ def dry_run_echo(m, data, target, copy) -> None:
 @click.option("-o", "--output", metavar="FILE",
               help="Write the captured requests, the production responses and each target's "
                    "answers (flag replayed) to this .rlog, for replay report; strftime patterns "
-                   "are expanded as in capture.")
+                   "are expanded as in capture. Or kafka://BROKERS/TOPIC (-X settings).")
 @click.option("--rotate-size", metavar="SIZE", help="With -o: start a new file after SIZE bytes "
               "of HTTP messages (100M, 1G; bare: bytes).")
 @click.option("--rotate-interval", metavar="TIME", help="With -o: start a new file every TIME.")
@@ -160,11 +161,12 @@ def dry_run_echo(m, data, target, copy) -> None:
               help="CPU priority of the process (as nice(1); needs root).")
 @reassembly_options()
 @click.option("-q", "--quiet", is_flag=True, help="No status line and no summary.")
+@settings_option()
 @rule_options(exclude=SHADOW_EXCLUDED_RULES)
 def command(interface, ports, targets, insecure, split, amplify, copy_header, keep_host, dry_run, output,
             rotate_size, rotate_interval, level, report_path, duration, count, drain, timeout, idle,
             queue_requests, queue_bytes, snaplen, buffer_size, promisc, immediate, nice, quiet,
-            **kwargs):
+            kafka_settings, **kwargs):
     """Copy live production requests to staging as each one completes.
 
     \b
@@ -235,7 +237,15 @@ def command(interface, ports, targets, insecure, split, amplify, copy_header, ke
                              "out")
     outputs = Outputs(inputs)
     out_report = outputs.atomic(report_path, "--report") if report_path else None
-    if output:
+    from replay.kafka import is_kafka_url, parse_settings, parse_url
+
+    to_kafka = bool(output) and is_kafka_url(output)
+    settings = parse_settings(kafka_settings)
+    if to_kafka:
+        parse_url(output)
+        if rotate_size or rotate_interval:
+            raise UsageError("--rotate-size/--rotate-interval: a kafka:// output is not rotated")
+    elif output:
         first = expand_name(output, time.time(), set())
         check_output(first)
         check_distinct(first, "-o", inputs, {"--report": report_path})
@@ -259,8 +269,13 @@ def command(interface, ports, targets, insecure, split, amplify, copy_header, ke
                         "core": core.IMPLEMENTATION, "host": os.uname().nodename}
                 if rules is not None:
                     meta["rules"] = rules.describe()
-                files = OutputFiles(output, meta, rotate_size=rsize, rotate_interval=rint,
-                                    level=level, inputs=inputs)
+                if to_kafka:
+                    from replay.kafka.producer import KafkaOutputs
+
+                    files = KafkaOutputs(output, settings, meta)
+                else:
+                    files = OutputFiles(output, meta, rotate_size=rsize, rotate_interval=rint,
+                                        level=level, inputs=inputs)
             session = ShadowSession(source, engine, parsed, opts, count=count,
                                     duration=duration or None, rules=rules, files=files,
                                     echo=dry_run_echo if dry_run else None)

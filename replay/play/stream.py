@@ -370,6 +370,7 @@ class StreamReader:
         self.done = False
         self.parent = os.getpid()
         self.proc = ctx.Process(target=self._child, name="replay-plan", daemon=True)
+        self.planner = None      # the child's StreamPlanner of the pass being read
 
     # -- parent --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -515,7 +516,7 @@ class StreamReader:
         planner = None
         try:
             while not self._stop.value and (self.passes is None or it < self.passes):
-                planner = StreamPlanner(plan.host, plan.keep_host, plan.header)
+                planner = self.planner = StreamPlanner(plan.host, plan.keep_host, plan.header)
                 for m in plan.open_messages():
                     for item in planner.push(m):
                         if not self._put(it, item):
