@@ -110,17 +110,7 @@ def command(paths, as_json):
     meta = info.get("meta") or {}
     if meta.get("source"):
         out.append(f"source:       {meta['source']} ({meta.get('command', '?')}, {meta.get('tool', '?')})")
-    out.append(f"messages:     {info['requests']:,} requests, {info['responses']:,} responses "
-               f"({info['http_bytes']:,} HTTP bytes)")
-    out.append(f"connections:  {info['connections']:,}")
-    out.append(f"time span:    {_when(info['first'])} .. {_when(info['last'])} "
-               f"({info['duration']:.3f} s)")
-    if info["methods"]:
-        out.append("methods:      " + ", ".join(f"{k} {v}" for k, v in info["methods"].items()))
-    if info["statuses"]:
-        out.append("statuses:     " + ", ".join(f"{k} {v}" for k, v in info["statuses"].items()))
-    if info["flags"]:
-        out.append("flags:        " + ", ".join(f"{k} {v}" for k, v in info["flags"].items()))
+    out += _counts(info)
     stats = info.get("capture") or meta.get("stats") or {}
     if stats:
         out.append(f"packets:      {stats.get('packets', 0):,} ({stats.get('tcp_segments', 0):,} TCP "
@@ -145,6 +135,19 @@ def command(paths, as_json):
     click.echo("\n".join(out))
 
 
+def _counts(info) -> list:
+    """The lines of ``info`` (``summarise``) that one file and several files print alike."""
+    out = [f"messages:     {info['requests']:,} requests, {info['responses']:,} responses "
+           f"({info['http_bytes']:,} HTTP bytes)",
+           f"connections:  {info['connections']:,}",
+           f"time span:    {_when(info['first'])} .. {_when(info['last'])} "
+           f"({info['duration']:.3f} s)"]
+    for key in ("methods", "statuses", "flags"):
+        if info[key]:
+            out.append(f"{key + ':':14s}" + ", ".join(f"{k} {v}" for k, v in info[key].items()))
+    return out
+
+
 def _merged(paths, as_json) -> None:
     import os
 
@@ -159,18 +162,8 @@ def _merged(paths, as_json) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    out = [f"files:        {len(paths)} ({', '.join(paths)}), {info['file_bytes']:,} bytes",
-           f"messages:     {info['requests']:,} requests, {info['responses']:,} responses "
-           f"({info['http_bytes']:,} HTTP bytes)",
-           f"connections:  {info['connections']:,}",
-           f"time span:    {_when(info['first'])} .. {_when(info['last'])} "
-           f"({info['duration']:.3f} s)"]
-    if info["methods"]:
-        out.append("methods:      " + ", ".join(f"{k} {v}" for k, v in info["methods"].items()))
-    if info["statuses"]:
-        out.append("statuses:     " + ", ".join(f"{k} {v}" for k, v in info["statuses"].items()))
-    if info["flags"]:
-        out.append("flags:        " + ", ".join(f"{k} {v}" for k, v in info["flags"].items()))
+    out = [f"files:        {len(paths)} ({', '.join(paths)}), {info['file_bytes']:,} bytes"]
+    out += _counts(info)
     for w in info["warnings"]:
         out.append(f"warning:      {w}")
     click.echo("\n".join(out))

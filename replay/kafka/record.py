@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 
 from replay.events import KIND_NAMES, Message
+from replay.log.format import unpack_addr
 
 MAGIC = b"RK"
 VERSION = 1
@@ -115,11 +116,8 @@ def decode(buf) -> Message:
     try:
         addrs = []
         for _ in range(2):
-            (n,) = _U8.unpack_from(mv, off)
-            ip = bytes(mv[off + 1:off + 1 + n]).decode("utf-8", "surrogatepass")
-            (port,) = _U16.unpack_from(mv, off + 1 + n)
-            off += 3 + n
-            addrs.append((ip, port))
+            addr, off = unpack_addr(mv, off)
+            addrs.append(addr)
         (n,) = _U16.unpack_from(mv, off)
         off += 2
         method = None

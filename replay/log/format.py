@@ -260,6 +260,15 @@ def _text(s: str) -> bytes:
     return s.encode("utf-8", "surrogatepass")
 
 
+def unpack_addr(mv, off: int):
+    """((ip, port), offset after it) of an address as tables store it: u8 length, the ip's
+    text, u16 port. struct.error or UnicodeDecodeError when the bytes are not one."""
+    (ln,) = U8.unpack_from(mv, off)
+    ip = bytes(mv[off + 1:off + 1 + ln]).decode("utf-8", "surrogatepass")
+    (port,) = U16.unpack_from(mv, off + 1 + ln)
+    return (ip, port), off + 3 + ln
+
+
 def _zigzag(q: np.ndarray) -> np.ndarray:
     """int64 -> uint64, small magnitudes to small numbers (bijective, wrapping)."""
     return ((q << 1) ^ (q >> 63)).view(np.uint64)
@@ -385,11 +394,8 @@ class Table:
             off += 4
             addrs = []
             for _ in range(na):
-                (ln,) = U8.unpack_from(mv, off)
-                ip = bytes(mv[off + 1:off + 1 + ln]).decode("utf-8", "surrogatepass")
-                (port,) = U16.unpack_from(mv, off + 1 + ln)
-                off += 3 + ln
-                addrs.append((ip, port))
+                addr, off = unpack_addr(mv, off)
+                addrs.append(addr)
             (ns,) = U32.unpack_from(mv, off)
             off += 4
             strings = [None]

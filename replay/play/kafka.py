@@ -163,11 +163,7 @@ class KafkaStreamReader(StreamReader):
 
     def stop(self) -> None:
         """Stop reading; the process lives on until ``close`` for the last commit."""
-        self._stop.value = 1
-        end = time.monotonic() + 1.0
-        while not self.done and time.monotonic() < end:
-            self.items.clear()
-            self.receive(0.05)
+        self.stop_reading()
 
     def close(self, timeout: float = CLOSE_S) -> None:
         """The last acknowledgements to the reading process; wait for its commit."""

@@ -423,6 +423,14 @@ class StreamReader:
             f"(exit {self.proc.exitcode}); the replay stopped there"))))
         return True
 
+    def stop_reading(self) -> None:
+        """Tell the child to stop, and take what it sends until its end mark (at most 1 s)."""
+        self._stop.value = 1
+        end = time.monotonic() + 1.0
+        while not self.done and time.monotonic() < end:
+            self.items.clear()
+            self.receive(0.05)
+
     def get(self):
         if not self.items and not self.receive():
             return None
@@ -430,11 +438,7 @@ class StreamReader:
 
     def stop(self) -> None:
         """Stop the child; the counts it sends as it stops (rules, pipelining) are kept."""
-        self._stop.value = 1
-        end = time.monotonic() + 1.0
-        while not self.done and time.monotonic() < end:
-            self.items.clear()
-            self.receive(0.05)
+        self.stop_reading()
         try:
             self.rx.close()
         except OSError:
