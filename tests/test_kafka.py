@@ -441,3 +441,50 @@ def test_start_at_and_t0_put_requests_on_the_agreed_timeline(kafka_broker, tmp_p
         c, i = map(int, re.match(r"/c(\d+)/r(\d+)", uri).groups())
         due = start + 500 * MS + (i * 2 + c) * 100 * MS
         assert abs(ts * 1e9 - due) < 30 * MS, (uri, ts * 1e9 - due)
+
+
+def test_review_cases_bad_times_same_topic_empty_topic_and_until_while_following(kafka_broker,
+                                                                                   tmp_path):
+    """Times out of range are one line; a topic converted into itself is refused; an empty topic
+    replayed to its end is 'no requests'; --until ends a followed read once it is past."""
+    url = kafka_broker.create_topic(topic_name("review"), 2)
+    for bad in ("1e30", "Infinity", "0001-01-01T00:00:00"):
+        p = run(["convert", url, "--from", bad, "-o", str(tmp_path / "x.rlog")])
+        one_line_error(p, "--from: not a time between 1970 and 2116")
+        assert p.returncode == 2
+    p = run(["play", url, "--sink", "--start-at", "2100-01-01T00:00:00Z"])
+    one_line_error(p, "more than a day ahead")
+    p = run(["convert", url, "-o", url])
+    one_line_error(p, "the topic read is the one written")
+    p = run(["play", url, "--sink", "--no-follow"], timeout=60)
+    one_line_error(p, "no requests to replay")
+    cap = spread(tmp_path / "spread.pcap", 3, 4, gap_ms=50)
+    assert run(["convert", str(cap), "-o", url]).returncode == 0
+    # followed (the default), bounded by --until long past on the wall clock: it ends
+    with SinkThread() as sink:
+        p = run(["play", url, "--target", sink.url, "--speed", "max", "--until",
+                 at(T0 + 300 * MS)], timeout=60)
+        assert p.returncode == 0, p.stderr
+        uris = sorted(raw.split(b" ", 2)[1].decode() for _, raw in sink.records)
+    assert uris == sorted(f"/c{c}/r{i}" for c in range(3) for i in range(4)
+                          if (i * 3 + c) * 50 * MS < 300 * MS)
+
+
+def test_a_full_producer_queue_does_not_stall_each_write(tmp_path):
+    """With the broker away and the bounded queue full, the first write waits (up to its
+    block time) and the next ones are counted as not delivered at once."""
+    from replay.kafka.producer import KafkaWriter
+    from replay.pipeline import open_input
+
+    w = KafkaWriter(f"kafka://127.0.0.1:{free_port()}/full", {"queue.buffering.max.messages": "5",
+                                                             "message.timeout.ms": "2000"},
+                    {}, block=0.5)
+    msgs = list(open_input(str(SAMPLE)))[:40]
+    t = time.monotonic()
+    for m in msgs:
+        w.write(m)
+    took = time.monotonic() - t
+    assert took < 5, took          # one wait of 0.5 s, not one per message (17 s)
+    assert w.failed >= 30 and w.reasons["local queue full"] >= 30
+    w.abandon()
+    assert w.warnings and "not delivered" in w.warnings[-1]

@@ -53,6 +53,14 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
 
     settings = parse_settings(kafka_settings)
     to_kafka = is_kafka_url(output)
+    if to_kafka and is_kafka_url(capture):
+        from replay.errors import UsageError
+        from replay.kafka import parse_url
+
+        a, b = parse_url(capture), parse_url(output)
+        if a.topic == b.topic and set(a.brokers.split(",")) & set(b.brokers.split(",")):
+            raise UsageError(f"-o {output}: the topic read is the one written (it would grow "
+                             "as it is read)")
     outputs = Outputs({} if is_kafka_url(capture) else {"the input": capture})
     out = None if to_kafka else outputs.atomic(output, "-o", mode=LOG_MODE)
     if is_kafka_url(capture):
@@ -107,6 +115,8 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
         except BaseException:
             if to_kafka:
                 writer.abandon()
+                for w in writer.warnings:
+                    click.echo(f"replay: warning: {w}", err=True)
             raise
         finally:
             writer.close(fsync=False)

@@ -101,6 +101,8 @@ def command(path, output, dry_run, ports, level, quiet, kafka_settings, **kwargs
             if writer is not None:
                 if to_kafka:
                     writer.abandon()
+                    for w in writer.warnings:
+                        click.echo(f"replay: warning: {w}", err=True)
                 writer.close(fsync=False)
     dt = time.perf_counter() - t0
     for w in getattr(src, "warnings", ()):

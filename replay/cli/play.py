@@ -168,8 +168,9 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
         if rules is not None and not quiet and plan.streaming:
             click.echo(_rules_line(rules, plan.refused_rewrites), err=True)
         if plan.streaming and report.attempted == 0 and not report.interrupted and \
-                not (duration or limit) and not from_kafka:
-            # as a whole plan would have said before sending (the index counts before the rules)
+                not (duration or limit) and not (from_kafka and kafka["group"] is not None):
+            # as a whole plan would have said before sending (the index counts before the rules);
+            # a topic read in a group may have been replayed to its end already: not an error
             raise ReplayError(f"{path}: no requests to replay"
                               + (" (the rules kept none)" if rules is not None else ""))
         if out_report is not None:
@@ -190,8 +191,14 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
     sys.exit(code)
 
 
+START_AT_MAX_NS = 86_400 * 1_000_000_000       # --start-at at most this far ahead
+
+
 def _kafka_plan(path, kafka, until, rules, tgt, keep_host, speed, rate):
     """The ``KafkaPlan`` and ``AgreedSchedule`` of a kafka:// input (``replay.play.kafka``)."""
+    import time
+
+    from replay.errors import UsageError
     from replay.kafka import parse_settings, parse_time, parse_url
     from replay.play.kafka import LIVE_MARGIN_NS, AgreedSchedule, KafkaPlan
     from replay.play.sender import START_DELAY_NS
@@ -206,8 +213,12 @@ def _kafka_plan(path, kafka, until, rules, tgt, keep_host, speed, rate):
                      host=tgt.host_header if tgt else None,
                      keep_host=keep_host or (rules is not None and rules.sets_host), rules=rules)
     plan.check()
+    start_at = parse_time(kafka["start_at"], "--start-at")
+    if start_at is not None and start_at > time.time_ns() + START_AT_MAX_NS:
+        raise UsageError(f"--start-at {kafka['start_at']}: more than a day ahead (a replayer "
+                         "would wait, silent, until then)")
     schedule = AgreedSchedule(0, 0, 0, speed=speed, rate=rate,
-                              start_unix_ns=parse_time(kafka["start_at"], "--start-at"),
+                              start_unix_ns=start_at,
                               t0_ns=parse_time(kafka["t0"], "--t0"),
                               margin_ns=LIVE_MARGIN_NS - START_DELAY_NS if follow else 0)
     return plan, schedule

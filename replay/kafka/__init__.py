@@ -102,21 +102,13 @@ def parse_time(text: str | None, what: str) -> int | None:
     @UNIX_SECONDS) or bare Unix seconds -> Unix ns; None stays None."""
     if text is None:
         return None
-    from datetime import datetime, timezone
+    import re
 
-    from decimal import Decimal, InvalidOperation
+    from replay.rules.filters import absolute_time_ns
 
     t = str(text).strip()
     try:
-        return int(Decimal(t[1:] if t.startswith("@") else t) * 1_000_000_000)
-    except (InvalidOperation, ValueError):
-        pass
-    try:
-        d = datetime.fromisoformat(t)
+        return absolute_time_ns("@" + t if re.fullmatch(r"\d+(?:\.\d*)?", t) else t)
     except ValueError:
-        raise UsageError(f"{what}: not a time: {text!r} (2026-12-01T10:00:00Z, @1796000000 or "
-                         "Unix seconds)") from None
-    if d.tzinfo is None:
-        d = d.astimezone()
-    delta = d - datetime(1970, 1, 1, tzinfo=timezone.utc)
-    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+        raise UsageError(f"{what}: not a time between 1970 and 2116: {text!r} "
+                         "(2026-12-01T10:00:00Z, @1796000000 or Unix seconds)") from None

@@ -10,13 +10,15 @@
   partitions, records wait in a heap (keyed by capture time) until every assigned partition has
   read past them or is at its end (``enable.partition.eof``): a bounded merge. A partition
   silent for ``STALL_S`` (neither records nor its end) stops holding the others back, and past
-  ``MAX_BUFFER`` records the oldest goes anyway;
+  ``MAX_BUFFER`` records or ``MAX_BUFFER_BYTES`` of messages the oldest goes anyway;
 - connection ids: each record's key is (capture run, connection); they are renumbered here in
   order of first appearance, so captures from several hosts never share an id;
 - ``start``/``until`` (Unix ns of capture time): the read starts at the offsets of ``start``
   (``offsets_for_times``; a group's committed offsets win) and every record is also filtered by
   its capture time, so a broker that answers the offset lookup badly costs time, never results.
-  A partition is over once a message captured ``UNTIL_SLACK_NS`` past ``until`` is read;
+  A partition is over once a message captured ``UNTIL_SLACK_NS`` past ``until`` is read
+  (then paused); the read ends once every assigned partition is over, or at its end with
+  ``until + UNTIL_SLACK_NS`` past on the wall clock, followed or not;
 - ``follow`` (live) reads on as records arrive; without it the read ends once every assigned
   partition is at its end (or past ``until``). Following, once every partition has been at
   its end for ``IDLE_S``, ``idle(t)`` is told the capture time it must be by now (the last
@@ -47,6 +49,7 @@ from replay.kafka import record as R
 
 NS = 1_000_000_000
 MAX_BUFFER = 100_000        # records held for the cross-partition merge at most
+MAX_BUFFER_BYTES = 256 << 20  # ... and bytes of their messages
 STALL_S = 2.0               # a partition silent this long no longer holds the merge back
 UNTIL_SLACK_NS = 5 * NS     # capture time past --until after which a partition is over
 DROP_NS = 10 * NS           # capture time after which an unplanned request counts as left out
@@ -72,7 +75,8 @@ class _Entry:
     def __init__(self, offset, key, t):
         self.offset = offset
         self.key = key
-        self.state = 0          # 0 read, 1 planned (handed to the sender), 2 done
+        self.state = 0          # 0 read (in the merge heap), 3 handed on to the planner,
+        #                         1 planned (handed to the sender), 2 done
         self.t = t
 
 
@@ -106,6 +110,7 @@ class TopicReader:
         self._hi: dict = {}            # partition -> next offset to commit when nothing waits
         self._committed: dict = {}
         self._heap: list = []
+        self._heap_bytes = 0
         self._seq = 0
         self._assigned: set = set()
         self._assign_known = group is None
@@ -206,6 +211,7 @@ class TopicReader:
             self._over.discard(p)
         self._heap[:] = [x for x in self._heap if x[2] not in gone]   # in place: the reader holds it
         heapq.heapify(self._heap)
+        self._heap_bytes = sum(len(x[3].data) for x in self._heap)
         try:
             consumer.unassign()
         except client().KafkaException:
@@ -226,8 +232,9 @@ class TopicReader:
         if e is not None:
             e.state = 1
 
-    def _positions(self, only=None) -> dict:
-        """partition -> offset to commit."""
+    def _positions(self, only=None, every: bool = False) -> dict:
+        """partition -> offset to commit (``every``: also those committed already, asynchronous
+        commits being confirmed by nobody)."""
         out = {}
         horizon = None if self._horizon is None else self._horizon - DROP_NS
         for p, q in self._track.items():
@@ -235,22 +242,24 @@ class TopicReader:
                 continue
             while q:
                 e = q[0]
-                if e.state == 2 or (e.state == 0 and horizon is not None and e.t < horizon):
+                # handed on to the planner DROP_NS before what was handed on since, and never
+                # planned: the rules or the planner left it out (still in the heap: wait)
+                if e.state == 2 or (e.state == 3 and horizon is not None and e.t < horizon):
                     q.popleft()
                     self._pending.pop(e.key, None)
                 else:
                     break
             pos = q[0].offset if q else self._hi.get(p)
-            if pos is not None and pos != self._committed.get(p):
+            if pos is not None and (every or pos != self._committed.get(p)):
                 out[p] = pos
         return out
 
-    def _commit(self, sync: bool = False, only=None) -> None:
+    def _commit(self, sync: bool = False, only=None, every: bool = False) -> None:
         if self.group is None or self.acks is None or self.consumer is None:
             return
         if self.acks is not None:
             self.ack(self.acks())
-        pos = self._positions(only)
+        pos = self._positions(only, every)
         if not pos:
             return
         ck = client()
@@ -271,7 +280,7 @@ class TopicReader:
         # a read that was stopped: what was not planned was not replayed, and stays
         horizon, self._horizon = self._horizon, (1 << 62) + DROP_NS if self.complete else None
         try:
-            self._commit(sync=True)
+            self._commit(sync=True, every=True)
         finally:
             self._horizon = horizon
             self.close()
@@ -309,7 +318,15 @@ class TopicReader:
                                             for p in self._assigned)
 
     def _ended(self) -> bool:
-        if self.follow or not self._assign_known:
+        if not self._assign_known:
+            return False
+        if self.until is not None and self._assigned and all(
+                p in self._over or p in self._eof and time.time_ns() > self.until + UNTIL_SLACK_NS
+                for p in self._assigned):
+            # past --until everywhere (or at the end, and --until is past on the wall clock):
+            # nothing more is wanted, followed or not
+            return True
+        if self.follow:
             return False
         return all(p in self._eof or p in self._over for p in self._assigned)
 
@@ -361,11 +378,10 @@ class TopicReader:
                     if until is not None and t >= until:
                         if t > until + UNTIL_SLACK_NS:
                             self._over.add(p)
-                            if not self.follow:
-                                try:
-                                    c.pause([ck.TopicPartition(topic, p)])
-                                except ck.KafkaException:
-                                    pass
+                            try:
+                                c.pause([ck.TopicPartition(topic, p)])
+                            except ck.KafkaException:
+                                pass
                         continue
                     self._hi[p] = off + 1
                     if start is not None and t < start:
@@ -377,12 +393,19 @@ class TopicReader:
                         self._pending[e.key] = e
                     self._last_t[p] = m.ts_last
                     heapq.heappush(heap, (m.ts_last, self._seq, p, m))
+                    self._heap_bytes += len(m.data)
                     self._seq += 1
                 w = self._watermark(now)
-                while heap and ((w is not None and heap[0][0] <= w) or len(heap) > MAX_BUFFER):
+                while heap and ((w is not None and heap[0][0] <= w) or len(heap) > MAX_BUFFER
+                                or self._heap_bytes > MAX_BUFFER_BYTES):
                     m = heapq.heappop(heap)[3]
+                    self._heap_bytes -= len(m.data)
                     if self._horizon is None or m.ts_last > self._horizon:
                         self._horizon = m.ts_last     # what was handed on, not what waits here
+                    if m.kind == KIND_REQUEST:
+                        e = self._pending.get((m.conn, m.index))
+                        if e is not None and e.state == 0:
+                            e.state = 3
                     yield m
                 if now - last_commit >= COMMIT_S:
                     last_commit = now

@@ -51,6 +51,7 @@ class KafkaWriter:
         self.last_error = None
         self.warnings: list[str] = []
         self._n = 0
+        self._full = False         # a wait for room ran out, and nothing fitted since
         # built once: the client converts a list of headers faster than it gets a new one
         self._headers = tuple([(R.H_HOST, self.host), (R.H_KIND, k)] for k in R.KIND_BYTES)
         conf = config(self.url, DEFAULTS, settings or {})
@@ -81,14 +82,19 @@ class KafkaWriter:
                 break
             except BufferError:
                 now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.block
-                elif now >= deadline:
+                if self._full or (deadline is not None and now >= deadline):
+                    # once a wait ran out, the queue is full until a message fits again:
+                    # the messages meanwhile are counted at once, not each after a wait
+                    self._full = True
                     self.sent += 1
                     self.failed += 1
                     self.reasons["local queue full"] += 1
+                    p.poll(0)
                     return
+                if deadline is None:
+                    deadline = now + self.block
                 p.poll(0.05)
+        self._full = False
         self.sent += 1
         self._n += 1
         if self._n >= POLL_EVERY:
@@ -127,10 +133,18 @@ class KafkaWriter:
             raise OutputError(text)
 
     def abandon(self) -> None:
-        """Close after another error: deliver what can be (briefly), raise nothing."""
+        """Close after another error: deliver what can be (briefly), raise nothing; a warning
+        says what the topic now holds of the output (``warnings``)."""
         if not self._closed:
             self._closed = True
-            self.producer.flush(min(self.timeout, 5))
+            left = self.producer.flush(min(self.timeout, 5))
+            self.failed += left
+            done = self.sent - self.failed
+            text = (f"{self.path}: stopped by the error below; {done:,} messages written before "
+                    f"it stay in the topic")
+            if self.failed:
+                text += f", {self.failed:,} not delivered"
+            self.warnings.append(text)
 
 
 def open_writer(url: str, settings: dict | None, meta: dict, **_options) -> KafkaWriter:

@@ -415,21 +415,36 @@ class TimeFilter:
         return m
 
 
+MAX_TIME_NS = 1 << 62        # 2116: a time beyond is a typing error
+
+
+def absolute_time_ns(text: str) -> int:
+    """Unix ns of ``@SECONDS`` or of an ISO 8601 time (local time when it has no zone, as
+    strftime in capture's -o); ValueError when it is neither, or before 1970 or after 2116."""
+    try:
+        if text.startswith("@"):
+            ns = int(Decimal(text[1:]) * NS)
+        else:
+            dt = datetime.fromisoformat(text)
+            if dt.tzinfo is None:
+                dt = dt.astimezone()
+            delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
+            ns = (delta.days * 86400 + delta.seconds) * 10 ** 9 + delta.microseconds * 1000
+    except (InvalidOperation, OverflowError, ValueError) as e:
+        raise ValueError(f"not a time: {e}") from None
+    if not 0 <= ns < MAX_TIME_NS:
+        raise ValueError("out of range")
+    return ns
+
+
 def parse_time(s):
     """(relative, ns) of a --since/--until value."""
     text = str(s.value).strip()
     try:
         if text.startswith("+"):
             return True, parse_duration_ns(text[1:], s.where(), minimum=0, maximum=10 ** 10)
-        elif text.startswith("@"):
-            return False, int(Decimal(text[1:]) * NS)
-        else:
-            dt = datetime.fromisoformat(text)
-            if dt.tzinfo is None:
-                dt = dt.astimezone()          # local time, as strftime in capture's -o
-            delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
-            return False, (delta.days * 86400 + delta.seconds) * 10 ** 9 + delta.microseconds * 1000
-    except (ValueError, InvalidOperation, OverflowError, UsageError):
+        return False, absolute_time_ns(text)
+    except (ValueError, UsageError):
         pass
     raise UsageError(f"{s.where()}: not a time (examples: 2024-05-01T12:00:00Z, @1714564800, "
                      "+10s, +1.5m, +250ms)")
