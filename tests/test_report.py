@@ -207,3 +207,40 @@ def test_options_from_the_report_table_of_a_rules_file(runs):
     rules.write_text("[report]\nthreshold = 3\n")
     p = replay("report", runs["candidate"], "--rules", rules)
     assert p.returncode == 2 and "unknown key 'threshold'" in p.stderr
+
+
+def test_play_report_files_merge(tmp_path):
+    """The --report files of replayers that ran side by side merge: counts added, latency
+    histograms added exactly (the merged percentiles are those of both runs' samples together);
+    mixed with a log, or with comparison options, they are refused in one line."""
+    from hdrh.histogram import HdrHistogram
+
+    from tests.play_helpers import SAMPLE
+
+    paths = []
+    for name in ("a", "b"):
+        p = tmp_path / f"{name}.json"
+        r = replay("play", SAMPLE, "--sink", "--speed", "max", "--report", p, "-q")
+        assert r.returncode == 0, r.stderr
+        paths.append(p)
+    one = [json.loads(p.read_text()) for p in paths]
+    out = tmp_path / "merged.json"
+    r = replay("report", *paths, "--json", out)
+    assert r.returncode == 0, r.stderr
+    assert "2 reports merged" in r.stdout and "replayed 74 of 74 requests" in r.stdout
+    m = json.loads(out.read_text())
+    assert m["attempted"] == m["answered"] == 74 and m["merged_from"] == [str(p) for p in paths]
+    assert m["statuses"] == {k: 2 * v for k, v in one[0]["statuses"].items()}
+    both = HdrHistogram.decode(one[0]["histograms"]["latency"])
+    both.add(HdrHistogram.decode(one[1]["histograms"]["latency"]))
+    assert both.get_total_count() == 74
+    assert m["latency_ms"]["p99"] == round(both.get_value_at_percentile(99) / 1000, 4)
+    assert HdrHistogram.decode(m["histograms"]["latency"]).get_total_count() == 74
+    r = replay("report", paths[0], SAMPLE)
+    assert r.returncode == 2 and "not both" in r.stderr.strip().splitlines()[-1], r.stderr
+    r = replay("report", *paths, "--fail-on", "regression")
+    assert r.returncode == 2 and "are merged, not compared" in r.stderr, r.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"attempted": 1}')
+    r = replay("report", paths[0], bad)
+    assert r.returncode == 2 and "not a --report file" in r.stderr and "Traceback" not in r.stderr

@@ -174,7 +174,7 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
             raise ReplayError(f"{path}: no requests to replay"
                               + (" (the rules kept none)" if rules is not None else ""))
         if out_report is not None:
-            out_report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            out_report.write_text(json.dumps(report.to_dict(histograms=True), indent=2) + "\n")
         if not quiet:
             click.echo(report.summary_text())
         outputs.commit()

@@ -70,6 +70,7 @@ def command(candidate, baseline, noise, target, baseline_target, noise_target, e
       replay report candidate.rlog --baseline primary.rlog --noise secondary.rlog --html report.html
       replay report candidate.rlog --baseline primary.rlog --fail-on regression   # exit 3
       replay report run-host1.rlog run-host2.rlog                                  # merged
+      replay report host1.json host2.json --json all.json    # --report files of play, merged
       replay report shadow.rlog --target http://v2:8080 --baseline shadow.rlog --baseline-target http://v1:8080
 
     Exit status: 0 when the gate holds (or no --fail-on), 3 when it is breached, 2 on bad input.
@@ -87,6 +88,10 @@ def command(candidate, baseline, noise, target, baseline_target, noise_target, e
     from replay.outputs import LOG_MODE, Outputs
 
     candidates = list(candidate)
+    reports = _play_reports(candidates)
+    if reports is not None:
+        return _merge_play_reports(candidates, reports, json_path, quiet,
+                                   baseline or noise or target or html_path or fail_on)
     outputs = Outputs({k: v for k, v in (*((f"the candidate {c}", c) for c in candidates),
                                          ("--baseline", baseline), ("--noise", noise),
                                          ("--rules", rule_file)) if v})
@@ -132,6 +137,62 @@ def command(candidate, baseline, noise, target, baseline_target, noise_target, e
     for b in breaches:
         click.echo(f"replay report: gate breached: {b}", err=True)
     return 3 if breaches else 0
+
+
+def _play_reports(paths: list):
+    """The --report files of ``replay play`` among ``paths`` (JSON, read), None when they are
+    logs; a UsageError when the two are mixed."""
+    import json
+
+    from replay.errors import InputError, UsageError
+
+    found = []
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                head = f.read(1)
+                if head != b"{":
+                    found.append(None)
+                    continue
+                f.seek(0)
+                found.append(json.load(f))
+        except OSError:
+            found.append(None)          # the logs' reader says what is wrong with it
+            continue
+        except ValueError as e:
+            raise InputError(f"{p}: not a log, and not JSON ({e})") from None
+    if all(r is None for r in found):
+        return None
+    if any(r is None for r in found):
+        raise UsageError("give logs of replay play -o, or --report files of replay play, not both")
+    return found
+
+
+def _merge_play_reports(paths, reports, json_path, quiet, other) -> int:
+    """``replay report a.json b.json``: the --report files of replayers that ran side by side
+    (a Kafka group), merged: counts added, latency and lateness histograms added exactly."""
+    import json
+
+    from replay.errors import InputError, UsageError
+    from replay.outputs import Outputs
+    from replay.play.report import merge_reports, summary_text
+
+    if other:
+        raise UsageError("--report files are merged, not compared: --baseline, --noise, "
+                         "--target, --html and --fail-on are for logs of replay play -o")
+    try:
+        merged = merge_reports(reports, paths)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    outputs = Outputs({f"the report {p}": p for p in paths})
+    out = outputs.atomic(json_path, "--json") if json_path else None
+    with outputs.open():
+        if out is not None:
+            out.write_text(json.dumps(merged, indent=2) + "\n")
+    if not quiet:
+        click.echo(f"{len(paths)} reports merged")
+        click.echo(summary_text(merged))
+    return 0
 
 
 class _merged:

@@ -180,7 +180,10 @@ class Report:
         return (f"sent {self.sent}  ok {self.answered}  errors {self.error_total}  "
                 f"in flight {self.in_flight}  lateness p99 {p99}  {self.elapsed_s(now):.1f} s")
 
-    def to_dict(self) -> dict:
+    def to_dict(self, histograms: bool = False) -> dict:
+        """The report as JSON-ready values; ``histograms``: with the latency, lateness and
+        connect samples as encoded HdrHistograms (``HISTOGRAMS``), which ``merge_reports``
+        adds up exactly (the --report file of each replayer of a group)."""
         errors = {k: self.errors.get(k, 0) for k in ERROR_KINDS}
         errors.update({k: v for k, v in self.errors.items() if k not in errors})
         wall = ((self.last_answer_ns - self.first_send_ns) / 1e9
@@ -216,50 +219,136 @@ class Report:
             "requests_per_s": round(self.answered / wall, 1) if wall > 0 else None,
             "interrupted": self.interrupted,
         })
+        if histograms:
+            d["histograms"] = {key: _hdr(getattr(self, attr)).encode().decode("ascii")
+                               for key, attr in HISTOGRAMS.items()}
         return d
 
     def summary_text(self) -> str:
-        d = self.to_dict()
+        return summary_text(self.to_dict())
 
-        def ms(p):
-            return "-" if p is None else f"{p:.3f}"
 
-        lines = []
-        head = (f"replayed {d['sent']} of {d['attempted']} requests in {d['elapsed_s']:.2f} s"
-                f"{' (interrupted)' if d['interrupted'] else ''}: "
-                f"{d['answered']} answered, {d['error_total']} errors, {d['in_flight']} in flight")
-        lines.append(head)
-        errs = {k: v for k, v in d["errors"].items() if v}
-        if errs:
-            lines.append("  errors: " + ", ".join(f"{k} {v}" for k, v in errs.items()))
-        if d["statuses"]:
-            sc = d["status_comparison"]
-            lines.append("  statuses: " + ", ".join(f"{k} {v}" for k, v in d["statuses"].items())
-                         + f"  (as recorded: {sc['same']}, different: {sc['different']}"
-                         + (f", not recorded: {sc['not_recorded']}" if sc["not_recorded"] else "")
-                         + ")")
-            if sc["changes"]:
-                top = list(sc["changes"].items())[:5]
-                lines.append("  changed: " + ", ".join(f"{k} ({v})" for k, v in top))
-        lat, lti, late = d["latency_ms"], d["latency_from_intended_ms"], d["lateness_ms"]
-        if lat["max"] is not None:
-            lines.append(f"  latency ms      p50 {ms(lat['p50'])}  p90 {ms(lat['p90'])}  "
-                         f"p99 {ms(lat['p99'])}  max {ms(lat['max'])}")
-            lines.append(f"  from intended   p50 {ms(lti['p50'])}  p90 {ms(lti['p90'])}  "
-                         f"p99 {ms(lti['p99'])}  max {ms(lti['max'])}")
-        if late["max"] is not None:
-            lines.append(f"  lateness ms     p50 {ms(late['p50'])}  p99 {ms(late['p99'])}  "
-                         f"max {ms(late['max'])}")
-            if d["held_by_response"]:
-                free = d["lateness_not_held_ms"]
-                lines.append(f"    {d['held_by_response']} requests waited for a previous response "
-                             f"that came after their deadline; the others: p50 {ms(free['p50'])}  "
-                             f"p99 {ms(free['p99'])}  max {ms(free['max'])}")
-        if d["requests_per_s"]:
-            lines.append(f"  {d['requests_per_s']:.0f} requests/s on {d['connections']['opened']} "
-                         f"connections (at most {d['connections']['max_open']} open)")
-        if d["connections"]["reconnects"]:
-            lines.append(f"  {d['connections']['reconnects']} connections reopened after the "
-                         f"target closed them" + (f", {d['retried']} requests sent again"
-                                                  if d["retried"] else ""))
-        return "\n".join(lines)
+# the samples a --report file carries as histograms: its key -> Report attribute; the key of
+# the percentiles made from each is KEY_ms
+HISTOGRAMS = {"latency": "latency", "latency_from_intended": "latency_intended",
+              "lateness": "lateness", "lateness_not_held": "lateness_free", "connect": "connect"}
+# counts that add up across replayers (nested dicts add key by key)
+_SUMMED = ("attempted", "sent", "answered", "in_flight", "errors", "error_total", "statuses",
+           "recorded_statuses", "status_comparison", "lateness_samples", "held_by_response",
+           "connections", "retried", "bytes", "unsolicited_responses")
+
+
+def _hdr(samples):
+    """The HdrHistogram of ``samples`` (a ``hist.Hist``, or an array of ns)."""
+    from replay.hist import Hist
+
+    if hasattr(samples, "flush"):
+        return samples.flush()
+    h = Hist()
+    for v in samples:
+        h.add(v)
+    return h.flush()
+
+
+def _add(a, b):
+    if isinstance(a, dict):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = _add(out[k], v) if k in out else v
+        return out
+    return a + b
+
+
+def merge_reports(reports: list, names: list) -> dict:
+    """One report of several --report files (``Report.to_dict(histograms=True)``) of replayers
+    that ran side by side: counts added, histograms added (exact), percentiles made from them,
+    ``requests_per_s`` added, ``elapsed_s`` the longest. ValueError naming the file that is not
+    such a report."""
+    from hdrh.histogram import HdrHistogram
+
+    from replay.hist import HIST_MAX_US
+
+    for r, name in zip(reports, names):
+        if not isinstance(r, dict) or not isinstance(r.get("histograms"), dict) or \
+                any(k not in r for k in _SUMMED):
+            raise ValueError(f"{name}: not a --report file of replay play with histograms")
+    out = {k: reports[0][k] for k in _SUMMED}
+    for r in reports[1:]:
+        for k in _SUMMED:
+            out[k] = _add(out[k], r[k])
+    out["connections"]["max_open"] = sum(r["connections"]["max_open"] for r in reports)
+    hists = {}
+    for key in HISTOGRAMS:
+        h = HdrHistogram(1, HIST_MAX_US, 2)
+        for r, name in zip(reports, names):
+            enc = r["histograms"].get(key)
+            if enc:
+                try:
+                    h.add(HdrHistogram.decode(enc))
+                except Exception as e:  # noqa: BLE001  (hdrh raises several kinds on bad input)
+                    raise ValueError(f"{name}: histogram {key!r} does not decode ({e})") from None
+        hists[key] = h
+        out[f"{key}_ms"] = _hdr_percentiles(h)
+    rates = [r.get("requests_per_s") for r in reports if r.get("requests_per_s")]
+    out.update({"elapsed_s": max(r.get("elapsed_s") or 0 for r in reports),
+                "requests_per_s": round(sum(rates), 1) if rates else None,
+                "interrupted": any(r.get("interrupted") for r in reports),
+                "merged_from": list(names),
+                "histograms": {k: h.encode().decode("ascii") for k, h in hists.items()}})
+    return out
+
+
+def _hdr_percentiles(h, points=(50, 90, 99)) -> dict:
+    keys = [f"p{p}" for p in points] + ["max"]
+    if not h.get_total_count():
+        return {k: None for k in keys}
+    out = {f"p{p}": round(h.get_value_at_percentile(p) / 1000, 4) for p in points}
+    out["max"] = round(h.get_max_value() / 1000, 4)
+    return out
+
+
+def summary_text(d: dict) -> str:
+    """The lines ``play`` prints at the end, of a report dict (``Report.to_dict``)."""
+
+    def ms(p):
+        return "-" if p is None else f"{p:.3f}"
+
+    lines = []
+    head = (f"replayed {d['sent']} of {d['attempted']} requests in {d['elapsed_s']:.2f} s"
+            f"{' (interrupted)' if d['interrupted'] else ''}: "
+            f"{d['answered']} answered, {d['error_total']} errors, {d['in_flight']} in flight")
+    lines.append(head)
+    errs = {k: v for k, v in d["errors"].items() if v}
+    if errs:
+        lines.append("  errors: " + ", ".join(f"{k} {v}" for k, v in errs.items()))
+    if d["statuses"]:
+        sc = d["status_comparison"]
+        lines.append("  statuses: " + ", ".join(f"{k} {v}" for k, v in d["statuses"].items())
+                     + f"  (as recorded: {sc['same']}, different: {sc['different']}"
+                     + (f", not recorded: {sc['not_recorded']}" if sc["not_recorded"] else "")
+                     + ")")
+        if sc["changes"]:
+            top = list(sc["changes"].items())[:5]
+            lines.append("  changed: " + ", ".join(f"{k} ({v})" for k, v in top))
+    lat, lti, late = d["latency_ms"], d["latency_from_intended_ms"], d["lateness_ms"]
+    if lat["max"] is not None:
+        lines.append(f"  latency ms      p50 {ms(lat['p50'])}  p90 {ms(lat['p90'])}  "
+                     f"p99 {ms(lat['p99'])}  max {ms(lat['max'])}")
+        lines.append(f"  from intended   p50 {ms(lti['p50'])}  p90 {ms(lti['p90'])}  "
+                     f"p99 {ms(lti['p99'])}  max {ms(lti['max'])}")
+    if late["max"] is not None:
+        lines.append(f"  lateness ms     p50 {ms(late['p50'])}  p99 {ms(late['p99'])}  "
+                     f"max {ms(late['max'])}")
+        if d["held_by_response"]:
+            free = d["lateness_not_held_ms"]
+            lines.append(f"    {d['held_by_response']} requests waited for a previous response "
+                         f"that came after their deadline; the others: p50 {ms(free['p50'])}  "
+                         f"p99 {ms(free['p99'])}  max {ms(free['max'])}")
+    if d["requests_per_s"]:
+        lines.append(f"  {d['requests_per_s']:.0f} requests/s on {d['connections']['opened']} "
+                     f"connections (at most {d['connections']['max_open']} open)")
+    if d["connections"]["reconnects"]:
+        lines.append(f"  {d['connections']['reconnects']} connections reopened after the "
+                     f"target closed them" + (f", {d['retried']} requests sent again"
+                                              if d["retried"] else ""))
+    return "\n".join(lines)
