@@ -40,13 +40,7 @@ class Hist:
 
     def percentiles(self, points=(50, 90, 99)) -> dict:
         """As ``replay.play.report.percentiles``: ms, the max included; None values when empty."""
-        h = self.flush()
-        keys = [f"p{p}" for p in points] + ["max"]
-        if not h.get_total_count():
-            return {k: None for k in keys}
-        out = {f"p{p}": round(h.get_value_at_percentile(p) / 1000, 4) for p in points}
-        out["max"] = round(h.get_max_value() / 1000, 4)
-        return out
+        return hdr_percentiles(self.flush(), points)
 
     def flush(self) -> HdrHistogram:
         if self.buf:
@@ -64,6 +58,16 @@ class Hist:
             h.min_value = min(h.min_value, int(v.min()))
             h.max_value = max(h.max_value, int(v.max()))
         return self.h
+
+
+def hdr_percentiles(h: HdrHistogram, points=(50, 90, 99)) -> dict:
+    """Percentiles of a µs HdrHistogram in ms, the max included; None values when empty."""
+    keys = [f"p{p}" for p in points] + ["max"]
+    if not h.get_total_count():
+        return {k: None for k in keys}
+    out = {f"p{p}": round(h.get_value_at_percentile(p) / 1000, 4) for p in points}
+    out["max"] = round(h.get_max_value() / 1000, 4)
+    return out
 
 
 class SharedHist(Hist):

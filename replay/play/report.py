@@ -266,7 +266,7 @@ def merge_reports(reports: list, names: list) -> dict:
     such a report."""
     from hdrh.histogram import HdrHistogram
 
-    from replay.hist import HIST_MAX_US
+    from replay.hist import HIST_MAX_US, hdr_percentiles
 
     for r, name in zip(reports, names):
         if not isinstance(r, dict) or not isinstance(r.get("histograms"), dict) or \
@@ -288,22 +288,13 @@ def merge_reports(reports: list, names: list) -> dict:
                 except Exception as e:  # noqa: BLE001  (hdrh raises several kinds on bad input)
                     raise ValueError(f"{name}: histogram {key!r} does not decode ({e})") from None
         hists[key] = h
-        out[f"{key}_ms"] = _hdr_percentiles(h)
+        out[f"{key}_ms"] = hdr_percentiles(h)
     rates = [r.get("requests_per_s") for r in reports if r.get("requests_per_s")]
     out.update({"elapsed_s": max(r.get("elapsed_s") or 0 for r in reports),
                 "requests_per_s": round(sum(rates), 1) if rates else None,
                 "interrupted": any(r.get("interrupted") for r in reports),
                 "merged_from": list(names),
                 "histograms": {k: h.encode().decode("ascii") for k, h in hists.items()}})
-    return out
-
-
-def _hdr_percentiles(h, points=(50, 90, 99)) -> dict:
-    keys = [f"p{p}" for p in points] + ["max"]
-    if not h.get_total_count():
-        return {k: None for k in keys}
-    out = {f"p{p}": round(h.get_value_at_percentile(p) / 1000, 4) for p in points}
-    out["max"] = round(h.get_max_value() / 1000, 4)
     return out
 
 
