@@ -245,8 +245,7 @@ def _hdr(samples):
     if hasattr(samples, "flush"):
         return samples.flush()
     h = Hist()
-    for v in samples:
-        h.add(v)
+    h.buf.extend(samples)
     return h.flush()
 
 

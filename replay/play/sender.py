@@ -287,11 +287,6 @@ class ReplayProtocol(asyncio.Protocol):
         if self.pending or self.pump is None or not self.player._pump(self):
             self._wake(True)
 
-    def pump_now(self) -> None:
-        """A pipelined request came to the feed while this connection waits for its answers:
-        it goes now, as its task would have sent it."""
-        self.player._pump(self)
-
     def _wake(self, value):
         w = self.waiter
         if w is not None and not w.done():
@@ -667,15 +662,19 @@ class Player:
         while True:
             req = items.popleft()
             self._took()
-            if self.budget is not None:
-                self.budget -= 1
-                if self.budget == 0 and self.room is not None:
-                    self.room.set()
-            report.on_attempt(req.recorded_status)
+            self._tried(req)
             t = proto.send(Attempt(req, it, None, conn_id))
             report.on_sent(len(req.data), None, False, t)
             if not items or not items[0].pipelined or self.budget == 0 or self.stopping:
                 return True
+
+    def _tried(self, req) -> None:
+        """``req`` is tried now: it counts against ``--limit`` and in the report."""
+        if self.budget is not None:
+            self.budget -= 1
+            if self.budget == 0 and self.room is not None:
+                self.room.set()          # the stream launcher may wait for room
+        self.report.on_attempt(req.recorded_status)
 
     def _took(self):
         """A feed's request was taken by its connection."""
@@ -777,11 +776,7 @@ class Player:
                 deadline = sched.deadline(req.t, req.seq, it)
                 if deadline is not None and self.end_ns is not None and deadline >= self.end_ns:
                     break
-                if self.budget is not None:
-                    self.budget -= 1
-                    if self.budget == 0 and self.room is not None:
-                        self.room.set()          # the stream launcher may wait for room
-                report.on_attempt(req.recorded_status)
+                self._tried(req)
                 att = Attempt(req, it, deadline, conn_id)
                 held = False
                 if proto is not None and (not req.pipelined or not opts.keepalive):
@@ -1064,7 +1059,9 @@ class _Feed:
         self.items.append(req)
         self.player.fed += 1
         if self.pumping is not None and req.pipelined and len(self.items) == 1:
-            self.pumping.pump_now()
+            # the connection waits for its answers: a pipelined request goes now, as its task
+            # would have sent it
+            self.player._pump(self.pumping)
         self._wake()
 
     def end(self) -> None:
