@@ -91,6 +91,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from figures import plain_json  # noqa: E402
 from netns import Netns, NetnsError, netns_available, start_nginx  # noqa: E402
 
 GEN_VERSION = 1          # bump when the generated log changes: the cache name holds it
@@ -560,17 +561,6 @@ def replay_origin() -> dict:
     return info
 
 
-def _plain(v):
-    """JSON-ready: nan becomes null."""
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -687,7 +677,7 @@ def main(argv=None) -> int:
         signal.alarm(0)
         shutil.rmtree(work, ignore_errors=True)
     if args.json and "startup" in out:
-        Path(args.json).write_text(json.dumps(_plain(out), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(plain_json(out), indent=2) + "\n")
         print(f"figures written to {args.json}")
     return status
 

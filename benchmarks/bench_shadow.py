@@ -92,6 +92,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from figures import plain_json  # noqa: E402
 from netns import Netns, NetnsError, netns_available, start_nginx  # noqa: E402
 
 TARGET_P99_MS = 5.0      # the issue's target, at 1000 req/s
@@ -542,17 +543,6 @@ def all_received(r: dict) -> bool:
     return r["production"] > 0 and r["staging"] == r["production"]
 
 
-def _plain(v):
-    """JSON-ready: nan becomes null (strict JSON has no nan)."""
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -692,7 +682,7 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     if args.json and "delay_run" in out:
-        Path(args.json).write_text(json.dumps(_plain(out), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(plain_json(out), indent=2) + "\n")
         print(f"figures written to {args.json}")
     return status
 
