@@ -35,6 +35,13 @@ class Hist:
 
     append = add
 
+    def extend(self, ns) -> None:
+        """Add every value of an int64 numpy array (ns) at once."""
+        if len(ns):
+            self.buf.frombytes(np.ascontiguousarray(ns, dtype=np.int64).tobytes())
+            if len(self.buf) >= self.BATCH:
+                self.flush()
+
     def __len__(self) -> int:
         return self.h.total_count + len(self.buf)
 

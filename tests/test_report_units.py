@@ -1,16 +1,17 @@
 """The parts of `replay report` one by one: endpoints, JSON fields, ignore patterns, the noise
-rule, the latency test, the gate, and the windowed join of run logs."""
+rule, the latency test, the gate, and the join of run logs."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from hdrh.histogram import HdrHistogram
 
 from replay.analysis import diff as D
 from replay.analysis.endpoints import Endpoints, looks_like_id, path_of
-from replay.analysis.runs import exchanges
+from replay.analysis.runs import Section, status_of
 from replay.analysis.verdict import (Thresholds, gate_breaches, latency_regressed, parse_gate,
                                      rate_regressed)
 from replay.errors import UsageError
@@ -186,13 +187,42 @@ def _m(kind, conn, index, flags=0, data=b"", status=0, t=0):
     return Message(kind, conn, index, t, t, ("c", 1), ("s", 2), flags, data, "GET", "/a", status, 0, 0)
 
 
-def test_exchanges_complete_in_any_order_and_failures_carry_their_kind():
+def _section_log(path, msgs):
+    from replay.log import LogWriter
+
+    with LogWriter(str(path), meta={"command": "play", "conn_stride": 10, "target": "t"},
+                   block_records=2) as w:
+        for m in msgs:
+            w.write(m)
+    return Section(str(path), replayed=True)
+
+
+def test_exchanges_complete_in_any_order_and_failures_carry_their_kind(tmp_path):
     msgs = [_m(KIND_REQUEST, 0, 0, F_REPLAYED), _m(KIND_REQUEST, 1, 0, F_REPLAYED),
             _m(KIND_RESPONSE, 1, 0, F_REPLAYED, status=200),
             _m(KIND_RESPONSE, 0, 0, F_REPLAYED | F_FAILED, b"timeout"),
             _m(KIND_REQUEST, 10, 0, F_REPLAYED)]                 # pass 1 of conn 0 (stride 10), unanswered
-    got = list(exchanges(msgs, 10))
-    assert [(e.key, e.status) for e in got] == [((1, 0, 0), 200), ((0, 0, 0), "timeout"), ((0, 0, 1), None)]
+    sec = _section_log(tmp_path / "r.rlog", msgs)
+    (keys,) = list(sec.keys_in_order(100))                     # in the order first written
+    assert [(int(k) >> 32, int(k) & 0xFFFFFFFF) for k in keys] == [(0, 0), (1, 0), (10, 0)]
+    bt = sec.take(keys)
+    assert [status_of(int(s)) for s in bt.status] == ["timeout", 200, None]
+    assert bt.has_req.tolist() == [True] * 3 and bt.has_resp.tolist() == [False, True, False]
+    assert bt.found.tolist() == [True] * 3 and sec.found == 3
+
+
+def test_a_late_answer_and_a_key_absent_are_told_apart(tmp_path):
+    """No window: an answer written long after its request still pairs with it; a key the
+    section does not hold is not found, and is not counted as found."""
+    msgs = [_m(KIND_REQUEST, 0, 0, F_REPLAYED)]
+    msgs += [m for c in range(1, 50) for m in (_m(KIND_REQUEST, c, 0, F_REPLAYED),
+                                              _m(KIND_RESPONSE, c, 0, F_REPLAYED, status=200))]
+    msgs.append(_m(KIND_RESPONSE, 0, 0, F_REPLAYED, b"HTTP/1.1 503 x\r\n\r\n", status=503))
+    sec = _section_log(tmp_path / "r.rlog", msgs)
+    bt = sec.take(np.array([0, (7 << 32), (99 << 32)], dtype=np.uint64))
+    assert [status_of(int(s)) for s in bt.status] == [503, 200, None]
+    assert bt.found.tolist() == [True, True, False] and sec.found == 2
+    assert bt.resp_data[0] == b"HTTP/1.1 503 x\r\n\r\n" and bt.resp_data[2] is None
 
 
 def test_sections_join_exactly_whatever_the_order(tmp_path):
@@ -224,15 +254,6 @@ def test_sections_join_exactly_whatever_the_order(tmp_path):
         assert t["unmatched"]["recorded"] == 0
         (ep,) = rep["endpoints"]
         assert ep["status"]["changed"] == (1 if baseline is None else 0)
-
-
-def test_an_exchange_pushed_out_of_the_window_is_not_counted_twice():
-    msgs = [_m(KIND_REQUEST, 0, 0, F_REPLAYED), _m(KIND_REQUEST, 1, 0, F_REPLAYED),
-            _m(KIND_REQUEST, 2, 0, F_REPLAYED),                       # pushes (0, 0) out
-            _m(KIND_RESPONSE, 0, 0, F_REPLAYED, status=200),          # late: dropped
-            _m(KIND_RESPONSE, 1, 0, F_REPLAYED, status=200), _m(KIND_RESPONSE, 2, 0, F_REPLAYED, status=200)]
-    got = list(exchanges(msgs, 10, window=2))
-    assert sorted(e.key for e in got) == [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
 
 
 def test_captured_bytes_reach_neither_terminal_nor_shell_raw(tmp_path):

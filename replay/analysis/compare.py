@@ -30,14 +30,15 @@ import re
 import shlex
 from collections import Counter, OrderedDict
 
+import numpy as np
 
 from replay.analysis import diff as D
 from replay.analysis.endpoints import Endpoints
-from replay.analysis.runs import WINDOW, RunLog, key_of
+from replay.analysis.runs import RunLog, status_of
 from replay.hist import Hist
 from replay.analysis.verdict import (PERCENTILES, Thresholds, latency_regressed, rate_regressed)
 
-CHUNK = 2048            # candidate exchanges whose counterparts are read together
+CHUNK = 8192            # candidate exchanges whose counterparts are read together
 EXAMPLES = 3
 EXAMPLE_BYTES = 4096
 HELD_NS = 1_000_000
@@ -90,12 +91,6 @@ class _LogHist:
         self.counts = Counter()
         self.n = 0
 
-    def add(self, ns):
-        if ns is not None:
-            us = ns // 1000
-            self.counts[int(math.log(us) / self.STEP) if us > 1 else 0] += 1
-            self.n += 1
-
     def merge(self, other):
         self.counts.update(other.counts)
         self.n += other.n
@@ -127,25 +122,41 @@ class _Run:
         self.statuses = Counter()
         self.count = 0
 
-    def add(self, ex):
-        self.count += 1
-        st = ex.status
-        self.statuses[st if isinstance(st, str) else status_class(st)] += 1
-        svc = ex.service_ns
-        self.hist.add(svc)
-        if ex.request is not None:
-            t = ex.request.ts_first
-            if self.t0 is None:
-                self.t0 = t
-            b = max(0, t - self.t0) // self.width
-            while b >= 2 * TIMELINE_BUCKETS:
-                self._coarser()
-                b = max(0, t - self.t0) // self.width
-            got = self.buckets.get(b)
+    def add_batch(self, bt, mask):
+        """The exchanges of a ``runs.Batch`` where ``mask`` is true."""
+        idx = np.flatnonzero(mask)
+        if not len(idx):
+            return
+        self.count += len(idx)
+        for v, k in zip(*[a.tolist() for a in np.unique(bt.status[idx], return_counts=True)]):
+            st = status_of(v)
+            self.statuses[st if isinstance(st, str) else status_class(st)] += k
+        svc, ok = bt.service()
+        svc, ok = svc[idx], ok[idx]
+        self.hist.extend(svc[ok])
+        hr = bt.has_req[idx]
+        if not hr.any():
+            return
+        ts, svc, ok = bt.req_first[idx][hr], svc[hr], ok[hr]
+        if self.t0 is None:
+            self.t0 = int(ts[0])
+        rel = np.maximum(ts - self.t0, 0)
+        b = rel // self.width
+        while int(b.max()) >= 2 * TIMELINE_BUCKETS:
+            self._coarser()
+            b = rel // self.width
+        buckets = self.buckets
+        for bb, k in zip(*[a.tolist() for a in np.unique(b, return_counts=True)]):
+            got = buckets.get(bb)
             if got is None:
-                got = self.buckets[b] = [0, _LogHist()]
-            got[0] += 1
-            got[1].add(svc)
+                got = buckets[bb] = [0, _LogHist()]
+            got[0] += k
+        us = svc[ok] // 1000
+        bins = np.where(us > 1, np.log(np.maximum(us, 1)) / _LogHist.STEP, 0).astype(np.int64)
+        for v, k in zip(*[a.tolist() for a in np.unique(b[ok] * 4096 + bins, return_counts=True)]):
+            h = buckets[v // 4096][1]
+            h.counts[v % 4096] += k
+            h.n += k
 
     def _coarser(self):
         old = self.buckets
@@ -208,7 +219,7 @@ class _Endpoint:
 class Analysis:
     def __init__(self, candidate: str, baseline: str | None = None, noise: str | None = None,
                  endpoint_rules=(), ignore=(), unordered: bool = False,
-                 thresholds: Thresholds | None = None, window: int = WINDOW,
+                 thresholds: Thresholds | None = None,
                  ignored_headers=D.DEFAULT_IGNORED_HEADERS, targets: dict | None = None):
         tg = targets or {}
         self.cand = RunLog(candidate, tg.get("candidate"), "--target")
@@ -218,9 +229,10 @@ class Analysis:
         self.ignore = D.Ignore(ignore)
         self.unordered = unordered
         self.th = thresholds or Thresholds()
-        self.window = window
         self.cmp = D.Comparer(frozenset(ignored_headers) | self.ignore.headers, unordered)
         self.eps: dict = {}
+        self._eplist: list = []         # the endpoints by the ids of the pass
+        self._epindex: dict = {}
         # each run's timeline starts at its own first request (a log's time span also covers
         # the recording inside it)
         self.runs = {"candidate": _Run("candidate")}
@@ -234,158 +246,191 @@ class Analysis:
 
     # -- the pass --------------------------------------------------------------------------------
     def run(self) -> dict:
-        recorded = base = noise = None
+        sections = {}
         try:
-            recorded = self.cand.section(replayed=False)
-            base = self.base.section(replayed=True) if self.base else None
-            noise = self.noise.section(replayed=True) if self.noise else None
-            chunk = []
-            for ex in self.cand.replayed(self.window):
-                chunk.append(ex)
-                if len(chunk) >= CHUNK:
-                    self._chunk(chunk, recorded, base, noise)
-                    chunk = []
-            if chunk:
-                self._chunk(chunk, recorded, base, noise)
-            n = self.totals["exchanges"]
-            self.unmatched = {"recorded": n - recorded.found}
-            if base is not None:
-                self.unmatched["baseline"] = n - base.found
-            if noise is not None:
-                self.unmatched["noise"] = n - noise.found
-        finally:
-            self.cand.done(recorded)
+            sections["candidate"] = self.cand.section(replayed=True)
+            sections["recorded"] = self.cand.section(replayed=False)
             if self.base:
-                self.base.done(base)
+                sections["baseline"] = self.base.section(replayed=True)
             if self.noise:
-                self.noise.done(noise)
+                sections["noise"] = self.noise.section(replayed=True)
+            for keys in sections["candidate"].keys_in_order(CHUNK):
+                self._chunk(keys, sections)
+            n = self.totals["exchanges"]
+            self.unmatched = {"recorded": n - sections["recorded"].found}
+            for k in ("baseline", "noise"):
+                if k in sections:
+                    self.unmatched[k] = n - sections[k].found
+        finally:
+            for k, sec in sections.items():
+                {"candidate": self.cand, "recorded": self.cand, "baseline": self.base,
+                 "noise": self.noise}[k].done(sec)
             for run in (self.cand, self.base, self.noise):
                 if run is not None:
                     run.close()
         return self.report()
 
-    def _chunk(self, chunk, recorded, base, noise):
-        rec_keys = [key_of(e.key[0], e.key[1]) for e in chunk]
-        recs = recorded.get(rec_keys, [e.key[:2] for e in chunk])
-        ex_keys = [e.key for e in chunk]
+    def _chunk(self, keys, sections):
+        """One chunk of the candidate's exchanges (keys in written order) with their
+        counterparts: counts and histograms by columns, bodies compared one by one."""
+        cand, base, noise = self.cand, self.base, self.noise
+        stride = cand.stride or (1 << 62)
+        full = (keys >> np.uint64(32)).astype(np.int64) - cand.base
+        index = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        conn, passno = full % stride, full // stride
+        bare = base is None and noise is None
+        C = sections["candidate"].take(keys)
+        R = sections["recorded"].take(_keys(conn, index), data=base is None, req_data=bare)
 
-        def other(section, run):
-            if section is None:
-                return [None] * len(chunk)
-            got = section.get([key_of(k[0] + k[2] * (run.stride or 0) + run.base, k[1])
-                               for k in ex_keys], ex_keys)
-            if not run.stride:
+        def other(log, name, req_data):
+            ks = _keys(conn + passno * (log.stride or 0) + log.base, index)
+            if not log.stride:
                 # a run without --loop has only a first pass: later passes have no counterpart
-                got = [g if k[2] == 0 else None for g, k in zip(got, ex_keys)]
-            return got
+                ks[passno != 0] = np.uint64(0xFFFFFFFFFFFFFFFF)
+            return sections[name].take(ks, req_data=req_data)
 
-        bases = other(base, self.base) if base is not None else recs
-        noises = other(noise, self.noise)
-        for c, b, n, r in zip(chunk, bases, noises, recs):
-            self._one(c, b, n, r)
-
-    def _one(self, c, b, n, rec):
+        B = other(base, "baseline", noise is None) if base is not None else R
+        N = other(noise, "noise", False) if noise is not None else None
+        n = len(keys)
         t = self.totals
-        t["exchanges"] += 1
-        req = c.request if c.request is not None else (rec.request if rec is not None else None)
-        if req is None:
-            t["no_request"] += 1
-            return
-        name = self.endpoints.name(req.method, req.uri)
-        ep = self.eps.get(name)
-        if ep is None:
-            ep = self.eps[name] = _Endpoint(name)
-        ep.count += 1
+        t["exchanges"] += n
+        ids = self._endpoint_ids(C, R)
+        keep = ids >= 0
+        t["no_request"] += n - int(keep.sum())
+        eps = self._eplist
+        for e, cnt in _bincount(ids, keep):
+            eps[e].count += cnt
         runs = self.runs
-        runs["candidate"].add(c)
-        cs = c.status
-        if isinstance(cs, str):
-            t["candidate_errors"] += 1
-        elif cs is not None and cs >= 500:
-            t["candidate_5xx"] += 1
-        elif cs is not None and cs >= 400:
-            t["candidate_4xx"] += 1
-        self._latency(ep, "candidate", c)
-        if c.request is not None and c.request.ts_last - c.request.ts_first > HELD_NS:
-            ep.held += 1
-        if b is None:
-            t["no_baseline"] += 1
-            ep.matrix[("none", _st(cs))] += 1
-            return
-        runs["baseline" if self.base else "recorded"].add(b)
-        bs = b.status
-        ep.matrix[(_st(bs), _st(cs))] += 1
-        self._latency(ep, "baseline", b)
-        if type(bs) is int:
-            # statuses and errors are judged where the baseline answered
-            ep.compared += 1
-            if isinstance(cs, str):
-                ep.err_cb[cs] += 1
-                self._example(ep, "error", cs, c, b, None)
-            elif cs is not None and cs != bs:
-                ep.trans_cb[(bs, cs)] += 1
-                self._example(ep, "status", f"{bs} -> {cs}", c, b, None)
-        if n is not None:
-            runs["noise"].add(n)
-            self._latency(ep, "noise", n)
-            ns = n.status
-            if type(bs) is int:
-                ep.bn_compared += 1
-                if isinstance(ns, str):
-                    ep.err_bn[ns] += 1
-                elif ns is not None and ns != bs:
-                    ep.trans_bn[(bs, ns)] += 1
+        runs["candidate"].add_batch(C, keep)
+        cs, bs = C.status, B.status
+        t["candidate_errors"] += int((keep & (cs <= -2)).sum())
+        t["candidate_5xx"] += int((keep & (cs >= 500)).sum())
+        t["candidate_4xx"] += int((keep & (cs >= 400) & (cs < 500)).sum())
+        self._latency(ids, keep, C, "candidate")
+        held = keep & C.has_req & (C.req_last - C.req_first > HELD_NS)
+        for e, cnt in _bincount(ids, held):
+            eps[e].held += cnt
+        nob = keep & ~B.found
+        t["no_baseline"] += int(nob.sum())
+        for (e, c), cnt in _pairs(ids, cs, nob):
+            eps[e].matrix[("none", _st(status_of(c)))] += cnt
+        hb = keep & B.found
+        runs["baseline" if base else "recorded"].add_batch(B, hb)
+        for (e, b, c), cnt in _triples(ids, bs, cs, hb):
+            eps[e].matrix[(_st(status_of(b)), _st(status_of(c)))] += cnt
+        self._latency(ids, hb, B, "baseline")
+        # statuses and errors are judged where the baseline answered
+        judged = hb & (bs >= 0)
+        for e, cnt in _bincount(ids, judged):
+            eps[e].compared += cnt
+        sec_b = sections["baseline" if base else "recorded"]
+
+        def exchanges(i):
+            key = (int(conn[i]), int(index[i]), int(passno[i]))
+            return (sections["candidate"].exchange(C, i, key), sec_b.exchange(B, i, key))
+
+        for i in np.flatnonzero(judged & ((cs <= -2) | ((cs >= 0) & (cs != bs)))).tolist():
+            ep = eps[ids[i]]
+            c, b = int(cs[i]), int(bs[i])
+            if c <= -2:
+                kind, field = "error", status_of(c)
+                ep.err_cb[field] += 1
+            else:
+                kind, field = "status", f"{b} -> {c}"
+                ep.trans_cb[(b, c)] += 1
+            if len(ep.examples.get((kind, field), ())) < EXAMPLES:
+                self._example(ep, kind, field, *exchanges(i), None)
+        if N is not None:
+            nn = hb & N.found
+            runs["noise"].add_batch(N, nn)
+            self._latency(ids, nn, N, "noise")
+            ns = N.status
+            bn = nn & (bs >= 0)
+            for e, cnt in _bincount(ids, bn):
+                eps[e].bn_compared += cnt
+            for (e, z), cnt in _pairs(ids, ns, bn & (ns <= -2)):
+                eps[e].err_bn[status_of(z)] += cnt
+            for (e, b, z), cnt in _triples(ids, bs, ns, bn & (ns >= 0) & (ns != bs)):
+                eps[e].trans_bn[(b, z)] += cnt
         # fields: only between answers with the same status
-        if c.response is None or b.response is None or cs != bs:
-            return
-        sides: dict = {}
+        same = hb & C.has_resp & B.has_resp & (cs == bs)
+        for e, cnt in _bincount(ids, same):
+            eps[e].cb_compared += cnt
         cmp = self.cmp
-        fields = cmp.diff(b.response, c.response, sides)
-        ep.cb_compared += 1
         ignored = self.ignore.ignored
-        for f in fields:
-            if ignored(f):
+        cd, bd, ch, bh = C.resp_data, B.resp_data, C.resp_head.tolist(), B.resp_head.tolist()
+        if N is not None:
+            nd, nh = N.resp_data, N.resp_head.tolist()
+            nsame = (N.has_resp & (N.status == bs)).tolist()
+        for i in np.flatnonzero(same).tolist():
+            ep = eps[ids[i]]
+            braw = D.Raw(bd[i], bh[i])
+            sides: dict = {}
+            if cd[i] != bd[i]:
+                craw = D.Raw(cd[i], ch[i])
+                for f in cmp.diff(braw, craw, sides):
+                    if ignored(f):
+                        continue
+                    ep.f_cb[f] += 1
+                    if f[0] == "$" and ep.random_checked[f] < RANDOM_SAMPLE:
+                        ep.random_checked[f] += 1
+                        vb, vc = _values(cmp.side(braw, sides), cmp.side(craw, sides), f)
+                        if _random_looking(vb) and _random_looking(vc):
+                            ep.random[f] += 1
+                    k = _kind(f)
+                    if len(ep.examples.get((k, f), ())) < EXAMPLES:
+                        self._example(ep, k, f, *exchanges(i), {})
+            if N is not None and nsame[i]:
+                ep.bn_field_compared += 1
+                if nd[i] != bd[i]:
+                    for f in cmp.diff(braw, D.Raw(nd[i], nh[i]), sides):
+                        if not ignored(f):
+                            ep.f_bn[f] += 1
+            if N is None and ep.repeats < REPEAT_SAMPLE and B.has_req[i]:
+                self._volatility(ep, B.method[i], B.uri[i], B.req_data[i], braw, sides)
+
+    def _endpoint_ids(self, C, R) -> np.ndarray:
+        """The endpoint of each exchange (-1: no request on either side), by its request as
+        replayed or else as recorded."""
+        name = self.endpoints.name
+        index, eps = self._epindex, self._eplist
+        out = np.empty(C.n, dtype=np.int64)
+        cm, cu, rm, ru = C.method, C.uri, R.method, R.uri
+        for i, (ch, rh) in enumerate(zip(C.has_req.tolist(), R.has_req.tolist())):
+            if ch:
+                nm = name(cm[i], cu[i])
+            elif rh:
+                nm = name(rm[i], ru[i])
+            else:
+                out[i] = -1
                 continue
-            ep.f_cb[f] += 1
-            if f[0] == "$" and ep.random_checked[f] < RANDOM_SAMPLE:
-                ep.random_checked[f] += 1
-                vb, vc = _values(cmp.side(b.response, sides), cmp.side(c.response, sides), f)
-                if _random_looking(vb) and _random_looking(vc):
-                    ep.random[f] += 1
-            if len(ep.examples.get((_kind(f), f), ())) < EXAMPLES:
-                self._example(ep, _kind(f), f, c, b, sides)
-        if n is not None and n.response is not None and n.status == bs:
-            ep.bn_field_compared += 1
-            for f in cmp.diff(b.response, n.response, sides):
-                if not ignored(f):
-                    ep.f_bn[f] += 1
-        if self.noise is None:
-            self._volatility(ep, b, sides)
+            e = index.get(nm)
+            if e is None:
+                e = index[nm] = len(eps)
+                eps.append(self.eps.setdefault(nm, _Endpoint(nm)))
+            out[i] = e
+        return out
 
-    def _latency(self, ep, run, ex):
-        ep.lat[("service", run)].add(ex.service_ns)
-        ep.lat[("intended", run)].add(ex.intended_ns)
+    def _latency(self, ids, mask, bt, run):
+        for view, (v, ok) in (("service", bt.service()), ("intended", bt.intended())):
+            for e, pos in _groups(ids, mask & ok):
+                self._eplist[e].lat[(view, run)].extend(v[pos])
 
-    def _volatility(self, ep, b, sides):
+    def _volatility(self, ep, method, uri, body, b, sides):
         """The baseline answered the same request before: which fields changed since."""
-        req = b.request
-        if req is None or b.response is None:
-            return
-        body = req.data[req.head_length:]
-        ident = (req.method, req.uri, hashlib.blake2b(body, digest_size=8).digest() if body else b"")
-        if ep.repeats >= REPEAT_SAMPLE:
-            return          # enough repeats of this endpoint to estimate how often fields change
+        ident = (method, uri, hashlib.blake2b(body, digest_size=8).digest() if body else b"")
         prev = self._repeat.get(ident)
         if prev is not None:
             ep.repeats += 1
             self.repeats += 1
-            for f in self.cmp.diff(prev, b.response, sides):
-                if not self.ignore.ignored(f):
-                    ep.volatile[f] += 1
-                    if f.startswith("header:"):
-                        self.volatile_headers[f] += 1
+            if prev.data != b.data:
+                for f in self.cmp.diff(prev, b, sides):
+                    if not self.ignore.ignored(f):
+                        ep.volatile[f] += 1
+                        if f.startswith("header:"):
+                            self.volatile_headers[f] += 1
             self._repeat.move_to_end(ident)
-        self._repeat[ident] = b.response
+        self._repeat[ident] = b
         if len(self._repeat) > REPEAT_MEMORY:
             self._repeat.popitem(last=False)
 
@@ -394,7 +439,7 @@ class Analysis:
         got = ep.examples.get(k)
         if got is None:
             got = ep.examples[k] = []
-        if len(got) >= EXAMPLES:
+        if len(got) >= EXAMPLES or c is None or b is None:
             return
         got.append(example(c, b, field if kind in ("body", "header") else None, sides, self.cmp,
                            self.cand.target))
@@ -529,6 +574,46 @@ class Analysis:
         rep = m.get("report") or {}
         return {"path": run.path, "target": run.target, "speed": m.get("speed"),
                 "source": m.get("source"), "sent": rep.get("sent"), "answered": rep.get("answered")}
+
+
+def _keys(conn: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``runs.key_of`` of arrays."""
+    return (conn.astype(np.uint64) << np.uint64(32)) | (index.astype(np.uint64) & np.uint64(0xFFFFFFFF))
+
+
+def _bincount(ids, mask):
+    """(id, count) of the ids where ``mask`` is true."""
+    c = np.bincount(ids[mask])
+    nz = np.flatnonzero(c)
+    return zip(nz.tolist(), c[nz].tolist())
+
+
+def _pairs(ids, vals, mask):
+    """((id, value), count) of the pairs where ``mask`` is true."""
+    if not mask.any():
+        return ()
+    u, cnt = np.unique(np.stack([ids[mask], vals[mask]], axis=1), axis=0, return_counts=True)
+    return zip(map(tuple, u.tolist()), cnt.tolist())
+
+
+def _triples(ids, a, b, mask):
+    if not mask.any():
+        return ()
+    u, cnt = np.unique(np.stack([ids[mask], a[mask], b[mask]], axis=1), axis=0, return_counts=True)
+    return zip(map(tuple, u.tolist()), cnt.tolist())
+
+
+def _groups(ids, mask):
+    """(id, positions) of each id where ``mask`` is true."""
+    idx = np.flatnonzero(mask)
+    if not len(idx):
+        return
+    order = np.argsort(ids[idx], kind="stable")
+    idx = idx[order]
+    g = ids[idx]
+    edges = np.flatnonzero(np.diff(g)) + 1
+    for a, z in zip([0, *edges.tolist()], [*edges.tolist(), len(idx)]):
+        yield int(g[a]), idx[a:z]
 
 
 def _st(s) -> str:

@@ -356,6 +356,16 @@ class Side:
         return self.json is not NOT_JSON
 
 
+class Raw:
+    """A response's bytes as ``Comparer`` takes them (a Message will do as well)."""
+
+    __slots__ = ("data", "head_length")
+
+    def __init__(self, data: bytes, head_length: int):
+        self.data = data
+        self.head_length = head_length
+
+
 class Comparer:
     """The fields that differ between two responses (before ``--ignore``), cheaply when little
     differs: heads are compared line by line first and parsed only where a line that is not an

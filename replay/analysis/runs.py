@@ -19,21 +19,22 @@ its bytes were written (the same for ``--speed max``, and in logs of older relea
 last byte of the answer: service time = answer end - ts_last; latency from the intended send =
 answer end - ts_first (what a client on the recorded schedule would have felt).
 
-Theory of operation: the candidate's replayed exchanges are read once, in written order (a
-replayed request and its answer are written together), in chunks. Every other section — the
-recorded exchanges inside the candidate's log, a baseline's and a noise run's replayed ones — is
-indexed first from its blocks' tables alone (no payload is decompressed): for each exchange key,
-the row of its request and of its final answer (``SectionIndex``, 12 bytes per message). Each
-chunk's counterparts are then read by row, block by block, with recently read blocks kept
-decompressed. The order of the sections may differ as much as it likes (``--speed max`` runs
-whole connections one after another; the recording interleaves them by time): the join is
-exact, and memory holds the indexes, a chunk and a few blocks, never the logs' bodies.
+Theory of operation: every section — the candidate's replayed exchanges, the recorded ones
+inside its log, a baseline's and a noise run's replayed ones — is indexed first from its blocks'
+tables alone (no payload is decompressed): for each exchange key, the row of its first request
+and of its last final answer (``SectionIndex``, 12 bytes per message). The candidate's keys are
+then taken in chunks in the order they were written (so its blocks are read once, in order),
+and each chunk's counterparts by row, block by block, with recently read blocks kept
+decompressed. A chunk comes out as columns (``Batch``: statuses, times, rows) and the bytes of
+its answers, never one Python object per message. The order of the sections may differ as much
+as it likes (``--speed max`` runs whole connections one after another; the recording
+interleaves them by time): the join is exact, and memory holds the indexes, a chunk and a few
+blocks, never the logs' bodies.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,6 @@ import numpy as np
 from replay.errors import InputError
 from replay.events import F_FAILED, F_INTERIM, F_REPLAYED, KIND_REQUEST
 
-WINDOW = 10_000     # exchanges open at once while a section is read in written order
 
 
 @dataclass(slots=True)
@@ -80,41 +80,6 @@ class Exchange:
     @property
     def replayed(self) -> bool:
         return len(self.key) == 3
-
-
-def exchanges(messages, stride: int | None, window: int = WINDOW, base: int = 0):
-    """Messages of one section -> exchanges, as they complete (or are pushed out of the window).
-    ``base`` is subtracted from each replayed conn (a shadow target's range)."""
-    open_: OrderedDict = OrderedDict()
-    gone: OrderedDict = OrderedDict()     # keys pushed out: their late messages are dropped
-    for m in messages:
-        if stride:
-            c = m.conn - base
-            key = (c % stride, m.index, c // stride)
-        else:
-            key = (m.conn, m.index)
-        ex = open_.get(key)
-        if ex is None:
-            if key in gone:
-                continue
-            ex = open_[key] = Exchange(key)
-        if m.kind == KIND_REQUEST:
-            if ex.request is None:
-                ex.request = m
-        elif m.flags & F_FAILED:
-            ex.error = m.data.decode("ascii", "replace") or "error"
-        elif not m.flags & F_INTERIM:
-            ex.response = m
-        if ex.complete:
-            del open_[key]
-            yield ex
-        elif len(open_) > window:
-            k, old = open_.popitem(last=False)
-            gone[k] = None
-            if len(gone) > window:
-                gone.popitem(last=False)
-            yield old
-    yield from open_.values()
 
 
 class SectionIndex:
@@ -187,42 +152,191 @@ def key_of(conn: int, index: int) -> int:
     return (conn << 32) | (index & 0xFFFFFFFF)
 
 
+ERRORS: dict = {}        # the error kinds of failed records -> code (status = -2 - code)
+ERROR_NAMES: list = []
+NONE = -1               # status of an exchange without a final answer
+
+
+def error_code(kind: str) -> int:
+    got = ERRORS.get(kind)
+    if got is None:
+        got = ERRORS[kind] = -2 - len(ERROR_NAMES)
+        ERROR_NAMES.append(kind)
+    return got
+
+
+def status_of(code: int):
+    """A status code of a ``Batch`` as ``Exchange.status`` gives it: int, error kind or None."""
+    if code >= 0:
+        return code
+    return None if code == NONE else ERROR_NAMES[-2 - code]
+
+
+class Batch:
+    """Exchanges of one section for a list of keys, as columns (numpy arrays aligned with the
+    keys) and, where asked, the bytes of their messages (lists). ``status``: the final answer's
+    (>= 0), ``NONE``, or an error kind's code (``status_of``)."""
+
+    __slots__ = ("n", "found", "has_req", "has_resp", "status", "req_first", "req_last",
+                 "resp_last", "method", "uri", "req_data", "resp_data", "resp_head",
+                 "req_rows", "fin_rows", "replayed")
+
+    def service(self) -> tuple:
+        """(values ns, where valid): answer end - send (replayed), - request start (recorded)."""
+        ok = self.has_req & self.has_resp
+        return self.resp_last - (self.req_last if self.replayed else self.req_first), ok
+
+    def intended(self) -> tuple:
+        return self.resp_last - self.req_first, self.has_req & self.has_resp
+
+
 class Section:
-    """One section of a run log, read by key: ``get(keys)`` -> Exchange or None for each."""
+    """One section of a run log, read by key: ``take(keys)`` -> ``Batch``.
+
+    Rows are those of the log's blocks as they were when the section was indexed: a block
+    found damaged later leaves its exchanges missing, the others keep their rows."""
 
     def __init__(self, path: str, replayed: bool, cache_blocks: int = 8,
                  conns: tuple | None = None):
         from replay.log import LogReader
 
         self.reader = LogReader(path, cache_blocks=cache_blocks)
+        self.blocks = list(self.reader.blocks)
+        self.starts = np.array([b.first_row for b in self.blocks], dtype=np.int64)
         self.index = SectionIndex(self.reader, replayed, conns)
         self.replayed = replayed
         self.found = 0
 
-    def get(self, keys: list, ex_keys: list) -> list:
-        """Exchanges for ``keys`` (ints from ``key_of``); ``ex_keys`` are the keys the Exchange
-        objects carry."""
-        want = np.fromiter(keys, dtype=np.uint64, count=len(keys))
-        req_rows, fin_rows = self.index.rows(want)
-        rows = np.concatenate([req_rows[req_rows >= 0], fin_rows[fin_rows >= 0]])
-        rows.sort()
-        got = dict(self.reader.messages_at(rows)) if len(rows) else {}
-        out = []
-        for i, k in enumerate(ex_keys):
-            rq, fn = int(req_rows[i]), int(fin_rows[i])
-            if rq < 0 and fn < 0:
-                out.append(None)
+    def keys_in_order(self, chunk: int):
+        """Every key of the section, by chunks, in the order their first message was written."""
+        (rk, rr), (fk, fr) = self.index.req, self.index.fin
+        keys = np.union1d(rk, fk)
+        first = np.full(len(keys), np.iinfo(np.int64).max, dtype=np.int64)
+        if len(rk):
+            first[np.searchsorted(keys, rk)] = rr
+        if len(fk):
+            pos = np.searchsorted(keys, fk)
+            first[pos] = np.minimum(first[pos], fr)
+        keys = keys[np.argsort(first, kind="stable")]
+        del first
+        for i in range(0, len(keys), chunk):
+            yield keys[i:i + chunk]
+
+    def take(self, keys: np.ndarray, data: bool = True, req_data: bool = False) -> Batch:
+        """The exchanges of ``keys`` (ints of ``key_of``). ``data``: the answers' bytes;
+        ``req_data``: the requests' bodies (raw, after the head) where they have one."""
+        n = len(keys)
+        req_rows, fin_rows = self.index.rows(keys)
+        bt = Batch()
+        bt.n = n
+        bt.replayed = self.replayed
+        bt.req_rows, bt.fin_rows = req_rows, fin_rows
+        bt.status = np.full(n, NONE, dtype=np.int64)
+        bt.req_first = np.zeros(n, dtype=np.int64)
+        bt.req_last = np.zeros(n, dtype=np.int64)
+        bt.resp_last = np.zeros(n, dtype=np.int64)
+        bt.resp_head = np.zeros(n, dtype=np.int64)
+        bt.has_req = np.zeros(n, dtype=bool)
+        bt.has_resp = np.zeros(n, dtype=bool)
+        bt.method = [None] * n
+        bt.uri = [None] * n
+        bt.req_data = [None] * n
+        bt.resp_data = [None] * n if data else None
+        for rows, is_req in ((req_rows, True), (fin_rows, False)):
+            pos = np.flatnonzero(rows >= 0)
+            if not len(pos):
                 continue
-            ex = Exchange(k, got.get(rq), None)
-            m = got.get(fn)
-            if m is not None:
-                if m.flags & F_FAILED:
-                    ex.error = m.data.decode("ascii", "replace") or "error"
+            order = np.argsort(rows[pos], kind="stable")
+            pos = pos[order]
+            rs = rows[pos]
+            bi = np.searchsorted(self.starts, rs, side="right") - 1
+            edges = np.flatnonzero(np.diff(bi)) + 1
+            for a, z in zip([0, *edges.tolist()], [*edges.tolist(), len(rs)]):
+                b = self.blocks[int(bi[a])]
+                got = self.reader.block(b)
+                if got is None:
+                    continue            # damaged: these exchanges are missing (a warning says so)
+                table, payload = got
+                local = rs[a:z] - b.first_row
+                p = pos[a:z]
+                c = table.cols
+                if is_req:
+                    self._requests(bt, p, local, table, payload, req_data)
                 else:
-                    ex.response = m
-            out.append(ex)
-        self.found += sum(1 for x in out if x is not None)
-        return out
+                    self._answers(bt, p, local, c, table, payload, data)
+        found = bt.has_req | (bt.status != NONE)
+        bt.found = found
+        self.found += int(found.sum())
+        return bt
+
+    @staticmethod
+    def _requests(bt, p, local, table, payload, req_data):
+        c = table.cols
+        bt.has_req[p] = True
+        bt.req_first[p] = c["ts_first"][local]
+        bt.req_last[p] = c["ts_last"][local]
+        strings = table.strings
+        meth, uri = bt.method, bt.uri
+        for i, mi, ui in zip(p.tolist(), c["method"][local].tolist(), c["uri"][local].tolist()):
+            meth[i] = strings[mi]
+            uri[i] = strings[ui]
+        if req_data:
+            head = c["head_length"][local].astype(np.int64)
+            lens = c["data_length"][local].astype(np.int64)
+            sel = np.flatnonzero(lens > head)
+            if len(sel):
+                start = table.data_offsets()[local[sel]].astype(np.int64)
+                rd = bt.req_data
+                for i, o, h, ln in zip(p[sel].tolist(), start.tolist(), head[sel].tolist(),
+                                       lens[sel].tolist()):
+                    rd[i] = payload[o + h:o + ln]
+
+    @staticmethod
+    def _answers(bt, p, local, c, table, payload, data):
+        flags = c["flags"][local]
+        failed = (flags & F_FAILED) != 0
+        bt.status[p] = c["status"][local]
+        bt.resp_last[p] = c["ts_last"][local]
+        bt.has_resp[p] = ~failed
+        bt.resp_head[p] = c["head_length"][local]
+        offs = lens = None
+        if failed.any():
+            offs = table.data_offsets()
+            lens = c["data_length"]
+            for i, o, ln in zip(p[failed].tolist(), offs[local[failed]].tolist(),
+                                lens[local[failed]].tolist()):
+                bt.status[i] = error_code(bytes(payload[o:o + ln]).decode("ascii", "replace") or "error")
+        if data:
+            if offs is None:
+                offs = table.data_offsets()
+                lens = c["data_length"]
+            ok = ~failed
+            rd = bt.resp_data
+            for i, o, ln in zip(p[ok].tolist(), offs[local[ok]].tolist(), lens[local[ok]].tolist()):
+                rd[i] = payload[o:o + ln]
+
+    def exchange(self, bt: Batch, i: int, key: tuple):
+        """Exchange ``i`` of a batch as an ``Exchange`` of Message objects (for examples)."""
+        rq, fn = int(bt.req_rows[i]), int(bt.fin_rows[i])
+        if not bt.found[i]:
+            return None
+        ex = Exchange(key)
+        for row, is_req in ((rq, True), (fn, False)):
+            if row < 0:
+                continue
+            b = self.blocks[int(np.searchsorted(self.starts, row, side="right") - 1)]
+            got = self.reader.block(b)
+            if got is None:
+                continue
+            table, payload = got
+            (m,) = table.messages(payload, rows=[row - b.first_row])
+            if is_req:
+                ex.request = m
+            elif m.flags & F_FAILED:
+                ex.error = m.data.decode("ascii", "replace") or "error"
+            else:
+                ex.response = m
+        return ex
 
 
 class RunLog:
@@ -283,23 +397,6 @@ class RunLog:
     @property
     def target(self) -> str:
         return self._target
-
-    def replayed(self, window: int = WINDOW):
-        """The replayed exchanges, in written order."""
-        from replay.log import LogReader
-
-        reader = LogReader(self.path)
-        try:
-            if self.conns is None:
-                msgs = reader.select(lambda c: (c["flags"] & F_REPLAYED) != 0)
-            else:
-                lo, hi = np.uint64(self.conns[0]), np.uint64(self.conns[1])
-                msgs = reader.select(lambda c: ((c["flags"] & F_REPLAYED) != 0) &
-                                     (c["conn"] >= lo) & (c["conn"] < hi))
-            yield from exchanges(msgs, self.stride or (1 << 62), window, self.base)
-        finally:
-            self._absorb(reader)
-            reader.close()
 
     def section(self, replayed: bool) -> Section:
         return Section(self.path, replayed, conns=self.conns if replayed else None)

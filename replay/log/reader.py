@@ -361,6 +361,22 @@ class LogReader:
                 cache.popitem(last=False)
         return got
 
+    def block(self, b: BlockInfo):
+        """(Table, payload) of data block ``b`` (cached as the messages' reads are), its payload
+        checked against the table; None (with a warning, the block leaving ``blocks``) when it
+        is damaged. For readers that take columns and byte ranges, not Message objects."""
+        got = self._load(b, want_payload=True)
+        if got is None:
+            return None
+        table, payload = got
+        lens = table.cols["data_length"]
+        if (int(lens.sum()) if table.n else 0) != len(payload):
+            self._warn(f"corrupt block at offset {b.offset} (payload length does not match the "
+                       f"table), its {b.count} messages skipped")
+            self._drop(b)
+            return None
+        return got
+
     def columns(self, b: BlockInfo, names=None):
         """The numeric columns of block ``b``'s table (``Table.cols``; its addresses and strings
         not decoded, several times faster; only ``names`` when given), not cached: for scans of
