@@ -43,6 +43,7 @@ def looks_like_id(seg: str) -> bool:
     return got
 
 
+_DIGITS = re.compile(r"(?<=/)[0-9]+(?=/|$)")
 _WORDS: dict = {}     # segments seen, with their verdict (most repeat: api, users, v2...)
 
 
@@ -102,7 +103,9 @@ class Endpoints:
     def name(self, method: str | None, uri: str | None) -> str:
         method = method or "?"
         path = path_of(uri)
-        key = (method, path)
+        # without rules only the template counts: the all-digit segments (ids whatever else the
+        # path holds) are replaced first, so the paths of one endpoint share one cache entry
+        key = (method, path if self.rules else _DIGITS.sub("{id}", path))
         got = self._cache.get(key)
         if got is not None:
             if got.endswith(OTHER):

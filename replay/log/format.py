@@ -399,12 +399,14 @@ class Table:
             (ns,) = U32.unpack_from(mv, off)
             off += 4
             strings = [None]
+            add, unpack, end = strings.append, U32.unpack_from, len(buf)
             for _ in range(ns):
-                (ln,) = U32.unpack_from(mv, off)
-                if off + 4 + ln > len(mv):
+                ln = unpack(buf, off)[0]
+                off += 4
+                if off + ln > end:
                     raise FormatError("bad table section: string runs past its end")
-                strings.append(bytes(mv[off + 4:off + 4 + ln]).decode("utf-8", "surrogatepass"))
-                off += 4 + ln
+                add(buf[off:off + ln].decode("utf-8", "surrogatepass"))
+                off += ln
         except (struct.error, UnicodeDecodeError) as e:
             raise FormatError(f"bad table section: {e}") from None
         if off != len(buf):
