@@ -280,7 +280,10 @@ class Analysis:
         conn, passno = full % stride, full // stride
         bare = base is None and noise is None
         C = sections["candidate"].take(keys)
-        R = sections["recorded"].take(_keys(conn, index), data=base is None, req_data=bare)
+        rkeys = _keys(conn, index)
+        # with a baseline run, the recording only names the endpoint of a request the candidate
+        # lacks: which exist is read from the index, their requests when needed
+        R = sections["recorded"].take(rkeys, req_data=bare, light=base is not None)
 
         def other(log, name, req_data):
             ks = _keys(conn + passno * (log.stride or 0) + log.base, index)
@@ -294,7 +297,10 @@ class Analysis:
         n = len(keys)
         t = self.totals
         t["exchanges"] += n
-        ids = self._endpoint_ids(C, R)
+        lack = ~C.has_req & R.has_req
+        ids = self._endpoint_ids(C, R if base is None or not lack.any() else
+                                 _fill(R, lack, sections["recorded"].take(rkeys[lack], data=False,
+                                                                         count=False)))
         keep = ids >= 0
         t["no_request"] += n - int(keep.sum())
         eps = self._eplist
@@ -579,6 +585,13 @@ class Analysis:
 def _keys(conn: np.ndarray, index: np.ndarray) -> np.ndarray:
     """``runs.key_of`` of arrays."""
     return (conn.astype(np.uint64) << np.uint64(32)) | (index.astype(np.uint64) & np.uint64(0xFFFFFFFF))
+
+
+def _fill(bt, mask, part):
+    """``bt`` (a light batch) with the requests of ``part`` (the full batch of ``mask``'s keys)."""
+    for i, j in enumerate(np.flatnonzero(mask).tolist()):
+        bt.method[j], bt.uri[j] = part.method[i], part.uri[i]
+    return bt
 
 
 def _bincount(ids, mask):

@@ -222,9 +222,12 @@ class Section:
         for i in range(0, len(keys), chunk):
             yield keys[i:i + chunk]
 
-    def take(self, keys: np.ndarray, data: bool = True, req_data: bool = False) -> Batch:
+    def take(self, keys: np.ndarray, data: bool = True, req_data: bool = False,
+             light: bool = False, count: bool = True) -> Batch:
         """The exchanges of ``keys`` (ints of ``key_of``). ``data``: the answers' bytes;
-        ``req_data``: the requests' bodies (raw, after the head) where they have one."""
+        ``req_data``: the requests' bodies (raw, after the head) where they have one;
+        ``light``: only which exist (``found``, ``has_req``), from the index, no block read;
+        ``count``: count them in ``found``."""
         n = len(keys)
         req_rows, fin_rows = self.index.rows(keys)
         bt = Batch()
@@ -242,7 +245,9 @@ class Section:
         bt.uri = [None] * n
         bt.req_data = [None] * n
         bt.resp_data = [None] * n if data else None
-        for rows, is_req in ((req_rows, True), (fin_rows, False)):
+        if light:
+            bt.has_req = req_rows >= 0
+        for rows, is_req in (() if light else ((req_rows, True), (fin_rows, False))):
             pos = np.flatnonzero(rows >= 0)
             if not len(pos):
                 continue
@@ -264,9 +269,10 @@ class Section:
                     self._requests(bt, p, local, table, payload, req_data)
                 else:
                     self._answers(bt, p, local, c, table, payload, data)
-        found = bt.has_req | (bt.status != NONE)
+        found = bt.has_req | ((fin_rows >= 0) if light else (bt.status != NONE))
         bt.found = found
-        self.found += int(found.sum())
+        if count:
+            self.found += int(found.sum())
         return bt
 
     @staticmethod
