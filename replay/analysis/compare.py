@@ -364,12 +364,15 @@ class Analysis:
             eps[e].cb_compared += cnt
         cmp = self.cmp
         ignored = self.ignore.ignored
+        repeat = self._repeat
         cd, bd, ch, bh = C.resp_data, B.resp_data, C.resp_head.tolist(), B.resp_head.tolist()
         if N is not None:
             nd, nh = N.resp_data, N.resp_head.tolist()
             nsame = (N.has_resp & (N.status == bs)).tolist()
+        idl = ids.tolist()
+        vol = (B.has_req & same).tolist() if N is None else None
         for i in np.flatnonzero(same).tolist():
-            ep = eps[ids[i]]
+            ep = eps[idl[i]]
             braw = D.Raw(bd[i], bh[i])
             sides: dict = {}
             if cd[i] != bd[i]:
@@ -386,14 +389,25 @@ class Analysis:
                     k = _kind(f)
                     if len(ep.examples.get((k, f), ())) < EXAMPLES:
                         self._example(ep, k, f, *exchanges(i), {})
-            if N is not None and nsame[i]:
-                ep.bn_field_compared += 1
-                if nd[i] != bd[i]:
-                    for f in cmp.diff(braw, D.Raw(nd[i], nh[i]), sides):
-                        if not ignored(f):
-                            ep.f_bn[f] += 1
-            if N is None and ep.repeats < REPEAT_SAMPLE and B.has_req[i]:
-                self._volatility(ep, B.method[i], B.uri[i], B.req_data[i], braw, sides)
+            if N is not None:
+                if nsame[i]:
+                    ep.bn_field_compared += 1
+                    if nd[i] != bd[i]:
+                        for f in cmp.diff(braw, D.Raw(nd[i], nh[i]), sides):
+                            if not ignored(f):
+                                ep.f_bn[f] += 1
+            elif vol[i] and ep.repeats < REPEAT_SAMPLE:
+                # the baseline answered the same request before: which fields changed since
+                body = B.req_data[i]
+                ident = (B.method[i], B.uri[i],
+                         hashlib.blake2b(body, digest_size=8).digest() if body else b"")
+                prev = repeat.get(ident)
+                if prev is not None:
+                    self._volatility(ep, prev, braw, sides)
+                    repeat.move_to_end(ident)
+                repeat[ident] = braw
+                if len(repeat) > REPEAT_MEMORY:
+                    repeat.popitem(last=False)
 
     def _endpoint_ids(self, C, R) -> np.ndarray:
         """The endpoint of each exchange (-1: no request on either side), by its request as
@@ -422,23 +436,15 @@ class Analysis:
             for e, pos in _groups(ids, mask & ok):
                 self._eplist[e].lat[(view, run)].extend(v[pos])
 
-    def _volatility(self, ep, method, uri, body, b, sides):
-        """The baseline answered the same request before: which fields changed since."""
-        ident = (method, uri, hashlib.blake2b(body, digest_size=8).digest() if body else b"")
-        prev = self._repeat.get(ident)
-        if prev is not None:
-            ep.repeats += 1
-            self.repeats += 1
-            if prev.data != b.data:
-                for f in self.cmp.diff(prev, b, sides):
-                    if not self.ignore.ignored(f):
-                        ep.volatile[f] += 1
-                        if f.startswith("header:"):
-                            self.volatile_headers[f] += 1
-            self._repeat.move_to_end(ident)
-        self._repeat[ident] = b
-        if len(self._repeat) > REPEAT_MEMORY:
-            self._repeat.popitem(last=False)
+    def _volatility(self, ep, prev, b, sides):
+        ep.repeats += 1
+        self.repeats += 1
+        if prev.data != b.data:
+            for f in self.cmp.diff(prev, b, sides):
+                if not self.ignore.ignored(f):
+                    ep.volatile[f] += 1
+                    if f.startswith("header:"):
+                        self.volatile_headers[f] += 1
 
     def _example(self, ep, kind, field, c, b, sides):
         k = (kind, field)
