@@ -91,6 +91,8 @@ if what == "read":
     n = sum(1 for _ in LogReader(cand)) + sum(1 for _ in LogReader(base))
 else:
     from replay.analysis.compare import Analysis
+    from replay.pipeline import allocator_for_scans
+    allocator_for_scans()           # as replay report does
     rep = Analysis(cand, base if what == "baseline" else None).run()
     n = rep["totals"]["exchanges"]
 # VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)

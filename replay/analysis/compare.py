@@ -43,6 +43,7 @@ EXAMPLES = 3
 EXAMPLE_BYTES = 4096
 HELD_NS = 1_000_000
 REPEAT_MEMORY = 20_000      # request identities whose last baseline answer is kept
+REPEAT_BYTES = 8 << 20      # ... in one ring of this size
 REPEAT_SAMPLE = 1_000       # repeats compared per endpoint (a rate needs no more)
 RANDOM_SAMPLE = 200         # differing values per field checked for a random look
 TIMELINE_BUCKETS = 120
@@ -186,6 +187,55 @@ class _Run:
         return [[p, round(h.get_value_at_percentile(p) / 1000, 3)] for p in CURVE]
 
 
+class _Recent:
+    """The last answer to each of the ``REPEAT_MEMORY`` request identities seen last (ints),
+    its bytes in one ring of ``REPEAT_BYTES``: memory fixed whatever the run, where answers kept
+    one by one would pin pieces of the allocator's pages all over the heap. An answer that the
+    ring has overwritten since is forgotten."""
+
+    def __init__(self, size: int = REPEAT_BYTES, keys: int = REPEAT_MEMORY):
+        self.ring = bytearray(size)
+        self.size = size
+        self.keys = keys
+        self.written = 0              # bytes ever written: an answer starting before
+        self.index: OrderedDict = OrderedDict()  # written - size is gone
+
+    def get(self, ident: int):
+        got = self.index.get(ident)
+        if got is None:
+            return None
+        start, n, head = got
+        if start < self.written - self.size:
+            del self.index[ident]
+            return None
+        off = start % self.size
+        ring = self.ring
+        data = bytes(ring[off:off + n]) if off + n <= self.size else \
+            bytes(ring[off:]) + bytes(ring[:off + n - self.size])
+        return D.Raw(data, head)
+
+    def put(self, ident: int, m) -> None:
+        data = m.data
+        n = len(data)
+        index = self.index
+        if n > self.size // 64:
+            index.pop(ident, None)     # too large to keep: not compared
+            return
+        off = self.written % self.size
+        end = off + n
+        if end <= self.size:
+            self.ring[off:end] = data
+        else:
+            cut = self.size - off
+            self.ring[off:] = data[:cut]
+            self.ring[:n - cut] = data[cut:]
+        index[ident] = (self.written, n, m.head_length)
+        index.move_to_end(ident)
+        self.written += n
+        if len(index) > self.keys:
+            index.popitem(last=False)
+
+
 class _Endpoint:
     __slots__ = ("name", "count", "matrix", "compared", "trans_cb", "trans_bn", "bn_compared",
                  "err_cb", "err_bn",
@@ -240,7 +290,7 @@ class Analysis:
         if self.noise:
             self.runs["noise"] = _Run("noise")
         self.totals = Counter()
-        self._repeat: OrderedDict = OrderedDict()   # request identity -> baseline answer
+        self._repeat = _Recent()                     # request identity -> baseline answer
         self.repeats = 0                             # repeated requests seen in the baseline
         self.volatile_headers = Counter()            # header -> times it changed on a repeat
 
@@ -399,15 +449,12 @@ class Analysis:
             elif vol[i] and ep.repeats < REPEAT_SAMPLE:
                 # the baseline answered the same request before: which fields changed since
                 body = B.req_data[i]
-                ident = (B.method[i], B.uri[i],
-                         hashlib.blake2b(body, digest_size=8).digest() if body else b"")
+                ident = hash((B.method[i], B.uri[i],
+                              hashlib.blake2b(body, digest_size=8).digest() if body else b""))
                 prev = repeat.get(ident)
                 if prev is not None:
                     self._volatility(ep, prev, braw, sides)
-                    repeat.move_to_end(ident)
-                repeat[ident] = braw
-                if len(repeat) > REPEAT_MEMORY:
-                    repeat.popitem(last=False)
+                repeat.put(ident, braw)
 
     def _endpoint_ids(self, C, R) -> np.ndarray:
         """The endpoint of each exchange (-1: no request on either side), by its request as

@@ -22,7 +22,7 @@ answer end - ts_first (what a client on the recorded schedule would have felt).
 Theory of operation: every section — the candidate's replayed exchanges, the recorded ones
 inside its log, a baseline's and a noise run's replayed ones — is indexed first from its blocks'
 tables alone (no payload is decompressed): for each exchange key, the row of its first request
-and of its last final answer (``SectionIndex``, 12 bytes per message). The candidate's keys are
+and of its last final answer (``SectionIndex``, 16 bytes per exchange). The candidate's keys are
 then taken in chunks in the order they were written (so its blocks are read once, in order),
 and each chunk's counterparts by row, block by block, with recently read blocks kept
 decompressed. A chunk comes out as columns (``Batch``: statuses, times, rows) and the bytes of
@@ -83,12 +83,22 @@ class Exchange:
 
 
 class SectionIndex:
-    """Rows of the request and of the final answer of each exchange of one section of a log, by
-    key ``conn << 32 | index`` (the message's own conn: a replayed one includes its pass)."""
+    """Rows of the first request and of the last final answer of each exchange of one section
+    of a log, by key ``conn << 32 | index`` (the message's own conn: a replayed one includes its
+    pass): ``keys`` ascending, ``req`` and ``fin`` their rows (-1: none), 16 bytes an exchange.
+
+    Built from the blocks' tables alone, into arrays sized for the whole log (the messages
+    selected, 13 bytes each while building), not a list of small ones: those would stay in the
+    heap as fragments."""
 
     def __init__(self, reader, replayed: bool, conns: tuple | None = None):
-        req_k, req_r, fin_k, fin_r = [], [], [], []
-        for b in list(reader.blocks):
+        blocks = list(reader.blocks)
+        cap = max(1 << 16, sum(b.count for b in blocks) // 4)
+        keys = np.empty(cap, dtype=np.uint64)
+        rows = np.empty(cap, dtype=np.int32)
+        is_req = np.empty(cap, dtype=bool)
+        m = 0
+        for b in blocks:
             t = reader.columns(b, ("kind", "flags", "conn", "index"))
             if t is None:
                 continue
@@ -96,56 +106,58 @@ class SectionIndex:
             sel = ((c["flags"] & F_REPLAYED) != 0) if replayed else ((c["flags"] & F_REPLAYED) == 0)
             if conns is not None:
                 sel &= (c["conn"] >= np.uint64(conns[0])) & (c["conn"] < np.uint64(conns[1]))
-            if not sel.any():
+            req = c["kind"] == KIND_REQUEST
+            sel &= req | (((c["flags"] & F_INTERIM) == 0) & (c["index"] >= 0))
+            pos = np.flatnonzero(sel)
+            k = len(pos)
+            if not k:
                 continue
-            key = (c["conn"].astype(np.uint64) << np.uint64(32)) | (c["index"].astype(np.uint64) & np.uint64(0xFFFFFFFF))
-            rows = np.arange(b.first_row, b.first_row + t.n, dtype=np.int32)
-            is_req = sel & (c["kind"] == KIND_REQUEST)
-            is_fin = sel & (c["kind"] != KIND_REQUEST) & ((c["flags"] & F_INTERIM) == 0) & (c["index"] >= 0)
-            req_k.append(key[is_req])
-            req_r.append(rows[is_req])
-            fin_k.append(key[is_fin])
-            fin_r.append(rows[is_fin])
-        self.req = self._sorted(req_k, req_r, first=True)
-        self.fin = self._sorted(fin_k, fin_r, first=False)
-
-    @staticmethod
-    def _sorted(keys, rows, first: bool):
-        if not keys:
-            return np.zeros(0, np.uint64), np.zeros(0, np.int32)
-        k = np.concatenate(keys)
-        keys.clear()
-        r = np.concatenate(rows)
-        rows.clear()
-        # rows ascend as concatenated: a stable sort by key keeps them ascending within a key
-        order = np.argsort(k, kind="stable")
-        k, r = k[order], r[order]
+            if m + k > len(keys):
+                cap = max(m + k, len(keys) * 2)
+                keys, rows, is_req = (np.resize(a, cap) for a in (keys, rows, is_req))
+            keys[m:m + k] = (c["conn"][pos].astype(np.uint64) << np.uint64(32)) | \
+                (c["index"][pos].astype(np.uint64) & np.uint64(0xFFFFFFFF))
+            rows[m:m + k] = pos + b.first_row
+            is_req[m:m + k] = req[pos]
+            m += k
+        reader.release_pages()
+        # rows ascend as filled: a stable sort by key keeps them ascending within a key
+        order = np.argsort(keys[:m], kind="stable")
+        keys = keys[order]
+        rows = rows[order]
+        is_req = is_req[order]
         del order
-        if len(k):
-            # one row per key: the first request, the last final answer
-            keep = np.ones(len(k), dtype=bool)
+        new = np.ones(m, dtype=bool)
+        new[1:] = keys[1:] != keys[:-1]
+        self.keys = keys[new]
+        del keys
+        slot = np.cumsum(new, dtype=np.int32) - 1     # each message's exchange
+        del new
+        self.req = np.full(len(self.keys), -1, dtype=np.int32)
+        self.fin = np.full(len(self.keys), -1, dtype=np.int32)
+        for sel, first, out in ((is_req, True, self.req), (~is_req, False, self.fin)):
+            p = np.flatnonzero(sel)
+            s = slot[p]
+            one = np.ones(len(p), dtype=bool)      # the first request, the last final answer
             if first:
-                keep[1:] = k[1:] != k[:-1]
+                one[1:] = s[1:] != s[:-1]
             else:
-                keep[:-1] = k[1:] != k[:-1]
-            k, r = k[keep], r[keep]
-        return k, r
-
-    @staticmethod
-    def _find(table, want):
-        k, r = table
-        if not len(k):
-            return np.full(len(want), -1, dtype=np.int64)
-        pos = np.searchsorted(k, want)
-        pos = np.minimum(pos, len(k) - 1)
-        return np.where(k[pos] == want, r[pos], -1)
+                one[:-1] = s[1:] != s[:-1]
+            out[s[one]] = rows[p[one]]
 
     def rows(self, want: np.ndarray):
         """(request rows, final answer rows) of the keys ``want`` (-1: none)."""
-        return self._find(self.req, want), self._find(self.fin, want)
+        k = self.keys
+        if not len(k):
+            none = np.full(len(want), -1, dtype=np.int64)
+            return none, none.copy()
+        pos = np.minimum(np.searchsorted(k, want), len(k) - 1)
+        hit = k[pos] == want
+        return (np.where(hit, self.req[pos], -1).astype(np.int64),
+                np.where(hit, self.fin[pos], -1).astype(np.int64))
 
     def __len__(self) -> int:
-        return len(self.req[0]) + len(self.fin[0])
+        return len(self.keys)
 
 
 def key_of(conn: int, index: int) -> int:
@@ -209,15 +221,9 @@ class Section:
 
     def keys_in_order(self, chunk: int):
         """Every key of the section, by chunks, in the order their first message was written."""
-        (rk, rr), (fk, fr) = self.index.req, self.index.fin
-        keys = np.union1d(rk, fk)
-        first = np.full(len(keys), np.iinfo(np.int64).max, dtype=np.int64)
-        if len(rk):
-            first[np.searchsorted(keys, rk)] = rr
-        if len(fk):
-            pos = np.searchsorted(keys, fk)
-            first[pos] = np.minimum(first[pos], fr)
-        keys = keys[np.argsort(first, kind="stable")]
+        ix = self.index
+        first = np.where(ix.req < 0, ix.fin, np.where(ix.fin < 0, ix.req, np.minimum(ix.req, ix.fin)))
+        keys = ix.keys[np.argsort(first, kind="stable")]
         del first
         for i in range(0, len(keys), chunk):
             yield keys[i:i + chunk]

@@ -226,7 +226,9 @@ def _analyse(candidate, baseline, noise, endpoint_rules, ignore, unordered_array
 
     from replay.analysis.compare import Analysis
     from replay.analysis.verdict import gate_breaches
+    from replay.pipeline import allocator_for_scans
 
+    allocator_for_scans()
     analysis = Analysis(candidate, baseline, noise, endpoint_rules=endpoint_rules, ignore=ignore,
                         unordered=unordered_arrays, thresholds=th, targets=targets)
     report = analysis.run()

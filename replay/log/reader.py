@@ -412,6 +412,11 @@ class LogReader:
         except (AttributeError, ValueError, OSError):
             pass
 
+    def release_pages(self) -> None:
+        """Unmap every page of the file from this process (they stay in the page cache): after
+        a scan, what the kernel mapped around the blocks read is not kept resident."""
+        self._release(0, len(self._mm))
+
     def _drop(self, b: BlockInfo) -> None:
         self._set_blocks([(x.offset, x.t_min, x.t_max, x.count) for x in self.blocks
                           if x.offset != b.offset])
