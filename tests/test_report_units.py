@@ -288,3 +288,49 @@ def test_captured_bytes_reach_neither_terminal_nor_shell_raw(tmp_path):
     render_text(rep, file=out)
     assert "\x1b" not in out.getvalue() and "\x07" not in out.getvalue()
     assert "\\x1b[2J" in out.getvalue()
+
+
+def test_the_repeat_memory_is_a_ring_that_forgets_what_it_overwrote():
+    from replay.analysis.compare import _Recent
+
+    r = _Recent(size=64 * 100, keys=3)
+    a = D.Raw(b"HTTP/1.1 200 OK\r\n\r\n" + b"a" * 60, 19)
+    r.put(1, a)
+    got = r.get(1)
+    assert got.data == a.data and got.head_length == 19
+    r.put(2, D.Raw(b"x" * 101, 0))           # more than a 64th of the ring: not kept
+    assert r.get(2) is None
+    for k in range(3, 6):                     # keys beyond the last 3 are forgotten
+        r.put(k, D.Raw(bytes([k]) * 50, 0))
+    assert r.get(1) is None and r.get(5).data == bytes([5]) * 50
+    for k in range(200):                      # wraps many times: what is kept reads whole
+        r.put(7, D.Raw(bytes([k % 250]) * 97, 3))
+        assert r.get(7).data == bytes([k % 250]) * 97
+    assert r.get(3) is None                   # overwritten by the ring since
+
+
+def test_an_exchange_the_candidate_has_no_request_for_is_named_by_the_recording(tmp_path):
+    """With a baseline run, the recording is read only where the candidate lacks the request."""
+    from replay.analysis.compare import Analysis
+    from replay.log import LogWriter
+
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+    def run_log(path, drop):
+        with LogWriter(str(path), meta={"command": "play", "conn_stride": 10, "target": "t"}) as w:
+            for c in range(3):
+                req = Message(KIND_REQUEST, c, 0, 0, 0, ("c", 1), ("s", 2), F_REPLAYED,
+                              b"GET /u/%d HTTP/1.1\r\n\r\n" % c, "GET", f"/u/{c}", 0, 0, 0)
+                if c != drop:
+                    w.write(req)
+                w.write(_m(KIND_RESPONSE, c, 0, F_REPLAYED, ok, 200))
+            for c in range(3):
+                w.write(Message(KIND_REQUEST, c, 0, 0, 0, ("c", 1), ("s", 2), 0,
+                                b"GET /rec/%d HTTP/1.1\r\n\r\n" % c, "GET", f"/rec/{c}", 0, 0, 0))
+                w.write(_m(KIND_RESPONSE, c, 0, 0, ok, 200))
+        return str(path)
+
+    rep = Analysis(run_log(tmp_path / "c.rlog", drop=1), run_log(tmp_path / "b.rlog", drop=None)).run()
+    assert sorted((e["endpoint"], e["count"]) for e in rep["endpoints"]) == [
+        ("GET /rec/{id}", 1), ("GET /u/{id}", 2)]
+    assert rep["totals"]["unmatched"] == {"recorded": 0, "baseline": 0}
