@@ -2417,6 +2417,10 @@ cdef int _jd_arrays(JWalk* w, int depth, list found) except -1:
     return 0 if w.pa == NULL or w.pb == NULL else _jd_add(w, depth + 1, found)
 
 
+cdef inline bint _jd_is_string(int kind) noexcept nogil:
+    return kind == JK_STR or kind == JK_STR_ESC
+
+
 cdef inline bint _jd_is_number(int kind) noexcept nogil:
     return kind == JK_INT or kind == JK_NUM
 
@@ -2467,9 +2471,9 @@ cdef int _jd_pair(JWalk* w, int depth, list found) except -1:
     w.pb = eb
     if ea - pa == eb - pb and memcmp(pa, pb, ea - pa) == 0:
         return 1
-    if ka == JK_STR_ESC or kb == JK_STR_ESC:
-        return 0            # "\u0041" == "A"
-    if ka == JK_STR and kb == JK_STR:
+    if _jd_is_string(ka) and _jd_is_string(kb):
+        if ka == JK_STR_ESC or kb == JK_STR_ESC:
+            return 0        # "\u0041" == "A"
         if _jd_holds_json(pa, ea) or _jd_holds_json(pb, eb):
             return 0        # value_diff compares the JSON they hold
     elif _jd_is_number(ka) and _jd_is_number(kb):

@@ -1494,10 +1494,20 @@ class ResponseFramer:
 # ``json_diff(a, b, out)`` walks two JSON texts at once, token by token, and adds to ``out`` the
 # generic paths that ``replay.analysis.diff.value_diff(json.loads(a), json.loads(b), "$")``
 # reports, without building the values. Equal raw tokens are equal values. Whenever the answer
-# would need the values themselves (two numbers that might be equal, escaped strings, strings
-# holding JSON, keys out of step, repeated keys, a boolean against a number, deep nesting) or a
-# text is not valid JSON as ``json.loads`` reads it, it returns False and leaves ``out`` as it
-# was: the caller parses both texts instead. Both texts are always read to their end.
+# would need the values themselves, it returns False and leaves ``out`` as it was: the caller
+# parses both texts instead. That is when
+# - a text is not JSON as ``json.loads`` reads it (both are read to their end, the parts after a
+#   difference too), is empty, holds a byte >= 0x80, NaN or Infinity, or a number token longer
+#   than JSON_DIFF_MAX_NUMBER;
+# - two objects' keys differ in sequence (another order, a member on one side only), a key is
+#   repeated in an object, or a key has a backslash or a byte outside 0x20..0x7e;
+# - two differing strings: either has an escape, or either has more than one character and
+#   starts with { or [ (value_diff compares the JSON they hold);
+# - two differing numbers, unless both are integers (no fraction, no exponent) and neither is -0;
+# - true or false against a number (True == 1 inside an otherwise equal container);
+# - a container nested JSON_DIFF_MAX_DEPTH deep (value_diff compares below that as text).
+# Otherwise values of different types (object, array, string, number, literal) differ at their
+# path, and arrays of different lengths add ``...[*]`` after their common prefix.
 #
 # Cursors point at the first byte of a value (whitespace skipped). Depth counts containers: the
 # root value is at depth 0, its members and elements at 1; a container at depth
@@ -1522,6 +1532,7 @@ JK_FALSE = 5
 JK_NULL = 6
 
 _JD_OPEN = (b"{", b"[")
+_JD_STRINGS = (JK_STR, JK_STR_ESC)
 _JD_NUMBERS = (JK_INT, JK_NUM)
 _JD_BOOLS = (JK_TRUE, JK_FALSE)
 
@@ -1641,9 +1652,9 @@ class _Lockstep:
         eb, kb = _jd_scalar(b, j)
         if ea - i == eb - j and a[i:ea] == b[j:eb]:
             return ea, eb
-        if ka == JK_STR_ESC or kb == JK_STR_ESC:
-            raise _GiveUp                               # "\u0041" == "A"
-        if ka == JK_STR and kb == JK_STR:
+        if ka in _JD_STRINGS and kb in _JD_STRINGS:
+            if ka == JK_STR_ESC or kb == JK_STR_ESC:
+                raise _GiveUp                           # "\u0041" == "A"
             if (ea - i > 3 and a[i + 1] in b"{[") or (eb - j > 3 and b[j + 1] in b"{["):
                 raise _GiveUp                           # value_diff compares the JSON they hold
         elif ka in _JD_NUMBERS and kb in _JD_NUMBERS:
