@@ -1517,6 +1517,7 @@ JSON_DIFF_MAX_DEPTH = 64
 JSON_DIFF_MAX_NUMBER = 640      # longer number tokens give up (int() refuses long digit strings)
 
 _JD_WS = re.compile(rb"[ \t\n\r]*")
+_JD_WS_BYTES = (b" ", b"\n", b"\r", b"\t")
 _JD_STRING = re.compile(rb'"(?:[^"\\\x00-\x1f\x80-\xff]|\\["\\/bfnrt]|\\u[0-9A-Fa-f]{4})*"')
 _JD_PLAIN_KEY = re.compile(rb'"[ !#-\[\]-~]*"')      # printable ASCII, neither " nor \
 _JD_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
@@ -1542,6 +1543,8 @@ class _GiveUp(Exception):
 
 
 def _jd_ws(s: bytes, i: int) -> int:
+    if s[i:i + 1] not in _JD_WS_BYTES:       # the usual case: no whitespace at all
+        return i
     return _JD_WS.match(s, i).end()
 
 
