@@ -1977,3 +1977,536 @@ cdef class _ResponseState:
     def eof(self, int64_t ts):
         self.conn.last_ts = ts
         self.framer.eof(ts, True)
+
+
+# -- JSON bodies compared in lockstep ----------------------------------------------------------
+#
+# The twin of ``json_diff`` in ``replay._fastparse_py``, whose comments give the rules: the same
+# walk over two ``const unsigned char*`` cursors, without a Python object per token. The walking
+# functions return 1 (compared: the cursors are past both values), 0 (give up: the caller
+# parses) or -1 (a Python error); only the differing paths become Python strings, collected in a
+# list that reaches ``out`` only when the walk succeeds. Every byte is read through a pointer
+# checked against its text's end.
+
+from libc.stdlib cimport free, malloc, qsort, realloc
+
+from cpython.set cimport PySet_Add
+
+cdef extern from "Python.h":
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    unsigned char* PyUnicode_1BYTE_DATA(object o)
+
+cdef enum:
+    JD_MAX_DEPTH = 64       # a container this deep or deeper gives up
+    JD_MAX_NUMBER = 640     # a longer number token gives up
+    JD_INLINE_KEYS = 32     # keys held without malloc
+    JD_LINEAR_KEYS = 16     # an object's first keys are checked for repeats one by one; beyond,
+                            # all of its keys are sorted and checked when it closes
+
+JSON_DIFF_MAX_DEPTH = JD_MAX_DEPTH
+JSON_DIFF_MAX_NUMBER = JD_MAX_NUMBER
+
+# Kinds of scalar tokens
+cdef enum:
+    JK_STR = 0              # a string without a backslash: its bytes are its value
+    JK_STR_ESC = 1          # a string with an escape
+    JK_INT = 2              # a number without fraction or exponent
+    JK_NUM = 3              # any other number
+    JK_TRUE = 4
+    JK_FALSE = 5
+    JK_NULL = 6
+
+ctypedef const unsigned char* cptr
+
+cdef struct JKey:
+    cptr p                  # the key's first byte (in text a), without the quote
+    Py_ssize_t n
+    uint32_t h
+
+cdef struct JWalk:
+    cptr a_end
+    cptr b_end
+    cptr pa                 # the cursors
+    cptr pb
+    cptr seg[JD_MAX_DEPTH + 1]          # the key naming the value at depth d; NULL: an element
+    Py_ssize_t seglen[JD_MAX_DEPTH + 1]
+    JKey* keys              # the keys of the objects open in the walk, innermost last
+    Py_ssize_t nkeys
+    Py_ssize_t capkeys
+    JKey inline_keys[JD_INLINE_KEYS]
+
+
+cdef inline cptr _jd_ws(cptr p, cptr end) noexcept nogil:
+    while p < end and (p[0] == c' ' or p[0] == c'\n' or p[0] == c'\r' or p[0] == c'\t'):
+        p += 1
+    return p
+
+
+cdef inline bint _jd_digit(unsigned char c) noexcept nogil:
+    return c'0' <= c <= c'9'
+
+
+cdef inline bint _jd_hex(unsigned char c) noexcept nogil:
+    return c'0' <= c <= c'9' or c'a' <= c <= c'f' or c'A' <= c <= c'F'
+
+
+cdef inline bint _jd_name_start(unsigned char c) noexcept nogil:
+    return c'a' <= c <= c'z' or c'A' <= c <= c'Z' or c == c'_' or c == c'$'
+
+
+cdef cptr _jd_string(cptr p, cptr end, bint* esc) noexcept nogil:
+    """The end of the string token whose opening quote is at ``p``, or NULL if it is not one
+    (or holds a byte >= 0x80); ``esc`` is set when it holds an escape."""
+    cdef unsigned char c
+    p += 1
+    while p < end:
+        c = p[0]
+        if c == c'"':
+            return p + 1
+        if c < 0x20 or c >= 0x80:
+            return NULL
+        if c == c'\\':
+            esc[0] = True
+            if end - p < 2:
+                return NULL
+            c = p[1]
+            if c == c'u':
+                if end - p < 6 or not (_jd_hex(p[2]) and _jd_hex(p[3]) and _jd_hex(p[4])
+                                       and _jd_hex(p[5])):
+                    return NULL
+                p += 6
+                continue
+            if not (c == c'"' or c == c'\\' or c == c'/' or c == c'b' or c == c'f' or c == c'n'
+                    or c == c'r' or c == c't'):
+                return NULL
+            p += 2
+            continue
+        p += 1
+    return NULL
+
+
+cdef cptr _jd_number(cptr p, cptr end, int* kind) noexcept nogil:
+    """The end of the number token at ``p`` (``-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][-+]?[0-9]+)?``),
+    or NULL."""
+    cdef cptr start = p
+    kind[0] = JK_INT
+    if p < end and p[0] == c'-':
+        p += 1
+    if p >= end:
+        return NULL
+    if p[0] == c'0':
+        p += 1
+    elif c'1' <= p[0] <= c'9':
+        p += 1
+        while p < end and _jd_digit(p[0]):
+            p += 1
+    else:
+        return NULL
+    if p < end and p[0] == c'.':
+        p += 1
+        if p >= end or not _jd_digit(p[0]):
+            return NULL
+        while p < end and _jd_digit(p[0]):
+            p += 1
+        kind[0] = JK_NUM
+    if p < end and (p[0] == c'e' or p[0] == c'E'):
+        p += 1
+        if p < end and (p[0] == c'+' or p[0] == c'-'):
+            p += 1
+        if p >= end or not _jd_digit(p[0]):
+            return NULL
+        while p < end and _jd_digit(p[0]):
+            p += 1
+        kind[0] = JK_NUM
+    if p - start > JD_MAX_NUMBER:
+        return NULL
+    return p
+
+
+cdef cptr _jd_scalar(cptr p, cptr end, int* kind) noexcept nogil:
+    """The end of the scalar token at ``p`` and its kind, or NULL."""
+    cdef bint esc = False
+    cdef unsigned char c
+    if p >= end:
+        return NULL
+    c = p[0]
+    if c == c'"':
+        p = _jd_string(p, end, &esc)
+        kind[0] = JK_STR_ESC if esc else JK_STR
+        return p
+    if c == c'-' or _jd_digit(c):
+        return _jd_number(p, end, kind)
+    if c == c't' and end - p >= 4 and memcmp(p, b"true", 4) == 0:
+        kind[0] = JK_TRUE
+        return p + 4
+    if c == c'f' and end - p >= 5 and memcmp(p, b"false", 5) == 0:
+        kind[0] = JK_FALSE
+        return p + 5
+    if c == c'n' and end - p >= 4 and memcmp(p, b"null", 4) == 0:
+        kind[0] = JK_NULL
+        return p + 4
+    return NULL         # not JSON, or NaN/Infinity
+
+
+cdef cptr _jd_skip(cptr p, cptr end, int depth) noexcept nogil:
+    """The end of the value at ``p`` in one text, read and checked but not compared, or NULL."""
+    cdef bint esc = False
+    cdef int kind
+    if p >= end:
+        return NULL
+    if p[0] == c'{':
+        if depth >= JD_MAX_DEPTH:
+            return NULL
+        p = _jd_ws(p + 1, end)
+        if p < end and p[0] == c'}':
+            return p + 1
+        while True:
+            if p >= end or p[0] != c'"':
+                return NULL
+            p = _jd_string(p, end, &esc)
+            if p == NULL:
+                return NULL
+            p = _jd_ws(p, end)
+            if p >= end or p[0] != c':':
+                return NULL
+            p = _jd_skip(_jd_ws(p + 1, end), end, depth + 1)
+            if p == NULL:
+                return NULL
+            p = _jd_ws(p, end)
+            if p >= end:
+                return NULL
+            if p[0] == c'}':
+                return p + 1
+            if p[0] != c',':
+                return NULL
+            p = _jd_ws(p + 1, end)
+    if p[0] == c'[':
+        if depth >= JD_MAX_DEPTH:
+            return NULL
+        p = _jd_ws(p + 1, end)
+        if p < end and p[0] == c']':
+            return p + 1
+        return _jd_skip_elements(p, end, depth)
+    return _jd_scalar(p, end, &kind)
+
+
+cdef cptr _jd_skip_elements(cptr p, cptr end, int depth) noexcept nogil:
+    """The end of the array at ``depth`` whose next element starts at ``p``, or NULL."""
+    while True:
+        p = _jd_skip(p, end, depth + 1)
+        if p == NULL:
+            return NULL
+        p = _jd_ws(p, end)
+        if p >= end:
+            return NULL
+        if p[0] == c']':
+            return p + 1
+        if p[0] != c',':
+            return NULL
+        p = _jd_ws(p + 1, end)
+
+
+cdef bint _jd_simple_key(cptr k, Py_ssize_t n) noexcept nogil:
+    """The key fullmatches ``[A-Za-z_$][A-Za-z0-9_$\\-]*`` (replay.analysis.diff._key)."""
+    cdef cptr end = k + n
+    if n == 0 or not _jd_name_start(k[0]):
+        return False
+    k += 1
+    while k < end:
+        if not (_jd_name_start(k[0]) or _jd_digit(k[0]) or k[0] == c'-'):
+            return False
+        k += 1
+    return True
+
+
+cdef int _jd_add(JWalk* w, int depth, list found) except -1:
+    """Add the generic path of the value at ``depth`` to ``found``; 1."""
+    cdef Py_ssize_t n = 1, i
+    cdef unsigned char* q
+    for i in range(1, depth + 1):
+        if w.seg[i] == NULL:
+            n += 3
+        elif _jd_simple_key(w.seg[i], w.seglen[i]):
+            n += 1 + w.seglen[i]
+        else:
+            n += 4 + w.seglen[i]
+    path = PyUnicode_New(n, 127)
+    q = PyUnicode_1BYTE_DATA(path)
+    q[0] = c'$'
+    q += 1
+    for i in range(1, depth + 1):
+        if w.seg[i] == NULL:
+            memcpy(q, b"[*]", 3)
+            q += 3
+        elif _jd_simple_key(w.seg[i], w.seglen[i]):
+            q[0] = c'.'
+            memcpy(q + 1, w.seg[i], w.seglen[i])
+            q += 1 + w.seglen[i]
+        else:
+            memcpy(q, b'["', 2)
+            memcpy(q + 2, w.seg[i], w.seglen[i])
+            memcpy(q + 2 + w.seglen[i], b'"]', 2)
+            q += 4 + w.seglen[i]
+    found.append(path)
+    return 1
+
+
+cdef int _jd_key_cmp(const void* x, const void* y) noexcept nogil:
+    cdef const JKey* kx = <const JKey*>x
+    cdef const JKey* ky = <const JKey*>y
+    if kx.h != ky.h:
+        return -1 if kx.h < ky.h else 1
+    if kx.n != ky.n:
+        return -1 if kx.n < ky.n else 1
+    return memcmp(kx.p, ky.p, kx.n)
+
+
+cdef bint _jd_repeated(JWalk* w, Py_ssize_t base) noexcept nogil:
+    """Some key of the object whose keys start at ``base`` is there twice (sorts them)."""
+    cdef JKey* k = w.keys + base
+    cdef JKey* end = w.keys + w.nkeys
+    qsort(k, w.nkeys - base, sizeof(JKey), _jd_key_cmp)
+    k += 1
+    while k < end:
+        if _jd_key_cmp(k - 1, k) == 0:
+            return True
+        k += 1
+    return False
+
+
+cdef int _jd_push_key(JWalk* w, cptr p, Py_ssize_t n, uint32_t h) except -1:
+    cdef JKey* grown
+    if w.nkeys == w.capkeys:
+        if w.keys == &w.inline_keys[0]:
+            grown = <JKey*>malloc(2 * w.capkeys * sizeof(JKey))
+            if grown != NULL:
+                memcpy(grown, w.keys, w.nkeys * sizeof(JKey))
+        else:
+            grown = <JKey*>realloc(w.keys, 2 * w.capkeys * sizeof(JKey))
+        if grown == NULL:
+            raise MemoryError()
+        w.keys = grown
+        w.capkeys *= 2
+    w.keys[w.nkeys].p = p
+    w.keys[w.nkeys].n = n
+    w.keys[w.nkeys].h = h
+    w.nkeys += 1
+    return 0
+
+
+cdef int _jd_objects(JWalk* w, int depth, list found) except -1:
+    """Both cursors at ``{``."""
+    cdef cptr pa, pb, ea, key, q
+    cdef Py_ssize_t n, base = w.nkeys
+    cdef JKey* k
+    cdef uint32_t h
+    cdef bint esc = False
+    cdef int r
+    if depth >= JD_MAX_DEPTH:
+        return 0
+    pa = _jd_ws(w.pa + 1, w.a_end)
+    pb = _jd_ws(w.pb + 1, w.b_end)
+    if pa < w.a_end and pb < w.b_end and pa[0] == c'}' and pb[0] == c'}':
+        w.pa = pa + 1
+        w.pb = pb + 1
+        return 1
+    while True:
+        # the same key, byte for byte, on both sides; plain printable ASCII
+        if pa >= w.a_end or pa[0] != c'"':
+            return 0
+        ea = _jd_string(pa, w.a_end, &esc)
+        if ea == NULL or esc:
+            return 0
+        n = ea - pa
+        if w.b_end - pb < n or memcmp(pa, pb, n) != 0:
+            return 0        # keys out of step: a member on one side only, another order
+        key = pa + 1
+        n -= 2
+        h = 2166136261
+        q = key
+        while q < ea - 1:
+            if q[0] == 0x7f:
+                return 0
+            h = (h ^ q[0]) * 16777619
+            q += 1
+        if w.nkeys - base < JD_LINEAR_KEYS:
+            k = w.keys + base
+            while k < w.keys + w.nkeys:
+                if k.h == h and k.n == n and memcmp(k.p, key, n) == 0:
+                    return 0        # json.loads keeps the last of repeated keys
+                k += 1
+        _jd_push_key(w, key, n, h)
+        pa = _jd_ws(ea, w.a_end)
+        pb = _jd_ws(pb + n + 2, w.b_end)
+        if pa >= w.a_end or pb >= w.b_end or pa[0] != c':' or pb[0] != c':':
+            return 0
+        w.seg[depth + 1] = key
+        w.seglen[depth + 1] = n
+        w.pa = _jd_ws(pa + 1, w.a_end)
+        w.pb = _jd_ws(pb + 1, w.b_end)
+        r = _jd_pair(w, depth + 1, found)
+        if r != 1:
+            return r
+        pa = _jd_ws(w.pa, w.a_end)
+        pb = _jd_ws(w.pb, w.b_end)
+        if pa >= w.a_end or pb >= w.b_end:
+            return 0
+        if pa[0] == c'}' and pb[0] == c'}':
+            if w.nkeys - base > JD_LINEAR_KEYS and _jd_repeated(w, base):
+                return 0
+            w.nkeys = base
+            w.pa = pa + 1
+            w.pb = pb + 1
+            return 1
+        if pa[0] != c',' or pb[0] != c',':
+            return 0        # one object ends before the other, or not JSON
+        pa = _jd_ws(pa + 1, w.a_end)
+        pb = _jd_ws(pb + 1, w.b_end)
+
+
+cdef int _jd_arrays(JWalk* w, int depth, list found) except -1:
+    """Both cursors at ``[``."""
+    cdef cptr pa, pb
+    cdef int r
+    if depth >= JD_MAX_DEPTH:
+        return 0
+    pa = _jd_ws(w.pa + 1, w.a_end)
+    pb = _jd_ws(w.pb + 1, w.b_end)
+    if pa >= w.a_end or pb >= w.b_end:
+        return 0
+    w.seg[depth + 1] = NULL
+    if pa[0] != c']' and pb[0] != c']':
+        while True:         # both have an element here
+            w.pa = pa
+            w.pb = pb
+            r = _jd_pair(w, depth + 1, found)
+            if r != 1:
+                return r
+            pa = _jd_ws(w.pa, w.a_end)
+            pb = _jd_ws(w.pb, w.b_end)
+            if pa >= w.a_end or pb >= w.b_end:
+                return 0
+            if pa[0] == c',' and pb[0] == c',':
+                pa = _jd_ws(pa + 1, w.a_end)
+                pb = _jd_ws(pb + 1, w.b_end)
+            elif pa[0] == c']' and pb[0] == c']':
+                w.pa = pa + 1
+                w.pb = pb + 1
+                return 1
+            elif pa[0] == c',' and pb[0] == c']':       # a is longer
+                w.pa = _jd_skip_elements(_jd_ws(pa + 1, w.a_end), w.a_end, depth)
+                w.pb = pb + 1
+                return 0 if w.pa == NULL else _jd_add(w, depth + 1, found)
+            elif pa[0] == c']' and pb[0] == c',':       # b is longer
+                w.pa = pa + 1
+                w.pb = _jd_skip_elements(_jd_ws(pb + 1, w.b_end), w.b_end, depth)
+                return 0 if w.pb == NULL else _jd_add(w, depth + 1, found)
+            else:
+                return 0
+    if pa[0] == c']' and pb[0] == c']':
+        w.pa = pa + 1
+        w.pb = pb + 1
+        return 1
+    # one is empty, the other is not
+    if pa[0] == c']':
+        w.pa = pa + 1
+        w.pb = _jd_skip_elements(pb, w.b_end, depth)
+    else:
+        w.pa = _jd_skip_elements(pa, w.a_end, depth)
+        w.pb = pb + 1
+    return 0 if w.pa == NULL or w.pb == NULL else _jd_add(w, depth + 1, found)
+
+
+cdef inline bint _jd_is_string(int kind) noexcept nogil:
+    return kind == JK_STR or kind == JK_STR_ESC
+
+
+cdef inline bint _jd_is_number(int kind) noexcept nogil:
+    return kind == JK_INT or kind == JK_NUM
+
+
+cdef inline bint _jd_is_bool(int kind) noexcept nogil:
+    return kind == JK_TRUE or kind == JK_FALSE
+
+
+cdef inline bint _jd_holds_json(cptr p, cptr end) noexcept nogil:
+    """The string token [p, end) (no escapes) has more than one character and starts like JSON."""
+    return end - p > 3 and (p[1] == c'{' or p[1] == c'[')
+
+
+cdef inline bint _jd_minus_zero(cptr p, cptr end) noexcept nogil:
+    return end - p == 2 and p[0] == c'-' and p[1] == c'0'
+
+
+cdef int _jd_pair(JWalk* w, int depth, list found) except -1:
+    """Compare the values at the cursors; on 1 the cursors are past both."""
+    cdef cptr pa = w.pa, pb = w.pb, ea, eb
+    cdef int ka = 0, kb = 0
+    cdef unsigned char ca, cb
+    if pa >= w.a_end or pb >= w.b_end:
+        return 0
+    ca = pa[0]
+    cb = pb[0]
+    if ca == c'{' and cb == c'{':
+        return _jd_objects(w, depth, found)
+    if ca == c'[' and cb == c'[':
+        return _jd_arrays(w, depth, found)
+    if ca == c'{' or ca == c'[' or cb == c'{' or cb == c'[':     # a container against another type
+        w.pa = _jd_skip(pa, w.a_end, depth)
+        w.pb = _jd_skip(pb, w.b_end, depth)
+        return 0 if w.pa == NULL or w.pb == NULL else _jd_add(w, depth, found)
+    ea = _jd_scalar(pa, w.a_end, &ka)
+    if ea == NULL:
+        return 0
+    if (ka != JK_INT and ka != JK_NUM and w.b_end - pb >= ea - pa
+            and memcmp(pa, pb, ea - pa) == 0):
+        # a string or a literal ends where its bytes say: b holds the same token
+        w.pa = ea
+        w.pb = pb + (ea - pa)
+        return 1
+    eb = _jd_scalar(pb, w.b_end, &kb)
+    if eb == NULL:
+        return 0
+    w.pa = ea
+    w.pb = eb
+    if ea - pa == eb - pb and memcmp(pa, pb, ea - pa) == 0:
+        return 1
+    if _jd_is_string(ka) and _jd_is_string(kb):
+        if ka == JK_STR_ESC or kb == JK_STR_ESC:
+            return 0        # "\u0041" == "A"
+        if _jd_holds_json(pa, ea) or _jd_holds_json(pb, eb):
+            return 0        # value_diff compares the JSON they hold
+    elif _jd_is_number(ka) and _jd_is_number(kb):
+        if ka != JK_INT or kb != JK_INT or _jd_minus_zero(pa, ea) or _jd_minus_zero(pb, eb):
+            return 0        # 1 == 1.0 == 1e0, 0 == -0
+    elif (_jd_is_bool(ka) and _jd_is_number(kb)) or (_jd_is_bool(kb) and _jd_is_number(ka)):
+        return 0            # True == 1 inside an equal container
+    return _jd_add(w, depth, found)
+
+
+def json_diff(bytes a not None, bytes b not None, set out not None):
+    """Add to ``out`` the generic paths that differ between the JSON texts ``a`` and ``b``, as
+    ``value_diff(json.loads(a), json.loads(b), "$", out)`` would, and return True; or return
+    False, ``out`` untouched, when that cannot be decided without parsing."""
+    cdef JWalk w
+    cdef list found = []
+    cdef int r = 0
+    w.a_end = <cptr>PyBytes_AS_STRING(a) + PyBytes_GET_SIZE(a)
+    w.b_end = <cptr>PyBytes_AS_STRING(b) + PyBytes_GET_SIZE(b)
+    w.pa = _jd_ws(<cptr>PyBytes_AS_STRING(a), w.a_end)
+    w.pb = _jd_ws(<cptr>PyBytes_AS_STRING(b), w.b_end)
+    if w.pa >= w.a_end or w.pb >= w.b_end:
+        return False
+    w.keys = &w.inline_keys[0]
+    w.nkeys = 0
+    w.capkeys = JD_INLINE_KEYS
+    try:
+        r = _jd_pair(&w, 0, found)
+    finally:
+        if w.keys != &w.inline_keys[0]:
+            free(w.keys)
+    if r != 1 or _jd_ws(w.pa, w.a_end) != w.a_end or _jd_ws(w.pb, w.b_end) != w.b_end:
+        return False
+    for path in found:
+        PySet_Add(out, path)
+    return True

@@ -1487,3 +1487,265 @@ class ResponseFramer:
 
     def stats(self):
         return self._eng.stats()
+
+
+# -- JSON bodies compared in lockstep ----------------------------------------------------------
+#
+# ``json_diff(a, b, out)`` walks two JSON texts at once, token by token, and adds to ``out`` the
+# generic paths that ``replay.analysis.diff.value_diff(json.loads(a), json.loads(b), "$")``
+# reports, without building the values. Equal raw tokens are equal values. Whenever the answer
+# would need the values themselves, it returns False and leaves ``out`` as it was: the caller
+# parses both texts instead. That is when
+# - a text is not JSON as ``json.loads`` reads it (both are read to their end, the parts after a
+#   difference too), is empty, holds a byte >= 0x80, NaN or Infinity, or a number token longer
+#   than JSON_DIFF_MAX_NUMBER;
+# - two objects' keys differ in sequence (another order, a member on one side only), a key is
+#   repeated in an object, or a key has a backslash or a byte outside 0x20..0x7e;
+# - two differing strings: either has an escape, or either has more than one character and
+#   starts with { or [ (value_diff compares the JSON they hold);
+# - two differing numbers, unless both are integers (no fraction, no exponent) and neither is -0;
+# - true or false against a number (True == 1 inside an otherwise equal container);
+# - a container nested JSON_DIFF_MAX_DEPTH deep (value_diff compares below that as text).
+# Otherwise values of different types (object, array, string, number, literal) differ at their
+# path, and arrays of different lengths add ``...[*]`` after their common prefix.
+#
+# Cursors point at the first byte of a value (whitespace skipped). Depth counts containers: the
+# root value is at depth 0, its members and elements at 1; a container at depth
+# ``JSON_DIFF_MAX_DEPTH`` or deeper gives up (value_diff compares below its MAX_DEPTH as text).
+
+JSON_DIFF_MAX_DEPTH = 64
+JSON_DIFF_MAX_NUMBER = 640      # longer number tokens give up (int() refuses long digit strings)
+
+_JD_WS = re.compile(rb"[ \t\n\r]*")
+_JD_WS_BYTES = (b" ", b"\n", b"\r", b"\t")
+_JD_STRING = re.compile(rb'"(?:[^"\\\x00-\x1f\x80-\xff]|\\["\\/bfnrt]|\\u[0-9A-Fa-f]{4})*"')
+_JD_PLAIN_KEY = re.compile(rb'"[ !#-\[\]-~]*"')      # printable ASCII, neither " nor \
+_JD_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_JD_SIMPLE_KEY = re.compile(rb"[A-Za-z_$][A-Za-z0-9_$\-]*")
+
+# Kinds of scalar tokens
+JK_STR = 0          # a string without a backslash: its bytes are its value
+JK_STR_ESC = 1      # a string with an escape
+JK_INT = 2          # a number without fraction or exponent
+JK_NUM = 3          # any other number
+JK_TRUE = 4
+JK_FALSE = 5
+JK_NULL = 6
+
+_JD_OPEN = (b"{", b"[")
+_JD_STRINGS = (JK_STR, JK_STR_ESC)
+_JD_NUMBERS = (JK_INT, JK_NUM)
+_JD_BOOLS = (JK_TRUE, JK_FALSE)
+
+
+class _GiveUp(Exception):
+    """The lockstep walk cannot decide cheaply (or a text is not JSON)."""
+
+
+def _jd_ws(s: bytes, i: int) -> int:
+    if s[i:i + 1] not in _JD_WS_BYTES:       # the usual case: no whitespace at all
+        return i
+    return _JD_WS.match(s, i).end()
+
+
+def _jd_scalar(s: bytes, i: int):
+    """(end, kind) of the scalar token at ``i``."""
+    c = s[i:i + 1]
+    if c == b'"':
+        m = _JD_STRING.match(s, i)
+        if m is None:
+            raise _GiveUp
+        e = m.end()
+        return e, (JK_STR_ESC if s.find(b"\\", i, e) >= 0 else JK_STR)
+    if c and c in b"-0123456789":
+        m = _JD_NUMBER.match(s, i)
+        if m is None or m.end() - i > JSON_DIFF_MAX_NUMBER:
+            raise _GiveUp
+        return m.end(), (JK_INT if m.lastindex is None else JK_NUM)
+    if s.startswith(b"true", i):
+        return i + 4, JK_TRUE
+    if s.startswith(b"false", i):
+        return i + 5, JK_FALSE
+    if s.startswith(b"null", i):
+        return i + 4, JK_NULL
+    raise _GiveUp       # not JSON, or NaN/Infinity (json.loads accepts those; value_diff: nan != nan)
+
+
+def _jd_skip(s: bytes, i: int, depth: int) -> int:
+    """The end of the value at ``i`` in one text, read and checked but not compared."""
+    c = s[i:i + 1]
+    if c == b"{":
+        if depth >= JSON_DIFF_MAX_DEPTH:
+            raise _GiveUp
+        i = _jd_ws(s, i + 1)
+        if s[i:i + 1] == b"}":
+            return i + 1
+        while True:
+            m = _JD_STRING.match(s, i)
+            if m is None:
+                raise _GiveUp
+            i = _jd_ws(s, m.end())
+            if s[i:i + 1] != b":":
+                raise _GiveUp
+            i = _jd_ws(s, _jd_skip(s, _jd_ws(s, i + 1), depth + 1))
+            c = s[i:i + 1]
+            if c == b"}":
+                return i + 1
+            if c != b",":
+                raise _GiveUp
+            i = _jd_ws(s, i + 1)
+    if c == b"[":
+        if depth >= JSON_DIFF_MAX_DEPTH:
+            raise _GiveUp
+        i = _jd_ws(s, i + 1)
+        if s[i:i + 1] == b"]":
+            return i + 1
+        return _jd_skip_elements(s, i, depth)
+    return _jd_scalar(s, i)[0]
+
+
+def _jd_skip_elements(s: bytes, i: int, depth: int) -> int:
+    """The end of the array at ``depth`` whose next element starts at ``i``."""
+    while True:
+        i = _jd_ws(s, _jd_skip(s, i, depth + 1))
+        c = s[i:i + 1]
+        if c == b"]":
+            return i + 1
+        if c != b",":
+            raise _GiveUp
+        i = _jd_ws(s, i + 1)
+
+
+class _Lockstep:
+    """One walk: the two texts, the path to the current value (``seg[d]`` names the value at depth
+    d: a key, or None for an array element) and the paths found so far."""
+
+    __slots__ = ("a", "b", "seg", "found")
+
+    def __init__(self, a: bytes, b: bytes):
+        self.a = a
+        self.b = b
+        self.seg = [None] * (JSON_DIFF_MAX_DEPTH + 1)
+        self.found = []
+
+    def add(self, depth: int):
+        parts = ["$"]
+        for k in self.seg[1:depth + 1]:
+            if k is None:
+                parts.append("[*]")
+            elif _JD_SIMPLE_KEY.fullmatch(k):
+                parts.append("." + k.decode("ascii"))
+            else:
+                parts.append('["' + k.decode("ascii") + '"]')
+        self.found.append("".join(parts))
+
+    def pair(self, i: int, j: int, depth: int):
+        """Compare the values at ``i`` in a and ``j`` in b; their ends."""
+        a, b = self.a, self.b
+        ca, cb = a[i:i + 1], b[j:j + 1]
+        if ca == cb == b"{":
+            return self.objects(i, j, depth)
+        if ca == cb == b"[":
+            return self.arrays(i, j, depth)
+        if ca in _JD_OPEN or cb in _JD_OPEN:         # a container against another type
+            i, j = _jd_skip(a, i, depth), _jd_skip(b, j, depth)
+            self.add(depth)
+            return i, j
+        ea, ka = _jd_scalar(a, i)
+        eb, kb = _jd_scalar(b, j)
+        if ea - i == eb - j and a[i:ea] == b[j:eb]:
+            return ea, eb
+        if ka in _JD_STRINGS and kb in _JD_STRINGS:
+            if ka == JK_STR_ESC or kb == JK_STR_ESC:
+                raise _GiveUp                           # "\u0041" == "A"
+            if (ea - i > 3 and a[i + 1] in b"{[") or (eb - j > 3 and b[j + 1] in b"{["):
+                raise _GiveUp                           # value_diff compares the JSON they hold
+        elif ka in _JD_NUMBERS and kb in _JD_NUMBERS:
+            if ka != JK_INT or kb != JK_INT or a[i:ea] == b"-0" or b[j:eb] == b"-0":
+                raise _GiveUp                           # 1 == 1.0 == 1e0, 0 == -0
+        elif (ka in _JD_BOOLS and kb in _JD_NUMBERS) or (kb in _JD_BOOLS and ka in _JD_NUMBERS):
+            raise _GiveUp                               # True == 1 inside an equal container
+        self.add(depth)
+        return ea, eb
+
+    def objects(self, i: int, j: int, depth: int):
+        if depth >= JSON_DIFF_MAX_DEPTH:
+            raise _GiveUp
+        a, b = self.a, self.b
+        i, j = _jd_ws(a, i + 1), _jd_ws(b, j + 1)
+        if a[i:i + 1] == b"}" and b[j:j + 1] == b"}":
+            return i + 1, j + 1
+        seen = set()
+        while True:
+            m = _JD_PLAIN_KEY.match(a, i)
+            if m is None:
+                raise _GiveUp           # no key where one is due, or a key with an escape
+            ea = m.end()
+            key = a[i + 1:ea - 1]
+            eb = j + (ea - i)
+            if b[j:eb] != a[i:ea]:
+                raise _GiveUp           # keys out of step: a member on one side, another order
+            if key in seen:
+                raise _GiveUp           # json.loads keeps the last of repeated keys
+            seen.add(key)
+            i, j = _jd_ws(a, ea), _jd_ws(b, eb)
+            if a[i:i + 1] != b":" or b[j:j + 1] != b":":
+                raise _GiveUp
+            self.seg[depth + 1] = key
+            i, j = self.pair(_jd_ws(a, i + 1), _jd_ws(b, j + 1), depth + 1)
+            i, j = _jd_ws(a, i), _jd_ws(b, j)
+            ca, cb = a[i:i + 1], b[j:j + 1]
+            if ca == cb == b"}":
+                return i + 1, j + 1
+            if ca != b"," or cb != b",":
+                raise _GiveUp           # one object ends before the other, or not JSON
+            i, j = _jd_ws(a, i + 1), _jd_ws(b, j + 1)
+
+    def arrays(self, i: int, j: int, depth: int):
+        if depth >= JSON_DIFF_MAX_DEPTH:
+            raise _GiveUp
+        a, b = self.a, self.b
+        i, j = _jd_ws(a, i + 1), _jd_ws(b, j + 1)
+        self.seg[depth + 1] = None
+        ca, cb = a[i:i + 1], b[j:j + 1]
+        if ca != b"]" and cb != b"]":
+            while True:                 # both have an element here
+                i, j = self.pair(i, j, depth + 1)
+                i, j = _jd_ws(a, i), _jd_ws(b, j)
+                ca, cb = a[i:i + 1], b[j:j + 1]
+                if ca == cb == b",":
+                    i, j = _jd_ws(a, i + 1), _jd_ws(b, j + 1)
+                elif ca == cb == b"]":
+                    return i + 1, j + 1
+                elif ca == b"," and cb == b"]":     # a is longer
+                    self.add(depth + 1)
+                    return _jd_skip_elements(a, _jd_ws(a, i + 1), depth), j + 1
+                elif ca == b"]" and cb == b",":     # b is longer
+                    self.add(depth + 1)
+                    return i + 1, _jd_skip_elements(b, _jd_ws(b, j + 1), depth)
+                else:
+                    raise _GiveUp
+        if ca == cb == b"]":
+            return i + 1, j + 1
+        self.add(depth + 1)             # one is empty, the other is not
+        if ca == b"]":
+            return i + 1, _jd_skip_elements(b, j, depth)
+        return _jd_skip_elements(a, i, depth), j + 1
+
+
+def json_diff(a: bytes, b: bytes, out: set) -> bool:
+    """Add to ``out`` the generic paths that differ between the JSON texts ``a`` and ``b``, as
+    ``value_diff(json.loads(a), json.loads(b), "$", out)`` would, and return True; or return
+    False, ``out`` untouched, when that cannot be decided without parsing (see above)."""
+    w = _Lockstep(a, b)
+    try:
+        i, j = _jd_ws(a, 0), _jd_ws(b, 0)
+        if i == len(a) or j == len(b):
+            return False
+        i, j = w.pair(i, j, 0)
+        if _jd_ws(a, i) != len(a) or _jd_ws(b, j) != len(b):
+            return False
+    except _GiveUp:
+        return False
+    out.update(w.found)
+    return True

@@ -24,6 +24,7 @@ else:
 
 Engine = impl.Engine
 ResponseFramer = impl.ResponseFramer
+json_diff = impl.json_diff
 STAT_NAMES = impl.STAT_NAMES
 SUPPORTED_LINKTYPES = impl.SUPPORTED_LINKTYPES
 IMPLEMENTATION = "compiled" if COMPILED else "pure"
