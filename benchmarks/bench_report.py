@@ -3,15 +3,17 @@
 
 Makes two synthetic run logs of small JSON API exchanges, as `replay play -o` writes them
 (replayed requests and answers in completion order, then the recorded exchanges): a *baseline*
-and a *candidate* whose answers differ in a noise field on every exchange (a timestamp) and in a
-real field on 1 % of them, with a slower endpoint. Then, for each size, runs in a child process
-(so that its peak RSS is its own):
+and a *candidate* whose answers differ in a noise field on every exchange (a timestamp: so every
+pair of bodies is compared field by field) and in a real field on 1 % of them, with a slower
+endpoint. Then, for each size, runs in a child process (so that its peak RSS is its own):
 
-* ``report candidate`` (against the recording inside it) and
-* ``report candidate --baseline baseline``,
+* ``report candidate`` (against the recording inside it),
+* ``report candidate --baseline baseline``, and
+* the whole command ``replay report candidate --baseline baseline --json FILE`` (start-up,
+  terminal table and JSON included),
 
-and prints exchanges/s and peak RSS. The baseline figure is the time to just iterate every
-message of both logs (``LogReader``), in the same run: the report's cost above reading.
+and prints exchanges/s and peak RSS. The reference figure is the time to just iterate every
+message of both logs as Message objects (``LogReader``), in the same run.
 
 Usage::
 
@@ -47,6 +49,7 @@ def _resp(i, status, obj):
 
 def synth(path: str, n: int, candidate: bool, seed: int = 1) -> None:
     rnd = random.Random(seed)
+    clock = random.Random(seed + candidate)      # the noise field: its own in each run
     conns = 64
     meta = {"command": "play", "source": "synthetic", "target": "http://127.0.0.1:1",
             "speed": 1.0, "conn_stride": conns}
@@ -60,7 +63,7 @@ def synth(path: str, n: int, candidate: bool, seed: int = 1) -> None:
             req = b"GET %s HTTP/1.1\r\nHost: api\r\nUser-Agent: bench\r\n\r\n" % uri.encode()
             t += 200_000
             slow = 3_000_000 if candidate and p.startswith("/api/users") else 0
-            obj = {"id": i, "name": "item", "price": 10 + (i % 97), "updated_at": t + rnd.randrange(10**6)}
+            obj = {"id": i, "name": "item", "price": 10 + (i % 97), "updated_at": t + clock.randrange(10**6)}
             if candidate and i % 100 == 0:
                 obj["price"] += 1
             data, hl, bl = _resp(i, 200, obj)
@@ -107,14 +110,31 @@ def child(what, cand, base):
     return json.loads(p.stdout)
 
 
+def command(cand, base):
+    """``replay report`` as a user runs it, timed from launch; its peak RSS from wait4."""
+    out = os.path.join(os.path.dirname(cand), "replay-bench-report.json")
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", "from replay.cli.main import main; main()",
+                          "report", cand, "--baseline", base, "--json", out],
+                         cwd=ROOT, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+    s = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) not in (0, 3):
+        raise SystemExit(f"replay report failed: {status}")
+    with open(out) as f:
+        assert json.load(f)["totals"]["exchanges"]
+    os.unlink(out)
+    return {"s": s, "rss_mib": usage.ru_maxrss / 1024}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--dir", default="/tmp")
     a = ap.parse_args()
     for n in [int(x) for x in a.sizes.split(",")]:
-        cand = os.path.join(a.dir, f"replay-bench-report-cand-{n}.rlog")
-        base = os.path.join(a.dir, f"replay-bench-report-base-{n}.rlog")
+        cand = os.path.join(a.dir, f"replay-bench-report2-cand-{n}.rlog")
+        base = os.path.join(a.dir, f"replay-bench-report2-base-{n}.rlog")
         for path, is_cand in ((cand, True), (base, False)):
             if not os.path.exists(path):
                 t = time.perf_counter()
@@ -128,6 +148,9 @@ def main():
             assert r["n"] == n, r
             print(f"{n:>9,} exchanges  report vs {what:<9}: {n / r['s']:>9,.0f} exchanges/s  "
                   f"peak {r['rss_mib']:.0f} MiB  ({r['s']:.1f} s)")
+        r = command(cand, base)
+        print(f"{n:>9,} exchanges  whole command vs baseline: {n / r['s']:>9,.0f} exchanges/s  "
+              f"peak {r['rss_mib']:.0f} MiB  ({r['s']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -295,16 +295,16 @@ def test_the_repeat_memory_is_a_ring_that_forgets_what_it_overwrote():
 
     r = _Recent(size=64 * 100, keys=3)
     a = D.Raw(b"HTTP/1.1 200 OK\r\n\r\n" + b"a" * 60, 19)
-    r.put(1, a)
+    r.put(1, a.data, a.head_length)
     got = r.get(1)
     assert got.data == a.data and got.head_length == 19
-    r.put(2, D.Raw(b"x" * 101, 0))           # more than a 64th of the ring: not kept
+    r.put(2, b"x" * 101, 0)           # more than a 64th of the ring: not kept
     assert r.get(2) is None
     for k in range(3, 6):                     # keys beyond the last 3 are forgotten
-        r.put(k, D.Raw(bytes([k]) * 50, 0))
+        r.put(k, bytes([k]) * 50, 0)
     assert r.get(1) is None and r.get(5).data == bytes([5]) * 50
     for k in range(200):                      # wraps many times: what is kept reads whole
-        r.put(7, D.Raw(bytes([k % 250]) * 97, 3))
+        r.put(7, bytes([k % 250]) * 97, 3)
         assert r.get(7).data == bytes([k % 250]) * 97
     assert r.get(3) is None                   # overwritten by the ring since
 

@@ -214,8 +214,7 @@ class _Recent:
             bytes(ring[off:]) + bytes(ring[:off + n - self.size])
         return D.Raw(data, head)
 
-    def put(self, ident: int, m) -> None:
-        data = m.data
+    def put(self, ident: int, data: bytes, head_length: int) -> None:
         n = len(data)
         index = self.index
         if n > self.size // 64:
@@ -229,7 +228,7 @@ class _Recent:
             cut = self.size - off
             self.ring[off:] = data[:cut]
             self.ring[:n - cut] = data[cut:]
-        index[ident] = (self.written, n, m.head_length)
+        index[ident] = (self.written, n, head_length)
         index.move_to_end(ident)
         self.written += n
         if len(index) > self.keys:
@@ -421,19 +420,20 @@ class Analysis:
             nsame = (N.has_resp & (N.status == bs)).tolist()
         idl = ids.tolist()
         vol = (B.has_req & same).tolist() if N is None else None
+        diff = cmp.diff_data
         for i in np.flatnonzero(same).tolist():
             ep = eps[idl[i]]
-            braw = D.Raw(bd[i], bh[i])
+            b, c = bd[i], cd[i]
             sides: dict = {}
-            if cd[i] != bd[i]:
-                craw = D.Raw(cd[i], ch[i])
-                for f in cmp.diff(braw, craw, sides):
+            if c != b:
+                for f in diff(b, bh[i], c, ch[i], sides):
                     if ignored(f):
                         continue
                     ep.f_cb[f] += 1
                     if f[0] == "$" and ep.random_checked[f] < RANDOM_SAMPLE:
                         ep.random_checked[f] += 1
-                        vb, vc = _values(cmp.side(braw, sides), cmp.side(craw, sides), f)
+                        vb, vc = _values(cmp.side_data(b, bh[i], sides),
+                                         cmp.side_data(c, ch[i], sides), f)
                         if _random_looking(vb) and _random_looking(vc):
                             ep.random[f] += 1
                     k = _kind(f)
@@ -442,8 +442,8 @@ class Analysis:
             if N is not None:
                 if nsame[i]:
                     ep.bn_field_compared += 1
-                    if nd[i] != bd[i]:
-                        for f in cmp.diff(braw, D.Raw(nd[i], nh[i]), sides):
+                    if nd[i] != b:
+                        for f in diff(b, bh[i], nd[i], nh[i], sides):
                             if not ignored(f):
                                 ep.f_bn[f] += 1
             elif vol[i] and ep.repeats < REPEAT_SAMPLE:
@@ -453,8 +453,8 @@ class Analysis:
                               hashlib.blake2b(body, digest_size=8).digest() if body else b""))
                 prev = repeat.get(ident)
                 if prev is not None:
-                    self._volatility(ep, prev, braw, sides)
-                repeat.put(ident, braw)
+                    self._volatility(ep, prev, b, bh[i], sides)
+                repeat.put(ident, b, bh[i])
 
     def _endpoint_ids(self, C, R) -> np.ndarray:
         """The endpoint of each exchange (-1: no request on either side), by its request as
@@ -483,11 +483,11 @@ class Analysis:
             for e, pos in _groups(ids, mask & ok):
                 self._eplist[e].lat[(view, run)].extend(v[pos])
 
-    def _volatility(self, ep, prev, b, sides):
+    def _volatility(self, ep, prev, b, bh, sides):
         ep.repeats += 1
         self.repeats += 1
-        if prev.data != b.data:
-            for f in self.cmp.diff(prev, b, sides):
+        if prev.data != b:
+            for f in self.cmp.diff_data(prev.data, prev.head_length, b, bh, sides):
                 if not self.ignore.ignored(f):
                     ep.volatile[f] += 1
                     if f.startswith("header:"):

@@ -27,6 +27,7 @@ import json
 import re
 import zlib
 
+from replay.core import COMPILED, json_diff
 from replay.errors import UsageError
 from replay.httpmsg import decode_chunked, header_fields, header_value
 
@@ -356,6 +357,14 @@ class Side:
         return self.json is not NOT_JSON
 
 
+_CODED = re.compile(rb"\n(?:transfer|content)-encoding[ \t]*:", re.I).search
+
+
+def _plain_json(data: bytes, head_length: int, body: bytes) -> bool:
+    """The body is its own payload (no transfer or content coding) and starts like JSON."""
+    return body[:1] in (b"{", b"[") and _CODED(data, 0, head_length) is None
+
+
 class Raw:
     """A response's bytes as ``Comparer`` takes them (a Message will do as well)."""
 
@@ -369,26 +378,44 @@ class Raw:
 class Comparer:
     """The fields that differ between two responses (before ``--ignore``), cheaply when little
     differs: heads are compared line by line first and parsed only where a line that is not an
-    ignored header differs; bodies are parsed only when their bytes differ. ``sides`` caches
-    each response's parsed body for the exchange (keyed by ``id``)."""
+    ignored header differs; bodies are parsed only when their bytes differ and the compiled
+    core cannot walk them side by side. ``sides`` caches each response's parsed body for the
+    exchange (keyed by the ``id`` of its bytes). The ``*_data`` methods take a response's bytes
+    and head length; the others a Message (or a ``Raw``)."""
 
     def __init__(self, ignored_headers=DEFAULT_IGNORED_HEADERS, unordered: bool = False):
         self.ignored = frozenset(ignored_headers)
         self.unordered = unordered
 
     def side(self, m, sides: dict) -> Side:
-        got = sides.get(id(m))
+        return self.side_data(m.data, m.head_length, sides)
+
+    def side_data(self, data: bytes, head_length: int, sides: dict) -> Side:
+        got = sides.get(id(data))
         if got is None:
-            got = sides[id(m)] = Side(m.data, m.head_length, self.unordered)
+            got = sides[id(data)] = Side(data, head_length, self.unordered)
         return got
 
     def headers(self, m) -> dict:
         return headers(m.data, m.head_length, self.ignored)
 
     def diff(self, a, b, sides: dict) -> set:
-        out = self.header_diff(a, b)
-        if a.data[a.head_length:] != b.data[b.head_length:]:
-            sa, sb = self.side(a, sides), self.side(b, sides)
+        return self.diff_data(a.data, a.head_length, b.data, b.head_length, sides)
+
+    def diff_data(self, a: bytes, ah: int, b: bytes, bh: int, sides: dict) -> set:
+        out = self.header_diff_data(a, ah, b, bh)
+        ba, bb = a[ah:], b[bh:]
+        if ba != bb:
+            if COMPILED and not self.unordered and _plain_json(a, ah, ba) and _plain_json(b, bh, bb):
+                # two JSON texts walked side by side, no value built for what is equal (0.6 µs
+                # for two small objects against 13 µs to parse and walk them); False when they
+                # are not alike enough to be sure: then parsed, below. The pure twin's walk is
+                # slower than parsing: it is the reference, not used here
+                got: set = set()
+                if json_diff(ba, bb, got):
+                    out |= got
+                    return out
+            sa, sb = self.side_data(a, ah, sides), self.side_data(b, bh, sides)
             if sa.is_json and sb.is_json:
                 value_diff(sa.json, sb.json, "$", out, self.unordered)
             elif sa.is_json or sb.is_json or sa.text != sb.text:
@@ -396,7 +423,10 @@ class Comparer:
         return out
 
     def header_diff(self, a, b) -> set:
-        ha, hb = a.data[:a.head_length], b.data[:b.head_length]
+        return self.header_diff_data(a.data, a.head_length, b.data, b.head_length)
+
+    def header_diff_data(self, a: bytes, ah: int, b: bytes, bh: int) -> set:
+        ha, hb = a[:ah], b[:bh]
         if ha == hb:
             return set()
         names: set | None = set()
@@ -415,6 +445,6 @@ class Comparer:
                 names.add(n)
         if names is not None and not names:
             return set()
-        xa, xb = self.headers(a), self.headers(b)
+        xa, xb = headers(a, ah, self.ignored), headers(b, bh, self.ignored)
         keys = (xa.keys() | xb.keys()) if names is None else names
         return {"header:" + n for n in keys if xa.get(n) != xb.get(n)}
