@@ -96,7 +96,7 @@ else:
     from replay.analysis.compare import Analysis
     from replay.pipeline import allocator_for_scans
     allocator_for_scans()           # as replay report does
-    rep = Analysis(cand, base if what == "baseline" else None).run()
+    rep = Analysis(cand, base if what == "baseline" else None).run(workers=None)
     n = rep["totals"]["exchanges"]
 # VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)
 hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]

@@ -45,6 +45,14 @@ class Hist:
     def __len__(self) -> int:
         return self.h.total_count + len(self.buf)
 
+    def merge(self, other: "Hist") -> None:
+        """Add another's counts (exact: the same buckets)."""
+        self.flush().add(other.flush())
+
+    def __reduce__(self):
+        # pickled as the encoded histogram (the counts are a ctypes array)
+        return (_hist_from, (self.flush().encode(),))
+
     def percentiles(self, points=(50, 90, 99)) -> dict:
         """As ``replay.play.report.percentiles``: ms, the max included; None values when empty."""
         return hdr_percentiles(self.flush(), points)
@@ -65,6 +73,12 @@ class Hist:
             h.min_value = min(h.min_value, int(v.min()))
             h.max_value = max(h.max_value, int(v.max()))
         return self.h
+
+
+def _hist_from(encoded: bytes) -> Hist:
+    h = Hist()
+    h.h.add(HdrHistogram.decode(encoded))
+    return h
 
 
 def hdr_percentiles(h: HdrHistogram, points=(50, 90, 99)) -> dict:

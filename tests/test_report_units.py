@@ -4,6 +4,7 @@ rule, the latency test, the gate, and the join of run logs."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -203,7 +204,7 @@ def test_exchanges_complete_in_any_order_and_failures_carry_their_kind(tmp_path)
             _m(KIND_RESPONSE, 0, 0, F_REPLAYED | F_FAILED, b"timeout"),
             _m(KIND_REQUEST, 10, 0, F_REPLAYED)]                 # pass 1 of conn 0 (stride 10), unanswered
     sec = _section_log(tmp_path / "r.rlog", msgs)
-    (keys,) = list(sec.keys_in_order(100))                     # in the order first written
+    keys = sec.keys_in_order()                                  # in the order first written
     assert [(int(k) >> 32, int(k) & 0xFFFFFFFF) for k in keys] == [(0, 0), (1, 0), (10, 0)]
     bt = sec.take(keys)
     assert [status_of(int(s)) for s in bt.status] == ["timeout", 200, None]
@@ -334,3 +335,91 @@ def test_an_exchange_the_candidate_has_no_request_for_is_named_by_the_recording(
     assert sorted((e["endpoint"], e["count"]) for e in rep["endpoints"]) == [
         ("GET /rec/{id}", 1), ("GET /u/{id}", 2)]
     assert rep["totals"]["unmatched"] == {"recorded": 0, "baseline": 0}
+
+
+def _api_run(path, n, seed, slow=(), changed=(), failing=()):
+    """A run log of small JSON answers: a timestamp that differs on every answer, a price
+    that changes where ``changed``, latency added where ``slow``, 500s where ``failing``."""
+    import random
+
+    from replay.log import LogWriter
+
+    rnd = random.Random(seed)
+    with LogWriter(str(path), meta={"command": "play", "conn_stride": 16, "target": "t"},
+                   block_records=512) as w:
+        for i in range(n):
+            conn, index = i % 16, i // 16
+            uri = ("/api/items/%d" % (i % 500), "/api/users/%d" % i, "/health")[i % 3]
+            req = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % uri.encode()
+            t = 1_800_000_000_000_000_000 + i * 1_000_000
+            body = json.dumps({"id": i, "price": 10 + (i in changed), "ts": rnd.randrange(10**9)}).encode()
+            status = 500 if i in failing else 200
+            head = b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (
+                status, len(body))
+            lat = 1_000_000 + rnd.randrange(200_000) + (5_000_000 if i in slow else 0)
+            w.write(Message(KIND_REQUEST, conn, index, t, t, ("c", 1), ("s", 2), F_REPLAYED, req,
+                            "GET", uri, 0, 0, len(req)))
+            w.write(Message(KIND_RESPONSE, conn, index, t + lat, t + lat, ("c", 1), ("s", 2),
+                            F_REPLAYED, head + body, "GET", uri, status, len(body), len(head)))
+        for i in range(n):
+            conn, index = i % 16, i // 16
+            uri = ("/api/items/%d" % (i % 500), "/api/users/%d" % i, "/health")[i % 3]
+            req = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % uri.encode()
+            ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+            w.write(Message(KIND_REQUEST, conn, index, 0, 0, ("c", 1), ("s", 2), 0, req, "GET", uri,
+                            0, 0, len(req)))
+            w.write(Message(KIND_RESPONSE, conn, index, 10**6, 10**6, ("c", 1), ("s", 2), 0, ok,
+                            "GET", uri, 200, 2, len(ok) - 2))
+    return str(path)
+
+
+def test_workers_give_the_report_of_one_process(tmp_path, monkeypatch):
+    """The pass shared by worker processes (forked, their counts merged) reports what one
+    process does: counts, histograms, timelines, fields, verdicts and the first examples."""
+    import replay.analysis.compare as C
+
+    monkeypatch.setattr(C, "CHUNK", 128)             # many chunks: every worker has work
+    n = 3000
+    users = set(range(1, n, 3))
+    cand = _api_run(tmp_path / "c.rlog", n, 1, slow=users, changed=set(range(0, n, 7)),
+                    failing=set(range(2, n, 30)))
+    base = _api_run(tmp_path / "b.rlog", n, 2)
+    noise = _api_run(tmp_path / "n.rlog", n, 3)
+
+    def report(workers, **kw):
+        rep = C.Analysis(cand, base, **kw).run(workers)
+        return json.loads(json.dumps(rep, default=str))
+
+    one, three = report(1, noise=noise), report(3, noise=noise)
+    assert one == three
+    kinds = {(e["endpoint"], r["kind"], r["field"]) for e in one["endpoints"] for r in e["regressions"]}
+    assert ("GET /api/users/{id}", "latency", "p50") in kinds
+    assert ("GET /health", "status", "200 -> 500") in kinds
+    assert any(k[2] == "$.price" for k in kinds) and not any(k[2] == "$.ts" for k in kinds)
+    # without a noise run the repeated requests stand in for it: each process remembers its
+    # own, so only the verdicts are compared
+    one, two = report(1), report(2)
+    assert one["totals"] == two["totals"] and one["statuses"] == two["statuses"]
+    assert [(e["endpoint"], e["count"], [(r["kind"], r["field"]) for r in e["regressions"]])
+            for e in one["endpoints"]] == \
+        [(e["endpoint"], e["count"], [(r["kind"], r["field"]) for r in e["regressions"]])
+         for e in two["endpoints"]]
+
+
+def test_a_failing_worker_is_one_line(tmp_path, monkeypatch):
+    import replay.analysis.compare as C
+    from replay.errors import InputError
+
+    monkeypatch.setattr(C, "CHUNK", 128)
+    cand = _api_run(tmp_path / "c.rlog", 1000, 1)
+    real = C.Analysis._chunk
+    parent = os.getpid()
+
+    def chunk(self, keys, sections):
+        if os.getpid() != parent:
+            raise RuntimeError("disk on fire")
+        return real(self, keys, sections)
+
+    monkeypatch.setattr(C.Analysis, "_chunk", chunk)
+    with pytest.raises(InputError, match="a report worker failed: RuntimeError: disk on fire"):
+        C.Analysis(cand).run(2)

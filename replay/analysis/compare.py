@@ -26,19 +26,25 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import pickle
 import re
 import shlex
+import signal
 from collections import Counter, OrderedDict
 
 import numpy as np
 
 from replay.analysis import diff as D
-from replay.analysis.endpoints import Endpoints
+from replay.analysis.endpoints import OTHER, Endpoints
+from replay.errors import InputError, ReplayError
 from replay.analysis.runs import RunLog, status_of
 from replay.hist import Hist
 from replay.analysis.verdict import (PERCENTILES, Thresholds, latency_regressed, rate_regressed)
 
 CHUNK = 8192            # candidate exchanges whose counterparts are read together
+WORKERS_FROM = 200_000  # exchanges from which the pass is shared by processes, one per CPU
+MAX_WORKERS = 4
 EXAMPLES = 3
 EXAMPLE_BYTES = 4096
 HELD_NS = 1_000_000
@@ -159,6 +165,33 @@ class _Run:
             h.counts[v % 4096] += k
             h.n += k
 
+    def merge(self, other: "_Run") -> None:
+        """Another process's part of the same run (a worker's): counts added, timelines on
+        one width; a part whose first request came later is shifted into this one's frame."""
+        self.count += other.count
+        self.statuses.update(other.statuses)
+        self.hist.merge(other.hist)
+        if other.t0 is None:
+            return
+        if self.t0 is None:
+            self.t0 = other.t0
+        while self.width < other.width:
+            self._coarser()
+        while other.width < self.width:
+            other._coarser()
+        shift = (other.t0 - self.t0) // self.width
+        for b, (n, h) in other.buckets.items():
+            b = max(0, b + shift)
+            while b >= 2 * TIMELINE_BUCKETS:
+                self._coarser()
+                b //= 2
+            got = self.buckets.get(b)
+            if got is None:
+                self.buckets[b] = [n, h]
+            else:
+                got[0] += n
+                got[1].merge(h)
+
     def _coarser(self):
         old = self.buckets
         self.buckets = {}
@@ -265,6 +298,21 @@ class _Endpoint:
         self.examples: dict = {}
 
 
+def _merge_endpoint(ep: "_Endpoint", other: "_Endpoint") -> None:
+    """Another process's counts of the same endpoint (a worker's) added to ``ep``."""
+    for name in ("count", "compared", "bn_compared", "held", "cb_compared", "bn_field_compared",
+                 "repeats"):
+        setattr(ep, name, getattr(ep, name) + getattr(other, name))
+    for name in ("matrix", "trans_cb", "trans_bn", "err_cb", "err_bn", "f_cb", "f_bn", "volatile",
+                 "random", "random_checked"):
+        getattr(ep, name).update(getattr(other, name))
+    for k, h in other.lat.items():
+        ep.lat[k].merge(h)
+    for k, got in other.examples.items():
+        mine = ep.examples.setdefault(k, [])
+        mine.extend(got[:EXAMPLES - len(mine)])
+
+
 class Analysis:
     def __init__(self, candidate: str, baseline: str | None = None, noise: str | None = None,
                  endpoint_rules=(), ignore=(), unordered: bool = False,
@@ -294,8 +342,12 @@ class Analysis:
         self.volatile_headers = Counter()            # header -> times it changed on a repeat
 
     # -- the pass --------------------------------------------------------------------------------
-    def run(self) -> dict:
-        sections = {}
+    def run(self, workers: int | None = 1) -> dict:
+        """The whole pass, then the report. ``workers``: processes sharing the candidate's
+        exchanges (None: one per CPU, at most ``MAX_WORKERS``, for runs of ``WORKERS_FROM``
+        exchanges or more)."""
+        sections: dict = {}
+        kids: list = []
         try:
             sections["candidate"] = self.cand.section(replayed=True)
             sections["recorded"] = self.cand.section(replayed=False)
@@ -303,14 +355,25 @@ class Analysis:
                 sections["baseline"] = self.base.section(replayed=True)
             if self.noise:
                 sections["noise"] = self.noise.section(replayed=True)
-            for keys in sections["candidate"].keys_in_order(CHUNK):
-                self._chunk(keys, sections)
+            keys = sections["candidate"].keys_in_order()
+            if workers is None:
+                workers = min(os.cpu_count() or 1, MAX_WORKERS) if len(keys) >= WORKERS_FROM else 1
+            # the first chunk before any worker starts: every run's timeline starts there
+            self._pass(keys[:CHUNK], sections)
+            parts = np.array_split(keys[CHUNK:], max(1, min(workers, len(keys) // CHUNK)))
+            del keys
+            kids = [self._fork(part, sections) for part in parts[1:]]
+            self._pass(parts[0], sections)
+            while kids:
+                self._absorb(_result(kids.pop(0)), sections)
             n = self.totals["exchanges"]
             self.unmatched = {"recorded": n - sections["recorded"].found}
             for k in ("baseline", "noise"):
                 if k in sections:
                     self.unmatched[k] = n - sections[k].found
         finally:
+            for pid, fd in kids:
+                _end(pid, fd)
             for k, sec in sections.items():
                 {"candidate": self.cand, "recorded": self.cand, "baseline": self.base,
                  "noise": self.noise}[k].done(sec)
@@ -318,6 +381,86 @@ class Analysis:
                 if run is not None:
                     run.close()
         return self.report()
+
+    def _pass(self, keys, sections) -> None:
+        for i in range(0, len(keys), CHUNK):
+            self._chunk(keys[i:i + CHUNK], sections)
+
+    # -- workers ---------------------------------------------------------------------------------
+    def _fork(self, keys, sections) -> tuple:
+        """A worker process for ``keys``: it shares the indexes (copy-on-write), counts from
+        zero, and sends its counts back pickled through a pipe."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(w)
+            return pid, r
+        try:                                    # the worker
+            os.close(r)
+            try:
+                self._restart(sections)
+                self._pass(keys, sections)
+                state = self._state(sections)
+            except ReplayError as e:
+                state = {"error": str(e)}
+            except BaseException as e:          # noqa: BLE001 - said by the parent, in one line
+                state = {"error": f"a report worker failed: {type(e).__name__}: {e}"}
+            with os.fdopen(w, "wb") as f:
+                pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            os._exit(0)
+
+    def _restart(self, sections) -> None:
+        """In a worker: counts from zero (the parent keeps what it counted before the fork),
+        the timelines on the parent's start and width."""
+        self.totals = Counter()
+        self.eps, self._eplist, self._epindex = {}, [], {}
+        for k, r in self.runs.items():
+            fresh = self.runs[k] = _Run(r.label)
+            fresh.t0, fresh.width = r.t0, r.width
+        self.repeats = 0
+        self.volatile_headers = Counter()
+        self.endpoints.others = 0
+        for sec in sections.values():
+            sec.found = 0
+            sec.reader.warnings.clear()
+
+    def _state(self, sections) -> dict:
+        return {"totals": self.totals, "eps": self.eps, "runs": self.runs, "repeats": self.repeats,
+                "volatile_headers": self.volatile_headers, "others": self.endpoints.others,
+                "found": {k: s.found for k, s in sections.items()},
+                "warnings": {k: list(s.reader.warnings) for k, s in sections.items()}}
+
+    def _absorb(self, state: dict, sections) -> None:
+        """A worker's counts added to this process's."""
+        if "error" in state:
+            raise InputError(state["error"])
+        self.totals.update(state["totals"])
+        cap = self.endpoints.max_endpoints
+        for name, ep in state["eps"].items():
+            mine = self.eps.get(name)
+            if mine is None and len(self.eps) >= cap and not name.endswith(OTHER):
+                # past the cap in the union of the workers' endpoints: grouped as (other)
+                name = f"{name.split(' ', 1)[0]} {OTHER}"
+                self.endpoints.others += ep.count
+                mine = self.eps.get(name)
+                if mine is None:
+                    mine = self.eps[name] = _Endpoint(name)
+            if mine is None:
+                self.eps[name] = ep
+            else:
+                _merge_endpoint(mine, ep)
+        for k, r in state["runs"].items():
+            self.runs[k].merge(r)
+        self.repeats += state["repeats"]
+        self.volatile_headers.update(state["volatile_headers"])
+        self.endpoints.others += state["others"]
+        for k, n in state["found"].items():
+            sections[k].found += n
+        for k, ws in state["warnings"].items():
+            for w in ws:
+                if w not in sections[k].reader.warnings:
+                    sections[k].reader.warnings.append(w)
 
     def _chunk(self, keys, sections):
         """One chunk of the candidate's exchanges (keys in written order) with their
@@ -633,6 +776,28 @@ class Analysis:
         rep = m.get("report") or {}
         return {"path": run.path, "target": run.target, "speed": m.get("speed"),
                 "source": m.get("source"), "sent": rep.get("sent"), "answered": rep.get("answered")}
+
+
+def _result(kid: tuple) -> dict:
+    """A worker's pickled counts, once it has ended."""
+    pid, fd = kid
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        raise InputError(f"a report worker ended without its counts "
+                         f"(exit status {os.waitstatus_to_exitcode(status)})")
+    return pickle.loads(data)
+
+
+def _end(pid: int, fd: int) -> None:
+    """A worker no longer wanted (the pass failed): stopped and reaped."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+    os.close(fd)
 
 
 def _keys(conn: np.ndarray, index: np.ndarray) -> np.ndarray:

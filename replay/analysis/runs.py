@@ -219,14 +219,11 @@ class Section:
         self.replayed = replayed
         self.found = 0
 
-    def keys_in_order(self, chunk: int):
-        """Every key of the section, by chunks, in the order their first message was written."""
+    def keys_in_order(self) -> np.ndarray:
+        """Every key of the section, in the order their first message was written."""
         ix = self.index
         first = np.where(ix.req < 0, ix.fin, np.where(ix.fin < 0, ix.req, np.minimum(ix.req, ix.fin)))
-        keys = ix.keys[np.argsort(first, kind="stable")]
-        del first
-        for i in range(0, len(keys), chunk):
-            yield keys[i:i + chunk]
+        return ix.keys[np.argsort(first, kind="stable")]
 
     def take(self, keys: np.ndarray, data: bool = True, req_data: bool = False,
              light: bool = False, count: bool = True) -> Batch:

@@ -57,10 +57,12 @@ REPORT_KEYS = {"endpoint": (str, True, None), "ignore": (str, True, None),
               help="Exchanges an endpoint needs on each side for a latency verdict. [default: 20]")
 @click.option("--rules", "rule_file", type=click.Path(dir_okay=False), metavar="FILE.toml",
               help="Read these options from the [report] table of a rules file.")
+@click.option("-j", "--workers", type=click.IntRange(0, 64), default=0, show_default=True, metavar="N",
+              help="Processes that share the pass (0: one per CPU, at most 4, from 200,000 exchanges).")
 @click.option("-q", "--quiet", is_flag=True, help="No table on the terminal (the gate still decides the exit code).")
 def command(candidate, baseline, noise, target, baseline_target, noise_target, endpoint_rules, ignore, unordered_arrays, json_path,
             html_path, fail_on, relative_threshold, absolute_threshold, latency_threshold,
-            latency_min_ms, min_count, rule_file, quiet):
+            latency_min_ms, min_count, rule_file, workers, quiet):
     """Compare CANDIDATE, a run written by `replay play -o` (or `replay shadow -o`), with what
     was recorded (in production) or with a baseline run, endpoint by endpoint. Several
     CANDIDATE logs of play (the replayers of one Kafka group, N hosts) are merged into one run.
@@ -119,7 +121,7 @@ def command(candidate, baseline, noise, target, baseline_target, noise_target, e
         targets = {"candidate": target, "baseline": baseline_target, "noise": noise_target}
         with _merged(candidates) as candidate:
             report, breaches = _analyse(candidate, baseline, noise, endpoint_rules, ignore,
-                                        unordered_arrays, th, gates, t0, targets)
+                                        unordered_arrays, th, gates, t0, targets, workers or None)
         if len(candidates) > 1:
             report["merged_from"] = candidates
         if out_json is not None:
@@ -221,7 +223,7 @@ class _merged:
 
 
 def _analyse(candidate, baseline, noise, endpoint_rules, ignore, unordered_arrays, th, gates, t0,
-             targets=None):
+             targets=None, workers=None):
     import time
 
     from replay.analysis.compare import Analysis
@@ -231,7 +233,7 @@ def _analyse(candidate, baseline, noise, endpoint_rules, ignore, unordered_array
     allocator_for_scans()
     analysis = Analysis(candidate, baseline, noise, endpoint_rules=endpoint_rules, ignore=ignore,
                         unordered=unordered_arrays, thresholds=th, targets=targets)
-    report = analysis.run()
+    report = analysis.run(workers)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     breaches = gate_breaches(gates, report, th.min_count)
     report["gate"] = {"rules": [g.text for g in gates], "breached": breaches,
