@@ -353,7 +353,7 @@ def test_the_cli_writes_the_page(tmp_path, monkeypatch):
         def __init__(self, *a, **kw):
             pass
 
-        def run(self):
+        def run(self, workers=None):
             r = sample_report()
             del r["gate"]
             return r
