@@ -423,3 +423,19 @@ def test_a_failing_worker_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(C.Analysis, "_chunk", chunk)
     with pytest.raises(InputError, match="a report worker failed: RuntimeError: disk on fire"):
         C.Analysis(cand).run(2)
+
+
+def test_heads_compare_alike_line_by_line_or_as_sets():
+    cmp = D.Comparer()
+
+    def h(*lines):
+        data = b"HTTP/1.1 200 OK\r\n" + b"".join(x + b"\r\n" for x in lines) + b"\r\n"
+        return D.Raw(data, len(data))
+
+    a = h(b"Date: Mon", b"Content-Type: a", b"X-A: 1")
+    assert cmp.header_diff(a, h(b"DATE: Tue", b"Content-Type: a", b"X-A: 1")) == set()
+    assert cmp.header_diff(a, h(b"Content-Type: a", b"X-A: 1", b"Date: Tue")) == set()  # reordered
+    assert cmp.header_diff(a, h(b"Date: Mon", b"Content-Type: b", b"X-A: 1")) == {"header:content-type"}
+    assert cmp.header_diff(a, h(b"Date: Mon", b"X-B: 1", b"X-A: 1")) == {"header:content-type", "header:x-b"}
+    assert cmp.header_diff(a, h(b"Date", b"Content-Type: a", b"X-A: 1")) == \
+        cmp.header_diff(h(b"Date", b"Content-Type: a", b"X-A: 1"), a)

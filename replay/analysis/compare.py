@@ -43,7 +43,7 @@ from replay.hist import Hist
 from replay.analysis.verdict import (PERCENTILES, Thresholds, latency_regressed, rate_regressed)
 
 CHUNK = 8192            # candidate exchanges whose counterparts are read together
-WORKERS_FROM = 200_000  # exchanges from which the pass is shared by processes, one per CPU
+WORKERS_FROM = 50_000   # exchanges from which the pass is shared by processes, one per CPU
 MAX_WORKERS = 4
 EXAMPLES = 3
 EXAMPLE_BYTES = 4096
@@ -272,7 +272,7 @@ class _Endpoint:
     __slots__ = ("name", "count", "matrix", "compared", "trans_cb", "trans_bn", "bn_compared",
                  "err_cb", "err_bn",
                  "lat", "held", "f_cb", "f_bn", "cb_compared", "bn_field_compared", "volatile",
-                 "repeats", "random", "random_checked", "examples")
+                 "repeats", "random", "random_checked", "examples", "settled")
 
     def __init__(self, name):
         self.name = name
@@ -296,6 +296,7 @@ class _Endpoint:
         self.random = Counter()         # field -> checked pairs of values that looked random
         self.random_checked = Counter()
         self.examples: dict = {}
+        self.settled: set = set()       # fields sampled and exemplified enough: only counted
 
 
 def _merge_endpoint(ep: "_Endpoint", other: "_Endpoint") -> None:
@@ -340,6 +341,8 @@ class Analysis:
         self._repeat = _Recent()                     # request identity -> baseline answer
         self.repeats = 0                             # repeated requests seen in the baseline
         self.volatile_headers = Counter()            # header -> times it changed on a repeat
+        self._known: set = set()                     # fields seen, and of them those ignored
+        self._dropped: set = set()
 
     # -- the pass --------------------------------------------------------------------------------
     def run(self, workers: int | None = 1) -> dict:
@@ -555,7 +558,7 @@ class Analysis:
         for e, cnt in _bincount(ids, same):
             eps[e].cb_compared += cnt
         cmp = self.cmp
-        ignored = self.ignore.ignored
+        kept = self._kept
         repeat = self._repeat
         cd, bd, ch, bh = C.resp_data, B.resp_data, C.resp_head.tolist(), B.resp_head.tolist()
         if N is not None:
@@ -569,26 +572,31 @@ class Analysis:
             b, c = bd[i], cd[i]
             sides: dict = {}
             if c != b:
-                for f in diff(b, bh[i], c, ch[i], sides):
-                    if ignored(f):
-                        continue
-                    ep.f_cb[f] += 1
-                    if f[0] == "$" and ep.random_checked[f] < RANDOM_SAMPLE:
-                        ep.random_checked[f] += 1
-                        vb, vc = _values(cmp.side_data(b, bh[i], sides),
-                                         cmp.side_data(c, ch[i], sides), f)
-                        if _random_looking(vb) and _random_looking(vc):
-                            ep.random[f] += 1
-                    k = _kind(f)
-                    if len(ep.examples.get((k, f), ())) < EXAMPLES:
-                        self._example(ep, k, f, *exchanges(i), {})
+                fields = kept(diff(b, bh[i], c, ch[i], sides))
+                if fields <= ep.settled:
+                    ep.f_cb.update(fields)      # the usual case: counted, nothing more to do
+                else:
+                    for f in fields:
+                        ep.f_cb[f] += 1
+                        if f in ep.settled:
+                            continue
+                        if f[0] == "$" and ep.random_checked[f] < RANDOM_SAMPLE:
+                            ep.random_checked[f] += 1
+                            vb, vc = _values(cmp.side_data(b, bh[i], sides),
+                                             cmp.side_data(c, ch[i], sides), f)
+                            if _random_looking(vb) and _random_looking(vc):
+                                ep.random[f] += 1
+                        k = _kind(f)
+                        if len(ep.examples.get((k, f), ())) < EXAMPLES:
+                            self._example(ep, k, f, *exchanges(i), {})
+                        if len(ep.examples[(k, f)]) >= EXAMPLES and \
+                                (f[0] != "$" or ep.random_checked[f] >= RANDOM_SAMPLE):
+                            ep.settled.add(f)
             if N is not None:
                 if nsame[i]:
                     ep.bn_field_compared += 1
                     if nd[i] != b:
-                        for f in diff(b, bh[i], nd[i], nh[i], sides):
-                            if not ignored(f):
-                                ep.f_bn[f] += 1
+                        ep.f_bn.update(kept(diff(b, bh[i], nd[i], nh[i], sides)))
             elif vol[i] and ep.repeats < REPEAT_SAMPLE:
                 # the baseline answered the same request before: which fields changed since
                 body = B.req_data[i]
@@ -598,6 +606,14 @@ class Analysis:
                 if prev is not None:
                     self._volatility(ep, prev, b, bh[i], sides)
                 repeat.put(ident, b, bh[i])
+
+    def _kept(self, fields: set) -> set:
+        """``fields`` without those ``--ignore`` names (each field's fate decided once)."""
+        new = fields - self._known
+        if new:
+            self._known |= new
+            self._dropped |= {f for f in new if self.ignore.ignored(f)}
+        return fields - self._dropped if self._dropped else fields
 
     def _endpoint_ids(self, C, R) -> np.ndarray:
         """The endpoint of each exchange (-1: no request on either side), by its request as
@@ -630,11 +646,10 @@ class Analysis:
         ep.repeats += 1
         self.repeats += 1
         if prev.data != b:
-            for f in self.cmp.diff_data(prev.data, prev.head_length, b, bh, sides):
-                if not self.ignore.ignored(f):
-                    ep.volatile[f] += 1
-                    if f.startswith("header:"):
-                        self.volatile_headers[f] += 1
+            for f in self._kept(self.cmp.diff_data(prev.data, prev.head_length, b, bh, sides)):
+                ep.volatile[f] += 1
+                if f.startswith("header:"):
+                    self.volatile_headers[f] += 1
 
     def _example(self, ep, kind, field, c, b, sides):
         k = (kind, field)

@@ -429,8 +429,22 @@ class Comparer:
         ha, hb = a[:ah], b[:bh]
         if ha == hb:
             return set()
+        la, lb = ha.split(b"\n"), hb.split(b"\n")
+        if len(la) == len(lb):
+            # the usual case: the same fields in the same order, only ignored ones (Date) have
+            # other values; then nothing differs. Otherwise the lines are compared as sets
+            ignored = self.ignored
+            for x, y in zip(la[1:], lb[1:]):
+                if x != y:
+                    nx, sx, _ = x.partition(b":")
+                    ny, sy, _ = y.partition(b":")
+                    if not (sx and sy) or nx[:1] in b" \t" or nx.lower() != ny.lower() \
+                            or nx.strip().lower().decode("latin-1") not in ignored:
+                        break
+            else:
+                return set()
         names: set | None = set()
-        for line in set(ha.split(b"\n")[1:]).symmetric_difference(hb.split(b"\n")[1:]):
+        for line in set(la[1:]).symmetric_difference(lb[1:]):
             k, sep, _ = line.partition(b":")
             if not sep:
                 if line.strip():
