@@ -242,7 +242,7 @@ def report(r: dict) -> None:
     samples = r["rss_samples"]
     if samples:
         at = [f"{m} MiB at {t:.0f} s" for t, m in samples[len(samples) // 4::len(samples) // 4 or 1]]
-        print(f"capture RSS:      " + ", ".join(at))
+        print("capture RSS:      " + ", ".join(at))
     if r["warnings"]:
         print(f"log warnings:     {r['warnings'][:3]}")
     last = [line for line in r["stderr"].splitlines() if line.strip()][-3:]

@@ -877,13 +877,13 @@ def report(args, out: Path, client_out: str, tcp_stats: dict, logged: int,
     print(f"size:             {size} bytes ({size / MB:.2f} MB, {size / 2**20:.2f} MiB)")
     cap_n = capinfos_packets(out)
     print(f"packets:          {st['packets']} (capinfos: {cap_n if cap_n is not None else 'n/a'})")
-    print(f"tcpdump:          " + ", ".join(f"{v} {k}" for k, v in tcp_stats.items()))
+    print("tcpdump:          " + ", ".join(f"{v} {k}" for k, v in tcp_stats.items()))
     print(f"loopback:         mtu {mtu}, offloads {offload_report}")
     print(f"frames:           max {st['max_frame']} B on the wire, "
           f"{st['frames_over_1514']} larger than 1514 B; link type {st['linktype']}")
     print(f"tcp payload:      max {st['max_tcp_payload']} B in {st['data_segments']} data segments; "
           + ", ".join(f"{k}: {v}" for k, v in sorted(st["payload_hist"].items())))
-    print(f"SYN MSS options:  " + ", ".join(f"{k} x{v}" for k, v in sorted(st["mss"].items())))
+    print("SYN MSS options:  " + ", ".join(f"{k} x{v}" for k, v in sorted(st["mss"].items())))
     print(f"nginx requests:   {logged} access-log lines; status "
           + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
           + "; methods " + ", ".join(f"{k}: {v}" for k, v in methods.most_common()))

@@ -793,7 +793,6 @@ class Framer:
     def _on_head(self, end):
         """A complete head is buf[:end]. Returns False when it was not HTTP (state changed)."""
         conn = self.conn
-        eng = conn.engine
         parsed = parse_head(bytes(self.buf[:end]))
         if parsed is None or parsed[0] != (self.role == ROLE_CLIENT):
             self._lose_sync(0)

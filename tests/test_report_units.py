@@ -195,7 +195,7 @@ def _section_log(path, msgs):
                    block_records=2) as w:
         for m in msgs:
             w.write(m)
-    return Section(str(path), replayed=True)
+    return Section.open(str(path), [(True, None)])[0]
 
 
 def test_exchanges_complete_in_any_order_and_failures_carry_their_kind(tmp_path):

@@ -352,8 +352,7 @@ class Analysis:
         sections: dict = {}
         kids: list = []
         try:
-            sections["candidate"] = self.cand.section(replayed=True)
-            sections["recorded"] = self.cand.section(replayed=False)
+            sections["candidate"], sections["recorded"] = self.cand.sections()
             if self.base:
                 sections["baseline"] = self.base.section(replayed=True)
             if self.noise:

@@ -87,63 +87,12 @@ class SectionIndex:
     of a log, by key ``conn << 32 | index`` (the message's own conn: a replayed one includes its
     pass): ``keys`` ascending, ``req`` and ``fin`` their rows (-1: none), 16 bytes an exchange.
 
-    Built from the blocks' tables alone, into arrays sized for the whole log (the messages
-    selected, 13 bytes each while building), not a list of small ones: those would stay in the
-    heap as fragments."""
+    Built from the blocks' tables alone (``scan``: the sections of one log in one reading),
+    into arrays that grow (13 bytes a message selected while building), not a list of small
+    ones: those would stay in the heap as fragments."""
 
-    def __init__(self, reader, replayed: bool, conns: tuple | None = None):
-        blocks = list(reader.blocks)
-        cap = max(1 << 16, sum(b.count for b in blocks) // 4)
-        keys = np.empty(cap, dtype=np.uint64)
-        rows = np.empty(cap, dtype=np.int32)
-        is_req = np.empty(cap, dtype=bool)
-        m = 0
-        for b in blocks:
-            t = reader.columns(b, ("kind", "flags", "conn", "index"))
-            if t is None:
-                continue
-            c = t.cols
-            sel = ((c["flags"] & F_REPLAYED) != 0) if replayed else ((c["flags"] & F_REPLAYED) == 0)
-            if conns is not None:
-                sel &= (c["conn"] >= np.uint64(conns[0])) & (c["conn"] < np.uint64(conns[1]))
-            req = c["kind"] == KIND_REQUEST
-            sel &= req | (((c["flags"] & F_INTERIM) == 0) & (c["index"] >= 0))
-            pos = np.flatnonzero(sel)
-            k = len(pos)
-            if not k:
-                continue
-            if m + k > len(keys):
-                cap = max(m + k, len(keys) * 2)
-                keys, rows, is_req = (np.resize(a, cap) for a in (keys, rows, is_req))
-            keys[m:m + k] = (c["conn"][pos].astype(np.uint64) << np.uint64(32)) | \
-                (c["index"][pos].astype(np.uint64) & np.uint64(0xFFFFFFFF))
-            rows[m:m + k] = pos + b.first_row
-            is_req[m:m + k] = req[pos]
-            m += k
-        reader.release_pages()
-        # rows ascend as filled: a stable sort by key keeps them ascending within a key
-        order = np.argsort(keys[:m], kind="stable")
-        keys = keys[order]
-        rows = rows[order]
-        is_req = is_req[order]
-        del order
-        new = np.ones(m, dtype=bool)
-        new[1:] = keys[1:] != keys[:-1]
-        self.keys = keys[new]
-        del keys
-        slot = np.cumsum(new, dtype=np.int32) - 1     # each message's exchange
-        del new
-        self.req = np.full(len(self.keys), -1, dtype=np.int32)
-        self.fin = np.full(len(self.keys), -1, dtype=np.int32)
-        for sel, first, out in ((is_req, True, self.req), (~is_req, False, self.fin)):
-            p = np.flatnonzero(sel)
-            s = slot[p]
-            one = np.ones(len(p), dtype=bool)      # the first request, the last final answer
-            if first:
-                one[1:] = s[1:] != s[:-1]
-            else:
-                one[:-1] = s[1:] != s[:-1]
-            out[s[one]] = rows[p[one]]
+    def __init__(self, keys, req, fin):
+        self.keys, self.req, self.fin = keys, req, fin
 
     def rows(self, want: np.ndarray):
         """(request rows, final answer rows) of the keys ``want`` (-1: none)."""
@@ -158,6 +107,83 @@ class SectionIndex:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+    @classmethod
+    def scan(cls, reader, specs) -> list:
+        """One index for each ``(replayed, conns)`` of ``specs`` (conns: (lo, hi) or None)."""
+        blocks = list(reader.blocks)
+        builders = [_Builder(replayed, conns, max(1 << 16, sum(b.count for b in blocks) // 4))
+                    for replayed, conns in specs]
+        for b in blocks:
+            t = reader.columns(b, ("kind", "flags", "conn", "index"))
+            if t is None:
+                continue
+            c = t.cols
+            req = c["kind"] == KIND_REQUEST
+            final = req | (((c["flags"] & F_INTERIM) == 0) & (c["index"] >= 0))
+            replayed = (c["flags"] & F_REPLAYED) != 0
+            for bd in builders:
+                bd.add(b, c, req, final & (replayed if bd.replayed else ~replayed))
+        reader.release_pages()
+        return [bd.finish() for bd in builders]
+
+
+class _Builder:
+    """The messages of one section, gathered block by block, then sorted into its index."""
+
+    def __init__(self, replayed: bool, conns, cap: int):
+        self.replayed, self.conns = replayed, conns
+        self.keys = np.empty(cap, dtype=np.uint64)
+        self.rows = np.empty(cap, dtype=np.int32)
+        self.is_req = np.empty(cap, dtype=bool)
+        self.m = 0
+
+    def add(self, b, c, req, sel) -> None:
+        if self.conns is not None:
+            sel &= (c["conn"] >= np.uint64(self.conns[0])) & (c["conn"] < np.uint64(self.conns[1]))
+        pos = np.flatnonzero(sel)
+        k, m = len(pos), self.m
+        if not k:
+            return
+        if m + k > len(self.keys):
+            cap = max(m + k, len(self.keys) * 2)
+            self.keys, self.rows, self.is_req = (np.resize(a, cap) for a in
+                                                 (self.keys, self.rows, self.is_req))
+        self.keys[m:m + k] = (c["conn"][pos].astype(np.uint64) << np.uint64(32)) | \
+            (c["index"][pos].astype(np.uint64) & np.uint64(0xFFFFFFFF))
+        self.rows[m:m + k] = pos + b.first_row
+        self.is_req[m:m + k] = req[pos]
+        self.m = m + k
+
+    def finish(self) -> SectionIndex:
+        m = self.m
+        # rows ascend as filled: a stable sort by key keeps them ascending within a key
+        order = np.argsort(self.keys[:m], kind="stable")
+        keys = self.keys[order]
+        rows = self.rows[order]
+        is_req = self.is_req[order]
+        del order
+        self.keys = self.rows = self.is_req = None
+        new = np.ones(m, dtype=bool)
+        new[1:] = keys[1:] != keys[:-1]
+        ukeys = keys[new]
+        del keys
+        slot = np.cumsum(new, dtype=np.int32) - 1     # each message's exchange
+        del new
+        req = np.full(len(ukeys), -1, dtype=np.int32)
+        fin = np.full(len(ukeys), -1, dtype=np.int32)
+        for sel, first, out in ((is_req, True, req), (~is_req, False, fin)):
+            p = np.flatnonzero(sel)
+            s = slot[p]
+            one = np.ones(len(p), dtype=bool)      # the first request, the last final answer
+            if first:
+                one[1:] = s[1:] != s[:-1]
+            else:
+                one[:-1] = s[1:] != s[:-1]
+            out[s[one]] = rows[p[one]]
+        return SectionIndex(ukeys, req, fin)
+
 
 
 def key_of(conn: int, index: int) -> int:
@@ -208,16 +234,31 @@ class Section:
     Rows are those of the log's blocks as they were when the section was indexed: a block
     found damaged later leaves its exchanges missing, the others keep their rows."""
 
-    def __init__(self, path: str, replayed: bool, cache_blocks: int = 8,
-                 conns: tuple | None = None):
-        from replay.log import LogReader
-
-        self.reader = LogReader(path, cache_blocks=cache_blocks)
-        self.blocks = list(self.reader.blocks)
-        self.starts = np.array([b.first_row for b in self.blocks], dtype=np.int64)
-        self.index = SectionIndex(self.reader, replayed, conns)
+    def __init__(self, reader, blocks: list, index: SectionIndex, replayed: bool):
+        self.reader = reader
+        self.blocks = blocks
+        self.starts = np.array([b.first_row for b in blocks], dtype=np.int64)
+        self.index = index
         self.replayed = replayed
         self.found = 0
+
+    @classmethod
+    def open(cls, path: str, specs, cache_blocks: int = 8) -> list:
+        """A Section for each ``(replayed, conns)`` of ``specs``, indexed in one reading of the
+        log's tables; each has its own reader (and cache of blocks)."""
+        from replay.log import LogReader
+
+        readers = []
+        try:
+            for _ in specs:
+                readers.append(LogReader(path, cache_blocks=cache_blocks))
+            blocks = list(readers[0].blocks)
+            indexes = SectionIndex.scan(readers[0], specs)
+        except BaseException:
+            for r in readers:
+                r.close()
+            raise
+        return [cls(r, blocks, ix, replayed) for r, ix, (replayed, _) in zip(readers, indexes, specs)]
 
     def keys_in_order(self) -> np.ndarray:
         """Every key of the section, in the order their first message was written."""
@@ -408,7 +449,11 @@ class RunLog:
         return self._target
 
     def section(self, replayed: bool) -> Section:
-        return Section(self.path, replayed, conns=self.conns if replayed else None)
+        return Section.open(self.path, [(replayed, self.conns if replayed else None)])[0]
+
+    def sections(self) -> tuple:
+        """(the replayed section, the recorded one), indexed in one reading."""
+        return tuple(Section.open(self.path, [(True, self.conns), (False, None)]))
 
     def done(self, section: Section | None = None) -> None:
         """A section of this log is read: keep its warnings, close it."""

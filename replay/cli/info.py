@@ -12,7 +12,7 @@ from replay.events import FLAG_NAMES, KIND_REQUEST
 
 
 def summarise(messages) -> dict:
-    req = resp = interim = 0
+    req = resp = 0
     t_min = t_max = None
     conns = set()
     statuses: Counter = Counter()
