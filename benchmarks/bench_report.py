@@ -17,7 +17,7 @@ message of both logs as Message objects (``LogReader``), in the same run.
 
 Usage::
 
-    python3 benchmarks/bench_report.py [--sizes 100000,1000000] [--dir /tmp]
+    python3 benchmarks/bench_report.py [--sizes 100000,1000000] [--dir /tmp] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -114,6 +114,11 @@ def child(what, cand, base):
     return json.loads(p.stdout)
 
 
+def median(runs: list) -> dict:
+    """The run of median time (the machine is shared: one run can be off by 20 %)."""
+    return sorted(runs, key=lambda r: r["s"])[len(runs) // 2]
+
+
 def command(cand, base):
     """``replay report`` as a user runs it, timed from launch; its peak RSS from wait4."""
     out = os.path.join(os.path.dirname(cand), "replay-bench-report.json")
@@ -148,6 +153,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--dir", default="/tmp")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each; the median is printed")
     a = ap.parse_args()
     for n in [int(x) for x in a.sizes.split(",")]:
         cand = os.path.join(a.dir, f"replay-bench-report2-cand-{n}.rlog")
@@ -157,15 +163,15 @@ def main():
                 t = time.perf_counter()
                 synth(path, n, is_cand)
                 print(f"made {path} ({os.path.getsize(path) / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
-        r = child("read", cand, base)
+        r = median([child("read", cand, base) for _ in range(a.repeat)])
         print(f"{n:>9,} exchanges  reading both logs (baseline): {n / r['s']:>9,.0f} exchanges/s  "
               f"peak {r['rss_mib']:.0f} MiB")
         for what in ("recorded", "baseline"):
-            r = child(what, cand, base)
+            r = median([child(what, cand, base) for _ in range(a.repeat)])
             assert r["n"] == n, r
             print(f"{n:>9,} exchanges  report vs {what:<9}: {n / r['s']:>9,.0f} exchanges/s  "
                   f"peak {r['rss_mib']:.0f} MiB, a worker's {r['worker_mib']:.0f} MiB  ({r['s']:.1f} s)")
-        r = command(cand, base)
+        r = median([command(cand, base) for _ in range(a.repeat)])
         print(f"{n:>9,} exchanges  whole command vs baseline: {n / r['s']:>9,.0f} exchanges/s  "
               f"peak {r['rss_mib']:.0f} MiB, a worker's {r['worker_mib']:.0f} MiB  ({r['s']:.1f} s)")
 

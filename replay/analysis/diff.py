@@ -386,6 +386,7 @@ class Comparer:
     def __init__(self, ignored_headers=DEFAULT_IGNORED_HEADERS, unordered: bool = False):
         self.ignored = frozenset(ignored_headers)
         self.unordered = unordered
+        self._names: dict = {}          # a header name as written -> whether it is ignored
 
     def side(self, m, sides: dict) -> Side:
         return self.side_data(m.data, m.head_length, sides)
@@ -433,13 +434,19 @@ class Comparer:
         if len(la) == len(lb):
             # the usual case: the same fields in the same order, only ignored ones (Date) have
             # other values; then nothing differs. Otherwise the lines are compared as sets
-            ignored = self.ignored
+            known = self._names
             for x, y in zip(la[1:], lb[1:]):
                 if x != y:
                     nx, sx, _ = x.partition(b":")
                     ny, sy, _ = y.partition(b":")
-                    if not (sx and sy) or nx[:1] in b" \t" or nx.lower() != ny.lower() \
-                            or nx.strip().lower().decode("latin-1") not in ignored:
+                    if not (sx and sy) or nx != ny and nx.lower() != ny.lower():
+                        break
+                    ig = known.get(nx)
+                    if ig is None:
+                        ig = nx[:1] not in b" \t" and nx.strip().lower().decode("latin-1") in self.ignored
+                        if len(known) < 1024:
+                            known[nx] = ig
+                    if not ig:
                         break
             else:
                 return set()
