@@ -45,6 +45,7 @@ from replay.analysis.verdict import (PERCENTILES, Thresholds, latency_regressed,
 CHUNK = 8192            # candidate exchanges whose counterparts are read together
 WORKERS_FROM = 50_000   # exchanges from which the pass is shared by processes, one per CPU
 MAX_WORKERS = 4
+URI_MEMORY = 20_000     # request-targets whose endpoint is remembered
 EXAMPLES = 3
 EXAMPLE_BYTES = 4096
 HELD_NS = 1_000_000
@@ -331,6 +332,7 @@ class Analysis:
         self.eps: dict = {}
         self._eplist: list = []         # the endpoints by the ids of the pass
         self._epindex: dict = {}
+        self._uri_ids: dict = {}        # (method, uri) -> endpoint id, for repeated URIs
         # each run's timeline starts at its own first request (a log's time span also covers
         # the recording inside it)
         self.runs = {"candidate": _Run("candidate")}
@@ -416,7 +418,7 @@ class Analysis:
         """In a worker: counts from zero (the parent keeps what it counted before the fork),
         the timelines on the parent's start and width."""
         self.totals = Counter()
-        self.eps, self._eplist, self._epindex = {}, [], {}
+        self.eps, self._eplist, self._epindex, self._uri_ids = {}, [], {}, {}
         for k, r in self.runs.items():
             fresh = self.runs[k] = _Run(r.label)
             fresh.t0, fresh.width = r.t0, r.width
@@ -573,7 +575,9 @@ class Analysis:
             if c != b:
                 fields = kept(diff(b, bh[i], c, ch[i], sides))
                 if fields <= ep.settled:
-                    ep.f_cb.update(fields)      # the usual case: counted, nothing more to do
+                    f_cb = ep.f_cb              # the usual case: counted, nothing more to do
+                    for f in fields:
+                        f_cb[f] += 1
                 else:
                     for f in fields:
                         ep.f_cb[f] += 1
@@ -618,23 +622,31 @@ class Analysis:
         """The endpoint of each exchange (-1: no request on either side), by its request as
         replayed or else as recorded."""
         name = self.endpoints.name
-        index, eps = self._epindex, self._eplist
-        out = np.empty(C.n, dtype=np.int64)
+        index, eps, known = self._epindex, self._eplist, self._uri_ids
+        out = []
+        add = out.append
         cm, cu, rm, ru = C.method, C.uri, R.method, R.uri
         for i, (ch, rh) in enumerate(zip(C.has_req.tolist(), R.has_req.tolist())):
             if ch:
-                nm = name(cm[i], cu[i])
+                key = (cm[i], cu[i])
             elif rh:
-                nm = name(rm[i], ru[i])
+                key = (rm[i], ru[i])
             else:
-                out[i] = -1
+                add(-1)
                 continue
-            e = index.get(nm)
+            e = known.get(key)
             if e is None:
-                e = index[nm] = len(eps)
-                eps.append(self.eps.setdefault(nm, _Endpoint(nm)))
-            out[i] = e
-        return out
+                nm = name(*key)
+                e = index.get(nm)
+                if e is None:
+                    e = index[nm] = len(eps)
+                    eps.append(self.eps.setdefault(nm, _Endpoint(nm)))
+                if not nm.endswith(OTHER):      # (other) is counted by Endpoints each time
+                    if len(known) >= URI_MEMORY:
+                        known.clear()
+                    known[key] = e
+            add(e)
+        return np.array(out, dtype=np.int64)
 
     def _latency(self, ids, mask, bt, run):
         for view, (v, ok) in (("service", bt.service()), ("intended", bt.intended())):
