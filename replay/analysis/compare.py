@@ -43,7 +43,6 @@ from replay.hist import Hist
 from replay.analysis.verdict import (PERCENTILES, Thresholds, latency_regressed, rate_regressed)
 
 CHUNK = 8192            # candidate exchanges whose counterparts are read together
-WORKERS_FROM = 50_000   # exchanges from which the pass is shared by processes, one per CPU
 MAX_WORKERS = 4
 URI_MEMORY = 20_000     # request-targets whose endpoint is remembered
 EXAMPLES = 3
@@ -51,8 +50,9 @@ EXAMPLE_BYTES = 4096
 HELD_NS = 1_000_000
 REPEAT_MEMORY = 20_000      # request identities whose last baseline answer is kept
 REPEAT_BYTES = 8 << 20      # ... in one ring of this size
-REPEAT_SAMPLE = 1_000       # repeats compared per endpoint (a rate needs no more)
-RANDOM_SAMPLE = 200         # differing values per field checked for a random look
+REPEAT_SAMPLE = 1_000       # repeats compared per endpoint and segment (a rate needs no more)
+RANDOM_SAMPLE = 200         # differing values per field and segment checked for a random look
+SEGMENT = 65_536            # candidate exchanges sampled on their own (see Analysis.run)
 TIMELINE_BUCKETS = 120
 CURVE = (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.99, 100)
 
@@ -168,24 +168,32 @@ class _Run:
 
     def merge(self, other: "_Run") -> None:
         """Another process's part of the same run (a worker's): counts added, timelines on
-        one width; a part whose first request came later is shifted into this one's frame."""
+        one width from the earlier start. Exact when both started from the same ``t0`` and
+        width (a worker inherits the parent's: the first chunk is read before it starts); a
+        part that began its own timeline (its run had no request in that chunk) lands within
+        one bucket of where one process would have put it."""
         self.count += other.count
         self.statuses.update(other.statuses)
         self.hist.merge(other.hist)
         if other.t0 is None:
             return
+        t0 = other.t0 if self.t0 is None else min(self.t0, other.t0)
         if self.t0 is None:
-            self.t0 = other.t0
+            self.t0, self.width = t0, other.width
         while self.width < other.width:
             self._coarser()
         while other.width < self.width:
             other._coarser()
-        shift = (other.t0 - self.t0) // self.width
-        for b, (n, h) in other.buckets.items():
-            b = max(0, b + shift)
-            while b >= 2 * TIMELINE_BUCKETS:
-                self._coarser()
-                b //= 2
+        while True:
+            # both parts' buckets counted from the earlier start, on the width they now share
+            parts = [{b + (r.t0 - t0) // r.width: v for b, v in r.buckets.items()}
+                     for r in (self, other)]
+            if max((max(p, default=0) for p in parts), default=0) < 2 * TIMELINE_BUCKETS:
+                break
+            self._coarser()
+            other._coarser()
+        self.t0, self.buckets = t0, parts[0]
+        for b, (n, h) in parts[1].items():
             got = self.buckets.get(b)
             if got is None:
                 self.buckets[b] = [n, h]
@@ -273,7 +281,8 @@ class _Endpoint:
     __slots__ = ("name", "count", "matrix", "compared", "trans_cb", "trans_bn", "bn_compared",
                  "err_cb", "err_bn",
                  "lat", "held", "f_cb", "f_bn", "cb_compared", "bn_field_compared", "volatile",
-                 "repeats", "random", "random_checked", "examples", "settled")
+                 "repeats", "random", "random_checked", "examples", "settled", "seg_repeats",
+                 "seg_checked")
 
     def __init__(self, name):
         self.name = name
@@ -298,6 +307,8 @@ class _Endpoint:
         self.random_checked = Counter()
         self.examples: dict = {}
         self.settled: set = set()       # fields sampled and exemplified enough: only counted
+        self.seg_repeats = 0            # this segment's repeats and random checks
+        self.seg_checked = Counter()
 
 
 def _merge_endpoint(ep: "_Endpoint", other: "_Endpoint") -> None:
@@ -349,8 +360,7 @@ class Analysis:
     # -- the pass --------------------------------------------------------------------------------
     def run(self, workers: int | None = 1) -> dict:
         """The whole pass, then the report. ``workers``: processes sharing the candidate's
-        exchanges (None: one per CPU, at most ``MAX_WORKERS``, for runs of ``WORKERS_FROM``
-        exchanges or more)."""
+        segments (None: one per CPU, at most ``MAX_WORKERS``; never more than the segments)."""
         sections: dict = {}
         kids: list = []
         try:
@@ -360,14 +370,15 @@ class Analysis:
             if self.noise:
                 sections["noise"] = self.noise.section(replayed=True)
             keys = sections["candidate"].keys_in_order()
-            if workers is None:
-                workers = min(os.cpu_count() or 1, MAX_WORKERS) if len(keys) >= WORKERS_FROM else 1
-            # the first chunk before any worker starts: every run's timeline starts there
-            self._pass(keys[:CHUNK], sections)
-            parts = np.array_split(keys[CHUNK:], max(1, min(workers, len(keys) // CHUNK)))
+            segs = [keys[i:i + SEGMENT] for i in range(0, len(keys), SEGMENT)] or [keys]
             del keys
-            kids = [self._fork(part, sections) for part in parts[1:]]
-            self._pass(parts[0], sections)
+            if workers is None:
+                workers = min(os.cpu_count() or 1, MAX_WORKERS)
+            groups = np.array_split(np.arange(len(segs)), max(1, min(workers, len(segs))))
+            # the first chunk before any worker starts: every run's timeline starts there
+            self._pass([segs[0][:CHUNK]], sections)
+            kids = [self._fork([segs[j] for j in g], sections) for g in groups[1:]]
+            self._pass([segs[0][CHUNK:]] + [segs[j] for j in groups[0][1:]], sections, fresh=False)
             while kids:
                 self._absorb(_result(kids.pop(0)), sections)
             n = self.totals["exchanges"]
@@ -386,14 +397,24 @@ class Analysis:
                     run.close()
         return self.report()
 
-    def _pass(self, keys, sections) -> None:
-        for i in range(0, len(keys), CHUNK):
-            self._chunk(keys[i:i + CHUNK], sections)
+    def _pass(self, segments: list, sections, fresh: bool = True) -> None:
+        """Segments of the candidate's keys, chunk by chunk. Each segment starts afresh what is
+        sampled (the repeated requests remembered, the values checked for a random look), so
+        that the report does not depend on how the segments are shared among workers."""
+        for k, keys in enumerate(segments):
+            if fresh or k:
+                self._repeat = _Recent()
+                for ep in self.eps.values():
+                    ep.seg_repeats = 0
+                    ep.seg_checked.clear()
+                    ep.settled.clear()
+            for i in range(0, len(keys), CHUNK):
+                self._chunk(keys[i:i + CHUNK], sections)
 
     # -- workers ---------------------------------------------------------------------------------
-    def _fork(self, keys, sections) -> tuple:
-        """A worker process for ``keys``: it shares the indexes (copy-on-write), counts from
-        zero, and sends its counts back pickled through a pipe."""
+    def _fork(self, segments: list, sections) -> tuple:
+        """A worker process for ``segments``: it shares the indexes (copy-on-write), counts
+        from zero, and sends its counts back pickled through a pipe."""
         r, w = os.pipe()
         pid = os.fork()
         if pid:
@@ -401,9 +422,10 @@ class Analysis:
             return pid, r
         try:                                    # the worker
             os.close(r)
+            _die_with_parent()
             try:
                 self._restart(sections)
-                self._pass(keys, sections)
+                self._pass(segments, sections)
                 state = self._state(sections)
             except ReplayError as e:
                 state = {"error": str(e)}
@@ -529,7 +551,9 @@ class Analysis:
 
         def exchanges(i):
             key = (int(conn[i]), int(index[i]), int(passno[i]))
-            return (sections["candidate"].exchange(C, i, key), sec_b.exchange(B, i, key))
+            # a recorded exchange has a key of two: its service time starts at the first byte
+            return (sections["candidate"].exchange(C, i, key),
+                    sec_b.exchange(B, i, key if base else key[:2]))
 
         for i in np.flatnonzero(judged & ((cs <= -2) | ((cs >= 0) & (cs != bs)))).tolist():
             ep = eps[ids[i]]
@@ -583,7 +607,8 @@ class Analysis:
                         ep.f_cb[f] += 1
                         if f in ep.settled:
                             continue
-                        if f[0] == "$" and ep.random_checked[f] < RANDOM_SAMPLE:
+                        if f[0] == "$" and ep.seg_checked[f] < RANDOM_SAMPLE:
+                            ep.seg_checked[f] += 1
                             ep.random_checked[f] += 1
                             vb, vc = _values(cmp.side_data(b, bh[i], sides),
                                              cmp.side_data(c, ch[i], sides), f)
@@ -593,14 +618,14 @@ class Analysis:
                         if len(ep.examples.get((k, f), ())) < EXAMPLES:
                             self._example(ep, k, f, *exchanges(i), {})
                         if len(ep.examples[(k, f)]) >= EXAMPLES and \
-                                (f[0] != "$" or ep.random_checked[f] >= RANDOM_SAMPLE):
+                                (f[0] != "$" or ep.seg_checked[f] >= RANDOM_SAMPLE):
                             ep.settled.add(f)
             if N is not None:
                 if nsame[i]:
                     ep.bn_field_compared += 1
                     if nd[i] != b:
                         ep.f_bn.update(kept(diff(b, bh[i], nd[i], nh[i], sides)))
-            elif vol[i] and ep.repeats < REPEAT_SAMPLE:
+            elif vol[i] and ep.seg_repeats < REPEAT_SAMPLE:
                 # the baseline answered the same request before: which fields changed since
                 body = B.req_data[i]
                 ident = hash((B.method[i], B.uri[i],
@@ -655,6 +680,7 @@ class Analysis:
 
     def _volatility(self, ep, prev, b, bh, sides):
         ep.repeats += 1
+        ep.seg_repeats += 1
         self.repeats += 1
         if prev.data != b:
             for f in self._kept(self.cmp.diff_data(prev.data, prev.head_length, b, bh, sides)):
@@ -804,16 +830,30 @@ class Analysis:
                 "source": m.get("source"), "sent": rep.get("sent"), "answered": rep.get("answered")}
 
 
+def _die_with_parent() -> None:
+    """A worker is killed when its parent dies (Linux; elsewhere it ends with its pass)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _result(kid: tuple) -> dict:
     """A worker's pickled counts, once it has ended."""
     pid, fd = kid
     with os.fdopen(fd, "rb") as f:
         data = f.read()
     _, status = os.waitpid(pid, 0)
-    if not data:
-        raise InputError(f"a report worker ended without its counts "
-                         f"(exit status {os.waitstatus_to_exitcode(status)})")
-    return pickle.loads(data)
+    code = os.waitstatus_to_exitcode(status)
+    try:
+        if code == 0 and data:
+            return pickle.loads(data)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError):
+        pass
+    how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+    raise InputError(f"a report worker ended without its counts ({how})")
 
 
 def _end(pid: int, fd: int) -> None:
@@ -835,6 +875,7 @@ def _fill(bt, mask, part):
     """``bt`` (a light batch) with the requests of ``part`` (the full batch of ``mask``'s keys)."""
     for i, j in enumerate(np.flatnonzero(mask).tolist()):
         bt.method[j], bt.uri[j] = part.method[i], part.uri[i]
+        bt.has_req[j] = part.has_req[i]         # False when its block turned out damaged
     return bt
 
 

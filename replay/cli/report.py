@@ -58,7 +58,7 @@ REPORT_KEYS = {"endpoint": (str, True, None), "ignore": (str, True, None),
 @click.option("--rules", "rule_file", type=click.Path(dir_okay=False), metavar="FILE.toml",
               help="Read these options from the [report] table of a rules file.")
 @click.option("-j", "--workers", type=click.IntRange(0, 64), default=0, show_default=True, metavar="N",
-              help="Processes that share the pass (0: one per CPU, at most 4, from 50,000 exchanges).")
+              help="Processes that share the pass (0: one per CPU, at most 4; one per 65,536 exchanges at most).")
 @click.option("-q", "--quiet", is_flag=True, help="No table on the terminal (the gate still decides the exit code).")
 def command(candidate, baseline, noise, target, baseline_target, noise_target, endpoint_rules, ignore, unordered_arrays, json_path,
             html_path, fail_on, relative_threshold, absolute_threshold, latency_threshold,
