@@ -51,7 +51,8 @@ HELD_NS = 1_000_000
 REPEAT_MEMORY = 20_000      # request identities whose last baseline answer is kept
 REPEAT_BYTES = 8 << 20      # ... in one ring of this size
 REPEAT_SAMPLE = 1_000       # repeats compared per endpoint and segment (a rate needs no more)
-RANDOM_SAMPLE = 200         # differing values per field and segment checked for a random look
+RANDOM_SAMPLE = 50          # differing values per field and segment checked for a random look
+REPEAT_TRACK = 8_192        # answers remembered per endpoint and segment (to find repeats)
 SEGMENT = 65_536            # candidate exchanges sampled on their own (see Analysis.run)
 TIMELINE_BUCKETS = 120
 CURVE = (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.99, 100)
@@ -282,7 +283,7 @@ class _Endpoint:
                  "err_cb", "err_bn",
                  "lat", "held", "f_cb", "f_bn", "cb_compared", "bn_field_compared", "volatile",
                  "repeats", "random", "random_checked", "examples", "settled", "seg_repeats",
-                 "seg_checked")
+                 "seg_checked", "seg_puts")
 
     def __init__(self, name):
         self.name = name
@@ -307,7 +308,8 @@ class _Endpoint:
         self.random_checked = Counter()
         self.examples: dict = {}
         self.settled: set = set()       # fields sampled and exemplified enough: only counted
-        self.seg_repeats = 0            # this segment's repeats and random checks
+        self.seg_repeats = 0            # this segment's repeats, answers remembered and
+        self.seg_puts = 0               # random checks
         self.seg_checked = Counter()
 
 
@@ -405,7 +407,7 @@ class Analysis:
             if fresh or k:
                 self._repeat = _Recent()
                 for ep in self.eps.values():
-                    ep.seg_repeats = 0
+                    ep.seg_repeats = ep.seg_puts = 0
                     ep.seg_checked.clear()
                     ep.settled.clear()
             for i in range(0, len(keys), CHUNK):
@@ -633,7 +635,9 @@ class Analysis:
                 prev = repeat.get(ident)
                 if prev is not None:
                     self._volatility(ep, prev, b, bh[i], sides)
-                repeat.put(ident, b, bh[i])
+                if ep.seg_puts < REPEAT_TRACK:
+                    ep.seg_puts += 1
+                    repeat.put(ident, b, bh[i])
 
     def _kept(self, fields: set) -> set:
         """``fields`` without those ``--ignore`` names (each field's fate decided once)."""
