@@ -1,11 +1,16 @@
 """One pass over a candidate run and its references, per endpoint: what changed, and whether it
 is a regression (``replay.analysis.verdict``).
 
-Theory of operation: the candidate's replayed exchanges drive (``replay.analysis.runs``); for
-each, the *baseline* (another run's replayed exchange with the same key, or without
-``--baseline`` the recorded exchange inside the candidate's log), the *noise* run's exchange,
-and the recording are looked up through bounded windows. Per endpoint, only counters, HDR
-histograms and a few examples are kept:
+Theory of operation: the candidate's replayed exchanges drive (``replay.analysis.runs``), in
+the order they were written, in chunks of ``CHUNK``; for each chunk, the *baseline* (another
+run's replayed exchanges with the same keys, or without ``--baseline`` the recorded exchanges
+inside the candidate's log), the *noise* run's and the recording's are taken by key, as
+columns. Counts, matrices, histograms and timelines are added per chunk with numpy; only
+answers that differ are compared one by one. The chunks form segments of ``SEGMENT``
+exchanges; what is sampled (repeated requests, values checked for a random look) starts afresh
+in each, so that worker processes, each given whole segments and merged in order, report
+exactly what one process does. Per endpoint, only counters, HDR histograms and a few examples
+are kept:
 - statuses: a matrix baseline -> candidate (an error kind counts as a status), and how often
   the candidate's differs from the baseline's, and the noise run's from the baseline's;
 - latency: service time and latency from the intended send, per run (HDR, 2 significant
