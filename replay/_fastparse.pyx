@@ -2510,3 +2510,32 @@ def json_diff(bytes a not None, bytes b not None, set out not None):
     for path in found:
         PySet_Add(out, path)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# the strings of a log block's table
+
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+
+
+def split_strings(bytes buf not None, Py_ssize_t off, Py_ssize_t count):
+    """The ``count`` strings at ``off`` of ``buf``, each a u32 little-endian length and its
+    UTF-8 bytes (lone surrogates allowed), as ``[None, s1, s2, ...]`` and the offset after
+    them. ValueError when one runs past the end of ``buf``, UnicodeDecodeError when one does
+    not decode (as the twin's loop)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
+    cdef Py_ssize_t i, ln
+    cdef list out = [None]
+    if off < 0 or count < 0:
+        raise ValueError("negative offset or count")
+    for i in range(count):
+        if off + 4 > n:
+            raise ValueError("string runs past its end")
+        ln = <Py_ssize_t>(p[off] | (p[off + 1] << 8) | (p[off + 2] << 16) | (<uint32_t>p[off + 3] << 24))
+        off += 4
+        if ln > n - off:
+            raise ValueError("string runs past its end")
+        out.append(PyUnicode_DecodeUTF8(<const char*>(p + off), ln, b"surrogatepass"))
+        off += ln
+    return out, off

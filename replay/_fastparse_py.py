@@ -1748,3 +1748,30 @@ def json_diff(a: bytes, b: bytes, out: set) -> bool:
         return False
     out.update(w.found)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# the strings of a log block's table
+
+_U32 = struct.Struct("<I")
+
+
+def split_strings(buf: bytes, off: int, count: int) -> tuple:
+    """The ``count`` strings at ``off`` of ``buf``, each a u32 little-endian length and its
+    UTF-8 bytes (lone surrogates allowed), as ``[None, s1, s2, ...]`` and the offset after
+    them. ValueError when one runs past the end of ``buf``, UnicodeDecodeError when one does
+    not decode."""
+    if off < 0 or count < 0:
+        raise ValueError("negative offset or count")
+    out: list = [None]
+    add, unpack, end = out.append, _U32.unpack_from, len(buf)
+    for _ in range(count):
+        if off + 4 > end:
+            raise ValueError("string runs past its end")
+        ln = unpack(buf, off)[0]
+        off += 4
+        if ln > end - off:
+            raise ValueError("string runs past its end")
+        add(buf[off:off + ln].decode("utf-8", "surrogatepass"))
+        off += ln
+    return out, off

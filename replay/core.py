@@ -25,6 +25,7 @@ else:
 Engine = impl.Engine
 ResponseFramer = impl.ResponseFramer
 json_diff = impl.json_diff
+split_strings = impl.split_strings
 STAT_NAMES = impl.STAT_NAMES
 SUPPORTED_LINKTYPES = impl.SUPPORTED_LINKTYPES
 IMPLEMENTATION = "compiled" if COMPILED else "pure"

@@ -22,6 +22,7 @@ import zlib
 import numpy as np
 import zstandard as zstd
 
+from replay.core import split_strings
 from replay.events import Message
 
 MAGIC = b"RLOG\r\n\x1a\n"  # PNG-style: catches text-mode (CRLF) damage
@@ -397,17 +398,10 @@ class Table:
                 addr, off = unpack_addr(mv, off)
                 addrs.append(addr)
             (ns,) = U32.unpack_from(mv, off)
-            off += 4
-            strings = [None]
-            add, unpack, end = strings.append, U32.unpack_from, len(buf)
-            for _ in range(ns):
-                ln = unpack(buf, off)[0]
-                off += 4
-                if off + ln > end:
-                    raise FormatError("bad table section: string runs past its end")
-                add(buf[off:off + ln].decode("utf-8", "surrogatepass"))
-                off += ln
+            strings, off = split_strings(bytes(buf), off + 4, ns)
         except (struct.error, UnicodeDecodeError) as e:
+            raise FormatError(f"bad table section: {e}") from None
+        except ValueError as e:
             raise FormatError(f"bad table section: {e}") from None
         if off != len(buf):
             raise FormatError("bad table section: trailing bytes")
