@@ -43,7 +43,7 @@ import numpy as np
 from replay.analysis import diff as D
 from replay.analysis.endpoints import OTHER, Endpoints
 from replay.errors import InputError, ReplayError
-from replay.analysis.runs import RunLog, status_of
+from replay.analysis.runs import RunLog, key_of, status_of
 from replay.hist import Hist
 from replay.analysis.verdict import (PERCENTILES, Thresholds, latency_regressed, rate_regressed)
 
@@ -505,13 +505,13 @@ class Analysis:
         conn, passno = full % stride, full // stride
         bare = base is None and noise is None
         C = sections["candidate"].take(keys)
-        rkeys = _keys(conn, index)
+        rkeys = key_of(conn, index)
         # with a baseline run, the recording only names the endpoint of a request the candidate
         # lacks: which exist is read from the index, their requests when needed
         R = sections["recorded"].take(rkeys, req_data=bare, light=base is not None)
 
         def other(log, name, req_data):
-            ks = _keys(conn + passno * (log.stride or 0) + log.base, index)
+            ks = key_of(conn + passno * (log.stride or 0) + log.base, index)
             if not log.stride:
                 # a run without --loop has only a first pass: later passes have no counterpart
                 ks[passno != 0] = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -543,11 +543,11 @@ class Analysis:
             eps[e].held += cnt
         nob = keep & ~B.found
         t["no_baseline"] += int(nob.sum())
-        for (e, c), cnt in _pairs(ids, cs, nob):
+        for (e, c), cnt in _tuples(nob, ids, cs):
             eps[e].matrix[("none", _st(status_of(c)))] += cnt
         hb = keep & B.found
         runs["baseline" if base else "recorded"].add_batch(B, hb)
-        for (e, b, c), cnt in _triples(ids, bs, cs, hb):
+        for (e, b, c), cnt in _tuples(hb, ids, bs, cs):
             eps[e].matrix[(_st(status_of(b)), _st(status_of(c)))] += cnt
         self._latency(ids, hb, B, "baseline")
         # statuses and errors are judged where the baseline answered
@@ -581,9 +581,9 @@ class Analysis:
             bn = nn & (bs >= 0)
             for e, cnt in _bincount(ids, bn):
                 eps[e].bn_compared += cnt
-            for (e, z), cnt in _pairs(ids, ns, bn & (ns <= -2)):
+            for (e, z), cnt in _tuples(bn & (ns <= -2), ids, ns):
                 eps[e].err_bn[status_of(z)] += cnt
-            for (e, b, z), cnt in _triples(ids, bs, ns, bn & (ns >= 0) & (ns != bs)):
+            for (e, b, z), cnt in _tuples(bn & (ns >= 0) & (ns != bs), ids, bs, ns):
                 eps[e].trans_bn[(b, z)] += cnt
         # fields: only between answers with the same status
         same = hb & C.has_resp & B.has_resp & (cs == bs)
@@ -674,7 +674,8 @@ class Analysis:
                 e = index.get(nm)
                 if e is None:
                     e = index[nm] = len(eps)
-                    eps.append(self.eps.setdefault(nm, _Endpoint(nm)))
+                    eps.append(_Endpoint(nm))     # eps and the index start empty together
+                    self.eps[nm] = eps[-1]
                 if not nm.endswith(OTHER):      # (other) is counted by Endpoints each time
                     if len(known) >= URI_MEMORY:
                         known.clear()
@@ -875,11 +876,6 @@ def _end(pid: int, fd: int) -> None:
     os.close(fd)
 
 
-def _keys(conn: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """``runs.key_of`` of arrays."""
-    return (conn.astype(np.uint64) << np.uint64(32)) | (index.astype(np.uint64) & np.uint64(0xFFFFFFFF))
-
-
 def _fill(bt, mask, part):
     """``bt`` (a light batch) with the requests of ``part`` (the full batch of ``mask``'s keys)."""
     for i, j in enumerate(np.flatnonzero(mask).tolist()):
@@ -895,18 +891,11 @@ def _bincount(ids, mask):
     return zip(nz.tolist(), c[nz].tolist())
 
 
-def _pairs(ids, vals, mask):
-    """((id, value), count) of the pairs where ``mask`` is true."""
+def _tuples(mask, *cols):
+    """((a, b, ...), count) of the rows of ``cols`` where ``mask`` is true."""
     if not mask.any():
         return ()
-    u, cnt = np.unique(np.stack([ids[mask], vals[mask]], axis=1), axis=0, return_counts=True)
-    return zip(map(tuple, u.tolist()), cnt.tolist())
-
-
-def _triples(ids, a, b, mask):
-    if not mask.any():
-        return ()
-    u, cnt = np.unique(np.stack([ids[mask], a[mask], b[mask]], axis=1), axis=0, return_counts=True)
+    u, cnt = np.unique(np.stack([c[mask] for c in cols], axis=1), axis=0, return_counts=True)
     return zip(map(tuple, u.tolist()), cnt.tolist())
 
 

@@ -52,10 +52,6 @@ class Exchange:
     error: str | None = None      # replayed: the error kind when no complete answer came
 
     @property
-    def complete(self) -> bool:
-        return self.request is not None and (self.response is not None or self.error is not None)
-
-    @property
     def status(self):
         """The final status (int), the error kind (str), or None when unanswered."""
         if self.error is not None:
@@ -150,8 +146,7 @@ class _Builder:
             cap = max(m + k, len(self.keys) * 2)
             self.keys, self.rows, self.is_req = (np.resize(a, cap) for a in
                                                  (self.keys, self.rows, self.is_req))
-        self.keys[m:m + k] = (c["conn"][pos].astype(np.uint64) << np.uint64(32)) | \
-            (c["index"][pos].astype(np.uint64) & np.uint64(0xFFFFFFFF))
+        self.keys[m:m + k] = key_of(c["conn"][pos], c["index"][pos])
         self.rows[m:m + k] = pos + b.first_row
         self.is_req[m:m + k] = req[pos]
         self.m = m + k
@@ -186,8 +181,9 @@ class _Builder:
 
 
 
-def key_of(conn: int, index: int) -> int:
-    return (conn << 32) | (index & 0xFFFFFFFF)
+def key_of(conn: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The keys of exchanges (arrays): ``conn << 32 | index`` as uint64."""
+    return (conn.astype(np.uint64) << np.uint64(32)) | (index.astype(np.uint64) & np.uint64(0xFFFFFFFF))
 
 
 ERRORS: dict = {}        # the error kinds of failed records -> code (status = -2 - code)
