@@ -370,3 +370,28 @@ def test_a_killed_plan_reader_stops_the_replay_with_one_line(tmp_path):
     assert kids, "no reader process seen"
     lines = [x for x in err.splitlines() if x.strip()]
     assert p.returncode != 0 and len(lines) == 1 and "ended unexpectedly" in lines[0], err
+
+
+def test_a_recorded_status_that_comes_while_its_request_is_on_its_way_is_counted():
+    """Tried before its recorded answer ended, answered after the status came: the status is
+    among the recorded statuses as well as compared (the race once lost one in CI)."""
+    from replay.events import KIND_RESPONSE, Message
+    from replay.play.clock import LoopClock
+    from replay.play.plan import PlannedRequest
+    from replay.play.report import Report
+    from replay.play.sender import Attempt, Player
+
+    report = Report()
+    player = Player(None, None, parse_target("http://127.0.0.1:9"), Options(), report, LoopClock())
+    for outcome in ("answered", "failed"):
+        req = PlannedRequest(1, 0, 0, b"GET / HTTP/1.1\r\n\r\n", "GET", "/", 18)
+        player._tried(req)
+        att = Attempt(req, 0, None, 1)
+        req.recorded_status = 201                  # the reader's late mark, before the answer
+        if outcome == "answered":
+            player.answered(att, Message(KIND_RESPONSE, 1, 0, 1, 1, None, None, 0, b"",
+                                         status=200), 1, None)
+        else:
+            player.failed(att, "reset", True)
+    assert report.recorded_statuses == {201: 2}
+    assert report.different == 1 and report.unrecorded == 0

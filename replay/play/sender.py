@@ -158,10 +158,11 @@ class Options:
 class Attempt:
     """One planned request on its way: its deadline, when it was sent, on which pass."""
 
-    __slots__ = ("req", "iteration", "deadline", "sent_ns", "conn_id")
+    __slots__ = ("req", "iteration", "deadline", "sent_ns", "conn_id", "unknown")
 
     def __init__(self, req, iteration, deadline, conn_id):
         self.req = req
+        self.unknown = req.recorded_status is None     # as counted when it was tried
         self.iteration = iteration
         self.deadline = deadline
         self.sent_ns = 0
@@ -395,6 +396,8 @@ class Player:
     # -- results -----------------------------------------------------------------------------
     def answered(self, att: Attempt, m: Message, now: int, proto: ReplayProtocol):
         late = self.late_answers
+        if att.unknown:
+            self._status_came(att)
         if late is not None and att.req.recorded_status is None:
             late[(att.conn_id, att.req.index)] = m.status    # its recorded status may come
             if len(late) > MAX_LATE_ANSWERS:
@@ -405,7 +408,17 @@ class Player:
         if self.on_exchange is not None:
             self.on_exchange(att, self._request_message(att, proto), self._response_message(att, m))
 
+    def _status_came(self, att: Attempt):
+        """A streamed request tried before its recorded answer ended, whose status came while it
+        was on its way: counted among the recorded statuses now (``on_answer`` compares it)."""
+        status = att.req.recorded_status
+        if status is not None:
+            att.unknown = False
+            self.report.recorded_statuses[status] += 1
+
     def failed(self, att: Attempt, kind: str, was_sent: bool):
+        if att.unknown:
+            self._status_came(att)
         self.report.on_error(kind, was_sent)
         self._failed_record(att, kind, was_sent)
 
