@@ -376,16 +376,19 @@ class Analysis:
                 sections["baseline"] = self.base.section(replayed=True)
             if self.noise:
                 sections["noise"] = self.noise.section(replayed=True)
-            keys = sections["candidate"].keys_in_order()
-            segs = [keys[i:i + SEGMENT] for i in range(0, len(keys), SEGMENT)] or [keys]
-            del keys
+            keys = sections["candidate"].keys_in_order()   # an array, or read from a file
+            n = len(keys)
+            segs = [(keys, i, min(i + SEGMENT, n)) for i in range(0, n, SEGMENT)] or [(keys, 0, 0)]
             if workers is None:
                 workers = min(os.cpu_count() or 1, MAX_WORKERS)
             groups = np.array_split(np.arange(len(segs)), max(1, min(workers, len(segs))))
             # the first chunk before any worker starts: every run's timeline starts there
-            self._pass([segs[0][:CHUNK]], sections)
+            _, a, z = segs[0]
+            self._pass([(keys, a, min(a + CHUNK, z))], sections)
             kids = [self._fork([segs[j] for j in g], sections) for g in groups[1:]]
-            self._pass([segs[0][CHUNK:]] + [segs[j] for j in groups[0][1:]], sections, fresh=False)
+            self._pass([(keys, min(a + CHUNK, z), z)] + [segs[j] for j in groups[0][1:]], sections,
+                       fresh=False)
+            del keys
             while kids:
                 self._absorb(_result(kids.pop(0)), sections)
             n = self.totals["exchanges"]
@@ -405,18 +408,19 @@ class Analysis:
         return self.report()
 
     def _pass(self, segments: list, sections, fresh: bool = True) -> None:
-        """Segments of the candidate's keys, chunk by chunk. Each segment starts afresh what is
-        sampled (the repeated requests remembered, the values checked for a random look), so
-        that the report does not depend on how the segments are shared among workers."""
-        for k, keys in enumerate(segments):
+        """Segments ``(keys, start, end)`` of the candidate's keys, chunk by chunk. Each segment
+        starts afresh what is sampled (the repeated requests remembered, the values checked for
+        a random look), so that the report does not depend on how the segments are shared among
+        workers."""
+        for k, (keys, a, z) in enumerate(segments):
             if fresh or k:
                 self._repeat = _Recent()
                 for ep in self.eps.values():
                     ep.seg_repeats = ep.seg_puts = 0
                     ep.seg_checked.clear()
                     ep.settled.clear()
-            for i in range(0, len(keys), CHUNK):
-                self._chunk(keys[i:i + CHUNK], sections)
+            for i in range(a, z, CHUNK):
+                self._chunk(np.asarray(keys[i:min(i + CHUNK, z)]), sections)
 
     # -- workers ---------------------------------------------------------------------------------
     def _fork(self, segments: list, sections) -> tuple:

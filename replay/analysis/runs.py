@@ -22,14 +22,16 @@ answer end - ts_first (what a client on the recorded schedule would have felt).
 Theory of operation: every section — the candidate's replayed exchanges, the recorded ones
 inside its log, a baseline's and a noise run's replayed ones — is indexed first from its blocks'
 tables alone (no payload is decompressed): for each exchange key, the row of its first request
-and of its last final answer (``SectionIndex``, 16 bytes per exchange). The candidate's keys are
+and of its last final answer (``SectionIndex``, 16 bytes per exchange; past ``spill.RUN``
+messages, a ``spill.SpilledIndex`` in a temporary file read a page at a time, so that memory
+does not grow with the log). The candidate's keys are
 then taken in chunks in the order they were written (so its blocks are read once, in order),
 and each chunk's counterparts by row, block by block, with recently read blocks kept
 decompressed. A chunk comes out as columns (``Batch``: statuses, times, rows) and the bytes of
 its answers, never one Python object per message. The order of the sections may differ as much
 as it likes (``--speed max`` runs whole connections one after another; the recording
-interleaves them by time): the join is exact, and memory holds the indexes, a chunk and a few
-blocks, never the logs' bodies.
+interleaves them by time): the join is exact, and memory holds the (small or spilled) indexes,
+a chunk and a few blocks, never the logs' bodies.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from replay.analysis import spill
 from replay.errors import InputError
 from replay.events import F_FAILED, F_INTERIM, F_REPLAYED, KIND_REQUEST
 
@@ -85,7 +88,8 @@ class SectionIndex:
 
     Built from the blocks' tables alone (``scan``: the sections of one log in one reading),
     into arrays that grow (13 bytes a message selected while building), not a list of small
-    ones: those would stay in the heap as fragments."""
+    ones: those would stay in the heap as fragments. A section of more than ``spill.RUN``
+    messages gets a ``spill.SpilledIndex`` instead, with the same ``rows``/``in_order``."""
 
     def __init__(self, keys, req, fin):
         self.keys, self.req, self.fin = keys, req, fin
@@ -103,6 +107,15 @@ class SectionIndex:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def in_order(self) -> np.ndarray:
+        """Every key, in the order of its first row."""
+        first = np.where(self.req < 0, self.fin, np.where(self.fin < 0, self.req,
+                                                          np.minimum(self.req, self.fin)))
+        return self.keys[np.argsort(first, kind="stable")]
+
+    def close(self) -> None:
+        pass
 
 
     @classmethod
@@ -126,14 +139,17 @@ class SectionIndex:
 
 
 class _Builder:
-    """The messages of one section, gathered block by block, then sorted into its index."""
+    """The messages of one section, gathered block by block, then sorted into its index; past
+    ``spill.RUN`` messages, gathered in sorted runs spilled to a temporary file and merged."""
 
     def __init__(self, replayed: bool, conns, cap: int):
         self.replayed, self.conns = replayed, conns
+        cap = min(cap, spill.RUN)
         self.keys = np.empty(cap, dtype=np.uint64)
         self.rows = np.empty(cap, dtype=np.int32)
         self.is_req = np.empty(cap, dtype=bool)
         self.m = 0
+        self.runs = None
 
     def add(self, b, c, req, sel) -> None:
         if self.conns is not None:
@@ -143,42 +159,32 @@ class _Builder:
         if not k:
             return
         if m + k > len(self.keys):
-            cap = max(m + k, len(self.keys) * 2)
-            self.keys, self.rows, self.is_req = (np.resize(a, cap) for a in
-                                                 (self.keys, self.rows, self.is_req))
+            if m and m + k > spill.RUN:
+                if self.runs is None:
+                    self.runs = spill.Runs(spill.ENTRY, "key")
+                self.runs.add(self._entries())
+                m = self.m = 0
+            if m + k > len(self.keys):
+                cap = max(m + k, min(len(self.keys) * 2, spill.RUN))
+                self.keys, self.rows, self.is_req = (np.resize(a, cap) for a in
+                                                     (self.keys, self.rows, self.is_req))
         self.keys[m:m + k] = key_of(c["conn"][pos], c["index"][pos])
         self.rows[m:m + k] = pos + b.first_row
         self.is_req[m:m + k] = req[pos]
         self.m = m + k
 
-    def finish(self) -> SectionIndex:
+    def _entries(self) -> np.ndarray:
         m = self.m
-        # rows ascend as filled: a stable sort by key keeps them ascending within a key
-        order = np.argsort(self.keys[:m], kind="stable")
-        keys = self.keys[order]
-        rows = self.rows[order]
-        is_req = self.is_req[order]
-        del order
-        self.keys = self.rows = self.is_req = None
-        new = np.ones(m, dtype=bool)
-        new[1:] = keys[1:] != keys[:-1]
-        ukeys = keys[new]
-        del keys
-        slot = np.cumsum(new, dtype=np.int32) - 1     # each message's exchange
-        del new
-        req = np.full(len(ukeys), -1, dtype=np.int32)
-        fin = np.full(len(ukeys), -1, dtype=np.int32)
-        for sel, first, out in ((is_req, True, req), (~is_req, False, fin)):
-            p = np.flatnonzero(sel)
-            s = slot[p]
-            one = np.ones(len(p), dtype=bool)      # the first request, the last final answer
-            if first:
-                one[1:] = s[1:] != s[:-1]
-            else:
-                one[:-1] = s[1:] != s[:-1]
-            out[s[one]] = rows[p[one]]
-        return SectionIndex(ukeys, req, fin)
+        return spill.entries(self.keys[:m], self.rows[:m], self.is_req[:m])
 
+    def finish(self):
+        e = self._entries()
+        self.keys = self.rows = self.is_req = None
+        if self.runs is None:
+            return SectionIndex(*(np.ascontiguousarray(e[f]) for f in ("key", "req", "fin")))
+        self.runs.add(e)
+        del e
+        return spill.SpilledIndex(self.runs)
 
 
 def key_of(conn: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -256,11 +262,10 @@ class Section:
             raise
         return [cls(r, blocks, ix, replayed) for r, ix, (replayed, _) in zip(readers, indexes, specs)]
 
-    def keys_in_order(self) -> np.ndarray:
-        """Every key of the section, in the order their first message was written."""
-        ix = self.index
-        first = np.where(ix.req < 0, ix.fin, np.where(ix.fin < 0, ix.req, np.minimum(ix.req, ix.fin)))
-        return ix.keys[np.argsort(first, kind="stable")]
+    def keys_in_order(self):
+        """Every key of the section, in the order their first message was written: an array,
+        or for a spilled index an ``OrderedKeys`` (``len()`` and slices read from its file)."""
+        return self.index.in_order()
 
     def take(self, keys: np.ndarray, data: bool = True, req_data: bool = False,
              light: bool = False, count: bool = True) -> Batch:
@@ -456,6 +461,7 @@ class RunLog:
         if section is not None:
             self._absorb(section.reader)
             section.reader.close()
+            section.index.close()
 
     def close(self) -> None:
         self._reader.close()

@@ -30,6 +30,8 @@ from replay.errors import InputError, LogFormatError
 from replay.log import format as fmt
 from replay.log.format import FormatError
 
+FAULT_AROUND = 256 << 10   # unmapped on each side of a block read (the kernel maps 64 KiB)
+
 
 class BlockInfo(NamedTuple):
     """One data block: where it is, the time span of its messages, how many, and its first row."""
@@ -405,10 +407,14 @@ class LogReader:
 
     def _release(self, offset: int, length: int) -> None:
         """The block's bytes were copied out: unmap its pages from this process (they stay in
-        the page cache), so reading a log of any size keeps the resident set flat."""
-        start = offset - offset % mmap.PAGESIZE
+        the page cache), so reading a log of any size keeps the resident set flat. With the
+        pages around them: a fault maps a window around the page it needs (the kernel's
+        fault-around, 64 KiB by default), and a neighbour already read would stay mapped."""
+        start = max(0, offset - FAULT_AROUND)
+        start -= start % mmap.PAGESIZE
         try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, min(len(self._mm), offset + length) - start)
+            self._mm.madvise(mmap.MADV_DONTNEED, start,
+                             min(len(self._mm), offset + length + FAULT_AROUND) - start)
         except (AttributeError, ValueError, OSError):
             pass
 
