@@ -97,3 +97,39 @@ def test_a_report_over_spilled_indexes_is_the_report_in_memory(tmp_path, monkeyp
     monkeypatch.setattr(S.SpilledIndex, "__init__", spilled)
     assert [report(**kw) for kw in kinds] == whole
     assert made and min(made) > 1
+
+
+def test_no_room_for_the_spilled_index_is_one_line(tmp_path, monkeypatch):
+    import errno
+    import subprocess
+    import sys
+
+    from replay.errors import InputError
+
+    spills = S.RUN // 2 + 1000                     # exchanges whose messages spill
+    cand = _api_run(tmp_path / "c.rlog", 400, 1)
+    _small(monkeypatch, run=100)
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(S.os, "pwrite", full)
+    from replay.analysis.compare import Analysis
+    with pytest.raises(InputError, match="cannot write its temporary index in .*No space left on "
+                                         "device.*set TMPDIR"):
+        Analysis(cand).run(1)
+    # and through the command: a tmpfs too small for it
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tiny)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs (not root)")
+    try:
+        big = _api_run(tmp_path / "big.rlog", spills, 1)
+        p = subprocess.run([sys.executable, "-m", "replay.cli.main", "report", big], capture_output=True,
+                           text=True, env={**__import__("os").environ, "TMPDIR": str(tiny)},
+                           timeout=300)
+    finally:
+        subprocess.run(["umount", str(tiny)], capture_output=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "temporary index" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
