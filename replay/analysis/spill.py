@@ -16,8 +16,9 @@ of MiB. Here instead:
 - the keys in the order they were written (the candidate's pass goes that way) are a second
   external sort of ``(first row, key)``, read back a segment at a time.
 
-Memory: the sparse index, ``RUN`` messages while scanning, one batch per run while merging, the
-pages of one chunk while looking up; none of it grows with the log. Disk: about 16 bytes an
+Memory: the sparse index (8 bytes a page), ``RUN`` messages while scanning, ``MERGE_MEMORY``
+of the runs while merging, the pages of one chunk while looking up; only the sparse index grows
+with the log (0.3 MiB at 10 M exchanges). Disk: about 16 bytes an
 exchange a section, twice that while merging.
 """
 
@@ -32,7 +33,8 @@ from replay.errors import InputError
 
 RUN = 1 << 19            # messages of a section gathered before a sorted run is spilled (6.5 MiB)
 PAGE = 256               # entries read together from a spilled index (4 KiB)
-MERGE_BATCH = 1 << 16    # entries of each run read at a time while merging
+MERGE_MEMORY = 4 << 20   # bytes of all runs read at a time while merging
+MERGE_BATCH = 1 << 16    # ... and at most this many entries of one run
 ENTRY = np.dtype([("key", "<u8"), ("req", "<i4"), ("fin", "<i4")])
 ORDER = np.dtype([("first", "<i8"), ("key", "<u8")])
 
@@ -105,7 +107,7 @@ class _File:
             os.pwrite(self.fd, a.tobytes(), at * self.dtype.itemsize)
         except OSError as e:
             raise InputError(f"report: cannot write its temporary index in "
-                             f"{tempfile.gettempdir()}: {e.strerror} (about 40 bytes an exchange "
+                             f"{tempfile.gettempdir()}: {e.strerror} (up to 64 bytes an exchange "
                              f"are needed; set TMPDIR elsewhere)") from None
         self.n += len(a)
         return at
@@ -136,9 +138,12 @@ class Runs:
         making one record of a batch's equal keys, which all come in the same batch)."""
         f, field = self.file, self.field
         left = [list(r) for r in self.runs]          # [position, remaining] of each run
+        # what is read of each run at a time: the runs share one budget, so that the merge's
+        # memory does not grow with their number
+        each = max(1, min(MERGE_BATCH, MERGE_MEMORY // (max(1, len(left)) * f.dtype.itemsize)))
         bufs = []
         for r in left:
-            bufs.append(f.read(r[0], min(MERGE_BATCH, r[1])))
+            bufs.append(f.read(r[0], min(each, r[1])))
             r[0] += len(bufs[-1])
             r[1] -= len(bufs[-1])
         while any(len(b) for b in bufs):
@@ -155,7 +160,7 @@ class Runs:
                 rest = b[cut:]
                 r = left[i]
                 if not len(rest) and r[1]:
-                    rest = f.read(r[0], min(MERGE_BATCH, r[1]))
+                    rest = f.read(r[0], min(each, r[1]))
                     r[0] += len(rest)
                     r[1] -= len(rest)
                 bufs[i] = rest
@@ -177,7 +182,8 @@ class SpilledIndex:
         try:
             for batch in runs.merged(_combine):
                 at = self.file.append(batch)
-                sparse.append(batch["key"][(-at) % PAGE::PAGE])
+                # a copy: a view would keep the whole batch, and so the whole index
+                sparse.append(batch["key"][(-at) % PAGE::PAGE].copy())
         finally:
             runs.close()
         self.sparse = np.concatenate(sparse) if sparse else np.empty(0, dtype=np.uint64)
