@@ -133,3 +133,31 @@ def test_no_room_for_the_spilled_index_is_one_line(tmp_path, monkeypatch):
         subprocess.run(["umount", str(tiny)], capture_output=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "temporary index" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_a_short_write_is_finished_or_said(monkeypatch):
+    """A disk filling up writes short before it refuses: what was cut is written again, or
+    the report stops with one line; the index never silently lacks entries."""
+    import os
+
+    from replay.errors import InputError
+
+    real = os.pwrite
+    room = [10**9]
+
+    def short(fd, data, off):                     # at most 1000 bytes a call, until no room
+        n = min(len(data), 1000, room[0])
+        room[0] -= n
+        return real(fd, bytes(data[:n]), off)
+
+    monkeypatch.setattr(S.os, "pwrite", short)
+    msgs = [(c, i, True, True) for c in range(30) for i in range(40)] + \
+           [(c, i, False, True) for c in range(30) for i in range(40)]
+    whole = _build(msgs)
+    _small(monkeypatch, run=500)
+    spilled = _build(msgs)
+    assert isinstance(spilled, S.SpilledIndex)
+    assert [a.tolist() for a in spilled.rows(whole.keys)] == [whole.req.tolist(), whole.fin.tolist()]
+    room[0] = 5000
+    with pytest.raises(InputError, match="cannot write its temporary index"):
+        _build(msgs)

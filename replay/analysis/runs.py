@@ -110,9 +110,7 @@ class SectionIndex:
 
     def in_order(self) -> np.ndarray:
         """Every key, in the order of its first row."""
-        first = np.where(self.req < 0, self.fin, np.where(self.fin < 0, self.req,
-                                                          np.minimum(self.req, self.fin)))
-        return self.keys[np.argsort(first, kind="stable")]
+        return self.keys[np.argsort(spill.first_rows(self.req, self.fin), kind="stable")]
 
     def close(self) -> None:
         pass

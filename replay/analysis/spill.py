@@ -18,12 +18,14 @@ of MiB. Here instead:
 
 Memory: the sparse index (8 bytes a page), ``RUN`` messages while scanning, ``MERGE_MEMORY``
 of the runs while merging, the pages of one chunk while looking up; only the sparse index grows
-with the log (0.3 MiB at 10 M exchanges). Disk: about 16 bytes an
-exchange a section, twice that while merging.
+with the log (0.3 MiB at 10 M exchanges). Disk: 16 bytes an exchange a section, with its runs
+32 while they merge, and 8 more for the candidate's keys in written order (up to 64 bytes an
+exchange of the candidate's log while both of its sections are built).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
@@ -68,6 +70,12 @@ def entries(keys: np.ndarray, rows: np.ndarray, is_req: np.ndarray) -> np.ndarra
     return out
 
 
+def first_rows(req: np.ndarray, fin: np.ndarray) -> np.ndarray:
+    """The first row of each exchange: the smaller of its request's and its answer's (-1: none)."""
+    req, fin = req.astype(np.int64), fin.astype(np.int64)
+    return np.where(req < 0, fin, np.where(fin < 0, req, np.minimum(req, fin)))
+
+
 def _combine(e: np.ndarray) -> np.ndarray:
     """Entries sorted by key, one key's from several runs in run order: one entry per key."""
     k = e["key"]
@@ -103,19 +111,35 @@ class _File:
     def append(self, a: np.ndarray) -> int:
         """Writes ``a``; its position (in records)."""
         at = self.n
+        view = memoryview(np.ascontiguousarray(a)).cast("B")
+        off = at * self.dtype.itemsize
         try:
-            os.pwrite(self.fd, a.tobytes(), at * self.dtype.itemsize)
+            while len(view):
+                done = os.pwrite(self.fd, view, off)
+                if not done:            # a full disk may first write short, then nothing
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[done:]
+                off += done
         except OSError as e:
             raise InputError(f"report: cannot write its temporary index in "
-                             f"{tempfile.gettempdir()}: {e.strerror} (up to 64 bytes an exchange "
-                             f"are needed; set TMPDIR elsewhere)") from None
+                             f"{tempfile.gettempdir()}: {e.strerror} (it needs up to 64 bytes "
+                             f"an exchange; set TMPDIR elsewhere)") from None
         self.n += len(a)
         return at
 
     def read(self, at: int, count: int) -> np.ndarray:
+        """``count`` records from ``at`` (fewer only past the end)."""
         size = self.dtype.itemsize
-        data = os.pread(self.fd, count * size, at * size)
-        return np.frombuffer(data, dtype=self.dtype, count=len(data) // size)
+        count = max(0, min(count, self.n - at))
+        try:
+            data = os.pread(self.fd, count * size, at * size)
+        except OSError as e:
+            data = e
+        if not isinstance(data, bytes) or len(data) != count * size:
+            why = data.strerror if isinstance(data, OSError) else "cut short"
+            raise InputError(f"report: cannot read back its temporary index in "
+                             f"{tempfile.gettempdir()}: {why}")
+        return np.frombuffer(data, dtype=self.dtype, count=count)
 
     def close(self) -> None:
         self.f.close()
@@ -204,7 +228,10 @@ class SpilledIndex:
         pages = np.unique(page[inside])
         if not len(pages):
             return req, fin
-        buf = np.concatenate([self.file.read(int(p) * PAGE, PAGE) for p in pages.tolist()])
+        cut = np.flatnonzero(np.diff(pages) != 1) + 1      # runs of consecutive pages: one read
+        starts, ends = pages[np.r_[0, cut]], pages[np.r_[cut - 1, len(pages) - 1]] + 1
+        buf = np.concatenate([self.file.read(a * PAGE, (z - a) * PAGE)
+                              for a, z in zip(starts.tolist(), ends.tolist())])
         pos = np.minimum(np.searchsorted(buf["key"], want), len(buf) - 1)
         hit = inside & (buf["key"][pos] == want)
         req[hit] = buf["req"][pos[hit]]
@@ -218,9 +245,8 @@ class SpilledIndex:
             try:
                 for at in range(0, self.n, RUN):
                     e = self.file.read(at, RUN)
-                    req, fin = e["req"].astype(np.int64), e["fin"].astype(np.int64)
                     o = np.empty(len(e), dtype=ORDER)
-                    o["first"] = np.where(req < 0, fin, np.where(fin < 0, req, np.minimum(req, fin)))
+                    o["first"] = first_rows(e["req"], e["fin"])
                     o["key"] = e["key"]
                     order.add(o[np.argsort(o["first"], kind="stable")])
                 keys = _File(np.dtype("<u8"))
