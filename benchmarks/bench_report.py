@@ -17,7 +17,7 @@ message of both logs as Message objects (``LogReader``), in the same run.
 
 Usage::
 
-    python3 benchmarks/bench_report.py [--sizes 100000,1000000] [--dir /tmp] [--repeat 3]
+    python3 benchmarks/bench_report.py [--sizes 100000,1000000,3000000] [--dir /tmp] [--repeat 3]
 """
 
 from __future__ import annotations
