@@ -225,6 +225,8 @@ def main():
     ap.add_argument("--rps", type=float, default=500.0)
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--max-seconds", type=float, default=5.0, help="length of each --speed max run")
+    ap.add_argument("--play-args", default="", help="more options for the timed runs of play, "
+                    "e.g. '--spin-us 0' (the variants are run after the plain ones)")
     ap.add_argument("--watchdog", type=float, default=300.0, help="hard limit for the whole script, s")
     ap.add_argument("--streamed", action="store_true",
                     help="replay the capture converted to a .rlog (a plan streamed by a reading "
@@ -262,7 +264,10 @@ def main():
         server = start_nginx(ns, www, port=PORT, workdir=Path(work) / "nginx", workers=1)
         try:
             replay(ns, cap, work, "--speed", "max", "--limit", "200")      # warm-up
-            for extra in ((), ("--realtime",)):
+            variants = [(), ("--realtime",)]
+            if args.play_args:
+                variants.append(tuple(args.play_args.split()))
+            for extra in variants:
                 for speed in (1, 10):
                     timed_run(ns, cap, work, offsets, speed, *extra)
             print(f"speed max, {args.conns} connections, {args.max_seconds:g} s each:")
