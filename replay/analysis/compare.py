@@ -378,15 +378,15 @@ class Analysis:
                 sections["noise"] = self.noise.section(replayed=True)
             keys = sections["candidate"].keys_in_order()   # an array, or read from a file
             n = len(keys)
-            segs = [(keys, i, min(i + SEGMENT, n)) for i in range(0, n, SEGMENT)] or [(keys, 0, 0)]
+            segs = [(i, min(i + SEGMENT, n)) for i in range(0, n, SEGMENT)] or [(0, 0)]
             if workers is None:
                 workers = min(os.cpu_count() or 1, MAX_WORKERS)
             groups = np.array_split(np.arange(len(segs)), max(1, min(workers, len(segs))))
             # the first chunk before any worker starts: every run's timeline starts there
-            _, a, z = segs[0]
-            self._pass([(keys, a, min(a + CHUNK, z))], sections)
-            kids = [self._fork([segs[j] for j in g], sections) for g in groups[1:]]
-            self._pass([(keys, min(a + CHUNK, z), z)] + [segs[j] for j in groups[0][1:]], sections,
+            a, z = segs[0]
+            self._pass(keys, [(a, min(a + CHUNK, z))], sections)
+            kids = [self._fork(keys, [segs[j] for j in g], sections) for g in groups[1:]]
+            self._pass(keys, [(min(a + CHUNK, z), z)] + [segs[j] for j in groups[0][1:]], sections,
                        fresh=False)
             del keys
             while kids:
@@ -407,12 +407,12 @@ class Analysis:
                     run.close()
         return self.report()
 
-    def _pass(self, segments: list, sections, fresh: bool = True) -> None:
-        """Segments ``(keys, start, end)`` of the candidate's keys, chunk by chunk. Each segment
+    def _pass(self, keys, segments: list, sections, fresh: bool = True) -> None:
+        """Segments ``(start, end)`` of the candidate's ``keys``, chunk by chunk. Each segment
         starts afresh what is sampled (the repeated requests remembered, the values checked for
         a random look), so that the report does not depend on how the segments are shared among
         workers."""
-        for k, (keys, a, z) in enumerate(segments):
+        for k, (a, z) in enumerate(segments):
             if fresh or k:
                 self._repeat = _Recent()
                 for ep in self.eps.values():
@@ -420,10 +420,10 @@ class Analysis:
                     ep.seg_checked.clear()
                     ep.settled.clear()
             for i in range(a, z, CHUNK):
-                self._chunk(np.asarray(keys[i:min(i + CHUNK, z)]), sections)
+                self._chunk(keys[i:min(i + CHUNK, z)], sections)
 
     # -- workers ---------------------------------------------------------------------------------
-    def _fork(self, segments: list, sections) -> tuple:
+    def _fork(self, keys, segments: list, sections) -> tuple:
         """A worker process for ``segments``: it shares the indexes (copy-on-write), counts
         from zero, and sends its counts back pickled through a pipe."""
         r, w = os.pipe()
@@ -436,7 +436,7 @@ class Analysis:
             _die_with_parent()
             try:
                 self._restart(sections)
-                self._pass(segments, sections)
+                self._pass(keys, segments, sections)
                 state = self._state(sections)
             except ReplayError as e:
                 state = {"error": str(e)}

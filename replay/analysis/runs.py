@@ -115,7 +115,6 @@ class SectionIndex:
     def close(self) -> None:
         pass
 
-
     @classmethod
     def scan(cls, reader, specs) -> list:
         """One index for each ``(replayed, conns)`` of ``specs`` (conns: (lo, hi) or None)."""

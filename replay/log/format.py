@@ -399,9 +399,7 @@ class Table:
                 addrs.append(addr)
             (ns,) = U32.unpack_from(mv, off)
             strings, off = split_strings(bytes(buf), off + 4, ns)
-        except (struct.error, UnicodeDecodeError) as e:
-            raise FormatError(f"bad table section: {e}") from None
-        except ValueError as e:
+        except (struct.error, ValueError) as e:       # UnicodeDecodeError is a ValueError
             raise FormatError(f"bad table section: {e}") from None
         if off != len(buf):
             raise FormatError("bad table section: trailing bytes")

@@ -143,6 +143,12 @@ class Report:
             self.different += 1
             self.changes[f"{recorded_status} -> {status}"] += 1
 
+    def status_came(self, recorded_status: int):
+        """The recorded status of a request tried while it was unknown (a streamed plan whose
+        recorded answer ended late), come while the request was on its way: ``on_answer``
+        compares it, this counts it as ``on_attempt`` would have."""
+        self.recorded_statuses[recorded_status] += 1
+
     def late_recorded(self, recorded_status: int, status: int):
         """The recorded status of a request answered before it was known (a streamed plan whose
         recorded answer ended late): counted now as ``on_answer`` would have."""

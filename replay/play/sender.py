@@ -409,12 +409,12 @@ class Player:
             self.on_exchange(att, self._request_message(att, proto), self._response_message(att, m))
 
     def _status_came(self, att: Attempt):
-        """A streamed request tried before its recorded answer ended, whose status came while it
-        was on its way: counted among the recorded statuses now (``on_answer`` compares it)."""
+        """A streamed request tried before its recorded answer ended: its status, if it came
+        while the request was on its way, is counted now."""
         status = att.req.recorded_status
         if status is not None:
             att.unknown = False
-            self.report.recorded_statuses[status] += 1
+            self.report.status_came(status)
 
     def failed(self, att: Attempt, kind: str, was_sent: bool):
         if att.unknown:
