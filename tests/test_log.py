@@ -107,8 +107,8 @@ def test_round_trip_many_messages_in_many_blocks(tmp_path, threads):
         back = list(r)
         assert back == msgs
         assert r.meta["source"] == "x.pcap" and r.meta["ports"] == [80]
-        assert r.meta["format"] == "rlog 1.1" and r.meta["tool"].startswith("replay ")
-        assert r.version == (1, 1)
+        assert r.meta["format"] == "rlog 2.0" and r.meta["tool"].startswith("replay ")
+        assert r.version == (2, 0)
         assert [b.first_row for b in r.blocks] == list(np.cumsum([0] + [b.count for b in r.blocks])[:-1])
         assert r.time_span() == (min(m.ts_first for m in msgs), max(m.ts_last for m in msgs))
 
@@ -454,7 +454,7 @@ def test_reader_errors_name_the_file(tmp_path):
         "text.rlog": (b"hello, this is text\n" * 10, "not a .rlog file (bad magic)"),
         "crlf.rlog": (good.replace(b"\r\n", b"\n", 1), "not a .rlog file (bad magic)"),
         "short.rlog": (good[:12], "cut short inside its file header"),
-        "v2.rlog": (good[:8] + (2).to_bytes(2, "little") + good[10:], "unsupported .rlog format version 2.1 (this replay reads 1.x)"),
+        "v3.rlog": (good[:8] + (3).to_bytes(2, "little") + good[10:], "unsupported .rlog format version 3.0 (this replay reads 1.x and 2.x)"),
         "crc.rlog": (good[:16] + b"\x01" + good[17:], "file header checksum mismatch"),
     }
     for name, (content, words) in cases.items():
@@ -464,7 +464,7 @@ def test_reader_errors_name_the_file(tmp_path):
             LogReader(p)
         assert str(e.value) == f"{p}: {words}", name
         assert isinstance(e.value, InputError)
-    assert is_rlog(tmp_path / "good.rlog") and is_rlog(tmp_path / "v2.rlog")
+    assert is_rlog(tmp_path / "good.rlog") and is_rlog(tmp_path / "v3.rlog")
     assert not is_rlog(tmp_path / "text.rlog") and not is_rlog(tmp_path / "missing.rlog")
     assert not is_rlog(SAMPLE) and not is_rlog(tmp_path)
 
@@ -481,7 +481,7 @@ def test_newer_minor_version_and_unknown_block_types_are_read(tmp_path):
     extra = b"".join(fmt.pack_block(42, 0, 0, 0, 0, b"from the future", 15))
     path.write_bytes(bytes(data[:end]) + extra)  # no index, a block type this reader does not know
     with LogReader(path) as r:
-        assert r.version == (1, 7) and list(r) == msgs and r.warnings == []
+        assert r.version == (2, 7) and list(r) == msgs and r.warnings == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,7 +709,9 @@ def test_the_format_document_states_the_constants_of_the_code():
     assert f"sync marker `{spaced(fmt.SYNC)}`" in doc
     assert f"magic `{spaced(fmt.MAGIC)}`" in doc
     assert f"`{spaced(fmt.INDEX_MAGIC)}`" in doc
-    assert f"| 8 | {fmt.ROW_BYTES}·`n` |" in doc
+    assert f"| {fmt.TABLE_PREFIX} | {fmt.ROW_BYTES}·`n` |" in doc
+    assert f"(the columns start at offset {fmt.TABLE_PREFIX_V1}, {fmt.ROW_BYTES_V1}·`n` bytes)" in doc
+    assert f"the {len(fmt.COLUMNS)} columns below" in doc
     assert f"header length `L` = {fmt.BLOCK_HEADER_LEN}" in doc
     assert f"header length `H` = {fmt.FILE_HEADER_LEN}" in doc
     assert f"{fmt.INDEX_ENTRY.itemsize} bytes each" in doc

@@ -23,11 +23,12 @@ import numpy as np
 import zstandard as zstd
 
 from replay.core import split_strings
-from replay.events import Message
+from replay.events import KIND_REQUEST, Message
 
 MAGIC = b"RLOG\r\n\x1a\n"  # PNG-style: catches text-mode (CRLF) damage
-VERSION_MAJOR = 1
-VERSION_MINOR = 1
+VERSION_MAJOR = 2             # what this writer writes
+VERSION_MINOR = 0
+READ_MAJORS = (1, 2)          # what this reader reads: 1.x data blocks keep their own table layout
 
 # file header: magic, major u16, minor u16, header length u32, flags u32, crc32 u32
 FILE_HEADER = struct.Struct("<8sHHII")
@@ -62,12 +63,46 @@ MASK64 = (1 << 64) - 1
 
 # Data-block table columns, in stored order. Each is stored byte-plane by byte-plane ("shuffled":
 # byte 0 of every value, then byte 1, ...), which lets zstd drop the planes that are all zero.
-# Stored transformations (undone by the reader; "zz" is zigzag, all arithmetic mod 2**64):
+# Stored transformations (undone by the reader; "zz" is zigzag, all arithmetic mod 2**64; "the
+# previous row of its connection" is the nearest earlier row of the block with the same conn):
+#   conn       0: the next connection of the block's connection table (its first row there);
+#              k > 0: connection k-1 of that table
+#   index      zz(index - index of the previous row of its connection - 1 for a request);
+#              a connection's first row in the block: zz(index)
 #   ts_first   zz((ts_first[i] - ts_first[i-1]) / unit), with ts_first[-1] = the block's t_min
 #   ts_last    zz((ts_last[i] - ts_first[i]) / unit)
 #   extra      zz(data_length - head_length - body_length)  (chunk framing, cut messages)
+#   client     0: the client of the previous row of its connection; k > 0: address k-1
+#   uri        0: the uri of the previous row of its connection; 1: the next string never named by
+#              an earlier row's uri (uri strings come first in the string table, in the order rows
+#              first name them); k > 1: string k-2 (0 = None)
+#   elided     1: the request's target (its uri string, after the method and a space) is left out
+#              of the payload, and put back by the reader
 # where unit (u64, first 8 bytes of the table section) is the gcd of all those time deltas.
 COLUMNS = (
+    ("kind", "u1"),
+    ("flags", "<u4"),
+    ("conn", "<u4"),
+    ("index", "<u8"),
+    ("ts_first", "<u8"),
+    ("ts_last", "<u8"),
+    ("status", "<u2"),
+    ("body_length", "<u8"),
+    ("head_length", "<u4"),
+    ("extra", "<u8"),
+    ("client", "<u4"),
+    ("server", "<u4"),     # id into the block's address table
+    ("method", "<u4"),     # 0 = None, k = string k-1 of the block's string table
+    ("uri", "<u4"),
+    ("elided", "u1"),
+)
+COLUMN_DTYPES = [(name, np.dtype(t)) for name, t in COLUMNS]
+ROW_BYTES = sum(dt.itemsize for _, dt in COLUMN_DTYPES)
+TABLE_PREFIX = 12  # u64 unit, u32 connections in the connection table
+
+# Version 1.x tables: the same columns with their values as they are (conn, index, client, uri),
+# index stored as i8, no elided column (a payload holds every message's bytes in row order).
+COLUMNS_V1 = (
     ("kind", "u1"),
     ("flags", "<u4"),
     ("conn", "<u8"),
@@ -78,14 +113,14 @@ COLUMNS = (
     ("body_length", "<u8"),
     ("head_length", "<u4"),
     ("extra", "<u8"),
-    ("client", "<u4"),     # id into the block's address table
+    ("client", "<u4"),
     ("server", "<u4"),
-    ("method", "<u4"),     # 0 = None, k = string k-1 of the block's string table
+    ("method", "<u4"),
     ("uri", "<u4"),
 )
-COLUMN_DTYPES = [(name, np.dtype(t)) for name, t in COLUMNS]
-ROW_BYTES = sum(dt.itemsize for _, dt in COLUMN_DTYPES)
-TABLE_PREFIX = 8  # u64 unit
+COLUMN_DTYPES_V1 = [(name, np.dtype(t)) for name, t in COLUMNS_V1]
+ROW_BYTES_V1 = sum(dt.itemsize for _, dt in COLUMN_DTYPES_V1)
+TABLE_PREFIX_V1 = 8  # u64 unit
 
 # What LogReader.table() returns: the columns with absolute values, plus where each row lives.
 TABLE_DTYPE = np.dtype([
@@ -121,9 +156,9 @@ def unpack_file_header(buf: bytes) -> tuple[int, int, int]:
     if len(buf) < FILE_HEADER.size:
         raise FormatError("cut short inside its file header")
     _, major, minor, hlen, _flags = FILE_HEADER.unpack_from(buf)
-    if major != VERSION_MAJOR:
+    if major not in READ_MAJORS:
         raise FormatError(f"unsupported .rlog format version {major}.{minor} "
-                          f"(this replay reads {VERSION_MAJOR}.x)")
+                          f"(this replay reads {' and '.join(f'{m}.x' for m in READ_MAJORS)})")
     if hlen < FILE_HEADER_LEN:
         raise FormatError(f"file header length {hlen} is too small")
     if len(buf) < hlen:
@@ -288,54 +323,138 @@ def _unplanes(buf, dt: np.dtype, n: int, offset: int) -> np.ndarray:
     return planes.reshape(dt.itemsize, n).T.copy().view(dt).reshape(n)
 
 
-def encode_table(msgs: list) -> tuple[bytes, int, int]:
-    """(table section, t_min, t_max) of a data block holding ``msgs`` (raw); the payload
-    section is the messages' bytes one after another.
+def _times(msgs):
+    """(zz ts_first column, zz ts_last column, unit, t_min, t_max) as the format stores them."""
+    tf = np.array([m.ts_first for m in msgs], dtype=np.int64)
+    tl = np.array([m.ts_last for m in msgs], dtype=np.int64)
+    t_min = int(min(tf.min(), tl.min()))
+    t_max = int(max(tf.max(), tl.max()))
+    prev = np.empty_like(tf)
+    prev[0] = t_min
+    prev[1:] = tf[:-1]
+    d1 = tf - prev        # wraps mod 2**64: still exact after the reader's wrapping sum
+    d2 = tl - tf
+    unit = math.gcd(*d1.tolist(), *d2.tolist())
+    if not 0 < unit < (1 << 62):
+        unit = 1
+    return _zigzag(d1 // unit), _zigzag(d2 // unit), unit, t_min, t_max
+
+
+def _previous(rank: np.ndarray):
+    """(order, first): ``order`` sorts rows by connection rank, row order kept within one;
+    ``first[j]`` is True where ``order[j]`` is its connection's first row."""
+    order = np.argsort(rank, kind="stable")
+    sr = rank[order]
+    first = np.ones(len(rank), dtype=bool)
+    first[1:] = sr[1:] != sr[:-1]
+    return order, first
+
+
+def encode_table(msgs: list) -> tuple[bytes, list, int, int]:
+    """(table section, payload parts, t_min, t_max) of a data block holding ``msgs`` (raw); the
+    payload section is the parts one after another: the requests' bytes in row order, each with
+    its target left out where the ``elided`` column says so, then the other messages' bytes.
 
     ValueError when a field does not fit its column (see docs/log-format.md for the ranges).
     """
     addrs: dict = {}
     strings: dict = {}
+    n = len(msgs)
     name = "ts_first"
     try:
         with np.errstate(over="ignore"):
-            tf = np.array([m.ts_first for m in msgs], dtype=np.int64)
-            name = "ts_last"
-            tl = np.array([m.ts_last for m in msgs], dtype=np.int64)
-            t_min = int(min(tf.min(), tl.min()))
-            t_max = int(max(tf.max(), tl.max()))
-            prev = np.empty_like(tf)
-            prev[0] = t_min
-            prev[1:] = tf[:-1]
-            d1 = tf - prev        # wraps mod 2**64: still exact after the reader's wrapping sum
-            d2 = tl - tf
-            unit = math.gcd(*d1.tolist(), *d2.tolist())
-            if not 0 < unit < (1 << 62):
-                unit = 1
+            zf, zl, unit, t_min, t_max = _times(msgs)
+            name = "kind"
+            kind = np.array([m.kind for m in msgs], dtype=np.uint8)
+            name = "conn"
+            conn = np.array([m.conn for m in msgs], dtype=np.uint64)
+            uniq, first_row, inv = np.unique(conn, return_index=True, return_inverse=True)
+            by_first = np.argsort(first_row, kind="stable")      # the table: order of appearance
+            rank_of = np.empty(len(uniq), dtype=np.int64)
+            rank_of[by_first] = np.arange(len(uniq))
+            rank = rank_of[inv.reshape(-1)]
+            order, first = _previous(rank)
+            prev = np.full(n, -1, dtype=np.int64)
+            prev[order[1:][~first[1:]]] = order[:-1][~first[1:]]
+            has = prev >= 0
+            pp = np.maximum(prev, 0)
+            conn_code = np.where(has, rank + 1, 0)
+            conn_table = uniq[by_first].view(np.int64)
+            conn_deltas = _zigzag(np.diff(conn_table, prepend=np.int64(0)))
+            name = "index"
+            index = np.array([m.index for m in msgs], dtype=np.int64)
+            step = (has & (kind == KIND_REQUEST)).astype(np.int64)
+            index_code = _zigzag(np.where(has, index - index[pp] - step, index))
+            name = "client"
+            client = np.array([addrs.setdefault(m.client, len(addrs)) for m in msgs], dtype=np.int64)
+            client_code = np.where(has & (client == client[pp]), 0, client + 1)
+            server = [addrs.setdefault(m.server, len(addrs)) for m in msgs]
+            name = "uri"     # uri strings first, in the order rows first name them
+            uri = np.array([0 if m.uri is None else strings.setdefault(m.uri, len(strings) + 1)
+                            for m in msgs], dtype=np.int64)
+            seen = np.maximum.accumulate(uri)
+            fresh = np.zeros(n, dtype=bool)
+            fresh[0] = uri[0] == 1
+            fresh[1:] = uri[1:] == seen[:-1] + 1
+            uri_code = np.where(has & (uri == uri[pp]), 0, np.where(fresh, 1, uri + 2))
+            method = [0 if m.method is None else strings.setdefault(m.method, len(strings) + 1)
+                      for m in msgs]
+            elided = np.zeros(n, dtype=np.uint8)
+            requests, others = [], []
+            coded: dict = {}
+            for i, m in enumerate(msgs):
+                data = m.data
+                if m.kind != KIND_REQUEST:
+                    others.append(data)
+                    continue
+                if m.uri and m.method and data.__class__ is bytes:
+                    mb = coded.get(m.method)
+                    if mb is None:
+                        mb = coded[m.method] = _text(m.method) + b" "
+                    ub = coded.get(m.uri)
+                    if ub is None:
+                        ub = coded[m.uri] = _text(m.uri)
+                    p = len(mb)
+                    if data.startswith(mb) and data.startswith(ub, p):
+                        elided[i] = 1
+                        requests.append(data[:p])
+                        requests.append(data[p + len(ub):])
+                        continue
+                requests.append(data)
+            requests += others
             cols = {
-                "kind": [m.kind for m in msgs],
+                "kind": kind,
                 "flags": [m.flags for m in msgs],
-                "conn": [m.conn for m in msgs],
-                "index": [m.index for m in msgs],
-                "ts_first": _zigzag(d1 // unit),
-                "ts_last": _zigzag(d2 // unit),
+                "conn": conn_code,
+                "index": index_code,
+                "ts_first": zf,
+                "ts_last": zl,
                 "status": [m.status for m in msgs],
                 "body_length": [m.body_length for m in msgs],
                 "head_length": [m.head_length for m in msgs],
                 "extra": _zigzag(np.array([(len(m.data) - m.head_length - m.body_length) & MASK64
                                            for m in msgs], dtype=np.uint64).view(np.int64)),
-                "client": [addrs.setdefault(m.client, len(addrs)) for m in msgs],
-                "server": [addrs.setdefault(m.server, len(addrs)) for m in msgs],
-                "method": [0 if m.method is None else strings.setdefault(m.method, len(strings) + 1)
-                           for m in msgs],
-                "uri": [0 if m.uri is None else strings.setdefault(m.uri, len(strings) + 1)
-                        for m in msgs],
+                "client": client_code,
+                "server": server,
+                "method": method,
+                "uri": uri_code,
+                "elided": elided,
             }
             out = bytearray(U64.pack(unit))
-            for name, dt in COLUMN_DTYPES:
-                out += _planes(np.asarray(cols[name], dtype=dt))
+            out += U32.pack(len(uniq))
+            for name, dt in COLUMN_DTYPES:      # lists: the message's values, checked here
+                col = cols[name]
+                out += _planes(np.asarray(col, dtype=dt) if col.__class__ is list else
+                               col.astype(dt, copy=False))
+            name = "conn"
+            out += _planes(conn_deltas)
     except (OverflowError, ValueError, TypeError) as e:
         raise ValueError(f"a message field does not fit the .rlog column {name!r}: {e}") from None
+    _addresses_and_strings(out, addrs, strings)
+    return bytes(out), requests, t_min, t_max
+
+
+def _addresses_and_strings(out: bytearray, addrs: dict, strings: dict) -> None:
     out += U32.pack(len(addrs))
     for ip, port in addrs:
         ipb = _text(ip)
@@ -349,33 +468,86 @@ def encode_table(msgs: list) -> tuple[bytes, int, int]:
         sb = _text(s)
         out += U32.pack(len(sb))
         out += sb
-    return bytes(out), t_min, t_max
+
+
+def encode_table_v1(msgs: list) -> tuple[bytes, list, int, int]:
+    """A version 1.x data block's (table section, payload parts, t_min, t_max), for tests that
+    check that such logs still read."""
+    addrs: dict = {}
+    strings: dict = {}
+    name = "ts_first"
+    try:
+        with np.errstate(over="ignore"):
+            zf, zl, unit, t_min, t_max = _times(msgs)
+            cols = {
+                "kind": [m.kind for m in msgs],
+                "flags": [m.flags for m in msgs],
+                "conn": [m.conn for m in msgs],
+                "index": [m.index for m in msgs],
+                "ts_first": zf,
+                "ts_last": zl,
+                "status": [m.status for m in msgs],
+                "body_length": [m.body_length for m in msgs],
+                "head_length": [m.head_length for m in msgs],
+                "extra": _zigzag(np.array([(len(m.data) - m.head_length - m.body_length) & MASK64
+                                           for m in msgs], dtype=np.uint64).view(np.int64)),
+                "client": [addrs.setdefault(m.client, len(addrs)) for m in msgs],
+                "server": [addrs.setdefault(m.server, len(addrs)) for m in msgs],
+                "method": [0 if m.method is None else strings.setdefault(m.method, len(strings) + 1)
+                           for m in msgs],
+                "uri": [0 if m.uri is None else strings.setdefault(m.uri, len(strings) + 1)
+                        for m in msgs],
+            }
+            out = bytearray(U64.pack(unit))
+            for name, dt in COLUMN_DTYPES_V1:
+                out += _planes(np.asarray(cols[name], dtype=dt))
+    except (OverflowError, ValueError, TypeError) as e:
+        raise ValueError(f"a message field does not fit the .rlog column {name!r}: {e}") from None
+    _addresses_and_strings(out, addrs, strings)
+    return bytes(out), [m.data for m in msgs], t_min, t_max
+
+
+# the columns a version 2 column is decoded from, besides its own
+_NEEDS = {"index": ("conn", "kind"), "client": ("conn",), "uri": ("conn",), "ts_last": ("ts_first",)}
 
 
 class Table:
     """The decoded table section of one data block: absolute columns, addresses, strings."""
 
-    __slots__ = ("n", "cols", "addrs", "strings")
+    __slots__ = ("n", "cols", "addrs", "strings", "major")
 
-    def __init__(self, buf, n: int, t_min: int, columns_only: bool = False, names=None):
+    def __init__(self, buf, n: int, t_min: int, columns_only: bool = False, names=None,
+                 major: int = VERSION_MAJOR):
         """``columns_only``: the numeric columns alone; ``names`` (with it): only those of
-        ``COLUMNS``, ``extra`` excepted (``ts_last`` brings ``ts_first``; no ``data_length``)."""
-        if len(buf) < TABLE_PREFIX + ROW_BYTES * n:
+        ``COLUMNS``, ``extra`` excepted (``ts_last`` brings ``ts_first``; no ``data_length``).
+        ``major``: the file's major version (1.x tables have their own layout)."""
+        v1 = major == 1
+        dtypes = COLUMN_DTYPES_V1 if v1 else COLUMN_DTYPES
+        prefix = TABLE_PREFIX_V1 if v1 else TABLE_PREFIX
+        row_bytes = ROW_BYTES_V1 if v1 else ROW_BYTES
+        if len(buf) < prefix + row_bytes * n:
             raise FormatError("table section too short")
         self.n = n
+        self.major = major
         (unit,) = U64.unpack_from(buf, 0)
-        cols = {}
-        off = TABLE_PREFIX
+        known = {name for name, _ in dtypes} - {"elided"}
+        want = None
         if names is not None:
-            unknown = set(names) - {name for name, _ in COLUMN_DTYPES} | {"extra"} & set(names)
+            unknown = set(names) - known | {"extra"} & set(names)
             if unknown:
                 raise ValueError(f"not a column that can be asked for: {sorted(unknown)}")
-            names = set(names) | ({"ts_first"} if "ts_last" in names else set())
-        for name, dt in COLUMN_DTYPES:
-            if names is None or name in names:
+            want = set(names)
+            for name in names:
+                want.update(_NEEDS.get(name, ()) if not v1 or name == "ts_last" else ())
+        cols = {}
+        off = prefix
+        for name, dt in dtypes:
+            if want is None or name in want:
                 cols[name] = _unplanes(buf, dt, n, off)
             off += dt.itemsize * n
         with np.errstate(over="ignore"):
+            if not v1:
+                off = self._decode(cols, buf, off)
             u = np.int64(unit if unit < (1 << 63) else 1)
             if "ts_first" in cols:
                 first = np.cumsum(_unzigzag(cols["ts_first"]) * u) + np.int64(t_min)
@@ -385,6 +557,10 @@ class Table:
             if names is None:
                 extra = _unzigzag(cols.pop("extra")).view(np.uint64)
                 cols["data_length"] = cols["body_length"] + cols["head_length"].astype(np.uint64) + extra
+            else:
+                for name in set(cols) - set(names):
+                    if name != "ts_first" or "ts_last" not in names:
+                        del cols[name]
         self.cols = cols
         if columns_only:            # a scan of the index: addresses and strings not decoded
             self.addrs = self.strings = None
@@ -406,11 +582,115 @@ class Table:
         self.addrs = addrs
         self.strings = strings
 
+    def _decode(self, cols: dict, buf, off: int) -> int:
+        """Version 2: the stored codes of ``cols`` made values (see ``COLUMNS``); the offset
+        after the connection table."""
+        n = self.n
+        (nconn,) = U32.unpack_from(buf, 8)
+        if len(buf) < off + 8 * nconn:
+            raise FormatError("table section too short")
+        if "conn" not in cols:
+            return off + 8 * nconn
+        code = cols["conn"].astype(np.int64)
+        new = code == 0
+        if int(np.count_nonzero(new)) != nconn:
+            raise FormatError("bad table section: connection table does not match its rows")
+        rank = code - 1
+        rank[new] = np.arange(nconn)
+        if n and int(rank.max()) >= nconn:
+            raise FormatError("bad table section: connection out of range")
+        table = np.cumsum(_unzigzag(_unplanes(buf, np.dtype("<u8"), nconn, off)))
+        cols["conn"] = table.view(np.uint64)[rank]
+        if not ({"index", "client", "uri"} & cols.keys()):
+            return off + 8 * nconn
+        order, first = _previous(rank)
+        starts = np.flatnonzero(first)
+        group = np.cumsum(first) - 1
+
+        def inherit(explicit, values):
+            es = explicit[order]
+            if not es[first].all():
+                raise FormatError("bad table section: a connection's first row inherits")
+            pos = np.maximum.accumulate(np.where(es, np.arange(n), 0))
+            out = np.empty_like(values)
+            out[order] = values[order][pos]
+            return out
+
+        if "index" in cols:
+            step = np.zeros(n, dtype=np.int64)
+            is_first = np.zeros(n, dtype=bool)
+            is_first[order[first]] = True
+            step[~is_first & (cols["kind"] == KIND_REQUEST)] = 1
+            v = (_unzigzag(cols["index"]) + step)[order]
+            cs = np.cumsum(v)
+            index = np.empty(n, dtype=np.int64)
+            index[order] = cs - (cs[starts] - v[starts])[group]
+            cols["index"] = index
+        if "client" in cols:
+            code = cols["client"].astype(np.int64)
+            cols["client"] = inherit(code != 0, code - 1).astype(np.uint32)
+        if "uri" in cols:
+            code = cols["uri"].astype(np.int64)
+            fresh = code == 1
+            values = code - 2
+            values[fresh] = np.arange(1, int(np.count_nonzero(fresh)) + 1)
+            cols["uri"] = inherit(code != 0, values).astype(np.uint32)
+        return off + 8 * nconn
+
     def data_offsets(self) -> np.ndarray:
         offs = np.zeros(self.n, dtype=np.uint64)
         if self.n > 1:
             np.cumsum(self.cols["data_length"][:-1], out=offs[1:])
         return offs
+
+    def payload(self, stored) -> bytes:
+        """The messages' bytes in row order (what ``data_offsets`` finds them in) from a block's
+        stored payload section: version 2 stores the requests first, targets left out."""
+        if self.major == 1 or not self.n:
+            return stored
+        c = self.cols
+        n = self.n
+        req = c["kind"] == KIND_REQUEST
+        elided = c["elided"] != 0
+        lens = c["data_length"].astype(np.int64)
+        cut = np.zeros(n, dtype=np.int64)
+        strings = self.strings
+        targets, starts = {}, {}       # uri id -> its bytes; method id -> where the target starts
+        if elided.any():
+            try:
+                for u in set(c["uri"][elided].tolist()):
+                    targets[u] = _text(strings[u])
+                for m in set(c["method"][elided].tolist()):
+                    starts[m] = len(_text(strings[m])) + 1
+            except (IndexError, TypeError, AttributeError):     # no string, or None
+                raise FormatError("bad table section: an elided target without its strings") from None
+            cut[elided] = [len(targets[u]) for u in c["uri"][elided].tolist()]
+        stored_lens = lens - cut
+        if (stored_lens < 0).any() or int(stored_lens.sum()) != len(stored):
+            raise FormatError("payload length does not match the table")
+        rq = np.flatnonzero(req)
+        if not elided.any() and (not len(rq) or rq[-1] == len(rq) - 1):
+            return stored         # nothing left out, the requests first already
+        start = np.empty(n, dtype=np.int64)
+        at = np.cumsum(stored_lens[req])
+        start[req] = at - stored_lens[req]
+        ot = ~req
+        start[ot] = (int(at[-1]) if len(at) else 0) + np.cumsum(stored_lens[ot]) - stored_lens[ot]
+        mv = memoryview(stored)
+        pieces = []
+        add = pieces.append
+        uri, method = c["uri"].tolist(), c["method"].tolist()
+        for i, a, ln, e in zip(range(n), start.tolist(), stored_lens.tolist(), elided.tolist()):
+            if e:
+                p = starts[method[i]]
+                if p > ln:
+                    raise FormatError("payload length does not match the table")
+                add(mv[a:a + p])
+                add(targets[uri[i]])
+                add(mv[a + p:a + ln])
+            else:
+                add(mv[a:a + ln])
+        return b"".join(pieces)
 
     def messages(self, payload, rows=None) -> list:
         """The Message objects of this block (all rows, or the given row numbers)."""

@@ -397,7 +397,16 @@ class LogReader:
                 raise FormatError("not the data block the index lists")
             fmt.check_body(h, mm, b.offset, want_payload)
             a, payload = fmt.sections(h, mm, b.offset, self._dctx, want_b=want_payload)
-            table = fmt.Table(a, h.count, h.t_min, columns_only, names) if with_table else None
+            table = None
+            major = self.version[0]
+            if with_table or payload is not None and major > 1:   # 2.x: the table puts it together
+                whole = payload is not None
+                table = fmt.Table(a, h.count, h.t_min, columns_only and not whole,
+                                  None if whole else names, major)
+                if whole:
+                    payload = table.payload(payload)
+                if not with_table:
+                    table = None
         except FormatError as e:
             self._warn(f"corrupt block at offset {b.offset} ({e}), its {b.count} messages skipped")
             self._drop(b)
