@@ -96,8 +96,8 @@ def raw_log(msgs, per_block=8) -> bytes:
     entries = []
     for i in range(0, len(msgs), per_block):
         part = msgs[i:i + per_block]
-        table, t_min, t_max = fmt.encode_table(part)
-        payload = b"".join(m.data for m in part)
+        table, parts, t_min, t_max = fmt.encode_table(part)
+        payload = b"".join(parts)
         entries.append((len(out), t_min, t_max, len(part), fmt.BLOCK_DATA))
         out += b"".join(fmt.pack_block(fmt.BLOCK_DATA, 0, len(part), t_min, t_max, table,
                                        len(table), payload, len(payload)))
