@@ -71,8 +71,8 @@ def test_logs_of_version_1_read_as_their_capture_converted_now(tmp_path, name, c
 # -- messages built to meet every rule of the table and the payload ----------------------------
 
 URIS = ["/", "/api/items/1?rid=1", "/api/items/2?rid=2", "/caf\xe9/\xff", "*", "", "/x\udcff",
-        "http://example.com/p", "/" + "a" * 700]
-METHODS = ["GET", "POST", "DELETE", "M-SEARCH", "", "g\xe9t"]
+        "http://example.com/p", "/" + "a" * 700, "GET"]
+METHODS = ["GET", "POST", "DELETE", "M-SEARCH", "", "g\xe9t", "/", "*"]     # some are uris too
 ADDRS = [("10.0.0.1", 40000), ("10.0.0.2", 40001), ("2001:db8::1", 443), ("::1", 80)]
 
 
@@ -279,3 +279,22 @@ def test_small_api_messages_take_a_third_less_than_in_version_1(tmp_path):
     size, before = path.stat().st_size, old.stat().st_size
     assert size < 0.75 * before, (size, before)
     assert size < 1.2 * len(gzip.compress(b"".join(m.data for m in msgs), 6))
+
+
+def test_a_method_that_is_also_a_uri_elsewhere(tmp_path):
+    """Methods and targets are coded apart: a uri equal to a method (or the reverse) is cut at
+    its own length, never one byte more."""
+    a, b = ADDRS[0], ADDRS[1]
+    msgs = [Message(KIND_REQUEST, 1, i, 10 + i, 10 + i, a, b, 0, data, method, uri, 0, 0, len(data))
+            for i, (method, uri, data) in enumerate([
+                ("GET", "/", b"GET / HTTP/1.1\r\n\r\n"),
+                ("GET", "GET", b"GET GET HTTP/1.1\r\n\r\n"),
+                ("X", "/", b"X / HTTP/1.1\r\n\r\n"),
+                ("/", "/p", b"//p HTTP/1.1\r\n\r\n"),
+                ("POST", "POST", b"POST POST HTTP/1.1\r\n\r\n")])]
+    path = tmp_path / "m.rlog"
+    with LogWriter(path, threads=False) as w:
+        for m in msgs:
+            w.write(m)
+    with LogReader(path) as r:
+        assert [fields(m) for m in r] == [fields(m) for m in msgs] and r.warnings == []

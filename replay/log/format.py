@@ -6,9 +6,10 @@ docs/log-format.md describes every byte; this module is its executable form. Rul
 - a file is a fixed file header followed by self-contained blocks; each block starts with the same
   8-byte sync marker, carries its own lengths and two CRC-32s (header, body), so a reader can check
   it alone and, after a damaged one, find the next by scanning for the marker;
-- a data block holds two zstd frames: the *table* (fixed-width columns, then an address table and
-  a string table) and the *payload* (the messages' bytes, concatenated in row order). The table
-  can be read without decompressing the payload;
+- a data block holds two zstd frames: the *table* (fixed-width columns, then a connection table, an
+  address table and a string table) and the *payload* (the messages' bytes: the requests', their
+  targets left out where the table holds them, then the others'). The table can be read without
+  decompressing the payload;
 - the major version changes when an old reader would misread a file; the minor version when it
   adds something an old reader can skip (a longer header, a new block type).
 """
@@ -401,19 +402,20 @@ def encode_table(msgs: list) -> tuple[bytes, list, int, int]:
                       for m in msgs]
             elided = np.zeros(n, dtype=np.uint8)
             requests, others = [], []
-            coded: dict = {}
+            methods: dict = {}      # method -> its bytes and a space
+            targets: dict = {}      # uri -> its bytes
             for i, m in enumerate(msgs):
                 data = m.data
                 if m.kind != KIND_REQUEST:
                     others.append(data)
                     continue
                 if m.uri and m.method and data.__class__ is bytes:
-                    mb = coded.get(m.method)
+                    mb = methods.get(m.method)
                     if mb is None:
-                        mb = coded[m.method] = _text(m.method) + b" "
-                    ub = coded.get(m.uri)
+                        mb = methods[m.method] = _text(m.method) + b" "
+                    ub = targets.get(m.uri)
                     if ub is None:
-                        ub = coded[m.uri] = _text(m.uri)
+                        ub = targets[m.uri] = _text(m.uri)
                     p = len(mb)
                     if data.startswith(mb) and data.startswith(ub, p):
                         elided[i] = 1
@@ -665,8 +667,10 @@ class Table:
             except (IndexError, TypeError, AttributeError):     # no string, or None
                 raise FormatError("bad table section: an elided target without its strings") from None
             cut[elided] = [len(targets[u]) for u in c["uri"][elided].tolist()]
+        if (elided & ~req).any():
+            raise FormatError("bad table section: a target left out of a message that is no request")
         stored_lens = lens - cut
-        if (stored_lens < 0).any() or int(stored_lens.sum()) != len(stored):
+        if (stored_lens < 0).any() or sum(stored_lens.tolist()) != len(stored):   # no wrapping
             raise FormatError("payload length does not match the table")
         rq = np.flatnonzero(req)
         if not elided.any() and (not len(rq) or rq[-1] == len(rq) - 1):
