@@ -103,22 +103,8 @@ TABLE_PREFIX = 12  # u64 unit, u32 connections in the connection table
 
 # Version 1.x tables: the same columns with their values as they are (conn, index, client, uri),
 # index stored as i8, no elided column (a payload holds every message's bytes in row order).
-COLUMNS_V1 = (
-    ("kind", "u1"),
-    ("flags", "<u4"),
-    ("conn", "<u8"),
-    ("index", "<i8"),
-    ("ts_first", "<u8"),
-    ("ts_last", "<u8"),
-    ("status", "<u2"),
-    ("body_length", "<u8"),
-    ("head_length", "<u4"),
-    ("extra", "<u8"),
-    ("client", "<u4"),
-    ("server", "<u4"),
-    ("method", "<u4"),
-    ("uri", "<u4"),
-)
+COLUMNS_V1 = tuple((name, {"conn": "<u8", "index": "<i8"}.get(name, t))
+                   for name, t in COLUMNS if name != "elided")
 COLUMN_DTYPES_V1 = [(name, np.dtype(t)) for name, t in COLUMNS_V1]
 ROW_BYTES_V1 = sum(dt.itemsize for _, dt in COLUMN_DTYPES_V1)
 TABLE_PREFIX_V1 = 8  # u64 unit
@@ -341,6 +327,18 @@ def _times(msgs):
     return _zigzag(d1 // unit), _zigzag(d2 // unit), unit, t_min, t_max
 
 
+def _stored_as_is(msgs) -> dict:
+    """The columns both versions store as the messages hold them (``extra`` zigzagged)."""
+    return {
+        "flags": [m.flags for m in msgs],
+        "status": [m.status for m in msgs],
+        "body_length": [m.body_length for m in msgs],
+        "head_length": [m.head_length for m in msgs],
+        "extra": _zigzag(np.array([(len(m.data) - m.head_length - m.body_length) & MASK64
+                                   for m in msgs], dtype=np.uint64).view(np.int64)),
+    }
+
+
 def _previous(rank: np.ndarray):
     """(order, first): ``order`` sorts rows by connection rank, row order kept within one;
     ``first[j]`` is True where ``order[j]`` is its connection's first row."""
@@ -426,16 +424,11 @@ def encode_table(msgs: list) -> tuple[bytes, list, int, int]:
             requests += others
             cols = {
                 "kind": kind,
-                "flags": [m.flags for m in msgs],
+                **_stored_as_is(msgs),
                 "conn": conn_code,
                 "index": index_code,
                 "ts_first": zf,
                 "ts_last": zl,
-                "status": [m.status for m in msgs],
-                "body_length": [m.body_length for m in msgs],
-                "head_length": [m.head_length for m in msgs],
-                "extra": _zigzag(np.array([(len(m.data) - m.head_length - m.body_length) & MASK64
-                                           for m in msgs], dtype=np.uint64).view(np.int64)),
                 "client": client_code,
                 "server": server,
                 "method": method,
@@ -483,16 +476,11 @@ def encode_table_v1(msgs: list) -> tuple[bytes, list, int, int]:
             zf, zl, unit, t_min, t_max = _times(msgs)
             cols = {
                 "kind": [m.kind for m in msgs],
-                "flags": [m.flags for m in msgs],
+                **_stored_as_is(msgs),
                 "conn": [m.conn for m in msgs],
                 "index": [m.index for m in msgs],
                 "ts_first": zf,
                 "ts_last": zl,
-                "status": [m.status for m in msgs],
-                "body_length": [m.body_length for m in msgs],
-                "head_length": [m.head_length for m in msgs],
-                "extra": _zigzag(np.array([(len(m.data) - m.head_length - m.body_length) & MASK64
-                                           for m in msgs], dtype=np.uint64).view(np.int64)),
                 "client": [addrs.setdefault(m.client, len(addrs)) for m in msgs],
                 "server": [addrs.setdefault(m.server, len(addrs)) for m in msgs],
                 "method": [0 if m.method is None else strings.setdefault(m.method, len(strings) + 1)
