@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import math
+import operator
 import re
 import struct
 
@@ -61,6 +63,7 @@ from replay.events import (
     KIND_RESPONSE,
     Message,
 )
+from replay.layout import ROW_FIELDS, ROW_STRUCT, TABLE_COLUMNS, WIDTHS, bad_address, unfit
 from replay.limits import (IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE, MAX_STREAM_BUFFER,
                            MAX_TOTAL_BUFFER)
 from replay.seqnum import unwrap
@@ -1775,3 +1778,254 @@ def split_strings(buf: bytes, off: int, count: int) -> tuple:
         add(buf[off:off + ln].decode("utf-8", "surrogatepass"))
         off += ln
     return out, off
+
+
+# ---------------------------------------------------------------------------------------------
+# a log block's messages as rows, and its payload put back in row order (docs/log-format.md)
+
+_ROW = struct.Struct(ROW_STRUCT)
+_LIMITS = {"B": (0, 0xFF), "H": (0, 0xFFFF), "I": (0, 0xFFFFFFFF), "Q": (0, (1 << 64) - 1),
+           "q": (-(1 << 63), (1 << 63) - 1)}
+# the fields a message hands over as they are, with their ranges
+_AS_IS = tuple((name, *_LIMITS[code]) for name, code in ROW_FIELDS
+               if name in ("kind", "flags", "conn", "index", "ts_first", "ts_last", "status",
+                           "body_length", "head_length"))
+
+
+def _text(s: str) -> bytes:
+    return s.encode("utf-8", "surrogatepass")
+
+
+def _int(name: str, v, lo: int, hi: int) -> int:
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise unfit(name, v) from None
+    if not lo <= i <= hi:
+        raise unfit(name, v)
+    return i
+
+
+def _address(name: str, a, addrs: dict, table: bytearray) -> int:
+    try:
+        k = addrs.get(a)
+    except TypeError:               # unhashable
+        raise unfit(name, a) from None
+    if k is not None:
+        return k
+    if not isinstance(a, tuple) or len(a) != 2 or not isinstance(a[0], str) \
+            or not isinstance(a[1], int):
+        raise unfit(name, a)
+    ip = _text(a[0])
+    if len(ip) > 255 or not 0 <= a[1] <= 0xFFFF:
+        raise bad_address(a)
+    table += struct.pack("<B", len(ip)) + ip + struct.pack("<H", a[1])
+    k = addrs[a] = len(addrs)
+    return k
+
+
+def _string(name: str, s, ids: dict, texts: list) -> int:
+    """The 1-based id of ``s`` in ``ids`` (added when new), 0 for None."""
+    if s is None:
+        return 0
+    if not isinstance(s, str):
+        raise unfit(name, s)
+    k = ids.get(s)
+    if k is None:
+        k = ids[s] = len(ids) + 1
+        texts.append(_text(s))
+    return k
+
+
+def gather_rows(msgs) -> tuple:
+    """``(rows, tail, payload)`` of a log block holding ``msgs``:
+
+    - rows: one ``replay.layout.ROW_STRUCT`` record per message, in order;
+    - tail: the block's address table then its string table, as the table section ends
+      (u32 count, then u8 length, ip, u16 port each; u32 count, then u32 length, UTF-8 each);
+    - payload: the requests' bytes in row order, each with its target left out when it starts
+      with its method, a space and its uri (``elided``), then the other messages' bytes.
+
+    ValueError (``replay.layout.unfit``) for a field a column cannot hold."""
+    rows = bytearray()
+    addrs: dict = {}
+    addr_table = bytearray()
+    uris: dict = {}
+    uri_texts: list = []
+    methods: dict = {}
+    method_texts: list = []
+    requests: list = []
+    others: list = []
+    method_of: list = []
+    fields = []
+    for m in msgs:
+        vals = [_int(name, getattr(m, name), lo, hi) for name, lo, hi in _AS_IS]
+        data = m.data
+        if data.__class__ is not bytes:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise unfit("data", data)
+            data = bytes(data)
+        size = len(data)
+        kind, head, body = vals[0], vals[8], vals[7]
+        client = _address("client", m.client, addrs, addr_table)
+        server = _address("server", m.server, addrs, addr_table)
+        uri = _string("uri", m.uri, uris, uri_texts)
+        method = _string("method", m.method, methods, method_texts)
+        elided = 0
+        if kind != KIND_REQUEST:
+            others.append(data)
+        else:
+            mt = method_texts[method - 1] if method else b""
+            ut = uri_texts[uri - 1] if uri else b""
+            if mt and ut:
+                p = len(mt) + 1
+                if data.startswith(mt) and data[p - 1:p] == b" " and data.startswith(ut, p):
+                    elided = 1
+                    data = data[:p] + data[p + len(ut):]
+            requests.append(data)
+        method_of.append(method)
+        fields.append((*vals, (size - head - body) & ((1 << 64) - 1), client, server, uri,
+                       elided))
+    # string ids: the uris first, then the methods that are no uri
+    final = [0]
+    extra = []
+    for s, t in zip(methods, method_texts):
+        k = uris.get(s)
+        if k is None:
+            extra.append(t)
+            k = len(uris) + len(extra)
+        final.append(k)
+    for (*vals, ex, client, server, uri, elided), method in zip(fields, method_of):
+        rows += _ROW.pack(*vals, ex, client, server, final[method], uri, elided)
+    strings = uri_texts + extra
+    tail = bytearray(struct.pack("<I", len(addrs)))
+    tail += addr_table
+    tail += struct.pack("<I", len(strings))
+    for t in strings:
+        tail += struct.pack("<I", len(t)) + t
+    return bytes(rows), bytes(tail), b"".join(requests + others)
+
+
+def restore_payload(stored: bytes, kind, data_length, elided, method, uri, strings) -> bytes:
+    """A log block's messages' bytes in row order, from its stored payload (``gather_rows``'s
+    layout) and its table's columns (sequences of ints: kind, data_length, elided, and the
+    method and uri string ids) and strings (``split_strings``'s list). ValueError saying what
+    does not match."""
+    kind, lens, elided, method, uri = (
+        c.tolist() if hasattr(c, "tolist") else list(c)      # numpy columns: as Python ints
+        for c in (kind, data_length, elided, method, uri))
+    if not len(kind) == len(lens) == len(elided) == len(method) == len(uri):
+        raise ValueError("columns of different lengths")
+    n = len(kind)
+    cut = [0] * n
+    starts = [0] * n
+    try:
+        for i in range(n):
+            if elided[i]:
+                cut[i] = len(_text(strings[uri[i]]))
+                starts[i] = len(_text(strings[method[i]])) + 1
+    except (IndexError, TypeError, AttributeError):     # no such string, or None
+        raise ValueError("bad table section: an elided target without its strings") from None
+    if any(e and k != KIND_REQUEST for e, k in zip(elided, kind)):
+        raise ValueError("bad table section: a target left out of a message that is no request")
+    sizes = [ln - c for ln, c in zip(lens, cut)]
+    if any(s < 0 for s in sizes) or sum(sizes) != len(stored):
+        raise ValueError("payload length does not match the table")
+    at = [0] * n
+    pos = 0
+    for second in (False, True):         # the requests first, then the others
+        for i in range(n):
+            if (kind[i] != KIND_REQUEST) == second:
+                at[i] = pos
+                pos += sizes[i]
+    pieces = []
+    for i in range(n):
+        a, size = at[i], sizes[i]
+        if elided[i]:
+            p = starts[i]
+            if p > size:
+                raise ValueError("payload length does not match the table")
+            pieces += (stored[a:a + p], _text(strings[uri[i]]), stored[a + p:a + size])
+        else:
+            pieces.append(stored[a:a + size])
+    return b"".join(pieces)
+
+
+_M64 = (1 << 64) - 1
+
+
+def _s64(x: int) -> int:
+    """``x`` mod 2**64, as a signed 64-bit value."""
+    return (x + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
+def _zz(x: int) -> int:
+    """Zigzag of ``x`` mod 2**64 taken as signed: small magnitudes to small numbers."""
+    q = _s64(x)
+    return ((q << 1) ^ (q >> 63)) & _M64
+
+
+def _planes(values, code: str) -> bytes:
+    """The values (their low bytes, as ``code`` holds them) byte plane by byte plane: byte 0 of
+    every value, then byte 1, ..."""
+    w = WIDTHS[code]
+    mask = (1 << (8 * w)) - 1
+    raw = struct.pack(f"<{len(values)}{code}", *[v & mask for v in values])
+    return b"".join(raw[b::w] for b in range(w))
+
+
+def encode_block(msgs) -> tuple:
+    """``(table, payload, t_min, t_max)`` of a version 2 data block holding ``msgs`` (at least
+    one). The table section is laid out as ``replay.layout.TABLE_COLUMNS`` says, each column
+    stored as ``replay.log.format.COLUMNS`` describes (against the previous row of the same
+    connection); the payload is ``gather_rows``'s. ValueError as ``gather_rows``."""
+    msgs = list(msgs)
+    if not msgs:
+        raise ValueError("a data block holds at least one message")
+    rows, tail, payload = gather_rows(msgs)
+    (kind, flags, conn, index, tf, tl, status, body, head, extra, client, server, method, uri,
+     elided) = zip(*_ROW.iter_unpack(rows))
+    n = len(kind)
+    t_min, t_max = min(min(tf), min(tl)), max(max(tf), max(tl))
+    d1 = [_s64(tf[i] - (tf[i - 1] if i else t_min)) for i in range(n)]   # wrapping: exact
+    d2 = [_s64(tl[i] - tf[i]) for i in range(n)]                          # after the reader's sum
+    unit = math.gcd(*d1, *d2)
+    if not 0 < unit < (1 << 62):
+        unit = 1
+    ranks: dict = {}        # conn -> its rank in the connection table (order of first row)
+    last: dict = {}         # rank -> the row that named it last
+    prev = []               # row -> the previous row of its connection, or -1
+    for i, c in enumerate(conn):
+        k = ranks.setdefault(c, len(ranks))
+        prev.append(last.get(k, -1))
+        last[k] = i
+    uri_code, seen = [], 0
+    for i in range(n):
+        p = prev[i]
+        if p >= 0 and uri[i] == uri[p]:
+            uri_code.append(0)          # as the previous row of the connection
+        elif uri[i] == seen + 1:
+            uri_code.append(1)          # the next string never named before
+        else:
+            uri_code.append(uri[i] + 2)
+        seen = max(seen, uri[i])
+    columns = {
+        "kind": kind, "flags": flags,
+        "conn": [ranks[conn[i]] + 1 if prev[i] >= 0 else 0 for i in range(n)],
+        "index": [_zz(index[i] - index[p] - (kind[i] == KIND_REQUEST)) if p >= 0
+                  else _zz(index[i]) for i, p in enumerate(prev)],
+        "ts_first": [_zz(d // unit) for d in d1],
+        "ts_last": [_zz(d // unit) for d in d2],
+        "status": status, "body_length": body, "head_length": head,
+        "extra": [_zz(e) for e in extra],
+        "client": [0 if p >= 0 and client[i] == client[p] else client[i] + 1
+                   for i, p in enumerate(prev)],
+        "server": server, "method": method, "uri": uri_code, "elided": elided,
+    }
+    out = bytearray(struct.pack("<QI", unit, len(ranks)))
+    for name, code in TABLE_COLUMNS:
+        out += _planes(columns[name], code)
+    conns = list(ranks)
+    out += _planes([_zz(c - (conns[k - 1] if k else 0)) for k, c in enumerate(conns)], "Q")
+    out += tail
+    return bytes(out), payload, t_min, t_max

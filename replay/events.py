@@ -79,3 +79,4 @@ class Message:
     @property
     def kind_name(self) -> str:
         return KIND_NAMES[self.kind]
+

@@ -97,13 +97,22 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
             writer = formats.open_writer(out.path, out.detach(), meta, level=level)
         try:
             try:
-                for msg in reader:
-                    if is_capture or not ports or msg.server[1] in ports or msg.client[1] in ports:
-                        writer.write(msg)
-                        if msg.kind == 0:
-                            requests += 1
-                        else:
-                            responses += 1
+                write_many = getattr(writer, "write_many", None)
+                if is_capture and write_many is not None:     # whole lists, as the core gives them
+                    for out in reader.lists():
+                        write_many(out)
+                        n = sum([m.kind for m in out])      # kinds 0 and 1 only, from the core
+                        requests += len(out) - n
+                        responses += n
+                else:
+                    for msg in reader:
+                        if is_capture or not ports or msg.server[1] in ports \
+                                or msg.client[1] in ports:
+                            writer.write(msg)
+                            if msg.kind == 0:
+                                requests += 1
+                            else:
+                                responses += 1
             except KeyboardInterrupt:       # Ctrl-C or SIGTERM: keep what was converted
                 interrupted = True
                 if is_capture:

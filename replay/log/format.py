@@ -23,8 +23,9 @@ import zlib
 import numpy as np
 import zstandard as zstd
 
-from replay.core import split_strings
+from replay.core import encode_block, gather_rows, restore_payload, split_strings
 from replay.events import KIND_REQUEST, Message
+from replay.layout import ROW_FIELDS, TABLE_COLUMNS, TABLE_PREFIX
 
 MAGIC = b"RLOG\r\n\x1a\n"  # PNG-style: catches text-mode (CRLF) damage
 VERSION_MAJOR = 2             # what this writer writes
@@ -60,7 +61,6 @@ INDEX_TRAILER = struct.Struct("<Q8s")
 INDEX_MAGIC = b"RLOGIDX\n"
 
 MAX_SECTION = 0xFFFFFFFF
-MASK64 = (1 << 64) - 1
 
 # Data-block table columns, in stored order. Each is stored byte-plane by byte-plane ("shuffled":
 # byte 0 of every value, then byte 1, ...), which lets zstd drop the planes that are all zero.
@@ -80,26 +80,13 @@ MASK64 = (1 << 64) - 1
 #   elided     1: the request's target (its uri string, after the method and a space) is left out
 #              of the payload, and put back by the reader
 # where unit (u64, first 8 bytes of the table section) is the gcd of all those time deltas.
-COLUMNS = (
-    ("kind", "u1"),
-    ("flags", "<u4"),
-    ("conn", "<u4"),
-    ("index", "<u8"),
-    ("ts_first", "<u8"),
-    ("ts_last", "<u8"),
-    ("status", "<u2"),
-    ("body_length", "<u8"),
-    ("head_length", "<u4"),
-    ("extra", "<u8"),
-    ("client", "<u4"),
-    ("server", "<u4"),     # id into the block's address table
-    ("method", "<u4"),     # 0 = None, k = string k-1 of the block's string table
-    ("uri", "<u4"),
-    ("elided", "u1"),
-)
+_NUMPY_CODES = {"B": "u1", "H": "<u2", "I": "<u4", "Q": "<u8", "q": "<i8"}
+# (replay.layout.TABLE_COLUMNS: kind, flags, conn, index, ts_first, ts_last, status, body_length,
+# head_length, extra, client, server (an id into the block's address table), method (0 = None,
+# k = string k-1 of the block's string table), uri, elided)
+COLUMNS = tuple((name, _NUMPY_CODES[code]) for name, code in TABLE_COLUMNS)
 COLUMN_DTYPES = [(name, np.dtype(t)) for name, t in COLUMNS]
 ROW_BYTES = sum(dt.itemsize for _, dt in COLUMN_DTYPES)
-TABLE_PREFIX = 12  # u64 unit, u32 connections in the connection table
 
 # Version 1.x tables: the same columns with their values as they are (conn, index, client, uri),
 # index stored as i8, no elided column (a payload holds every message's bytes in row order).
@@ -116,6 +103,9 @@ TABLE_DTYPE = np.dtype([
     ("head_length", "<u4"), ("data_length", "<u8"), ("data_offset", "<u8"),
     ("client", "<u4"), ("server", "<u4"), ("method", "<u4"), ("uri", "<u4"), ("block", "<u4"),
 ])
+
+# The rows the core gathers from a block's messages (replay.layout.ROW_FIELDS), as numpy sees them.
+ROW_DTYPE = np.dtype([(name, _NUMPY_CODES[code]) for name, code in ROW_FIELDS])
 
 U8 = struct.Struct("<B")
 U16 = struct.Struct("<H")
@@ -279,10 +269,6 @@ def _sections(h, buf, offset, dctx, want_b):
 # data blocks
 
 
-def _text(s: str) -> bytes:
-    return s.encode("utf-8", "surrogatepass")
-
-
 def unpack_addr(mv, off: int):
     """((ip, port), offset after it) of an address as tables store it: u8 length, the ip's
     text, u16 port. struct.error or UnicodeDecodeError when the bytes are not one."""
@@ -310,10 +296,8 @@ def _unplanes(buf, dt: np.dtype, n: int, offset: int) -> np.ndarray:
     return planes.reshape(dt.itemsize, n).T.copy().view(dt).reshape(n)
 
 
-def _times(msgs):
-    """(zz ts_first column, zz ts_last column, unit, t_min, t_max) as the format stores them."""
-    tf = np.array([m.ts_first for m in msgs], dtype=np.int64)
-    tl = np.array([m.ts_last for m in msgs], dtype=np.int64)
+def _times(tf: np.ndarray, tl: np.ndarray):
+    """(zz ts_first column, zz ts_last column, unit, t_min, t_max) as version 1 stores them."""
     t_min = int(min(tf.min(), tl.min()))
     t_max = int(max(tf.max(), tl.max()))
     prev = np.empty_like(tf)
@@ -327,18 +311,6 @@ def _times(msgs):
     return _zigzag(d1 // unit), _zigzag(d2 // unit), unit, t_min, t_max
 
 
-def _stored_as_is(msgs) -> dict:
-    """The columns both versions store as the messages hold them (``extra`` zigzagged)."""
-    return {
-        "flags": [m.flags for m in msgs],
-        "status": [m.status for m in msgs],
-        "body_length": [m.body_length for m in msgs],
-        "head_length": [m.head_length for m in msgs],
-        "extra": _zigzag(np.array([(len(m.data) - m.head_length - m.body_length) & MASK64
-                                   for m in msgs], dtype=np.uint64).view(np.int64)),
-    }
-
-
 def _previous(rank: np.ndarray):
     """(order, first): ``order`` sorts rows by connection rank, row order kept within one;
     ``first[j]`` is True where ``order[j]`` is its connection's first row."""
@@ -349,152 +321,37 @@ def _previous(rank: np.ndarray):
     return order, first
 
 
+def _rows(msgs) -> tuple:
+    """``gather_rows`` of the core (either): (rows as a structured array, tail, payload)."""
+    rows, tail, payload = gather_rows(msgs)
+    return np.frombuffer(rows, dtype=ROW_DTYPE), tail, payload
+
+
 def encode_table(msgs: list) -> tuple[bytes, list, int, int]:
     """(table section, payload parts, t_min, t_max) of a data block holding ``msgs`` (raw); the
     payload section is the parts one after another: the requests' bytes in row order, each with
     its target left out where the ``elided`` column says so, then the other messages' bytes.
 
     ValueError when a field does not fit its column (see docs/log-format.md for the ranges).
+    The work is the core's ``encode_block`` (``COLUMNS`` above says what it stores); decoding
+    is here (``Table``).
     """
-    addrs: dict = {}
-    strings: dict = {}
-    n = len(msgs)
-    name = "ts_first"
-    try:
-        with np.errstate(over="ignore"):
-            zf, zl, unit, t_min, t_max = _times(msgs)
-            name = "kind"
-            kind = np.array([m.kind for m in msgs], dtype=np.uint8)
-            name = "conn"
-            conn = np.array([m.conn for m in msgs], dtype=np.uint64)
-            uniq, first_row, inv = np.unique(conn, return_index=True, return_inverse=True)
-            by_first = np.argsort(first_row, kind="stable")      # the table: order of appearance
-            rank_of = np.empty(len(uniq), dtype=np.int64)
-            rank_of[by_first] = np.arange(len(uniq))
-            rank = rank_of[inv.reshape(-1)]
-            order, first = _previous(rank)
-            prev = np.full(n, -1, dtype=np.int64)
-            prev[order[1:][~first[1:]]] = order[:-1][~first[1:]]
-            has = prev >= 0
-            pp = np.maximum(prev, 0)
-            conn_code = np.where(has, rank + 1, 0)
-            conn_table = uniq[by_first].view(np.int64)
-            conn_deltas = _zigzag(np.diff(conn_table, prepend=np.int64(0)))
-            name = "index"
-            index = np.array([m.index for m in msgs], dtype=np.int64)
-            step = (has & (kind == KIND_REQUEST)).astype(np.int64)
-            index_code = _zigzag(np.where(has, index - index[pp] - step, index))
-            name = "client"
-            client = np.array([addrs.setdefault(m.client, len(addrs)) for m in msgs], dtype=np.int64)
-            client_code = np.where(has & (client == client[pp]), 0, client + 1)
-            server = [addrs.setdefault(m.server, len(addrs)) for m in msgs]
-            name = "uri"     # uri strings first, in the order rows first name them
-            uri = np.array([0 if m.uri is None else strings.setdefault(m.uri, len(strings) + 1)
-                            for m in msgs], dtype=np.int64)
-            seen = np.maximum.accumulate(uri)
-            fresh = np.zeros(n, dtype=bool)
-            fresh[0] = uri[0] == 1
-            fresh[1:] = uri[1:] == seen[:-1] + 1
-            uri_code = np.where(has & (uri == uri[pp]), 0, np.where(fresh, 1, uri + 2))
-            method = [0 if m.method is None else strings.setdefault(m.method, len(strings) + 1)
-                      for m in msgs]
-            elided = np.zeros(n, dtype=np.uint8)
-            requests, others = [], []
-            methods: dict = {}      # method -> its bytes and a space
-            targets: dict = {}      # uri -> its bytes
-            for i, m in enumerate(msgs):
-                data = m.data
-                if m.kind != KIND_REQUEST:
-                    others.append(data)
-                    continue
-                if m.uri and m.method and data.__class__ is bytes:
-                    mb = methods.get(m.method)
-                    if mb is None:
-                        mb = methods[m.method] = _text(m.method) + b" "
-                    ub = targets.get(m.uri)
-                    if ub is None:
-                        ub = targets[m.uri] = _text(m.uri)
-                    p = len(mb)
-                    if data.startswith(mb) and data.startswith(ub, p):
-                        elided[i] = 1
-                        requests.append(data[:p])
-                        requests.append(data[p + len(ub):])
-                        continue
-                requests.append(data)
-            requests += others
-            cols = {
-                "kind": kind,
-                **_stored_as_is(msgs),
-                "conn": conn_code,
-                "index": index_code,
-                "ts_first": zf,
-                "ts_last": zl,
-                "client": client_code,
-                "server": server,
-                "method": method,
-                "uri": uri_code,
-                "elided": elided,
-            }
-            out = bytearray(U64.pack(unit))
-            out += U32.pack(len(uniq))
-            for name, dt in COLUMN_DTYPES:      # lists: the message's values, checked here
-                col = cols[name]
-                out += _planes(np.asarray(col, dtype=dt) if col.__class__ is list else
-                               col.astype(dt, copy=False))
-            name = "conn"
-            out += _planes(conn_deltas)
-    except (OverflowError, ValueError, TypeError) as e:
-        raise ValueError(f"a message field does not fit the .rlog column {name!r}: {e}") from None
-    _addresses_and_strings(out, addrs, strings)
-    return bytes(out), requests, t_min, t_max
-
-
-def _addresses_and_strings(out: bytearray, addrs: dict, strings: dict) -> None:
-    out += U32.pack(len(addrs))
-    for ip, port in addrs:
-        ipb = _text(ip)
-        if len(ipb) > 255 or not 0 <= port <= 0xFFFF:
-            raise ValueError(f"address {(ip, port)!r} does not fit .rlog (ip <= 255 bytes, port u16)")
-        out += U8.pack(len(ipb))
-        out += ipb
-        out += U16.pack(port)
-    out += U32.pack(len(strings))
-    for s in strings:
-        sb = _text(s)
-        out += U32.pack(len(sb))
-        out += sb
+    table, payload, t_min, t_max = encode_block(msgs)
+    return table, [payload], t_min, t_max
 
 
 def encode_table_v1(msgs: list) -> tuple[bytes, list, int, int]:
     """A version 1.x data block's (table section, payload parts, t_min, t_max), for tests that
     check that such logs still read."""
-    addrs: dict = {}
-    strings: dict = {}
-    name = "ts_first"
-    try:
-        with np.errstate(over="ignore"):
-            zf, zl, unit, t_min, t_max = _times(msgs)
-            cols = {
-                "kind": [m.kind for m in msgs],
-                **_stored_as_is(msgs),
-                "conn": [m.conn for m in msgs],
-                "index": [m.index for m in msgs],
-                "ts_first": zf,
-                "ts_last": zl,
-                "client": [addrs.setdefault(m.client, len(addrs)) for m in msgs],
-                "server": [addrs.setdefault(m.server, len(addrs)) for m in msgs],
-                "method": [0 if m.method is None else strings.setdefault(m.method, len(strings) + 1)
-                           for m in msgs],
-                "uri": [0 if m.uri is None else strings.setdefault(m.uri, len(strings) + 1)
-                        for m in msgs],
-            }
-            out = bytearray(U64.pack(unit))
-            for name, dt in COLUMN_DTYPES_V1:
-                out += _planes(np.asarray(cols[name], dtype=dt))
-    except (OverflowError, ValueError, TypeError) as e:
-        raise ValueError(f"a message field does not fit the .rlog column {name!r}: {e}") from None
-    _addresses_and_strings(out, addrs, strings)
-    return bytes(out), [m.data for m in msgs], t_min, t_max
+    r, tail, _ = _rows(msgs)
+    with np.errstate(over="ignore"):
+        zf, zl, unit, t_min, t_max = _times(r["ts_first"], r["ts_last"])
+    cols = {"ts_first": zf, "ts_last": zl, "extra": _zigzag(r["extra"].view(np.int64))}
+    out = bytearray(U64.pack(unit))
+    for name, dt in COLUMN_DTYPES_V1:
+        out += _planes((cols[name] if name in cols else r[name]).astype(dt))
+    out += tail
+    return bytes(out), [bytes(m.data) for m in msgs], t_min, t_max
 
 
 # the columns a version 2 column is decoded from, besides its own
@@ -639,50 +496,18 @@ class Table:
         if self.major == 1 or not self.n:
             return stored
         c = self.cols
-        n = self.n
-        req = c["kind"] == KIND_REQUEST
-        elided = c["elided"] != 0
-        lens = c["data_length"].astype(np.int64)
-        cut = np.zeros(n, dtype=np.int64)
-        strings = self.strings
-        targets, starts = {}, {}       # uri id -> its bytes; method id -> where the target starts
-        if elided.any():
-            try:
-                for u in set(c["uri"][elided].tolist()):
-                    targets[u] = _text(strings[u])
-                for m in set(c["method"][elided].tolist()):
-                    starts[m] = len(_text(strings[m])) + 1
-            except (IndexError, TypeError, AttributeError):     # no string, or None
-                raise FormatError("bad table section: an elided target without its strings") from None
-            cut[elided] = [len(targets[u]) for u in c["uri"][elided].tolist()]
-        if (elided & ~req).any():
-            raise FormatError("bad table section: a target left out of a message that is no request")
-        stored_lens = lens - cut
-        if (stored_lens < 0).any() or sum(stored_lens.tolist()) != len(stored):   # no wrapping
-            raise FormatError("payload length does not match the table")
-        rq = np.flatnonzero(req)
-        if not elided.any() and (not len(rq) or rq[-1] == len(rq) - 1):
+        kind = c["kind"]
+        rq = np.flatnonzero(kind == KIND_REQUEST)
+        if not c["elided"].any() and (not len(rq) or rq[-1] == len(rq) - 1):
+            if int(c["data_length"].sum(dtype=np.uint64)) != len(stored) \
+                    or (c["data_length"] > len(stored)).any():     # no wrapping
+                raise FormatError("payload length does not match the table")
             return stored         # nothing left out, the requests first already
-        start = np.empty(n, dtype=np.int64)
-        at = np.cumsum(stored_lens[req])
-        start[req] = at - stored_lens[req]
-        ot = ~req
-        start[ot] = (int(at[-1]) if len(at) else 0) + np.cumsum(stored_lens[ot]) - stored_lens[ot]
-        mv = memoryview(stored)
-        pieces = []
-        add = pieces.append
-        uri, method = c["uri"].tolist(), c["method"].tolist()
-        for i, a, ln, e in zip(range(n), start.tolist(), stored_lens.tolist(), elided.tolist()):
-            if e:
-                p = starts[method[i]]
-                if p > ln:
-                    raise FormatError("payload length does not match the table")
-                add(mv[a:a + p])
-                add(targets[uri[i]])
-                add(mv[a + p:a + ln])
-            else:
-                add(mv[a:a + ln])
-        return b"".join(pieces)
+        try:
+            return restore_payload(bytes(stored), kind, c["data_length"], c["elided"],
+                                   c["method"], c["uri"], self.strings)
+        except ValueError as e:
+            raise FormatError(str(e)) from None
 
     def messages(self, payload, rows=None) -> list:
         """The Message objects of this block (all rows, or the given row numbers)."""

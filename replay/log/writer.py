@@ -117,6 +117,27 @@ class LogWriter:
         if len(self._msgs) >= self.block_records or self._msg_bytes >= self.block_bytes:
             self._cut()
 
+    def write_many(self, msgs: list) -> None:
+        """``write`` of each of ``msgs`` in order (the same blocks), with less work a message."""
+        if self._closed:
+            raise ValueError("write to a closed LogWriter")
+        if self._error is not None:
+            self._raise()
+        i, n = 0, len(msgs)
+        while i < n:
+            take = msgs[i:i + self.block_records - len(self._msgs)]
+            size = sum([len(m.data) for m in take])
+            if self._msg_bytes + size >= self.block_bytes:     # the byte limit falls inside
+                for m in take:
+                    self.write(m)
+            else:
+                self._msgs += take
+                self._msg_bytes += size
+                self.records_written += len(take)
+                if len(self._msgs) >= self.block_records:
+                    self._cut()
+            i += len(take)
+
     def flush(self, fsync: bool = True) -> None:
         """Write the partial block, wait for every queued block, then (by default) fsync."""
         if self._closed:

@@ -1,0 +1,220 @@
+"""A log block's messages gathered as rows, and its payload put back in row order: both cores
+alike, byte for byte and error for error (``gather_rows``, ``restore_payload``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replay import _fastparse_py as pure
+from replay.events import KIND_REQUEST, KIND_RESPONSE, Message
+from replay.layout import ROW_STRUCT
+from replay.log import LogReader, LogWriter
+from replay.log import format as fmt
+from tests.test_log_v2 import build
+
+try:
+    from replay import _fastparse as compiled
+except ImportError:         # pragma: no cover - the pure run
+    compiled = None
+
+needs_compiled = pytest.mark.skipif(compiled is None, reason="replay._fastparse is not built")
+
+
+def _outcome(core, fn, *args):
+    try:
+        return getattr(core, fn)(*args)
+    except ValueError as e:
+        return f"ValueError: {e}"
+
+
+def _columns(msgs):
+    """What a reader holds for ``restore_payload``: the table's columns and strings."""
+    rows, tail, payload = pure.gather_rows(msgs)
+    r = np.frombuffer(rows, dtype=fmt.ROW_DTYPE)
+    (na,) = struct.unpack_from("<I", tail, 0)
+    off = 4
+    for _ in range(na):
+        off += 1 + tail[off] + 2
+    (ns,) = struct.unpack_from("<I", tail, off)
+    strings, end = pure.split_strings(tail, off + 4, ns)
+    assert end == len(tail)
+    data_length = (r["extra"] + r["head_length"].astype(np.uint64) + r["body_length"])
+    return payload, [np.ascontiguousarray(c) for c in (
+        r["kind"], data_length, r["elided"], r["method"], r["uri"])], strings
+
+
+def test_the_row_layout_is_one_in_both_cores():
+    assert fmt.ROW_DTYPE.itemsize == struct.calcsize(ROW_STRUCT)
+    if compiled is not None:
+        assert compiled.ROW_SIZE == struct.calcsize(ROW_STRUCT)
+
+
+@needs_compiled
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32), n=st.integers(0, 200))
+def test_both_cores_gather_the_same_rows_and_put_back_the_same_payload(seed, n):
+    msgs = build(seed, n)
+    got = compiled.gather_rows(msgs)
+    assert got == pure.gather_rows(msgs)
+    rows, tail, payload = got
+    assert len(rows) == n * struct.calcsize(ROW_STRUCT)
+    stored, cols, strings = _columns(msgs)
+    assert stored == payload
+    whole = b"".join(bytes(m.data) for m in msgs)
+    assert compiled.restore_payload(stored, *cols, strings) == whole
+    assert pure.restore_payload(stored, *cols, strings) == whole
+
+
+@needs_compiled
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32), n=st.integers(1, 200))
+def test_both_cores_encode_the_same_table(seed, n):
+    msgs = build(seed, n)
+    assert compiled.encode_block(msgs) == pure.encode_block(msgs)
+
+
+def test_tables_at_the_edges_of_their_ranges_encode_alike():
+    a = ("::1", 1)
+    lo, hi = -2**63, 2**63 - 1
+    cases = [
+        [Message(0, 2**64 - 1, hi, lo, hi, a, a, 2**32 - 1, b"", None, None, 65535, 2**64 - 1, 0)],
+        [Message(1, 0, lo, hi, lo, a, a, 0, b"x", "", "", 0, 0, 2**32 - 1),
+         Message(0, 0, hi, lo, lo, a, a, 0, b"y", "", "", 0, 0, 0)],
+        [Message(0, c, i, t, t + 3000, a, a, 0, b"GET / ", "GET", "/", 0, 0, 6)
+         for c, i, t in [(5, 0, 0), (2**63, 0, 6000), (5, 1, 9000), (5, 2**63 - 1, 12000)]],
+    ]
+    for msgs in cases:
+        table, payload, t_min, t_max = pure.encode_block(msgs)
+        assert (t_min, t_max) == (min(min(m.ts_first, m.ts_last) for m in msgs),
+                                  max(max(m.ts_first, m.ts_last) for m in msgs))
+        if compiled is not None:
+            assert compiled.encode_block(msgs) == (table, payload, t_min, t_max)
+        t = fmt.Table(table, len(msgs), t_min)
+        for name in ("kind", "conn", "index", "ts_first", "ts_last", "flags", "status",
+                     "body_length", "head_length"):
+            assert t.cols[name].tolist() == [getattr(m, name) for m in msgs], name
+        assert t.messages(t.payload(payload)) == msgs
+    for core in [pure] + ([compiled] if compiled else []):
+        with pytest.raises(ValueError, match="at least one message"):
+            core.encode_block([])
+
+
+def test_rows_hold_the_fields_the_ids_and_the_elided_targets():
+    a, b = ("10.0.0.1", 40000), ("10.0.0.2", 80)
+    msgs = [
+        Message(KIND_REQUEST, 5, 0, 10, 20, a, b, 0, b"GET /x HTTP/1.1\r\n\r\n", "GET", "/x",
+                0, 0, 19),
+        Message(KIND_RESPONSE, 5, 0, 30, 40, a, b, 0, b"HTTP/1.1 200 OK\r\n\r\nab", "GET", "/x",
+                200, 2, 19),
+        Message(KIND_REQUEST, 6, 0, 50, 50, b, a, 0, b"POST POST /y", "POST", "POST", 0, 0, 12),
+    ]
+    for core in [pure] + ([compiled] if compiled else []):
+        rows, tail, payload = core.gather_rows(msgs)
+        r = np.frombuffer(rows, dtype=fmt.ROW_DTYPE)
+        assert r["client"].tolist() == [0, 0, 1] and r["server"].tolist() == [1, 1, 0]
+        # the uris first ("/x", "POST"), then the methods that are no uri ("GET")
+        assert r["uri"].tolist() == [1, 1, 2] and r["method"].tolist() == [3, 3, 2]
+        assert r["elided"].tolist() == [1, 0, 1]
+        assert r["extra"].tolist() == [0, 0, 0]
+        # the requests first, each without its target, then the response
+        assert payload == b"GET  HTTP/1.1\r\n\r\nPOST  /yHTTP/1.1 200 OK\r\n\r\nab"
+        assert tail.endswith(struct.pack("<I", 3) + b"\x02\0\0\0/x\x04\0\0\0POST\x03\0\0\0GET")
+
+
+BAD = [
+    ("kind", 256), ("kind", -1), ("kind", 1.0), ("flags", 2**32), ("conn", 2**64),
+    ("conn", -1), ("index", 2**63), ("ts_first", "1"), ("ts_last", -2**63 - 1),
+    ("status", 65536), ("body_length", None), ("head_length", 2**32),
+    ("data", "text"), ("data", 7), ("client", ["10.0.0.1", 1]), ("client", ("10.0.0.1",)),
+    ("client", ("10.0.0.1", 70000)), ("client", ("x" * 256, 1)), ("server", (b"10.0.0.1", 1)),
+    ("server", ("10.0.0.1", "80")), ("uri", b"/x"), ("method", 1),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD, ids=[f"{f}={v!r}"[:40] for f, v in BAD])
+def test_a_field_that_does_not_fit_is_one_value_error_alike(field, value):
+    msgs = build(3, 5)
+    msgs[2] = dataclasses.replace(msgs[2], **{field: value})
+    got = _outcome(pure, "gather_rows", msgs)
+    assert got.startswith("ValueError: ") and (field in got or "address" in got), got
+    if compiled is not None:
+        assert _outcome(compiled, "gather_rows", msgs) == got
+
+
+def test_bytes_like_data_and_numpy_integers_are_taken():
+    base = build(11, 20)
+    msgs = [dataclasses.replace(m, data=bytearray(m.data), conn=np.uint64(m.conn),
+                                status=np.int64(m.status)) for m in base]
+    msgs[0] = dataclasses.replace(msgs[0], data=memoryview(base[0].data))
+    want = pure.gather_rows(base)
+    assert pure.gather_rows(msgs) == want
+    if compiled is not None:
+        assert compiled.gather_rows(msgs) == want
+        assert compiled.gather_rows(base) == want
+
+
+class Sub(Message):         # another class than Message: read through getattr
+    __slots__ = ()
+
+
+@needs_compiled
+def test_a_subclass_of_message_is_read_through_its_attributes():
+    msgs = build(5, 40)
+    subs = [Sub(*dataclasses.astuple(m)) for m in msgs]
+    assert compiled.gather_rows(subs) == compiled.gather_rows(msgs) == pure.gather_rows(msgs)
+
+
+def test_damaged_columns_fail_alike():
+    msgs = build(21, 120)
+    stored, cols, strings = _columns(msgs)
+    rnd = random.Random(4)
+    cases = 0
+    for _ in range(400):
+        c = [x.copy() for x in cols]
+        s = list(strings)
+        st_ = stored
+        what = rnd.randrange(6)
+        i = rnd.randrange(len(msgs))
+        if what == 0:
+            c[1][i] = (int(c[1][i]) + rnd.choice([1, 2**63, 2**64 - 1])) % 2**64  # data_length
+        elif what == 1:
+            c[2][i] = 1                                                   # elided
+        elif what == 2:
+            c[rnd.choice([3, 4])][i] = rnd.choice([0, len(s), 2**32 - 1])  # string ids
+        elif what == 3:
+            s[rnd.randrange(len(s))] = rnd.choice([None, 5, "é" * 3])
+        elif what == 4:
+            st_ = stored[:-1] if rnd.random() < 0.5 else stored + b"x"
+        else:
+            c[0][i] = rnd.choice([0, 1, 7])                              # kind
+        got = _outcome(pure, "restore_payload", st_, *c, s)
+        if compiled is not None:
+            assert _outcome(compiled, "restore_payload", st_, *c, s) == got
+        cases += isinstance(got, str)
+    assert cases > 100          # most damage is found
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 30, 3000, 1])
+def test_write_many_cuts_the_blocks_write_cuts(tmp_path, block_bytes):
+    msgs = build(8, 500)
+    for m in msgs:
+        if m.kind not in (0, 1):
+            m.kind = 1
+    a, b = tmp_path / "a.rlog", tmp_path / "b.rlog"
+    with LogWriter(a, block_records=64, block_bytes=block_bytes, meta={"created": "x"}) as w:
+        for m in msgs:
+            w.write(m)
+    with LogWriter(b, block_records=64, block_bytes=block_bytes, meta={"created": "x"}) as w:
+        for k in range(0, len(msgs), 37):
+            w.write_many(msgs[k:k + 37])
+        assert w.records_written == len(msgs)
+    with LogReader(a) as ra, LogReader(b) as rb:
+        assert [(x.count, x.t_min) for x in ra.blocks] == [(x.count, x.t_min) for x in rb.blocks]
+        assert list(ra) == list(rb) == msgs
