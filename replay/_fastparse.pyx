@@ -25,6 +25,9 @@ from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.string cimport memchr, memcmp, memcpy, memset
 from cpython.ref cimport Py_INCREF
 
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void*)
+
 from replay.errors import InputError
 from replay.limits import (IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE, MAX_STREAM_BUFFER,
                            MAX_TOTAL_BUFFER)
@@ -105,10 +108,14 @@ cdef inline void _put(object m, int k, object v):
     (<PyObject**>((<char*><PyObject*>m) + _slot[k]))[0] = <PyObject*>v
 
 
-cdef object _message(int kind, object conn, int64_t index, object ts_first, object ts_last,
-                     object client, object server, int flags, bytes data, object method,
-                     object uri, int status, int64_t body_length, int64_t head_length):
-    """``Message(...)`` with these fields."""
+cdef object _message(object kind, object conn, object index, object ts_first, object ts_last,
+                     object client, object server, object flags, object data, object method,
+                     object uri, object status, object body_length, object head_length):
+    """``Message(...)`` with these fields. Made here, a message is left out of the cyclic
+    garbage collector's lists: it holds ints, bytes, str and (str, int) tuples, which make no
+    cycle, and the collector no longer walks the hundreds of thousands a stream holds at once
+    (what a cycle made by storing a container in a message and the message in it would cost: that
+    cycle is not collected)."""
     if not _slots_known:
         return Message(kind, conn, index, ts_first, ts_last, client, server, flags, data,
                        method, uri, status, body_length, head_length)
@@ -127,6 +134,7 @@ cdef object _message(int kind, object conn, int64_t index, object ts_first, obje
     _put(m, M_STATUS, status)
     _put(m, M_BODY_LENGTH, body_length)
     _put(m, M_HEAD_LENGTH, head_length)
+    PyObject_GC_UnTrack(<void*>m)
     return m
 
 
@@ -3095,3 +3103,35 @@ def restore_payload(bytes stored not None, const uint8_t[::1] kind, const uint64
         free(cut)
     return payload
 
+
+
+def make_messages(const uint8_t[::1] kind, const uint64_t[::1] conn, const int64_t[::1] index,
+                  const int64_t[::1] ts_first, const int64_t[::1] ts_last,
+                  const uint32_t[::1] client, const uint32_t[::1] server,
+                  const uint32_t[::1] flags, const uint64_t[::1] offset,
+                  const uint64_t[::1] length, const uint32_t[::1] method,
+                  const uint32_t[::1] uri, const uint16_t[::1] status,
+                  const uint64_t[::1] body_length, const uint32_t[::1] head_length,
+                  bytes payload not None, list addrs not None, list strings not None):
+    """The twin's ``make_messages``: the Message objects of a block's rows, in C."""
+    cdef Py_ssize_t n = kind.shape[0], i, na = len(addrs), ns = len(strings)
+    cdef uint64_t size = <uint64_t>PyBytes_GET_SIZE(payload)
+    cdef const char* p = PyBytes_AS_STRING(payload)
+    cdef list out = []
+    if not (conn.shape[0] == index.shape[0] == ts_first.shape[0] == ts_last.shape[0]
+            == client.shape[0] == server.shape[0] == flags.shape[0] == offset.shape[0]
+            == length.shape[0] == method.shape[0] == uri.shape[0] == status.shape[0]
+            == body_length.shape[0] == head_length.shape[0] == n):
+        raise ValueError("columns of different lengths")
+    for i in range(n):
+        if client[i] >= <uint64_t>na or server[i] >= <uint64_t>na or method[i] >= <uint64_t>ns \
+                or uri[i] >= <uint64_t>ns:
+            raise IndexError("id out of range")
+        if offset[i] > size or length[i] > size - offset[i]:
+            raise IndexError("message bytes out of range")
+        out.append(_message(kind[i], conn[i], index[i], ts_first[i], ts_last[i],
+                            addrs[client[i]], addrs[server[i]], flags[i],
+                            PyBytes_FromStringAndSize(p + offset[i], <Py_ssize_t>length[i]),
+                            strings[method[i]], strings[uri[i]], status[i], body_length[i],
+                            head_length[i]))
+    return out

@@ -2029,3 +2029,26 @@ def encode_block(msgs) -> tuple:
     out += _planes([_zz(c - (conns[k - 1] if k else 0)) for k, c in enumerate(conns)], "Q")
     out += tail
     return bytes(out), payload, t_min, t_max
+
+
+def make_messages(kind, conn, index, ts_first, ts_last, client, server, flags, offset, length,
+                  method, uri, status, body_length, head_length, payload: bytes, addrs: list,
+                  strings: list) -> list:
+    """The Message objects of a log block's rows: the columns (sequences of ints, one value a
+    row; client and server ids into ``addrs``, method and uri ids into ``strings``; offset and
+    length find the message's bytes in ``payload``). IndexError when an id or the bytes are out
+    of range, ValueError when the columns differ in length."""
+    cols = [c.tolist() if hasattr(c, "tolist") else list(c)
+            for c in (kind, conn, index, ts_first, ts_last, client, server, flags, offset,
+                      length, method, uri, status, body_length, head_length)]
+    if any(len(c) != len(cols[0]) for c in cols):
+        raise ValueError("columns of different lengths")
+    out = []
+    for k, c, ix, tf, tl, cl, sv, fl, o, ln, me, ur, st, bl, hl in zip(*cols):
+        if cl >= len(addrs) or sv >= len(addrs) or me >= len(strings) or ur >= len(strings):
+            raise IndexError("id out of range")
+        if o > len(payload) or ln > len(payload) - o:
+            raise IndexError("message bytes out of range")
+        out.append(Message(k, c, ix, tf, tl, addrs[cl], addrs[sv], fl, payload[o:o + ln],
+                           strings[me], strings[ur], st, bl, hl))
+    return out

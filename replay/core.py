@@ -29,6 +29,7 @@ split_strings = impl.split_strings
 gather_rows = impl.gather_rows
 encode_block = impl.encode_block
 restore_payload = impl.restore_payload
+make_messages = impl.make_messages
 STAT_NAMES = impl.STAT_NAMES
 SUPPORTED_LINKTYPES = impl.SUPPORTED_LINKTYPES
 IMPLEMENTATION = "compiled" if COMPILED else "pure"

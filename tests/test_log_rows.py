@@ -218,3 +218,57 @@ def test_write_many_cuts_the_blocks_write_cuts(tmp_path, block_bytes):
     with LogReader(a) as ra, LogReader(b) as rb:
         assert [(x.count, x.t_min) for x in ra.blocks] == [(x.count, x.t_min) for x in rb.blocks]
         assert list(ra) == list(rb) == msgs
+
+
+def _decoded(msgs):
+    """A block of ``msgs`` as a reader decodes it: its Table and its payload in row order."""
+    table, payload, t_min, _ = pure.encode_block(msgs)
+    t = fmt.Table(table, len(msgs), t_min)
+    return t, t.payload(payload)
+
+
+def _make_args(t, payload, rows=slice(None)):
+    c = t.cols
+    offs, lens = t.data_offsets(), c["data_length"]
+    return (*(np.ascontiguousarray(c[k][rows]) for k in (
+        "kind", "conn", "index", "ts_first", "ts_last", "client", "server", "flags")),
+        np.ascontiguousarray(offs[rows]), np.ascontiguousarray(lens[rows]),
+        *(np.ascontiguousarray(c[k][rows]) for k in (
+            "method", "uri", "status", "body_length", "head_length")),
+        payload, t.addrs, t.strings)
+
+
+@needs_compiled
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), n=st.integers(1, 150), pick=st.integers(0, 2**32))
+def test_both_cores_make_the_same_messages_of_a_block(seed, n, pick):
+    msgs = build(seed, n)
+    t, payload = _decoded(msgs)
+    assert compiled.make_messages(*_make_args(t, payload)) == msgs
+    rows = np.array(sorted(random.Random(pick).sample(range(n), k=n // 2)), dtype=np.int64)
+    want = [msgs[i] for i in rows]
+    assert pure.make_messages(*_make_args(t, payload, rows)) == want
+    assert compiled.make_messages(*_make_args(t, payload, rows)) == want
+
+
+def test_ids_and_bytes_out_of_range_fail_alike():
+    msgs = build(9, 30)
+    t, payload = _decoded(msgs)
+    for k, value in ((5, len(t.addrs)), (6, 2**32 - 1), (10, len(t.strings)), (11, 2**31),
+                     (8, len(payload) + 1), (9, 2**64 - 1)):
+        args = list(_make_args(t, payload))
+        args[k] = args[k].copy()
+        args[k][len(msgs) // 2] = value
+        for core in [pure] + ([compiled] if compiled else []):
+            with pytest.raises(IndexError):
+                core.make_messages(*args)
+
+
+@needs_compiled
+def test_messages_the_compiled_core_makes_are_left_to_reference_counting():
+    import gc
+
+    msgs = build(2, 20)
+    made = compiled.make_messages(*_make_args(*_decoded(msgs)))
+    assert made == msgs and not any(gc.is_tracked(m) for m in made)
+    assert all(gc.is_tracked(m) for m in pure.make_messages(*_make_args(*_decoded(msgs))))

@@ -23,8 +23,9 @@ import zlib
 import numpy as np
 import zstandard as zstd
 
-from replay.core import encode_block, gather_rows, restore_payload, split_strings
-from replay.events import KIND_REQUEST, Message
+from replay.core import (encode_block, gather_rows, make_messages, restore_payload,
+                         split_strings)
+from replay.events import KIND_REQUEST
 from replay.layout import ROW_FIELDS, TABLE_COLUMNS, TABLE_PREFIX
 
 MAGIC = b"RLOG\r\n\x1a\n"  # PNG-style: catches text-mode (CRLF) damage
@@ -518,21 +519,14 @@ class Table:
             raise FormatError("payload length does not match the table")
         if rows is None:
             rows = slice(None)
-        addrs = self.addrs
-        strings = self.strings
         try:
-            return [
-                Message(kind, conn, index, tf, tl, addrs[cl], addrs[sv], fl,
-                        payload[o:o + ln], strings[me], strings[ur], st, bl, hl)
-                for kind, conn, index, tf, tl, cl, sv, fl, o, ln, me, ur, st, bl, hl in zip(
-                    c["kind"][rows].tolist(), c["conn"][rows].tolist(), c["index"][rows].tolist(),
-                    c["ts_first"][rows].tolist(), c["ts_last"][rows].tolist(),
-                    c["client"][rows].tolist(), c["server"][rows].tolist(),
-                    c["flags"][rows].tolist(), offs[rows].tolist(), lens[rows].tolist(),
-                    c["method"][rows].tolist(), c["uri"][rows].tolist(),
-                    c["status"][rows].tolist(), c["body_length"][rows].tolist(),
-                    c["head_length"][rows].tolist())
-            ]
+            return make_messages(
+                *(np.ascontiguousarray(c[name][rows]) for name in (
+                    "kind", "conn", "index", "ts_first", "ts_last", "client", "server", "flags")),
+                np.ascontiguousarray(offs[rows]), np.ascontiguousarray(lens[rows]),
+                *(np.ascontiguousarray(c[name][rows]) for name in (
+                    "method", "uri", "status", "body_length", "head_length")),
+                bytes(payload), self.addrs, self.strings)
         except IndexError:
             raise FormatError("bad table section: id out of range") from None
 
