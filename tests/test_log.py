@@ -21,6 +21,7 @@ from replay.errors import InputError, LogFormatError, OutputError, ReplayError
 from replay.events import FLAG_NAMES, KIND_REQUEST, KIND_RESPONSE, Message
 from replay.log import LogReader, LogWriter, is_rlog
 from replay.log import format as fmt
+from replay.log import table as tbl
 from replay.log import writer as writer_mod
 from tests.conftest import DATA, ROOT
 
@@ -145,7 +146,7 @@ def test_empty_log(tmp_path):
         assert len(r) == 0 and list(r) == [] and r.blocks == [] and r.warnings == []
         assert r.time_span() == (None, None)
         t = r.table()
-        assert len(t) == 0 and t.dtype == fmt.TABLE_DTYPE
+        assert len(t) == 0 and t.dtype == tbl.TABLE_DTYPE
         assert list(r.read_range(0, 2**62)) == []
         with pytest.raises(IndexError):
             r.message_at(0)
@@ -265,7 +266,7 @@ def test_table_columns_equal_the_messages_without_reading_payloads(tmp_path):
         t = r.table()
         payload_bytes = sum(len(m.data) for m in msgs)
         assert len(sizes) == len(r.blocks) and sum(sizes) < payload_bytes / 3
-        assert t.dtype == fmt.TABLE_DTYPE and len(t) == len(msgs)
+        assert t.dtype == tbl.TABLE_DTYPE and len(t) == len(msgs)
         for i, m in enumerate(msgs):
             row = t[i]
             assert (row["kind"], row["flags"], row["conn"], row["index"], row["ts_first"],
@@ -714,8 +715,8 @@ def test_the_format_document_states_the_constants_of_the_code():
     assert f"the {len(fmt.COLUMNS)} columns below" in doc
     assert f"header length `L` = {fmt.BLOCK_HEADER_LEN}" in doc
     assert f"header length `H` = {fmt.FILE_HEADER_LEN}" in doc
-    assert f"{fmt.INDEX_ENTRY.itemsize} bytes each" in doc
-    for i, (name, dt) in enumerate(fmt.COLUMN_DTYPES, 1):
+    assert f"{fmt.INDEX_ENTRY.size} bytes each" in doc
+    for i, (name, dt) in enumerate(tbl.COLUMN_DTYPES, 1):
         kind = {"u": "u", "i": "i"}[dt.kind] + str(dt.itemsize * 8)
         assert f"| {i} | {name} | {kind} |" in doc, name
     for bit, name in FLAG_NAMES:

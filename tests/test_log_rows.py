@@ -16,7 +16,7 @@ from replay import _fastparse_py as pure
 from replay.events import KIND_REQUEST, KIND_RESPONSE, Message
 from replay.layout import ROW_STRUCT
 from replay.log import LogReader, LogWriter
-from replay.log import format as fmt
+from replay.log import table as tbl
 from tests.test_log_v2 import build
 
 try:
@@ -37,7 +37,7 @@ def _outcome(core, fn, *args):
 def _columns(msgs):
     """What a reader holds for ``restore_payload``: the table's columns and strings."""
     rows, tail, payload = pure.gather_rows(msgs)
-    r = np.frombuffer(rows, dtype=fmt.ROW_DTYPE)
+    r = np.frombuffer(rows, dtype=tbl.ROW_DTYPE)
     (na,) = struct.unpack_from("<I", tail, 0)
     off = 4
     for _ in range(na):
@@ -51,7 +51,7 @@ def _columns(msgs):
 
 
 def test_the_row_layout_is_one_in_both_cores():
-    assert fmt.ROW_DTYPE.itemsize == struct.calcsize(ROW_STRUCT)
+    assert tbl.ROW_DTYPE.itemsize == struct.calcsize(ROW_STRUCT)
     if compiled is not None:
         assert compiled.ROW_SIZE == struct.calcsize(ROW_STRUCT)
 
@@ -96,7 +96,7 @@ def test_tables_at_the_edges_of_their_ranges_encode_alike():
                                   max(max(m.ts_first, m.ts_last) for m in msgs))
         if compiled is not None:
             assert compiled.encode_block(msgs) == (table, payload, t_min, t_max)
-        t = fmt.Table(table, len(msgs), t_min)
+        t = tbl.Table(table, len(msgs), t_min)
         for name in ("kind", "conn", "index", "ts_first", "ts_last", "flags", "status",
                      "body_length", "head_length"):
             assert t.cols[name].tolist() == [getattr(m, name) for m in msgs], name
@@ -117,7 +117,7 @@ def test_rows_hold_the_fields_the_ids_and_the_elided_targets():
     ]
     for core in [pure] + ([compiled] if compiled else []):
         rows, tail, payload = core.gather_rows(msgs)
-        r = np.frombuffer(rows, dtype=fmt.ROW_DTYPE)
+        r = np.frombuffer(rows, dtype=tbl.ROW_DTYPE)
         assert r["client"].tolist() == [0, 0, 1] and r["server"].tolist() == [1, 1, 0]
         # the uris first ("/x", "POST"), then the methods that are no uri ("GET")
         assert r["uri"].tolist() == [1, 1, 2] and r["method"].tolist() == [3, 3, 2]
@@ -223,7 +223,7 @@ def test_write_many_cuts_the_blocks_write_cuts(tmp_path, block_bytes):
 def _decoded(msgs):
     """A block of ``msgs`` as a reader decodes it: its Table and its payload in row order."""
     table, payload, t_min, _ = pure.encode_block(msgs)
-    t = fmt.Table(table, len(msgs), t_min)
+    t = tbl.Table(table, len(msgs), t_min)
     return t, t.payload(payload)
 
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from replay.events import F_FAILED, F_REPLAYED, KIND_REQUEST, KIND_RESPONSE, Message
 from replay.log import LogReader, LogWriter
 from replay.log import format as fmt
+from replay.log import table as tbl
 from tests.conftest import DATA, ROOT
 
 # (1.1 log written by the release before 2.0, the capture it was converted from)
@@ -173,7 +174,7 @@ def test_targets_are_stored_once():
                     _request_bytes("GET", "/api/items/%d" % i, how, rnd), "GET", "/api/items/%d" % i,
                     0, 0, 0) for i, how in enumerate([0, 1, 2, 3, 4, 0])]
     table, parts, _, _ = fmt.encode_table(reqs)
-    t = fmt.Table(table, len(reqs), 10)
+    t = tbl.Table(table, len(reqs), 10)
     assert t.cols["elided"].tolist() == [1, 0, 0, 1, 0, 1]
     stored = b"".join(parts)
     assert b"/api/items/0 " not in stored and b"GET /api/items/? HTTP" in stored     # rewritten: whole
@@ -199,7 +200,7 @@ def _tampered_log(path, msgs, change) -> None:
 
 def _column_at(name: str, n: int) -> int:
     off = fmt.TABLE_PREFIX
-    for col, dt in fmt.COLUMN_DTYPES:
+    for col, dt in tbl.COLUMN_DTYPES:
         if col == name:
             return off
         off += dt.itemsize * n
@@ -271,7 +272,7 @@ def test_small_api_messages_take_a_third_less_than_in_version_1(tmp_path):
         assert [fields(m) for m in r] == [fields(m) for m in msgs]
     old = tmp_path / "v1-layout.rlog"
     real = fmt.encode_table
-    fmt.encode_table = fmt.encode_table_v1
+    fmt.encode_table = tbl.encode_table_v1
     try:
         with LogWriter(old, block_records=4096) as w:
             w._tctx = w._cctx

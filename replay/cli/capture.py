@@ -122,7 +122,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     message before it is written; --limit stops the capture once that many exchanges are kept.
     """
     # everything is imported before -Z drops root: the new user may not read the install
-    import replay.log  # noqa: F401
+    import replay.log.writer  # noqa: F401
     from replay import __version__, core
     from replay.capture import (CaptureSession, OutputFiles, check_output, expand_name,
                                 raise_priority)

@@ -28,6 +28,7 @@ import zstandard as zstd
 
 from replay.errors import InputError, LogFormatError
 from replay.log import format as fmt
+from replay.log import table as tbl
 from replay.log.format import FormatError
 
 FAULT_AROUND = 256 << 10   # unmapped on each side of a block read (the kernel maps 64 KiB)
@@ -138,7 +139,7 @@ class LogReader:
         return min(b.t_min for b in self.blocks), max(b.t_max for b in self.blocks)
 
     def table(self) -> np.ndarray:
-        """The fixed columns of every message as a numpy structured array (``format.TABLE_DTYPE``).
+        """The fixed columns of every message as a numpy structured array (``table.TABLE_DTYPE``).
 
         Timestamps are absolute; ``client``/``server`` index ``self.addresses``, ``method``/``uri``
         index ``self.strings`` (0 is None); ``block`` indexes ``self.blocks`` and ``data_offset``
@@ -147,7 +148,7 @@ class LogReader:
         # filled block by block: one block's own table is held at a time, not all of them
         addr_ids: dict = {}
         str_ids: dict = {None: 0}
-        out = np.zeros(sum(b.count for b in self.blocks), dtype=fmt.TABLE_DTYPE)
+        out = np.zeros(sum(b.count for b in self.blocks), dtype=tbl.TABLE_DTYPE)
         row = 0
         tables = []
         for b in list(self.blocks):
@@ -265,7 +266,7 @@ class LogReader:
                 raise FormatError("trailer does not point at the index block")
             fmt.check_body(h, mm, off)
             a, _ = fmt.sections(h, mm, off, self._dctx, want_b=False)
-            entries = fmt.decode_index(a)
+            entries = tbl.decode_index(a)
             offsets = entries["offset"].astype(np.int64)
             if len(entries) and (offsets.min() < self._hlen or offsets.max() >= off
                                  or np.any(np.diff(offsets) <= 0)):
@@ -401,7 +402,7 @@ class LogReader:
             major = self.version[0]
             if with_table or payload is not None and major > 1:   # 2.x: the table puts it together
                 whole = payload is not None
-                table = fmt.Table(a, h.count, h.t_min, columns_only and not whole,
+                table = tbl.Table(a, h.count, h.t_min, columns_only and not whole,
                                   None if whole else names, major)
                 if whole:
                     payload = table.payload(payload)
