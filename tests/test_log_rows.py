@@ -272,3 +272,22 @@ def test_messages_the_compiled_core_makes_are_left_to_reference_counting():
     made = compiled.make_messages(*_make_args(*_decoded(msgs)))
     assert made == msgs and not any(gc.is_tracked(m) for m in made)
     assert all(gc.is_tracked(m) for m in pure.make_messages(*_make_args(*_decoded(msgs))))
+
+
+def test_writing_a_log_leaves_numpy_unloaded(tmp_path):
+    """convert and capture only write: their start does without numpy's import."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from replay.events import Message\n"
+            "from replay.log import LogWriter\n"
+            f"with LogWriter({str(tmp_path / 'x.rlog')!r}) as w:\n"
+            "    w.write(Message(0, 1, 0, 5, 6, ('::1', 1), ('::1', 2), 0, b'GET / x', 'GET', '/',"
+            " 0, 0, 7))\n"
+            "print('numpy' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    with LogReader(tmp_path / "x.rlog") as r:
+        assert [m.uri for m in r] == ["/"]
