@@ -3135,3 +3135,55 @@ def make_messages(const uint8_t[::1] kind, const uint64_t[::1] conn, const int64
                             strings[method[i]], strings[uri[i]], status[i], body_length[i],
                             head_length[i]))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the first header field of a name, found fast (replay.httpmsg.replace_header: play's Host)
+
+
+cdef inline unsigned char _low(unsigned char c) noexcept nogil:
+    return c + 32 if 65 <= c <= 90 else c      # bytes.lower(): ASCII letters only
+
+
+def first_field(bytes head not None, bytes name not None):
+    """The twin's ``first_field``, in one pass over the head and one search."""
+    cdef const unsigned char* h = <const unsigned char*>PyBytes_AS_STRING(head)
+    cdef const unsigned char* nm = <const unsigned char*>PyBytes_AS_STRING(name)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(head), k = PyBytes_GET_SIZE(name), i, j, found = -1
+    cdef Py_ssize_t colon, end
+    cdef unsigned char c
+    cdef const unsigned char* p
+    for i in range(n):
+        c = h[i]
+        if c == 0x0b or c == 0x0c:
+            return False
+        if c == 13 and (i + 1 >= n or h[i + 1] != 10):         # a CR without its LF
+            return False
+        if c != 10:
+            continue
+        # an empty line before the head's end (the twin: within head[:-1])
+        if i + 2 <= n - 1 and h[i + 1] == 10 or i + 3 <= n - 1 and h[i + 1] == 13 and h[i + 2] == 10:
+            return False
+        if i + 1 + k >= n:
+            continue
+        j = 0
+        while j < k and _low(h[i + 1 + j]) == nm[j]:
+            j += 1
+        if j < k:
+            continue
+        c = h[i + 1 + k]
+        if c == 32 or c == 9:                  # white space between the name and the colon
+            return False
+        if c == 58 and found < 0:
+            found = i
+    if found < 0:
+        return None
+    colon = found + 1 + k
+    p = <const unsigned char*>memchr(h + colon, 10, n - colon)
+    if p == NULL:
+        end = n
+    else:
+        end = p - h
+        if end + 1 < n and (h[end + 1] == 32 or h[end + 1] == 9):
+            return False
+    return colon, end - 1 if h[end - 1] == 13 else end

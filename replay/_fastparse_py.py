@@ -2052,3 +2052,35 @@ def make_messages(kind, conn, index, ts_first, ts_last, client, server, flags, o
         out.append(Message(k, c, ix, tf, tl, addrs[cl], addrs[sv], fl, payload[o:o + ln],
                            strings[me], strings[ur], st, bl, hl))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the first header field of a name, found fast (replay.httpmsg.replace_header: play's Host)
+
+
+def first_field(head: bytes, name: bytes):
+    """(colon, stop) of the first header ``name`` (lower-case) of ``head``, as
+    ``replay.httpmsg.field_spans`` finds it; None when the head has none; False when the head has
+    what only ``field_spans`` reads right (white space or a bare CR around a name, control bytes
+    that ``strip`` removes, an obs-fold after it, an empty line before the head's end). A few
+    searches of the head instead of splitting it into lines: ``play`` sets the Host of every
+    request it sends this way."""
+    low = head.lower()
+    if b"\x0b" in low or b"\x0c" in low or low.count(b"\r") != low.count(b"\r\n"):
+        return False
+    n = len(low) - 1
+    if low.find(b"\n\n", 0, n) >= 0 or low.find(b"\n\r\n", 0, n) >= 0:
+        return False        # an empty line before the head's end: field_spans reads past it
+    key = b"\n" + name
+    if key + b" " in low or key + b"\t" in low:
+        return False
+    i = low.find(key + b":")
+    if i < 0:
+        return None
+    colon = i + len(key)
+    end = head.find(b"\n", colon)
+    if end < 0:
+        end = len(head)
+    elif head[end + 1:end + 2] in (b" ", b"\t"):
+        return False
+    return colon, end - 1 if head[end - 1:end] == b"\r" else end

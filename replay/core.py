@@ -30,6 +30,7 @@ gather_rows = impl.gather_rows
 encode_block = impl.encode_block
 restore_payload = impl.restore_payload
 make_messages = impl.make_messages
+first_field = impl.first_field
 STAT_NAMES = impl.STAT_NAMES
 SUPPORTED_LINKTYPES = impl.SUPPORTED_LINKTYPES
 IMPLEMENTATION = "compiled" if COMPILED else "pure"

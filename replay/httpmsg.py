@@ -10,6 +10,8 @@ a tab continues the field before it (obs-fold, RFC 9112 §5.2) and goes with it 
 
 from __future__ import annotations
 
+from replay.core import first_field
+
 
 def header_value(data: bytes, head_length: int, name: bytes) -> str | None:
     """The value of the first header ``name`` (lower-case bytes) in the message head, or None."""
@@ -186,44 +188,13 @@ def _add_field(head: bytes, body: bytes, name: bytes, value: bytes) -> bytes:
     return head[:at] + name + b": " + value + eol + head[at:] + body
 
 
-_SLOW = object()
-
-
-def _first_field(head: bytes, name: bytes):
-    """(colon, stop) of the first header ``name`` as ``field_spans`` finds it, None when the head
-    has none, or ``_SLOW`` when the head has what only ``field_spans`` reads right (white space
-    or a bare CR around a name, control bytes that ``strip`` removes, an obs-fold after it).
-    Searches the head a few times in C instead of splitting it into lines: ``play`` sets the
-    Host of every request it sends this way. An empty line before the head's end (a head whose
-    length was not known) is also left to ``field_spans``."""
-    low = head.lower()
-    if b"\x0b" in low or b"\x0c" in low or low.count(b"\r") != low.count(b"\r\n"):
-        return _SLOW
-    n = len(low) - 1
-    if low.find(b"\n\n", 0, n) >= 0 or low.find(b"\n\r\n", 0, n) >= 0:
-        return _SLOW        # an empty line before the head's end: field_spans reads past it
-    key = b"\n" + name
-    if key + b" " in low or key + b"\t" in low:
-        return _SLOW
-    i = low.find(key + b":")
-    if i < 0:
-        return None
-    colon = i + len(key)
-    end = head.find(b"\n", colon)
-    if end < 0:
-        end = len(head)
-    elif head[end + 1:end + 2] in (b" ", b"\t"):
-        return _SLOW
-    return colon, end - 1 if head[end - 1:end] == b"\r" else end
-
-
 def replace_header(data: bytes, head_length: int, name: bytes, value: bytes,
                    add: bool = False) -> bytes:
     """``data`` with the value of its first header ``name`` (lower-case bytes) set to ``value``;
     without one, unchanged, or (``add``) with ``Name: value`` added."""
     head, body = split_head(data, head_length)
-    found = _first_field(head, name)
-    if found is _SLOW:
+    found = first_field(head, name)
+    if found is False:
         spans = field_spans(head, name)
         found = (spans[0][1], spans[0][2]) if spans else None
     if found is not None:

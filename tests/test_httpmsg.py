@@ -32,7 +32,13 @@ def test_rewritten_request_and_response():
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from replay import _fastparse_py as pure  # noqa: E402
 from replay import httpmsg  # noqa: E402
+
+try:
+    from replay import _fastparse as compiled
+except ImportError:         # pragma: no cover - the pure run
+    compiled = None
 
 _PIECES = [b"Host", b"host", b"HOST", b"X-Host", b"Hostname", b":", b": ", b" ", b"\t", b"\r",
            b"\n", b"\r\n", b"\x0b", b"\x0c", b"a.example", b"v", b"Accept"]
@@ -46,9 +52,23 @@ def test_first_field_agrees_with_field_spans(pieces, eol):
     head = b"GET / HTTP/1.1" + eol + b"".join(pieces) + eol + eol
     spans = httpmsg.field_spans(head, b"host")
     want = (spans[0][1], spans[0][2]) if spans else None
-    got = httpmsg._first_field(head, b"host")
-    if got is not httpmsg._SLOW:
+    got = pure.first_field(head, b"host")
+    if got is not False:
         assert got == want
+    if compiled is not None:
+        for h in (head, head[:-1], head[:-2], head[1:], head.replace(b"\r\n\r\n", b"")):
+            assert compiled.first_field(h, b"host") == pure.first_field(h, b"host"), h
     data = head + b"body"
     slow = (head[:want[0] + 1] + b" h" + head[want[1]:] + b"body") if want else data
     assert httpmsg.replace_header(data, len(head), b"host", b"h") == slow
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES + [b"x", b"\rx", b"\n\n", b"\n\r\n"]), max_size=20),
+       st.sampled_from([b"host", b"h", b"x-host", b"", b"HOST"]))
+def test_both_cores_find_the_first_field_alike(pieces, name):
+    if compiled is None:
+        return
+    head = b"".join(pieces)
+    for h in (head, b"\n" + head, head + b"\r\n\r\n"):
+        assert compiled.first_field(h, name) == pure.first_field(h, name), (h, name)
