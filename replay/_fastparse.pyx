@@ -2897,11 +2897,72 @@ cdef inline void _planes(uint8_t* out, const uint64_t* v, Py_ssize_t n, int widt
         out += n
 
 
+cdef enum:      # the table's columns, in the order of _C_TABLE (replay.layout.TABLE_COLUMNS)
+    C_KIND, C_FLAGS, C_CONN, C_INDEX, C_TS_FIRST, C_TS_LAST, C_STATUS, C_BODY_LENGTH,
+    C_HEAD_LENGTH, C_EXTRA, C_CLIENT, C_SERVER, C_METHOD, C_URI, C_ELIDED, C_COLUMNS
+
+cdef int _width[C_COLUMNS]
+for _k, (_, _w) in enumerate(_C_TABLE):
+    _width[_k] = _w
+
+
+cdef inline uint64_t _coded(int c, const Row* r, Py_ssize_t i, int64_t p, int64_t rank, int64_t t_min,
+                            int64_t unit, uint64_t* seen) noexcept nogil:
+    """Row ``i``'s value of column ``c`` as the table stores it (replay.log.format.COLUMNS):
+    ``p`` is the previous row of its connection (-1: none), ``rank`` its connection's place in
+    the connection table, ``seen`` the highest uri id of the rows before it (updated)."""
+    cdef const Row* x = &r[i]
+    cdef uint64_t v = 0
+    if c == C_KIND:
+        return x.kind
+    elif c == C_FLAGS:
+        return x.flags
+    elif c == C_CONN:
+        return <uint64_t>(rank + 1) if p >= 0 else 0
+    elif c == C_INDEX:
+        if p < 0:
+            return _zz(x.index)
+        return _zz(<int64_t>(<uint64_t>x.index - <uint64_t>r[p].index
+                             - <uint64_t>(x.kind == C_REQUEST)))
+    elif c == C_TS_FIRST:     # wrapping differences, exact after the reader's wrapping sum
+        return _zz(<int64_t>(<uint64_t>x.ts_first - <uint64_t>(r[i - 1].ts_first if i else t_min))
+                   // unit)
+    elif c == C_TS_LAST:
+        return _zz(<int64_t>(<uint64_t>x.ts_last - <uint64_t>x.ts_first) // unit)
+    elif c == C_STATUS:
+        return x.status
+    elif c == C_BODY_LENGTH:
+        return x.body_length
+    elif c == C_HEAD_LENGTH:
+        return x.head_length
+    elif c == C_EXTRA:
+        return _zz(<int64_t>x.extra)
+    elif c == C_CLIENT:
+        return 0 if p >= 0 and x.client == r[p].client else <uint64_t>x.client + 1
+    elif c == C_SERVER:
+        return x.server
+    elif c == C_METHOD:
+        return x.method
+    elif c == C_URI:          # uri strings come first, in the order rows first name them
+        if p >= 0 and x.uri == r[p].uri:
+            v = 0
+        elif x.uri == seen[0] + 1:
+            v = 1
+        else:
+            v = <uint64_t>x.uri + 2
+        if x.uri > seen[0]:
+            seen[0] = x.uri
+        return v
+    else:
+        return x.elided
+
+
 def encode_block(msgs):
     """``(table, payload, t_min, t_max)`` of a version 2 data block holding ``msgs`` (at least
     one): the twin's ``encode_block``, byte for byte."""
     cdef list ms = list(msgs)
     cdef Py_ssize_t n = len(ms), i, k, nconn = 0, cap = 16, slot
+    cdef int c
     if not n:
         raise ValueError("a data block holds at least one message")
     while cap < 2 * n:
@@ -2914,7 +2975,7 @@ def encode_block(msgs):
     cdef int64_t* vals = <int64_t*>malloc(cap * sizeof(int64_t))        # addressing
     cdef int64_t* last = <int64_t*>malloc(n * sizeof(int64_t))          # rank -> its last row
     cdef uint64_t* conns = <uint64_t*>malloc(n * sizeof(uint64_t))      # rank -> conn
-    cdef int64_t t_min, t_max, d, q
+    cdef int64_t t_min, t_max, d
     cdef uint64_t unit = 0, seen = 0, h
     cdef uint8_t* out
     cdef Py_ssize_t size
@@ -2957,64 +3018,11 @@ def encode_block(msgs):
         for k in range(8):
             out[k] = <uint8_t>(unit >> (8 * k))
         out += 12
-        for i in range(n):
-            col[i] = r[i].kind
-        _planes(out, col, n, 1); out += n
-        for i in range(n):
-            col[i] = r[i].flags
-        _planes(out, col, n, 4); out += 4 * n
-        for i in range(n):
-            col[i] = <uint64_t>(rank[i] + 1) if prev[i] >= 0 else 0
-        _planes(out, col, n, 4); out += 4 * n
-        for i in range(n):
-            if prev[i] >= 0:
-                col[i] = _zz(<int64_t>(<uint64_t>r[i].index - <uint64_t>r[prev[i]].index
-                                       - <uint64_t>(r[i].kind == C_REQUEST)))
-            else:
-                col[i] = _zz(r[i].index)
-        _planes(out, col, n, 8); out += 8 * n
-        for i in range(n):
-            d = <int64_t>(<uint64_t>r[i].ts_first - <uint64_t>(r[i - 1].ts_first if i else t_min))
-            col[i] = _zz(d // <int64_t>unit)
-        _planes(out, col, n, 8); out += 8 * n
-        for i in range(n):
-            d = <int64_t>(<uint64_t>r[i].ts_last - <uint64_t>r[i].ts_first)
-            col[i] = _zz(d // <int64_t>unit)
-        _planes(out, col, n, 8); out += 8 * n
-        for i in range(n):
-            col[i] = r[i].status
-        _planes(out, col, n, 2); out += 2 * n
-        for i in range(n):
-            col[i] = r[i].body_length
-        _planes(out, col, n, 8); out += 8 * n
-        for i in range(n):
-            col[i] = r[i].head_length
-        _planes(out, col, n, 4); out += 4 * n
-        for i in range(n):
-            col[i] = _zz(<int64_t>r[i].extra)
-        _planes(out, col, n, 8); out += 8 * n
-        for i in range(n):
-            col[i] = 0 if prev[i] >= 0 and r[i].client == r[prev[i]].client \
-                else <uint64_t>r[i].client + 1
-        _planes(out, col, n, 4); out += 4 * n
-        for i in range(n):
-            col[i] = r[i].server
-        _planes(out, col, n, 4); out += 4 * n
-        for i in range(n):
-            col[i] = r[i].method
-        _planes(out, col, n, 4); out += 4 * n
-        for i in range(n):      # uri strings come first, in the order rows first name them
-            if prev[i] >= 0 and r[i].uri == r[prev[i]].uri:
-                col[i] = 0
-            elif r[i].uri == seen + 1:
-                col[i] = 1
-            else:
-                col[i] = <uint64_t>r[i].uri + 2
-            seen = max(seen, <uint64_t>r[i].uri)
-        _planes(out, col, n, 4); out += 4 * n
-        for i in range(n):
-            col[i] = r[i].elided
-        _planes(out, col, n, 1); out += n
+        for c in range(C_COLUMNS):
+            for i in range(n):
+                col[i] = _coded(c, r, i, prev[i], rank[i], t_min, <int64_t>unit, &seen)
+            _planes(out, col, n, _width[c])
+            out += _width[c] * n
         for k in range(nconn):
             col[k] = _zz(<int64_t>(conns[k] - (conns[k - 1] if k else 0)))
         _planes(out, col, nconn, 8); out += 8 * nconn
