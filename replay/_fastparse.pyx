@@ -2675,16 +2675,20 @@ ROW_SIZE = sizeof(Row)
 cdef uint8_t C_REQUEST = KIND_REQUEST
 
 
-cdef uint64_t _row_u(object v, uint64_t hi, str name) except? 0xFFFFFFFFFFFFFFFF:
-    cdef object i = v
-    cdef uint64_t x
-    if not isinstance(v, int):
-        try:
-            i = PyNumber_Index(v)
-        except TypeError:
-            raise unfit(name, v) from None
+cdef object _row_int(object v, str name):
+    """``v`` as an int (``operator.index``), or the column's error."""
+    if isinstance(v, int):
+        return v
     try:
-        x = i
+        return PyNumber_Index(v)
+    except TypeError:
+        raise unfit(name, v) from None
+
+
+cdef uint64_t _row_u(object v, uint64_t hi, str name) except? 0xFFFFFFFFFFFFFFFF:
+    cdef uint64_t x
+    try:
+        x = _row_int(v, name)
     except OverflowError:
         raise unfit(name, v) from None
     if x > hi:
@@ -2693,14 +2697,8 @@ cdef uint64_t _row_u(object v, uint64_t hi, str name) except? 0xFFFFFFFFFFFFFFFF
 
 
 cdef int64_t _row_i(object v, str name) except? -1:
-    cdef object i = v
-    if not isinstance(v, int):
-        try:
-            i = PyNumber_Index(v)
-        except TypeError:
-            raise unfit(name, v) from None
     try:
-        return i
+        return _row_int(v, name)
     except OverflowError:
         raise unfit(name, v) from None
 
