@@ -101,7 +101,6 @@ cdef inline object _field(object m, bint fast, int k, str name):
     return getattr(m, name)
 
 
-
 cdef inline void _put(object m, int k, object v):
     """Fill slot ``k`` of ``m``, a Message just made by ``_new_object`` (its slots empty)."""
     Py_INCREF(v)
@@ -111,11 +110,10 @@ cdef inline void _put(object m, int k, object v):
 cdef object _message(object kind, object conn, object index, object ts_first, object ts_last,
                      object client, object server, object flags, object data, object method,
                      object uri, object status, object body_length, object head_length):
-    """``Message(...)`` with these fields. Made here, a message is left out of the cyclic
-    garbage collector's lists: it holds ints, bytes, str and (str, int) tuples, which make no
-    cycle, and the collector no longer walks the hundreds of thousands a stream holds at once
-    (what a cycle made by storing a container in a message and the message in it would cost: that
-    cycle is not collected)."""
+    """``Message(...)`` with these fields, left out of the cyclic garbage collector's lists: a
+    message holds ints, bytes, str and (str, int) tuples, which make no cycle, and a stream holds
+    too many of them at once for the collector to walk each time. (A cycle made by storing a
+    container into a message that the container refers to would not be collected.)"""
     if not _slots_known:
         return Message(kind, conn, index, ts_first, ts_last, client, server, flags, data,
                        method, uri, status, body_length, head_length)
@@ -2643,7 +2641,8 @@ from cpython.number cimport PyNumber_Index
 from cpython.unicode cimport PyUnicode_AsEncodedString
 from libc.stdint cimport uint16_t, uint64_t
 
-from replay.layout import TABLE_COLUMNS, TABLE_PREFIX, WIDTHS, bad_address, unfit
+from replay.layout import (TABLE_COLUMNS, TABLE_PREFIX, TABLE_ROW_BYTES, WIDTHS, bad_address,
+                           unfit)
 
 # The table's columns as encode_block writes them (names, widths): replay.layout's, checked
 _C_TABLE = (("kind", 1), ("flags", 4), ("conn", 4), ("index", 8), ("ts_first", 8),
@@ -2652,7 +2651,7 @@ _C_TABLE = (("kind", 1), ("flags", 4), ("conn", 4), ("index", 8), ("ts_first", 8
             ("elided", 1))
 if tuple((name, WIDTHS[code]) for name, code in TABLE_COLUMNS) != _C_TABLE or TABLE_PREFIX != 12:
     raise ImportError("replay._fastparse was built for another log table layout")
-cdef Py_ssize_t ROW_BYTES = sum(w for _, w in _C_TABLE)
+cdef Py_ssize_t ROW_BYTES = TABLE_ROW_BYTES
 
 cdef packed struct Row:          # replay.layout.ROW_FIELDS, field for field
     uint8_t kind
@@ -2673,6 +2672,7 @@ cdef packed struct Row:          # replay.layout.ROW_FIELDS, field for field
 
 ROW_SIZE = sizeof(Row)
 cdef uint8_t C_REQUEST = KIND_REQUEST
+cdef object _NOTHING = object()     # no address seen yet (None is an address that is refused)
 
 
 cdef object _row_int(object v, str name):
@@ -2703,7 +2703,8 @@ cdef int64_t _row_i(object v, str name) except? -1:
         raise unfit(name, v) from None
 
 
-cdef bytes _utf8(str s):
+cdef bytes _utf8(object s):
+    """UTF-8 of a str (or a subclass: str's own encoding, as the twin's ``_text``)."""
     return PyUnicode_AsEncodedString(s, "utf-8", "surrogatepass")
 
 
@@ -2774,7 +2775,7 @@ cdef tuple _gather(list ms, Row* r):
     cdef bytes data, mt, ut, payload
     cdef const char* d
     cdef char* out
-    cdef object client, server, last_client = None, last_server = None
+    cdef object client, server, last_client = _NOTHING, last_server = _NOTHING
     cdef uint32_t client_id = 0, server_id = 0
     cdef Py_ssize_t* cut = <Py_ssize_t*>malloc((2 * n + 1) * sizeof(Py_ssize_t))
     if cut == NULL:
@@ -2797,8 +2798,8 @@ cdef tuple _gather(list ms, Row* r):
             obj = _field(m, fast, M_DATA, "data")
             if type(obj) is bytes:
                 data = <bytes>obj
-            elif isinstance(obj, (bytearray, memoryview)):
-                data = bytes(obj)
+            elif isinstance(obj, (bytes, bytearray, memoryview)):
+                data = bytes(memoryview(obj))
             else:
                 raise unfit("data", obj)
             size = PyBytes_GET_SIZE(data)
@@ -3108,7 +3109,6 @@ def restore_payload(bytes stored not None, const uint8_t[::1] kind, const uint64
     finally:
         free(cut)
     return payload
-
 
 
 def make_messages(const uint8_t[::1] kind, const uint64_t[::1] conn, const int64_t[::1] index,

@@ -1793,7 +1793,7 @@ _AS_IS = tuple((name, *_LIMITS[code]) for name, code in ROW_FIELDS
 
 
 def _text(s: str) -> bytes:
-    return s.encode("utf-8", "surrogatepass")
+    return str.encode(s, "utf-8", "surrogatepass")     # str's own, for a subclass too
 
 
 def _int(name: str, v, lo: int, hi: int) -> int:
@@ -1864,7 +1864,7 @@ def gather_rows(msgs) -> tuple:
         if data.__class__ is not bytes:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise unfit("data", data)
-            data = bytes(data)
+            data = bytes(memoryview(data))          # its bytes, whatever a subclass says
         size = len(data)
         kind, head, body = vals[0], vals[8], vals[7]
         client = _address("client", m.client, addrs, addr_table)
@@ -1908,9 +1908,10 @@ def gather_rows(msgs) -> tuple:
 
 def restore_payload(stored: bytes, kind, data_length, elided, method, uri, strings) -> bytes:
     """A log block's messages' bytes in row order, from its stored payload (``gather_rows``'s
-    layout) and its table's columns (sequences of ints: kind, data_length, elided, and the
-    method and uri string ids) and strings (``split_strings``'s list). ValueError saying what
-    does not match."""
+    layout) and its table's columns (kind, data_length, elided, and the method and uri string
+    ids: here any sequences of ints; the compiled core takes contiguous numpy arrays of the
+    dtypes a ``Table`` decodes them to, u1, u8, u1, u4, u4) and strings (``split_strings``'s
+    list). ValueError saying what does not match."""
     kind, lens, elided, method, uri = (
         c.tolist() if hasattr(c, "tolist") else list(c)      # numpy columns: as Python ints
         for c in (kind, data_length, elided, method, uri))
@@ -2034,10 +2035,11 @@ def encode_block(msgs) -> tuple:
 def make_messages(kind, conn, index, ts_first, ts_last, client, server, flags, offset, length,
                   method, uri, status, body_length, head_length, payload: bytes, addrs: list,
                   strings: list) -> list:
-    """The Message objects of a log block's rows: the columns (sequences of ints, one value a
-    row; client and server ids into ``addrs``, method and uri ids into ``strings``; offset and
-    length find the message's bytes in ``payload``). IndexError when an id or the bytes are out
-    of range, ValueError when the columns differ in length."""
+    """The Message objects of a log block's rows: the columns (one value a row; client and
+    server ids into ``addrs``, method and uri ids into ``strings``; offset and length find the
+    message's bytes in ``payload``). Here any sequences of ints; the compiled core takes
+    contiguous numpy arrays of the dtypes a ``Table`` decodes them to. IndexError when an id or
+    the bytes are out of range, ValueError when the columns differ in length."""
     cols = [c.tolist() if hasattr(c, "tolist") else list(c)
             for c in (kind, conn, index, ts_first, ts_last, client, server, flags, offset,
                       length, method, uri, status, body_length, head_length)]

@@ -79,4 +79,3 @@ class Message:
     @property
     def kind_name(self) -> str:
         return KIND_NAMES[self.kind]
-

@@ -1,10 +1,11 @@
 """The byte layout of a log data block's table, shared by the two cores (which encode it, from
-messages) and ``replay.log.format`` (which documents it and decodes it). docs/log-format.md
-describes the same bytes in prose.
+messages), ``replay.log.format`` (which says what each column holds) and ``replay.log.table``
+(which decodes it). docs/log-format.md describes the same bytes in prose.
 
 Rules it keeps:
-- one definition: the cores and the format module derive their structs, dtypes and widths
-  from the tuples here, and a test checks the compiled core's C structs against them;
+- one definition: the pure core and the log modules derive their structs, dtypes and widths
+  from the tuples here; the compiled core refuses to load when its C layout (the table's
+  columns and widths) differs from them, and a test compares its row struct's size;
 - ``ROW_FIELDS`` is what ``gather_rows`` hands over, one packed record a message, values as the
   message holds them (ids in place of addresses and strings);
 - ``TABLE_COLUMNS`` is what a version 2 table stores, column by column, each in byte planes.

@@ -17,6 +17,7 @@ from replay.events import KIND_REQUEST, KIND_RESPONSE, Message
 from replay.layout import ROW_STRUCT
 from replay.log import LogReader, LogWriter
 from replay.log import table as tbl
+from tests import rlog_v1
 from tests.test_log_v2 import build
 
 try:
@@ -37,7 +38,7 @@ def _outcome(core, fn, *args):
 def _columns(msgs):
     """What a reader holds for ``restore_payload``: the table's columns and strings."""
     rows, tail, payload = pure.gather_rows(msgs)
-    r = np.frombuffer(rows, dtype=tbl.ROW_DTYPE)
+    r = np.frombuffer(rows, dtype=rlog_v1.ROW_DTYPE)
     (na,) = struct.unpack_from("<I", tail, 0)
     off = 4
     for _ in range(na):
@@ -51,7 +52,7 @@ def _columns(msgs):
 
 
 def test_the_row_layout_is_one_in_both_cores():
-    assert tbl.ROW_DTYPE.itemsize == struct.calcsize(ROW_STRUCT)
+    assert rlog_v1.ROW_DTYPE.itemsize == struct.calcsize(ROW_STRUCT)
     if compiled is not None:
         assert compiled.ROW_SIZE == struct.calcsize(ROW_STRUCT)
 
@@ -117,7 +118,7 @@ def test_rows_hold_the_fields_the_ids_and_the_elided_targets():
     ]
     for core in [pure] + ([compiled] if compiled else []):
         rows, tail, payload = core.gather_rows(msgs)
-        r = np.frombuffer(rows, dtype=tbl.ROW_DTYPE)
+        r = np.frombuffer(rows, dtype=rlog_v1.ROW_DTYPE)
         assert r["client"].tolist() == [0, 0, 1] and r["server"].tolist() == [1, 1, 0]
         # the uris first ("/x", "POST"), then the methods that are no uri ("GET")
         assert r["uri"].tolist() == [1, 1, 2] and r["method"].tolist() == [3, 3, 2]
@@ -134,7 +135,8 @@ BAD = [
     ("status", 65536), ("body_length", None), ("head_length", 2**32),
     ("data", "text"), ("data", 7), ("client", ["10.0.0.1", 1]), ("client", ("10.0.0.1",)),
     ("client", ("10.0.0.1", 70000)), ("client", ("x" * 256, 1)), ("server", (b"10.0.0.1", 1)),
-    ("server", ("10.0.0.1", "80")), ("uri", b"/x"), ("method", 1),
+    ("server", ("10.0.0.1", "80")), ("uri", b"/x"), ("method", 1), ("client", None),
+    ("server", None),
 ]
 
 
@@ -158,6 +160,37 @@ def test_bytes_like_data_and_numpy_integers_are_taken():
     if compiled is not None:
         assert compiled.gather_rows(msgs) == want
         assert compiled.gather_rows(base) == want
+
+
+class Text(str):
+    def encode(self, *args):        # str's own encoding is what a log stores
+        return b"zz"
+
+
+class Raw(bytes):
+    pass
+
+
+def test_subclasses_of_str_and_bytes_are_stored_as_their_values():
+    a = (Text("10.0.0.1"), 80)
+    msgs = [Message(KIND_REQUEST, 1, 0, 5, 6, a, a, 0, Raw(b"GET /u HTTP/1.1"), Text("GET"),
+                    Text("/u"), 0, 0, 15)]
+    plain = [Message(KIND_REQUEST, 1, 0, 5, 6, ("10.0.0.1", 80), ("10.0.0.1", 80), 0,
+                     b"GET /u HTTP/1.1", "GET", "/u", 0, 0, 15)]
+    want = pure.gather_rows(plain)
+    assert pure.gather_rows(msgs) == want
+    if compiled is not None:
+        assert compiled.gather_rows(msgs) == want
+
+
+def test_an_address_missing_from_the_first_row_is_refused_alike():
+    a = ("10.0.0.1", 80)
+    msgs = [Message(KIND_REQUEST, 1, 0, 5, 6, None, a, 0, b"x", None, None, 0, 0, 1),
+            Message(KIND_REQUEST, 1, 1, 7, 8, a, a, 0, b"y", None, None, 0, 0, 1)]
+    got = _outcome(pure, "gather_rows", msgs)
+    assert got == "ValueError: a message field does not fit the .rlog column 'client': a NoneType"
+    if compiled is not None:
+        assert _outcome(compiled, "gather_rows", msgs) == got
 
 
 class Sub(Message):         # another class than Message: read through getattr

@@ -17,6 +17,7 @@ from replay.events import F_FAILED, F_REPLAYED, KIND_REQUEST, KIND_RESPONSE, Mes
 from replay.log import LogReader, LogWriter
 from replay.log import format as fmt
 from replay.log import table as tbl
+from tests import rlog_v1
 from tests.conftest import DATA, ROOT
 
 # (1.1 log written by the release before 2.0, the capture it was converted from)
@@ -272,7 +273,7 @@ def test_small_api_messages_take_a_third_less_than_in_version_1(tmp_path):
         assert [fields(m) for m in r] == [fields(m) for m in msgs]
     old = tmp_path / "v1-layout.rlog"
     real = fmt.encode_table
-    fmt.encode_table = tbl.encode_table_v1
+    fmt.encode_table = rlog_v1.encode_table_v1
     try:
         with LogWriter(old, block_records=4096) as w:
             w._tctx = w._cctx

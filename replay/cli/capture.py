@@ -128,7 +128,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
                                 raise_priority)
     from replay.errors import CaptureError, OutputError
     from replay.outputs import check_distinct
-    from replay.pipeline import tune_allocator
+    from replay.pipeline import fewer_collections, tune_allocator
     from replay.sources.live import LiveCapture, drop_privileges
 
     show_status = not quiet and sys.stderr.isatty()
@@ -164,6 +164,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     stop = StopSignals()
     try:
         tune_allocator()
+        fewer_collections()
         source = LiveCapture(interface, ports=ports, bpf=bpf, snaplen=snaplen,
                              buffer_size=buf_bytes, promisc=promisc, immediate=immediate,
                              queue_bytes=queue_bytes)

@@ -47,7 +47,7 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
     from replay import __version__, core, formats
     from replay.core import PROBLEM_COUNTERS
     from replay.outputs import LOG_MODE, Outputs
-    from replay.pipeline import CaptureReader, open_input
+    from replay.pipeline import CaptureReader, fewer_collections, open_input
 
     from replay.kafka import is_kafka_url, parse_settings
 
@@ -99,10 +99,11 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
             try:
                 write_many = getattr(writer, "write_many", None)
                 if is_capture and write_many is not None:     # whole lists, as the core gives them
-                    for out in reader.lists():
-                        write_many(out)
-                        n = sum([m.kind for m in out])      # kinds 0 and 1 only, from the core
-                        requests += len(out) - n
+                    fewer_collections()
+                    for msgs in reader.lists():
+                        write_many(msgs)
+                        n = sum([m.kind for m in msgs])     # kinds 0 and 1 only, from the core
+                        requests += len(msgs) - n
                         responses += n
                 else:
                     for msg in reader:

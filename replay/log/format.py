@@ -22,7 +22,7 @@ import zlib
 import zstandard as zstd
 
 from replay.core import encode_block
-from replay.layout import TABLE_COLUMNS, TABLE_PREFIX, WIDTHS  # noqa: F401 (the format's, too)
+from replay.layout import TABLE_COLUMNS, TABLE_PREFIX, TABLE_ROW_BYTES  # noqa: F401 (the format's)
 
 MAGIC = b"RLOG\r\n\x1a\n"  # PNG-style: catches text-mode (CRLF) damage
 VERSION_MAJOR = 2             # what this writer writes
@@ -76,18 +76,18 @@ MAX_SECTION = 0xFFFFFFFF
 #   elided     1: the request's target (its uri string, after the method and a space) is left out
 #              of the payload, and put back by the reader
 # where unit (u64, first 8 bytes of the table section) is the gcd of all those time deltas.
-_NUMPY_CODES = {"B": "u1", "H": "<u2", "I": "<u4", "Q": "<u8", "q": "<i8"}
+NUMPY_CODES = {"B": "u1", "H": "<u2", "I": "<u4", "Q": "<u8", "q": "<i8"}
 # (replay.layout.TABLE_COLUMNS: kind, flags, conn, index, ts_first, ts_last, status, body_length,
 # head_length, extra, client, server (an id into the block's address table), method (0 = None,
 # k = string k-1 of the block's string table), uri, elided)
-COLUMNS = tuple((name, _NUMPY_CODES[code]) for name, code in TABLE_COLUMNS)
-ROW_BYTES = sum(WIDTHS[code] for _, code in TABLE_COLUMNS)
+COLUMNS = tuple((name, NUMPY_CODES[code]) for name, code in TABLE_COLUMNS)
+ROW_BYTES = TABLE_ROW_BYTES
 
 # Version 1.x tables: the same columns with their values as they are (conn, index, client, uri),
 # index stored as i8, no elided column (a payload holds every message's bytes in row order).
 COLUMNS_V1 = tuple((name, {"conn": "<u8", "index": "<i8"}.get(name, t))
                    for name, t in COLUMNS if name != "elided")
-ROW_BYTES_V1 = sum(int(t[-1]) for _, t in COLUMNS_V1)
+ROW_BYTES_V1 = sum(int(t[-1]) for _, t in COLUMNS_V1)     # the dtype strings end in their width
 TABLE_PREFIX_V1 = 8  # u64 unit
 
 U8 = struct.Struct("<B")
@@ -268,7 +268,7 @@ def encode_table(msgs: list) -> tuple[bytes, list, int, int]:
 
     ValueError when a field does not fit its column (see docs/log-format.md for the ranges).
     The work is the core's ``encode_block`` (``COLUMNS`` above says what it stores); decoding
-    is here (``Table``).
+    is ``replay.log.table.Table``.
     """
     table, payload, t_min, t_max = encode_block(msgs)
     return table, [payload], t_min, t_max

@@ -3,21 +3,19 @@
 ``replay.log.format`` holds the format's constants and what a writer needs (no numpy, so that
 ``convert`` and ``capture`` start without it); this module is what readers add: ``Table`` (a
 block's table section decoded into absolute columns, its addresses and strings, its payload
-put back in row order and its Message objects made by the core), the index block's entries as
-a structured array, and the 1.x table encoder that tests use to check that 1.x logs still read.
+put back in row order and its Message objects made by the core), and the index block's entries
+as a structured array.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 
 import numpy as np
 
-from replay.core import gather_rows, make_messages, restore_payload, split_strings
+from replay.core import make_messages, restore_payload, split_strings
 from replay.events import KIND_REQUEST
-from replay.layout import ROW_FIELDS
-from replay.log.format import (_NUMPY_CODES, COLUMNS, COLUMNS_V1, INDEX_TRAILER, ROW_BYTES,
+from replay.log.format import (COLUMNS, COLUMNS_V1, INDEX_TRAILER, ROW_BYTES,
                                ROW_BYTES_V1, TABLE_PREFIX, TABLE_PREFIX_V1, U32, U64,
                                VERSION_MAJOR, FormatError, unpack_addr)
 
@@ -34,41 +32,13 @@ TABLE_DTYPE = np.dtype([
     ("client", "<u4"), ("server", "<u4"), ("method", "<u4"), ("uri", "<u4"), ("block", "<u4"),
 ])
 
-# The rows the core gathers from a block's messages (replay.layout.ROW_FIELDS), as numpy sees them.
-ROW_DTYPE = np.dtype([(name, _NUMPY_CODES[code]) for name, code in ROW_FIELDS])
-
-
-def _zigzag(q: np.ndarray) -> np.ndarray:
-    """int64 -> uint64, small magnitudes to small numbers (bijective, wrapping)."""
-    return ((q << 1) ^ (q >> 63)).view(np.uint64)
-
-
 def _unzigzag(z: np.ndarray) -> np.ndarray:
     return ((z >> np.uint64(1)) ^ (np.uint64(0) - (z & np.uint64(1)))).view(np.int64)
-
-
-def _planes(a: np.ndarray) -> bytes:
-    return a.view(np.uint8).reshape(len(a), a.itemsize).T.tobytes()
 
 
 def _unplanes(buf, dt: np.dtype, n: int, offset: int) -> np.ndarray:
     planes = np.frombuffer(buf, dtype=np.uint8, count=n * dt.itemsize, offset=offset)
     return planes.reshape(dt.itemsize, n).T.copy().view(dt).reshape(n)
-
-
-def _times(tf: np.ndarray, tl: np.ndarray):
-    """(zz ts_first column, zz ts_last column, unit, t_min, t_max) as version 1 stores them."""
-    t_min = int(min(tf.min(), tl.min()))
-    t_max = int(max(tf.max(), tl.max()))
-    prev = np.empty_like(tf)
-    prev[0] = t_min
-    prev[1:] = tf[:-1]
-    d1 = tf - prev        # wraps mod 2**64: still exact after the reader's wrapping sum
-    d2 = tl - tf
-    unit = math.gcd(*d1.tolist(), *d2.tolist())
-    if not 0 < unit < (1 << 62):
-        unit = 1
-    return _zigzag(d1 // unit), _zigzag(d2 // unit), unit, t_min, t_max
 
 
 def _previous(rank: np.ndarray):
@@ -79,26 +49,6 @@ def _previous(rank: np.ndarray):
     first = np.ones(len(rank), dtype=bool)
     first[1:] = sr[1:] != sr[:-1]
     return order, first
-
-
-def _rows(msgs) -> tuple:
-    """``gather_rows`` of the core (either): (rows as a structured array, tail, payload)."""
-    rows, tail, payload = gather_rows(msgs)
-    return np.frombuffer(rows, dtype=ROW_DTYPE), tail, payload
-
-
-def encode_table_v1(msgs: list) -> tuple[bytes, list, int, int]:
-    """A version 1.x data block's (table section, payload parts, t_min, t_max), for tests that
-    check that such logs still read."""
-    r, tail, _ = _rows(msgs)
-    with np.errstate(over="ignore"):
-        zf, zl, unit, t_min, t_max = _times(r["ts_first"], r["ts_last"])
-    cols = {"ts_first": zf, "ts_last": zl, "extra": _zigzag(r["extra"].view(np.int64))}
-    out = bytearray(U64.pack(unit))
-    for name, dt in COLUMN_DTYPES_V1:
-        out += _planes((cols[name] if name in cols else r[name]).astype(dt))
-    out += tail
-    return bytes(out), [bytes(m.data) for m in msgs], t_min, t_max
 
 
 # the columns a version 2 column is decoded from, besides its own
