@@ -13,9 +13,15 @@ For each setting of the namespace's loopback (1500-byte MTU; offloads off, then 
    (method, uri) lists are equal, responses paired, kernel and interface drops, the capture's
    queue peak, and the CPU (user + sys, from ``wait4``) the capture process used.
 
+With ``--baseline tcpdump`` each round is run again with ``tcpdump -w`` recording in place of
+``replay capture`` (alternating, ``--rounds`` times), its pcap converted afterwards, and the
+share of the requests nginx served that each kept is printed side by side: at saturation,
+where neither keeps everything, that share is what to compare.
+
 Usage::
 
     sudo python3 benchmarks/bench_capture.py                  # realistic mix, offloads off then on
+    sudo python3 benchmarks/bench_capture.py --mix small --offloads on --baseline tcpdump --rounds 2
     sudo python3 benchmarks/bench_capture.py --mix small --duration 20 --offloads off
 
 Rules: root, iproute2, ethtool, nginx and wrk are needed; all traffic stays on the loopback of a
@@ -157,8 +163,48 @@ class CaptureProc:
         return self.proc.returncode, wall, ru.ru_utime, ru.ru_stime, self.hwm
 
 
-def run_once(args, offloads: bool, work: Path) -> dict:
-    label = f"offloads {'on' if offloads else 'off'}"
+class TcpdumpProc(CaptureProc):
+    """``tcpdump -w`` in place of ``replay capture`` (the baseline of ``--baseline tcpdump``):
+    same filter, same snaplen and kernel buffer as replay's defaults; its pcap is converted
+    afterwards, offline, so the requests it kept are counted the same way."""
+
+    def __init__(self, ns: Netns, out: Path, port: int, extra=()):
+        self.pcap = out.with_suffix(".pcap")
+        cmd = ["tcpdump", "-i", "lo", "-n", "-s", "262144", "-B", str(64 << 10), "-w",
+               str(self.pcap), "tcp", "port", str(port)]
+        self.proc = ns.popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.ready.wait(20) or self.proc.poll() is not None:
+            raise RuntimeError("tcpdump did not start:\n" + "".join(self.lines))
+        self.t0 = time.monotonic()
+        self.rss_samples = []
+        threading.Thread(target=self._sample_rss, daemon=True).start()
+        self.out = out
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "listening on" in line:
+                self.ready.set()
+        self.ready.set()
+
+    def stop(self, timeout=120.0):
+        got = super().stop(timeout)
+        r = subprocess.run([sys.executable, "-m", "replay.cli.main", "convert", str(self.pcap),
+                            "-o", str(self.out), "-q"], capture_output=True, text=True,
+                           timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if r.returncode != 0:
+            raise RuntimeError(f"convert of tcpdump's capture failed: {r.stderr.strip()}")
+        m = re.search(r"(\d+) packets dropped by kernel", "".join(self.lines))
+        self.kernel_drops = int(m.group(1)) if m else None
+        return got
+
+
+def run_once(args, offloads: bool, work: Path, recorder=CaptureProc) -> dict:
+    label = (f"offloads {'on' if offloads else 'off'}"
+             + (", tcpdump -w" if recorder is TcpdumpProc else ", replay capture"))
     with Netns("replay-bcap", mtu=args.mtu, offloads=offloads) as ns:
         print(f"\n== {label}: namespace {ns.name}, lo mtu {ns.link_mtu()}, {ns.offload_report}",
               flush=True)
@@ -171,12 +217,12 @@ def run_once(args, offloads: bool, work: Path) -> dict:
             root.mkdir(parents=True, exist_ok=True)
             (root / "small.bin").write_bytes(os.urandom(1024))
             extra_http = extra_server = ""
-        nginx_dir = work / f"nginx-{label.replace(' ', '-')}"
+        nginx_dir = work / f"nginx-{re.sub(r'[^a-z]+', '-', label)}"
         server = start_nginx(ns, root, args.port, nginx_dir, workers=args.workers,
                              extra_http=extra_http, extra_server=extra_server)
-        out = work / f"capture-{'on' if offloads else 'off'}.rlog"
+        out = work / f"{re.sub(r'[^a-z]+', '-', label)}.rlog"
         try:
-            cap = CaptureProc(ns, out, args.port, args.capture_args)
+            cap = recorder(ns, out, args.port, args.capture_args)
             try:
                 cmd = ["wrk", "-t", str(args.threads), "-c", str(args.connections),
                        "-d", f"{int(args.duration)}s", "--timeout", "10s"]
@@ -200,11 +246,14 @@ def run_once(args, offloads: bool, work: Path) -> dict:
     meta = summary["meta"]
     cap_meta = meta.get("capture", {})
     drops = meta.get("drops", {})
+    if recorder is TcpdumpProc:
+        drops = {"kernel": cap.kernel_drops, "interface": None}
     logged = summary["requests"]
     n_served, n_logged = sum(served.values()), sum(logged.values())
     res = {
         "label": label, "wrk_requests": int(m.group(1)) if m else None,
         "rps": float(rps.group(1)) if rps else None, "transfer": tput.group(1) if tput else "?",
+        "kept": round(sum((served & logged).values()) / n_served, 4) if n_served else None,
         "served": n_served, "logged": n_logged, "same": served == logged,
         "paired": summary["paired"], "unanswered": summary["unanswered"],
         "closed_early": closed_early,
@@ -262,6 +311,11 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--keep", action="store_true",
                     help="keep the work directory (logs, nginx access logs) and print its path")
+    ap.add_argument("--baseline", choices=("none", "tcpdump"), default="none",
+                    help="tcpdump: each round also records the same load with tcpdump -w (its "
+                         "pcap converted afterwards), for the share of served requests each keeps")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds per offload setting (with --baseline, replay and tcpdump alternate)")
     ap.add_argument("--capture-args", nargs=argparse.REMAINDER, default=[],
                     help="extra arguments for replay capture (last on the line)")
     args = ap.parse_args(argv)
@@ -278,13 +332,18 @@ def main(argv=None) -> int:
 
     print(f"core: {core.IMPLEMENTATION}; {os.cpu_count()} CPUs; wrk -t{args.threads} "
           f"-c{args.connections} -d{args.duration:g}s, mix {args.mix}, nginx workers {args.workers}")
+    if args.baseline == "tcpdump" and not shutil.which("tcpdump"):
+        print("error: missing tools: tcpdump", file=sys.stderr)
+        return 2
     settings = {"off": [False], "on": [True], "both": [False, True]}[args.offloads]
+    recorders = [CaptureProc] + ([TcpdumpProc] if args.baseline == "tcpdump" else [])
+    runs = [(o, rec) for o in settings for _ in range(max(1, args.rounds)) for rec in recorders]
     results = []
-    for offloads in settings:
+    for offloads, recorder in runs:
         work = Path(tempfile.mkdtemp(prefix="replay-bcap-"))
         os.chmod(work, 0o755)
         try:
-            results.append(run_once(args, offloads, work))
+            results.append(run_once(args, offloads, work, recorder))
         except (NetnsError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -296,12 +355,21 @@ def main(argv=None) -> int:
     print("\n== summary")
     for r in results:
         cpu = r["cpu_user"] + r["cpu_sys"]
-        print(f"{r['label']:13s} {r['rps'] or 0:9.0f} req/s  served {r['served']:8d}  logged "
-              f"{r['logged']:8d}  {'equal' if r['same'] else 'DIFFER'}  paired {r['paired']:8d} "
+        print(f"{r['label']:30s} {r['rps'] or 0:9.0f} req/s  served {r['served']:8d}  logged "
+              f"{r['logged']:8d} (kept {100 * (r['kept'] or 0):5.1f} %)  "
+              f"{'equal' if r['same'] else 'DIFFER'}  paired {r['paired']:8d} "
               f"(+{r['unanswered']} unanswered, {r['closed_early']} x 499)  "
               f"drops {r['drops'].get('kernel')}/{r['drops'].get('interface')}  "
               f"CPU {cpu:5.1f} s ({100 * cpu / r['wall']:.0f} %)")
-    return 0 if all(r["same"] and not r["drops"].get("kernel") for r in results) else 1
+    if args.baseline == "tcpdump":
+        for label in sorted({r["label"].split(",")[0] for r in results}):
+            kept = {rec: [r["kept"] for r in results if r["label"].startswith(label + ", " + rec)]
+                    for rec in ("replay", "tcpdump")}
+            print(f"{label}: share of served requests kept, replay capture "
+                  f"{' '.join(f'{100 * k:.1f} %' for k in kept['replay'])}; tcpdump -w "
+                  f"{' '.join(f'{100 * k:.1f} %' for k in kept['tcpdump'])}")
+    mine = [r for r in results if "replay capture" in r["label"]]
+    return 0 if all(r["same"] and not r["drops"].get("kernel") for r in mine) else 1
 
 
 if __name__ == "__main__":
