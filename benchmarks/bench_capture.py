@@ -116,6 +116,7 @@ class CaptureProc:
             raise RuntimeError("capture did not start:\n" + "".join(self.lines))
         self.t0 = time.monotonic()
         self.rss_samples: list[tuple[float, int]] = []
+        self.stopped = threading.Event()
         threading.Thread(target=self._sample_rss, daemon=True).start()
 
     def _sample_rss(self):
@@ -123,7 +124,7 @@ class CaptureProc:
         VmHWM, its peak. (wait4's ru_maxrss is no use here: Linux carries it across fork and
         exec, so it shows this script's own size when the child was forked.)"""
         self.hwm = 0
-        while self.proc.poll() is None:
+        while not self.stopped.is_set():    # not poll(): it could reap the child before stop()
             try:
                 with open(f"/proc/{self.proc.pid}/status") as f:
                     for line in f:
@@ -157,6 +158,7 @@ class CaptureProc:
                 pid, status, ru = os.wait4(self.proc.pid, 0)
                 break
             time.sleep(0.05)
+        self.stopped.set()
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.monotonic() - self.t0
         time.sleep(0.1)
@@ -180,6 +182,7 @@ class TcpdumpProc(CaptureProc):
             raise RuntimeError("tcpdump did not start:\n" + "".join(self.lines))
         self.t0 = time.monotonic()
         self.rss_samples = []
+        self.stopped = threading.Event()
         threading.Thread(target=self._sample_rss, daemon=True).start()
         self.out = out
 
