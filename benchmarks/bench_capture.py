@@ -103,17 +103,21 @@ def log_summary(paths) -> dict:
 
 
 class CaptureProc:
+    READY = "capturing on"          # the line on stderr that says it records
+
     def __init__(self, ns: Netns, out: Path, port: int, extra=()):
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        cmd = [sys.executable, "-m", "replay.cli.main", "capture", "-i", "lo", "--port", str(port),
-               "-o", str(out), *extra]
+        self.out = out
+        self._start(ns, [sys.executable, "-m", "replay.cli.main", "capture", "-i", "lo", "--port",
+                         str(port), "-o", str(out), *extra])
+
+    def _start(self, ns: Netns, cmd: list) -> None:
         self.proc = ns.popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env=env)
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
         if not self.ready.wait(20) or self.proc.poll() is not None:
-            raise RuntimeError("capture did not start:\n" + "".join(self.lines))
+            raise RuntimeError(f"{cmd[0]} did not start:\n" + "".join(self.lines))
         self.t0 = time.monotonic()
         self.rss_samples: list[tuple[float, int]] = []
         self.stopped = threading.Event()
@@ -140,7 +144,7 @@ class CaptureProc:
     def _read(self):
         for line in self.proc.stderr:
             self.lines.append(line)
-            if "capturing on" in line:
+            if self.READY in line:
                 self.ready.set()
         self.ready.set()
 
@@ -170,28 +174,13 @@ class TcpdumpProc(CaptureProc):
     same filter, same snaplen and kernel buffer as replay's defaults; its pcap is converted
     afterwards, offline, so the requests it kept are counted the same way."""
 
-    def __init__(self, ns: Netns, out: Path, port: int, extra=()):
-        self.pcap = out.with_suffix(".pcap")
-        cmd = ["tcpdump", "-i", "lo", "-n", "-s", "262144", "-B", str(64 << 10), "-w",
-               str(self.pcap), "tcp", "port", str(port)]
-        self.proc = ns.popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(20) or self.proc.poll() is not None:
-            raise RuntimeError("tcpdump did not start:\n" + "".join(self.lines))
-        self.t0 = time.monotonic()
-        self.rss_samples = []
-        self.stopped = threading.Event()
-        threading.Thread(target=self._sample_rss, daemon=True).start()
-        self.out = out
+    READY = "listening on"
 
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if "listening on" in line:
-                self.ready.set()
-        self.ready.set()
+    def __init__(self, ns: Netns, out: Path, port: int, extra=()):
+        self.out = out
+        self.pcap = out.with_suffix(".pcap")
+        self._start(ns, ["tcpdump", "-i", "lo", "-n", "-s", "262144", "-B", str(64 << 10), "-w",
+                         str(self.pcap), "tcp", "port", str(port)])
 
     def stop(self, timeout=120.0):
         got = super().stop(timeout)
