@@ -2793,8 +2793,10 @@ cdef tuple _gather(list ms, Row* r):
             row.ts_first = _row_i(_field(m, fast, M_TS_FIRST, "ts_first"), "ts_first")
             row.ts_last = _row_i(_field(m, fast, M_TS_LAST, "ts_last"), "ts_last")
             row.status = <uint16_t>_row_u(_field(m, fast, M_STATUS, "status"), 0xFFFF, "status")
-            row.body_length = _row_u(_field(m, fast, M_BODY_LENGTH, "body_length"), 0xFFFFFFFFFFFFFFFF, "body_length")
-            row.head_length = <uint32_t>_row_u(_field(m, fast, M_HEAD_LENGTH, "head_length"), 0xFFFFFFFF, "head_length")
+            row.body_length = _row_u(_field(m, fast, M_BODY_LENGTH, "body_length"),
+                                     0xFFFFFFFFFFFFFFFF, "body_length")
+            row.head_length = <uint32_t>_row_u(_field(m, fast, M_HEAD_LENGTH, "head_length"),
+                                               0xFFFFFFFF, "head_length")
             obj = _field(m, fast, M_DATA, "data")
             if type(obj) is bytes:
                 data = <bytes>obj
@@ -2815,7 +2817,8 @@ cdef tuple _gather(list ms, Row* r):
                 last_server = server
             row.server = server_id
             row.uri = _row_string("uri", _field(m, fast, M_URI, "uri"), uris, uri_texts)
-            row.method = _row_string("method", _field(m, fast, M_METHOD, "method"), methods, method_texts)
+            row.method = _row_string("method", _field(m, fast, M_METHOD, "method"), methods,
+                                     method_texts)
             row.elided = 0
             cut[i] = 0
             if row.kind == C_REQUEST and row.uri and row.method:
@@ -2905,8 +2908,8 @@ for _k, (_, _w) in enumerate(_C_TABLE):
     _width[_k] = _w
 
 
-cdef inline uint64_t _coded(int c, const Row* r, Py_ssize_t i, int64_t p, int64_t rank, int64_t t_min,
-                            int64_t unit, uint64_t* seen) noexcept nogil:
+cdef inline uint64_t _coded(int c, const Row* r, Py_ssize_t i, int64_t p, int64_t rank,
+                            int64_t t_min, int64_t unit, uint64_t* seen) noexcept nogil:
     """Row ``i``'s value of column ``c`` as the table stores it (replay.log.format.COLUMNS):
     ``p`` is the previous row of its connection (-1: none), ``rank`` its connection's place in
     the connection table, ``seen`` the highest uri id of the rows before it (updated)."""
@@ -3031,18 +3034,11 @@ def encode_block(msgs):
     return table, payload, t_min, t_max
 
 
-cdef Py_ssize_t sum_cut(Py_ssize_t* cut, Py_ssize_t n) noexcept:
-    cdef Py_ssize_t i, s = 0
-    for i in range(n):
-        s += cut[i]
-    return s
-
-
 def restore_payload(bytes stored not None, const uint8_t[::1] kind, const uint64_t[::1] data_length,
                     const uint8_t[::1] elided, const uint32_t[::1] method,
                     const uint32_t[::1] uri, list strings not None):
     """The twin's ``restore_payload``: the messages' bytes in row order, copied once."""
-    cdef Py_ssize_t n = kind.shape[0], i, a, p, pos = 0, ns = len(strings)
+    cdef Py_ssize_t n = kind.shape[0], i, a, p, pos = 0, ns = len(strings), targets = 0
     cdef int second
     cdef uint64_t room = <uint64_t>PyBytes_GET_SIZE(stored), size
     cdef const char* src = PyBytes_AS_STRING(stored)
@@ -3070,6 +3066,7 @@ def restore_payload(bytes stored not None, const uint8_t[::1] kind, const uint64
                     texts[k] = _utf8(strings[k])
             cut[i] = PyBytes_GET_SIZE(<bytes>texts[uri[i]])
             start[i] = PyBytes_GET_SIZE(<bytes>texts[method[i]]) + 1
+            targets += cut[i]
         for i in range(n):
             if elided[i] and kind[i] != C_REQUEST:
                 raise ValueError("bad table section: a target left out of a message that is "
@@ -3088,7 +3085,7 @@ def restore_payload(bytes stored not None, const uint8_t[::1] kind, const uint64
                 if (kind[i] != C_REQUEST) == second:
                     at[i] = pos
                     pos += <Py_ssize_t>(data_length[i] - <uint64_t>cut[i])
-        payload = PyBytes_FromStringAndSize(NULL, pos + sum_cut(cut, n))
+        payload = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(stored) + targets)
         out = PyBytes_AS_STRING(payload)
         pos = 0
         for i in range(n):
@@ -3102,7 +3099,7 @@ def restore_payload(bytes stored not None, const uint8_t[::1] kind, const uint64
                 memcpy(out + pos, src + a, p)
                 memcpy(out + pos + p, PyBytes_AS_STRING(t), cut[i])
                 memcpy(out + pos + p + cut[i], src + a + p, size - p)
-                pos += p + cut[i] + (size - p)
+                pos += size + cut[i]
             else:
                 memcpy(out + pos, src + a, size)
                 pos += size
@@ -3168,7 +3165,8 @@ def first_field(bytes head not None, bytes name not None):
         if c != 10:
             continue
         # an empty line before the head's end (the twin: within head[:-1])
-        if i + 2 <= n - 1 and h[i + 1] == 10 or i + 3 <= n - 1 and h[i + 1] == 13 and h[i + 2] == 10:
+        if (i + 2 <= n - 1 and h[i + 1] == 10
+                or i + 3 <= n - 1 and h[i + 1] == 13 and h[i + 2] == 10):
             return False
         if i + 1 + k >= n:
             continue

@@ -1856,7 +1856,6 @@ def gather_rows(msgs) -> tuple:
     method_texts: list = []
     requests: list = []
     others: list = []
-    method_of: list = []
     fields = []
     for m in msgs:
         vals = [_int(name, getattr(m, name), lo, hi) for name, lo, hi in _AS_IS]
@@ -1883,8 +1882,7 @@ def gather_rows(msgs) -> tuple:
                     elided = 1
                     data = data[:p] + data[p + len(ut):]
             requests.append(data)
-        method_of.append(method)
-        fields.append((*vals, (size - head - body) & ((1 << 64) - 1), client, server, uri,
+        fields.append((*vals, (size - head - body) & ((1 << 64) - 1), client, server, method, uri,
                        elided))
     # string ids: the uris first, then the methods that are no uri
     final = [0]
@@ -1895,7 +1893,7 @@ def gather_rows(msgs) -> tuple:
             extra.append(t)
             k = len(uris) + len(extra)
         final.append(k)
-    for (*vals, ex, client, server, uri, elided), method in zip(fields, method_of):
+    for *vals, ex, client, server, method, uri, elided in fields:
         rows += _ROW.pack(*vals, ex, client, server, final[method], uri, elided)
     strings = uri_texts + extra
     tail = bytearray(struct.pack("<I", len(addrs)))

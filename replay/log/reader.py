@@ -402,12 +402,11 @@ class LogReader:
             major = self.version[0]
             if with_table or payload is not None and major > 1:   # 2.x: the table puts it together
                 whole = payload is not None
-                table = tbl.Table(a, h.count, h.t_min, columns_only and not whole,
-                                  None if whole else names, major)
+                t = tbl.Table(a, h.count, h.t_min, columns_only and not whole,
+                              None if whole else names, major)
                 if whole:
-                    payload = table.payload(payload)
-                if not with_table:
-                    table = None
+                    payload = t.payload(payload)
+                table = t if with_table else None
         except FormatError as e:
             self._warn(f"corrupt block at offset {b.offset} ({e}), its {b.count} messages skipped")
             self._drop(b)

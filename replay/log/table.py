@@ -32,6 +32,7 @@ TABLE_DTYPE = np.dtype([
     ("client", "<u4"), ("server", "<u4"), ("method", "<u4"), ("uri", "<u4"), ("block", "<u4"),
 ])
 
+
 def _unzigzag(z: np.ndarray) -> np.ndarray:
     return ((z >> np.uint64(1)) ^ (np.uint64(0) - (z & np.uint64(1)))).view(np.int64)
 
