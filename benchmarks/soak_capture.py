@@ -95,6 +95,7 @@ class Clients:
         self.n = 0
         self.sent = collections.Counter()      # requests sent, by kind
         self.events = collections.Counter()    # connections, resets, errors...
+        self.statuses = collections.Counter()  # of the responses read whole
         self.rate = rate
         self.held: list = []                   # half-open and silent sockets
 
@@ -110,11 +111,11 @@ class Clients:
         self.events["connections"] += 1
         return r, w
 
-    @staticmethod
-    async def response(r) -> int:
+    async def response(self, r) -> int:
         head = await r.readuntil(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         status = int(lines[0].split()[1])
+        self.statuses[status] += 1
         length, chunked = 0, False
         for line in lines[1:]:
             k, _, v = line.partition(b":")
@@ -180,12 +181,13 @@ class Clients:
                 if rng.random() < 0.05:            # a RST in the middle of a large response
                     w.write(f"GET {self.uri(BIG, 'r')} HTTP/1.1\r\nHost: soak\r\n\r\n".encode())
                     self.sent["r"] += 1
-                    await r.readexactly(rng.randint(1, 100_000))
+                    # bounded: a short answer (a 404 of a docroot nginx cannot read) ends early
+                    await asyncio.wait_for(r.readexactly(rng.randint(1, 100_000)), 10)
                     self.reset(w)
                     self.events["resets"] += 1
                     continue
                 w.close()
-            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as e:
                 self.events[f"error {type(e).__name__}"] += 1
                 w.transport.abort()
 
@@ -283,7 +285,8 @@ class Clients:
         for w in self.held:
             w.close()
         await asyncio.sleep(0.2)
-        return {"sent": dict(self.sent), "events": dict(self.events)}
+        return {"sent": dict(self.sent), "events": dict(self.events),
+                "statuses": {str(k): v for k, v in sorted(self.statuses.items())}}
 
 
 def client_main(port: int, seconds: float, rate: float, seed: int) -> None:
@@ -496,7 +499,8 @@ def report(r: dict, target: float) -> bool:
     print(f"duration {r['seconds']:.0f} s; {r['clients']['events'].get('connections', 0):,} "
           f"client connections, {r['clients']['events'].get('bare SYNs', 0):,} bare SYNs; "
           f"{r['requests_nginx']:,} requests nginx logged ({r['requests_per_s']:,.0f}/s)")
-    print(f"clients: sent {r['clients']['sent']}, events {r['clients']['events']}")
+    print(f"clients: sent {r['clients']['sent']}, events {r['clients']['events']}, "
+          f"statuses {r['clients']['statuses']}")
     print(f"capture: {r['capture_summary']}")
     print(f"files: {len(r['files'])} rotated, {sum(f['bytes'] for f in r['files']):,} bytes; "
           f"reader warnings: {len(r['warnings'])}")
