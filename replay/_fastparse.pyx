@@ -3191,3 +3191,195 @@ def first_field(bytes head not None, bytes name not None):
         if end + 1 < n and (h[end + 1] == 32 or h[end + 1] == 9):
             return False
     return colon, end - 1 if h[end - 1] == 13 else end
+
+
+# -- the answer path of a replay connection ------------------------------------------------------
+#
+# The twin of ``PumpCore`` in ``replay._fastparse_py`` (its docstrings give the rules): the same
+# steps, without the interpreter between them. ``--speed max`` runs one answer and one send per
+# request through here.
+
+from collections import deque as _deque
+import time as _time
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec* tp)
+    int CLOCK_MONOTONIC
+
+cdef object _monotonic_ns = _time.monotonic_ns
+
+
+cdef class Attempt:
+    """One planned request on its way: its deadline, when it was sent, on which pass."""
+
+    cdef public object req, iteration, deadline, conn_id, sent_ns
+    cdef public bint unknown
+
+    def __init__(self, req, iteration, deadline, conn_id):
+        self.req = req
+        self.unknown = req.recorded_status is None     # as counted when it was tried
+        self.iteration = iteration
+        self.deadline = deadline
+        self.sent_ns = 0
+        self.conn_id = conn_id
+
+
+cdef inline bint _has(const unsigned char* h, Py_ssize_t n, const char* word, Py_ssize_t k):
+    """``word`` (lower-case) in ``h[:n]``, case-insensitively."""
+    cdef Py_ssize_t i, j
+    for i in range(n - k + 1):
+        j = 0
+        while j < k and _low(h[i + j]) == word[j]:
+            j += 1
+        if j == k:
+            return True
+    return False
+
+
+cdef inline bint _space(unsigned char c):
+    return c == 32 or 9 <= c <= 13      # what bytes.strip() removes
+
+
+def connection_closes(bytes data not None, Py_ssize_t head_length):
+    """The twin's ``connection_closes``."""
+    cdef const unsigned char* h = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data), i, j, start = -1, end = 0
+    cdef const char* key = b"\nconnection:"
+    cdef Py_ssize_t k = 12
+    if head_length:
+        n = min(n, head_length)
+    else:
+        n = min(n, 65536)
+    for i in range(n - k + 1):
+        if h[i] != 10:
+            continue
+        j = 1
+        while j < k and _low(h[i + j]) == key[j]:
+            j += 1
+        if j == k:
+            start = i + k
+            break
+    if start >= 0:
+        p = <const unsigned char*>memchr(h + start, 10, n - start)
+        end = n if p == NULL else p - h
+        while start < end and _space(h[start]):
+            start += 1
+        while end > start and _space(h[end - 1]):
+            end -= 1
+        if _has(h + start, end - start, b"close", 5):
+            return True
+    if PyBytes_GET_SIZE(data) < 8 or memcmp(PyBytes_AS_STRING(data), b"HTTP/1.0", 8) != 0:
+        return False
+    return not (start >= 0 and _has(h + start, end - start, b"keep-alive", 10))
+
+
+cdef class PumpCore:
+    """The twin's ``PumpCore``: receiving, answering and ``--speed max``'s sending of a replay
+    connection, in C. ``replay.play.sender.ReplayProtocol`` (a Python subclass) holds the rest."""
+
+    cdef public object player, loop, now, transport, framer, pending, waiter, pump, retry
+    cdef public bint closed, reusable
+    cdef public object answers, rx, rx_answered
+    cdef bint _clock            # ``now`` is time.monotonic_ns: read CLOCK_MONOTONIC here
+    cdef object __weakref__
+    cdef dict __dict__
+
+    def init_core(self, player):
+        self.player = player
+        self.loop = player.loop
+        self.now = player.clock.now
+        self._clock = self.now is _monotonic_ns
+        self.transport = None
+        self.framer = None
+        self.pending = _deque()
+        self.closed = False
+        self.reusable = True
+        self.waiter = None
+        self.pump = None
+        self.answers = 0
+        self.rx = 0
+        self.rx_answered = 0
+        self.retry = []
+
+    cdef inline object _now(self):
+        cdef timespec ts
+        if self._clock:
+            clock_gettime(CLOCK_MONOTONIC, &ts)
+            return <int64_t>ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+        return self.now()
+
+    def data_received(self, data):
+        now = self._now()
+        n = len(data)
+        self.rx += n
+        report = self.player.report
+        report.bytes_received += n
+        msgs = self.framer.feed(data, now)
+        if msgs:
+            self._answered(msgs, now)
+        if self.framer.tunnel:
+            self.reusable = False
+            self.transport.close()
+
+    def _answered(self, list msgs, now):
+        cdef object player = self.player
+        cdef object pending = self.pending
+        cdef bint fast = _slots_known
+        for m in msgs:
+            if <int64_t>_field(m, fast, M_FLAGS, "flags") & CF_INTERIM:
+                continue
+            if not pending:
+                player.report.unsolicited += 1
+                continue
+            att = pending.popleft()
+            self.answers += 1
+            data = _field(m, fast, M_DATA, "data")
+            self.rx_answered += len(data)
+            head = _field(m, fast, M_HEAD_LENGTH, "head_length")
+            if head and connection_closes(data, head):
+                self.reusable = False
+            player.answered(att, m, now, self)
+        if not pending:
+            if self.pump is None:
+                self._wake(True)
+            else:
+                self.loop.call_soon(self._pump_or_wake)
+
+    def _pump_or_wake(self):
+        if self.pending or self.pump is None or not self.player._pump(self):
+            self._wake(True)
+
+    def _wake(self, value):
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(value)
+
+    def send(self, Attempt att):
+        req = att.req
+        self.framer.expect(req.method)
+        self.pending.append(att)
+        t = self._now()
+        att.sent_ns = t
+        self.transport.write(req.data)
+        return t
+
+    def pump_next(self):
+        feed, it, conn_id = self.pump
+        items = feed.items
+        player = self.player
+        if not items or player.stopping or player.budget == 0 or self.closed or \
+                not self.reusable or self.retry or self.framer.tunnel:
+            return False
+        report = player.report
+        while True:
+            req = items.popleft()
+            player._took()
+            player._tried(req)
+            t = self.send(Attempt(req, it, None, conn_id))
+            report.on_sent(len(req.data), None, False, t)
+            if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
+                return True

@@ -46,6 +46,7 @@ import math
 import operator
 import re
 import struct
+from collections import deque
 
 from replay.errors import InputError
 from replay.events import (
@@ -2084,3 +2085,138 @@ def first_field(head: bytes, name: bytes):
     elif head[end + 1:end + 2] in (b" ", b"\t"):
         return False
     return colon, end - 1 if head[end - 1:end] == b"\r" else end
+
+
+# ---------------------------------------------------------------------------------------------
+# the answer path of a replay connection (replay.play.sender.ReplayProtocol)
+
+
+class Attempt:
+    """One planned request on its way: its deadline, when it was sent, on which pass."""
+
+    __slots__ = ("req", "iteration", "deadline", "sent_ns", "conn_id", "unknown")
+
+    def __init__(self, req, iteration, deadline, conn_id):
+        self.req = req
+        self.unknown = req.recorded_status is None     # as counted when it was tried
+        self.iteration = iteration
+        self.deadline = deadline
+        self.sent_ns = 0
+        self.conn_id = conn_id
+
+
+def connection_closes(data: bytes, head_length: int) -> bool:
+    """Whether a response's head ends its connection: ``Connection: close``, or HTTP/1.0
+    without ``Connection: keep-alive`` (the value of the first ``Connection`` field, as
+    ``replay.httpmsg.header_value`` reads it)."""
+    head = data[:head_length] if head_length else data[:65536]
+    low = head.lower()
+    i = low.find(b"\nconnection:")
+    value = None
+    if i >= 0:
+        start = i + len(b"\nconnection:")
+        end = low.find(b"\n", start)
+        value = low[start:end if end >= 0 else len(low)].strip()
+    if value and b"close" in value:
+        return True
+    return data.startswith(b"HTTP/1.0") and not (value and b"keep-alive" in value)
+
+
+class PumpCore:
+    """The hot part of a replay connection (the base of ``replay.play.sender.ReplayProtocol``,
+    which holds the rest: connecting, losing the connection, waiting, sending again): the
+    responses framed as bytes arrive, each answering the oldest request outstanding, and at
+    ``--speed max`` the requests its answers let go (``pump_next``). The compiled core does the
+    same in C, counting into the report without a Python call per request.
+
+    It reads and sets: ``player`` (``clock``, ``report``, ``on_exchange``, ``late_answers``,
+    ``budget``, ``stopping``, ``fed``/``room``, ``answered``, ``_took``, ``_tried``), ``loop``,
+    ``transport``, ``framer`` (a ``ResponseFramer``), ``pending`` (a deque of ``Attempt``),
+    ``pump`` ((feed, pass, conn id) or None), ``retry``, ``waiter``, and its counters."""
+
+    def init_core(self, player) -> None:
+        self.player = player
+        self.loop = player.loop
+        self.now = player.clock.now
+        self.transport = None
+        self.framer = None
+        self.pending = deque()
+        self.closed = False
+        self.reusable = True
+        self.waiter = None
+        self.pump = None
+        self.answers = 0            # final answers read here: > 0 means the connection was reused
+        self.rx = 0                 # bytes received
+        self.rx_answered = 0        # bytes of the final answers among them
+        self.retry = []             # sent, lost before any byte of their answer: to send again
+
+    def data_received(self, data):
+        now = self.now()
+        self.rx += len(data)
+        self.player.report.bytes_received += len(data)
+        msgs = self.framer.feed(data, now)
+        if msgs:
+            self._answered(msgs, now)
+        if self.framer.tunnel:
+            # a 101 or CONNECT 2xx: HTTP ends here, and we have nothing to send through the tunnel
+            self.reusable = False
+            self.transport.close()
+
+    def _answered(self, msgs, now):
+        player = self.player
+        for m in msgs:
+            if m.flags & F_INTERIM:
+                continue
+            if not self.pending:
+                player.report.unsolicited += 1
+                continue
+            att = self.pending.popleft()
+            self.answers += 1
+            self.rx_answered += len(m.data)
+            if m.head_length and connection_closes(m.data, m.head_length):
+                self.reusable = False
+            player.answered(att, m, now, self)
+        if not self.pending:
+            if self.pump is None:
+                self._wake(True)
+            else:
+                # after the callbacks of this read: with uvloop (--speed max's loop) a FIN
+                # read with the answer is seen first, and the request goes on a new connection
+                self.loop.call_soon(self._pump_or_wake)
+
+    def _pump_or_wake(self) -> None:
+        if self.pending or self.pump is None or not self.player._pump(self):
+            self._wake(True)
+
+    def _wake(self, value):
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(value)
+
+    def send(self, att) -> int:
+        self.framer.expect(att.req.method)
+        self.pending.append(att)
+        t = self.now()
+        att.sent_ns = t
+        self.transport.write(att.req.data)
+        return t
+
+    def pump_next(self) -> bool:
+        """Every answer is in (``--speed max``): send the next request of the feed now, and
+        those pipelined after it, as the connection's task would; False when the task must
+        decide (the feed is empty, the run stops, the connection cannot be reused)."""
+        feed, it, conn_id = self.pump
+        items = feed.items
+        player = self.player
+        if not items or player.stopping or player.budget == 0 or self.closed or \
+                not self.reusable or self.retry or self.framer.tunnel:
+            return False
+        report = player.report
+        while True:
+            req = items.popleft()
+            player._took()
+            player._tried(req)
+            t = self.send(Attempt(req, it, None, conn_id))
+            report.on_sent(len(req.data), None, False, t)
+            if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
+                return True

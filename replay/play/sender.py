@@ -45,9 +45,8 @@ from urllib.parse import urlsplit
 
 from replay import core
 from replay.errors import UsageError
-from replay.events import (F_FAILED, F_INCOMPLETE, F_INTERIM, F_REPLAYED, KIND_REQUEST,
+from replay.events import (F_FAILED, F_INCOMPLETE, F_REPLAYED, KIND_REQUEST,
                            KIND_RESPONSE, Message)
-from replay.httpmsg import header_value
 from replay.play.plan import PlannedRequest
 from replay.play.scheduler import NS, Pacer, Schedule
 
@@ -155,41 +154,19 @@ class Options:
     loop: bool = False
 
 
-class Attempt:
-    """One planned request on its way: its deadline, when it was sent, on which pass."""
-
-    __slots__ = ("req", "iteration", "deadline", "sent_ns", "conn_id", "unknown")
-
-    def __init__(self, req, iteration, deadline, conn_id):
-        self.req = req
-        self.unknown = req.recorded_status is None     # as counted when it was tried
-        self.iteration = iteration
-        self.deadline = deadline
-        self.sent_ns = 0
-        self.conn_id = conn_id
+Attempt = core.Attempt
 
 
-class ReplayProtocol(asyncio.Protocol):
-    """One replay connection: writes requests, frames the responses, fails what is left on loss."""
+class ReplayProtocol(core.PumpCore, asyncio.Protocol):
+    """One replay connection (an asyncio protocol): writes requests, frames the responses, fails
+    what is left on loss. Receiving, answering and ``--speed max``'s sending are the core's
+    ``PumpCore`` (compiled: no Python call per request); the rest is here."""
 
     def __init__(self, player: "Player"):
-        self.player = player
-        self.loop = player.loop
-        self.now = player.clock.now
-        self.transport = None
-        self.framer = None
-        self.pending: deque = deque()
-        self.closed = False
-        self.reusable = True
-        self.waiter = None
+        self.init_core(player)
         self.timer = None           # wait_idle's, while armed
-        self.pump = None            # (feed, pass, conn id) while its answers send the next requests
         self.local = ("", 0)
         self.peer = ("", 0)
-        self.answers = 0            # final answers read here: > 0 means the connection was reused
-        self.rx = 0                 # bytes received
-        self.rx_answered = 0        # bytes of the final answers among them
-        self.retry: list = []       # sent, lost before any byte of their answer: to send again
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport):
@@ -198,18 +175,6 @@ class ReplayProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("", 0)
         self.local, self.peer = tuple(local[:2]), tuple(peer[:2])
         self.framer = core.ResponseFramer(self.local, self.peer)
-
-    def data_received(self, data):
-        now = self.now()
-        self.rx += len(data)
-        self.player.report.bytes_received += len(data)
-        msgs = self.framer.feed(data, now)
-        if msgs:
-            self._answered(msgs, now)
-        if self.framer.tunnel:
-            # a 101 or CONNECT 2xx: HTTP ends here, and we have nothing to send through the tunnel
-            self.reusable = False
-            self.transport.close()
 
     def eof_received(self):
         self.reusable = False
@@ -258,48 +223,6 @@ class ReplayProtocol(asyncio.Protocol):
             return False
         st = self.framer.stats()
         return bool(st.get("resyncs") or st.get("skipped_bytes") or st.get("non_http_streams"))
-
-    def _answered(self, msgs, now):
-        player = self.player
-        for m in msgs:
-            if m.flags & F_INTERIM:
-                continue
-            if not self.pending:
-                player.report.unsolicited += 1
-                continue
-            att = self.pending.popleft()
-            self.answers += 1
-            self.rx_answered += len(m.data)
-            if m.head_length:
-                conn_hdr = header_value(m.data, m.head_length, b"connection")
-                if conn_hdr and "close" in conn_hdr.lower() or m.data.startswith(b"HTTP/1.0") and \
-                        not (conn_hdr and "keep-alive" in conn_hdr.lower()):
-                    self.reusable = False
-            player.answered(att, m, now, self)
-        if not self.pending:
-            if self.pump is None:
-                self._wake(True)
-            else:
-                # after the callbacks of this read: with uvloop (--speed max's loop) a FIN
-                # read with the answer is seen first, and the request goes on a new connection
-                self.loop.call_soon(self._pump_or_wake)
-
-    def _pump_or_wake(self) -> None:
-        if self.pending or self.pump is None or not self.player._pump(self):
-            self._wake(True)
-
-    def _wake(self, value):
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(value)
-
-    def send(self, att: Attempt) -> int:
-        self.framer.expect(att.req.method)
-        self.pending.append(att)
-        t = self.now()
-        att.sent_ns = t
-        self.transport.write(att.req.data)
-        return t
 
     def fail_pending(self, kind: str):
         skipped = self.framer.stats().get("skipped_bytes", 0) if self.framer is not None else 0
@@ -654,32 +577,16 @@ class Player:
             r.t0_ns.value = first
 
     def _pump(self, proto: ReplayProtocol) -> bool:
-        """``proto`` has every answer (``--speed max``): send the next request of its feed now,
-        and those pipelined after it, as its task would; False when its task must decide (the
-        feed is empty, the run stops, the connection cannot be reused)."""
+        """``proto`` has every answer (``--speed max``): its ``pump_next`` sends the next request
+        of its feed now, and those pipelined after it, as its task would; False when its task
+        must decide (the feed is empty, the run stops, the connection cannot be reused)."""
         try:
-            return self._pump_next(proto)
+            return proto.pump_next()
         except Exception as e:  # noqa: BLE001  (a bug: stop the run and raise it at the end)
             if self.crash is None:
                 self.crash = e
             self.cancel()
             return False
-
-    def _pump_next(self, proto: ReplayProtocol) -> bool:
-        feed, it, conn_id = proto.pump
-        items = feed.items
-        if not items or self.stopping or self.budget == 0 or proto.closed or \
-                not proto.reusable or proto.retry or proto.framer.tunnel:
-            return False
-        report = self.report
-        while True:
-            req = items.popleft()
-            self._took()
-            self._tried(req)
-            t = proto.send(Attempt(req, it, None, conn_id))
-            report.on_sent(len(req.data), None, False, t)
-            if not items or not items[0].pipelined or self.budget == 0 or self.stopping:
-                return True
 
     def _tried(self, req) -> None:
         """``req`` is tried now: it counts against ``--limit`` and in the report."""

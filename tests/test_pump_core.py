@@ -1,0 +1,264 @@
+"""The answer path of a replay connection (``PumpCore``, the base of ``ReplayProtocol``): both
+cores alike, call for call. Each scenario drives a connection of each core with the same bytes,
+cut at the same places, and compares everything the connection did: what it wrote, what it
+told the player and the report, and its own state after each read.
+
+``connection_closes`` (does a response end its connection?) is compared with
+``replay.httpmsg.header_value``, which the sender used before, and between the cores.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replay import _fastparse_py as pure
+from replay.httpmsg import header_value
+from replay.play.plan import PlannedRequest
+
+try:
+    from replay import _fastparse as compiled
+except ImportError:         # pragma: no cover - the pure run
+    compiled = None
+
+needs_compiled = pytest.mark.skipif(compiled is None, reason="replay._fastparse is not built")
+CORES = [pure] + ([compiled] if compiled is not None else [])
+
+
+def _closes_before(data: bytes, head_length: int) -> bool:
+    """The sender's test before ``connection_closes``: the reference."""
+    v = header_value(data, head_length, b"connection")
+    return bool(v and "close" in v.lower() or data.startswith(b"HTTP/1.0")
+                and not (v and "keep-alive" in v.lower()))
+
+
+HEADS = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nconnection:CLOSE\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nConnection:\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nConnection: \t \r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Connection: close\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection : close\r\n\r\n",
+    b"HTTP/1.1 200 OK\nConnection: close\n\n",
+    b"HTTP/1.1 200 OK\r\nConnection: clo\r\nse\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close",
+    b"HTTP/1.1 200 OK\r\nA: b\r\nConnection: upgrade\r\nConnection: close\r\n\r\n",
+    b"HTTP/1.0",
+    b"HTTP/1.",
+    b"",
+    b"HTTP/1.1 200 OK\r\nConnection: \x0bclose\x0c\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nConnection: \xa0keep-alive\xa0\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("cut", [0, 10, 1000])
+def test_connection_closes_reads_as_header_value(head, cut):
+    hl = min(cut, len(head))
+    want = _closes_before(head, hl)
+    for core in CORES:
+        assert core.connection_closes(head, hl) is want, (core.__name__, head, hl)
+
+
+@given(st.lists(st.sampled_from([b"HTTP/1.0 ", b"HTTP/1.1 ", b"\r\n", b"\n", b"Connection:",
+                                 b"connection: ", b"CLOSE", b"close", b"keep-alive", b" ",
+                                 b"\t", b"x", b"\x0b", b"\xa0", b":"]), max_size=14),
+       st.integers(0, 80))
+@settings(max_examples=400, deadline=None)
+def test_connection_closes_random_heads(parts, hl):
+    head = b"".join(parts)
+    want = _closes_before(head, hl)
+    for core in CORES:
+        assert core.connection_closes(head, hl) is want, (core.__name__, head, hl)
+
+
+# -- PumpCore, driven by a player, a loop and a transport that write down what they see ----------
+
+class _Report:
+    def __init__(self, log):
+        self.log = log
+        self.bytes_received = 0
+        self.unsolicited = 0
+
+    def on_sent(self, *a):
+        self.log.append(("on_sent", a))
+
+
+class _Feed:
+    def __init__(self, reqs):
+        from collections import deque
+
+        self.items = deque(reqs)
+
+
+class _Loop:
+    def __init__(self):
+        self.soon = []
+
+    def call_soon(self, fn, *args):
+        self.soon.append((fn, args))
+
+    def run(self):
+        while self.soon:
+            fn, args = self.soon.pop(0)
+            fn(*args)
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 1_000
+
+    def now(self):
+        self.t += 7
+        return self.t
+
+
+class _Player:
+    """The parts of ``sender.Player`` the core calls; each call written down."""
+
+    def __init__(self, log, budget):
+        self.log = log
+        self.loop = _Loop()
+        self.clock = _Clock()
+        self.report = _Report(log)
+        self.stopping = False
+        self.budget = budget
+
+    def answered(self, att, m, now, proto):
+        self.log.append(("answered", att.req.index, att.sent_ns, m.status, len(m.data), now,
+                         m.flags))
+
+    def _took(self):
+        self.log.append(("took",))
+
+    def _tried(self, req):
+        self.log.append(("tried", req.index))
+        if self.budget is not None:
+            self.budget -= 1
+
+    def _pump(self, proto):
+        return proto.pump_next()
+
+
+class _Transport:
+    def __init__(self, log):
+        self.log = log
+
+    def write(self, data):
+        self.log.append(("write", data))
+
+    def close(self):
+        self.log.append(("close",))
+
+
+class _Waiter:
+    def __init__(self, log):
+        self.log = log
+        self.set = False
+
+    def done(self):
+        return self.set
+
+    def set_result(self, v):
+        self.set = True
+        self.log.append(("woken", v))
+
+
+def _request(i, method, pipelined):
+    data = f"{method} /r/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    return PlannedRequest(t=i, seq=i, conn=1, index=i, method=method, uri=f"/r/{i}", data=data,
+                          head_length=len(data), pipelined=pipelined,
+                          recorded_status=200 if i % 3 else None)
+
+
+def _response(rng, method, i):
+    status = rng.choice([200, 200, 204, 304, 404, 500])
+    extra = rng.choice([b"", b"", b"Connection: close\r\n", b"Connection: keep-alive\r\n"])
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n" if rng.random() < 0.1 else b""
+    body = b"" if method == "HEAD" or status in (204, 304) else b"x" * rng.randint(0, 300)
+    if rng.random() < 0.3 and body:
+        framed = (b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(body):x}\r\n".encode() + body
+                  + b"\r\n0\r\n\r\n")
+    else:
+        framed = f"Content-Length: {len(body)}\r\n\r\n".encode() + (body if method != "HEAD"
+                                                                   else b"")
+    if method == "HEAD":
+        framed = f"Content-Length: {rng.randint(0, 99)}\r\n\r\n".encode()
+    return interim + f"HTTP/1.1 {status} S{i}\r\n".encode() + extra + framed
+
+
+def _run(core, seed):
+    rng = random.Random(seed)
+    log: list = []
+    n = rng.randint(1, 12)
+    reqs = [_request(i, rng.choice(["GET", "GET", "HEAD", "POST"]), i > 0 and rng.random() < 0.3)
+            for i in range(n)]
+    budget = rng.choice([None, None, rng.randint(1, n)])
+    player = _Player(log, budget)
+
+    class Conn(core.PumpCore):
+        pass
+
+    c = Conn()
+    c.init_core(player)
+    c.transport = _Transport(log)
+    c.framer = core.ResponseFramer(("127.0.0.1", 40000), ("127.0.0.1", 80))
+    c.waiter = _Waiter(log)
+    feed = _Feed(reqs)
+    c.pump = (feed, 0, 7)
+    if rng.random() < 0.1:
+        c.retry = [object()]
+    sent = []
+    log.append(("first", c.pump_next()))
+    wire = b""
+    answered = 0
+    for _ in range(4 * n + 4):
+        # answer what was written and not yet answered, cut at random places
+        writes = [e[1] for e in log if e[0] == "write"]
+        while len(sent) < len(writes):
+            sent.append(writes[len(sent)])
+        while answered < len(sent):
+            method = sent[answered].split(b" ", 1)[0].decode()
+            wire += _response(rng, method, answered)
+            answered += 1
+        if not wire:
+            break
+        k = rng.randint(1, max(1, len(wire)))
+        chunk, wire = wire[:k], wire[k:]
+        if rng.random() < 0.05:
+            chunk = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" + chunk    # unsolicited
+        c.data_received(chunk)
+        player.loop.run()
+        log.append(("state", len(c.pending), c.reusable, c.closed, c.answers, c.rx,
+                    c.rx_answered, c.framer.tunnel, len(feed.items), player.budget,
+                    player.report.bytes_received, player.report.unsolicited))
+    return log
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed", range(300))
+def test_pump_core_alike(seed):
+    assert _run(compiled, seed) == _run(pure, seed)
+
+
+@needs_compiled
+@pytest.mark.parametrize("recorded", [200, None])
+def test_attempt_alike(recorded):
+    req = _request(3, "GET", False)
+    req.recorded_status = recorded
+    for core in (pure, compiled):
+        a = core.Attempt(req, 2, None, 9)
+        assert (a.req, a.iteration, a.deadline, a.sent_ns, a.conn_id, a.unknown) == \
+            (req, 2, None, 0, 9, recorded is None)
+        a.sent_ns = 5
+        a.unknown = False
+        a.deadline = 12
+        assert (a.sent_ns, a.unknown, a.deadline) == (5, False, 12)
