@@ -238,8 +238,12 @@ def synth_log(path: Path, requests: int, long_share: float = LONG_SHARE, seed: i
 def ensure_log(workdir: Path, requests: int, keepalive: bool = False) -> tuple[Path, dict]:
     """The cached log of ``requests`` exchanges (``keepalive``: all on the long connections),
     made first when missing."""
+    from replay.log.format import VERSION_MAJOR, VERSION_MINOR
+
     kind = "api-keepalive" if keepalive else "api"
-    path = workdir / f"{kind}-{requests}-r{RATE:.0f}-v{GEN_VERSION}.rlog"
+    # the log format's version in the name too: a log written by an older replay is made again
+    path = workdir / (f"{kind}-{requests}-r{RATE:.0f}-v{GEN_VERSION}"
+                      f"-rlog{VERSION_MAJOR}.{VERSION_MINOR}.rlog")
     info = path.with_suffix(".json")
     if path.exists() and info.exists():
         stats = json.loads(info.read_text())

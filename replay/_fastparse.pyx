@@ -38,6 +38,7 @@ from replay.events import (
     F_INCOMPLETE,
     F_INTERIM,
     F_MIDSTREAM,
+    F_REPLAYED,
     F_RESYNC,
     F_TRUNCATED,
     F_UNPAIRED,
@@ -203,6 +204,8 @@ cdef int CF_TRUNCATED = F_TRUNCATED
 cdef int CF_GAP = F_GAP
 cdef int CF_MIDSTREAM = F_MIDSTREAM
 cdef int CF_INTERIM = F_INTERIM
+cdef int CF_REPLAYED = F_REPLAYED
+cdef int CKIND_REQUEST = KIND_REQUEST
 cdef int CF_UPGRADE = F_UPGRADE
 cdef int CF_CLOSE_DELIMITED = F_CLOSE_DELIMITED
 cdef int CF_CHUNKED = F_CHUNKED
@@ -2960,8 +2963,8 @@ cdef inline uint64_t _coded(int c, const Row* r, Py_ssize_t i, int64_t p, int64_
 
 
 def encode_block(msgs):
-    """``(table, payload, t_min, t_max)`` of a version 2 data block holding ``msgs`` (at least
-    one): the twin's ``encode_block``, byte for byte."""
+    """``(table, payload, t_min, t_max, summary)`` of a version 2 data block holding ``msgs``
+    (at least one): the twin's ``encode_block``, byte for byte."""
     cdef list ms = list(msgs)
     cdef Py_ssize_t n = len(ms), i, k, nconn = 0, cap = 16, slot
     cdef int c
@@ -2977,12 +2980,19 @@ def encode_block(msgs):
     cdef int64_t* vals = <int64_t*>malloc(cap * sizeof(int64_t))        # addressing
     cdef int64_t* last = <int64_t*>malloc(n * sizeof(int64_t))          # rank -> its last row
     cdef uint64_t* conns = <uint64_t*>malloc(n * sizeof(uint64_t))      # rank -> conn
-    cdef int64_t t_min, t_max, d
+    cdef int64_t* reqlast = <int64_t*>malloc(n * sizeof(int64_t))       # rank -> last request
+    cdef uint8_t* hasreq = <uint8_t*>malloc(n)
+    cdef int64_t t_min, t_max, d, req_min = 0, req_max = 0
+    cdef uint64_t max_conn = 0
+    cdef bint any_conn = False
+    cdef Py_ssize_t requests = 0
     cdef uint64_t unit = 0, seen = 0, h
     cdef uint8_t* out
     cdef Py_ssize_t size
-    if not (r and col and prev and rank and keys and vals and last and conns):
+    if not (r and col and prev and rank and keys and vals and last and conns and reqlast
+            and hasreq):
         free(r); free(col); free(prev); free(rank); free(keys); free(vals); free(last); free(conns)
+        free(reqlast); free(hasreq)
         raise MemoryError()
     try:
         tail, payload = _gather(ms, r)
@@ -3001,11 +3011,26 @@ def encode_block(msgs):
                 vals[slot] = nconn
                 conns[nconn] = r[i].conn
                 last[nconn] = -1
+                hasreq[nconn] = 0
                 nconn += 1
             k = vals[slot]
             rank[i] = k
             prev[i] = last[k]
             last[k] = i
+            if r[i].flags & CF_REPLAYED:
+                continue
+            if not any_conn or r[i].conn > max_conn:
+                max_conn = r[i].conn
+                any_conn = True
+            if r[i].kind == CKIND_REQUEST:
+                if not requests or r[i].ts_first < req_min:
+                    req_min = r[i].ts_first
+                if not requests or r[i].ts_first > req_max:
+                    req_max = r[i].ts_first
+                requests += 1
+                if not hasreq[k] or r[i].index > reqlast[k]:
+                    reqlast[k] = r[i].index
+                hasreq[k] = 1
         for i in range(n):      # wrapping differences, exact after the reader's wrapping sum
             d = <int64_t>(<uint64_t>r[i].ts_first - <uint64_t>(r[i - 1].ts_first if i else t_min))
             unit = _gcd(unit, _abs(d))
@@ -3029,9 +3054,16 @@ def encode_block(msgs):
             col[k] = _zz(<int64_t>(conns[k] - (conns[k - 1] if k else 0)))
         _planes(out, col, nconn, 8); out += 8 * nconn
         memcpy(out, PyBytes_AS_STRING(tail), len(tail))
+        req_conns, req_last = [], []
+        for k in range(nconn):
+            if hasreq[k]:
+                req_conns.append(conns[k])
+                req_last.append(reqlast[k])
     finally:
         free(r); free(col); free(prev); free(rank); free(keys); free(vals); free(last); free(conns)
-    return table, payload, t_min, t_max
+        free(reqlast); free(hasreq)
+    return table, payload, t_min, t_max, (requests, req_min, req_max,
+                                          max_conn if any_conn else -1, req_conns, req_last)
 
 
 def restore_payload(bytes stored not None, const uint8_t[::1] kind, const uint64_t[::1] data_length,

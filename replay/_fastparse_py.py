@@ -56,6 +56,7 @@ from replay.events import (
     F_INCOMPLETE,
     F_INTERIM,
     F_MIDSTREAM,
+    F_REPLAYED,
     F_RESYNC,
     F_TRUNCATED,
     F_UNPAIRED,
@@ -1975,10 +1976,16 @@ def _planes(values, code: str) -> bytes:
 
 
 def encode_block(msgs) -> tuple:
-    """``(table, payload, t_min, t_max)`` of a version 2 data block holding ``msgs`` (at least
-    one). The table section is laid out as ``replay.layout.TABLE_COLUMNS`` says, each column
-    stored as ``replay.log.format.COLUMNS`` describes (against the previous row of the same
-    connection); the payload is ``gather_rows``'s. ValueError as ``gather_rows``."""
+    """``(table, payload, t_min, t_max, summary)`` of a version 2 data block holding ``msgs``
+    (at least one). The table section is laid out as ``replay.layout.TABLE_COLUMNS`` says, each
+    column stored as ``replay.log.format.COLUMNS`` describes (against the previous row of the
+    same connection); the payload is ``gather_rows``'s. ValueError as ``gather_rows``.
+
+    ``summary`` is what a replay needs to know of the block before reading it, its recorded
+    messages only (not ``F_REPLAYED``): ``(requests, first, last, max_conn, conns, lasts)``, the
+    number of requests, the least and greatest ``ts_first`` of a request (0, 0 without one), the
+    greatest conn of any message (-1: none), and the connections that sent a request here (in
+    the order of the connection table) with the greatest index of a request of each."""
     msgs = list(msgs)
     if not msgs:
         raise ValueError("a data block holds at least one message")
@@ -2028,7 +2035,21 @@ def encode_block(msgs) -> tuple:
     conns = list(ranks)
     out += _planes([_zz(c - (conns[k - 1] if k else 0)) for k, c in enumerate(conns)], "Q")
     out += tail
-    return bytes(out), payload, t_min, t_max
+    requests, first, lastt, max_conn, req_last = 0, 0, 0, -1, {}
+    for i in range(n):
+        if flags[i] & F_REPLAYED:
+            continue
+        max_conn = max(max_conn, conn[i])
+        if kind[i] == KIND_REQUEST:
+            t = tf[i]
+            first, lastt = (t, t) if not requests else (min(first, t), max(lastt, t))
+            requests += 1
+            c = conn[i]
+            if c not in req_last or index[i] > req_last[c]:
+                req_last[c] = index[i]
+    have = [c for c in ranks if c in req_last]
+    summary = (requests, first, lastt, max_conn, have, [req_last[c] for c in have])
+    return bytes(out), payload, t_min, t_max, summary
 
 
 def make_messages(kind, conn, index, ts_first, ts_last, client, server, flags, offset, length,

@@ -108,8 +108,8 @@ def test_round_trip_many_messages_in_many_blocks(tmp_path, threads):
         back = list(r)
         assert back == msgs
         assert r.meta["source"] == "x.pcap" and r.meta["ports"] == [80]
-        assert r.meta["format"] == "rlog 2.0" and r.meta["tool"].startswith("replay ")
-        assert r.version == (2, 0)
+        assert r.meta["format"] == "rlog 2.1" and r.meta["tool"].startswith("replay ")
+        assert r.version == (2, 1)
         assert [b.first_row for b in r.blocks] == list(np.cumsum([0] + [b.count for b in r.blocks])[:-1])
         assert r.time_span() == (min(m.ts_first for m in msgs), max(m.ts_last for m in msgs))
 
@@ -309,6 +309,8 @@ def test_torn_tail_at_every_byte_of_the_last_block(tmp_path):
     with LogReader(path) as r:
         (last_off, last_end), = block_ends(r)[-1:]
         assert [b.count for b in r.blocks] == [19, 19, 19, 3]
+    # after the last data block: the summary block, then the index (where the trailer points)
+    index_off, _ = fmt.INDEX_TRAILER.unpack_from(data, len(data) - fmt.INDEX_TRAILER.size)
     cut_path = tmp_path / "cut.rlog"
     for cut in range(last_off, len(data)):
         cut_path.write_bytes(data[:cut])
@@ -319,11 +321,11 @@ def test_torn_tail_at_every_byte_of_the_last_block(tmp_path):
             else:
                 assert got == msgs, cut
             assert len(r) == len(got)
-            if cut in (last_off, last_end):
+            if cut in (last_off, last_end, index_off):
                 assert r.warnings == [], cut
             else:
                 assert len(r.warnings) == 1, (cut, r.warnings)
-                start = last_off if cut < last_end else last_end
+                start = last_off if cut < last_end else last_end if cut < index_off else index_off
                 assert r.warnings[0] == f"{cut - start} bytes at offset {start} are a torn block, ignored"
 
 
@@ -455,7 +457,7 @@ def test_reader_errors_name_the_file(tmp_path):
         "text.rlog": (b"hello, this is text\n" * 10, "not a .rlog file (bad magic)"),
         "crlf.rlog": (good.replace(b"\r\n", b"\n", 1), "not a .rlog file (bad magic)"),
         "short.rlog": (good[:12], "cut short inside its file header"),
-        "v3.rlog": (good[:8] + (3).to_bytes(2, "little") + good[10:], "unsupported .rlog format version 3.0 (this replay reads 1.x and 2.x)"),
+        "v3.rlog": (good[:8] + (3).to_bytes(2, "little") + good[10:], f"unsupported .rlog format version 3.{fmt.VERSION_MINOR} (this replay reads 1.x and 2.x)"),
         "crc.rlog": (good[:16] + b"\x01" + good[17:], "file header checksum mismatch"),
     }
     for name, (content, words) in cases.items():

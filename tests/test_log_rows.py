@@ -92,11 +92,11 @@ def test_tables_at_the_edges_of_their_ranges_encode_alike():
          for c, i, t in [(5, 0, 0), (2**63, 0, 6000), (5, 1, 9000), (5, 2**63 - 1, 12000)]],
     ]
     for msgs in cases:
-        table, payload, t_min, t_max = pure.encode_block(msgs)
+        table, payload, t_min, t_max, summary = pure.encode_block(msgs)
         assert (t_min, t_max) == (min(min(m.ts_first, m.ts_last) for m in msgs),
                                   max(max(m.ts_first, m.ts_last) for m in msgs))
         if compiled is not None:
-            assert compiled.encode_block(msgs) == (table, payload, t_min, t_max)
+            assert compiled.encode_block(msgs) == (table, payload, t_min, t_max, summary)
         t = tbl.Table(table, len(msgs), t_min)
         for name in ("kind", "conn", "index", "ts_first", "ts_last", "flags", "status",
                      "body_length", "head_length"):
@@ -255,7 +255,7 @@ def test_write_many_cuts_the_blocks_write_cuts(tmp_path, block_bytes):
 
 def _decoded(msgs):
     """A block of ``msgs`` as a reader decodes it: its Table and its payload in row order."""
-    table, payload, t_min, _ = pure.encode_block(msgs)
+    table, payload, t_min, _, _ = pure.encode_block(msgs)
     t = tbl.Table(table, len(msgs), t_min)
     return t, t.payload(payload)
 

@@ -60,7 +60,7 @@ def test_logs_of_version_1_read_as_their_capture_converted_now(tmp_path, name, c
     new = tmp_path / "new.rlog"
     convert(capture, new)
     with LogReader(DATA / name) as old, LogReader(new) as now:
-        assert old.version == (1, 1) and now.version == (2, 0)
+        assert old.version == (1, 1) and now.version == (2, 1)
         assert old.warnings == [] and now.warnings == []
         assert [fields(m) for m in old] == [fields(m) for m in now]
         same_tables(old, now)
@@ -174,7 +174,7 @@ def test_targets_are_stored_once():
     reqs = [Message(KIND_REQUEST, 1, i, 10 + i, 10 + i, ADDRS[0], ADDRS[1], 0,
                     _request_bytes("GET", "/api/items/%d" % i, how, rnd), "GET", "/api/items/%d" % i,
                     0, 0, 0) for i, how in enumerate([0, 1, 2, 3, 4, 0])]
-    table, parts, _, _ = fmt.encode_table(reqs)
+    table, parts, _, _, _ = fmt.encode_table(reqs)
     t = tbl.Table(table, len(reqs), 10)
     assert t.cols["elided"].tolist() == [1, 0, 0, 1, 0, 1]
     stored = b"".join(parts)
@@ -187,8 +187,8 @@ def _tampered_log(path, msgs, change) -> None:
     real = fmt.encode_table
 
     def encode(block):
-        table, parts, t0, t1 = real(block)
-        return change(bytearray(table), len(block)), parts, t0, t1
+        table, parts, t0, t1, summary = real(block)
+        return change(bytearray(table), len(block)), parts, t0, t1, summary
 
     fmt.encode_table = encode
     try:
@@ -273,7 +273,7 @@ def test_small_api_messages_take_a_third_less_than_in_version_1(tmp_path):
         assert [fields(m) for m in r] == [fields(m) for m in msgs]
     old = tmp_path / "v1-layout.rlog"
     real = fmt.encode_table
-    fmt.encode_table = rlog_v1.encode_table_v1
+    fmt.encode_table = lambda block: (*rlog_v1.encode_table_v1(block), real(block)[4])
     try:
         with LogWriter(old, block_records=4096) as w:
             w._tctx = w._cctx

@@ -26,7 +26,7 @@ from replay.layout import TABLE_COLUMNS, TABLE_PREFIX, TABLE_ROW_BYTES  # noqa: 
 
 MAGIC = b"RLOG\r\n\x1a\n"  # PNG-style: catches text-mode (CRLF) damage
 VERSION_MAJOR = 2             # what this writer writes
-VERSION_MINOR = 0
+VERSION_MINOR = 1
 READ_MAJORS = (1, 2)          # what this reader reads: 1.x data blocks keep their own table layout
 
 # file header: magic, major u16, minor u16, header length u32, flags u32, crc32 u32
@@ -38,7 +38,9 @@ SYNC = b"\xd9\x1f\x6b\xe3\x4c\xa7\x02\x95"
 BLOCK_DATA = 1
 BLOCK_META = 2
 BLOCK_INDEX = 3
-BLOCK_NAMES = {BLOCK_DATA: "data", BLOCK_META: "metadata", BLOCK_INDEX: "index"}
+BLOCK_SUMMARY = 4
+BLOCK_NAMES = {BLOCK_DATA: "data", BLOCK_META: "metadata", BLOCK_INDEX: "index",
+               BLOCK_SUMMARY: "summary"}
 
 # block flags
 BF_A_ZSTD = 1 << 0   # section A (table / JSON / index entries) is one zstd frame
@@ -261,8 +263,9 @@ def unpack_addr(mv, off: int):
     return (ip, port), off + 3 + ln
 
 
-def encode_table(msgs: list) -> tuple[bytes, list, int, int]:
-    """(table section, payload parts, t_min, t_max) of a data block holding ``msgs`` (raw); the
+def encode_table(msgs: list) -> tuple[bytes, list, int, int, tuple]:
+    """(table section, payload parts, t_min, t_max, summary) of a data block holding ``msgs``
+    (raw; ``summary`` as ``encode_block`` gives it, for the summary block); the
     payload section is the parts one after another: the requests' bytes in row order, each with
     its target left out where the ``elided`` column says so, then the other messages' bytes.
 
@@ -270,8 +273,58 @@ def encode_table(msgs: list) -> tuple[bytes, list, int, int]:
     The work is the core's ``encode_block`` (``COLUMNS`` above says what it stores); decoding
     is ``replay.log.table.Table``.
     """
-    table, payload, t_min, t_max = encode_block(msgs)
-    return table, [payload], t_min, t_max
+    table, payload, t_min, t_max, summary = encode_block(msgs)
+    return table, [payload], t_min, t_max, summary
+
+
+# ---------------------------------------------------------------------------------------------
+# the summary block (2.1): what a replay needs before it reads the log's first block
+
+SUMMARY_HEAD = struct.Struct("<QqqQQQ")  # requests, first, last, any conn, max conn, connections
+SUMMARY_MAX_CONNS = 2_000_000            # more connections in one log: no summary (a scan)
+
+
+class Summary:
+    """The recorded (not ``F_REPLAYED``) requests of a log, gathered block by block from
+    ``encode_block``'s summaries: how many, the least and greatest ``ts_first``, the greatest
+    conn of any recorded message, and the greatest request index of each connection."""
+
+    __slots__ = ("requests", "first", "last", "max_conn", "last_of")
+
+    def __init__(self):
+        self.requests = self.first = self.last = 0
+        self.max_conn = -1
+        self.last_of: dict = {}
+
+    def add(self, block) -> bool:
+        """Take one block's summary; False once there are more than ``SUMMARY_MAX_CONNS``
+        connections (the summary is then given up)."""
+        requests, first, last, max_conn, conns, lasts = block
+        if max_conn > self.max_conn:
+            self.max_conn = max_conn
+        if requests:
+            if self.requests:
+                self.first, self.last = min(self.first, first), max(self.last, last)
+            else:
+                self.first, self.last = first, last
+            self.requests += requests
+            d = self.last_of
+            for c, i in zip(conns, lasts):
+                if c not in d or i > d[c]:
+                    d[c] = i
+        return len(self.last_of) <= SUMMARY_MAX_CONNS
+
+
+def encode_summary(s: Summary) -> bytes:
+    """Section A of a summary block (raw): ``SUMMARY_HEAD``, then the connections in increasing
+    order as u64 differences from the one before (the first from 0), then the last request index
+    of each as i64."""
+    conns = sorted(s.last_of)
+    n = len(conns)
+    deltas = [c - p for c, p in zip(conns, [0] + conns[:-1])]
+    return (SUMMARY_HEAD.pack(s.requests, s.first, s.last, int(s.max_conn >= 0),
+                              max(s.max_conn, 0), n)
+            + struct.pack(f"<{n}Q", *deltas) + struct.pack(f"<{n}q", *(s.last_of[c] for c in conns)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class LogReader:
         self.path = os.fspath(path)
         self.warnings: list[str] = []
         self.indexed = False          # True when the file's own index was used
+        self._summaries: list[int] = []   # offsets of summary blocks (2.1; the last one counts)
         self.addresses: list = []     # global client/server ids of the last table()
         self.strings: list = [None]   # global method/uri ids of the last table() (0 = None)
         self._cache: OrderedDict = OrderedDict()   # offset -> (Table, payload or None), recent last
@@ -278,6 +279,7 @@ class LogReader:
         data = [(int(e["offset"]), int(e["t_min"]), int(e["t_max"]), int(e["count"]))
                 for e in entries if e["type"] == fmt.BLOCK_DATA]
         metas = [int(e["offset"]) for e in entries if e["type"] == fmt.BLOCK_META]
+        self._summaries = [int(e["offset"]) for e in entries if e["type"] == fmt.BLOCK_SUMMARY]
         return data, metas
 
     def _scan(self):
@@ -309,6 +311,8 @@ class LogReader:
                         data.append((pos, h.t_min, h.t_max, h.count))
                     elif h.type == fmt.BLOCK_META:
                         metas.append(pos)
+                    elif h.type == fmt.BLOCK_SUMMARY:
+                        self._summaries.append(pos)
                     pos = end  # other types (index, or newer minor versions): skipped
                     continue
                 nxt = end if mm[end:end + len(fmt.SYNC)] == fmt.SYNC else mm.find(fmt.SYNC, pos + 1)
@@ -346,6 +350,28 @@ class LogReader:
             except RecursionError:  # json recurses once per level of nesting
                 self._warn(f"metadata block at offset {off} is damaged (JSON nested too deeply), ignored")
         return {}
+
+    def summary(self):
+        """What the log's summary block says of its recorded requests (2.1, written by a writer
+        that closed): ``(requests, first, last, max_conn, conns, last_index)``, ``conns`` a
+        sorted uint64 array and ``last_index`` the greatest request index of each; None when
+        the log has none, or when it cannot be trusted: damaged (with a warning), or the file
+        itself was damaged (blocks may be missing that it counts)."""
+        if not self._summaries or self.warnings or not self.indexed:
+            return None
+        off = self._summaries[-1]
+        mm = self._mm
+        try:
+            h = fmt.unpack_block_header(mm, off)
+            if h.type != fmt.BLOCK_SUMMARY:
+                raise FormatError("not a summary block")
+            fmt.check_body(h, mm, off)
+            a, _ = fmt.sections(h, mm, off, self._dctx, want_b=False)
+            return tbl.decode_summary(a)
+        except FormatError as e:
+            self._warn(f"summary block at offset {off} is damaged ({e}); the log's blocks are "
+                       "read for it instead")
+            return None
 
     # -- reading blocks --------------------------------------------------------------------------
 

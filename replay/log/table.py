@@ -233,3 +233,27 @@ def decode_index(buf) -> np.ndarray:
     if n < 0 or rest:
         raise FormatError("bad index length")
     return np.frombuffer(buf, dtype=INDEX_DTYPE, count=n)
+
+
+def decode_summary(buf):
+    """``(requests, first, last, max_conn, conns, last_index)`` of a summary block's section A
+    (``format.encode_summary``); FormatError when it does not hold together."""
+    from replay.log.format import SUMMARY_HEAD
+
+    if len(buf) < SUMMARY_HEAD.size:
+        raise FormatError("summary too short")
+    requests, first, last, any_conn, max_conn, n = SUMMARY_HEAD.unpack_from(buf, 0)
+    if len(buf) != SUMMARY_HEAD.size + 16 * n or n > requests or any_conn > 1 \
+            or not any_conn and (max_conn or n):
+        raise FormatError("summary length does not match its counts")
+    if not any_conn:
+        max_conn = -1
+    deltas = np.frombuffer(buf, dtype="<u8", count=n, offset=SUMMARY_HEAD.size)
+    if n > 1 and not np.all(deltas[1:] > 0):
+        raise FormatError("summary connections out of order")
+    with np.errstate(over="ignore"):
+        conns = np.cumsum(deltas, dtype=np.uint64)
+    if n and (int(conns[-1]) > max_conn or n > 1 and not np.all(conns[1:] > conns[:-1])):
+        raise FormatError("summary connections out of range")
+    last_index = np.frombuffer(buf, dtype="<i8", count=n, offset=SUMMARY_HEAD.size + 8 * n)
+    return requests, first, last, max_conn, conns, last_index.astype(np.int64)

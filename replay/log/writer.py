@@ -61,6 +61,7 @@ class LogWriter:
         self._pending: deque = deque()
         self._entries: list = []     # (offset, t_min, t_max, count, type) of written blocks
         self._records_on_disk = 0
+        self._summary: fmt.Summary | None = fmt.Summary()    # None: given up (too many conns)
         self._offset = 0             # end of the last complete block (worker-owned)
         self._error: OutputError | None = None
         self._error_reported = False
@@ -161,6 +162,8 @@ class LogWriter:
         try:
             if self._error is None:
                 self._cut()
+                if self._summary is not None:
+                    self._submit(self._job_summary, fmt.encode_summary(self._summary))
                 self._submit(self._job_index)
                 self._drain()
                 if fsync:
@@ -197,7 +200,9 @@ class LogWriter:
         msgs = self._msgs
         self._msgs = []
         self._msg_bytes = 0
-        table, parts, t_min, t_max = fmt.encode_table(msgs)
+        table, parts, t_min, t_max, summary = fmt.encode_table(msgs)
+        if self._summary is not None and not self._summary.add(summary):
+            self._summary = None
         self._submit(self._job_data, table, parts, len(msgs), t_min, t_max)
 
     def _submit(self, job, *args) -> None:
@@ -255,6 +260,11 @@ class LogWriter:
         parts = fmt.pack_block(fmt.BLOCK_META, fmt.BF_A_ZSTD, 0, 0, 0, self._cctx.compress(data),
                                len(data))
         self._write_parts(parts, (0, 0, 0, fmt.BLOCK_META))
+
+    def _job_summary(self, data: bytes) -> None:
+        parts = fmt.pack_block(fmt.BLOCK_SUMMARY, fmt.BF_A_ZSTD, 0, 0, 0,
+                               self._cctx.compress(data), len(data))
+        self._write_parts(parts, (0, 0, 0, fmt.BLOCK_SUMMARY))
 
     def _job_index(self) -> None:
         data = [e for e in self._entries if e[4] == fmt.BLOCK_DATA]
