@@ -332,16 +332,20 @@ class LogReader:
             pos = nxt
         return data, metas
 
-    def _load_meta(self, offsets) -> dict:
+    def _section_a(self, off: int, btype: int) -> bytes:
+        """Section A of the block of type ``btype`` at ``off``, checked; FormatError if not."""
         mm = self._mm
+        h = fmt.unpack_block_header(mm, off)
+        if h.type != btype:
+            raise FormatError(f"not a {fmt.BLOCK_NAMES[btype]} block")
+        fmt.check_body(h, mm, off)
+        a, _ = fmt.sections(h, mm, off, self._dctx, want_b=False)
+        return a
+
+    def _load_meta(self, offsets) -> dict:
         for off in reversed(offsets):
             try:
-                h = fmt.unpack_block_header(mm, off)
-                if h.type != fmt.BLOCK_META:
-                    raise FormatError("not a metadata block")
-                fmt.check_body(h, mm, off)
-                a, _ = fmt.sections(h, mm, off, self._dctx, want_b=False)
-                meta = json.loads(a)
+                meta = json.loads(self._section_a(off, fmt.BLOCK_META))
                 if not isinstance(meta, dict):
                     raise FormatError("metadata is not a JSON object")
                 return meta
@@ -360,14 +364,8 @@ class LogReader:
         if not self._summaries or self.warnings or not self.indexed:
             return None
         off = self._summaries[-1]
-        mm = self._mm
         try:
-            h = fmt.unpack_block_header(mm, off)
-            if h.type != fmt.BLOCK_SUMMARY:
-                raise FormatError("not a summary block")
-            fmt.check_body(h, mm, off)
-            a, _ = fmt.sections(h, mm, off, self._dctx, want_b=False)
-            return tbl.decode_summary(a)
+            return tbl.decode_summary(self._section_a(off, fmt.BLOCK_SUMMARY))
         except FormatError as e:
             self._warn(f"summary block at offset {off} is damaged ({e}); the log's blocks are "
                        "read for it instead")
