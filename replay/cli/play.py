@@ -50,6 +50,11 @@ from replay.cli.types import DURATION, ERROR_BUDGET, PORT, RATE, SPEED
               help="Linux: run at real-time priority (SCHED_FIFO; root or CAP_SYS_NICE), so that "
                    "other processes cannot delay a send by milliseconds. Timed replays only.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
+              help="--speed max: N processes, each replaying its share of the recorded "
+                   "connections (a stable hash of the connection id) with its share of "
+                   "--connections and --limit; one report of them all. For a target faster "
+                   "than one process can drive, on a machine with cores to spare.")
 @click.option("--event-loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
               hidden=True, help="Event loop (auto: microsecond timers when timed, uvloop at max).")
 @click.option("--spin-us", type=click.IntRange(0, 100_000), default=None, hidden=True,
@@ -57,8 +62,8 @@ from replay.cli.types import DURATION, ERROR_BUDGET, PORT, RATE, SPEED
 @play_options
 @rule_options(exclude=("limit",))
 def command(path, target, use_sink, speed, rate, loop, duration, limit, connections, no_keepalive,
-            keep_host, insecure, timeout, max_errors, dry_run, output, report_path, ports, realtime, quiet, event_loop,
-            spin_us, kafka, **rule_kwargs):
+            keep_host, insecure, timeout, max_errors, dry_run, output, report_path, ports, realtime, quiet, workers,
+            event_loop, spin_us, kafka, **rule_kwargs):
     """Replay the requests of PATH (a .rlog log, a pcap/pcapng capture, or kafka://BROKERS/TOPIC)
     against a target.
 
@@ -149,19 +154,41 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
             click.echo(f"{path}: a topic's requests are known only as it is read; "
                        f"dry run: nothing read, nothing sent")
             return 0
+        if workers > 1:
+            if from_kafka or not plan.streaming:
+                raise UsageError("--workers: for a .rlog log (convert a capture first; a topic's "
+                                 "replayers share it with --group)")
+            if schedule.timed:
+                raise UsageError("--workers: with --speed max (a timed replay runs in one "
+                                 "process, whose schedule it keeps)")
+            if out_log is not None:
+                raise UsageError("--workers and -o: give one (each worker would write its own "
+                                 "log)")
         if dry_run:
             _dry_run(path, plan, schedule, tgt, opts, keep_host)
             return 0
-        session = session_class(
-            plan, schedule, tgt, opts,
-            About(path, tgt.display + (" (built-in sink)" if use_sink else ""),
-                  rules.describe() if rules is not None else None),
-            output=ExchangeLog(out_log, rewrite=rules.rewrite if rules is not None else None,
-                               recorded=None if plan.streaming else source.recorded)
-            if out_log else None,
-            status=TerminalStatus() if sys.stderr.isatty() and not quiet else None,
-            loop=LoopOptions(event_loop, spin_us))
-        report = session.run()
+
+        def session(o=opts):
+            return session_class(
+                plan, schedule, tgt, o,
+                About(path, tgt.display + (" (built-in sink)" if use_sink else ""),
+                      rules.describe() if rules is not None else None),
+                output=ExchangeLog(out_log, rewrite=rules.rewrite if rules is not None else None,
+                                   recorded=None if plan.streaming else source.recorded)
+                if out_log else None,
+                status=TerminalStatus() if sys.stderr.isatty() and not quiet and workers == 1
+                else None,
+                loop=LoopOptions(event_loop, spin_us))
+
+        if workers > 1:
+            from replay.play.workers import run_workers
+
+            if not quiet:
+                click.echo(f"replaying {path} with {workers} workers against {tgt.display}",
+                           err=True)
+            report = run_workers(workers, plan, opts, session)
+        else:
+            report = session().run()
         if from_kafka:
             for w in plan.warnings:
                 click.echo(f"replay: warning: {w}", err=True)

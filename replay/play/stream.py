@@ -326,6 +326,15 @@ class StreamingPlan:
         self.unknown_status = 0
         self.refused_rewrites = 0
         self.reader: StreamReader | None = None
+        self.shard: tuple[int, int] | None = None   # (i, n): only connections of share i of n
+
+    def messages(self):
+        """The messages to plan: ``open_messages()``, only those of ``shard``'s connections
+        when there is one (``--workers``: a stable hash of the recorded connection id)."""
+        msgs = self.open_messages()
+        if self.shard is None:
+            return msgs
+        return _shard_of(msgs, *self.shard)
 
     @property
     def span_ns(self) -> int:
@@ -530,7 +539,7 @@ class StreamReader:
         try:
             while not self._stop.value and (self.passes is None or it < self.passes):
                 planner = self.planner = StreamPlanner(plan.host, plan.keep_host, plan.header)
-                for m in plan.open_messages():
+                for m in plan.messages():
                     for item in planner.push(m):
                         if not self._put(it, item):
                             return
@@ -567,6 +576,38 @@ class StreamReader:
             if it == 0 and planner is not None:       # stopped in the first pass: its counts
                 self.batch.append((it, (STATS, self._stats(planner))))
             self._state.value = 2
+
+
+def shard_of(conn: int, n: int) -> int:
+    """Which of ``n`` workers replays recorded connection ``conn``: SplitMix64 of the id, as
+    ``--sample`` hashes it, but its low bits where ``--sample`` compares the high ones, so that
+    the two choose independently."""
+    from replay.rules.filters import splitmix64
+
+    return (splitmix64(conn) & 0xFFFFFFFF) % n
+
+
+def shard_sizes(conns: np.ndarray, n: int) -> list:
+    """How many of the recorded connections ``conns`` each of ``n`` workers replays."""
+    from replay.rules.filters import splitmix64_array
+
+    if not len(conns):
+        return [0] * n
+    which = (splitmix64_array(conns) & np.uint64(0xFFFFFFFF)) % np.uint64(n)
+    return np.bincount(which.astype(np.int64), minlength=n).tolist()
+
+
+def _shard_of(msgs, i: int, n: int):
+    mine: dict = {}
+    for m in msgs:
+        c = m.conn
+        got = mine.get(c)
+        if got is None:
+            if len(mine) >= 1_000_000:
+                mine.clear()
+            got = mine[c] = shard_of(c, n) == i
+        if got:
+            yield m
 
 
 def _die_with_parent() -> None:
