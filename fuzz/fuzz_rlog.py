@@ -54,6 +54,7 @@ def repair(buf: bytearray) -> None:
 
 def read_all(path: str) -> None:
     with LogReader(path) as r:
+        r.summary()
         n = len(r)
         for _ in r:
             pass
@@ -94,9 +95,11 @@ def raw_log(msgs, per_block=8) -> bytes:
     """A log like the writer's, with sections stored uncompressed (mutations then mean something)."""
     out = bytearray(fmt.pack_file_header())
     entries = []
+    summary = fmt.Summary()
     for i in range(0, len(msgs), per_block):
         part = msgs[i:i + per_block]
-        table, parts, t_min, t_max = fmt.encode_table(part)
+        table, parts, t_min, t_max, block = fmt.encode_table(part)
+        summary.add(block)
         payload = b"".join(parts)
         entries.append((len(out), t_min, t_max, len(part), fmt.BLOCK_DATA))
         out += b"".join(fmt.pack_block(fmt.BLOCK_DATA, 0, len(part), t_min, t_max, table,
@@ -104,6 +107,9 @@ def raw_log(msgs, per_block=8) -> bytes:
     meta = b'{"tool": "replay", "command": "convert", "stats": {"packets": 1}}'
     entries.append((len(out), 0, 0, 0, fmt.BLOCK_META))
     out += b"".join(fmt.pack_block(fmt.BLOCK_META, 0, 0, 0, 0, meta, len(meta)))
+    sa = fmt.encode_summary(summary)
+    entries.append((len(out), 0, 0, 0, fmt.BLOCK_SUMMARY))
+    out += b"".join(fmt.pack_block(fmt.BLOCK_SUMMARY, 0, 0, 0, 0, sa, len(sa)))
     a = fmt.encode_index(entries, len(out))
     data = [e for e in entries if e[4] == fmt.BLOCK_DATA]
     out += b"".join(fmt.pack_block(fmt.BLOCK_INDEX, 0, len(entries), min(e[1] for e in data),
