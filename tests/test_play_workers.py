@@ -12,7 +12,7 @@ import pytest
 from play_helpers import SinkThread
 from test_play_stream import big_log, run_bounded
 
-from replay.play.stream import shard_of, shard_sizes
+from replay.play.stream import shard_assignment
 from replay.play.workers import share
 
 
@@ -28,17 +28,27 @@ def test_shares_add_up():
             assert sum(parts) == total and max(parts) - min(parts) <= 1
 
 
-def test_shard_sizes_count_what_shard_of_chooses():
-    rng = np.random.default_rng(1)
-    conns = np.unique(np.concatenate([np.arange(100, dtype=np.uint64),
-                                      rng.integers(0, 2**63, 500, dtype=np.uint64),
-                                      np.array([2**64 - 1], dtype=np.uint64)]))
+@pytest.mark.parametrize("seed", range(5))
+def test_shares_of_connections_are_even_in_count_and_requests(seed):
+    rng = np.random.default_rng(seed)
+    m = int(rng.integers(1, 3000))
+    conns = np.unique(rng.integers(0, 2**64 - 1, m, dtype=np.uint64, endpoint=True))
+    last = rng.choice([0, 0, 0, 1, 2, 50, 20_000], len(conns)).astype(np.int64)
     for n in (1, 2, 3, 8):
-        want = [0] * n
-        for c in conns.tolist():
-            want[shard_of(c, n)] += 1
-        assert shard_sizes(conns, n) == want
-        assert min(want) > 0
+        w = shard_assignment(conns, last, n)
+        assert w.min() >= 0 and w.max() < n
+        assert np.array_equal(w, shard_assignment(conns, last, n))          # stable
+        counts = np.bincount(w, minlength=n)
+        assert counts.max() - counts.min() <= 1
+        loads = np.bincount(w, weights=last + 1, minlength=n)
+        assert loads.max() - loads.min() <= (last + 1).max()
+
+
+def test_a_few_connections_are_dealt_evenly():
+    conns = np.arange(32, dtype=np.uint64)
+    w = shard_assignment(conns, np.full(32, 999), 2)
+    assert np.bincount(w).tolist() == [16, 16]
+    assert shard_assignment(np.zeros(0, np.uint64), np.zeros(0, np.int64), 3).tolist() == []
 
 
 @pytest.mark.parametrize("workers", [2, 3])

@@ -52,9 +52,9 @@ from replay.cli.types import DURATION, ERROR_BUDGET, PORT, RATE, SPEED
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
               help="--speed max: N processes, each replaying its share of the recorded "
-                   "connections (a stable hash of the connection id) with its share of "
-                   "--connections and --limit; one report of them all. For a target faster "
-                   "than one process can drive, on a machine with cores to spare.")
+                   "connections (as many as the others, with about as many requests) with its "
+                   "share of --connections and --limit; one report of them all. For a target "
+                   "faster than one process can drive, on a machine with cores to spare.")
 @click.option("--event-loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
               hidden=True, help="Event loop (auto: microsecond timers when timed, uvloop at max).")
 @click.option("--spin-us", type=click.IntRange(0, 100_000), default=None, hidden=True,

@@ -326,15 +326,17 @@ class StreamingPlan:
         self.unknown_status = 0
         self.refused_rewrites = 0
         self.reader: StreamReader | None = None
-        self.shard: tuple[int, int] | None = None   # (i, n): only connections of share i of n
+        self.shard: tuple[int, int] | None = None   # (i, n): share i of n (shard_assignment)
 
     def messages(self):
         """The messages to plan: ``open_messages()``, only those of ``shard``'s connections
-        when there is one (``--workers``: a stable hash of the recorded connection id)."""
+        when there is one (``--workers``)."""
         msgs = self.open_messages()
         if self.shard is None:
             return msgs
-        return _shard_of(msgs, *self.shard)
+        i, n = self.shard
+        h = self.header
+        return _shard_of(msgs, np.sort(h.conns[shard_assignment(h.conns, h.last_index, n) == i]))
 
     @property
     def span_ns(self) -> int:
@@ -578,26 +580,23 @@ class StreamReader:
             self._state.value = 2
 
 
-def shard_of(conn: int, n: int) -> int:
-    """Which of ``n`` workers replays recorded connection ``conn``: SplitMix64 of the id, as
-    ``--sample`` hashes it, but its low bits where ``--sample`` compares the high ones, so that
-    the two choose independently."""
-    from replay.rules.filters import splitmix64
-
-    return (splitmix64(conn) & 0xFFFFFFFF) % n
-
-
-def shard_sizes(conns: np.ndarray, n: int) -> list:
-    """How many of the recorded connections ``conns`` each of ``n`` workers replays."""
-    from replay.rules.filters import splitmix64_array
-
-    if not len(conns):
-        return [0] * n
-    which = (splitmix64_array(conns) & np.uint64(0xFFFFFFFF)) % np.uint64(n)
-    return np.bincount(which.astype(np.int64), minlength=n).tolist()
+def shard_assignment(conns: np.ndarray, last_index: np.ndarray, n: int) -> np.ndarray:
+    """Which of ``n`` workers replays each recorded connection of ``conns`` (a log header's):
+    the connections in decreasing order of their requests (``last_index`` + 1; the smaller id
+    first among equals), dealt out 0, 1, .., n-1, n-1, .., 0, 0, 1, ..: every worker gets as
+    many connections as another, give or take one, and about as many requests. The same log
+    gives the same shares."""
+    m = len(conns)
+    load = np.maximum(np.asarray(last_index, dtype=np.int64), 0) + 1
+    order = np.lexsort((np.asarray(conns, dtype=np.uint64), -load))
+    k = np.arange(m) % (2 * n)
+    out = np.empty(m, dtype=np.int64)
+    out[order] = np.where(k < n, k, 2 * n - 1 - k)
+    return out
 
 
-def _shard_of(msgs, i: int, n: int):
+def _shard_of(msgs, own: np.ndarray):
+    """The messages of the connections in ``own`` (sorted)."""
     mine: dict = {}
     for m in msgs:
         c = m.conn
@@ -605,7 +604,8 @@ def _shard_of(msgs, i: int, n: int):
         if got is None:
             if len(mine) >= 1_000_000:
                 mine.clear()
-            got = mine[c] = shard_of(c, n) == i
+            j = int(own.searchsorted(np.uint64(c))) if 0 <= c < 1 << 64 else len(own)
+            got = mine[c] = j < len(own) and int(own[j]) == c
         if got:
             yield m
 

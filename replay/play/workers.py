@@ -3,9 +3,10 @@ can drive (``--speed max``).
 
 Rules:
 - each worker is a fork of the command once its options, target and plan's header are ready;
-  it replays the recorded connections whose stable hash (``stream.shard_of``) falls in its
-  share, so a recorded connection's requests stay on one worker, in order, on its replay
-  connections; it reads the whole log (in its own reading process) and plans only its share;
+  it replays its share of the recorded connections (``stream.shard_assignment``: from the log's
+  header, as many connections and about as many requests as the others), so a recorded
+  connection's requests stay on one worker, in order, on its replay connections; it reads the
+  whole log (in its own reading process) and plans only its share;
 - ``--limit`` is split: worker i gets ``n // N``, plus one when ``i < n % N``; ``--connections``
   in proportion to each worker's share of the recorded connections (from the log's header), at
   least one each: a worker with fewer replay connections than recorded connections it keeps busy
@@ -38,10 +39,11 @@ def share(total: int, i: int, n: int) -> int:
 def connections_share(cap: int, plan, i: int, n: int) -> int:
     """Worker ``i``'s share of ``cap`` replay connections: as many as it has recorded ones when
     ``cap`` holds them all, else in proportion to them; at least one."""
-    from replay.play.stream import shard_sizes
+    from replay.play.stream import shard_assignment
 
+    h = plan.header
     total = plan.connection_count
-    mine = shard_sizes(plan.header.conns, n)[i] if total else 0
+    mine = int((shard_assignment(h.conns, h.last_index, n) == i).sum()) if total else 0
     if cap >= total:
         return max(1, mine)
     return max(1, round(cap * mine / total))
