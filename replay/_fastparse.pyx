@@ -3360,8 +3360,9 @@ cdef class PumpCore:
     def _answered(self, list msgs, now):
         cdef object player = self.player
         cdef object pending = self.pending
-        cdef bint fast = _slots_known
+        cdef bint fast
         for m in msgs:
+            fast = _slots_known and type(m) is Message
             if <int64_t>_field(m, fast, M_FLAGS, "flags") & CF_INTERIM:
                 continue
             if not pending:
@@ -3390,7 +3391,7 @@ cdef class PumpCore:
         if w is not None and not w.done():
             w.set_result(value)
 
-    def send(self, Attempt att):
+    def send(self, Attempt att not None):
         req = att.req
         self.framer.expect(req.method)
         self.pending.append(att)
