@@ -336,7 +336,7 @@ class StreamingPlan:
             return msgs
         i, n = self.shard
         h = self.header
-        return _shard_of(msgs, np.sort(h.conns[shard_assignment(h.conns, h.last_index, n) == i]))
+        return _shard_of(msgs, h.conns[shard_assignment(h.conns, h.last_index, n) == i])
 
     @property
     def span_ns(self) -> int:
