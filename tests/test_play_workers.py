@@ -5,6 +5,7 @@ in order on the connections of one worker, the report of them all; the shares; w
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -12,8 +13,8 @@ import pytest
 from play_helpers import SinkThread
 from test_play_stream import big_log, run_bounded
 
-from replay.play.stream import shard_assignment
-from replay.play.workers import share
+from replay.play.stream import Shard, StreamHeader, shard_assignment
+from replay.play.workers import apportion, plan_shares
 
 
 def _uri_ids(raw: bytes):
@@ -21,11 +22,71 @@ def _uri_ids(raw: bytes):
     return kind, int(n)
 
 
-def test_shares_add_up():
-    for total in (0, 1, 5, 31, 32, 1000):
-        for n in (1, 2, 3, 7):
-            parts = [share(total, i, n) for i in range(n)]
-            assert sum(parts) == total and max(parts) - min(parts) <= 1
+@pytest.mark.parametrize("seed", range(20))
+def test_apportion_adds_up_in_proportion(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 9))
+    w = rng.choice([0, 0, 1, 5, 1000], k).astype(float)
+    total = int(rng.integers(0, 5000))
+    minimum = int(rng.integers(0, 2))
+    parts = apportion(total, w, minimum)
+    assert len(parts) == k and min(parts) >= minimum
+    assert sum(parts) == max(total, minimum * k)
+    if total > minimum * k and w.sum() > 0:
+        exact = minimum + (total - minimum * k) * w / w.sum()
+        assert np.all(np.abs(np.array(parts) - exact) < 1)         # largest remainders
+    assert apportion(7, [0, 0, 0]) == [3, 2, 2] and apportion(5, []) == []
+
+
+class _Opts:
+    def __init__(self, connections, limit=0):
+        self.connections = connections
+        self.limit = limit
+
+
+class _Plan:
+    def __init__(self, conns, last):
+        self.header = StreamHeader(conns=np.asarray(conns, np.uint64),
+                                   last_index=np.asarray(last, np.int64))
+        self.rules = None
+
+
+def test_plan_shares_split_connections_and_limit_by_what_each_worker_replays():
+    # 2 busy connections (1000 requests) and 40 of one request each
+    plan = _Plan(range(42), [999, 999] + [0] * 40)
+    shares, assign = plan_shares(2, plan, _Opts(connections=10, limit=1000))
+    assert [s.recorded_connections for s in shares] == [21, 21]
+    assert sum(s.connections for s in shares) == 10 and all(s.connections >= 1 for s in shares)
+    assert sum(s.limit for s in shares) == 1000 and abs(shares[0].limit - shares[1].limit) <= 1
+    # a cap above the recorded connections: each worker as many as it replays
+    shares, _ = plan_shares(3, plan, _Opts(connections=1000))
+    assert sorted(s.connections for s in shares) == [14, 14, 14]
+    # one recorded connection with all the requests, 3 with none: the limit follows the requests
+    plan = _Plan(range(4), [9999, 0, 0, 0])
+    shares, _ = plan_shares(4, plan, _Opts(connections=4, limit=100))
+    assert sorted(s.limit for s in shares) == [0, 0, 0, 100]
+    # fewer recorded connections than workers: that many workers
+    shares, _ = plan_shares(8, _Plan([5, 9], [3, 3]), _Opts(connections=100))
+    assert len(shares) == 2
+    from replay.errors import UsageError
+
+    with pytest.raises(UsageError, match="needs at least 3 connections"):
+        plan_shares(3, _Plan(range(10), [1] * 10), _Opts(connections=2))
+
+
+def test_every_connection_has_one_worker_listed_or_not():
+    conns = np.array([3, 10, 11, 500, 2**64 - 1], np.uint64)
+    last = np.array([5, 0, 9, 1, 2], np.int64)
+    for n in (1, 2, 3):
+        assign = shard_assignment(conns, last, n)
+        shards = [Shard(i, n, conns, assign) for i in range(n)]
+        for c in [int(x) for x in conns] + [0, 4, 12, 499, 2**63]:     # the last ones: not listed
+            owners = [s.i for s in shards if s.owns(c)]
+            assert len(owners) == 1
+            if c in conns:
+                assert owners[0] == assign[int(np.searchsorted(conns, np.uint64(c)))]
+            else:
+                assert owners[0] == c % n
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -125,3 +186,135 @@ def test_a_target_that_refuses_fails_every_worker_and_the_command(tmp_path):
     assert p.returncode == 1 and "all 200 requests failed" in p.stderr
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["errors"]["refused"] == 200 and rep["answered"] == 0
+
+
+def test_the_rules_see_each_message_once_in_all(tmp_path):
+    """The workers take their share before the rules: the rules line counts what one process
+    would, and the requests the filter keeps are each sent once."""
+    log = big_log(tmp_path / "big.rlog", n=3000, long_conns=8, tail=True)
+    lines = {}
+    for workers in ("1", "2"):
+        with SinkThread() as sink:
+            p = run_bounded(["play", log, "--target", sink.url, "--speed", "max", "--workers",
+                             workers, "--path-include", "^/(s|s2)/"])
+            got = sink.by_conn()
+        assert p.returncode == 0, p.stderr
+        lines[workers] = [ln for ln in p.stderr.splitlines() if ln.startswith("rules:")]
+        sent = [_uri_ids(r) for seq in got.values() for r in seq]
+        assert len(sent) == len(set(sent)) == 240 and {k for k, _ in sent} == {b"s", b"s2"}
+    assert lines["1"] == lines["2"] and len(lines["1"]) == 1
+    assert lines["1"][0].startswith("rules: kept 480 of 6,240 recorded messages")
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _start_looping(log, url, report, *extra):
+    import subprocess
+    import time
+
+    from play_helpers import env, replay_cmd
+
+    p = subprocess.Popen(replay_cmd() + ["play", log, "--target", url, "--speed", "max",
+                                         "--workers", "2", "--loop", "--duration", "60",
+                                         "--report", str(report), *extra],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    end = time.monotonic() + 30
+    while time.monotonic() < end and len(_children(p.pid)) < 2:
+        time.sleep(0.05)
+    time.sleep(1.0)                 # the workers are sending
+    return p
+
+
+def test_a_worker_that_dies_stops_the_command_at_once(tmp_path):
+    """A worker killed while the others loop: the command notices it at once (not when the
+    others end), stops them, and says which worker died and how."""
+    import signal
+    import time
+
+    log = big_log(tmp_path / "big.rlog", n=2000, long_conns=8)
+    with SinkThread() as sink:
+        p = _start_looping(log, sink.url, tmp_path / "r.json")
+        try:
+            workers = _children(p.pid)
+            assert len(workers) == 2
+            t = time.monotonic()
+            os.kill(workers[1], signal.SIGKILL)
+            out, err = p.communicate(timeout=30)
+            took = time.monotonic() - t
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert p.returncode == 1, err
+    assert "replay worker 1 was killed by signal 9 without a report" in err
+    assert "Traceback" not in err and took < 15
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_sigterm_to_the_command_keeps_the_merged_report(tmp_path):
+    """SIGTERM to the command: the workers stop as a lone replay does on Ctrl-C, and the merged
+    report is printed and written; exit 130."""
+    import signal
+
+    log = big_log(tmp_path / "big.rlog", n=2000, long_conns=8)
+    with SinkThread() as sink:
+        p = _start_looping(log, sink.url, tmp_path / "r.json")
+        try:
+            p.send_signal(signal.SIGTERM)
+            out, err = p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "(interrupted)" in out
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["workers"] == 2 and rep["interrupted"] and rep["answered"] > 0
+    assert rep["sent"] >= rep["answered"] and rep["in_flight"] >= 0
+
+
+def test_a_second_signal_still_gives_the_report(tmp_path):
+    """Two SIGTERMs in a row, against a server that stops answering (requests in flight): the
+    second makes each worker give up at once, and the merged report still comes out."""
+    import signal
+    import time
+
+    from play_helpers import FaultServer
+
+    log = big_log(tmp_path / "big.rlog", n=2000, long_conns=8)
+    with FaultServer("stall") as srv:
+        p = _start_looping(log, srv.url, tmp_path / "r.json", "--timeout", "60")
+        try:
+            t = time.monotonic()
+            p.send_signal(signal.SIGTERM)
+            time.sleep(0.01)
+            p.send_signal(signal.SIGTERM)
+            out, err = p.communicate(timeout=30)
+            took = time.monotonic() - t
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "(interrupted)" in out and took < 10
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["workers"] == 2 and rep["interrupted"]
+    assert rep["answered"] > 0 and rep["sent"] > rep["answered"]
+
+
+def test_the_merged_rate_is_answers_over_the_common_window(tmp_path):
+    log = big_log(tmp_path / "big.rlog", n=3000, long_conns=8)
+    rep_path = tmp_path / "r.json"
+    with SinkThread() as sink:
+        p = run_bounded(["play", log, "--target", sink.url, "--speed", "max", "--workers", "2",
+                         "--report", str(rep_path), "-q"])
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(rep_path.read_text())
+    w = rep["answer_window_unix"]       # from the first send of any to the last answer of any
+    assert len(w) == 2 and w[1] > w[0]
+    assert rep["requests_per_s"] == round(3000 / (w[1] - w[0]), 1)
+    assert rep["started_unix"] <= w[0]

@@ -183,10 +183,10 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
         if workers > 1:
             from replay.play.workers import run_workers
 
-            if not quiet:
-                click.echo(f"replaying {path} with {workers} workers against {tgt.display}",
-                           err=True)
-            report = run_workers(workers, plan, opts, session)
+            report = run_workers(workers, plan, opts, session, None if quiet else (
+                lambda k: click.echo(f"replaying {path} with {k} workers against {tgt.display}"
+                                     + (f" (the log has {k} connections)" if k < workers else ""),
+                                     err=True)))
         else:
             report = session().run()
         if from_kafka:

@@ -92,6 +92,7 @@ class Report:
         self.ended_ns = 0
         self.first_send_ns = 0
         self.last_answer_ns = 0
+        self.wall_offset_ns: int | None = None    # clock ns + this = Unix ns (set by the run)
 
     # -- events ------------------------------------------------------------------------------
     def on_attempt(self, recorded_status):
@@ -225,6 +226,9 @@ class Report:
             "requests_per_s": round(self.answered / wall, 1) if wall > 0 else None,
             "interrupted": self.interrupted,
         })
+        if wall > 0 and self.wall_offset_ns is not None:    # for merge_reports' requests/s
+            d["answer_window_unix"] = [round((self.first_send_ns + self.wall_offset_ns) / 1e9, 6),
+                                       round((self.last_answer_ns + self.wall_offset_ns) / 1e9, 6)]
         if histograms:
             d["histograms"] = {key: _hdr(getattr(self, attr)).encode().decode("ascii")
                                for key, attr in HISTOGRAMS.items()}
@@ -267,7 +271,8 @@ def _add(a, b):
 def merge_reports(reports: list, names: list) -> dict:
     """One report of several --report files (``Report.to_dict(histograms=True)``) of replayers
     that ran side by side: counts added, histograms added (exact), percentiles made from them,
-    ``requests_per_s`` added, ``elapsed_s`` the longest. ValueError naming the file that is not
+    ``requests_per_s`` all answers over the window of them all (``_merged_rate``), ``elapsed_s``
+    the longest. ValueError naming the file that is not
     such a report."""
     from hdrh.histogram import HdrHistogram
 
@@ -294,13 +299,27 @@ def merge_reports(reports: list, names: list) -> dict:
                     raise ValueError(f"{name}: histogram {key!r} does not decode ({e})") from None
         hists[key] = h
         out[f"{key}_ms"] = hdr_percentiles(h)
-    rates = [r.get("requests_per_s") for r in reports if r.get("requests_per_s")]
     out.update({"elapsed_s": max(r.get("elapsed_s") or 0 for r in reports),
-                "requests_per_s": round(sum(rates), 1) if rates else None,
+
                 "interrupted": any(r.get("interrupted") for r in reports),
                 "merged_from": list(names),
                 "histograms": {k: h.encode().decode("ascii") for k, h in hists.items()}})
+    out.update(_merged_rate(reports, out["answered"]))
     return out
+
+
+def _merged_rate(reports: list, answered: int) -> dict:
+    """Requests/s of replayers side by side: all their answers over the window from the first
+    send to the last answer of any (``answer_window_unix``, which comes with it); the sum of
+    their rates for reports without it."""
+    windows = [r["answer_window_unix"] for r in reports if r.get("answer_window_unix")]
+    if windows and len(windows) == sum(1 for r in reports if r.get("requests_per_s")):
+        w = [min(w[0] for w in windows), max(w[1] for w in windows)]
+        span = w[1] - w[0]
+        return {"requests_per_s": round(answered / span, 1) if span > 0 else None,
+                "answer_window_unix": w}
+    rates = [r.get("requests_per_s") for r in reports if r.get("requests_per_s")]
+    return {"requests_per_s": round(sum(rates), 1) if rates else None}
 
 
 def summary_text(d: dict) -> str:

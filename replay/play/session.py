@@ -26,7 +26,8 @@ Rules:
   pause a send; the writer's thread gets the GIL back every 0.5 ms;
 - SIGINT and SIGTERM stop the run as Ctrl-C does (``Report.interrupted``, what is in flight stays
   in flight, the output log and the report are still written whole); a second signal raises
-  ``KeyboardInterrupt``; the handlers that were there before are restored;
+  ``KeyboardInterrupt``; the handlers that were there before are restored; a caller may block
+  the two before the run: they are unblocked once its handlers are in place;
 - an exception that escaped the sender (a bug, not a fault of the target) is raised after the
   loop is closed, and the output log is then left unfinished (the CLI discards it);
 - the report's metadata describes the run (``About`` + the plan, schedule and options), and after
@@ -298,6 +299,7 @@ class PlaySession:
         report, schedule, output, status = self.report, self.schedule, self.output, self.status
         clock = clk.LoopClock()
         offset = clk.wall_offset()
+        report.wall_offset_ns = offset
         if output is not None:
             output.open(self._log_meta(), self.plan.conn_stride)
         player = self.player = self.make_sender(
@@ -351,11 +353,17 @@ class PlaySession:
         ev.add_signal_handler(signal.SIGINT, self.cancel)
         term = signal.getsignal(signal.SIGTERM)
         ev.add_signal_handler(signal.SIGTERM, self.cancel)
+        # a caller that held them back (``play --workers``' worker) gets them now, handled
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
         gc.collect()
         gc.freeze()
         started_wall = time.time()
         try:
-            ev.run_until_complete(main())
+            try:
+                ev.run_until_complete(main())
+            except KeyboardInterrupt:        # a second signal: give up what is left, at once
+                _cancel_all(ev)
+                raise
         finally:
             ev.remove_signal_handler(signal.SIGINT)
             ev.remove_signal_handler(signal.SIGTERM)
@@ -379,3 +387,16 @@ class PlaySession:
         if output is not None:
             output.close(report)
         return report
+
+
+def _cancel_all(ev, timeout: float = 1.0) -> None:
+    """Cancel the tasks of ``ev`` and let them unwind (``finally`` blocks run on an open loop),
+    for at most ``timeout`` seconds."""
+    tasks = asyncio.all_tasks(ev)
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        try:
+            ev.run_until_complete(asyncio.wait(tasks, timeout=timeout))
+        except BaseException:  # noqa: BLE001  (leaving anyway)
+            pass

@@ -60,9 +60,10 @@ class RecordedSource:
                 self._read = LogReader(path)
                 header = index_header(self._read)
 
-                def open_messages():
+                def open_messages(keep=None):
                     src = self._read = LogReader(path)
-                    return rules.apply(src) if rules is not None else src
+                    msgs = keep(src) if keep is not None else src
+                    return rules.apply(msgs) if rules is not None else msgs
 
                 return StreamingPlan(path, header, open_messages, host,
                                      keep_host or (rules is not None and rules.sets_host), rules)

@@ -312,7 +312,9 @@ class StreamingPlan:
         self.path = path
         self.rules = rules
         self.header = header
-        self.open_messages = open_messages     # () -> iterable of messages (after the rules)
+        # (keep) -> the messages after the rules, ``keep`` (a filter of the log's messages, or
+        # None) applied before them
+        self.open_messages = open_messages
         self.host = host
         self.keep_host = keep_host
         self.requests = header.requests
@@ -326,17 +328,12 @@ class StreamingPlan:
         self.unknown_status = 0
         self.refused_rewrites = 0
         self.reader: StreamReader | None = None
-        self.shard: tuple[int, int] | None = None   # (i, n): share i of n (shard_assignment)
+        self.shard: Shard | None = None         # --workers: this worker's share
 
     def messages(self):
-        """The messages to plan: ``open_messages()``, only those of ``shard``'s connections
-        when there is one (``--workers``)."""
-        msgs = self.open_messages()
-        if self.shard is None:
-            return msgs
-        i, n = self.shard
-        h = self.header
-        return _shard_of(msgs, h.conns[shard_assignment(h.conns, h.last_index, n) == i])
+        """The messages to plan: ``open_messages(keep)``, ``keep`` the shard's filter when there
+        is one (``--workers``; applied before the rules, which then see only this share)."""
+        return self.open_messages(None if self.shard is None else self.shard.keep)
 
     @property
     def span_ns(self) -> int:
@@ -595,19 +592,40 @@ def shard_assignment(conns: np.ndarray, last_index: np.ndarray, n: int) -> np.nd
     return out
 
 
-def _shard_of(msgs, own: np.ndarray):
-    """The messages of the connections in ``own`` (sorted)."""
-    mine: dict = {}
-    for m in msgs:
-        c = m.conn
-        got = mine.get(c)
-        if got is None:
-            if len(mine) >= 1_000_000:
-                mine.clear()
-            j = int(own.searchsorted(np.uint64(c))) if 0 <= c < 1 << 64 else len(own)
-            got = mine[c] = j < len(own) and int(own[j]) == c
-        if got:
-            yield m
+class Shard:
+    """Share ``i`` of ``n`` of a log's recorded connections: those ``assign`` (``shard_assignment``
+    of the header's sorted ``conns``) gives to ``i``; a connection the header does not list (a
+    log that grew after its summary, or read without one) goes by its id modulo ``n``, so that
+    every connection is still replayed by exactly one worker."""
+
+    CACHE = 1_000_000        # connection ids whose share is remembered (then forgotten, recounted)
+
+    def __init__(self, i: int, n: int, conns: np.ndarray, assign: np.ndarray):
+        self.i, self.n = i, n
+        self.conns = conns
+        self.assign = assign
+
+    def owns(self, conn: int) -> bool:
+        conns = self.conns
+        if 0 <= conn < 1 << 64:
+            j = int(conns.searchsorted(np.uint64(conn)))
+            if j < len(conns) and int(conns[j]) == conn:
+                return int(self.assign[j]) == self.i
+        return conn % self.n == self.i
+
+    def keep(self, msgs):
+        """The messages of ``msgs`` on this share's connections."""
+        mine: dict = {}
+        owns = self.owns
+        for m in msgs:
+            c = m.conn
+            got = mine.get(c)
+            if got is None:
+                if len(mine) >= self.CACHE:
+                    mine.clear()
+                got = mine[c] = owns(c)
+            if got:
+                yield m
 
 
 def _die_with_parent() -> None:

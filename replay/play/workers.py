@@ -2,20 +2,31 @@
 can drive (``--speed max``).
 
 Rules:
-- each worker is a fork of the command once its options, target and plan's header are ready;
-  it replays its share of the recorded connections (``stream.shard_assignment``: from the log's
-  header, as many connections and about as many requests as the others), so a recorded
-  connection's requests stay on one worker, in order, on its replay connections; it reads the
-  whole log (in its own reading process) and plans only its share;
-- ``--limit`` is split: worker i gets ``n // N``, plus one when ``i < n % N``; ``--connections``
-  in proportion to each worker's share of the recorded connections (from the log's header), at
-  least one each: a worker with fewer replay connections than recorded connections it keeps busy
-  at once would end and reopen them all the time;
-- Ctrl-C reaches every worker (one process group) and each stops as a lone replay does; the
-  command waits for their reports and ignores the signal meanwhile;
-- the report is ``report.merge_reports`` of the workers' reports (counts added, histograms added
-  exactly), with the description of the first one (input, target, speed) and the plan's counts
-  added up; a worker that fails stops the others and its error is the command's;
+- the parent deals the log's recorded connections out once (``stream.shard_assignment``: from
+  the log's header, as many connections to each worker and about as many requests); a
+  connection the header does not list goes by its id modulo N (``stream.Shard``), so each is
+  replayed by one worker, its requests in order on that worker's connections;
+- each worker is a fork of the command once its options, target and plan's header are ready; it
+  reads the log (in its own reading process) and keeps only its share *before* the rules, so
+  the filters, rewrites and middleware see each message once in all: their counts add up;
+- ``--limit`` is shared out in proportion to the requests of each worker's share (largest
+  remainders, so the shares add up to it exactly); a limit of the rules (``filter --limit``) the
+  same way; ``--connections`` in proportion to the recorded connections of each share, at least
+  one each (a worker with fewer replay connections than recorded connections it keeps busy at
+  once would close and reopen them all the time), never more than asked in all: fewer
+  connections than workers is refused; a log with fewer recorded connections than N workers
+  runs that many;
+- signals: the workers are in a process group of their own and start with SIGINT and SIGTERM
+  blocked (what arrives is kept until their run can take it). The parent forwards SIGINT and
+  SIGTERM to them as SIGINT: the first stops each as Ctrl-C stops a lone replay (what is in
+  flight is waited for), the second makes them give up what is in flight and report at once;
+  the third stops the parent without a report (the workers die with it);
+- the parent waits on every worker at once: a report, an error or a death is seen when it
+  happens; a worker that fails, or dies without a report, stops the others, and its error is
+  the command's;
+- the report is ``report.merge_reports`` of the workers' reports (counts and histograms added
+  exactly, requests/s of the whole window), with the description of the first (input, target,
+  speed), the plan's counts added up and ``workers``;
 - the workers' status lines are off (``-q`` or not): the command says once that it started them.
 """
 
@@ -25,28 +36,80 @@ import multiprocessing
 import os
 import signal
 
-from replay.errors import ReplayError
+import numpy as np
 
-_KEEP_FROM_FIRST = ("input", "target", "speed", "rate", "loop", "keepalive", "rules", "tool",
-                    "schedule", "started_unix")
+from replay.errors import ReplayError, UsageError
 
-
-def share(total: int, i: int, n: int) -> int:
-    """Worker ``i``'s share of ``total`` (``total // n``, one more for the first ``total % n``)."""
-    return total // n + (1 if i < total % n else 0)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def connections_share(cap: int, plan, i: int, n: int) -> int:
-    """Worker ``i``'s share of ``cap`` replay connections: as many as it has recorded ones when
-    ``cap`` holds them all, else in proportion to them; at least one."""
+def apportion(total: int, weights, minimum: int = 0) -> list[int]:
+    """``total`` split in proportion to ``weights`` (largest remainders: the parts add up to
+    ``total`` exactly), each part at least ``minimum`` (taken first). Equal weights when they
+    are all zero."""
+    w = np.asarray(weights, dtype=np.float64)
+    k = len(w)
+    if k == 0:
+        return []
+    base = np.full(k, minimum, dtype=np.int64)
+    rest = total - int(base.sum())
+    if rest <= 0:
+        return base.tolist()
+    if w.sum() <= 0:
+        w = np.ones(k)
+    exact = rest * w / w.sum()
+    part = np.floor(exact).astype(np.int64)
+    left = rest - int(part.sum())
+    if left:
+        order = np.lexsort((np.arange(k), -(exact - part)))
+        part[order[:left]] += 1
+    return (base + part).tolist()
+
+
+class Share:
+    """One worker's share: its recorded connections and requests, its replay connections and
+    its part of the limits."""
+
+    def __init__(self, i: int, conns: int, requests: int):
+        self.i = i
+        self.recorded_connections = conns
+        self.requests = requests
+        self.connections = 0
+        self.limit = 0
+        self.rules_limit: int | None = None
+
+
+def plan_shares(n: int, plan, opts) -> tuple[list[Share], np.ndarray]:
+    """The shares of ``n`` workers (fewer when the log has fewer recorded connections) and the
+    assignment of the header's connections (``shard_assignment``); UsageError when ``opts``
+    cannot be shared."""
     from replay.play.stream import shard_assignment
 
     h = plan.header
-    total = plan.connection_count
-    mine = int((shard_assignment(h.conns, h.last_index, n) == i).sum()) if total else 0
-    if cap >= total:
-        return max(1, mine)
-    return max(1, round(cap * mine / total))
+    m = len(h.conns)
+    n = max(1, min(n, m)) if m else n
+    assign = shard_assignment(h.conns, h.last_index, n)
+    counts = np.bincount(assign, minlength=n)
+    loads = np.bincount(assign, weights=np.maximum(h.last_index, 0) + 1, minlength=n)
+    shares = [Share(i, int(counts[i]), int(loads[i])) for i in range(n)]
+    cap = opts.connections
+    if cap < n:
+        raise UsageError(f"--workers {n}: needs at least {n} connections (--connections {cap})")
+    if cap >= m:
+        conns = [max(1, s.recorded_connections) for s in shares]
+    else:
+        conns = apportion(cap, counts, minimum=1)
+    for s, c in zip(shares, conns):
+        s.connections = c
+    if opts.limit:
+        for s, lim in zip(shares, apportion(opts.limit, loads)):
+            s.limit = lim
+    rules = plan.rules
+    limit = getattr(getattr(rules, "filters", None), "limit", None)
+    if limit is not None:
+        for s, lim in zip(shares, apportion(limit, loads)):
+            s.rules_limit = lim
+    return shares, assign
 
 
 class MergedReport:
@@ -69,28 +132,48 @@ class MergedReport:
         return summary_text(self.d)
 
 
-def _worker(i: int, n: int, plan, opts, make_session, tx) -> None:
-    """In the forked worker: replay share ``i`` of ``n``; send back the report or the error."""
+def _worker(share: Share, n: int, plan, assign, opts, make_session, tx) -> None:
+    """In the forked worker: replay ``share``; send back the report or the error."""
     from dataclasses import replace
 
-    from replay.play.stream import _die_with_parent
+    from replay.play.stream import Shard, _die_with_parent
 
     _die_with_parent()
+    os.setpgid(0, 0)                   # Ctrl-C at a terminal reaches the parent only, which forwards
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may still write to the tty
+    for s in _SIGNALS:                 # still blocked: taken by the session's run
+        signal.signal(s, signal.default_int_handler)
+    session = None
     try:
-        plan.shard = (i, n)
-        mine = replace(opts, connections=connections_share(opts.connections, plan, i, n),
-                       limit=share(opts.limit, i, n) if opts.limit else 0)
-        session = make_session(mine)
-        if opts.limit and not mine.limit:
-            report = session.report         # no share of --limit: nothing to send
-        else:
-            report = session.run()
+        try:
+            plan.shard = Shard(share.i, n, plan.header.conns, assign)
+            if share.rules_limit is not None:
+                plan.rules.filters.limit = share.rules_limit
+            mine = replace(opts, connections=share.connections, limit=share.limit)
+            session = make_session(mine)
+            if opts.limit and not mine.limit:
+                report = session.report         # no share of --limit: nothing to send
+            else:
+                report = session.run()          # takes the blocked signals once it can
+        except KeyboardInterrupt:               # the second signal: report what was done
+            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+            if session is None:
+                raise
+            report = session.report
+            report.interrupted = True
+            if not report.ended_ns and report.started_ns:
+                import time
+
+                report.ended_ns = time.monotonic_ns()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)    # nothing cuts the report short
         rules = plan.rules
         tx.send(("report", report.to_dict(histograms=True),
                  dict(rules.stats) if rules is not None else None,
                  plan.refused_rewrites))
     except ReplayError as e:
         tx.send(("error", e))
+    except KeyboardInterrupt:
+        tx.send(("error", ReplayError("interrupted before it started")))
     except BaseException as e:  # noqa: BLE001  (a bug: said by the command, not lost)
         import traceback
 
@@ -99,67 +182,138 @@ def _worker(i: int, n: int, plan, opts, make_session, tx) -> None:
         tx.close()
 
 
-def run_workers(n: int, plan, opts, make_session) -> MergedReport:
-    """Run the replay in ``n`` forked workers (see the module's rules); their merged report."""
-    from replay.play.report import merge_reports
+def run_workers(n: int, plan, opts, make_session, started=None) -> MergedReport:
+    """Run the replay in ``n`` forked workers (see the module's rules); their merged report.
+    ``started(k)`` is told how many run, before they start."""
+    from multiprocessing.connection import wait
 
+    shares, assign = plan_shares(n, plan, opts)
+    n = len(shares)
+    if started is not None:
+        started(n)
     ctx = multiprocessing.get_context("fork")
-    procs, pipes = [], []
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)    # the workers decide; we wait for them
-    try:
-        for i in range(n):
-            rx, tx = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker, args=(i, n, plan, opts, make_session, tx),
-                            name=f"replay-worker-{i}")
-            p.start()
-            tx.close()
-            procs.append(p)
-            pipes.append(rx)
-        got, failure = [], None
-        for i, (p, rx) in enumerate(zip(procs, pipes)):
-            try:
-                msg = rx.recv()
-            except EOFError:
-                p.join()
-                msg = ("error", ReplayError(f"worker {i} ended without a report (exit "
-                                            f"{p.exitcode})"))
-            if msg[0] != "report" and failure is None:
-                failure = msg
-                for q in procs:
-                    if q.is_alive() and q is not p:
-                        os.kill(q.pid, signal.SIGINT)
-            got.append(msg)
+    procs: list = []
+    pipes: list = []
+    signals = [0]
+
+    def forward(signum, frame):
+        signals[0] += 1
+        if signals[0] > 2:
+            raise KeyboardInterrupt
         for p in procs:
-            p.join()
+            if p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)   # the workers inherit it
+    old = {s: signal.getsignal(s) for s in _SIGNALS}
+    try:
+        for s in _SIGNALS:
+            signal.signal(s, forward)
+        try:
+            for share in shares:
+                rx, tx = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_worker, args=(share, n, plan, assign, opts, make_session, tx),
+                                name=f"replay-worker-{share.i}")
+                p.start()
+                tx.close()
+                try:
+                    os.setpgid(p.pid, p.pid)    # as the worker does: whichever comes first
+                except OSError:
+                    pass
+                procs.append(p)
+                pipes.append(rx)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        got = _collect(procs, pipes, wait)
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
         for p in procs:
             if p.is_alive():
                 p.kill()
+            p.join()
+    failures = [m for m in got if m[0] != "report"]
+    if failures:
+        first = failures[0]
+        if first[0] == "error":
+            raise first[1]
+        raise RuntimeError(f"a replay worker failed: {first[1]}\n{first[2]}")
+    return _merged(got, plan)
+
+
+def _collect(procs, pipes, wait) -> list:
+    """Each worker's message (report, error or crash), waiting on them all at once; the first
+    failure (or a worker's death without a word) stops the others."""
+    got: list = [None] * len(procs)
+    pending = set(range(len(procs)))
+    failed = False
+    while pending:
+        watch = {}
+        for i in pending:
+            watch[pipes[i]] = i
+            watch[procs[i].sentinel] = i
+        ready = wait(list(watch))
+        for obj in ready:
+            i = watch[obj]
+            if i not in pending:
+                continue
+            rx, p = pipes[i], procs[i]
+            msg = None
+            if rx.poll():
+                try:
+                    msg = rx.recv()
+                except EOFError:
+                    msg = None
+            elif obj is rx:
+                continue
+            if msg is None:
                 p.join()
-    if failure is not None:
-        if failure[0] == "error":
-            raise failure[1]
-        raise RuntimeError(f"a replay worker failed: {failure[1]}\n{failure[2]}")
+                code = p.exitcode
+                how = f"was killed by signal {-code}" if code is not None and code < 0 \
+                    else f"exited with status {code}"
+                msg = ("error", ReplayError(f"replay worker {i} {how} without a report"))
+            got[i] = msg
+            pending.discard(i)
+            if msg[0] != "report" and not failed:
+                failed = True
+                for j in pending:
+                    if procs[j].is_alive():
+                        try:
+                            os.kill(procs[j].pid, signal.SIGINT)
+                        except ProcessLookupError:
+                            pass
+    return got
+
+
+_PLAN_SUMMED = ("pipelined", "reordered", "status_not_recorded")
+
+
+def _merged(got: list, plan) -> MergedReport:
+    """The workers' reports as one (see the module's rules); the plan's rule counts added up."""
+    from replay.play.report import merge_reports
+
     reports = [m[1] for m in got]
-    merged = merge_reports(reports, [f"worker {i}" for i in range(n)])
-    d = {k: reports[0][k] for k in _KEEP_FROM_FIRST if k in reports[0]}
+    n = len(reports)
+    d = dict(reports[0])                         # the description: input, target, speed...
+    d.update(merge_reports(reports, [f"worker {i}" for i in range(n)]))
+    starts = [r["started_unix"] for r in reports if r.get("started_unix")]
+    if starts:
+        d["started_unix"] = min(starts)
     d["workers"] = n
     d["connections_cap"] = sum(r.get("connections_cap", 0) for r in reports)
     plans = [r.get("plan") or {} for r in reports]
     d["plan"] = dict(plans[0])
-    for key in ("pipelined", "reordered", "status_not_recorded"):
+    for key in _PLAN_SUMMED:
         if key in d["plan"]:
             d["plan"][key] = sum(p.get(key, 0) for p in plans)
-    skipped: dict = {}
-    for p in plans:
-        for k, v in (p.get("skipped") or {}).items():
-            skipped[k] = skipped.get(k, 0) + v
-    d["plan"]["skipped"] = skipped
-    d.update(merged)
+    d["plan"]["skipped"] = _summed([p.get("skipped") or {} for p in plans])
     if plan.rules is not None:
         stats = [m[2] for m in got if m[2]]
-        plan.rules.stats = _summed(stats) if stats else plan.rules.stats
+        if stats:
+            plan.rules.stats = _summed(stats)
     plan.refused_rewrites = sum(m[3] for m in got)
     return MergedReport(d)
 
