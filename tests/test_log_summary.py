@@ -103,6 +103,53 @@ def test_a_damaged_summary_is_said_and_scanned(tmp_path):
         assert list(r) == list(good)
 
 
+def test_a_summary_the_index_contradicts_is_not_trusted(tmp_path, monkeypatch):
+    """A summary that counts more requests than the data blocks hold messages, or times outside
+    theirs, is said and the log scanned."""
+    msgs = messages(10, 400)
+    want = fields(index_header(LogReader(write(tmp_path / "good.rlog", msgs)), summary=False))
+    real = fmt.encode_summary
+    for name, change in (("requests", lambda v: (10**9,) + v[1:]),
+                         ("first", lambda v: v[:1] + (v[1] - 10**12,) + v[2:]),
+                         ("last", lambda v: v[:2] + (v[2] + 10**12,) + v[3:])):
+        def lying(s, change=change):
+            a = real(s)
+            head = fmt.SUMMARY_HEAD.unpack_from(a, 0)
+            return fmt.SUMMARY_HEAD.pack(*change(head)) + a[fmt.SUMMARY_HEAD.size:]
+
+        monkeypatch.setattr(fmt, "encode_summary", lying)
+        path = write(tmp_path / f"{name}.rlog", msgs)
+        with LogReader(path) as r:
+            assert r.summary() is None, name
+            assert fields(index_header(r)) == want
+            assert "does not agree with the index" in r.warnings[0]
+
+
+def test_an_oversized_summary_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
+    path = write(tmp_path / "a.rlog", messages(11, 400))
+    want = fields(index_header(LogReader(path), summary=False))
+    monkeypatch.setattr(fmt, "SUMMARY_MAX_RAW", fmt.SUMMARY_HEAD.size + 16)
+    with LogReader(path) as r:
+        assert fields(index_header(r)) == want
+        assert "more than a summary holds" in r.warnings[0]
+
+
+@pytest.mark.parametrize("dict_max,compact_from", [(0, 1), (3, 7), (50, 1000)])
+def test_the_summary_in_arrays_is_the_summary_in_a_dict(tmp_path, monkeypatch, dict_max,
+                                                        compact_from):
+    """Past ``DICT_MAX`` connections the writer keeps them in arrays, put together now and
+    then: the block it writes is the same, byte for byte."""
+    msgs = messages(12, 3000)
+    want = write(tmp_path / "dict.rlog", msgs)
+    monkeypatch.setattr(fmt.Summary, "DICT_MAX", dict_max)
+    monkeypatch.setattr(fmt.Summary, "COMPACT_FROM", compact_from)
+    got = write(tmp_path / "arrays.rlog", msgs)
+    assert got.read_bytes() == want.read_bytes()
+    monkeypatch.setattr(fmt, "SUMMARY_MAX_CONNS", 30)
+    with LogReader(write(tmp_path / "many.rlog", msgs)) as r:
+        assert r._summaries == [] and index_header(r).connections > 30
+
+
 def test_too_many_connections_write_none(tmp_path, monkeypatch):
     monkeypatch.setattr(fmt, "SUMMARY_MAX_CONNS", 3)
     path = write(tmp_path / "a.rlog", messages(10, 300))

@@ -282,49 +282,120 @@ def encode_table(msgs: list) -> tuple[bytes, list, int, int, tuple]:
 
 SUMMARY_HEAD = struct.Struct("<QqqQQQ")  # requests, first, last, any conn, max conn, connections
 SUMMARY_MAX_CONNS = 2_000_000            # more connections in one log: no summary (a scan)
+SUMMARY_MAX_RAW = SUMMARY_HEAD.size + 16 * SUMMARY_MAX_CONNS    # the largest section A
 
 
 class Summary:
     """The recorded (not ``F_REPLAYED``) requests of a log, gathered block by block from
     ``encode_block``'s summaries: how many, the least and greatest ``ts_first``, the greatest
-    conn of any recorded message, and the greatest request index of each connection."""
+    conn of any recorded message, and the greatest request index of each connection.
 
-    __slots__ = ("requests", "first", "last", "max_conn", "last_of")
+    Memory: up to ``DICT_MAX`` connections in a dict (a short capture or convert never imports
+    numpy); past that in two numpy arrays (16 bytes a connection), the blocks' own summaries put
+    together with them once they hold as many entries again (at least ``COMPACT_FROM``): at most
+    twice the connections' 16 bytes, 64 MB at ``SUMMARY_MAX_CONNS``."""
+
+    __slots__ = ("requests", "first", "last", "max_conn", "_last_of", "_conns", "_lasts",
+                 "_pending", "_pending_n")
+
+    DICT_MAX = 50_000
+    COMPACT_FROM = 65_536
 
     def __init__(self):
         self.requests = self.first = self.last = 0
         self.max_conn = -1
-        self.last_of: dict = {}
+        self._last_of: dict | None = {}
+        self._conns = self._lasts = None
+        self._pending: list = []
+        self._pending_n = 0
 
     def add(self, block) -> bool:
-        """Take one block's summary; False once there are more than ``SUMMARY_MAX_CONNS``
-        connections (the summary is then given up)."""
+        """Take one block's summary; False once it is known that there are more than
+        ``SUMMARY_MAX_CONNS`` connections (the summary is then given up; ``holds`` tells for
+        sure)."""
         requests, first, last, max_conn, conns, lasts = block
         if max_conn > self.max_conn:
             self.max_conn = max_conn
-        if requests:
-            if self.requests:
-                self.first, self.last = min(self.first, first), max(self.last, last)
-            else:
-                self.first, self.last = first, last
-            self.requests += requests
-            d = self.last_of
+        if not requests:
+            return True
+        if self.requests:
+            self.first, self.last = min(self.first, first), max(self.last, last)
+        else:
+            self.first, self.last = first, last
+        self.requests += requests
+        d = self._last_of
+        if d is not None:
             for c, i in zip(conns, lasts):
                 if c not in d or i > d[c]:
                     d[c] = i
-        return len(self.last_of) <= SUMMARY_MAX_CONNS
+            if len(d) > self.DICT_MAX:
+                self._to_arrays()
+        elif len(conns):
+            import numpy as np
+
+            self._pending.append((np.array(conns, dtype=np.uint64), np.array(lasts, dtype=np.int64)))
+            self._pending_n += len(conns)
+            if self._pending_n >= max(self.COMPACT_FROM, len(self._conns)):
+                self._compact()
+        return self._count() <= SUMMARY_MAX_CONNS
+
+    def _count(self) -> int:
+        return len(self._last_of) if self._last_of is not None else len(self._conns)
+
+    def _to_arrays(self) -> None:
+        import numpy as np
+
+        d, self._last_of = self._last_of, None
+        self._conns = np.array(list(d), dtype=np.uint64)
+        self._lasts = np.array(list(d.values()), dtype=np.int64)
+        order = np.argsort(self._conns, kind="stable")
+        self._conns, self._lasts = self._conns[order], self._lasts[order]
+
+    def _compact(self) -> None:
+        import numpy as np
+
+        if not self._pending:
+            return
+        c = np.concatenate([self._conns] + [p[0] for p in self._pending])
+        i = np.concatenate([self._lasts] + [p[1] for p in self._pending])
+        self._pending, self._pending_n = [], 0
+        order = np.lexsort((i, c))                 # by connection, then request index
+        c, i = c[order], i[order]
+        keep = np.ones(len(c), dtype=bool)
+        keep[:-1] = c[1:] != c[:-1]                 # each connection's greatest index
+        self._conns, self._lasts = c[keep], i[keep]
+
+    def holds(self) -> bool:
+        """Whether the summary holds its log (no more than ``SUMMARY_MAX_CONNS`` connections)."""
+        if self._last_of is None:
+            self._compact()
+        return self._count() <= SUMMARY_MAX_CONNS
+
+    def section(self) -> bytes:
+        """Section A of its summary block (``encode_summary``)."""
+        d = self._last_of
+        if d is not None:
+            conns = sorted(d)
+            n = len(conns)
+            deltas = [c - p for c, p in zip(conns, [0] + conns[:-1])]
+            body = struct.pack(f"<{n}Q", *deltas) + struct.pack(f"<{n}q", *(d[c] for c in conns))
+        else:
+            import numpy as np
+
+            self._compact()
+            conns, lasts = self._conns, self._lasts
+            n = len(conns)
+            deltas = np.diff(conns, prepend=np.uint64(0))
+            body = deltas.astype("<u8").tobytes() + lasts.astype("<i8").tobytes()
+        return SUMMARY_HEAD.pack(self.requests, self.first, self.last, int(self.max_conn >= 0),
+                                 max(self.max_conn, 0), n) + body
 
 
 def encode_summary(s: Summary) -> bytes:
     """Section A of a summary block (raw): ``SUMMARY_HEAD``, then the connections in increasing
     order as u64 differences from the one before (the first from 0), then the last request index
     of each as i64."""
-    conns = sorted(s.last_of)
-    n = len(conns)
-    deltas = [c - p for c, p in zip(conns, [0] + conns[:-1])]
-    return (SUMMARY_HEAD.pack(s.requests, s.first, s.last, int(s.max_conn >= 0),
-                              max(s.max_conn, 0), n)
-            + struct.pack(f"<{n}Q", *deltas) + struct.pack(f"<{n}q", *(s.last_of[c] for c in conns)))
+    return s.section()
 
 
 # ---------------------------------------------------------------------------------------------

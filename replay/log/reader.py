@@ -332,12 +332,15 @@ class LogReader:
             pos = nxt
         return data, metas
 
-    def _section_a(self, off: int, btype: int) -> bytes:
-        """Section A of the block of type ``btype`` at ``off``, checked; FormatError if not."""
+    def _section_a(self, off: int, btype: int, max_raw: int | None = None) -> bytes:
+        """Section A of the block of type ``btype`` at ``off``, checked; FormatError if not,
+        or if it says it is longer than ``max_raw`` (then it is not inflated)."""
         mm = self._mm
         h = fmt.unpack_block_header(mm, off)
         if h.type != btype:
             raise FormatError(f"not a {fmt.BLOCK_NAMES[btype]} block")
+        if max_raw is not None and h.a_raw > max_raw:
+            raise FormatError(f"section A of {h.a_raw} bytes, more than a summary holds")
         fmt.check_body(h, mm, off)
         a, _ = fmt.sections(h, mm, off, self._dctx, want_b=False)
         return a
@@ -359,13 +362,24 @@ class LogReader:
         """What the log's summary block says of its recorded requests (2.1, written by a writer
         that closed): ``(requests, first, last, max_conn, conns, last_index)``, ``conns`` a
         sorted uint64 array and ``last_index`` the greatest request index of each; None when
-        the log has none, or when it cannot be trusted: damaged (with a warning), or the file
-        itself was damaged (blocks may be missing that it counts)."""
+        the log has none, or when it cannot be trusted: damaged (with a warning), the file
+        itself damaged (blocks may be missing that it counts), or it does not agree with the
+        index (more requests than the data blocks hold messages, times outside theirs).
+
+        A data block is checked (its checksum) only when it is read: a summary whose block went
+        bad later is trusted here, and the replay of that block's messages finds it, says so
+        with a warning and goes on without them."""
         if not self._summaries or self.warnings or not self.indexed:
             return None
         off = self._summaries[-1]
         try:
-            return tbl.decode_summary(self._section_a(off, fmt.BLOCK_SUMMARY))
+            got = tbl.decode_summary(self._section_a(off, fmt.BLOCK_SUMMARY, fmt.SUMMARY_MAX_RAW))
+            requests, first, last = got[:3]
+            blocks = self.blocks
+            if requests > sum(b.count for b in blocks) or requests and (
+                    first < min(b.t_min for b in blocks) or last > max(b.t_max for b in blocks)):
+                raise FormatError("it does not agree with the index of the data blocks")
+            return got
         except FormatError as e:
             self._warn(f"summary block at offset {off} is damaged ({e}); the log's blocks are "
                        "read for it instead")

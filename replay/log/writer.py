@@ -162,7 +162,7 @@ class LogWriter:
         try:
             if self._error is None:
                 self._cut()
-                if self._summary is not None:
+                if self._summary is not None and self._summary.holds():
                     self._submit(self._job_summary, fmt.encode_summary(self._summary))
                 self._submit(self._job_index)
                 self._drain()
