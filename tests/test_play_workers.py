@@ -318,3 +318,31 @@ def test_the_merged_rate_is_answers_over_the_common_window(tmp_path):
     assert len(w) == 2 and w[1] > w[0]
     assert rep["requests_per_s"] == round(3000 / (w[1] - w[0]), 1)
     assert rep["started_unix"] <= w[0]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_data_block_damaged_after_the_summary_is_said_and_skipped(tmp_path, workers):
+    """The summary is trusted, a data block's checksum fails when it is read: the replay says
+    which block once, and replays the rest."""
+    from replay.log import LogReader, LogWriter
+
+    msgs = list(LogReader(big_log(tmp_path / "big.rlog", n=3000, long_conns=8)))
+    good = tmp_path / "good.rlog"
+    with LogWriter(good, block_records=500) as w:
+        w.write_many(msgs)
+    with LogReader(good) as r:
+        b = r.blocks[2]
+        assert r.summary() is not None and b.count == 500
+    data = bytearray(good.read_bytes())
+    data[b.offset + 200] ^= 0xFF
+    bad = tmp_path / "bad.rlog"
+    bad.write_bytes(bytes(data))
+    with SinkThread() as sink:
+        p = run_bounded(["play", str(bad), "--target", sink.url, "--speed", "max", "--workers",
+                         workers])
+        got = sink.by_conn()
+    assert p.returncode == 0, p.stderr
+    warned = [ln for ln in p.stderr.splitlines() if ln.startswith("replay: warning:")]
+    assert warned == [f"replay: warning: corrupt block at offset {b.offset} (checksum mismatch "
+                      "in section A), its 500 messages skipped"]
+    assert sum(len(v) for v in got.values()) == 2750 and "Traceback" not in p.stderr

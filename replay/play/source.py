@@ -61,12 +61,13 @@ class RecordedSource:
                 header = index_header(self._read)
 
                 def open_messages(keep=None):
-                    src = self._read = LogReader(path)
+                    src = self._read = plan.reading = LogReader(path)
                     msgs = keep(src) if keep is not None else src
                     return rules.apply(msgs) if rules is not None else msgs
 
-                return StreamingPlan(path, header, open_messages, host,
+                plan = StreamingPlan(path, header, open_messages, host,
                                      keep_host or (rules is not None and rules.sets_host), rules)
+                return plan
         src = self._read = self._open()
         if rules is not None:
             return build_plan(rules.apply(src), host, keep_host or rules.sets_host)

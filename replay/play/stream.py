@@ -329,6 +329,8 @@ class StreamingPlan:
         self.refused_rewrites = 0
         self.reader: StreamReader | None = None
         self.shard: Shard | None = None         # --workers: this worker's share
+        self.reading = None        # the reader of the pass under way (in the reading process)
+        self.read_warnings: list = []           # what the first pass's reader warned of
 
     def messages(self):
         """The messages to plan: ``open_messages(keep)``, ``keep`` the shard's filter when there
@@ -351,6 +353,7 @@ class StreamingPlan:
         self.skipped = dict(stats["skipped"])
         self.reordered = stats["reordered"]
         self.unknown_status = stats["unknown_status"]
+        self.read_warnings = list(stats.get("warnings", ()))
         if stats.get("rules") is not None and self.rules is not None:
             self.rules.stats.update(stats["rules"])
             self.refused_rewrites = stats.get("refused_rewrites", 0)
@@ -529,7 +532,8 @@ class StreamReader:
         return {"pipelined": planner.pipelined, "skipped": dict(planner.skipped),
                 "reordered": planner.reordered, "unknown_status": planner.unknown_status,
                 "rules": dict(rules.stats) if rules is not None else None,
-                "refused_rewrites": rules.refused_rewrites if rules is not None else 0}
+                "refused_rewrites": rules.refused_rewrites if rules is not None else 0,
+                "warnings": list(getattr(self.plan.reading, "warnings", ()))}
 
     def _run(self) -> None:
         plan = self.plan

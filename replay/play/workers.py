@@ -169,7 +169,7 @@ def _worker(share: Share, n: int, plan, assign, opts, make_session, tx) -> None:
         rules = plan.rules
         tx.send(("report", report.to_dict(histograms=True),
                  dict(rules.stats) if rules is not None else None,
-                 plan.refused_rewrites))
+                 plan.refused_rewrites, plan.read_warnings))
     except ReplayError as e:
         tx.send(("error", e))
     except KeyboardInterrupt:
@@ -315,6 +315,7 @@ def _merged(got: list, plan) -> MergedReport:
         if stats:
             plan.rules.stats = _summed(stats)
     plan.refused_rewrites = sum(m[3] for m in got)
+    plan.read_warnings = list(dict.fromkeys(w for m in got for w in m[4]))   # each read the log
     return MergedReport(d)
 
 
