@@ -102,7 +102,7 @@ class KafkaPlan(StreamingPlan):
 
         TopicReader(self.url, self.settings).open().close()
 
-    def _messages(self):
+    def _messages(self, keep=None):
         from replay.kafka.consumer import TopicReader
 
         r = self.reader
@@ -112,7 +112,8 @@ class KafkaPlan(StreamingPlan):
                                  idle=r.child_idle)
         self.topic.open()
         rules = self.rules
-        return rules.apply(self.topic) if rules is not None else self.topic
+        msgs = keep(self.topic) if keep is not None else self.topic
+        return rules.apply(msgs) if rules is not None else msgs
 
     def start(self, passes, hold=None, keep_recorded: bool = False) -> "KafkaStreamReader":
         self.reader = KafkaStreamReader(self, 1, hold, keep_recorded)
