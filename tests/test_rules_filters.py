@@ -441,6 +441,41 @@ def test_index_and_streaming_paths_agree_with_the_oracle(tmp_path_factory, seed,
     assert by_index == streamed_log == streamed == want
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32), v=rule_values, n=st.integers(2, 3))
+def test_a_share_of_the_connections_keeps_what_the_whole_keeps_of_them(tmp_path_factory, seed, v,
+                                                                       n):
+    """``play --workers``: each worker's rules see only its share of the connections; what they
+    keep is what the rules keep of the whole log on those connections (relative --since and
+    --until still count from the log's first message), on both paths, and the counts add up."""
+    import numpy as np
+
+    from replay.play.stream import Shard, shard_assignment
+
+    v = {k: x for k, x in v.items() if k != "limit"}     # a limit is shared out, not filtered
+    rnd = random.Random(seed)
+    msgs = synthetic(rnd)
+    path = tmp_path_factory.mktemp("h") / "x.rlog"
+    write_log(path, msgs)
+    values = as_flags(v)
+    whole = run_rules(LogReader(path), values)
+    listed = np.unique(np.array([m.conn for m in msgs][::2], dtype=np.uint64))   # some unlisted
+    assign = shard_assignment(listed, np.zeros(len(listed), np.int64), n)
+    for index in (True, False):
+        got, read = [], 0
+        for i in range(n):
+            shard = Shard(i, n, listed, assign)
+            rules = Rules(settings_from_values(values))
+            mine = list(rules.apply(LogReader(path), index=index, shard=shard))
+            assert mine == [m for m in whole if shard.owns(m.conn)]
+            assert shard.mask(np.array([m.conn for m in mine], np.uint64)).all()
+            got += mine
+            read += rules.stats["read"]
+        assert sorted(got, key=lambda m: (m.conn, m.index, m.kind)) == \
+            sorted(whole, key=lambda m: (m.conn, m.index, m.kind))
+        assert read == len(msgs)
+
+
 def test_paths_agree_on_the_sample_log(tmp_path):
     log = tmp_path / "s.rlog"
     replay("convert", SAMPLE, "-o", log, "-q")

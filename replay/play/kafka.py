@@ -102,7 +102,7 @@ class KafkaPlan(StreamingPlan):
 
         TopicReader(self.url, self.settings).open().close()
 
-    def _messages(self, keep=None):
+    def _messages(self, shard=None):
         from replay.kafka.consumer import TopicReader
 
         r = self.reader
@@ -112,8 +112,9 @@ class KafkaPlan(StreamingPlan):
                                  idle=r.child_idle)
         self.topic.open()
         rules = self.rules
-        msgs = keep(self.topic) if keep is not None else self.topic
-        return rules.apply(msgs) if rules is not None else msgs
+        if rules is not None:
+            return rules.apply(self.topic, shard=shard)
+        return self.topic if shard is None else shard.keep(self.topic)
 
     def start(self, passes, hold=None, keep_recorded: bool = False) -> "KafkaStreamReader":
         self.reader = KafkaStreamReader(self, 1, hold, keep_recorded)

@@ -60,10 +60,11 @@ class RecordedSource:
                 self._read = LogReader(path)
                 header = index_header(self._read)
 
-                def open_messages(keep=None):
+                def open_messages(shard=None):
                     src = self._read = plan.reading = LogReader(path)
-                    msgs = keep(src) if keep is not None else src
-                    return rules.apply(msgs) if rules is not None else msgs
+                    if rules is not None:
+                        return rules.apply(src, shard=shard)
+                    return src if shard is None else shard.keep(src)
 
                 plan = StreamingPlan(path, header, open_messages, host,
                                      keep_host or (rules is not None and rules.sets_host), rules)

@@ -312,8 +312,8 @@ class StreamingPlan:
         self.path = path
         self.rules = rules
         self.header = header
-        # (keep) -> the messages after the rules, ``keep`` (a filter of the log's messages, or
-        # None) applied before them
+        # (shard) -> the messages after the rules, only those of ``shard`` (a ``Shard`` or
+        # None), taken before them
         self.open_messages = open_messages
         self.host = host
         self.keep_host = keep_host
@@ -333,9 +333,9 @@ class StreamingPlan:
         self.read_warnings: list = []           # what the first pass's reader warned of
 
     def messages(self):
-        """The messages to plan: ``open_messages(keep)``, ``keep`` the shard's filter when there
-        is one (``--workers``; applied before the rules, which then see only this share)."""
-        return self.open_messages(None if self.shard is None else self.shard.keep)
+        """The messages to plan: ``open_messages(shard)`` (``--workers``: this worker's share,
+        taken before the rules, which then see only its messages)."""
+        return self.open_messages(self.shard)
 
     @property
     def span_ns(self) -> int:
@@ -617,11 +617,25 @@ class Shard:
                 return int(self.assign[j]) == self.i
         return conn % self.n == self.i
 
-    def keep(self, msgs):
-        """The messages of ``msgs`` on this share's connections."""
+    def mask(self, conns: np.ndarray) -> np.ndarray:
+        """``owns`` of each of ``conns`` (an array of connection ids)."""
+        conns = np.asarray(conns, dtype=np.uint64)
+        ids = self.conns
+        if not len(ids):
+            return conns % np.uint64(self.n) == self.i
+        j = np.minimum(ids.searchsorted(conns), len(ids) - 1)
+        listed = ids[j] == conns
+        return np.where(listed, self.assign[j] == self.i, conns % np.uint64(self.n) == self.i)
+
+    def keep(self, msgs, first=None):
+        """The messages of ``msgs`` on this share's connections; ``first(ts_first)`` is told
+        the time of the first message of ``msgs``, this share's or not."""
         mine: dict = {}
         owns = self.owns
         for m in msgs:
+            if first is not None:
+                first(m.ts_first)
+                first = None
             c = m.conn
             got = mine.get(c)
             if got is None:

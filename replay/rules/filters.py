@@ -725,6 +725,12 @@ class Stream:
         return not any(ex.fate and ex.last >= horizon and not (ex.final and ex.req is not None)
                        for ex in self.open.values())
 
+    def start_at(self, ts_first: int) -> None:
+        """+OFFSET times count from ``ts_first`` (else: from the first message pushed)."""
+        if not self.started:
+            self.started = True
+            self.fs._bind(ts_first)
+
     def push(self, m) -> list:
         if not self.started:
             self.started = True

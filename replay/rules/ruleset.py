@@ -152,22 +152,30 @@ class Rules:
 
     # -- pull: filter and play -----------------------------------------------------------------
 
-    def apply(self, source, index: bool = True):
+    def apply(self, source, index: bool = True, shard=None):
         """The messages of ``source`` that the rules keep, changed as they say, in input order.
-        ``index=False`` forces the streaming path on a log (tests hold the two paths equal)."""
+        ``index=False`` forces the streaming path on a log (tests hold the two paths equal).
+        ``shard`` (``play --workers``: a ``stream.Shard``): only the messages of its connections,
+        taken before the filters, rewrites and middleware (which then count only those), with
+        ``--since``/``--until +OFFSET`` still counted from the first message of ``source``."""
         from replay.log import LogReader
 
         st = self.stats
         # the index path reads the whole log's table; a bare --limit only needs its start
         if self.filters.filters and index and isinstance(source, LogReader):
             rows = self.filters.select_rows(source)
-            st["read"] += len(source)
+            if shard is None:
+                st["read"] += len(source)
+            else:
+                conn = source.table()["conn"]
+                st["read"] += int(shard.mask(conn).sum())
+                rows = rows[shard.mask(conn[rows])]
             st["kept"] += len(rows)
             msgs = (m for _, m in source.messages_at(rows))
         elif self.filters.active:
-            msgs = self._streamed(source)
+            msgs = self._streamed(source, shard)
         else:
-            msgs = self._counted(source)
+            msgs = self._counted(source if shard is None else shard.keep(source))
         if self.rewrites:
             msgs = self._rewritten(msgs)
         mw = None
@@ -192,9 +200,11 @@ class Rules:
             st["kept"] += 1
             yield m
 
-    def _streamed(self, source):
+    def _streamed(self, source, shard=None):
         st = self.stats
         fs = self.filters.stream()
+        if shard is not None:
+            source = shard.keep(source, first=fs.start_at)
         for m in source:
             st["read"] += 1
             out = fs.push(m)
