@@ -36,6 +36,7 @@ def test_apportion_adds_up_in_proportion(seed):
         exact = minimum + (total - minimum * k) * w / w.sum()
         assert np.all(np.abs(np.array(parts) - exact) < 1)         # largest remainders
     assert apportion(7, [0, 0, 0]) == [3, 2, 2] and apportion(5, []) == []
+    assert sum(apportion(10**18 + 1, [1, 1, 1])) == 10**18 + 1          # exact integers
 
 
 class _Opts:
@@ -153,6 +154,15 @@ def test_workers_split_the_limit(tmp_path):
     rep = json.loads(rep_path.read_text())
     assert rep["attempted"] == rep["answered"] == 1001
     assert sum(len(v) for v in got.values()) == 1001
+    # a limit smaller than the workers: some get none and do not run; the report still says
+    # what ran
+    with SinkThread() as sink:
+        p = run_bounded(["play", log, "--target", sink.url, "--speed", "max", "--workers", "5",
+                         "--limit", "1", "--report", str(rep_path), "-q"])
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(rep_path.read_text())
+    assert rep["attempted"] == rep["answered"] == 1 and rep["workers"] == 5
+    assert rep["tool"].startswith("replay ") and rep["plan"]["streamed"] and "schedule" in rep
 
 
 @pytest.mark.parametrize("args,says", [
@@ -255,16 +265,17 @@ def test_a_worker_that_dies_stops_the_command_at_once(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_sigterm_to_the_command_keeps_the_merged_report(tmp_path):
-    """SIGTERM to the command: the workers stop as a lone replay does on Ctrl-C, and the merged
-    report is printed and written; exit 130."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_command_keeps_the_merged_report(tmp_path, sig):
+    """SIGTERM or SIGINT to the command: the workers stop as a lone replay does on Ctrl-C, and
+    the merged report is printed and written; exit 130."""
     import signal
 
     log = big_log(tmp_path / "big.rlog", n=2000, long_conns=8)
     with SinkThread() as sink:
         p = _start_looping(log, sink.url, tmp_path / "r.json")
         try:
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(getattr(signal, sig))
             out, err = p.communicate(timeout=30)
         finally:
             if p.poll() is None:
@@ -275,6 +286,40 @@ def test_sigterm_to_the_command_keeps_the_merged_report(tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["workers"] == 2 and rep["interrupted"] and rep["answered"] > 0
     assert rep["sent"] >= rep["answered"] and rep["in_flight"] >= 0
+    assert rep["tool"].startswith("replay ") and rep["plan"]["streamed"]
+
+
+def test_a_signal_as_the_workers_start_is_not_lost(tmp_path):
+    """Ctrl-C the moment the workers exist (before their event loops run): they take it as
+    soon as they can, and the command ends at once with the report."""
+    import signal
+    import subprocess
+    import time
+
+    from play_helpers import env, replay_cmd
+
+    log = big_log(tmp_path / "big.rlog", n=2000, long_conns=8)
+    with SinkThread() as sink:
+        p = subprocess.Popen(replay_cmd() + ["play", log, "--target", sink.url, "--speed", "max",
+                                            "--workers", "3", "--loop", "--duration", "60",
+                                            "--report", str(tmp_path / "r.json")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        try:
+            end = time.monotonic() + 30
+            while time.monotonic() < end and not _children(p.pid):
+                time.sleep(0.001)
+            t = time.monotonic()
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=40)
+            took = time.monotonic() - t
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert p.returncode == 130, err
+    assert took < 15 and "Traceback" not in err and "(interrupted)" in out
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["interrupted"] and rep["workers"] == 3
 
 
 def test_a_second_signal_still_gives_the_report(tmp_path):
@@ -304,6 +349,7 @@ def test_a_second_signal_still_gives_the_report(tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["workers"] == 2 and rep["interrupted"]
     assert rep["answered"] > 0 and rep["sent"] > rep["answered"]
+    assert rep["tool"].startswith("replay ") and rep["plan"]["streamed"] and "schedule" in rep
 
 
 def test_the_merged_rate_is_answers_over_the_common_window(tmp_path):
@@ -346,3 +392,22 @@ def test_a_data_block_damaged_after_the_summary_is_said_and_skipped(tmp_path, wo
     assert warned == [f"replay: warning: corrupt block at offset {b.offset} (checksum mismatch "
                       "in section A), its 500 messages skipped"]
     assert sum(len(v) for v in got.values()) == 2750 and "Traceback" not in p.stderr
+
+
+def test_warnings_of_the_log_are_said_once(tmp_path):
+    """A torn log: what opening it finds is said once, not again by the reading processes."""
+    from replay.log import LogReader, LogWriter
+
+    msgs = list(LogReader(big_log(tmp_path / "big.rlog", n=2000, long_conns=8)))
+    with LogWriter(tmp_path / "blocks.rlog", block_records=500) as w:
+        w.write_many(msgs)
+    data = (tmp_path / "blocks.rlog").read_bytes()
+    torn = tmp_path / "torn.rlog"
+    torn.write_bytes(data[:len(data) // 2])
+    for workers in ("1", "2"):
+        with SinkThread() as sink:
+            p = run_bounded(["play", str(torn), "--target", sink.url, "--speed", "max",
+                             "--workers", workers])
+        assert p.returncode == 0, p.stderr
+        warned = [ln for ln in p.stderr.splitlines() if ln.startswith("replay: warning:")]
+        assert len(warned) == len(set(warned)) >= 1, p.stderr

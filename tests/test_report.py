@@ -236,6 +236,11 @@ def test_play_report_files_merge(tmp_path):
     assert both.get_total_count() == 74
     assert m["latency_ms"]["p99"] == round(both.get_value_at_percentile(99) / 1000, 4)
     assert HdrHistogram.decode(m["histograms"]["latency"]).get_total_count() == 74
+    # requests/s: all answers over the window of both runs (here one after the other)
+    w = [one[0]["answer_window_unix"], one[1]["answer_window_unix"]]
+    assert m["answer_window_unix"] == [min(w[0][0], w[1][0]), max(w[0][1], w[1][1])]
+    assert m["requests_per_s"] == round(74 / (m["answer_window_unix"][1] -
+                                              m["answer_window_unix"][0]), 1)
     r = replay("report", paths[0], SAMPLE)
     assert r.returncode == 2 and "not both" in r.stderr.strip().splitlines()[-1], r.stderr
     r = replay("report", *paths, "--fail-on", "regression")

@@ -189,8 +189,10 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
                                      err=True)))
         else:
             report = session().run()
+        said = set(source.warnings) if source is not None else set()
         for w in plan.warnings if from_kafka else getattr(plan, "read_warnings", ()):
-            click.echo(f"replay: warning: {w}", err=True)
+            if w not in said:           # the reading process opened the log again
+                click.echo(f"replay: warning: {w}", err=True)
         if rules is not None and not quiet and plan.streaming:
             click.echo(_rules_line(rules, plan.refused_rewrites), err=True)
         if plan.streaming and report.attempted == 0 and not report.interrupted and \

@@ -174,7 +174,9 @@ def _play_reports(paths: list):
 
 def _merge_play_reports(paths, reports, json_path, quiet, other) -> int:
     """``replay report a.json b.json``: the --report files of replayers that ran side by side
-    (a Kafka group), merged: counts added, latency and lateness histograms added exactly."""
+    (a Kafka group), merged: counts added, latency and lateness histograms added exactly,
+    requests/s all answers over the window from the first send of any to the last answer of any
+    (runs made one after another count the time between them)."""
     import json
 
     from replay.errors import InputError, UsageError

@@ -292,8 +292,10 @@ class Summary:
 
     Memory: up to ``DICT_MAX`` connections in a dict (a short capture or convert never imports
     numpy); past that in two numpy arrays (16 bytes a connection), the blocks' own summaries put
-    together with them once they hold as many entries again (at least ``COMPACT_FROM``): at most
-    twice the connections' 16 bytes, 64 MB at ``SUMMARY_MAX_CONNS``."""
+    together with them once they hold as many entries again (at least ``COMPACT_FROM``): about
+    twice the connections' 16 bytes between those times, 64 MB at ``SUMMARY_MAX_CONNS``, and
+    briefly once more while they are merged. ``LogWriter`` adds the blocks' summaries in its
+    writing thread, never the caller's."""
 
     __slots__ = ("requests", "first", "last", "max_conn", "_last_of", "_conns", "_lasts",
                  "_pending", "_pending_n")
@@ -352,18 +354,30 @@ class Summary:
         self._conns, self._lasts = self._conns[order], self._lasts[order]
 
     def _compact(self) -> None:
+        """The blocks' summaries put together (each connection once, with its greatest index),
+        then merged into the sorted arrays: a sort of the new part only, one copy of the rest."""
         import numpy as np
 
         if not self._pending:
             return
-        c = np.concatenate([self._conns] + [p[0] for p in self._pending])
-        i = np.concatenate([self._lasts] + [p[1] for p in self._pending])
+        c = np.concatenate([p[0] for p in self._pending])
+        i = np.concatenate([p[1] for p in self._pending])
         self._pending, self._pending_n = [], 0
-        order = np.lexsort((i, c))                 # by connection, then request index
+        order = np.argsort(c, kind="stable")
         c, i = c[order], i[order]
-        keep = np.ones(len(c), dtype=bool)
-        keep[:-1] = c[1:] != c[:-1]                 # each connection's greatest index
-        self._conns, self._lasts = c[keep], i[keep]
+        starts = np.flatnonzero(np.concatenate(([True], c[1:] != c[:-1])))
+        c, i = c[starts], np.maximum.reduceat(i, starts)
+        mc, ml = self._conns, self._lasts
+        if not len(mc):
+            self._conns, self._lasts = c, i
+            return
+        j = np.searchsorted(mc, c)
+        at = np.minimum(j, len(mc) - 1)
+        found = mc[at] == c
+        ml[at[found]] = np.maximum(ml[at[found]], i[found])
+        new = ~found
+        self._conns = np.insert(mc, j[new], c[new])
+        self._lasts = np.insert(ml, j[new], i[new])
 
     def holds(self) -> bool:
         """Whether the summary holds its log (no more than ``SUMMARY_MAX_CONNS`` connections)."""

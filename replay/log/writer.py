@@ -162,8 +162,7 @@ class LogWriter:
         try:
             if self._error is None:
                 self._cut()
-                if self._summary is not None and self._summary.holds():
-                    self._submit(self._job_summary, fmt.encode_summary(self._summary))
+                self._submit(self._job_summary)
                 self._submit(self._job_index)
                 self._drain()
                 if fsync:
@@ -201,9 +200,7 @@ class LogWriter:
         self._msgs = []
         self._msg_bytes = 0
         table, parts, t_min, t_max, summary = fmt.encode_table(msgs)
-        if self._summary is not None and not self._summary.add(summary):
-            self._summary = None
-        self._submit(self._job_data, table, parts, len(msgs), t_min, t_max)
+        self._submit(self._job_data, table, parts, len(msgs), t_min, t_max, summary)
 
     def _submit(self, job, *args) -> None:
         if self._error is not None:
@@ -230,7 +227,10 @@ class LogWriter:
         if self._error is None:  # after a failure nothing more is appended
             job(*args)
 
-    def _job_data(self, table: bytes, datas: list, count: int, t_min: int, t_max: int) -> None:
+    def _job_data(self, table: bytes, datas: list, count: int, t_min: int, t_max: int,
+                  summary=None) -> None:
+        if self._summary is not None and summary is not None and not self._summary.add(summary):
+            self._summary = None
         payload = b"".join(datas)
         a = self._tctx.compress(table)
         b = self._compress_payload(payload)
@@ -261,7 +261,10 @@ class LogWriter:
                                len(data))
         self._write_parts(parts, (0, 0, 0, fmt.BLOCK_META))
 
-    def _job_summary(self, data: bytes) -> None:
+    def _job_summary(self) -> None:
+        if self._summary is None or not self._summary.holds():
+            return
+        data = fmt.encode_summary(self._summary)
         parts = fmt.pack_block(fmt.BLOCK_SUMMARY, fmt.BF_A_ZSTD, 0, 0, 0,
                                self._cctx.compress(data), len(data))
         self._write_parts(parts, (0, 0, 0, fmt.BLOCK_SUMMARY))

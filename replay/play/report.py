@@ -313,7 +313,7 @@ def _merged_rate(reports: list, answered: int) -> dict:
     send to the last answer of any (``answer_window_unix``, which comes with it); the sum of
     their rates for reports without it."""
     windows = [r["answer_window_unix"] for r in reports if r.get("answer_window_unix")]
-    if windows and len(windows) == sum(1 for r in reports if r.get("requests_per_s")):
+    if windows and len(windows) == sum(1 for r in reports if r.get("requests_per_s") is not None):
         w = [min(w[0] for w in windows), max(w[1] for w in windows)]
         span = w[1] - w[0]
         return {"requests_per_s": round(answered / span, 1) if span > 0 else None,

@@ -26,8 +26,9 @@ Rules:
   pause a send; the writer's thread gets the GIL back every 0.5 ms;
 - SIGINT and SIGTERM stop the run as Ctrl-C does (``Report.interrupted``, what is in flight stays
   in flight, the output log and the report are still written whole); a second signal raises
-  ``KeyboardInterrupt``; the handlers that were there before are restored; a caller may block
-  the two before the run: they are unblocked once its handlers are in place;
+  ``KeyboardInterrupt`` (the report is still described); the handlers that were there before
+  are restored; a caller may block the two before the run: they are unblocked from inside the
+  running loop, and blocked again as it ends;
 - an exception that escaped the sender (a bug, not a fault of the target) is raised after the
   loop is closed, and the output log is then left unfinished (the CLI discards it);
 - the report's metadata describes the run (``About`` + the plan, schedule and options), and after
@@ -44,13 +45,17 @@ exchanges are written as they are captured), the status callback, and ``make_sen
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+import time
 from dataclasses import dataclass
 
 from replay.events import KIND_RESPONSE
 from replay.play.report import Report
 from replay.play.scheduler import Lookahead, Pacer, Schedule, StreamLookahead
 from replay.play.sender import Options, Player, Target
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # Background work (the progress line, the output log) runs only when no request is due this soon,
 # so that it does not make requests late. Handing a message to the LogWriter costs ~1 µs, but
@@ -242,6 +247,7 @@ class PlaySession:
                              bounded=plan.requests > BOUNDED_FROM or options.loop)
         self.player = None
         self.interrupted = False
+        self.stop_level = None       # () -> 1 stop, 2 give up (``play --workers``' workers)
 
     # -- descriptions ------------------------------------------------------------------------
     def _report_meta(self) -> dict:
@@ -280,19 +286,42 @@ class PlaySession:
                       pacer, on_exchange, wall_offset)
 
     def cancel(self) -> None:
-        """Stop as Ctrl-C does (a second call raises ``KeyboardInterrupt``); on the loop's thread."""
-        if self.interrupted:
+        """Stop as Ctrl-C does (a second call raises ``KeyboardInterrupt``: give up at once); on
+        the loop's thread. With ``stop_level`` (a callable), that says which of the two to do:
+        2 or more gives up, else a stop (signals may merge or double on their way)."""
+        if self.stop_level is not None:
+            give_up = self.stop_level() >= 2
+        else:
+            give_up = self.interrupted
+        if give_up:
             raise KeyboardInterrupt
+        if self.interrupted:
+            return
         self.interrupted = True
         if self.player is not None:
             self.player.cancel()
 
+    def _describe_run(self, started_wall: float, offset: int) -> None:
+        """The report's description of the run, once it ran (or gave up)."""
+        from replay import __version__
+
+        report, schedule = self.report, self.schedule
+        report.meta["started_unix"] = round(started_wall, 6)
+        if schedule.start is not None:
+            report.meta["schedule"] = {"start_unix_ns": schedule.start + offset,
+                                       "t0_ns": self.plan.t0, "period_ns": int(schedule.period)}
+        report.meta["tool"] = f"replay {__version__}"
+        if self.plan.streaming:          # counted as the plan was read
+            p = self.plan
+            report.meta["plan"].update({"pipelined": p.pipelined, "skipped": dict(p.skipped),
+                                        "streamed": True, "reordered": p.reordered,
+                                        "status_not_recorded": p.unknown_status})
+        if not report.ended_ns and report.started_ns:
+            report.ended_ns = time.monotonic_ns()
+
     def run(self) -> Report:
         import gc
-        import signal
-        import time
 
-        from replay import __version__
         from replay.play import clock as clk
 
         raise_fd_limit(self.options.connections)
@@ -337,7 +366,13 @@ class PlaySession:
                 if output is not None:
                     output.drain(write_check)
 
+        mask = []
+
         async def main():
+            # a caller that held the signals back (``play --workers``' worker) gets them now,
+            # from inside the running loop (uvloop takes a pending one only there), until the
+            # loop ends
+            mask.append(signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS))
             done = asyncio.Event()
             bg = asyncio.ensure_future(background(done))
             try:
@@ -353,8 +388,6 @@ class PlaySession:
         ev.add_signal_handler(signal.SIGINT, self.cancel)
         term = signal.getsignal(signal.SIGTERM)
         ev.add_signal_handler(signal.SIGTERM, self.cancel)
-        # a caller that held them back (``play --workers``' worker) gets them now, handled
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
         gc.collect()
         gc.freeze()
         started_wall = time.time()
@@ -363,8 +396,13 @@ class PlaySession:
                 ev.run_until_complete(main())
             except KeyboardInterrupt:        # a second signal: give up what is left, at once
                 _cancel_all(ev)
+                if mask:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask[0])
+                self._describe_run(started_wall, offset)
                 raise
         finally:
+            if mask:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask[0])
             ev.remove_signal_handler(signal.SIGINT)
             ev.remove_signal_handler(signal.SIGTERM)
             signal.signal(signal.SIGTERM, term)
@@ -375,15 +413,7 @@ class PlaySession:
                 status.stop()
         if player.crash is not None:
             raise player.crash
-        report.meta["started_unix"] = round(started_wall, 6)
-        report.meta["schedule"] = {"start_unix_ns": schedule.start + offset, "t0_ns": self.plan.t0,
-                                   "period_ns": int(schedule.period)}
-        report.meta["tool"] = f"replay {__version__}"
-        if self.plan.streaming:          # counted as the plan was read
-            p = self.plan
-            report.meta["plan"].update({"pipelined": p.pipelined, "skipped": dict(p.skipped),
-                                        "streamed": True, "reordered": p.reordered,
-                                        "status_not_recorded": p.unknown_status})
+        self._describe_run(started_wall, offset)
         if output is not None:
             output.close(report)
         return report

@@ -17,16 +17,18 @@ Rules:
   connections than workers is refused; a log with fewer recorded connections than N workers
   runs that many;
 - signals: the workers are in a process group of their own and start with SIGINT and SIGTERM
-  blocked (what arrives is kept until their run can take it). The parent forwards SIGINT and
-  SIGTERM to them as SIGINT: the first stops each as Ctrl-C stops a lone replay (what is in
-  flight is waited for), the second makes them give up what is in flight and report at once;
-  the third stops the parent without a report (the workers die with it);
+  blocked; their run unblocks them from inside its running loop, so one that came early is
+  taken then. The parent forwards SIGINT and SIGTERM: it sets a shared level (1 for the first,
+  2 for the second), then sends each worker a SIGINT, and the worker does what the level says
+  (signals merge or double on their way; the level does not): 1 stops it as Ctrl-C stops a
+  lone replay, 2 makes it give up what is in flight and report at once. The third stops the
+  parent without a report (the workers die with it);
 - the parent waits on every worker at once: a report, an error or a death is seen when it
-  happens; a worker that fails, or dies without a report, stops the others, and its error is
-  the command's;
+  happens; a worker that fails, or dies without a report, stops the others (level 1; 2 after
+  ``--timeout`` + ``GRACE_S``, then killed), and its error is the command's;
 - the report is ``report.merge_reports`` of the workers' reports (counts and histograms added
-  exactly, requests/s of the whole window), with the description of the first (input, target,
-  speed), the plan's counts added up and ``workers``;
+  exactly, requests/s of the whole window), with the description of the first that ran (input,
+  target, speed), the plan's counts added up and ``workers``;
 - the workers' status lines are off (``-q`` or not): the command says once that it started them.
 """
 
@@ -44,26 +46,25 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def apportion(total: int, weights, minimum: int = 0) -> list[int]:
-    """``total`` split in proportion to ``weights`` (largest remainders: the parts add up to
-    ``total`` exactly), each part at least ``minimum`` (taken first). Equal weights when they
-    are all zero."""
-    w = np.asarray(weights, dtype=np.float64)
+    """``total`` split in proportion to ``weights`` (largest remainders, in exact integers: the
+    parts add up to ``total``), each part at least ``minimum`` (taken first). Equal weights when
+    they are all zero."""
+    w = [max(0, int(x)) for x in weights]
     k = len(w)
     if k == 0:
         return []
-    base = np.full(k, minimum, dtype=np.int64)
-    rest = total - int(base.sum())
+    rest = total - minimum * k
     if rest <= 0:
-        return base.tolist()
-    if w.sum() <= 0:
-        w = np.ones(k)
-    exact = rest * w / w.sum()
-    part = np.floor(exact).astype(np.int64)
-    left = rest - int(part.sum())
-    if left:
-        order = np.lexsort((np.arange(k), -(exact - part)))
-        part[order[:left]] += 1
-    return (base + part).tolist()
+        return [minimum] * k
+    if sum(w) == 0:
+        w = [1] * k
+    whole = sum(w)
+    parts = [rest * x // whole for x in w]
+    left = rest - sum(parts)
+    by_remainder = sorted(range(k), key=lambda j: (-(rest * w[j] % whole), j))
+    for j in by_remainder[:left]:
+        parts[j] += 1
+    return [minimum + p for p in parts]
 
 
 class Share:
@@ -87,27 +88,30 @@ def plan_shares(n: int, plan, opts) -> tuple[list[Share], np.ndarray]:
 
     h = plan.header
     m = len(h.conns)
+    asked = n
     n = max(1, min(n, m)) if m else n
     assign = shard_assignment(h.conns, h.last_index, n)
     counts = np.bincount(assign, minlength=n)
-    loads = np.bincount(assign, weights=np.maximum(h.last_index, 0) + 1, minlength=n)
+    loads = np.zeros(n, dtype=np.int64)
+    np.add.at(loads, assign, np.maximum(h.last_index, 0) + 1)
     shares = [Share(i, int(counts[i]), int(loads[i])) for i in range(n)]
     cap = opts.connections
     if cap < n:
-        raise UsageError(f"--workers {n}: needs at least {n} connections (--connections {cap})")
+        raise UsageError(f"--workers {asked}: needs at least {n} connections (--connections "
+                         f"{cap})")
     if cap >= m:
         conns = [max(1, s.recorded_connections) for s in shares]
     else:
-        conns = apportion(cap, counts, minimum=1)
+        conns = apportion(cap, [s.recorded_connections for s in shares], minimum=1)
     for s, c in zip(shares, conns):
         s.connections = c
     if opts.limit:
-        for s, lim in zip(shares, apportion(opts.limit, loads)):
+        for s, lim in zip(shares, apportion(opts.limit, [s.requests for s in shares])):
             s.limit = lim
     rules = plan.rules
     limit = getattr(getattr(rules, "filters", None), "limit", None)
     if limit is not None:
-        for s, lim in zip(shares, apportion(limit, loads)):
+        for s, lim in zip(shares, apportion(limit, [s.requests for s in shares])):
             s.rules_limit = lim
     return shares, assign
 
@@ -132,7 +136,7 @@ class MergedReport:
         return summary_text(self.d)
 
 
-def _worker(share: Share, n: int, plan, assign, opts, make_session, tx) -> None:
+def _worker(share: Share, n: int, plan, assign, opts, make_session, level, tx) -> None:
     """In the forked worker: replay ``share``; send back the report or the error."""
     from dataclasses import replace
 
@@ -151,21 +155,16 @@ def _worker(share: Share, n: int, plan, assign, opts, make_session, tx) -> None:
                 plan.rules.filters.limit = share.rules_limit
             mine = replace(opts, connections=share.connections, limit=share.limit)
             session = make_session(mine)
+            session.stop_level = lambda: max(1, level.value)
             if opts.limit and not mine.limit:
                 report = session.report         # no share of --limit: nothing to send
             else:
                 report = session.run()          # takes the blocked signals once it can
-        except KeyboardInterrupt:               # the second signal: report what was done
-            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        except KeyboardInterrupt:               # told to give up: report what was done
             if session is None:
                 raise
-            report = session.report
+            report = session.report             # described by the run as it gave up
             report.interrupted = True
-            if not report.ended_ns and report.started_ns:
-                import time
-
-                report.ended_ns = time.monotonic_ns()
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)    # nothing cuts the report short
         rules = plan.rules
         tx.send(("report", report.to_dict(histograms=True),
                  dict(rules.stats) if rules is not None else None,
@@ -194,18 +193,14 @@ def run_workers(n: int, plan, opts, make_session, started=None) -> MergedReport:
     ctx = multiprocessing.get_context("fork")
     procs: list = []
     pipes: list = []
+    level = ctx.Value("i", 0, lock=False)      # 1: stop as Ctrl-C does; 2: give up at once
     signals = [0]
 
     def forward(signum, frame):
         signals[0] += 1
         if signals[0] > 2:
             raise KeyboardInterrupt
-        for p in procs:
-            if p.is_alive():
-                try:
-                    os.kill(p.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
+        _tell(procs, level, signals[0])
 
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)   # the workers inherit it
     old = {s: signal.getsignal(s) for s in _SIGNALS}
@@ -215,8 +210,8 @@ def run_workers(n: int, plan, opts, make_session, started=None) -> MergedReport:
         try:
             for share in shares:
                 rx, tx = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_worker, args=(share, n, plan, assign, opts, make_session, tx),
-                                name=f"replay-worker-{share.i}")
+                p = ctx.Process(target=_worker, name=f"replay-worker-{share.i}",
+                                args=(share, n, plan, assign, opts, make_session, level, tx))
                 p.start()
                 tx.close()
                 try:
@@ -227,7 +222,7 @@ def run_workers(n: int, plan, opts, make_session, started=None) -> MergedReport:
                 pipes.append(rx)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        got = _collect(procs, pipes, wait)
+        got = _collect(procs, pipes, wait, level, opts.timeout + GRACE_S)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -244,18 +239,46 @@ def run_workers(n: int, plan, opts, make_session, started=None) -> MergedReport:
     return _merged(got, plan)
 
 
-def _collect(procs, pipes, wait) -> list:
+GRACE_S = 5.0      # after a worker failed: the others' time to stop, beyond --timeout
+
+
+def _tell(procs, level, to: int) -> None:
+    """Ask the workers to stop (``to`` 1) or give up (2): the level first, then a SIGINT."""
+    if level.value < to:
+        level.value = to
+    for p in procs:
+        if p.is_alive():
+            try:
+                os.kill(p.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+
+def _collect(procs, pipes, wait, level, grace: float) -> list:
     """Each worker's message (report, error or crash), waiting on them all at once; the first
-    failure (or a worker's death without a word) stops the others."""
+    failure (or a worker's death without a word) stops the others; those still there ``grace``
+    seconds later are told to give up, and killed ``GRACE_S`` after that."""
+    import time
+
     got: list = [None] * len(procs)
     pending = set(range(len(procs)))
-    failed = False
+    deadline = None
     while pending:
         watch = {}
         for i in pending:
             watch[pipes[i]] = i
             watch[procs[i].sentinel] = i
-        ready = wait(list(watch))
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = wait(list(watch), timeout)
+        if not ready:
+            if level.value < 2:
+                _tell([procs[i] for i in pending], level, 2)
+                deadline = time.monotonic() + GRACE_S
+            else:
+                for i in pending:
+                    procs[i].kill()
+                deadline = time.monotonic() + GRACE_S
+            continue
         for obj in ready:
             i = watch[obj]
             if i not in pending:
@@ -277,14 +300,9 @@ def _collect(procs, pipes, wait) -> list:
                 msg = ("error", ReplayError(f"replay worker {i} {how} without a report"))
             got[i] = msg
             pending.discard(i)
-            if msg[0] != "report" and not failed:
-                failed = True
-                for j in pending:
-                    if procs[j].is_alive():
-                        try:
-                            os.kill(procs[j].pid, signal.SIGINT)
-                        except ProcessLookupError:
-                            pass
+            if msg[0] != "report" and deadline is None:
+                deadline = time.monotonic() + grace
+                _tell([procs[j] for j in pending], level, 1)
     return got
 
 
@@ -297,7 +315,9 @@ def _merged(got: list, plan) -> MergedReport:
 
     reports = [m[1] for m in got]
     n = len(reports)
-    d = dict(reports[0])                         # the description: input, target, speed...
+    ran = [r for r in reports if r.get("tool")] or reports
+    d = dict(ran[0])                              # the description: input, target, speed...
+    d.pop("answer_window_unix", None)
     d.update(merge_reports(reports, [f"worker {i}" for i in range(n)]))
     starts = [r["started_unix"] for r in reports if r.get("started_unix")]
     if starts:
@@ -305,10 +325,12 @@ def _merged(got: list, plan) -> MergedReport:
     d["workers"] = n
     d["connections_cap"] = sum(r.get("connections_cap", 0) for r in reports)
     plans = [r.get("plan") or {} for r in reports]
-    d["plan"] = dict(plans[0])
+    d["plan"] = dict(ran[0].get("plan") or {})
     for key in _PLAN_SUMMED:
-        if key in d["plan"]:
+        if any(key in p for p in plans):
             d["plan"][key] = sum(p.get(key, 0) for p in plans)
+    if any(p.get("streamed") for p in plans):
+        d["plan"]["streamed"] = True
     d["plan"]["skipped"] = _summed([p.get("skipped") or {} for p in plans])
     if plan.rules is not None:
         stats = [m[2] for m in got if m[2]]
