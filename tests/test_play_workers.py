@@ -222,21 +222,41 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def _start_looping(log, url, report, *extra):
+def _start_looping(log, url, report, *extra, workers=2, settle=1.0):
+    """``play --loop`` with ``workers``, once they exist and (``settle`` s later) send."""
     import subprocess
     import time
 
     from play_helpers import env, replay_cmd
 
     p = subprocess.Popen(replay_cmd() + ["play", log, "--target", url, "--speed", "max",
-                                         "--workers", "2", "--loop", "--duration", "60",
+                                         "--workers", str(workers), "--loop", "--duration", "60",
                                          "--report", str(report), *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
     end = time.monotonic() + 30
-    while time.monotonic() < end and len(_children(p.pid)) < 2:
-        time.sleep(0.05)
-    time.sleep(1.0)                 # the workers are sending
+    while time.monotonic() < end and len(_children(p.pid)) < (workers if settle else 1):
+        time.sleep(0.001)
+    time.sleep(settle)
     return p
+
+
+def _signalled(p, *sigs, gap=0.01):
+    """Send ``sigs`` to ``p`` (``gap`` s apart); its (stdout, stderr, seconds to exit)."""
+    import signal
+    import time
+
+    try:
+        t = time.monotonic()
+        for k, sig in enumerate(sigs):
+            if k:
+                time.sleep(gap)
+            p.send_signal(getattr(signal, sig))
+        out, err = p.communicate(timeout=40)
+        return out, err, time.monotonic() - t
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
 
 
 def test_a_worker_that_dies_stops_the_command_at_once(tmp_path):
@@ -269,87 +289,44 @@ def test_a_worker_that_dies_stops_the_command_at_once(tmp_path):
 def test_a_signal_to_the_command_keeps_the_merged_report(tmp_path, sig):
     """SIGTERM or SIGINT to the command: the workers stop as a lone replay does on Ctrl-C, and
     the merged report is printed and written; exit 130."""
-    import signal
-
     log = big_log(tmp_path / "big.rlog", n=2000, long_conns=8)
     with SinkThread() as sink:
-        p = _start_looping(log, sink.url, tmp_path / "r.json")
-        try:
-            p.send_signal(getattr(signal, sig))
-            out, err = p.communicate(timeout=30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    assert p.returncode == 130, err
-    assert "Traceback" not in err and "(interrupted)" in out
-    rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["workers"] == 2 and rep["interrupted"] and rep["answered"] > 0
+        out, err, _ = _signalled(_start_looping(log, sink.url, tmp_path / "r.json"), sig)
+    _assert_interrupted(out, err, tmp_path / "r.json", 2)
+
+
+def _assert_interrupted(out, err, report, workers):
+    assert "Traceback" not in err and "(interrupted)" in out, err
+    rep = json.loads(report.read_text())
+    assert rep["workers"] == workers and rep["interrupted"]
     assert rep["sent"] >= rep["answered"] and rep["in_flight"] >= 0
     assert rep["tool"].startswith("replay ") and rep["plan"]["streamed"]
+    return rep
 
 
 def test_a_signal_as_the_workers_start_is_not_lost(tmp_path):
     """Ctrl-C the moment the workers exist (before their event loops run): they take it as
     soon as they can, and the command ends at once with the report."""
-    import signal
-    import subprocess
-    import time
-
-    from play_helpers import env, replay_cmd
-
     log = big_log(tmp_path / "big.rlog", n=2000, long_conns=8)
     with SinkThread() as sink:
-        p = subprocess.Popen(replay_cmd() + ["play", log, "--target", sink.url, "--speed", "max",
-                                            "--workers", "3", "--loop", "--duration", "60",
-                                            "--report", str(tmp_path / "r.json")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-        try:
-            end = time.monotonic() + 30
-            while time.monotonic() < end and not _children(p.pid):
-                time.sleep(0.001)
-            t = time.monotonic()
-            p.send_signal(signal.SIGINT)
-            out, err = p.communicate(timeout=40)
-            took = time.monotonic() - t
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    assert p.returncode == 130, err
-    assert took < 15 and "Traceback" not in err and "(interrupted)" in out
-    rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["interrupted"] and rep["workers"] == 3
+        p = _start_looping(log, sink.url, tmp_path / "r.json", workers=3, settle=0)
+        out, err, took = _signalled(p, "SIGINT")
+    assert p.returncode == 130 and took < 15, err
+    _assert_interrupted(out, err, tmp_path / "r.json", 3)
 
 
 def test_a_second_signal_still_gives_the_report(tmp_path):
     """Two SIGTERMs in a row, against a server that stops answering (requests in flight): the
     second makes each worker give up at once, and the merged report still comes out."""
-    import signal
-    import time
-
     from play_helpers import FaultServer
 
     log = big_log(tmp_path / "big.rlog", n=2000, long_conns=8)
     with FaultServer("stall") as srv:
         p = _start_looping(log, srv.url, tmp_path / "r.json", "--timeout", "60")
-        try:
-            t = time.monotonic()
-            p.send_signal(signal.SIGTERM)
-            time.sleep(0.01)
-            p.send_signal(signal.SIGTERM)
-            out, err = p.communicate(timeout=30)
-            took = time.monotonic() - t
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    assert p.returncode == 130, err
-    assert "Traceback" not in err and "(interrupted)" in out and took < 10
-    rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["workers"] == 2 and rep["interrupted"]
-    assert rep["answered"] > 0 and rep["sent"] > rep["answered"]
-    assert rep["tool"].startswith("replay ") and rep["plan"]["streamed"] and "schedule" in rep
+        out, err, took = _signalled(p, "SIGTERM", "SIGTERM")
+    assert p.returncode == 130 and took < 10, err
+    rep = _assert_interrupted(out, err, tmp_path / "r.json", 2)
+    assert rep["answered"] > 0 and rep["sent"] > rep["answered"] and "schedule" in rep
 
 
 def test_the_merged_rate_is_answers_over_the_common_window(tmp_path):
