@@ -54,6 +54,7 @@ REORDER_NS = NS              # log time past a request's start before it is rele
 ANSWER_WAIT_NS = 2 * NS      # ... and at most this long for its final response
 CONN_IDLE_NS = 120 * NS      # recorded time after which a connection without requests is over
 MAX_PENDING = 100_000        # requests waiting in the planner's window
+EXPIRE_EVERY_NS = NS // 10   # log time between two looks for connections idle CONN_IDLE_NS
 MAX_EARLY = 10_000           # final responses read before their request (kept at most)
 MAX_LATE = 100_000           # requests planned before their answer ended, whose status may come
 QUEUE_ITEMS = 20_000         # planned requests read ahead of the sender
@@ -133,12 +134,13 @@ def _max_by(keys: np.ndarray, values: np.ndarray):
 
 
 class _Pending:
-    __slots__ = ("msg", "final", "seq")
+    __slots__ = ("msg", "final", "seq", "key")
 
-    def __init__(self, msg, seq):
+    def __init__(self, msg, seq, key):
         self.msg = msg
         self.final = None
         self.seq = seq
+        self.key = key
 
 
 class _Conn:
@@ -176,6 +178,7 @@ class StreamPlanner:
         self.unknown_status = 0
         self.skipped: dict = {}
         self._last_t = None
+        self._expired = -(1 << 63)           # the log's time at the last _expire
 
     def push(self, m) -> list:
         if m.flags & F_REPLAYED:
@@ -185,7 +188,7 @@ class StreamPlanner:
         key = (m.conn, m.index)
         if m.kind == KIND_REQUEST:
             if key not in self.waiting:
-                p = _Pending(m, self.n)
+                p = _Pending(m, self.n, key)
                 self.n += 1
                 p.final = self.early.pop(key, None)
                 self.waiting[key] = p
@@ -226,11 +229,12 @@ class StreamPlanner:
                 if age < REORDER_NS or (p.final is None and age < ANSWER_WAIT_NS):
                     break
             heapq.heappop(heap)
-            del self.waiting[(p.msg.conn, p.msg.index)]
+            del self.waiting[p.key]
             got = self._plan(p)
             if got is not None:
                 out.append(got)
-        if now is not None:
+        if now is not None and (everything or now - self._expired >= EXPIRE_EVERY_NS):
+            self._expired = now
             self._expire(now)
         return out
 
