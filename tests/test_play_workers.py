@@ -281,7 +281,7 @@ def test_a_worker_that_dies_stops_the_command_at_once(tmp_path):
                 p.communicate()
     assert p.returncode == 1, err
     assert "replay worker 1 was killed by signal 9 without a report" in err
-    assert "Traceback" not in err and took < 15
+    assert "Traceback" not in err and took < 30
     assert not (tmp_path / "r.json").exists()
 
 
@@ -311,7 +311,7 @@ def test_a_signal_as_the_workers_start_is_not_lost(tmp_path):
     with SinkThread() as sink:
         p = _start_looping(log, sink.url, tmp_path / "r.json", workers=3, settle=0)
         out, err, took = _signalled(p, "SIGINT")
-    assert p.returncode == 130 and took < 15, err
+    assert p.returncode == 130 and took < 30, err
     _assert_interrupted(out, err, tmp_path / "r.json", 3)
 
 
@@ -324,7 +324,7 @@ def test_a_second_signal_still_gives_the_report(tmp_path):
     with FaultServer("stall") as srv:
         p = _start_looping(log, srv.url, tmp_path / "r.json", "--timeout", "60")
         out, err, took = _signalled(p, "SIGTERM", "SIGTERM")
-    assert p.returncode == 130 and took < 10, err
+    assert p.returncode == 130 and took < 30, err
     rep = _assert_interrupted(out, err, tmp_path / "r.json", 2)
     assert rep["answered"] > 0 and rep["sent"] > rep["answered"] and "schedule" in rep
 
@@ -388,3 +388,47 @@ def test_warnings_of_the_log_are_said_once(tmp_path):
         assert p.returncode == 0, p.stderr
         warned = [ln for ln in p.stderr.splitlines() if ln.startswith("replay: warning:")]
         assert len(warned) == len(set(warned)) >= 1, p.stderr
+
+
+def _stubborn(tx):
+    import signal
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    time.sleep(60)
+
+
+def _failing(tx):
+    from replay.errors import ReplayError
+
+    tx.send(("error", ReplayError("the real cause")))
+    tx.close()
+
+
+def test_the_first_failure_is_the_one_said(monkeypatch):
+    """A worker fails; another does not stop when told, is killed after the grace time: the
+    command's error is the first one, not the death it caused."""
+    import multiprocessing
+    import time
+    from multiprocessing.connection import wait
+
+    from replay.play import workers as W
+
+    monkeypatch.setattr(W, "GRACE_S", 0.3)
+    ctx = multiprocessing.get_context("fork")
+    level = ctx.Value("i", 0, lock=False)
+    procs, pipes = [], []
+    for target in (_stubborn, _failing):
+        rx, tx = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=target, args=(tx,))
+        p.start()
+        tx.close()
+        procs.append(p)
+        pipes.append(rx)
+    t = time.monotonic()
+    got, first = W._collect(procs, pipes, wait, level, grace=0.3)
+    for p in procs:
+        p.join()
+    assert first == 1 and str(got[1][1]) == "the real cause"
+    assert got[0][0] == "error" and "killed by signal 9" in str(got[0][1])
+    assert level.value == 2 and time.monotonic() - t < 10

@@ -452,7 +452,7 @@ def test_a_share_of_the_connections_keeps_what_the_whole_keeps_of_them(tmp_path_
 
     from replay.play.stream import Shard, shard_assignment
 
-    v = {k: x for k, x in v.items() if k != "limit"}     # a limit is shared out, not filtered
+    limit = v.pop("limit", None)          # a limit is shared out: checked per share below
     rnd = random.Random(seed)
     msgs = synthetic(rnd)
     path = tmp_path_factory.mktemp("h") / "x.rlog"
@@ -474,6 +474,15 @@ def test_a_share_of_the_connections_keeps_what_the_whole_keeps_of_them(tmp_path_
         assert sorted(got, key=lambda m: (m.conn, m.index, m.kind)) == \
             sorted(whole, key=lambda m: (m.conn, m.index, m.kind))
         assert read == len(msgs)
+    if limit is not None:                 # each share's first exchanges, on both paths alike
+        values = as_flags(dict(v, limit=limit))
+        for i in range(n):
+            shard = Shard(i, n, listed, assign)
+            by_index = list(Rules(settings_from_values(values)).apply(LogReader(path), shard=shard))
+            streamed = list(Rules(settings_from_values(values)).apply(LogReader(path), index=False,
+                                                                      shard=shard))
+            assert by_index == streamed
+            assert len({(m.conn, m.index) for m in by_index if m.index >= 0}) <= limit
 
 
 def test_paths_agree_on_the_sample_log(tmp_path):

@@ -229,8 +229,12 @@ class LogWriter:
 
     def _job_data(self, table: bytes, datas: list, count: int, t_min: int, t_max: int,
                   summary=None) -> None:
-        if self._summary is not None and summary is not None and not self._summary.add(summary):
-            self._summary = None
+        if self._summary is not None and summary is not None:
+            try:
+                if not self._summary.add(summary):
+                    self._summary = None
+            except Exception:  # noqa: BLE001  (the summary is optional: readers then scan)
+                self._summary = None
         payload = b"".join(datas)
         a = self._tctx.compress(table)
         b = self._compress_payload(payload)

@@ -248,6 +248,7 @@ class PlaySession:
         self.player = None
         self.interrupted = False
         self.stop_level = None       # () -> 1 stop, 2 give up (``play --workers``' workers)
+        self._gave_up = False
 
     # -- descriptions ------------------------------------------------------------------------
     def _report_meta(self) -> dict:
@@ -289,11 +290,14 @@ class PlaySession:
         """Stop as Ctrl-C does (a second call raises ``KeyboardInterrupt``: give up at once); on
         the loop's thread. With ``stop_level`` (a callable), that says which of the two to do:
         2 or more gives up, else a stop (signals may merge or double on their way)."""
+        if self._gave_up:
+            return                   # giving up already: let it finish
         if self.stop_level is not None:
             give_up = self.stop_level() >= 2
         else:
             give_up = self.interrupted
         if give_up:
+            self._gave_up = True
             raise KeyboardInterrupt
         if self.interrupted:
             return

@@ -222,7 +222,7 @@ def run_workers(n: int, plan, opts, make_session, started=None) -> MergedReport:
                 pipes.append(rx)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        got = _collect(procs, pipes, wait, level, opts.timeout + GRACE_S)
+        got, first_failure = _collect(procs, pipes, wait, level, opts.timeout + GRACE_S)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -230,9 +230,8 @@ def run_workers(n: int, plan, opts, make_session, started=None) -> MergedReport:
             if p.is_alive():
                 p.kill()
             p.join()
-    failures = [m for m in got if m[0] != "report"]
-    if failures:
-        first = failures[0]
+    if first_failure is not None:            # the first to fail, not those stopped after it
+        first = got[first_failure]
         if first[0] == "error":
             raise first[1]
         raise RuntimeError(f"a replay worker failed: {first[1]}\n{first[2]}")
@@ -254,15 +253,17 @@ def _tell(procs, level, to: int) -> None:
                 pass
 
 
-def _collect(procs, pipes, wait, level, grace: float) -> list:
-    """Each worker's message (report, error or crash), waiting on them all at once; the first
-    failure (or a worker's death without a word) stops the others; those still there ``grace``
-    seconds later are told to give up, and killed ``GRACE_S`` after that."""
+def _collect(procs, pipes, wait, level, grace: float) -> tuple[list, int | None]:
+    """Each worker's message (report, error or crash), waiting on them all at once, and which
+    worker failed first (None: none did); the first failure (or a worker's death without a
+    word) stops the others; those still there ``grace`` seconds later are told to give up, and
+    killed ``GRACE_S`` after that."""
     import time
 
     got: list = [None] * len(procs)
     pending = set(range(len(procs)))
     deadline = None
+    first_failure = None
     while pending:
         watch = {}
         for i in pending:
@@ -300,10 +301,11 @@ def _collect(procs, pipes, wait, level, grace: float) -> list:
                 msg = ("error", ReplayError(f"replay worker {i} {how} without a report"))
             got[i] = msg
             pending.discard(i)
-            if msg[0] != "report" and deadline is None:
+            if msg[0] != "report" and first_failure is None:
+                first_failure = i
                 deadline = time.monotonic() + grace
                 _tell([procs[j] for j in pending], level, 1)
-    return got
+    return got, first_failure
 
 
 _PLAN_SUMMED = ("pipelined", "reordered", "status_not_recorded")

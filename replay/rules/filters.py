@@ -542,8 +542,10 @@ class FilterSet:
 
     # -- index path ------------------------------------------------------------------------------
 
-    def select_rows(self, reader) -> np.ndarray:
-        """Rows (ascending, as numbered by ``reader.table()``) of the messages that stay."""
+    def select_rows(self, reader, among: np.ndarray | None = None) -> np.ndarray:
+        """Rows (ascending, as numbered by ``reader.table()``) of the messages that stay; with
+        ``among`` (a bool per row), only of those rows, as if the log held no others (a --limit
+        counts their exchanges; +OFFSET times still count from the log's first message)."""
         t = reader.table()
         n = len(t)
         if n == 0:
@@ -552,7 +554,9 @@ class FilterSet:
         keep = np.zeros(n, dtype=bool)
         index = t["index"]
         unpaired = index < 0
-        paired = np.flatnonzero(~unpaired)
+        paired = np.flatnonzero(~unpaired if among is None else ~unpaired & among)
+        if among is not None:
+            unpaired = unpaired & among
         if len(paired):
             srt, gid, starts = _group(t["conn"][paired], index[paired], paired)
             keep[srt] = self._judge_groups(reader, t, srt, gid, starts)[gid]

@@ -163,13 +163,9 @@ class Rules:
         st = self.stats
         # the index path reads the whole log's table; a bare --limit only needs its start
         if self.filters.filters and index and isinstance(source, LogReader):
-            rows = self.filters.select_rows(source)
-            if shard is None:
-                st["read"] += len(source)
-            else:
-                conn = source.table()["conn"]
-                st["read"] += int(shard.mask(conn).sum())
-                rows = rows[shard.mask(conn[rows])]
+            among = None if shard is None else shard.mask(source.table()["conn"])
+            rows = self.filters.select_rows(source, among)
+            st["read"] += len(source) if among is None else int(among.sum())
             st["kept"] += len(rows)
             msgs = (m for _, m in source.messages_at(rows))
         elif self.filters.active:
