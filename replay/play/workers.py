@@ -22,7 +22,8 @@ Rules:
   2 for the second), then sends each worker a SIGINT, and the worker does what the level says
   (signals merge or double on their way; the level does not): 1 stops it as Ctrl-C stops a
   lone replay, 2 makes it give up what is in flight and report at once. The third stops the
-  parent without a report (the workers die with it);
+  parent without a report (the workers die with it). A signal sent to a worker itself (a
+  process manager's SIGTERM to the whole cgroup) stops it as the first one does;
 - the parent waits on every worker at once: a report, an error or a death is seen when it
   happens; a worker that fails, or dies without a report, stops the others (level 1; 2 after
   ``--timeout`` + ``GRACE_S``, then killed), and its error is the command's;
@@ -320,6 +321,8 @@ def _merged(got: list, plan) -> MergedReport:
     ran = [r for r in reports if r.get("tool")] or reports
     d = dict(ran[0])                              # the description: input, target, speed...
     d.pop("answer_window_unix", None)
+    if "schedule" not in d:                       # one that gave up before its schedule began
+        d.update({"schedule": r["schedule"] for r in reports if "schedule" in r})
     d.update(merge_reports(reports, [f"worker {i}" for i in range(n)]))
     starts = [r["started_unix"] for r in reports if r.get("started_unix")]
     if starts:
