@@ -166,7 +166,7 @@ def test_workers_split_the_limit(tmp_path):
 
 
 @pytest.mark.parametrize("args,says", [
-    (["--speed", "1"], "--workers: with --speed max"),
+    (["--rate", "100"], "--workers and --rate: give one"),
     (["--speed", "max", "-o", "OUT"], "--workers and -o: give one"),
 ])
 def test_workers_refuse_what_they_cannot_keep(tmp_path, args, says):
@@ -432,3 +432,33 @@ def test_the_first_failure_is_the_one_said(monkeypatch):
     assert first == 1 and str(got[1][1]) == "the real cause"
     assert got[0][0] == "error" and "killed by signal 9" in str(got[0][1])
     assert level.value == 2 and time.monotonic() - t < 10
+
+
+def test_timed_workers_share_one_start(tmp_path):
+    """A timed replay (``--speed 0.1``: 1,000 requests/s) with 2 workers: each request due at
+    the one start plus its recorded offset, whichever worker sends it: none arrives early, and
+    both workers' requests arrive about on time."""
+    from replay.events import KIND_REQUEST
+    from replay.log import LogReader
+
+    log = big_log(tmp_path / "big.rlog", n=1500, long_conns=8)
+    due = {m.uri: m.ts_first for m in LogReader(log) if m.kind == KIND_REQUEST}
+    t0 = min(due.values())
+    rep_path = tmp_path / "r.json"
+    with SinkThread() as sink:
+        p = run_bounded(["play", log, "--target", sink.url, "--speed", "0.1", "--workers", "2",
+                         "--report", str(rep_path), "-q"])
+        with sink.lock:
+            arrivals = [(rec["ts"], raw) for rec, raw in sink.records]
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(rep_path.read_text())
+    assert rep["workers"] == 2 and rep["answered"] == 1500
+    start = rep["schedule"]["start_unix_ns"]
+    late = []
+    for ts, raw in arrivals:
+        uri = raw.split(b" ", 2)[1].decode()
+        late.append(ts * 1e9 - (start + (due[uri] - t0) / 0.1))
+    late.sort()
+    assert len(late) == 1500
+    assert late[0] > -2e6, late[0]                     # none early (the sink's clock, ~µs)
+    assert late[len(late) // 2] < 50e6, late[len(late) // 2]

@@ -51,10 +51,11 @@ from replay.cli.types import DURATION, ERROR_BUDGET, PORT, RATE, SPEED
                    "other processes cannot delay a send by milliseconds. Timed replays only.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
-              help="--speed max: N processes, each replaying its share of the recorded "
-                   "connections (as many as the others, with about as many requests) with its "
-                   "share of --connections and --limit; one report of them all. For a target "
-                   "faster than one process can drive, on a machine with cores to spare.")
+              help="N processes, each replaying its share of the recorded connections (as "
+                   "many as the others, with about as many requests) with its share of "
+                   "--connections and --limit; one report of them all; a timed replay's "
+                   "workers share one start. For a target faster than one process can drive, "
+                   "on a machine with cores to spare. A .rlog log; not with --rate or -o.")
 @click.option("--event-loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
               hidden=True, help="Event loop (auto: microsecond timers when timed, uvloop at max).")
 @click.option("--spin-us", type=click.IntRange(0, 100_000), default=None, hidden=True,
@@ -158,9 +159,9 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
             if from_kafka or not plan.streaming:
                 raise UsageError("--workers: for a .rlog log (convert a capture first; a topic's "
                                  "replayers share it with --group)")
-            if schedule.timed:
-                raise UsageError("--workers: with --speed max (a timed replay runs in one "
-                                 "process, whose schedule it keeps)")
+            if schedule.rate is not None:
+                raise UsageError("--workers and --rate: give one (--rate orders the requests "
+                                 "across every connection, which one process keeps)")
             if out_log is not None:
                 raise UsageError("--workers and -o: give one (each worker would write its own "
                                  "log)")
@@ -186,7 +187,7 @@ def command(path, target, use_sink, speed, rate, loop, duration, limit, connecti
             report = run_workers(workers, plan, opts, session, None if quiet else (
                 lambda k: click.echo(f"replaying {path} with {k} workers against {tgt.display}"
                                      + (f" (the log has {k} connections)" if k < workers else ""),
-                                     err=True)))
+                                     err=True)), timed=schedule.timed)
         else:
             report = session().run()
         said = set(source.warnings) if source is not None else set()

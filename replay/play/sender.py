@@ -152,6 +152,7 @@ class Options:
     limit: int = 0                 # requests to try (0: all)
     duration: float = 0.0          # s of schedule (0: all)
     loop: bool = False
+    start_unix_ns: int | None = None   # a timed run's first deadline, agreed (``--workers``)
 
 
 Attempt = core.Attempt
@@ -397,7 +398,10 @@ class Player:
         if self.plan.streaming:
             await self._prefill()
         now = self.clock.now()
-        self.schedule.start = now + (START_DELAY_NS if self.schedule.timed else 0)
+        if self.schedule.timed and self.opts.start_unix_ns is not None:
+            self.schedule.start = self.opts.start_unix_ns - self.wall_offset   # may be past: late
+        else:
+            self.schedule.start = now + (START_DELAY_NS if self.schedule.timed else 0)
         if self.plan.streaming:
             self.reader.start_ns.value = self.schedule.start
         self.report.started_ns = now

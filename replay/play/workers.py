@@ -1,11 +1,14 @@
 """``replay play --workers N``: one replay in N processes, for a target faster than one process
-can drive (``--speed max``).
+can drive (``--speed max``, or a timed replay faster than one process keeps to time).
 
 Rules:
 - the parent deals the log's recorded connections out once (``stream.shard_assignment``: from
   the log's header, as many connections to each worker and about as many requests); a
   connection the header does not list goes by its id modulo N (``stream.Shard``), so each is
   replayed by one worker, its requests in order on that worker's connections;
+- a timed replay (``--speed``, not ``--rate``, whose order is one across every connection):
+  the workers share one start, ``START_AFTER_NS`` after they are forked, so each request is due
+  when a lone replay would have it due, whichever worker sends it;
 - each worker is a fork of the command once its options, target and plan's header are ready; it
   reads the log (in its own reading process) and keeps only its share *before* the rules, so
   the filters, rewrites and middleware see each message once in all: their counts add up;
@@ -44,6 +47,10 @@ import numpy as np
 from replay.errors import ReplayError, UsageError
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# a timed replay's first deadline, from the workers' fork: time for each to open the log, plan
+# the first second of the schedule and connect (a lone replay takes ~0.4 s on a log of 1 M
+# requests); a worker not ready by then sends late, and its lateness says so
+START_AFTER_NS = 1_000_000_000
 
 
 def apportion(total: int, weights, minimum: int = 0) -> list[int]:
@@ -182,15 +189,21 @@ def _worker(share: Share, n: int, plan, assign, opts, make_session, level, tx) -
         tx.close()
 
 
-def run_workers(n: int, plan, opts, make_session, started=None) -> MergedReport:
+def run_workers(n: int, plan, opts, make_session, started=None, timed: bool = False
+                ) -> MergedReport:
     """Run the replay in ``n`` forked workers (see the module's rules); their merged report.
-    ``started(k)`` is told how many run, before they start."""
+    ``started(k)`` is told how many run, before they start; ``timed``: they share one start
+    (``START_AFTER_NS`` from now)."""
+    import time
+    from dataclasses import replace
     from multiprocessing.connection import wait
 
     shares, assign = plan_shares(n, plan, opts)
     n = len(shares)
     if started is not None:
         started(n)
+    if timed:
+        opts = replace(opts, start_unix_ns=time.time_ns() + START_AFTER_NS)
     ctx = multiprocessing.get_context("fork")
     procs: list = []
     pipes: list = []
