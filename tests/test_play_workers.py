@@ -1,4 +1,4 @@
-"""``replay play --workers N`` (``--speed max``): N processes share the recorded connections.
+"""``replay play --workers N``: N processes share the recorded connections.
 Against a real server on loopback: every request sent once, each recorded connection's requests
 in order on the connections of one worker, the report of them all; the shares; what it refuses."""
 
@@ -391,11 +391,9 @@ def test_warnings_of_the_log_are_said_once(tmp_path):
 
 
 def _stubborn(tx):
-    import signal
     import time
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    time.sleep(60)
+    time.sleep(60)          # SIGINT blocked (inherited): only SIGKILL ends it
 
 
 def _failing(tx):
@@ -409,6 +407,7 @@ def test_the_first_failure_is_the_one_said(monkeypatch):
     """A worker fails; another does not stop when told, is killed after the grace time: the
     command's error is the first one, not the death it caused."""
     import multiprocessing
+    import signal
     import time
     from multiprocessing.connection import wait
 
@@ -418,13 +417,17 @@ def test_the_first_failure_is_the_one_said(monkeypatch):
     ctx = multiprocessing.get_context("fork")
     level = ctx.Value("i", 0, lock=False)
     procs, pipes = [], []
-    for target in (_stubborn, _failing):
-        rx, tx = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=target, args=(tx,))
-        p.start()
-        tx.close()
-        procs.append(p)
-        pipes.append(rx)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for target in (_stubborn, _failing):
+            rx, tx = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=target, args=(tx,))
+            p.start()
+            tx.close()
+            procs.append(p)
+            pipes.append(rx)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     t = time.monotonic()
     got, first = W._collect(procs, pipes, wait, level, grace=0.3)
     for p in procs:
@@ -434,31 +437,59 @@ def test_the_first_failure_is_the_one_said(monkeypatch):
     assert level.value == 2 and time.monotonic() - t < 10
 
 
-def test_timed_workers_share_one_start(tmp_path):
-    """A timed replay (``--speed 0.1``: 1,000 requests/s) with 2 workers: each request due at
-    the one start plus its recorded offset, whichever worker sends it: none arrives early, and
-    both workers' requests arrive about on time."""
-    from replay.events import KIND_REQUEST
-    from replay.log import LogReader
+def _staggered_log(path) -> dict:
+    """4 connections: conn 0 from the start, conns 1-3 from 200 ms on (so the worker that gets
+    two of them keeps no request of the first 200 ms); a request every 10 ms on each, answered.
+    Its URIs' recorded times."""
+    from play_helpers import get, ok_response
 
-    log = big_log(tmp_path / "big.rlog", n=1500, long_conns=8)
-    due = {m.uri: m.ts_first for m in LogReader(log) if m.kind == KIND_REQUEST}
+    from replay.events import KIND_REQUEST, KIND_RESPONSE, Message
+    from replay.log import LogWriter
+
+    t0 = 10**18
+    due = {}
+    msgs = []
+    for conn, first, n in ((0, 0, 50), (1, 200, 30), (2, 200, 30), (3, 200, 30)):
+        cl, sv = ("10.0.0.1", 2000 + conn), ("10.0.0.2", 80)
+        for k in range(n):
+            t = t0 + (first + 10 * k) * 1_000_000 + conn * 1000
+            uri = f"/c{conn}/{k}"
+            due[uri] = t
+            req, resp = get(uri), ok_response()
+            msgs.append(Message(KIND_REQUEST, conn, k, t, t + 10_000, cl, sv, 0, req, "GET", uri,
+                                0, 0, len(req)))
+            msgs.append(Message(KIND_RESPONSE, conn, k, t + 200_000, t + 210_000, cl, sv, 0, resp,
+                                "GET", uri, 200, 5, len(resp) - 5))
+    msgs.sort(key=lambda m: m.ts_last)
+    with LogWriter(path, meta={"command": "convert"}) as w:
+        w.write_many(msgs)
+    return due
+
+
+def test_timed_workers_agree_on_start_and_t0(tmp_path):
+    """A timed replay with 2 workers, one of which keeps no request of the log's first 200 ms:
+    they agree on one start and one t0, so each request arrives when a lone replay would send
+    it, whichever worker sends it (without that, the second worker's came 200 ms early)."""
+    log = tmp_path / "staggered.rlog"
+    due = _staggered_log(log)
     t0 = min(due.values())
     rep_path = tmp_path / "r.json"
     with SinkThread() as sink:
-        p = run_bounded(["play", log, "--target", sink.url, "--speed", "0.1", "--workers", "2",
+        p = run_bounded(["play", str(log), "--target", sink.url, "--speed", "1", "--workers", "2",
                          "--report", str(rep_path), "-q"])
         with sink.lock:
             arrivals = [(rec["ts"], raw) for rec, raw in sink.records]
     assert p.returncode == 0, p.stderr
     rep = json.loads(rep_path.read_text())
-    assert rep["workers"] == 2 and rep["answered"] == 1500
+    assert rep["workers"] == 2 and rep["answered"] == 140
     start = rep["schedule"]["start_unix_ns"]
-    late = []
+    assert rep["schedule"]["t0_ns"] == t0
+    late: dict = {}
     for ts, raw in arrivals:
         uri = raw.split(b" ", 2)[1].decode()
-        late.append(ts * 1e9 - (start + (due[uri] - t0) / 0.1))
-    late.sort()
-    assert len(late) == 1500
-    assert late[0] > -2e6, late[0]                     # none early (the sink's clock, ~µs)
-    assert late[len(late) // 2] < 50e6, late[len(late) // 2]
+        late.setdefault(uri.split("/")[1], []).append(ts * 1e9 - (start + due[uri] - t0))
+    assert sorted(late) == ["c0", "c1", "c2", "c3"]
+    for conn, ls in late.items():
+        ls.sort()
+        assert ls[0] > -2e6, (conn, ls[0])                 # none early
+        assert ls[len(ls) // 2] < 50e6, (conn, ls[len(ls) // 2])

@@ -152,7 +152,7 @@ class Options:
     limit: int = 0                 # requests to try (0: all)
     duration: float = 0.0          # s of schedule (0: all)
     loop: bool = False
-    start_unix_ns: int | None = None   # a timed run's first deadline, agreed (``--workers``)
+    start_barrier: object = None   # ``workers.StartBarrier``: a timed run's start and t0, agreed
 
 
 Attempt = core.Attempt
@@ -302,6 +302,7 @@ class Player:
         self.pacer = pacer or Pacer(clock)
         self.on_exchange = on_exchange
         self.wall_offset = wall_offset
+        self.first_kept = None       # recorded time of the first request planned (streamed)
         self.loop = None
         self.stopping = False
         self.end_ns = None
@@ -397,11 +398,16 @@ class Player:
         self.slots = asyncio.Semaphore(max(1, self.opts.connections))
         if self.plan.streaming:
             await self._prefill()
+        barrier = self.opts.start_barrier if self.schedule.timed else None
+        if barrier is not None:          # --workers: every worker ready, then one start and t0
+            start, t0 = await barrier.wait(self.first_kept, START_DELAY_NS, lambda: self.stopping)
+            if t0 is not None and self.schedule.speed is not None:
+                self.schedule.t0 = t0
+                if self.plan.streaming:
+                    self.reader.t0_ns.value = t0
         now = self.clock.now()
-        if self.schedule.timed and self.opts.start_unix_ns is not None:
-            self.schedule.start = self.opts.start_unix_ns - self.wall_offset   # may be past: late
-        else:
-            self.schedule.start = now + (START_DELAY_NS if self.schedule.timed else 0)
+        self.schedule.start = now + (START_DELAY_NS if self.schedule.timed else 0) \
+            if barrier is None else start
         if self.plan.streaming:
             self.reader.start_ns.value = self.schedule.start
         self.report.started_ns = now
@@ -573,10 +579,12 @@ class Player:
             r.receive(0.005)
         while r.receive(0):          # what the reader sent before it began to wait
             pass
-        # the schedule starts at the first request the rules kept, not the log's first
-        first = next((item[0].t for it, item in r.items
-                      if it == 0 and isinstance(item[0], PlannedRequest)), None)
-        if first is not None and first > self.schedule.t0 and self.schedule.speed is not None:
+        # the schedule starts at the first request the rules kept, not the log's first (with
+        # --workers: the first any worker kept, agreed in ``run``)
+        first = self.first_kept = next((item[0].t for it, item in r.items
+                                        if it == 0 and isinstance(item[0], PlannedRequest)), None)
+        if first is not None and first > self.schedule.t0 and self.schedule.speed is not None \
+                and self.opts.start_barrier is None:
             self.schedule.t0 = first
             r.t0_ns.value = first
 

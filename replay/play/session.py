@@ -311,9 +311,9 @@ class PlaySession:
 
         report, schedule = self.report, self.schedule
         report.meta["started_unix"] = round(started_wall, 6)
-        if schedule.start is not None:
+        if schedule.start:
             report.meta["schedule"] = {"start_unix_ns": schedule.start + offset,
-                                       "t0_ns": self.plan.t0, "period_ns": int(schedule.period)}
+                                       "t0_ns": schedule.t0, "period_ns": int(schedule.period)}
         report.meta["tool"] = f"replay {__version__}"
         if self.plan.streaming:          # counted as the plan was read
             p = self.plan

@@ -477,6 +477,10 @@ class StreamReader:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent decides when to stop
+        try:        # --realtime is for the sender: the reading never takes its CPU from it
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _die_with_parent()
         self.rx.close()

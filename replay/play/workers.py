@@ -7,8 +7,8 @@ Rules:
   connection the header does not list goes by its id modulo N (``stream.Shard``), so each is
   replayed by one worker, its requests in order on that worker's connections;
 - a timed replay (``--speed``, not ``--rate``, whose order is one across every connection):
-  the workers share one start, ``START_AFTER_NS`` after they are forked, so each request is due
-  when a lone replay would have it due, whichever worker sends it;
+  the workers agree on one start and one t0 once they are all ready (``StartBarrier``), so each
+  request is due when a lone replay would have it due, whichever worker sends it;
 - each worker is a fork of the command once its options, target and plan's header are ready; it
   reads the log (in its own reading process) and keeps only its share *before* the rules, so
   the filters, rewrites and middleware see each message once in all: their counts add up;
@@ -47,10 +47,47 @@ import numpy as np
 from replay.errors import ReplayError, UsageError
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# a timed replay's first deadline, from the workers' fork: time for each to open the log, plan
-# the first second of the schedule and connect (a lone replay takes ~0.4 s on a log of 1 M
-# requests); a worker not ready by then sends late, and its lateness says so
-START_AFTER_NS = 1_000_000_000
+# a timed replay's workers wait at most this long for each other before they start alone (each
+# reads at most sender.PREFILL_S before it is ready; filters over a large log take longer)
+BARRIER_WAIT_S = 30.0
+
+
+class StartBarrier:
+    """Where a timed replay's workers agree on their start and their ``t0``: each arrives once
+    ready (its first second of schedule read and planned) with the recorded time of the first
+    request it kept; the last to arrive sets ``t0`` (the least of them: the first request any
+    worker kept, as a lone replay's) and the start (``CLOCK_MONOTONIC``, one clock for every
+    process). A worker that waited ``BARRIER_WAIT_S`` in vain, or is stopped, starts alone."""
+
+    NONE = (1 << 63) - 1
+
+    def __init__(self, ctx, parties: int):
+        self.parties = parties
+        self.arrived = ctx.Value("i", 0)
+        self.firsts = ctx.Array("q", max(1, parties), lock=False)
+        self.start = ctx.Value("q", 0, lock=False)
+        self.t0 = ctx.Value("q", 0, lock=False)
+
+    async def wait(self, first, delay_ns: int, stopping) -> tuple[int, int | None]:
+        """``(start, t0)``: the agreed start (monotonic ns) and t0 (None: none agreed)."""
+        import asyncio
+        import time
+
+        with self.arrived.get_lock():
+            k = self.arrived.value
+            self.arrived.value = k + 1
+            if k < self.parties:
+                self.firsts[k] = self.NONE if first is None else first
+            if k + 1 >= self.parties:
+                t0 = min(self.firsts[:self.parties])
+                self.t0.value = 0 if t0 == self.NONE else t0
+                self.start.value = time.monotonic_ns() + delay_ns    # published last
+        end = time.monotonic() + BARRIER_WAIT_S
+        while not self.start.value and time.monotonic() < end and not stopping():
+            await asyncio.sleep(0.001)
+        if not self.start.value:
+            return time.monotonic_ns() + delay_ns, first
+        return self.start.value, self.t0.value or None
 
 
 def apportion(total: int, weights, minimum: int = 0) -> list[int]:
@@ -192,9 +229,8 @@ def _worker(share: Share, n: int, plan, assign, opts, make_session, level, tx) -
 def run_workers(n: int, plan, opts, make_session, started=None, timed: bool = False
                 ) -> MergedReport:
     """Run the replay in ``n`` forked workers (see the module's rules); their merged report.
-    ``started(k)`` is told how many run, before they start; ``timed``: they share one start
-    (``START_AFTER_NS`` from now)."""
-    import time
+    ``started(k)`` is told how many run, before they start; ``timed``: they agree on their
+    start (``StartBarrier``)."""
     from dataclasses import replace
     from multiprocessing.connection import wait
 
@@ -203,7 +239,9 @@ def run_workers(n: int, plan, opts, make_session, started=None, timed: bool = Fa
     if started is not None:
         started(n)
     if timed:
-        opts = replace(opts, start_unix_ns=time.time_ns() + START_AFTER_NS)
+        ctx = multiprocessing.get_context("fork")
+        runs = sum(1 for s in shares if not opts.limit or s.limit)     # those that reach run()
+        opts = replace(opts, start_barrier=StartBarrier(ctx, runs))
     ctx = multiprocessing.get_context("fork")
     procs: list = []
     pipes: list = []
