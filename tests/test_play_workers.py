@@ -493,3 +493,35 @@ def test_timed_workers_agree_on_start_and_t0(tmp_path):
         ls.sort()
         assert ls[0] > -2e6, (conn, ls[0])                 # none early
         assert ls[len(ls) // 2] < 50e6, (conn, ls[len(ls) // 2])
+
+
+def _barrier_run(barrier, firsts, stopping=lambda: False):
+    """Each of ``firsts`` arriving at ``barrier`` in turn (one process, one loop); their results."""
+    import asyncio
+
+    async def all_of():
+        return await asyncio.gather(*(barrier.wait(f, 1000, stopping) for f in firsts))
+
+    return asyncio.run(all_of())
+
+
+def test_start_barrier_agrees_on_the_least_first_and_one_start(monkeypatch):
+    import multiprocessing
+
+    from replay.play import workers as W
+
+    ctx = multiprocessing.get_context("fork")
+    got = _barrier_run(W.StartBarrier(ctx, 3), [500, None, 200])
+    assert len({g for g in got}) == 1 and got[0][1] == 200          # one start, the least t0
+    got = _barrier_run(W.StartBarrier(ctx, 2), [None, None])
+    assert got[0] == got[1] and got[0][1] is None                   # none kept: t0 unchanged
+    # one never comes: those there agree after the wait, and a late one takes what they agreed
+    monkeypatch.setattr(W, "BARRIER_WAIT_S", 0.05)
+    b = W.StartBarrier(ctx, 3)
+    got = _barrier_run(b, [900, 300])
+    assert got[0] == got[1] and got[0][1] == 300
+    assert _barrier_run(b, [100]) == [got[0]]
+    # stopped while it waits: it leaves at once, alone
+    monkeypatch.setattr(W, "BARRIER_WAIT_S", 30)
+    (start, t0), = _barrier_run(W.StartBarrier(ctx, 2), [700], stopping=lambda: True)
+    assert t0 == 700 and start > 0

@@ -477,8 +477,11 @@ class StreamReader:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent decides when to stop
-        try:        # --realtime is for the sender: the reading never takes its CPU from it
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        try:        # --realtime: one step below the sender, which then always goes first
+            if os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR):
+                prio = os.sched_getparam(0).sched_priority
+                os.sched_setscheduler(0, os.sched_getscheduler(0),
+                                      os.sched_param(max(1, prio - 1)))
         except (AttributeError, OSError):
             pass
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -47,8 +47,8 @@ import numpy as np
 from replay.errors import ReplayError, UsageError
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# a timed replay's workers wait at most this long for each other before they start alone (each
-# reads at most sender.PREFILL_S before it is ready; filters over a large log take longer)
+# a timed replay's workers wait at most this long for each other (each is ready within
+# sender.PREFILL_S of its start, unless it hangs); then those there start together without it
 BARRIER_WAIT_S = 30.0
 
 
@@ -57,7 +57,8 @@ class StartBarrier:
     ready (its first second of schedule read and planned) with the recorded time of the first
     request it kept; the last to arrive sets ``t0`` (the least of them: the first request any
     worker kept, as a lone replay's) and the start (``CLOCK_MONOTONIC``, one clock for every
-    process). A worker that waited ``BARRIER_WAIT_S`` in vain, or is stopped, starts alone."""
+    process). After ``BARRIER_WAIT_S`` those there agree without the missing ones (a late one
+    takes what they agreed, and its lateness shows it); a worker being stopped leaves at once."""
 
     NONE = (1 << 63) - 1
 
@@ -66,28 +67,42 @@ class StartBarrier:
         self.arrived = ctx.Value("i", 0)
         self.firsts = ctx.Array("q", max(1, parties), lock=False)
         self.start = ctx.Value("q", 0, lock=False)
-        self.t0 = ctx.Value("q", 0, lock=False)
+        self.t0 = ctx.Value("q", self.NONE, lock=False)
+
+    def _publish(self, count: int, delay_ns: int) -> None:
+        """Under the lock: t0 and the start, from the ``count`` workers arrived (once)."""
+        import time
+
+        if self.start.value:
+            return
+        self.t0.value = min(self.firsts[:count], default=self.NONE)
+        self.start.value = time.monotonic_ns() + delay_ns       # published last
 
     async def wait(self, first, delay_ns: int, stopping) -> tuple[int, int | None]:
         """``(start, t0)``: the agreed start (monotonic ns) and t0 (None: none agreed)."""
         import asyncio
         import time
 
-        with self.arrived.get_lock():
+        lock = self.arrived.get_lock()
+        with lock:
             k = self.arrived.value
             self.arrived.value = k + 1
             if k < self.parties:
                 self.firsts[k] = self.NONE if first is None else first
-            if k + 1 >= self.parties:
-                t0 = min(self.firsts[:self.parties])
-                self.t0.value = 0 if t0 == self.NONE else t0
-                self.start.value = time.monotonic_ns() + delay_ns    # published last
+                if k + 1 == self.parties:
+                    self._publish(self.parties, delay_ns)
         end = time.monotonic() + BARRIER_WAIT_S
-        while not self.start.value and time.monotonic() < end and not stopping():
+        while not self.start.value and not stopping():
+            if time.monotonic() >= end:
+                with lock:
+                    self._publish(min(self.arrived.value, self.parties), delay_ns)
+                break
             await asyncio.sleep(0.001)
-        if not self.start.value:
+        if not self.start.value:                  # stopped before the others came
             return time.monotonic_ns() + delay_ns, first
-        return self.start.value, self.t0.value or None
+        with lock:                                # both as published
+            start, t0 = self.start.value, self.t0.value
+        return start, None if t0 == self.NONE else t0
 
 
 def apportion(total: int, weights, minimum: int = 0) -> list[int]:
@@ -238,11 +253,10 @@ def run_workers(n: int, plan, opts, make_session, started=None, timed: bool = Fa
     n = len(shares)
     if started is not None:
         started(n)
+    ctx = multiprocessing.get_context("fork")
     if timed:
-        ctx = multiprocessing.get_context("fork")
         runs = sum(1 for s in shares if not opts.limit or s.limit)     # those that reach run()
         opts = replace(opts, start_barrier=StartBarrier(ctx, runs))
-    ctx = multiprocessing.get_context("fork")
     procs: list = []
     pipes: list = []
     level = ctx.Value("i", 0, lock=False)      # 1: stop as Ctrl-C does; 2: give up at once
