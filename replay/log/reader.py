@@ -375,14 +375,8 @@ class LogReader:
         try:
             got = tbl.decode_summary(self._section_a(off, fmt.BLOCK_SUMMARY, fmt.SUMMARY_MAX_RAW))
             requests, first, last = got[:3]
-            count, t_min, t_max = 0, None, None
-            for b in self.blocks:
-                count += b.count
-                if t_min is None or b.t_min < t_min:
-                    t_min = b.t_min
-                if t_max is None or b.t_max > t_max:
-                    t_max = b.t_max
-            if requests > count or requests and (first < t_min or last > t_max):
+            t_min, t_max = self.time_span()
+            if requests > len(self) or requests and (first < t_min or last > t_max):
                 raise FormatError("it does not agree with the index of the data blocks")
             return got
         except FormatError as e:

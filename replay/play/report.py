@@ -300,7 +300,6 @@ def merge_reports(reports: list, names: list) -> dict:
         hists[key] = h
         out[f"{key}_ms"] = hdr_percentiles(h)
     out.update({"elapsed_s": max(r.get("elapsed_s") or 0 for r in reports),
-
                 "interrupted": any(r.get("interrupted") for r in reports),
                 "merged_from": list(names),
                 "histograms": {k: h.encode().decode("ascii") for k, h in hists.items()}})

@@ -400,8 +400,6 @@ class PlaySession:
                 ev.run_until_complete(main())
             except KeyboardInterrupt:        # a second signal: give up what is left, at once
                 _cancel_all(ev)
-                if mask:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, mask[0])
                 self._describe_run(started_wall, offset)
                 raise
         finally:

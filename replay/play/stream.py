@@ -621,12 +621,7 @@ class Shard:
         self.assign = assign
 
     def owns(self, conn: int) -> bool:
-        conns = self.conns
-        if 0 <= conn < 1 << 64:
-            j = int(conns.searchsorted(np.uint64(conn)))
-            if j < len(conns) and int(conns[j]) == conn:
-                return int(self.assign[j]) == self.i
-        return conn % self.n == self.i
+        return bool(self.mask(np.array([conn], dtype=np.uint64))[0])
 
     def mask(self, conns: np.ndarray) -> np.ndarray:
         """``owns`` of each of ``conns`` (an array of connection ids)."""

@@ -337,14 +337,13 @@ def _collect(procs, pipes, wait, level, grace: float) -> tuple[list, int | None]
             watch[procs[i].sentinel] = i
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready = wait(list(watch), timeout)
-        if not ready:
+        if not ready:                      # past the deadline: give up, then be killed
             if level.value < 2:
                 _tell([procs[i] for i in pending], level, 2)
-                deadline = time.monotonic() + GRACE_S
             else:
                 for i in pending:
                     procs[i].kill()
-                deadline = time.monotonic() + GRACE_S
+            deadline = time.monotonic() + GRACE_S
             continue
         for obj in ready:
             i = watch[obj]

@@ -737,8 +737,7 @@ class Stream:
 
     def push(self, m) -> list:
         if not self.started:
-            self.started = True
-            self.fs._bind(m.ts_first)
+            self.start_at(m.ts_first)
         if self.now is None or m.ts_last > self.now:
             self.now = m.ts_last
         if m.index < 0:
