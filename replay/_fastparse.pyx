@@ -29,8 +29,8 @@ cdef extern from "Python.h":
     void PyObject_GC_UnTrack(void*)
 
 from replay.errors import InputError
-from replay.limits import (IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE, MAX_STREAM_BUFFER,
-                           MAX_TOTAL_BUFFER)
+from replay.limits import (ADDR_TEXT_KEEP, IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE,
+                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER)
 from replay.events import (
     F_CHUNKED,
     F_CLOSE_DELIMITED,
@@ -239,8 +239,23 @@ STAT_NAMES = (
 )
 
 
-def _addr(b):
-    return str(ipaddress.IPv4Address(b) if len(b) == 4 else ipaddress.IPv6Address(b))
+cdef dict _ADDR_TEXT = {}
+
+
+cdef str _addr(bytes b):
+    """The twin's ``_addr``: the text of a 4- or 16-byte address, remembered."""
+    cdef const uint8_t* p
+    s = _ADDR_TEXT.get(b)
+    if s is None:
+        if len(_ADDR_TEXT) >= ADDR_TEXT_KEEP:
+            _ADDR_TEXT.clear()
+        if PyBytes_GET_SIZE(b) == 4:
+            p = <const uint8_t*>PyBytes_AS_STRING(b)
+            s = f"{p[0]}.{p[1]}.{p[2]}.{p[3]}"
+        else:
+            s = str(ipaddress.IPv6Address(b))
+        _ADDR_TEXT[b] = s
+    return s
 
 
 # -- sequence numbers (RFC 1982; replay.seqnum) --------------------------------------------------

@@ -66,8 +66,8 @@ from replay.events import (
     Message,
 )
 from replay.layout import ROW_FIELDS, ROW_STRUCT, TABLE_COLUMNS, WIDTHS, bad_address, unfit
-from replay.limits import (IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE, MAX_STREAM_BUFFER,
-                           MAX_TOTAL_BUFFER)
+from replay.limits import (ADDR_TEXT_KEEP, IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE,
+                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER)
 from replay.seqnum import unwrap
 
 # Link types (https://www.tcpdump.org/linktypes.html)
@@ -166,8 +166,19 @@ def _mark_end(mark):
     return mark[0]
 
 
+_ADDR_TEXT: dict = {}
+
+
 def _addr(b: bytes) -> str:
-    return str(ipaddress.IPv4Address(b) if len(b) == 4 else ipaddress.IPv6Address(b))
+    """The text of a 4- or 16-byte address (RFC 5952 for IPv6). A capture holds a few
+    addresses many times over, so their texts are remembered (up to ``ADDR_TEXT_KEEP``)."""
+    s = _ADDR_TEXT.get(b)
+    if s is None:
+        if len(_ADDR_TEXT) >= ADDR_TEXT_KEEP:
+            _ADDR_TEXT.clear()
+        s = "%d.%d.%d.%d" % tuple(b) if len(b) == 4 else str(ipaddress.IPv6Address(b))
+        _ADDR_TEXT[b] = s
+    return s
 
 
 def decode(linktype: int, frame, off: int = 0, end: int = -1):

@@ -11,6 +11,8 @@ Every limit bounds what one hostile or broken peer can make the core hold or sca
 - ``MAX_STREAM_BUFFER``: bytes one direction may hold beyond a hole before the hole is lost.
 - ``MAX_TOTAL_BUFFER``: the same, for all directions together.
 - ``IDLE_TIMEOUT``: seconds of capture time after which a silent connection is closed.
+- ``ADDR_TEXT_KEEP``: texts of addresses the core remembers (a capture holds few addresses many
+  times over); past it they are forgotten all at once.
 """
 
 MAX_HEAD = 64 << 10
@@ -18,6 +20,7 @@ MAX_MESSAGE = 256 << 20
 MAX_STREAM_BUFFER = 4 << 20
 MAX_TOTAL_BUFFER = 256 << 20
 IDLE_TIMEOUT = 120.0
+ADDR_TEXT_KEEP = 65536
 
 ENGINE_DEFAULTS = dict(max_stream_buffer=MAX_STREAM_BUFFER, max_total_buffer=MAX_TOTAL_BUFFER,
                        idle_timeout=IDLE_TIMEOUT, max_message=MAX_MESSAGE, max_head=MAX_HEAD)
