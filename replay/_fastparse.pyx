@@ -2780,25 +2780,124 @@ def gather_rows(msgs):
     return rows, tail, payload
 
 
+cdef class _Strings:
+    """A block's address and string tables as its rows name them (ids in order of first use),
+    and, once every row has its ids, the block's tail and payload (``assemble``)."""
+    cdef dict addrs, uris, methods
+    cdef bytearray addr_table
+    cdef list uri_texts, method_texts
+    cdef object last_client, last_server
+    cdef uint32_t client_id, server_id
+
+    def __cinit__(self):
+        self.addrs = {}
+        self.uris = {}
+        self.methods = {}
+        self.addr_table = bytearray()
+        self.uri_texts = []
+        self.method_texts = []
+        self.last_client = _NOTHING
+        self.last_server = _NOTHING
+
+    cdef int name(self, Row* row, object client, object server, object uri,
+                  object method) except -1:
+        if client is not self.last_client:       # the same object: the same id
+            self.client_id = _row_address("client", client, self.addrs, self.addr_table)
+            self.last_client = client
+        row.client = self.client_id
+        if server is not self.last_server:
+            self.server_id = _row_address("server", server, self.addrs, self.addr_table)
+            self.last_server = server
+        row.server = self.server_id
+        row.uri = _row_string("uri", uri, self.uris, self.uri_texts)
+        row.method = _row_string("method", method, self.methods, self.method_texts)
+        return 0
+
+    cdef tuple assemble(self, Row* r, Py_ssize_t n, const char** dp, const Py_ssize_t* ds):
+        """(tail, payload) of the rows ``r`` (ids named), whose bytes are ``dp[i][:ds[i]]``:
+        each request's target left out where it follows its method and a space (``elided``),
+        the requests first, then the others; the string ids become the table's (the uris
+        first, then the methods that are no uri)."""
+        cdef Py_ssize_t i, p, size, total = 0, pos = 0
+        cdef int second
+        cdef bytes mt, ut, payload
+        cdef const char* d
+        cdef char* out
+        cdef Py_ssize_t* cut = <Py_ssize_t*>malloc((2 * n + 1) * sizeof(Py_ssize_t))
+        if cut == NULL:
+            raise MemoryError()
+        cdef Py_ssize_t* start = cut + n
+        try:
+            for i in range(n):
+                size = ds[i]
+                r[i].extra = <uint64_t>size - <uint64_t>r[i].head_length - r[i].body_length
+                r[i].elided = 0
+                cut[i] = 0
+                if r[i].kind == C_REQUEST and r[i].uri and r[i].method:
+                    mt = <bytes>self.method_texts[r[i].method - 1]
+                    ut = <bytes>self.uri_texts[r[i].uri - 1]
+                    p = PyBytes_GET_SIZE(mt) + 1
+                    d = dp[i]
+                    if (p > 1 and PyBytes_GET_SIZE(ut) and size >= p + PyBytes_GET_SIZE(ut)
+                            and memcmp(d, PyBytes_AS_STRING(mt), p - 1) == 0 and d[p - 1] == b' '
+                            and memcmp(d + p, PyBytes_AS_STRING(ut), PyBytes_GET_SIZE(ut)) == 0):
+                        r[i].elided = 1
+                        start[i] = p
+                        cut[i] = PyBytes_GET_SIZE(ut)
+                total += size - cut[i]
+            final = [0]
+            extra = []
+            for s, t in zip(self.methods, self.method_texts):
+                k = self.uris.get(s)
+                if k is None:
+                    extra.append(t)
+                    k = len(self.uris) + len(extra)
+                final.append(k)
+            for i in range(n):
+                r[i].method = final[r[i].method]
+            payload = PyBytes_FromStringAndSize(NULL, total)
+            out = PyBytes_AS_STRING(payload)
+            with nogil:
+                for second in range(2):         # the requests first, then the others
+                    for i in range(n):
+                        if (r[i].kind != C_REQUEST) != second:
+                            continue
+                        d = dp[i]
+                        size = ds[i]
+                        if r[i].elided:
+                            p = start[i]
+                            memcpy(out + pos, d, p)
+                            memcpy(out + pos + p, d + p + cut[i], size - p - cut[i])
+                            pos += size - cut[i]
+                        else:
+                            memcpy(out + pos, d, size)
+                            pos += size
+        finally:
+            free(cut)
+        tail = bytearray()
+        _put_u32(tail, len(self.addrs))
+        tail += self.addr_table
+        strings = self.uri_texts + extra
+        _put_u32(tail, len(strings))
+        for t in strings:
+            _put_u32(tail, len(t))
+            tail += t
+        return bytes(tail), payload
+
+
 cdef tuple _gather(list ms, Row* r):
     """Fill ``r`` with the rows of ``ms``; (tail, payload)."""
-    cdef Py_ssize_t n = len(ms), i, size, p, total = 0, pos = 0
-    cdef int second
+    cdef Py_ssize_t n = len(ms), i
     cdef bint fast
     cdef Row* row
     cdef list datas = [None] * n
-    cdef dict addrs = {}, uris = {}, methods = {}
-    cdef bytearray addr_table = bytearray()
-    cdef list uri_texts = [], method_texts = []
-    cdef bytes data, mt, ut, payload
-    cdef const char* d
-    cdef char* out
-    cdef object client, server, last_client = _NOTHING, last_server = _NOTHING
-    cdef uint32_t client_id = 0, server_id = 0
-    cdef Py_ssize_t* cut = <Py_ssize_t*>malloc((2 * n + 1) * sizeof(Py_ssize_t))
-    if cut == NULL:
+    cdef bytes data
+    cdef _Strings names = _Strings()
+    cdef const char** dp = <const char**>malloc((n + 1) * sizeof(char*))
+    cdef Py_ssize_t* ds = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
+    if dp == NULL or ds == NULL:
+        free(dp); free(ds)
         raise MemoryError()
-    cdef Py_ssize_t* start = cut + n
     try:
         for i in range(n):
             m = ms[i]
@@ -2822,75 +2921,15 @@ cdef tuple _gather(list ms, Row* r):
                 data = bytes(memoryview(obj))
             else:
                 raise unfit("data", obj)
-            size = PyBytes_GET_SIZE(data)
-            row.extra = <uint64_t>size - <uint64_t>row.head_length - row.body_length
-            client = _field(m, fast, M_CLIENT, "client")
-            if client is not last_client:       # the same object: the same id
-                client_id = _row_address("client", client, addrs, addr_table)
-                last_client = client
-            row.client = client_id
-            server = _field(m, fast, M_SERVER, "server")
-            if server is not last_server:
-                server_id = _row_address("server", server, addrs, addr_table)
-                last_server = server
-            row.server = server_id
-            row.uri = _row_string("uri", _field(m, fast, M_URI, "uri"), uris, uri_texts)
-            row.method = _row_string("method", _field(m, fast, M_METHOD, "method"), methods,
-                                     method_texts)
-            row.elided = 0
-            cut[i] = 0
-            if row.kind == C_REQUEST and row.uri and row.method:
-                mt = <bytes>method_texts[row.method - 1]
-                ut = <bytes>uri_texts[row.uri - 1]
-                p = PyBytes_GET_SIZE(mt) + 1
-                d = PyBytes_AS_STRING(data)
-                if (p > 1 and PyBytes_GET_SIZE(ut) and size >= p + PyBytes_GET_SIZE(ut)
-                        and memcmp(d, PyBytes_AS_STRING(mt), p - 1) == 0 and d[p - 1] == b' '
-                        and memcmp(d + p, PyBytes_AS_STRING(ut), PyBytes_GET_SIZE(ut)) == 0):
-                    row.elided = 1
-                    start[i] = p
-                    cut[i] = PyBytes_GET_SIZE(ut)
-            total += size - cut[i]
             datas[i] = data
-        # string ids: the uris first, then the methods that are no uri
-        final = [0]
-        extra = []
-        for s, t in zip(methods, method_texts):
-            k = uris.get(s)
-            if k is None:
-                extra.append(t)
-                k = len(uris) + len(extra)
-            final.append(k)
-        for i in range(n):
-            r[i].method = final[r[i].method]
-        payload = PyBytes_FromStringAndSize(NULL, total)
-        out = PyBytes_AS_STRING(payload)
-        for second in range(2):         # the requests first, then the others
-            for i in range(n):
-                if (r[i].kind != C_REQUEST) != second:
-                    continue
-                data = <bytes>datas[i]
-                d = PyBytes_AS_STRING(data)
-                size = PyBytes_GET_SIZE(data)
-                if r[i].elided:
-                    p = start[i]
-                    memcpy(out + pos, d, p)
-                    memcpy(out + pos + p, d + p + cut[i], size - p - cut[i])
-                    pos += size - cut[i]
-                else:
-                    memcpy(out + pos, d, size)
-                    pos += size
+            dp[i] = PyBytes_AS_STRING(data)
+            ds[i] = PyBytes_GET_SIZE(data)
+            names.name(row, _field(m, fast, M_CLIENT, "client"), _field(m, fast, M_SERVER, "server"),
+                       _field(m, fast, M_URI, "uri"), _field(m, fast, M_METHOD, "method"))
+        return names.assemble(r, n, dp, ds)
     finally:
-        free(cut)
-    tail = bytearray()
-    _put_u32(tail, len(addrs))
-    tail += addr_table
-    strings = uri_texts + extra
-    _put_u32(tail, len(strings))
-    for t in strings:
-        _put_u32(tail, len(t))
-        tail += t
-    return bytes(tail), payload
+        free(dp)
+        free(ds)
 
 
 cdef inline uint64_t _zz(int64_t q) noexcept nogil:
@@ -2981,13 +3020,26 @@ def encode_block(msgs):
     """``(table, payload, t_min, t_max, summary)`` of a version 2 data block holding ``msgs``
     (at least one): the twin's ``encode_block``, byte for byte."""
     cdef list ms = list(msgs)
-    cdef Py_ssize_t n = len(ms), i, k, nconn = 0, cap = 16, slot
-    cdef int c
+    cdef Py_ssize_t n = len(ms)
     if not n:
         raise ValueError("a data block holds at least one message")
+    cdef Row* r = <Row*>malloc(n * sizeof(Row))
+    if r == NULL:
+        raise MemoryError()
+    try:
+        tail, payload = _gather(ms, r)
+        return _encode_rows(r, n, tail, payload)
+    finally:
+        free(r)
+
+
+cdef tuple _encode_rows(Row* r, Py_ssize_t n, bytes tail, bytes payload):
+    """``encode_block``'s result for the rows ``r`` (ids named, see ``_Strings``) with their
+    ``tail`` and ``payload``; the columns are made without the GIL."""
+    cdef Py_ssize_t i, k, nconn = 0, cap = 16, slot
+    cdef int c
     while cap < 2 * n:
         cap *= 2
-    cdef Row* r = <Row*>malloc(n * sizeof(Row))
     cdef uint64_t* col = <uint64_t*>malloc(n * sizeof(uint64_t))
     cdef int64_t* prev = <int64_t*>malloc(n * sizeof(int64_t))
     cdef int64_t* rank = <int64_t*>malloc(n * sizeof(int64_t))
@@ -3004,54 +3056,53 @@ def encode_block(msgs):
     cdef uint64_t unit = 0, seen = 0, h
     cdef uint8_t* out
     cdef Py_ssize_t size
-    if not (r and col and prev and rank and keys and vals and last and conns and reqlast
-            and hasreq):
-        free(r); free(col); free(prev); free(rank); free(keys); free(vals); free(last); free(conns)
+    if not (col and prev and rank and keys and vals and last and conns and reqlast and hasreq):
+        free(col); free(prev); free(rank); free(keys); free(vals); free(last); free(conns)
         free(reqlast); free(hasreq)
         raise MemoryError()
     try:
-        tail, payload = _gather(ms, r)
-        for i in range(cap):
-            vals[i] = -1
-        t_min = t_max = r[0].ts_first
-        for i in range(n):
-            t_min = min(t_min, r[i].ts_first, r[i].ts_last)
-            t_max = max(t_max, r[i].ts_first, r[i].ts_last)
-            h = r[i].conn * <uint64_t>0x9E3779B97F4A7C15       # Fibonacci hashing
-            slot = <Py_ssize_t>(h >> 32) & (cap - 1)
-            while vals[slot] >= 0 and keys[slot] != r[i].conn:
-                slot = (slot + 1) & (cap - 1)
-            if vals[slot] < 0:
-                keys[slot] = r[i].conn
-                vals[slot] = nconn
-                conns[nconn] = r[i].conn
-                last[nconn] = -1
-                hasreq[nconn] = 0
-                nconn += 1
-            k = vals[slot]
-            rank[i] = k
-            prev[i] = last[k]
-            last[k] = i
-            if r[i].flags & CF_REPLAYED:
-                continue
-            if not any_conn or r[i].conn > max_conn:
-                max_conn = r[i].conn
-                any_conn = True
-            if r[i].kind == CKIND_REQUEST:
-                if not requests or r[i].ts_first < req_min:
-                    req_min = r[i].ts_first
-                if not requests or r[i].ts_first > req_max:
-                    req_max = r[i].ts_first
-                requests += 1
-                if not hasreq[k] or r[i].index > reqlast[k]:
-                    reqlast[k] = r[i].index
-                hasreq[k] = 1
-        for i in range(n):      # wrapping differences, exact after the reader's wrapping sum
-            d = <int64_t>(<uint64_t>r[i].ts_first - <uint64_t>(r[i - 1].ts_first if i else t_min))
-            unit = _gcd(unit, _abs(d))
-            unit = _gcd(unit, _abs(<int64_t>(<uint64_t>r[i].ts_last - <uint64_t>r[i].ts_first)))
-        if not 0 < unit < (<uint64_t>1 << 62):
-            unit = 1
+        with nogil:
+            for i in range(cap):
+                vals[i] = -1
+            t_min = t_max = r[0].ts_first
+            for i in range(n):
+                t_min = min(t_min, r[i].ts_first, r[i].ts_last)
+                t_max = max(t_max, r[i].ts_first, r[i].ts_last)
+                h = r[i].conn * <uint64_t>0x9E3779B97F4A7C15       # Fibonacci hashing
+                slot = <Py_ssize_t>(h >> 32) & (cap - 1)
+                while vals[slot] >= 0 and keys[slot] != r[i].conn:
+                    slot = (slot + 1) & (cap - 1)
+                if vals[slot] < 0:
+                    keys[slot] = r[i].conn
+                    vals[slot] = nconn
+                    conns[nconn] = r[i].conn
+                    last[nconn] = -1
+                    hasreq[nconn] = 0
+                    nconn += 1
+                k = vals[slot]
+                rank[i] = k
+                prev[i] = last[k]
+                last[k] = i
+                if r[i].flags & CF_REPLAYED:
+                    continue
+                if not any_conn or r[i].conn > max_conn:
+                    max_conn = r[i].conn
+                    any_conn = True
+                if r[i].kind == CKIND_REQUEST:
+                    if not requests or r[i].ts_first < req_min:
+                        req_min = r[i].ts_first
+                    if not requests or r[i].ts_first > req_max:
+                        req_max = r[i].ts_first
+                    requests += 1
+                    if not hasreq[k] or r[i].index > reqlast[k]:
+                        reqlast[k] = r[i].index
+                    hasreq[k] = 1
+            for i in range(n):      # wrapping differences, exact after the reader's wrapping sum
+                d = <int64_t>(<uint64_t>r[i].ts_first - <uint64_t>(r[i - 1].ts_first if i else t_min))
+                unit = _gcd(unit, _abs(d))
+                unit = _gcd(unit, _abs(<int64_t>(<uint64_t>r[i].ts_last - <uint64_t>r[i].ts_first)))
+            if not 0 < unit < (<uint64_t>1 << 62):
+                unit = 1
         size = 12 + n * ROW_BYTES + 8 * nconn + len(tail)
         table = PyBytes_FromStringAndSize(NULL, size)
         out = <uint8_t*>PyBytes_AS_STRING(table)
@@ -3060,14 +3111,16 @@ def encode_block(msgs):
         for k in range(8):
             out[k] = <uint8_t>(unit >> (8 * k))
         out += 12
-        for c in range(C_COLUMNS):
-            for i in range(n):
-                col[i] = _coded(c, r, i, prev[i], rank[i], t_min, <int64_t>unit, &seen)
-            _planes(out, col, n, _width[c])
-            out += _width[c] * n
-        for k in range(nconn):
-            col[k] = _zz(<int64_t>(conns[k] - (conns[k - 1] if k else 0)))
-        _planes(out, col, nconn, 8); out += 8 * nconn
+        with nogil:
+            for c in range(C_COLUMNS):
+                for i in range(n):
+                    col[i] = _coded(c, r, i, prev[i], rank[i], t_min, <int64_t>unit, &seen)
+                _planes(out, col, n, _width[c])
+                out += _width[c] * n
+            for k in range(nconn):
+                col[k] = _zz(<int64_t>(conns[k] - (conns[k - 1] if k else 0)))
+            _planes(out, col, nconn, 8)
+            out += 8 * nconn
         memcpy(out, PyBytes_AS_STRING(tail), len(tail))
         req_conns, req_last = [], []
         for k in range(nconn):
@@ -3075,7 +3128,7 @@ def encode_block(msgs):
                 req_conns.append(conns[k])
                 req_last.append(reqlast[k])
     finally:
-        free(r); free(col); free(prev); free(rank); free(keys); free(vals); free(last); free(conns)
+        free(col); free(prev); free(rank); free(keys); free(vals); free(last); free(conns)
         free(reqlast); free(hasreq)
     return table, payload, t_min, t_max, (requests, req_min, req_max,
                                           max_conn if any_conn else -1, req_conns, req_last)
