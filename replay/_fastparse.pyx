@@ -22,7 +22,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from cpython.unicode cimport PyUnicode_DecodeLatin1
-from libc.string cimport memchr, memcmp, memcpy, memset
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 from cpython.ref cimport Py_INCREF
 
 cdef extern from "Python.h":
@@ -1415,7 +1415,6 @@ cdef class Framer:
         cdef list marks
         cdef _Mark m
         cdef Py_ssize_t k, nm
-        data = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self.buf), end)
         if self.state == S_BODY_CLOSE:
             self.body_len = end - self.head_len
         ts_first = self._mark_at(0)[0]
@@ -1443,10 +1442,16 @@ cdef class Framer:
             eng.st_incomplete_messages += 1
         if self.truncated_pending:
             flags |= CF_TRUNCATED
-        msg = _message(kind, conn.id, index, ts_first, ts_last, conn.client, conn.server,
-                       flags, data, self.method, self.uri, self.status, self.body_len,
-                       self.head_len if self.head_len <= end else end)
-        eng.out.append(msg)
+        if eng.rows is not None:
+            (<RowBuffer>eng.rows).add(kind, conn.id, index, ts_first, ts_last, conn.client,
+                                      conn.server, flags, PyByteArray_AS_STRING(self.buf), end,
+                                      self.method, self.uri, self.status, self.body_len,
+                                      self.head_len if self.head_len <= end else end)
+        else:
+            data = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self.buf), end)
+            eng.out.append(_message(kind, conn.id, index, ts_first, ts_last, conn.client,
+                                    conn.server, flags, data, self.method, self.uri, self.status,
+                                    self.body_len, self.head_len if self.head_len <= end else end))
         self.produced += 1
         # cut buf at end
         del self.buf[:end]
@@ -1772,6 +1777,7 @@ cdef class Engine:
     cdef int64_t next_id
     cdef list out
     cdef readonly bint track_closed
+    cdef readonly object rows     # a RowBuffer (rows=True): finished messages go there
     cdef list closed_ids
     cdef int64_t total_ooo
     cdef int64_t now
@@ -1787,7 +1793,7 @@ cdef class Engine:
 
     def __init__(self, linktype, ports=(), max_stream_buffer=MAX_STREAM_BUFFER,
                  max_total_buffer=MAX_TOTAL_BUFFER, idle_timeout=IDLE_TIMEOUT,
-                 max_message=MAX_MESSAGE, max_head=MAX_HEAD, track_closed=False):
+                 max_message=MAX_MESSAGE, max_head=MAX_HEAD, track_closed=False, rows=False):
         if linktype not in SUPPORTED_LINKTYPES:
             raise InputError(f"unsupported link type {linktype}")
         self.linktype = linktype
@@ -1806,6 +1812,7 @@ cdef class Engine:
         self.next_id = 0
         self.out = []
         self.track_closed = bool(track_closed)
+        self.rows = RowBuffer() if rows else None
         self.closed_ids = []
         self.total_ooo = 0
         self.now = 0
@@ -2782,12 +2789,18 @@ def gather_rows(msgs):
 
 cdef class _Strings:
     """A block's address and string tables as its rows name them (ids in order of first use),
-    and, once every row has its ids, the block's tail and payload (``assemble``)."""
+    then (``prepare``, with the GIL) the block's tail and the texts as C arrays, so that the
+    payload can be made without the GIL (``elide``, ``fill``)."""
     cdef dict addrs, uris, methods
     cdef bytearray addr_table
     cdef list uri_texts, method_texts
     cdef object last_client, last_server
     cdef uint32_t client_id, server_id
+    cdef readonly bytes tail
+    cdef const char** text           # uri_texts then method_texts
+    cdef Py_ssize_t* text_len
+    cdef uint32_t* final             # method id -> the table's string id
+    cdef Py_ssize_t nuri
 
     def __cinit__(self):
         self.addrs = {}
@@ -2798,6 +2811,11 @@ cdef class _Strings:
         self.method_texts = []
         self.last_client = _NOTHING
         self.last_server = _NOTHING
+
+    def __dealloc__(self):
+        free(self.text)
+        free(self.text_len)
+        free(self.final)
 
     cdef int name(self, Row* row, object client, object server, object uri,
                   object method) except -1:
@@ -2813,76 +2831,109 @@ cdef class _Strings:
         row.method = _row_string("method", method, self.methods, self.method_texts)
         return 0
 
-    cdef tuple assemble(self, Row* r, Py_ssize_t n, const char** dp, const Py_ssize_t* ds):
-        """(tail, payload) of the rows ``r`` (ids named), whose bytes are ``dp[i][:ds[i]]``:
-        each request's target left out where it follows its method and a space (``elided``),
-        the requests first, then the others; the string ids become the table's (the uris
-        first, then the methods that are no uri)."""
-        cdef Py_ssize_t i, p, size, total = 0, pos = 0
-        cdef int second
-        cdef bytes mt, ut, payload
+    cdef int prepare(self) except -1:
+        """Once every row is named: the tail (the address table, then the strings: the uris
+        first, then the methods that are no uri) and the C arrays ``elide`` and ``fill`` use."""
+        cdef Py_ssize_t i, nu = len(self.uri_texts), nm = len(self.method_texts)
+        cdef bytes t
+        self.text = <const char**>malloc((nu + nm + 1) * sizeof(char*))
+        self.text_len = <Py_ssize_t*>malloc((nu + nm + 1) * sizeof(Py_ssize_t))
+        self.final = <uint32_t*>malloc((nm + 1) * sizeof(uint32_t))
+        if self.text == NULL or self.text_len == NULL or self.final == NULL:
+            raise MemoryError()
+        self.nuri = nu
+        for i, t in enumerate(self.uri_texts + self.method_texts):
+            self.text[i] = PyBytes_AS_STRING(t)
+            self.text_len[i] = PyBytes_GET_SIZE(t)
+        self.final[0] = 0
+        extra = []
+        for i, (s, t) in enumerate(zip(self.methods, self.method_texts)):
+            k = self.uris.get(s)
+            if k is None:
+                extra.append(t)
+                k = len(self.uris) + len(extra)
+            self.final[i + 1] = k
+        tail = bytearray()
+        _put_u32(tail, len(self.addrs))
+        tail += self.addr_table
+        _put_u32(tail, nu + len(extra))
+        for t in self.uri_texts + extra:
+            _put_u32(tail, len(t))
+            tail += t
+        self.tail = bytes(tail)
+        return 0
+
+    cdef Py_ssize_t elide(self, Row* r, Py_ssize_t n, const char** dp, const Py_ssize_t* ds,
+                          Py_ssize_t* cut, Py_ssize_t* start) noexcept nogil:
+        """Each row's ``extra``, and ``elided`` (with where its target starts and how long it
+        is) for a request whose bytes start with its method, a space and its uri; returns the
+        payload's size. Before ``fill``, which renames the methods."""
+        cdef Py_ssize_t i, p, size, total = 0, ulen
         cdef const char* d
+        cdef const char* u
+        for i in range(n):
+            size = ds[i]
+            r[i].extra = <uint64_t>size - <uint64_t>r[i].head_length - r[i].body_length
+            r[i].elided = 0
+            cut[i] = 0
+            if r[i].kind == C_REQUEST and r[i].uri and r[i].method:
+                p = self.text_len[self.nuri + r[i].method - 1] + 1
+                u = self.text[r[i].uri - 1]
+                ulen = self.text_len[r[i].uri - 1]
+                d = dp[i]
+                if (p > 1 and ulen and size >= p + ulen
+                        and memcmp(d, self.text[self.nuri + r[i].method - 1], p - 1) == 0
+                        and d[p - 1] == b' ' and memcmp(d + p, u, ulen) == 0):
+                    r[i].elided = 1
+                    start[i] = p
+                    cut[i] = ulen
+            total += size - cut[i]
+        return total
+
+    cdef void fill(self, Row* r, Py_ssize_t n, const char** dp, const Py_ssize_t* ds,
+                   const Py_ssize_t* cut, const Py_ssize_t* start, char* out) noexcept nogil:
+        """The payload into ``out``: the requests first, then the others, each without its
+        target where ``elide`` left it out; the methods get the table's string ids."""
+        cdef Py_ssize_t i, p, size, pos = 0
+        cdef int second
+        cdef const char* d
+        for i in range(n):
+            r[i].method = self.final[r[i].method]
+        for second in range(2):
+            for i in range(n):
+                if (r[i].kind != C_REQUEST) != second:
+                    continue
+                d = dp[i]
+                size = ds[i]
+                if r[i].elided:
+                    p = start[i]
+                    memcpy(out + pos, d, p)
+                    memcpy(out + pos + p, d + p + cut[i], size - p - cut[i])
+                    pos += size - cut[i]
+                else:
+                    memcpy(out + pos, d, size)
+                    pos += size
+
+    cdef tuple assemble(self, Row* r, Py_ssize_t n, const char** dp, const Py_ssize_t* ds):
+        """(tail, payload) of the rows ``r``, every one named, whose bytes are
+        ``dp[i][:ds[i]]``."""
+        cdef Py_ssize_t total
+        cdef bytes payload
         cdef char* out
         cdef Py_ssize_t* cut = <Py_ssize_t*>malloc((2 * n + 1) * sizeof(Py_ssize_t))
         if cut == NULL:
             raise MemoryError()
-        cdef Py_ssize_t* start = cut + n
         try:
-            for i in range(n):
-                size = ds[i]
-                r[i].extra = <uint64_t>size - <uint64_t>r[i].head_length - r[i].body_length
-                r[i].elided = 0
-                cut[i] = 0
-                if r[i].kind == C_REQUEST and r[i].uri and r[i].method:
-                    mt = <bytes>self.method_texts[r[i].method - 1]
-                    ut = <bytes>self.uri_texts[r[i].uri - 1]
-                    p = PyBytes_GET_SIZE(mt) + 1
-                    d = dp[i]
-                    if (p > 1 and PyBytes_GET_SIZE(ut) and size >= p + PyBytes_GET_SIZE(ut)
-                            and memcmp(d, PyBytes_AS_STRING(mt), p - 1) == 0 and d[p - 1] == b' '
-                            and memcmp(d + p, PyBytes_AS_STRING(ut), PyBytes_GET_SIZE(ut)) == 0):
-                        r[i].elided = 1
-                        start[i] = p
-                        cut[i] = PyBytes_GET_SIZE(ut)
-                total += size - cut[i]
-            final = [0]
-            extra = []
-            for s, t in zip(self.methods, self.method_texts):
-                k = self.uris.get(s)
-                if k is None:
-                    extra.append(t)
-                    k = len(self.uris) + len(extra)
-                final.append(k)
-            for i in range(n):
-                r[i].method = final[r[i].method]
+            self.prepare()
+            with nogil:
+                total = self.elide(r, n, dp, ds, cut, cut + n)
             payload = PyBytes_FromStringAndSize(NULL, total)
             out = PyBytes_AS_STRING(payload)
             with nogil:
-                for second in range(2):         # the requests first, then the others
-                    for i in range(n):
-                        if (r[i].kind != C_REQUEST) != second:
-                            continue
-                        d = dp[i]
-                        size = ds[i]
-                        if r[i].elided:
-                            p = start[i]
-                            memcpy(out + pos, d, p)
-                            memcpy(out + pos + p, d + p + cut[i], size - p - cut[i])
-                            pos += size - cut[i]
-                        else:
-                            memcpy(out + pos, d, size)
-                            pos += size
+                self.fill(r, n, dp, ds, cut, cut + n, out)
         finally:
             free(cut)
-        tail = bytearray()
-        _put_u32(tail, len(self.addrs))
-        tail += self.addr_table
-        strings = self.uri_texts + extra
-        _put_u32(tail, len(strings))
-        for t in strings:
-            _put_u32(tail, len(t))
-            tail += t
-        return bytes(tail), payload
+        return self.tail, payload
 
 
 cdef tuple _gather(list ms, Row* r):
@@ -2930,6 +2981,183 @@ cdef tuple _gather(list ms, Row* r):
     finally:
         free(dp)
         free(ds)
+
+
+cdef class RowBuffer:
+    """The twin's ``RowBuffer``: messages the core finished (``Engine(rows=True)``), held as
+    table rows, their bytes one after another in one buffer, and their addresses and strings
+    (the objects a Message would hold); no Message is made for them. The log writer takes them
+    a block at a time (``block_end``, ``take``)."""
+    cdef Row* rows
+    cdef Py_ssize_t* size        # bytes of each row's message
+    cdef Py_ssize_t n, cap
+    cdef char* buf
+    cdef Py_ssize_t used, room
+    cdef list refs               # client, server, uri, method of each row
+
+    def __cinit__(self):
+        self.refs = []
+
+    def __dealloc__(self):
+        free(self.rows)
+        free(self.size)
+        free(self.buf)
+
+    def __len__(self):
+        return self.n
+
+    @property
+    def nbytes(self):
+        """Bytes of the messages held."""
+        return self.used
+
+    cdef int add(self, uint8_t kind, uint64_t conn, int64_t index, int64_t ts_first,
+                 int64_t ts_last, object client, object server, uint32_t flags,
+                 const char* data, Py_ssize_t size, object method, object uri, uint16_t status,
+                 uint64_t body_length, uint32_t head_length) except -1:
+        cdef Py_ssize_t cap, room
+        cdef void* p
+        if self.n == self.cap:
+            cap = max(64, 2 * self.cap)
+            p = realloc(self.rows, cap * sizeof(Row))
+            if p == NULL:
+                raise MemoryError()
+            self.rows = <Row*>p
+            p = realloc(self.size, cap * sizeof(Py_ssize_t))
+            if p == NULL:
+                raise MemoryError()
+            self.size = <Py_ssize_t*>p
+            self.cap = cap
+        if self.used + size > self.room:
+            room = max(1 << 16, 2 * self.room, self.used + size)
+            p = realloc(self.buf, room)
+            if p == NULL:
+                raise MemoryError()
+            self.buf = <char*>p
+            self.room = room
+        cdef Row* r = &self.rows[self.n]
+        r.kind = kind
+        r.flags = flags
+        r.conn = conn
+        r.index = index
+        r.ts_first = ts_first
+        r.ts_last = ts_last
+        r.status = status
+        r.body_length = body_length
+        r.head_length = head_length
+        memcpy(self.buf + self.used, data, size)
+        self.used += size
+        self.size[self.n] = size
+        self.n += 1
+        self.refs += (client, server, uri, method)
+        return 0
+
+    def block_end(self, Py_ssize_t records, Py_ssize_t max_bytes):
+        """How many of the rows held make the next block: the first ``records`` of them, or
+        fewer when their bytes reach ``max_bytes`` (the log writer's rule); 0 when the rows
+        held do not fill a block yet."""
+        cdef Py_ssize_t i, total = 0
+        for i in range(min(self.n, max(records, 1))):
+            total += self.size[i]
+            if i + 1 >= records or total >= max_bytes:
+                return i + 1
+        return 0
+
+    def take(self, Py_ssize_t count):
+        """The first ``count`` rows (1 to all) as a ``RowBlock``; the rest stay."""
+        if not 0 < count <= self.n:
+            raise ValueError(f"take {count} of {self.n} rows")
+        cdef RowBlock b = RowBlock.__new__(RowBlock)
+        cdef Py_ssize_t i, nbytes = 0
+        for i in range(count):
+            nbytes += self.size[i]
+        b.rows = <Row*>malloc(count * sizeof(Row))
+        b.size = <Py_ssize_t*>malloc(count * sizeof(Py_ssize_t))
+        b.buf = <char*>malloc(max(nbytes, 1))
+        if b.rows == NULL or b.size == NULL or b.buf == NULL:
+            raise MemoryError()         # b frees what it got
+        b.n = count
+        b.nbytes = nbytes
+        memcpy(b.rows, self.rows, count * sizeof(Row))
+        memcpy(b.size, self.size, count * sizeof(Py_ssize_t))
+        memcpy(b.buf, self.buf, nbytes)
+        b.refs = self.refs[:4 * count]
+        del self.refs[:4 * count]
+        b.names = _Strings()            # named here, so that encode needs little of the GIL
+        for i in range(count):
+            b.names.name(&b.rows[i], b.refs[4 * i], b.refs[4 * i + 1], b.refs[4 * i + 2],
+                         b.refs[4 * i + 3])
+        b.names.prepare()
+        self.n -= count
+        memmove(self.rows, self.rows + count, self.n * sizeof(Row))
+        memmove(self.size, self.size + count, self.n * sizeof(Py_ssize_t))
+        self.used -= nbytes
+        memmove(self.buf, self.buf + nbytes, self.used)
+        return b
+
+
+cdef class RowBlock:
+    """The twin's ``RowBlock``: rows taken from a ``RowBuffer``, one log block's worth."""
+    cdef Row* rows
+    cdef Py_ssize_t* size
+    cdef Py_ssize_t n
+    cdef char* buf
+    cdef readonly Py_ssize_t nbytes     # bytes of its messages
+    cdef list refs
+    cdef _Strings names
+
+    def __dealloc__(self):
+        free(self.rows)
+        free(self.size)
+        free(self.buf)
+
+    def __len__(self):
+        return self.n
+
+    def encode(self):
+        """``encode_block(self.messages())``, byte for byte, without making them, and mostly
+        without the GIL (the rows were named when taken)."""
+        cdef Py_ssize_t i, n = self.n, pos = 0, total
+        cdef bytes payload
+        cdef char* out
+        cdef Row* r = <Row*>malloc(n * sizeof(Row))
+        cdef const char** dp = <const char**>malloc(n * sizeof(char*))
+        cdef Py_ssize_t* cut = <Py_ssize_t*>malloc((2 * n + 1) * sizeof(Py_ssize_t))
+        if r == NULL or dp == NULL or cut == NULL:
+            free(r); free(dp); free(cut)
+            raise MemoryError()
+        try:
+            with nogil:
+                memcpy(r, self.rows, n * sizeof(Row))
+                for i in range(n):
+                    dp[i] = self.buf + pos
+                    pos += self.size[i]
+                total = self.names.elide(r, n, dp, self.size, cut, cut + n)
+            payload = PyBytes_FromStringAndSize(NULL, total)
+            out = PyBytes_AS_STRING(payload)
+            with nogil:
+                self.names.fill(r, n, dp, self.size, cut, cut + n, out)
+            return _encode_rows(r, n, self.names.tail, payload)
+        finally:
+            free(r)
+            free(dp)
+            free(cut)
+
+    def messages(self):
+        """The rows as the ``Message`` objects ``Engine(rows=False)`` would have made."""
+        cdef Py_ssize_t i, pos = 0
+        cdef Row* r
+        cdef list out = []
+        cdef list refs = self.refs
+        for i in range(self.n):
+            r = &self.rows[i]
+            out.append(_message(r.kind, r.conn, r.index, r.ts_first, r.ts_last, refs[4 * i],
+                                refs[4 * i + 1], r.flags,
+                                PyBytes_FromStringAndSize(self.buf + pos, self.size[i]),
+                                refs[4 * i + 3], refs[4 * i + 2], r.status, r.body_length,
+                                r.head_length))
+            pos += self.size[i]
+        return out
 
 
 cdef inline uint64_t _zz(int64_t q) noexcept nogil:

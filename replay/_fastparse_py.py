@@ -1013,7 +1013,7 @@ class Framer:
         msg = Message(kind, conn.id, index, ts_first, ts_last, conn.client, conn.server,
                       flags, data, self.method, self.uri, self.status, self.body_len,
                       self.head_len if self.head_len <= end else end)
-        eng.out.append(msg)
+        (eng.out if eng.rows is None else eng.rows.held).append(msg)
         self.produced += 1
         # cut buf at end
         del self.buf[:end]
@@ -1266,6 +1266,61 @@ class Connection:
                 fr.eof(self.last_ts, clean)
 
 
+class RowBuffer:
+    """Finished messages held for the log writer (``Engine(rows=True)``), in order, to be taken
+    a block at a time. Here they are ``Message`` objects; the compiled core keeps table rows and
+    one buffer of bytes instead, with the same API and the same blocks."""
+
+    def __init__(self):
+        self.held: list = []
+
+    def __len__(self):
+        return len(self.held)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the messages held."""
+        return sum(len(m.data) for m in self.held)
+
+    def block_end(self, records: int, max_bytes: int) -> int:
+        """How many of the rows held make the next block: the first ``records`` of them, or
+        fewer when their bytes reach ``max_bytes`` (the log writer's rule); 0 when the rows
+        held do not fill a block yet."""
+        total = 0
+        for i, m in enumerate(self.held[:max(records, 1)]):
+            total += len(m.data)
+            if i + 1 >= records or total >= max_bytes:
+                return i + 1
+        return 0
+
+    def take(self, count: int) -> "RowBlock":
+        """The first ``count`` rows (1 to all) as a ``RowBlock``; the rest stay."""
+        if not 0 < count <= len(self.held):
+            raise ValueError(f"take {count} of {len(self.held)} rows")
+        block = RowBlock(self.held[:count])
+        del self.held[:count]
+        return block
+
+
+class RowBlock:
+    """Rows taken from a ``RowBuffer``, one log block's worth."""
+
+    def __init__(self, msgs: list):
+        self._msgs = msgs
+        self.nbytes = sum(len(m.data) for m in msgs)
+
+    def __len__(self):
+        return len(self._msgs)
+
+    def encode(self) -> tuple:
+        """``encode_block(self.messages())``."""
+        return encode_block(self._msgs)
+
+    def messages(self) -> list:
+        """The rows as ``Message`` objects, as ``Engine(rows=False)`` returns them."""
+        return list(self._msgs)
+
+
 class Engine:
     """Packets in, HTTP messages out. One Engine per capture.
 
@@ -1275,11 +1330,15 @@ class Engine:
     still held into the output of the same ``feed``/``feed_batch``/``finish`` call, so a caller
     that handles a call's messages first and ``take_closed()`` after sees each connection's last
     message before its close. Off (the default), nothing is kept.
+
+    With ``rows=True`` finished messages are not returned: they go to ``rows``, a ``RowBuffer``,
+    from which the log writer takes them a block at a time (``LogWriter.write_rows``). The
+    compiled core then makes no ``Message`` for them, only table rows and one buffer of bytes.
     """
 
     def __init__(self, linktype, ports=(), max_stream_buffer=MAX_STREAM_BUFFER,
                  max_total_buffer=MAX_TOTAL_BUFFER, idle_timeout=IDLE_TIMEOUT,
-                 max_message=MAX_MESSAGE, max_head=MAX_HEAD, track_closed=False):
+                 max_message=MAX_MESSAGE, max_head=MAX_HEAD, track_closed=False, rows=False):
         if linktype not in SUPPORTED_LINKTYPES:
             raise InputError(f"unsupported link type {linktype}")
         self.linktype = linktype
@@ -1293,6 +1352,7 @@ class Engine:
         self.next_id = 0
         self.out = []
         self.track_closed = bool(track_closed)
+        self.rows = RowBuffer() if rows else None
         self.closed_ids = []
         self.total_ooo = 0
         self.now = 0

@@ -86,7 +86,8 @@ class CaptureReader:
         if self.source.linktype not in core.SUPPORTED_LINKTYPES:
             raise InputError(f"{path}: unsupported link type {self.source.linktype} "
                              "(supported: Ethernet, Linux cooked v1/v2, BSD loopback/NULL, raw IP)")
-        self.engine = core.Engine(self.source.linktype, ports=tuple(ports), **opts)
+        self._opts = dict(opts, ports=tuple(ports))
+        self.engine = core.Engine(self.source.linktype, **self._opts)
         self.stats: dict = {}
         self.first_ts = None
         self.last_ts = None
@@ -105,14 +106,28 @@ class CaptureReader:
 
     def lists(self):
         """The messages as the core hands them over: one list per batch of packets."""
-        engine = self.engine
-        for buf, meta in self.source.batches():
-            out = engine.feed_batch(buf, meta)
+        for out in self._feed():
             if out:
                 yield out
-        out = engine.finish()
-        if out:
-            yield out
+
+    def keep_rows(self) -> None:
+        """Before reading: the core keeps finished messages as table rows in its ``RowBuffer``
+        (``engine.rows``), for ``LogWriter.write_rows``, instead of making ``Message`` objects;
+        then read with ``row_buffers``."""
+        self.engine = core.Engine(self.linktype, **self._opts, rows=True)
+
+    def row_buffers(self):
+        """After ``keep_rows``: the core's ``RowBuffer`` after each batch of packets and once
+        more at the end, holding what was finished (and not yet taken)."""
+        rows = self.engine.rows
+        for _ in self._feed():
+            yield rows
+
+    def _feed(self):
+        engine = self.engine
+        for buf, meta in self.source.batches():
+            yield engine.feed_batch(buf, meta)
+        yield engine.finish()
         self.stats = engine.stats()
         self.source.close()
 

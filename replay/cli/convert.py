@@ -98,7 +98,17 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
         try:
             try:
                 write_many = getattr(writer, "write_many", None)
-                if is_capture and write_many is not None:     # whole lists, as the core gives them
+                write_rows = getattr(writer, "write_rows", None)
+                if is_capture and write_rows is not None:   # rows: no Message objects at all
+                    fewer_collections()
+                    reader.keep_rows()
+                    try:
+                        for rows in reader.row_buffers():
+                            write_rows(rows)
+                    finally:
+                        st = reader.stats or reader.engine.stats()
+                        requests, responses = st["requests"], st["responses"]
+                elif is_capture and write_many is not None:   # whole lists, as the core gives them
                     fewer_collections()
                     for msgs in reader.lists():
                         write_many(msgs)

@@ -9,6 +9,9 @@ Rules it keeps:
   ``block_bytes`` message bytes, its table is encoded in the caller's thread, then it is
   compressed and written by one background worker (zstd releases the GIL, so parsing and
   compression overlap on two cores). At most ``max_pending`` blocks wait; order is kept;
+- ``write_rows`` takes the messages the core kept as rows (``Engine(rows=True)``) in the same
+  blocks, and the worker encodes them too (the compiled core's rows are encoded mostly without
+  the GIL): no ``Message`` object is made for them at all. ``convert`` of a capture goes this way;
 - ``flush`` writes the partial block and waits until everything queued is in the file (then
   fsyncs): what a live capture calls every second so a kill loses at most that second;
 - metadata is a JSON object; ``update_meta`` merges into it and appends a new metadata block
@@ -37,9 +40,10 @@ from replay.log import format as fmt
 
 FAST_PROBE_MIN = 64 << 10   # smaller payloads go straight to the configured level
 # Tables are compressed at this level at least: on API traffic a table is a fifth of a block's raw
-# bytes and half of its compressed size, and level 9 stores it 10 % smaller than level 3 (its
-# request targets above all) at ~130 MB/s of table, a few percent of the block's raw rate.
-TABLE_LEVEL = 9
+# bytes and half of its compressed size, and level 8 stores it 10 % smaller than level 3 (its
+# request targets above all). Level 9 stored the benchmark's tables within 0.01 % of level 8's
+# size (1,432,573 against 1,432,670 bytes) in 1.4 times the time (0.244 s against 0.172 s).
+TABLE_LEVEL = 8
 FAST_KEEP_RATIO = 0.85      # a fast frame this size or larger (of the raw bytes) is kept
 
 
@@ -58,6 +62,7 @@ class LogWriter:
         self.records_written = 0     # messages accepted by write()
         self._msgs: list = []
         self._msg_bytes = 0
+        self._rows = None            # the core's RowBuffer given to write_rows
         self._pending: deque = deque()
         self._entries: list = []     # (offset, t_min, t_max, count, type) of written blocks
         self._records_on_disk = 0
@@ -112,6 +117,8 @@ class LogWriter:
             raise ValueError("write to a closed LogWriter")
         if self._error is not None:
             self._raise()
+        if self._rows is not None and len(self._rows):
+            self._cut()                 # the rows given before go first
         self._msgs.append(msg)
         self._msg_bytes += len(msg.data)
         self.records_written += 1
@@ -124,6 +131,8 @@ class LogWriter:
             raise ValueError("write to a closed LogWriter")
         if self._error is not None:
             self._raise()
+        if self._rows is not None and len(self._rows):
+            self._cut()
         i, n = 0, len(msgs)
         while i < n:
             take = msgs[i:i + self.block_records - len(self._msgs)]
@@ -138,6 +147,25 @@ class LogWriter:
                 if len(self._msgs) >= self.block_records:
                     self._cut()
             i += len(take)
+
+    def write_rows(self, rows) -> None:
+        """The messages the core holds in ``rows`` (its ``RowBuffer``), in the blocks ``write``
+        would cut: each full block is taken now, to be encoded and written by the worker; rows
+        short of a block stay in ``rows`` until the next call, ``flush`` or ``close``."""
+        if self._closed:
+            raise ValueError("write to a closed LogWriter")
+        if self._error is not None:
+            self._raise()
+        if rows is not self._rows:
+            self._cut()                 # what was given before goes first
+            self._rows = rows
+        elif self._msgs:
+            self._cut()
+        while True:
+            count = rows.block_end(self.block_records, self.block_bytes)
+            if not count:
+                return
+            self._take_rows(count)
 
     def flush(self, fsync: bool = True) -> None:
         """Write the partial block, wait for every queued block, then (by default) fsync."""
@@ -194,6 +222,8 @@ class LogWriter:
         raise self._error
 
     def _cut(self) -> None:
+        if self._rows is not None and len(self._rows):
+            self._take_rows(len(self._rows))
         if not self._msgs:
             return
         msgs = self._msgs
@@ -201,6 +231,10 @@ class LogWriter:
         self._msg_bytes = 0
         table, parts, t_min, t_max, summary = fmt.encode_table(msgs)
         self._submit(self._job_data, table, parts, len(msgs), t_min, t_max, summary)
+
+    def _take_rows(self, count: int) -> None:
+        self.records_written += count
+        self._submit(self._job_rows, self._rows.take(count))
 
     def _submit(self, job, *args) -> None:
         if self._error is not None:
@@ -241,6 +275,10 @@ class LogWriter:
         parts = fmt.pack_block(fmt.BLOCK_DATA, fmt.BF_A_ZSTD | fmt.BF_B_ZSTD, count, t_min, t_max,
                                a, len(table), b, len(payload))
         self._write_parts(parts, (t_min, t_max, count, fmt.BLOCK_DATA))
+
+    def _job_rows(self, block) -> None:
+        table, payload, t_min, t_max, summary = block.encode()
+        self._job_data(table, [payload], len(block), t_min, t_max, summary)
 
     def _compress_payload(self, payload: bytes) -> bytes:
         """Message bytes as a zstd frame: the configured level only where it pays.
