@@ -37,7 +37,6 @@ import errno
 import fcntl
 import os
 import re
-import secrets
 import signal
 import stat
 import threading
@@ -308,7 +307,7 @@ class AtomicFile(_Output):
             d, base = os.path.split(real)
             mode = self._mode_for(st)
             # named before it exists: an interrupt as open() returns must not leave it behind
-            self.tmp = os.path.join(d, f".{base}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+            self.tmp = os.path.join(d, f".{base}.{os.getpid()}-{os.urandom(4).hex()}{TMP_SUFFIX}")
             try:
                 self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                   mode)

@@ -1,4 +1,4 @@
-"""Durations, time factors and rates as users write them, and the bounds every command keeps.
+"""Durations, time factors, rates and sizes as users write them, and the bounds every command keeps.
 
 One parser for every duration flag (``play --duration``/``--timeout``, ``capture --duration``/
 ``--rotate-interval``/``--flush-interval``, ``convert``/``capture --idle-timeout``) and for the
@@ -15,13 +15,16 @@ Rules:
   less, as fast as ``max`` but in recorded order), below the bottom is refused (a recorded
   second would last weeks). NaN and infinities are refused (``--speed inf`` means ``max``).
 
+One parser for every size (``capture``/``shadow -B``, ``--rotate-size``, ``--queue-size``/
+``--queue-bytes``, the reassembler's ``--max-*``): a number and an optional unit ``k``, ``M``,
+``G``, ``T`` (powers of 1024; ``B``/``iB`` may follow); a bare number is in the flag's own unit.
+
 Every refusal is a ``UsageError`` naming the flag and the accepted range.
 """
 
 from __future__ import annotations
 
 import re
-from decimal import Decimal, DecimalException, InvalidOperation
 
 from replay.errors import UsageError
 
@@ -45,6 +48,8 @@ RANGE = "from 1us to 366d"
 def parse_duration_ns(text, what: str, *, minimum: float = MIN_SECONDS,
                       maximum: float = MAX_SECONDS) -> int:
     """Whole nanoseconds of a duration such as ``30``, ``250ms``, ``1.5m``, within the bounds."""
+    from decimal import Decimal, DecimalException, InvalidOperation   # not needed for --help
+
     m = _DURATION.fullmatch(str(text))
     if not m:
         raise UsageError(f"{what}: not a duration: {str(text)!r} (examples: {EXAMPLES})")
@@ -62,6 +67,22 @@ def parse_duration_ns(text, what: str, *, minimum: float = MIN_SECONDS,
 def parse_seconds(text, what: str, **bounds) -> float:
     """A duration (see ``parse_duration_ns``) in seconds."""
     return parse_duration_ns(text, what, **bounds) / NS
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str, bare_unit: int, what: str) -> int:
+    """``64M``, ``512k``, ``1GiB``...; a bare number is in ``bare_unit`` bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text), re.I)
+    if not m:
+        raise UsageError(f"{what}: not a size: {text!r} (examples: 64M, 512k, 2G)")
+    num, unit = float(m.group(1)), m.group(2).lower()
+    scale = _SIZE_UNITS[unit] if (unit or m.group(3)) else bare_unit
+    value = int(num * scale)
+    if value <= 0:
+        raise UsageError(f"{what}: must be positive: {text!r}")
+    return value
 
 
 def _number(text, what: str, kind: str) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 
@@ -15,22 +14,7 @@ from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwarg
 from replay.cli.stopping import StopSignals
 from replay.cli.types import DURATION
 from replay.errors import UsageError
-from replay.units import parse_seconds  # noqa: F401 - the one duration parser, used below
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str, bare_unit: int, what: str) -> int:
-    """``64M``, ``512k``, ``1GiB``...; a bare number is in ``bare_unit`` bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text), re.I)
-    if not m:
-        raise UsageError(f"{what}: not a size: {text!r} (examples: 64M, 512k, 2G)")
-    num, unit = float(m.group(1)), m.group(2).lower()
-    scale = _UNITS[unit] if (unit or m.group(3)) else bare_unit
-    value = int(num * scale)
-    if value <= 0:
-        raise UsageError(f"{what}: must be positive: {text!r}")
-    return value
+from replay.units import parse_seconds, parse_size  # noqa: F401 - the one duration and size parsers, used below
 
 
 def _mb(n: int) -> str:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from datetime import datetime, timezone
 
 import click
 
-from replay.events import FLAG_NAMES, KIND_REQUEST
-
 
 def summarise(messages) -> dict:
+    from replay.events import FLAG_NAMES, KIND_REQUEST
+
     req = resp = 0
     t_min = t_max = None
     conns = set()
@@ -70,6 +69,7 @@ def _renumbered(sources):
 def command(paths, as_json):
     """Summarise PATH, a .rlog log, a pcap/pcapng capture or kafka://BROKERS/TOPIC; several
     PATHs (the run logs of N replayers, the captures of N hosts) are summarised as one."""
+    import json
     import os
 
     from replay.core import PROBLEM_COUNTERS
@@ -149,6 +149,7 @@ def _counts(info) -> list:
 
 
 def _merged(paths, as_json) -> None:
+    import json
     import os
 
     from replay.kafka import is_kafka_url

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -53,6 +52,8 @@ def with_hosts(messages):
 @click.option("-n", "--limit", type=int, default=0, help="Stop after this many messages.")
 def command(path, fmt, ports, requests_only, limit):
     """List the HTTP messages of PATH, a .rlog log or a pcap/pcapng capture."""
+    import json
+
     from replay.pipeline import open_input
 
     src = open_input(path, ports=ports)

@@ -12,6 +12,8 @@ import click
 
 from replay import limits
 from replay.cli.types import DURATION, _Parsed
+from replay.errors import UsageError
+from replay.units import parse_size
 
 # Beyond this a limit means nothing but an overflow risk: the core counts bytes in 64 bits.
 MAX_SIZE = 1 << 40
@@ -24,9 +26,6 @@ class SizeType(_Parsed):
         self.minimum = minimum
 
     def parse(self, value, flag):
-        from replay.cli.capture import parse_size
-        from replay.errors import UsageError
-
         n = parse_size(value, 1, flag)
         if not self.minimum <= n <= MAX_SIZE:
             raise UsageError(f"{flag}: {value} is out of range (from {_shown(self.minimum)} to 1T)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import sys
 
 import click
@@ -22,6 +21,8 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 def is_local(addr: str, family: int) -> bool:
     """Is ``addr`` an address of this host (in this network namespace)?"""
+    import socket
+
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.bind((addr, 0))
@@ -192,14 +193,13 @@ def command(interface, ports, targets, insecure, split, amplify, copy_header, ke
 
     from replay import __version__, core
     from replay.capture import (OutputFiles, check_output, expand_name, raise_priority)
-    from replay.cli.capture import parse_size
     from replay.errors import CaptureError, OutputError
     from replay.outputs import Outputs, check_distinct
     from replay.pipeline import tune_allocator
     from replay.play.sender import parse_target
     from replay.play.shadow import ShadowOptions, ShadowSession
     from replay.sources.live import LiveCapture
-    from replay.units import parse_seconds
+    from replay.units import parse_seconds, parse_size
 
     if not targets:
         raise UsageError("give a staging target: --target http://host:port (repeatable)")

@@ -11,7 +11,6 @@ Importing this module is cheap (no numpy): the CLI reads it to build ``--help``.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass
 
 FLAG, TEXT, INT = "flag", "text", "int"
@@ -44,6 +43,8 @@ class Setting:
             text = str(self.value)
             if any(c < " " or c == "\x7f" for c in text):
                 return f"--{self.key} $'{repr(text)[1:-1]}'"    # one line, as bash would quote it
+            import shlex
+
             return f"--{self.key} {shlex.quote(text)}"
         if isinstance(self.value, bool):
             return f"{self.origin}: {self.key} = {'true' if self.value else 'false'}"
