@@ -25,6 +25,9 @@ Rules:
 - each file is written in place (a temporary file renamed at the end would lose everything to a
   SIGKILL) but locked while open (``replay.outputs.LiveFile``): a second process writing the same
   name fails at once; a name that is one of the run's input files is refused;
+- without rules, ``--requests-only``, ``--count`` or a rotation by size (``keeps_rows``), the
+  core keeps finished messages as table rows (``Engine(rows=True)``) and the log writer takes
+  them a block at a time: no Python object is made per message, as in ``convert``;
 - with rules (``replay.rules``: filters, rewrites, middleware, plugins) every message the core
   finishes goes through their push-based stream before it is written; messages a filter holds
   (waiting for a response's status) are released by capture time, which a quiet capture advances
@@ -97,6 +100,15 @@ def check_output(path: str) -> None:
         raise OutputError(f"{path}: not a regular file")
 
 
+def keeps_rows(*, rules=None, requests_only: bool = False, count: int | None = None,
+               rotate_size: int | None = None, outputs: str = "files") -> bool:
+    """Whether a capture with these settings hands the core's rows to the log as they are
+    (``Engine(rows=True)``): only when no message is looked at one by one on its way, by rules,
+    ``--requests-only``, ``--count`` or a rotation by size, and the output is log files."""
+    return rules is None and not requests_only and not count and not rotate_size \
+        and outputs == "files"
+
+
 class OutputFiles:
     """The log files of one capture: opened from a pattern, rotated by size and/or time."""
 
@@ -151,6 +163,10 @@ class OutputFiles:
         self.file_messages += 1
         self.file_bytes += len(msg.data)
         return self.rotate_size is not None and self.file_bytes >= self.rotate_size
+
+    def write_rows(self, rows) -> None:
+        """The messages the core holds as rows (``LogWriter.write_rows``)."""
+        self.writer.write_rows(rows)
 
     def due(self) -> bool:
         """True when the open file has been open for ``rotate_interval``."""
@@ -246,6 +262,7 @@ class CaptureSession:
         next_tick = now
         # an output that follows connections (shadow) hears of each one's end after its messages
         ended = getattr(self.outputs, "connections_closed", None)
+        rows = engine.rows          # a RowBuffer when the core keeps rows (keeps_rows)
         src.start()
         try:
             while True:
@@ -257,7 +274,9 @@ class CaptureSession:
                     break
                 if item is not None:
                     out = engine.feed_batch(item[0], item[1])
-                    if out:
+                    if rows is not None:
+                        self._write_rows(rows)
+                    elif out:
                         self._write(out)
                     if ended is not None:
                         closed = engine.take_closed()
@@ -288,7 +307,9 @@ class CaptureSession:
                     next_tick = now + tick
             if self.stop_reason != "count" and not self.hard_stop:
                 out = engine.finish()
-                if out:
+                if rows is not None:
+                    self._write_rows(rows)
+                elif out:
                     self._write(out)
                 if ended is not None:
                     ended(engine.take_closed())
@@ -325,6 +346,12 @@ class CaptureSession:
             if rules.exhausted and self.stop_reason is None:
                 self.stop_reason = "limit"
         self._emit(msgs)
+
+    def _write_rows(self, rows) -> None:
+        self.outputs.write_rows(rows)
+        # every message the core finished is written (what is held goes at the next flush)
+        self.requests = self.engine.st_requests
+        self.responses = self.engine.st_responses
 
     def _emit(self, msgs) -> None:
         if self.stop_reason == "count":

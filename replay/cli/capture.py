@@ -109,7 +109,7 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
     import replay.log.writer  # noqa: F401
     from replay import __version__, core
     from replay.capture import (CaptureSession, OutputFiles, check_output, expand_name,
-                                raise_priority)
+                                keeps_rows, raise_priority)
     from replay.errors import CaptureError, OutputError
     from replay.outputs import check_distinct
     from replay.pipeline import fewer_collections, tune_allocator
@@ -156,7 +156,9 @@ def command(interface, ports, bpf, output, snaplen, buffer_size, promisc, immedi
             priority = raise_priority(nice)  # before any thread starts: threads inherit it
             if user:
                 drop_privileges(user)
-            engine = core.Engine(source.linktype, ports=tuple(ports), **engine_opts)
+            rows = keeps_rows(rules=rules, requests_only=requests_only, count=count,
+                              rotate_size=rsize, outputs="kafka" if to_kafka else "files")
+            engine = core.Engine(source.linktype, ports=tuple(ports), rows=rows, **engine_opts)
             meta = {
                 "tool": f"replay {__version__}",
                 "command": "capture",
