@@ -51,8 +51,9 @@ def run_timed(cmd, env=None):
 
 
 def best(cmd, repeat, env=None):
+    """The fastest of ``repeat`` runs, with the median wall time of all of them appended."""
     runs = [run_timed(cmd, env) for _ in range(repeat)]
-    return min(runs, key=lambda r: r[0])
+    return (*min(runs, key=lambda r: r[0]), sorted(r[0] for r in runs)[len(runs) // 2])
 
 
 def packets_in(path):
@@ -112,10 +113,16 @@ def main():
         env_pure = dict(env, REPLAY_NO_EXTENSIONS="1")
         out = tmp / "out.rlog"
 
-        print(f"capture: {cap} ({mb:.1f} MB, {npk} packets)")
-        base, base_rss, _ = best(["tcpdump", "-r", str(cap), "-w", "/dev/null"], args.repeat)
+        # the package's bytecode, as an installed one has it (pip writes it at install time;
+        # with PYTHONDONTWRITEBYTECODE each run would compile replay's modules again)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "replay")],
+                       check=True)
+        print(f"capture: {cap} ({mb:.1f} MB, {npk} packets); best of {args.repeat} "
+              "(median in brackets)")
+        base, base_rss, _, base_med = best(["tcpdump", "-r", str(cap), "-w", "/dev/null"],
+                                           args.repeat)
         print(f"tcpdump -r:            {base:7.3f} s  {mb / base:8.1f} MB/s  "
-              f"{npk / base:10.0f} packets/s  peak {base_rss:6.1f} MiB")
+              f"{npk / base:10.0f} packets/s  peak {base_rss:6.1f} MiB  ({base_med:.3f} s)")
         impls = [("compiled", env)] + ([] if args.skip_pure else [("pure", env_pure)])
         results = {}
         for name, e in impls:
@@ -124,11 +131,12 @@ def main():
             if check != name:
                 print(f"replay convert ({name}): not available (core is {check})")
                 continue
-            dt, rss, err = best(replay + ["convert", str(cap), "-o", str(out), "-q"],
-                                args.repeat if name == "compiled" else 1, e)
+            dt, rss, err, med = best(replay + ["convert", str(cap), "-o", str(out), "-q"],
+                                     args.repeat if name == "compiled" else 1, e)
             results[name] = dt
             print(f"replay convert ({name:8s}): {dt:7.3f} s  {mb / dt:8.1f} MB/s  "
-                  f"{npk / dt:10.0f} packets/s  peak {rss:6.1f} MiB  ratio {dt / base:5.1f}x tcpdump")
+                  f"{npk / dt:10.0f} packets/s  peak {rss:6.1f} MiB  ratio {dt / base:5.1f}x "
+                  f"tcpdump  ({med:.3f} s, {med / base_med:.1f}x)")
 
         # memory as the capture grows: first half
         half = tmp / "half.pcap"

@@ -553,6 +553,12 @@ cdef int _cl_items(const char* p, Py_ssize_t a, Py_ssize_t b, int64_t* seen, int
             return 1
         a += 1          # past the comma
 
+cdef inline Py_ssize_t _line_end(const char* p, Py_ssize_t a, Py_ssize_t n) noexcept nogil:
+    """Where the first LF at or after ``a`` is in p[:n], or n."""
+    cdef const void* q = memchr(p + a, 10, n - a) if a < n else NULL
+    return <const char*>q - p if q != NULL else n
+
+
 cdef int _read_head(const char* p, Py_ssize_t n, HeadInfo* h) noexcept nogil:
     """The head p[0:n] (it ends with its empty line): 1 read into h, 0 the Python path decides."""
     cdef Py_ssize_t nl, e, i, k, a, colon, te_a = -1, te_b = -1
@@ -560,9 +566,7 @@ cdef int _read_head(const char* p, Py_ssize_t n, HeadInfo* h) noexcept nogil:
     cdef int nseen = 0
     cdef bint cl_bad = False, cl_any = False
     # start line (RFC 9112 §3, §4), as parse_head: rstrip(b"\r"), then split on single spaces
-    nl = 0
-    while nl < n and p[nl] != 10:
-        nl += 1
+    nl = _line_end(p, 0, n)
     e = nl
     while e > 0 and p[e - 1] == 13:
         e -= 1
@@ -602,9 +606,7 @@ cdef int _read_head(const char* p, Py_ssize_t n, HeadInfo* h) noexcept nogil:
     # fields
     a = nl + 1
     while a < n:
-        nl = a
-        while nl < n and p[nl] != 10:
-            nl += 1
+        nl = _line_end(p, a, n)
         e = nl
         while e > a and p[e - 1] == 13:
             e -= 1
