@@ -1781,6 +1781,7 @@ cdef class Engine:
     cdef readonly bint track_closed
     cdef readonly object rows     # a RowBuffer (rows=True): finished messages go there
     cdef list closed_ids
+    cdef list dead                # closed connections, their cycles to break (_take)
     cdef int64_t total_ooo
     cdef int64_t now
     cdef int64_t next_sweep
@@ -1816,6 +1817,7 @@ cdef class Engine:
         self.track_closed = bool(track_closed)
         self.rows = RowBuffer() if rows else None
         self.closed_ids = []
+        self.dead = []
         self.total_ooo = 0
         self.now = 0
         self.next_sweep = 0
@@ -1881,6 +1883,11 @@ cdef class Engine:
         return d
 
     cdef list _take(self):
+        cdef Connection conn
+        if self.dead:       # the twin's: no code of theirs runs any more
+            for conn in self.dead:
+                conn.streams = ()
+            self.dead = []
         out = self.out
         self.out = []
         return out
@@ -1990,6 +1997,7 @@ cdef class Engine:
             (<Stream>st).ooo_bytes = 0
         if self.track_closed:
             self.closed_ids.append(conn.id)
+        self.dead.append(conn)
 
     cdef _sweep(self):
         self.next_sweep = self.now + 1_000_000_000
