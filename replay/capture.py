@@ -263,6 +263,8 @@ class CaptureSession:
         # an output that follows connections (shadow) hears of each one's end after its messages
         ended = getattr(self.outputs, "connections_closed", None)
         rows = engine.rows          # a RowBuffer when the core keeps rows (keeps_rows)
+        if rows is not None:
+            self.outputs.write_rows(rows)   # the writer holds them from now on, come what may
         src.start()
         try:
             while True:

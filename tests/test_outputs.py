@@ -227,6 +227,10 @@ def test_interrupted_convert_keeps_what_it_converted(big, sample_log, tmp_path, 
     r = LogReader(str(out))
     assert r.meta["interrupted"] is True and not r.warnings
     assert names(tmp_path) == {"out.rlog"}, err
+    # every message the summary counts is in the log (those finished when the signal came too)
+    tail = err.split("->", 1)[1]
+    n = int(tail.split(" requests")[0].split()[-1]) + int(tail.split(" responses")[0].split()[-1])
+    assert n > 0 and len(list(r)) == n, err
 
 
 def test_convert_of_a_missing_capture_leaves_the_output_alone(tmp_path):

@@ -102,6 +102,7 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
                 if is_capture and write_rows is not None:   # rows: no Message objects at all
                     fewer_collections()
                     reader.keep_rows()
+                    write_rows(reader.engine.rows)   # the writer holds them from now on
                     try:
                         for rows in reader.row_buffers():
                             write_rows(rows)
