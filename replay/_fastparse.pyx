@@ -2993,20 +2993,13 @@ cdef tuple _gather(list ms, Row* r):
         free(ds)
 
 
-cdef class RowBuffer:
-    """The twin's ``RowBuffer``: messages the core finished (``Engine(rows=True)``), held as
-    table rows, their bytes one after another in one buffer, and their addresses and strings
-    (the objects a Message would hold); no Message is made for them. The log writer takes them
-    a block at a time (``block_end``, ``take``)."""
+cdef class _Rows:
+    """Rows, each message's size, their bytes one after another, and their references."""
     cdef Row* rows
     cdef Py_ssize_t* size        # bytes of each row's message
-    cdef Py_ssize_t n, cap
+    cdef Py_ssize_t n
     cdef char* buf
-    cdef Py_ssize_t used, room
     cdef list refs               # client, server, uri, method of each row
-
-    def __cinit__(self):
-        self.refs = []
 
     def __dealloc__(self):
         free(self.rows)
@@ -3015,6 +3008,18 @@ cdef class RowBuffer:
 
     def __len__(self):
         return self.n
+
+
+cdef class RowBuffer(_Rows):
+    """The twin's ``RowBuffer``: messages the core finished (``Engine(rows=True)``), held as
+    table rows, their bytes one after another in one buffer, and their addresses and strings
+    (the objects a Message would hold); no Message is made for them. The log writer takes them
+    a block at a time (``block_end``, ``take``)."""
+    cdef Py_ssize_t cap
+    cdef Py_ssize_t used, room
+
+    def __cinit__(self):
+        self.refs = []
 
     @property
     def nbytes(self):
@@ -3106,23 +3111,10 @@ cdef class RowBuffer:
         return b
 
 
-cdef class RowBlock:
+cdef class RowBlock(_Rows):
     """The twin's ``RowBlock``: rows taken from a ``RowBuffer``, one log block's worth."""
-    cdef Row* rows
-    cdef Py_ssize_t* size
-    cdef Py_ssize_t n
-    cdef char* buf
     cdef readonly Py_ssize_t nbytes     # bytes of its messages
-    cdef list refs
     cdef _Strings names
-
-    def __dealloc__(self):
-        free(self.rows)
-        free(self.size)
-        free(self.buf)
-
-    def __len__(self):
-        return self.n
 
     def encode(self):
         """``encode_block(self.messages())``, byte for byte, without making them, and mostly

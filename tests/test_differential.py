@@ -212,16 +212,23 @@ def _captures():
     return paths
 
 
-@pytest.mark.parametrize("path", _captures(), ids=lambda p: p.name)
-def test_real_captures_identical(path: Path):
+def _both_on(path: Path, **opts) -> list:
+    """(source, engine) of the pure and then the compiled core on the capture at ``path``."""
     from replay.sources.pcapfile import PcapFile
 
-    results = []
+    out = []
     for mod in (pure, compiled):
         src = PcapFile(str(path), batch_size=256)
         if src.linktype not in mod.SUPPORTED_LINKTYPES:
             pytest.skip(f"link type {src.linktype}")
-        eng = mod.Engine(src.linktype)
+        out.append((src, mod.Engine(src.linktype, **opts)))
+    return out
+
+
+@pytest.mark.parametrize("path", _captures(), ids=lambda p: p.name)
+def test_real_captures_identical(path: Path):
+    results = []
+    for src, eng in _both_on(path):
         out = []
         for buf, meta in src.batches():
             out += eng.feed_batch(buf, meta)
@@ -257,14 +264,8 @@ def test_closed_connections_agree(packets, cuts, idle):
 
 @pytest.mark.parametrize("path", _captures(), ids=lambda p: p.name)
 def test_real_captures_close_alike(path: Path):
-    from replay.sources.pcapfile import PcapFile
-
     results = []
-    for mod in (pure, compiled):
-        src = PcapFile(str(path), batch_size=256)
-        if src.linktype not in mod.SUPPORTED_LINKTYPES:
-            pytest.skip(f"link type {src.linktype}")
-        eng = mod.Engine(src.linktype, track_closed=True)
+    for src, eng in _both_on(path, track_closed=True):
         calls = [(eng.feed_batch(buf, meta), eng.take_closed()) for buf, meta in src.batches()]
         calls.append((eng.finish(), eng.take_closed()))
         check_closes(calls, eng.stats()["connections"])
@@ -390,14 +391,8 @@ def test_rows_are_the_messages(packets, cuts, records, max_bytes):
 
 @pytest.mark.parametrize("path", _captures(), ids=lambda p: p.name)
 def test_real_captures_rows_identical(path: Path):
-    from replay.sources.pcapfile import PcapFile
-
     encoded = []
-    for mod in (pure, compiled):
-        src = PcapFile(str(path), batch_size=256)
-        if src.linktype not in mod.SUPPORTED_LINKTYPES:
-            pytest.skip(f"link type {src.linktype}")
-        eng = mod.Engine(src.linktype, rows=True)
+    for src, eng in _both_on(path, rows=True):
         blocks = []
         for buf, meta in src.batches():
             eng.feed_batch(buf, meta)
