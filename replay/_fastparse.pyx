@@ -1884,7 +1884,7 @@ cdef class Engine:
 
     cdef list _take(self):
         cdef Connection conn
-        if self.dead:       # the twin's: no code of theirs runs any more
+        if self.dead:       # break each closed connection's cycle: none of its code runs now
             for conn in self.dead:
                 conn.streams = ()
             self.dead = []
@@ -2924,9 +2924,9 @@ cdef class _Strings:
                     memcpy(out + pos, d, size)
                     pos += size
 
-    cdef tuple assemble(self, Row* r, Py_ssize_t n, const char** dp, const Py_ssize_t* ds):
-        """(tail, payload) of the rows ``r``, every one named, whose bytes are
-        ``dp[i][:ds[i]]``."""
+    cdef bytes payload(self, Row* r, Py_ssize_t n, const char** dp, const Py_ssize_t* ds):
+        """After ``prepare``: the payload of the rows ``r``, every one named, whose bytes are
+        ``dp[i][:ds[i]]`` (``elide`` then ``fill``, without the GIL)."""
         cdef Py_ssize_t total
         cdef bytes payload
         cdef char* out
@@ -2934,7 +2934,6 @@ cdef class _Strings:
         if cut == NULL:
             raise MemoryError()
         try:
-            self.prepare()
             with nogil:
                 total = self.elide(r, n, dp, ds, cut, cut + n)
             payload = PyBytes_FromStringAndSize(NULL, total)
@@ -2943,7 +2942,13 @@ cdef class _Strings:
                 self.fill(r, n, dp, ds, cut, cut + n, out)
         finally:
             free(cut)
-        return self.tail, payload
+        return payload
+
+    cdef tuple assemble(self, Row* r, Py_ssize_t n, const char** dp, const Py_ssize_t* ds):
+        """(tail, payload) of the rows ``r``, every one named, whose bytes are
+        ``dp[i][:ds[i]]``."""
+        self.prepare()
+        return self.tail, self.payload(r, n, dp, ds)
 
 
 cdef tuple _gather(list ms, Row* r):
@@ -2993,6 +2998,9 @@ cdef tuple _gather(list ms, Row* r):
         free(ds)
 
 
+cdef Py_ssize_t ROWS_ROOM_KEEP = 1 << 20   # bytes a RowBuffer keeps allocated at least
+
+
 cdef class _Rows:
     """Rows, each message's size, their bytes one after another, and their references."""
     cdef Row* rows
@@ -3029,9 +3037,11 @@ cdef class RowBuffer(_Rows):
     cdef int add(self, uint8_t kind, uint64_t conn, int64_t index, int64_t ts_first,
                  int64_t ts_last, object client, object server, uint32_t flags,
                  const char* data, Py_ssize_t size, object method, object uri, uint16_t status,
-                 uint64_t body_length, uint32_t head_length) except -1:
+                 uint64_t body_length, Py_ssize_t head_length) except -1:
         cdef Py_ssize_t cap, room
         cdef void* p
+        if head_length > 0xFFFFFFFF:        # the column's range, as encode_block checks it
+            raise unfit("head_length", head_length)
         if self.n == self.cap:
             cap = max(64, 2 * self.cap)
             p = realloc(self.rows, cap * sizeof(Row))
@@ -3097,18 +3107,31 @@ cdef class RowBuffer(_Rows):
         memcpy(b.size, self.size, count * sizeof(Py_ssize_t))
         memcpy(b.buf, self.buf, nbytes)
         b.refs = self.refs[:4 * count]
-        del self.refs[:4 * count]
         b.names = _Strings()            # named here, so that encode needs little of the GIL
         for i in range(count):
             b.names.name(&b.rows[i], b.refs[4 * i], b.refs[4 * i + 1], b.refs[4 * i + 2],
                          b.refs[4 * i + 3])
         b.names.prepare()
+        # nothing can fail from here on: the rows leave this buffer
+        del self.refs[:4 * count]
         self.n -= count
         memmove(self.rows, self.rows + count, self.n * sizeof(Row))
         memmove(self.size, self.size + count, self.n * sizeof(Py_ssize_t))
         self.used -= nbytes
         memmove(self.buf, self.buf + nbytes, self.used)
+        self._shrink()
         return b
+
+    cdef void _shrink(self) noexcept:
+        """Give back most of a buffer grown for what is no longer held (one huge message in a
+        long capture would otherwise keep its size allocated until the end)."""
+        cdef Py_ssize_t room = max(self.used * 2, ROWS_ROOM_KEEP)
+        cdef void* p
+        if self.room > 4 * room:
+            p = realloc(self.buf, room)
+            if p != NULL:
+                self.buf = <char*>p
+                self.room = room
 
 
 cdef class RowBlock(_Rows):
@@ -3119,14 +3142,13 @@ cdef class RowBlock(_Rows):
     def encode(self):
         """``encode_block(self.messages())``, byte for byte, without making them, and mostly
         without the GIL (the rows were named when taken)."""
-        cdef Py_ssize_t i, n = self.n, pos = 0, total
-        cdef bytes payload
-        cdef char* out
+        cdef Py_ssize_t i, n = self.n, pos = 0
+        if self.names is None:
+            raise ValueError("a RowBlock is made by RowBuffer.take")
         cdef Row* r = <Row*>malloc(n * sizeof(Row))
         cdef const char** dp = <const char**>malloc(n * sizeof(char*))
-        cdef Py_ssize_t* cut = <Py_ssize_t*>malloc((2 * n + 1) * sizeof(Py_ssize_t))
-        if r == NULL or dp == NULL or cut == NULL:
-            free(r); free(dp); free(cut)
+        if r == NULL or dp == NULL:
+            free(r); free(dp)
             raise MemoryError()
         try:
             with nogil:
@@ -3134,16 +3156,11 @@ cdef class RowBlock(_Rows):
                 for i in range(n):
                     dp[i] = self.buf + pos
                     pos += self.size[i]
-                total = self.names.elide(r, n, dp, self.size, cut, cut + n)
-            payload = PyBytes_FromStringAndSize(NULL, total)
-            out = PyBytes_AS_STRING(payload)
-            with nogil:
-                self.names.fill(r, n, dp, self.size, cut, cut + n, out)
+            payload = self.names.payload(r, n, dp, self.size)
             return _encode_rows(r, n, self.names.tail, payload)
         finally:
             free(r)
             free(dp)
-            free(cut)
 
     def messages(self):
         """The rows as the ``Message`` objects ``Engine(rows=False)`` would have made."""

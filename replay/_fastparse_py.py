@@ -1013,7 +1013,10 @@ class Framer:
         msg = Message(kind, conn.id, index, ts_first, ts_last, conn.client, conn.server,
                       flags, data, self.method, self.uri, self.status, self.body_len,
                       self.head_len if self.head_len <= end else end)
-        (eng.out if eng.rows is None else eng.rows.held).append(msg)
+        if eng.rows is None:
+            eng.out.append(msg)
+        else:
+            eng.rows.add(msg)
         self.produced += 1
         # cut buf at end
         del self.buf[:end]
@@ -1277,6 +1280,10 @@ class RowBuffer:
     def __len__(self):
         return len(self.held)
 
+    def add(self, msg) -> None:
+        """A message the core finished."""
+        self.held.append(msg)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the messages held."""
@@ -1305,7 +1312,7 @@ class RowBuffer:
 class RowBlock:
     """Rows taken from a ``RowBuffer``, one log block's worth. Here it is encoded when taken, in
     the taker's thread: in Python, encoding in the log writer's worker would only contend for
-    the GIL (the pure convert took 1.6 times as long)."""
+    the GIL."""
 
     def __init__(self, msgs: list):
         self._msgs = msgs

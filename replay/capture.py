@@ -124,6 +124,7 @@ class OutputFiles:
         self.clock = clock
         self.paths: list[str] = []
         self.writer = None
+        self.rows = None       # the core's RowBuffer, once write_rows gave it
         self._file = None      # the LiveFile (lock) of the open log
         self.opened_at = 0.0
         self.file_messages = 0
@@ -152,6 +153,8 @@ class OutputFiles:
             f.close()
             raise
         self._file = f
+        if self.rows is not None:
+            self.writer.write_rows(self.rows)
         self.paths.append(path)
         self.opened_at = now
         self.file_messages = 0
@@ -165,7 +168,9 @@ class OutputFiles:
         return self.rotate_size is not None and self.file_bytes >= self.rotate_size
 
     def write_rows(self, rows) -> None:
-        """The messages the core holds as rows (``LogWriter.write_rows``)."""
+        """The messages the core holds as rows (``LogWriter.write_rows``); each file opened
+        after this holds them from its start, so that what a failure leaves there is written."""
+        self.rows = rows
         self.writer.write_rows(rows)
 
     def due(self) -> bool:
@@ -264,7 +269,7 @@ class CaptureSession:
         ended = getattr(self.outputs, "connections_closed", None)
         rows = engine.rows          # a RowBuffer when the core keeps rows (keeps_rows)
         if rows is not None:
-            self.outputs.write_rows(rows)   # the writer holds them from now on, come what may
+            self.outputs.write_rows(rows)   # held by the writer from now on
         src.start()
         try:
             while True:

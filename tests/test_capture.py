@@ -741,13 +741,3 @@ def test_capture_to_kafka(ns, server, tmp_path):
         broker.terminate()
         broker.wait(5)
 
-
-def test_rows_only_where_no_message_is_looked_at():
-    from replay.capture import keeps_rows
-
-    assert keeps_rows()
-    assert not keeps_rows(rules=object())
-    assert not keeps_rows(requests_only=True)
-    assert not keeps_rows(count=10)
-    assert not keeps_rows(rotate_size=1 << 20)
-    assert not keeps_rows(outputs="kafka")

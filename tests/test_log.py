@@ -789,3 +789,43 @@ def test_write_rows_flush_and_mixed_writes_keep_the_order(tmp_path):
         w.write(extra[3])
     with LogReader(tmp_path / "c.rlog") as r:
         assert list(r) == [extra[0]] + msgs + extra[1:4] and r.warnings == []
+
+
+@pytest.mark.parametrize("script", [
+    "R R W R R F",      # rows held, a message (cuts them first), more rows
+    "W R R F",          # a message held, then rows come
+    "W R R W F",        # ... and another message
+    "R W W R W R R F",
+])
+def test_mixed_writes_keep_the_order(tmp_path, script):
+    """Messages given to write() and rows the core adds between calls, in any order: the log
+    holds them in the order they came (R: the core finishes a message, W: write(), F: flush)."""
+    from replay._fastparse_py import RowBuffer
+
+    msgs = make_messages(len(script.split()))
+    rows = RowBuffer()
+    with LogWriter(tmp_path / "m.rlog", block_records=1000) as w:
+        w.write_rows(rows)
+        for step, m in zip(script.split(), msgs):
+            if step == "R":
+                rows.add(m)
+            elif step == "W":
+                w.write(m)
+            else:
+                w.flush(fsync=False)
+        w.write_rows(rows)
+    with LogReader(tmp_path / "m.rlog") as r:
+        assert list(r) == [m for step, m in zip(script.split(), msgs) if step != "F"]
+
+
+def test_rows_held_beyond_a_block_are_cut_as_blocks(tmp_path):
+    from replay._fastparse_py import RowBuffer
+
+    msgs = make_messages(25)
+    rows = RowBuffer()
+    with LogWriter(tmp_path / "b.rlog", block_records=10) as w:
+        w.write_rows(rows)
+        for m in msgs:              # the core finishes 25 messages before the writer is called
+            rows.add(m)
+    with LogReader(tmp_path / "b.rlog") as r:
+        assert list(r) == msgs and [b.count for b in r.blocks] == [10, 10, 5]

@@ -92,19 +92,5 @@ def main(argv=None):
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def program():
-    """The ``replay`` program: ``main``, then the process ends without the interpreter's last
-    walk over every object left (``gc.freeze``). After a convert of a large capture, the core's
-    closed connections are tens of thousands of objects in cycles: that walk took 0.1 s of the API
-    benchmark's 1.3 s. Everything is written and closed by then; the memory goes with the process.
-    (Not in ``main``, which tests and embedders call in a process that goes on.)"""
-    try:
-        main()
-    finally:
-        import gc
-
-        gc.freeze()
-
-
 if __name__ == "__main__":
-    program()
+    main()
