@@ -3022,9 +3022,12 @@ cdef class RowBuffer(_Rows):
     """The twin's ``RowBuffer``: messages the core finished (``Engine(rows=True)``), held as
     table rows, their bytes one after another in one buffer, and their addresses and strings
     (the objects a Message would hold); no Message is made for them. The log writer takes them
-    a block at a time (``block_end``, ``take``)."""
+    a block at a time (``block_end``, ``take``). The rows held are ``first`` on (their bytes
+    ``head`` on): taking only moves those, and what was taken is let go of at the next ``add``,
+    so that taking many blocks in a row costs no more than the blocks."""
     cdef Py_ssize_t cap
     cdef Py_ssize_t used, room
+    cdef Py_ssize_t first, head
 
     def __cinit__(self):
         self.refs = []
@@ -3042,6 +3045,8 @@ cdef class RowBuffer(_Rows):
         cdef void* p
         if head_length > 0xFFFFFFFF:        # the column's range, as encode_block checks it
             raise unfit("head_length", head_length)
+        if self.first:
+            self._compact()
         if self.n == self.cap:
             cap = max(64, 2 * self.cap)
             p = realloc(self.rows, cap * sizeof(Row))
@@ -3083,7 +3088,7 @@ cdef class RowBuffer(_Rows):
         held do not fill a block yet."""
         cdef Py_ssize_t i, total = 0
         for i in range(min(self.n, max(records, 1))):
-            total += self.size[i]
+            total += self.size[self.first + i]
             if i + 1 >= records or total >= max_bytes:
                 return i + 1
         return 0
@@ -3093,9 +3098,9 @@ cdef class RowBuffer(_Rows):
         if not 0 < count <= self.n:
             raise ValueError(f"take {count} of {self.n} rows")
         cdef RowBlock b = RowBlock.__new__(RowBlock)
-        cdef Py_ssize_t i, nbytes = 0
+        cdef Py_ssize_t i, nbytes = 0, f = self.first
         for i in range(count):
-            nbytes += self.size[i]
+            nbytes += self.size[f + i]
         b.rows = <Row*>malloc(count * sizeof(Row))
         b.size = <Py_ssize_t*>malloc(count * sizeof(Py_ssize_t))
         b.buf = <char*>malloc(max(nbytes, 1))
@@ -3103,35 +3108,41 @@ cdef class RowBuffer(_Rows):
             raise MemoryError()         # b frees what it got
         b.n = count
         b.nbytes = nbytes
-        memcpy(b.rows, self.rows, count * sizeof(Row))
-        memcpy(b.size, self.size, count * sizeof(Py_ssize_t))
-        memcpy(b.buf, self.buf, nbytes)
-        b.refs = self.refs[:4 * count]
+        memcpy(b.rows, self.rows + f, count * sizeof(Row))
+        memcpy(b.size, self.size + f, count * sizeof(Py_ssize_t))
+        memcpy(b.buf, self.buf + self.head, nbytes)
+        b.refs = self.refs[4 * f:4 * (f + count)]
         b.names = _Strings()            # named here, so that encode needs little of the GIL
         for i in range(count):
             b.names.name(&b.rows[i], b.refs[4 * i], b.refs[4 * i + 1], b.refs[4 * i + 2],
                          b.refs[4 * i + 3])
         b.names.prepare()
         # nothing can fail from here on: the rows leave this buffer
-        del self.refs[:4 * count]
+        self.first += count
+        self.head += nbytes
         self.n -= count
-        memmove(self.rows, self.rows + count, self.n * sizeof(Row))
-        memmove(self.size, self.size + count, self.n * sizeof(Py_ssize_t))
         self.used -= nbytes
-        memmove(self.buf, self.buf + nbytes, self.used)
-        self._shrink()
+        if not self.n:
+            self._compact()
         return b
 
-    cdef void _shrink(self) noexcept:
-        """Give back most of a buffer grown for what is no longer held (one huge message in a
-        long capture would otherwise keep its size allocated until the end)."""
+    cdef int _compact(self) except -1:
+        """Let go of the rows taken: the rows held move to the front, and a buffer grown far
+        beyond what is held is given back (one huge message in a long capture would otherwise
+        keep its size allocated until the end)."""
         cdef Py_ssize_t room = max(self.used * 2, ROWS_ROOM_KEEP)
         cdef void* p
+        memmove(self.rows, self.rows + self.first, self.n * sizeof(Row))
+        memmove(self.size, self.size + self.first, self.n * sizeof(Py_ssize_t))
+        memmove(self.buf, self.buf + self.head, self.used)
+        del self.refs[:4 * self.first]
+        self.first = self.head = 0
         if self.room > 4 * room:
             p = realloc(self.buf, room)
             if p != NULL:
                 self.buf = <char*>p
                 self.room = room
+        return 0
 
 
 cdef class RowBlock(_Rows):
