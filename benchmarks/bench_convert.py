@@ -50,10 +50,19 @@ def run_timed(cmd, env=None):
     return dt, ru.ru_maxrss / 1024, err
 
 
-def best(cmd, repeat, env=None):
-    """The fastest of ``repeat`` runs, with the median wall time of all of them appended."""
-    runs = [run_timed(cmd, env) for _ in range(repeat)]
+def best(runs):
+    """The fastest of ``runs``, with the median wall time of all of them appended."""
     return (*min(runs, key=lambda r: r[0]), sorted(r[0] for r in runs)[len(runs) // 2])
+
+
+def alternating(cmds, repeat):
+    """``repeat`` runs of each of ``cmds`` (``(cmd, env)`` pairs), one of each in turn, so that
+    a machine busier at one moment than another weighs on all of them alike."""
+    runs = [[] for _ in cmds]
+    for _ in range(repeat):
+        for out, (cmd, env) in zip(runs, cmds):
+            out.append(run_timed(cmd, env))
+    return [best(r) for r in runs]
 
 
 def packets_in(path):
@@ -117,22 +126,28 @@ def main():
         # with PYTHONDONTWRITEBYTECODE each run would compile replay's modules again)
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "replay")],
                        check=True)
-        print(f"capture: {cap} ({mb:.1f} MB, {npk} packets); best of {args.repeat} "
-              "(median in brackets)")
-        base, base_rss, _, base_med = best(["tcpdump", "-r", str(cap), "-w", "/dev/null"],
-                                           args.repeat)
-        print(f"tcpdump -r:            {base:7.3f} s  {mb / base:8.1f} MB/s  "
-              f"{npk / base:10.0f} packets/s  peak {base_rss:6.1f} MiB  ({base_med:.3f} s)")
+        print(f"capture: {cap} ({mb:.1f} MB, {npk} packets); best of {args.repeat}, "
+              "tcpdump and the compiled convert in turn (median in brackets)")
+        convert = replay + ["convert", str(cap), "-o", str(out), "-q"]
         impls = [("compiled", env)] + ([] if args.skip_pure else [("pure", env_pure)])
-        results = {}
-        for name, e in impls:
+        for name, e in list(impls):
             check = subprocess.run(replay[:1] + ["-c", "import replay.core as c; print(c.IMPLEMENTATION)"],
                                    env=e, capture_output=True, text=True).stdout.strip()
             if check != name:
                 print(f"replay convert ({name}): not available (core is {check})")
-                continue
-            dt, rss, err, med = best(replay + ["convert", str(cap), "-o", str(out), "-q"],
-                                     args.repeat if name == "compiled" else 1, e)
+                impls.remove((name, e))
+        tcpdump = ["tcpdump", "-r", str(cap), "-w", "/dev/null"]
+        timed = alternating([(tcpdump, None)] + [(convert, e) for name, e in impls[:1]
+                                                 if name == "compiled"], args.repeat)
+        base, base_rss, _, base_med = timed[0]
+        print(f"tcpdump -r:            {base:7.3f} s  {mb / base:8.1f} MB/s  "
+              f"{npk / base:10.0f} packets/s  peak {base_rss:6.1f} MiB  ({base_med:.3f} s)")
+        results = {}
+        for name, e in impls:
+            if name == "compiled":
+                dt, rss, err, med = timed[1]
+            else:
+                dt, rss, err, med = best([run_timed(convert, e)])
             results[name] = dt
             print(f"replay convert ({name:8s}): {dt:7.3f} s  {mb / dt:8.1f} MB/s  "
                   f"{npk / dt:10.0f} packets/s  peak {rss:6.1f} MiB  ratio {dt / base:5.1f}x "
