@@ -25,9 +25,10 @@ Rules:
 - each file is written in place (a temporary file renamed at the end would lose everything to a
   SIGKILL) but locked while open (``replay.outputs.LiveFile``): a second process writing the same
   name fails at once; a name that is one of the run's input files is refused;
-- without rules, ``--requests-only``, ``--count`` or a rotation by size (``keeps_rows``), the
-  core keeps finished messages as table rows (``Engine(rows=True)``) and the log writer takes
-  them a block at a time: no Python object is made per message, as in ``convert``;
+- without rules, ``--requests-only``, ``--count``, a rotation by size or a Kafka output
+  (``keeps_rows``), the core keeps finished messages as table rows (``Engine(rows=True)``) and
+  the log writer takes them a block at a time: no Python object is made per message, as in
+  ``convert``;
 - with rules (``replay.rules``: filters, rewrites, middleware, plugins) every message the core
   finishes goes through their push-based stream before it is written; messages a filter holds
   (waiting for a response's status) are released by capture time, which a quiet capture advances
