@@ -1444,16 +1444,16 @@ cdef class Framer:
             eng.st_incomplete_messages += 1
         if self.truncated_pending:
             flags |= CF_TRUNCATED
+        cdef Py_ssize_t head_len = self.head_len if self.head_len <= end else end
         if eng.rows is not None:
             (<RowBuffer>eng.rows).add(kind, conn.id, index, ts_first, ts_last, conn.client,
                                       conn.server, flags, PyByteArray_AS_STRING(self.buf), end,
-                                      self.method, self.uri, self.status, self.body_len,
-                                      self.head_len if self.head_len <= end else end)
+                                      self.method, self.uri, self.status, self.body_len, head_len)
         else:
             data = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self.buf), end)
             eng.out.append(_message(kind, conn.id, index, ts_first, ts_last, conn.client,
                                     conn.server, flags, data, self.method, self.uri, self.status,
-                                    self.body_len, self.head_len if self.head_len <= end else end))
+                                    self.body_len, head_len))
         self.produced += 1
         # cut buf at end
         del self.buf[:end]
@@ -2990,8 +2990,9 @@ cdef tuple _gather(list ms, Row* r):
             datas[i] = data
             dp[i] = PyBytes_AS_STRING(data)
             ds[i] = PyBytes_GET_SIZE(data)
-            names.name(row, _field(m, fast, M_CLIENT, "client"), _field(m, fast, M_SERVER, "server"),
-                       _field(m, fast, M_URI, "uri"), _field(m, fast, M_METHOD, "method"))
+            names.name(row, _field(m, fast, M_CLIENT, "client"),
+                       _field(m, fast, M_SERVER, "server"), _field(m, fast, M_URI, "uri"),
+                       _field(m, fast, M_METHOD, "method"))
         return names.assemble(r, n, dp, ds)
     finally:
         free(dp)

@@ -23,7 +23,6 @@ else:
         COMPILED = False
 
 Engine = impl.Engine
-RowBuffer = impl.RowBuffer
 ResponseFramer = impl.ResponseFramer
 json_diff = impl.json_diff
 split_strings = impl.split_strings

@@ -14,7 +14,8 @@ from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwarg
 from replay.cli.stopping import StopSignals
 from replay.cli.types import DURATION
 from replay.errors import UsageError
-from replay.units import parse_seconds, parse_size  # noqa: F401 - the one duration and size parsers, used below
+# the one duration and size parsers, used below
+from replay.units import parse_seconds, parse_size  # noqa: F401
 
 
 def _mb(n: int) -> str:
