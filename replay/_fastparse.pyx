@@ -3507,26 +3507,25 @@ cdef inline unsigned char _low(unsigned char c) noexcept nogil:
     return c + 32 if 65 <= c <= 90 else c      # bytes.lower(): ASCII letters only
 
 
-def first_field(bytes head not None, bytes name not None):
-    """The twin's ``first_field``, in one pass over the head and one search."""
-    cdef const unsigned char* h = <const unsigned char*>PyBytes_AS_STRING(head)
-    cdef const unsigned char* nm = <const unsigned char*>PyBytes_AS_STRING(name)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(head), k = PyBytes_GET_SIZE(name), i, j, found = -1
-    cdef Py_ssize_t colon, end
+cdef int _first_field(const unsigned char* h, Py_ssize_t n, const unsigned char* nm, Py_ssize_t k,
+                      Py_ssize_t* colon_at, Py_ssize_t* stop_at) noexcept nogil:
+    """``first_field`` on ``h[:n]``: 1 found (its colon and the end of its value), 0 none, -1
+    when the head cannot be read plainly (the twin's False)."""
+    cdef Py_ssize_t i, j, found = -1, colon, end
     cdef unsigned char c
     cdef const unsigned char* p
     for i in range(n):
         c = h[i]
         if c == 0x0b or c == 0x0c:
-            return False
+            return -1
         if c == 13 and (i + 1 >= n or h[i + 1] != 10):         # a CR without its LF
-            return False
+            return -1
         if c != 10:
             continue
         # an empty line before the head's end (the twin: within head[:-1])
         if (i + 2 <= n - 1 and h[i + 1] == 10
                 or i + 3 <= n - 1 and h[i + 1] == 13 and h[i + 2] == 10):
-            return False
+            return -1
         if i + 1 + k >= n:
             continue
         j = 0
@@ -3536,11 +3535,11 @@ def first_field(bytes head not None, bytes name not None):
             continue
         c = h[i + 1 + k]
         if c == 32 or c == 9:                  # white space between the name and the colon
-            return False
+            return -1
         if c == 58 and found < 0:
             found = i
     if found < 0:
-        return None
+        return 0
     colon = found + 1 + k
     p = <const unsigned char*>memchr(h + colon, 10, n - colon)
     if p == NULL:
@@ -3548,8 +3547,24 @@ def first_field(bytes head not None, bytes name not None):
     else:
         end = p - h
         if end + 1 < n and (h[end + 1] == 32 or h[end + 1] == 9):
-            return False
-    return colon, end - 1 if h[end - 1] == 13 else end
+            return -1
+    colon_at[0] = colon
+    stop_at[0] = end - 1 if h[end - 1] == 13 else end
+    return 1
+
+
+def first_field(bytes head not None, bytes name not None):
+    """The twin's ``first_field``, in one pass over the head and one search."""
+    cdef Py_ssize_t colon = 0, stop = 0
+    cdef int r = _first_field(<const unsigned char*>PyBytes_AS_STRING(head),
+                              PyBytes_GET_SIZE(head),
+                              <const unsigned char*>PyBytes_AS_STRING(name),
+                              PyBytes_GET_SIZE(name), &colon, &stop)
+    if r < 0:
+        return False
+    if r == 0:
+        return None
+    return colon, stop
 
 
 # -- the answer path of a replay connection ------------------------------------------------------
@@ -3743,3 +3758,320 @@ cdef class PumpCore:
             report.on_sent(len(req.data), None, False, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
+
+
+# -- the streamed replay's planner ----------------------------------------------------------------
+#
+# The twin of ``StreamPlanner`` in ``replay._fastparse_py`` (its docstrings, and the opening of
+# ``replay.play.stream``, give the rules): the same containers and the same steps, with the
+# messages' fields read through their slots and the common edits of a request (the Host value,
+# its body's length) made here; an edit the twin's helpers do differently from the plain case
+# (a head that cannot be read plainly, a Transfer-Encoding field, a request cut by the capture)
+# is handed to those same helpers (``replay.httpmsg``).
+
+from heapq import heappop as _heappop, heappush as _heappush
+from replay.events import CUT as _CUT_FLAGS, PlannedRequest
+from replay.limits import (ANSWER_WAIT_NS, CONN_IDLE_NS, EXPIRE_EVERY_NS, MAX_EARLY, MAX_LATE,
+                           MAX_PENDING, REORDER_NS)
+
+cdef int CF_CUT = _CUT_FLAGS
+
+cdef enum:
+    P_CONN, P_INDEX, P_T, P_DATA, P_METHOD, P_URI, P_HEAD_LENGTH, P_RECORDED_STATUS, P_PIPELINED,
+    P_SEQ, P_BODY_LENGTH, P_FLAGS, P_FIELDS
+
+_PLANNED_NAMES = ("conn", "index", "t", "data", "method", "uri", "head_length", "recorded_status",
+                  "pipelined", "seq", "body_length", "flags")
+cdef Py_ssize_t _pslot[P_FIELDS]
+cdef bint _pslots_known = True
+
+
+def _find_planned_slots():
+    global _pslots_known
+    if hasattr(PlannedRequest, "__post_init__") or \
+            tuple(PlannedRequest.__dataclass_fields__) != _PLANNED_NAMES:
+        _pslots_known = False
+        return
+    for k, name in enumerate(_PLANNED_NAMES):
+        d = PlannedRequest.__dict__.get(name)
+        if d is None or type(d) is not <object>&PyMemberDescr_Type \
+                or (<PyMemberDescrObject*>d).d_member.type != T_OBJECT_EX:
+            _pslots_known = False
+            return
+        _pslot[k] = (<PyMemberDescrObject*>d).d_member.offset
+
+
+_find_planned_slots()
+
+
+cdef inline void _pput(object r, int k, object v):
+    Py_INCREF(v)
+    (<PyObject**>((<char*><PyObject*>r) + _pslot[k]))[0] = <PyObject*>v
+
+
+cdef object _planned(object conn, object index, object t, object data, object method, object uri,
+                     object head_length, object status, object pipelined, object seq,
+                     object body_length, object flags):
+    """``PlannedRequest(...)`` with these fields, made through its slots."""
+    if not _pslots_known:
+        return PlannedRequest(conn, index, t, data, method, uri, head_length, status, pipelined,
+                              seq, body_length, flags)
+    r = _new_object(PlannedRequest)
+    _pput(r, P_CONN, conn)
+    _pput(r, P_INDEX, index)
+    _pput(r, P_T, t)
+    _pput(r, P_DATA, data)
+    _pput(r, P_METHOD, method)
+    _pput(r, P_URI, uri)
+    _pput(r, P_HEAD_LENGTH, head_length)
+    _pput(r, P_RECORDED_STATUS, status)
+    _pput(r, P_PIPELINED, pipelined)
+    _pput(r, P_SEQ, seq)
+    _pput(r, P_BODY_LENGTH, body_length)
+    _pput(r, P_FLAGS, flags)
+    return r
+
+
+cdef inline bint _has_field_line(const unsigned char* h, Py_ssize_t n, const char* key,
+                                 Py_ssize_t k) noexcept nogil:
+    """Whether ``h[:n]``, lower-cased, holds ``"\\n" + key`` (``key`` lower-case): the search of
+    ``httpmsg.header_value``."""
+    cdef const unsigned char* p = h
+    cdef const unsigned char* end = h + n
+    cdef Py_ssize_t j
+    while True:
+        p = <const unsigned char*>memchr(p, 10, end - p)
+        if p == NULL or end - (p + 1) < k:
+            return False
+        p += 1
+        j = 0
+        while j < k and _low(p[j]) == <unsigned char>key[j]:
+            j += 1
+        if j == k:
+            return True
+
+
+cdef class _Waiting:
+    cdef object msg, final, key
+
+
+cdef class _ConnState:
+    cdef object resp_end, last_t, last
+
+
+cdef class StreamPlanner:
+    """The twin's ``StreamPlanner``, with the same API."""
+
+    cdef readonly object host, header
+    cdef readonly bint keep_host
+    cdef readonly Py_ssize_t max_pending
+    cdef readonly list heap
+    cdef readonly dict waiting
+    cdef readonly object early, conns, late
+    cdef public list ended
+    cdef public object now
+    cdef public Py_ssize_t n, seq, planned, pipelined, reordered, unknown_status
+    cdef public dict skipped
+    cdef object _last_t, _expired, _edit, _host_b
+
+    def __init__(self, host, keep_host=False, header=None, max_pending=MAX_PENDING):
+        from collections import OrderedDict
+        from replay import httpmsg
+
+        self._edit = httpmsg
+        self.host = host
+        self.keep_host = keep_host
+        self.header = header
+        self.max_pending = max_pending
+        self._host_b = None
+        if type(host) is str:
+            try:
+                self._host_b = (<str>host).encode("latin-1")
+            except UnicodeEncodeError:
+                pass                       # the twin's helper says so, at the first request
+        self.heap = []
+        self.waiting = {}
+        self.early = OrderedDict()
+        self.conns = OrderedDict()
+        self.late = OrderedDict()
+        self.ended = []
+        self.now = None
+        self.n = self.seq = self.planned = self.pipelined = 0
+        self.reordered = self.unknown_status = 0
+        self.skipped = {}
+        self._last_t = None
+        self._expired = -(1 << 63)
+
+    def push(self, m):
+        cdef bint fast = _slots_known and type(m) is Message
+        cdef int64_t flags = _field(m, fast, M_FLAGS, "flags")
+        cdef _Waiting p
+        if flags & CF_REPLAYED:
+            return []
+        ts_last = _field(m, fast, M_TS_LAST, "ts_last")
+        if self.now is None or ts_last > self.now:
+            self.now = ts_last
+        conn = _field(m, fast, M_CONN, "conn")
+        index = _field(m, fast, M_INDEX, "index")
+        key = (conn, index)
+        if _field(m, fast, M_KIND, "kind") == KIND_REQUEST:
+            if key not in self.waiting:
+                p = _Waiting.__new__(_Waiting)
+                p.msg = m
+                p.key = key
+                seq = self.n
+                self.n += 1
+                p.final = self.early.pop(key, None)
+                self.waiting[key] = p
+                _heappush(self.heap, (_field(m, fast, M_TS_FIRST, "ts_first"), conn, index, seq, p))
+        elif index >= 0 and not flags & CF_INTERIM:
+            got = self.waiting.get(key)
+            if got is not None:
+                (<_Waiting>got).final = m
+            else:
+                req = self.late.pop(key, None)
+                if req is not None:
+                    req.recorded_status = _field(m, fast, M_STATUS, "status")
+                    self.unknown_status -= 1
+                    out = self._release(False)
+                    out.append((None, None, m))
+                    return out
+                self.early[key] = m
+                if len(self.early) > MAX_EARLY:
+                    self.early.popitem(last=False)
+        return self._release(False)
+
+    def finish(self):
+        out = self._release(True)
+        self.ended.extend(self.conns.keys())
+        self.conns.clear()
+        self.early.clear()
+        return out
+
+    cdef list _release(self, bint everything):
+        cdef list out = []
+        cdef list heap = self.heap
+        cdef tuple top
+        cdef _Waiting p
+        now = self.now
+        while heap:
+            top = <tuple>heap[0]
+            p = <_Waiting>top[4]
+            if not everything and len(heap) <= self.max_pending:
+                age = now - top[0]
+                if age < REORDER_NS or (p.final is None and age < ANSWER_WAIT_NS):
+                    break
+            _heappop(heap)
+            del self.waiting[p.key]
+            got = self._plan(p)
+            if got is not None:
+                out.append(got)
+        if now is not None and (everything or now - self._expired >= EXPIRE_EVERY_NS):
+            self._expired = now
+            self._expire(now)
+        return out
+
+    cdef object _plan(self, _Waiting p):
+        m = p.msg
+        final = p.final
+        cdef bint fast = _slots_known and type(m) is Message
+        cdef _ConnState st
+        cdef int64_t flags
+        cdef Py_ssize_t mhl, old_len, hl
+        conn = _field(m, fast, M_CONN, "conn")
+        index = _field(m, fast, M_INDEX, "index")
+        ts_first = _field(m, fast, M_TS_FIRST, "ts_first")
+        got = self.conns.get(conn)
+        if got is None:
+            st = _ConnState.__new__(_ConnState)
+            st.last = self.header.last_of(conn) if self.header is not None else None
+            self.conns[conn] = st
+        else:
+            st = <_ConnState>got
+            self.conns.move_to_end(conn)
+        prev_end = st.resp_end
+        st.resp_end = (_field(final, _slots_known and type(final) is Message, M_TS_LAST,
+                              "ts_last") if final is not None else None)
+        st.last_t = ts_first
+        if st.last is not None and index >= st.last:
+            del self.conns[conn]
+            self.ended.append(conn)
+        if self._last_t is not None and ts_first < self._last_t:
+            self.reordered += 1
+        else:
+            self._last_t = ts_first
+        data = _field(m, fast, M_DATA, "data")
+        old_len = len(data)
+        flags = _field(m, fast, M_FLAGS, "flags")
+        mhl = _field(m, fast, M_HEAD_LENGTH, "head_length")
+        if flags & CF_CUT:
+            if flags & CF_CHUNKED:
+                self.skipped["cut_chunked_body"] = self.skipped.get("cut_chunked_body", 0) + 1
+                return None
+            data = self._edit.set_content_length(data, mhl)
+        if not self.keep_host and self.host is not None:
+            data = self._set_host(data, mhl + (len(data) - old_len) if mhl else 0)
+        pipe = prev_end is not None and ts_first < prev_end
+        hl = mhl + (len(data) - old_len) if mhl else 0
+        blen, chunked = self._body_length(data, hl)
+        method = _field(m, fast, M_METHOD, "method")
+        uri = _field(m, fast, M_URI, "uri")
+        status = (_field(final, _slots_known and type(final) is Message, M_STATUS, "status")
+                  if final is not None else None)
+        req = _planned(conn, index, ts_first, data, method or "GET", uri or "", hl, status,
+                       pipe, self.seq, blen, F_CHUNKED if chunked else 0)
+        self.seq += 1
+        self.planned += 1
+        self.pipelined += pipe
+        if final is None:
+            self.unknown_status += 1
+            self.late[(conn, index)] = req
+            if len(self.late) > MAX_LATE:
+                self.late.popitem(last=False)
+        return req, m, final
+
+    cdef object _set_host(self, data, Py_ssize_t hl):
+        """``httpmsg.set_host(data, hl, host)``: here when the head reads plainly."""
+        cdef Py_ssize_t n, colon = 0, stop = 0, v
+        cdef int r
+        cdef char* out
+        if self._host_b is None or type(data) is not bytes or hl <= 0 or hl > len(data):
+            return self._edit.set_host(data, hl, self.host)
+        n = PyBytes_GET_SIZE(data)
+        r = _first_field(<const unsigned char*>PyBytes_AS_STRING(data), hl,
+                         <const unsigned char*>b"host", 4, &colon, &stop)
+        if r < 0:
+            return self._edit.set_host(data, hl, self.host)
+        if r == 0:
+            return data
+        v = PyBytes_GET_SIZE(self._host_b)
+        new = PyBytes_FromStringAndSize(NULL, colon + 2 + v + (n - stop))
+        out = PyBytes_AS_STRING(new)
+        memcpy(out, PyBytes_AS_STRING(data), colon + 1)
+        out[colon + 1] = 32
+        memcpy(out + colon + 2, PyBytes_AS_STRING(self._host_b), v)
+        memcpy(out + colon + 2 + v, PyBytes_AS_STRING(data) + stop, n - stop)
+        return new
+
+    cdef tuple _body_length(self, data, Py_ssize_t hl):
+        """``httpmsg.body_length(data, hl)``: here when the head has no Transfer-Encoding."""
+        if type(data) is not bytes or hl <= 0 or hl > len(data) or _has_field_line(
+                <const unsigned char*>PyBytes_AS_STRING(data), hl, "transfer-encoding:", 18):
+            return tuple(self._edit.body_length(data, hl))
+        return PyBytes_GET_SIZE(data) - hl, False
+
+    cdef void _expire(self, now) except *:
+        conns = self.conns
+        limit = now - CONN_IDLE_NS
+        late = self.late
+        while late:
+            key, req = next(iter(late.items()))
+            if req.t >= limit:
+                break
+            del late[key]
+        while conns:
+            conn, st = next(iter(conns.items()))
+            if (<_ConnState>st).last_t >= limit:
+                break
+            del conns[conn]
+            self.ended.append(conn)

@@ -41,15 +41,17 @@ HTTP messages that completed. Per packet:
 from __future__ import annotations
 
 import bisect
+import heapq
 import ipaddress
 import math
 import operator
 import re
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 
 from replay.errors import InputError
 from replay.events import (
+    CUT,
     F_CHUNKED,
     F_CLOSE_DELIMITED,
     F_GAP,
@@ -64,10 +66,12 @@ from replay.events import (
     KIND_REQUEST,
     KIND_RESPONSE,
     Message,
+    PlannedRequest,
 )
 from replay.layout import ROW_FIELDS, ROW_STRUCT, TABLE_COLUMNS, WIDTHS, bad_address, unfit
-from replay.limits import (ADDR_TEXT_KEEP, IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE,
-                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER)
+from replay.limits import (ADDR_TEXT_KEEP, ANSWER_WAIT_NS, CONN_IDLE_NS, EXPIRE_EVERY_NS,
+                           IDLE_TIMEOUT, MAX_EARLY, MAX_HEAD, MAX_LATE, MAX_MESSAGE, MAX_PENDING,
+                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER, REORDER_NS)
 from replay.seqnum import unwrap
 
 # Link types (https://www.tcpdump.org/linktypes.html)
@@ -2331,3 +2335,185 @@ class PumpCore:
             report.on_sent(len(req.data), None, False, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
+
+
+# -- the streamed replay's planner ----------------------------------------------------------------
+
+
+class _Waiting:
+    """A request in the planner's window: its message, and its final response once read."""
+
+    __slots__ = ("msg", "final", "seq", "key")
+
+    def __init__(self, msg, seq, key):
+        self.msg = msg
+        self.final = None
+        self.seq = seq
+        self.key = key
+
+
+class _ConnState:
+    __slots__ = ("resp_end", "last_t", "last")
+
+    def __init__(self, last):
+        self.resp_end = None     # ts_last of the previous planned request's final response
+        self.last_t = 0
+        self.last = last         # index of its last recorded request (None: unknown)
+
+
+def _head_length(new: bytes, old_head: int, old_len: int) -> int:
+    # the head grew or shrank by the size difference; the body did not change
+    return old_head + (len(new) - old_len) if old_head else 0
+
+
+class StreamPlanner:
+    """Recorded messages in (log order), planned requests out (recorded time order): the rules
+    are those of ``replay.play.stream``'s opening; the window's bounds are in ``replay.limits``.
+
+    ``push(msg)`` and ``finish()`` return a list of ``(PlannedRequest, request, final response or
+    None)``, and ``(None, None, final)`` for a final response read after its request was
+    planned; ``ended`` lists the recorded connections that are over since the last call (the
+    caller takes and clears it). ``header`` (a ``StreamHeader``, or None) gives the last request
+    of each connection (``last_of``)."""
+
+    def __init__(self, host, keep_host=False, header=None, max_pending=MAX_PENDING):
+        from replay import httpmsg       # (it imports the core: not at the core's own import)
+
+        self._edit = httpmsg
+        self.host = host
+        self.keep_host = keep_host
+        self.header = header
+        self.max_pending = max_pending
+        self.heap = []
+        self.waiting = {}                  # (conn, index) -> _Waiting
+        self.early = OrderedDict()         # (conn, index) -> final response read first
+        self.conns = OrderedDict()         # conn -> _ConnState, least recently planned first
+        self.late = OrderedDict()          # (conn, index) -> PlannedRequest planned unanswered
+        self.ended = []
+        self.now = None                    # the log's progress: the latest ts_last read
+        self.n = 0
+        self.seq = 0
+        self.planned = 0
+        self.pipelined = 0
+        self.reordered = 0
+        self.unknown_status = 0
+        self.skipped = {}
+        self._last_t = None
+        self._expired = -(1 << 63)         # the log's time at the last _expire
+
+    def push(self, m) -> list:
+        if m.flags & F_REPLAYED:
+            return []
+        if self.now is None or m.ts_last > self.now:
+            self.now = m.ts_last
+        key = (m.conn, m.index)
+        if m.kind == KIND_REQUEST:
+            if key not in self.waiting:
+                p = _Waiting(m, self.n, key)
+                self.n += 1
+                p.final = self.early.pop(key, None)
+                self.waiting[key] = p
+                heapq.heappush(self.heap, (m.ts_first, m.conn, m.index, p.seq, p))
+        elif m.index >= 0 and not m.flags & F_INTERIM:
+            p = self.waiting.get(key)
+            if p is not None:
+                p.final = m
+            else:
+                req = self.late.pop(key, None)
+                if req is not None:
+                    # planned before its answer ended: its recorded status, now (the sender
+                    # reads it when the request is tried, ahead of which this usually is)
+                    req.recorded_status = m.status
+                    self.unknown_status -= 1
+                    out = self._release(False)
+                    out.append((None, None, m))
+                    return out
+                self.early[key] = m
+                if len(self.early) > MAX_EARLY:
+                    self.early.popitem(last=False)
+        return self._release(False)
+
+    def finish(self) -> list:
+        out = self._release(True)
+        self.ended.extend(self.conns.keys())
+        self.conns.clear()
+        self.early.clear()
+        return out
+
+    def _release(self, everything: bool) -> list:
+        out = []
+        heap, now = self.heap, self.now
+        while heap:
+            t, _, _, _, p = heap[0]
+            if not everything and len(heap) <= self.max_pending:
+                age = now - t
+                if age < REORDER_NS or (p.final is None and age < ANSWER_WAIT_NS):
+                    break
+            heapq.heappop(heap)
+            del self.waiting[p.key]
+            got = self._plan(p)
+            if got is not None:
+                out.append(got)
+        if now is not None and (everything or now - self._expired >= EXPIRE_EVERY_NS):
+            self._expired = now
+            self._expire(now)
+        return out
+
+    def _plan(self, p: _Waiting):
+        m, final = p.msg, p.final
+        st = self.conns.get(m.conn)
+        if st is None:
+            st = self.conns[m.conn] = _ConnState(
+                self.header.last_of(m.conn) if self.header is not None else None)
+        else:
+            self.conns.move_to_end(m.conn)
+        prev_end, st.resp_end = st.resp_end, (final.ts_last if final is not None else None)
+        st.last_t = m.ts_first
+        last = st.last
+        if last is not None and m.index >= last:
+            del self.conns[m.conn]
+            self.ended.append(m.conn)
+        if self._last_t is not None and m.ts_first < self._last_t:
+            self.reordered += 1
+        else:
+            self._last_t = m.ts_first
+        edit = self._edit
+        data = m.data
+        if m.flags & CUT:
+            if m.flags & F_CHUNKED:
+                self.skipped["cut_chunked_body"] = self.skipped.get("cut_chunked_body", 0) + 1
+                return None
+            data = edit.set_content_length(data, m.head_length)
+        if not self.keep_host and self.host is not None:
+            data = edit.set_host(data, _head_length(data, m.head_length, len(m.data)), self.host)
+        pipe = prev_end is not None and m.ts_first < prev_end
+        hl = _head_length(data, m.head_length, len(m.data))
+        blen, chunked = edit.body_length(data, hl)
+        req = PlannedRequest(m.conn, m.index, m.ts_first, data, m.method or "GET", m.uri or "", hl,
+                             final.status if final is not None else None, pipe, seq=self.seq,
+                             body_length=blen, flags=F_CHUNKED if chunked else 0)
+        self.seq += 1
+        self.planned += 1
+        self.pipelined += pipe
+        if final is None:
+            self.unknown_status += 1
+            self.late[(m.conn, m.index)] = req
+            if len(self.late) > MAX_LATE:
+                self.late.popitem(last=False)
+        return req, m, final
+
+    def _expire(self, now: int) -> None:
+        conns = self.conns
+        limit = now - CONN_IDLE_NS
+        late = self.late
+        while late:
+            key, req = next(iter(late.items()))
+            if req.t >= limit:
+                break
+            del late[key]
+        while conns:
+            conn, st = next(iter(conns.items()))
+            if st.last_t >= limit:
+                break
+            del conns[conn]
+            self.ended.append(conn)

@@ -13,6 +13,16 @@ Every limit bounds what one hostile or broken peer can make the core hold or sca
 - ``IDLE_TIMEOUT``: seconds of capture time after which a silent connection is closed.
 - ``ADDR_TEXT_KEEP``: texts of addresses the core remembers (a capture holds few addresses many
   times over); past it they are forgotten all at once.
+
+The streamed replay's planner (``StreamPlanner``, rules in ``replay.play.stream``) holds a window
+of recorded time, bounded in time and in count:
+- ``REORDER_NS``: log time past a request's start before it is released;
+- ``ANSWER_WAIT_NS``: ... and at most this long waiting for its final response;
+- ``CONN_IDLE_NS``: recorded time after which a connection without requests is over;
+- ``MAX_PENDING``: requests waiting in the window (beyond it the oldest leaves early);
+- ``EXPIRE_EVERY_NS``: log time between two looks for connections idle ``CONN_IDLE_NS``;
+- ``MAX_EARLY``: final responses read before their request, kept at most;
+- ``MAX_LATE``: requests planned before their answer ended, whose status may still come.
 """
 
 MAX_HEAD = 64 << 10
@@ -21,6 +31,14 @@ MAX_STREAM_BUFFER = 4 << 20
 MAX_TOTAL_BUFFER = 256 << 20
 IDLE_TIMEOUT = 120.0
 ADDR_TEXT_KEEP = 65536
+
+REORDER_NS = 1_000_000_000
+ANSWER_WAIT_NS = 2_000_000_000
+CONN_IDLE_NS = 120_000_000_000
+MAX_PENDING = 100_000
+EXPIRE_EVERY_NS = 100_000_000
+MAX_EARLY = 10_000
+MAX_LATE = 100_000
 
 ENGINE_DEFAULTS = dict(max_stream_buffer=MAX_STREAM_BUFFER, max_total_buffer=MAX_TOTAL_BUFFER,
                        idle_timeout=IDLE_TIMEOUT, max_message=MAX_MESSAGE, max_head=MAX_HEAD)

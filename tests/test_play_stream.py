@@ -104,13 +104,12 @@ def test_planner_puts_late_written_requests_in_time_order():
     assert p.reordered == 0 and sorted(ended) == [0, 1]
 
 
-def test_planner_window_is_bounded(monkeypatch):
+def test_planner_window_is_bounded():
     """Requests whose answers never come leave after ANSWER_WAIT_NS of log time, or when the
     window is full; nothing waits without bound."""
-    monkeypatch.setattr(S, "MAX_PENDING", 50)
     from replay.events import Message
 
-    p = S.StreamPlanner(None)
+    p = S.StreamPlanner(None, max_pending=50)
     T = 10**18
     out = []
     most = 0

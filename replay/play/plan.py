@@ -21,38 +21,12 @@ Rules:
 
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from replay.events import (F_CHUNKED, F_GAP, F_INCOMPLETE, F_INTERIM, F_REPLAYED, F_TRUNCATED,
-                           KIND_REQUEST)
+from replay.events import CUT, F_CHUNKED, F_INTERIM, F_REPLAYED, KIND_REQUEST, PlannedRequest
 from replay.httpmsg import body_length, set_content_length, set_host
 
-CUT = F_INCOMPLETE | F_GAP | F_TRUNCATED
-
-
-@dataclass(slots=True)
-class PlannedRequest:
-    conn: int
-    index: int
-    t: int                       # recorded capture time of the first byte, ns
-    data: bytes                  # the bytes to send (Host rewritten, Content-Length true)
-    method: str
-    uri: str
-    head_length: int
-    recorded_status: int | None = None
-    pipelined: bool = False      # recorded as sent before the previous response ended
-    seq: int = 0                 # position among all planned requests, in recorded time order
-    body_length: int = 0         # payload octets of ``data`` (chunk framing removed)
-    flags: int = 0               # F_CHUNKED when ``data`` is chunked
-
-    def __reduce__(self):
-        # the streamed plan crosses a pipe: a plain tuple pickles three times faster than the
-        # __getstate__ of a slotted dataclass, and loads three times faster in the sender
-        return (type(self), _FIELDS(self))
-
-
-_FIELDS = operator.attrgetter(*(f.name for f in fields(PlannedRequest)))
+__all__ = ["CUT", "PlannedRequest", "ConnPlan", "Plan", "build_plan"]
 
 
 @dataclass(slots=True)

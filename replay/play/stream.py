@@ -36,27 +36,21 @@ header (16 bytes per recorded connection).
 
 from __future__ import annotations
 
-import heapq
 import os
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from replay.core import StreamPlanner
 from replay.errors import InputError, ReplayError
-from replay.events import F_CHUNKED, F_INTERIM, F_REPLAYED, KIND_REQUEST
-from replay.httpmsg import body_length, set_content_length, set_host
-from replay.play.plan import CUT, PlannedRequest, _head_length
+from replay.events import F_REPLAYED, KIND_REQUEST, PlannedRequest
+# the planner's window: both implementations of the core take it from replay.limits
+from replay.limits import (ANSWER_WAIT_NS, CONN_IDLE_NS, EXPIRE_EVERY_NS,  # noqa: F401
+                           MAX_EARLY, MAX_LATE, MAX_PENDING, REORDER_NS)
 
 NS = 1_000_000_000
-REORDER_NS = NS              # log time past a request's start before it is released
-ANSWER_WAIT_NS = 2 * NS      # ... and at most this long for its final response
-CONN_IDLE_NS = 120 * NS      # recorded time after which a connection without requests is over
-MAX_PENDING = 100_000        # requests waiting in the planner's window
-EXPIRE_EVERY_NS = NS // 10   # log time between two looks for connections idle CONN_IDLE_NS
-MAX_EARLY = 10_000           # final responses read before their request (kept at most)
-MAX_LATE = 100_000           # requests planned before their answer ended, whose status may come
 QUEUE_ITEMS = 20_000         # planned requests read ahead of the sender
 
 
@@ -131,170 +125,6 @@ def _max_by(keys: np.ndarray, values: np.ndarray):
     last = np.ones(len(k), dtype=bool)
     last[:-1] = k[1:] != k[:-1]
     return k[last], v[last].astype(np.int64)
-
-
-class _Pending:
-    __slots__ = ("msg", "final", "seq", "key")
-
-    def __init__(self, msg, seq, key):
-        self.msg = msg
-        self.final = None
-        self.seq = seq
-        self.key = key
-
-
-class _Conn:
-    __slots__ = ("resp_end", "last_t", "last")
-
-    def __init__(self, last):
-        self.resp_end = None     # ts_last of the previous planned request's final response
-        self.last_t = 0
-        self.last = last         # index of its last recorded request (None: unknown)
-
-
-class StreamPlanner:
-    """Recorded messages in (log order), planned requests out (recorded time order).
-
-    ``push(msg)`` and ``finish()`` return a list of ``(PlannedRequest, request, final response or
-    None)``, and ``(None, None, final)`` for a final response read after its request was planned; ``ended`` lists the recorded connections that are over since the last call (the
-    caller takes and clears it)."""
-
-    def __init__(self, host: str | None, keep_host: bool = False, header: StreamHeader | None = None):
-        self.host = host
-        self.keep_host = keep_host
-        self.header = header
-        self.heap: list = []
-        self.waiting: dict = {}            # (conn, index) -> _Pending
-        self.early: OrderedDict = OrderedDict()   # (conn, index) -> final response read first
-        self.conns: OrderedDict = OrderedDict()   # conn -> _Conn, least recently planned first
-        self.late: OrderedDict = OrderedDict()    # (conn, index) -> PlannedRequest planned unanswered
-        self.ended: list = []
-        self.now = None                    # the log's progress: the latest ts_last read
-        self.n = 0
-        self.seq = 0
-        self.planned = 0
-        self.pipelined = 0
-        self.reordered = 0
-        self.unknown_status = 0
-        self.skipped: dict = {}
-        self._last_t = None
-        self._expired = -(1 << 63)           # the log's time at the last _expire
-
-    def push(self, m) -> list:
-        if m.flags & F_REPLAYED:
-            return []
-        if self.now is None or m.ts_last > self.now:
-            self.now = m.ts_last
-        key = (m.conn, m.index)
-        if m.kind == KIND_REQUEST:
-            if key not in self.waiting:
-                p = _Pending(m, self.n, key)
-                self.n += 1
-                p.final = self.early.pop(key, None)
-                self.waiting[key] = p
-                heapq.heappush(self.heap, (m.ts_first, m.conn, m.index, p.seq, p))
-        elif m.index >= 0 and not m.flags & F_INTERIM:
-            p = self.waiting.get(key)
-            if p is not None:
-                p.final = m
-            else:
-                req = self.late.pop(key, None)
-                if req is not None:
-                    # planned before its answer ended: its recorded status, now (the sender
-                    # reads it when the request is tried, ahead of which this usually is)
-                    req.recorded_status = m.status
-                    self.unknown_status -= 1
-                    out = self._release(False)
-                    out.append((None, None, m))
-                    return out
-                self.early[key] = m
-                if len(self.early) > MAX_EARLY:
-                    self.early.popitem(last=False)
-        return self._release(False)
-
-    def finish(self) -> list:
-        out = self._release(True)
-        self.ended.extend(self.conns.keys())
-        self.conns.clear()
-        self.early.clear()
-        return out
-
-    def _release(self, everything: bool) -> list:
-        out = []
-        heap, now = self.heap, self.now
-        while heap:
-            t, _, _, _, p = heap[0]
-            if not everything and len(heap) <= MAX_PENDING:
-                age = now - t
-                if age < REORDER_NS or (p.final is None and age < ANSWER_WAIT_NS):
-                    break
-            heapq.heappop(heap)
-            del self.waiting[p.key]
-            got = self._plan(p)
-            if got is not None:
-                out.append(got)
-        if now is not None and (everything or now - self._expired >= EXPIRE_EVERY_NS):
-            self._expired = now
-            self._expire(now)
-        return out
-
-    def _plan(self, p: _Pending):
-        m, final = p.msg, p.final
-        st = self.conns.get(m.conn)
-        if st is None:
-            st = self.conns[m.conn] = _Conn(
-                self.header.last_of(m.conn) if self.header is not None else None)
-        else:
-            self.conns.move_to_end(m.conn)
-        prev_end, st.resp_end = st.resp_end, (final.ts_last if final is not None else None)
-        st.last_t = m.ts_first
-        last = st.last
-        if last is not None and m.index >= last:
-            del self.conns[m.conn]
-            self.ended.append(m.conn)
-        if self._last_t is not None and m.ts_first < self._last_t:
-            self.reordered += 1
-        else:
-            self._last_t = m.ts_first
-        data = m.data
-        if m.flags & CUT:
-            if m.flags & F_CHUNKED:
-                self.skipped["cut_chunked_body"] = self.skipped.get("cut_chunked_body", 0) + 1
-                return None
-            data = set_content_length(data, m.head_length)
-        if not self.keep_host and self.host is not None:
-            data = set_host(data, _head_length(data, m.head_length, len(m.data)), self.host)
-        pipe = prev_end is not None and m.ts_first < prev_end
-        hl = _head_length(data, m.head_length, len(m.data))
-        blen, chunked = body_length(data, hl)
-        req = PlannedRequest(m.conn, m.index, m.ts_first, data, m.method or "GET", m.uri or "", hl,
-                             final.status if final is not None else None, pipe, seq=self.seq,
-                             body_length=blen, flags=F_CHUNKED if chunked else 0)
-        self.seq += 1
-        self.planned += 1
-        self.pipelined += pipe
-        if final is None:
-            self.unknown_status += 1
-            self.late[(m.conn, m.index)] = req
-            if len(self.late) > MAX_LATE:
-                self.late.popitem(last=False)
-        return req, m, final
-
-    def _expire(self, now: int) -> None:
-        conns = self.conns
-        limit = now - CONN_IDLE_NS
-        late = self.late
-        while late:
-            key, req = next(iter(late.items()))
-            if req.t >= limit:
-                break
-            del late[key]
-        while conns:
-            conn, st = next(iter(conns.items()))
-            if st.last_t >= limit:
-                break
-            del conns[conn]
-            self.ended.append(conn)
 
 
 # items of the reader's queue
