@@ -195,14 +195,48 @@ def _response(rng, method, i):
     return interim + f"HTTP/1.1 {status} S{i}\r\n".encode() + extra + framed
 
 
-def _run(core, seed):
+class _Room:
+    def __init__(self, log):
+        self.log = log
+
+    def set(self):
+        self.log.append(("room",))
+
+
+class _CountingPlayer(_Player):
+    """A player whose counting is ``sender.Player``'s own, with a real ``Report``: the compiled
+    core counts in its place (``core_counts``), the pure twin calls these methods."""
+
+    from replay.play.sender import Player as _P
+
+    core_counts = True
+    _took, _tried, answered, _status_came, _pump, _crashed = (
+        _P._took, _P._tried, _P.answered, _P._status_came, _P._pump, _P._crashed)
+
+    def __init__(self, log, budget, rng):
+        from replay.play.report import Report
+
+        super().__init__(log, budget)
+        self.report = Report()
+        self.on_exchange = None
+        self.late_answers = None
+        self.crash = None
+        self.fed = rng.randint(0, 12)
+        self.room_at = rng.randint(0, 12)
+        self.room = _Room(log) if rng.random() < 0.8 else None
+
+    def cancel(self):
+        self.log.append(("cancel",))
+
+
+def _run(core, seed, counting=False):
     rng = random.Random(seed)
     log: list = []
     n = rng.randint(1, 12)
     reqs = [_request(i, rng.choice(["GET", "GET", "HEAD", "POST"]), i > 0 and rng.random() < 0.3)
             for i in range(n)]
     budget = rng.choice([None, None, rng.randint(1, n)])
-    player = _Player(log, budget)
+    player = _CountingPlayer(log, budget, rng) if counting else _Player(log, budget)
 
     class Conn(core.PumpCore):
         pass
@@ -240,6 +274,10 @@ def _run(core, seed):
         log.append(("state", len(c.pending), c.reusable, c.closed, c.answers, c.rx,
                     c.rx_answered, c.framer.tunnel, len(feed.items), player.budget,
                     player.report.bytes_received, player.report.unsolicited))
+    if counting:
+        r = player.report
+        log.append(("report", r.to_dict(), list(r.latency), list(r.latency_intended),
+                    r.first_send_ns, r.last_answer_ns, player.fed))
     return log
 
 
@@ -247,6 +285,22 @@ def _run(core, seed):
 @pytest.mark.parametrize("seed", range(300))
 def test_pump_core_alike(seed):
     assert _run(compiled, seed) == _run(pure, seed)
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed", range(200))
+def test_pump_core_counts_alike(seed):
+    """The compiled core counts into a real ``Report`` itself; the twin calls the player's and
+    the report's methods: the same report, to the sample."""
+    assert _run(compiled, seed, counting=True) == _run(pure, seed, counting=True)
+
+
+@needs_compiled
+def test_pump_core_counts_answers():
+    reports = [_run(compiled, seed, counting=True)[-1][1] for seed in range(40)]
+    assert sum(r["answered"] for r in reports) > 50
+    compared = [r["status_comparison"] for r in reports]
+    assert sum(c["same"] for c in compared) > 0 and sum(c["different"] for c in compared) > 0
 
 
 @needs_compiled

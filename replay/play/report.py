@@ -56,6 +56,11 @@ def _samples():
 
 
 class Report:
+    # the core's PumpCore counts a request tried, sent and answered in this report's place, with
+    # the same effects as on_attempt, on_sent and on_answer (a subclass that counts otherwise
+    # sets it False)
+    core_counts = True
+
     def __init__(self, meta: dict | None = None, bounded: bool = False):
         self.meta = dict(meta or {})
         if bounded:

@@ -289,7 +289,13 @@ class Player:
     ``on_exchange(attempt, request_message, response_message)``, when given, sees every request
     tried with the bytes sent and the response received, or a ``failed`` record whose data is
     the error's kind (for ``--output``).
+
+    ``core_counts``: ``_took``, ``_tried`` and ``answered`` are as the core's ``PumpCore`` does
+    them itself on the way of a request (``replay._fastparse``); a subclass that changes them
+    sets it False.
     """
+
+    core_counts = True
 
     def __init__(self, plan, schedule: Schedule, target: Target, options: Options, report,
                  clock, pacer: Pacer | None = None, on_exchange=None, wall_offset: int = 0):
@@ -315,6 +321,7 @@ class Player:
         self.on_recorded = None     # (request, final) of each streamed request, for the output log
         self.fed = 0
         self.room = None
+        self.room_at = MAX_FED // 2  # fed below this: the launcher may feed again
         self.slots = None
         self.crash = None           # an exception that escaped a connection task: a bug
 
@@ -595,10 +602,13 @@ class Player:
         try:
             return proto.pump_next()
         except Exception as e:  # noqa: BLE001  (a bug: stop the run and raise it at the end)
-            if self.crash is None:
-                self.crash = e
-            self.cancel()
+            self._crashed(e)
             return False
+
+    def _crashed(self, e: BaseException) -> None:
+        if self.crash is None:
+            self.crash = e
+        self.cancel()
 
     def _tried(self, req) -> None:
         """``req`` is tried now: it counts against ``--limit`` and in the report."""
@@ -611,7 +621,7 @@ class Player:
     def _took(self):
         """A feed's request was taken by its connection."""
         self.fed -= 1
-        if self.fed < MAX_FED // 2 and self.room is not None:
+        if self.fed < self.room_at and self.room is not None:
             self.room.set()
 
     def _task_done(self, task):
@@ -782,6 +792,8 @@ class StreamPlayer(Player):
     dropped when the run ends), so the caller can bound what is queued. ``drain(seconds)``
     stops taking requests and gives those queued or in flight that long.
     """
+
+    core_counts = False      # its answered and failed do more (on_done)
 
     def __init__(self, target: Target, options: Options, report, clock, *, idle: float = 5.0,
                  on_done=None, on_exchange=None, wall_offset: int = 0):
