@@ -3651,38 +3651,115 @@ def connection_closes(bytes data not None, Py_ssize_t head_length):
     return not (start >= 0 and _has(h + start, end - start, b"keep-alive", 10))
 
 
-# Counting in the player's and the report's place (``core_counts`` on both: ``sender.Player`` and
-# ``report.Report`` say so, a subclass that counts otherwise does not): the same effects as
-# ``Player._took``, ``Player._tried`` with ``Report.on_attempt``, ``Report.on_sent`` and
-# ``Player.answered`` with ``Report.on_answer`` for an answer whose recorded status is known,
-# without a Python call. tests/test_pump_core.py holds the reports of both ways equal.
+# Counting in the player's and the report's place (``core_counts`` on the player: ``sender.Player``
+# says so, a subclass that counts otherwise does not): the same effects as ``Player._took``,
+# ``Player._tried`` with ``Report.on_attempt``, ``Report.on_sent``, and ``Player.answered`` with
+# ``Report.on_answer`` for an answer whose recorded status is known, without a Python call; the
+# report's part goes into its ``Tally``, added to the report when it is read (``Report.fold``).
+# tests/test_pump_core.py holds the reports of both ways equal.
 
 from cpython cimport array as _carray
-from cpython.dict cimport PyDict_Check, PyDict_GetItem
+from array import array as _array
+
+cdef enum:
+    T_CODES = 1000          # status codes counted in arrays; others in dicts
 
 
-cdef inline int _tally(object counter, object key) except -1:
-    """``counter[key] += 1`` for a ``Counter`` (a key not in it counts from 0)."""
-    cdef PyObject* v
-    if PyDict_Check(counter):
-        v = PyDict_GetItem(counter, key)
-        counter[key] = 1 if v == NULL else <object>v + 1
-    else:
-        counter[key] += 1
+cdef inline int _sample(_carray.array a, object v) except -1:
+    cdef Py_ssize_t n = len(a)
+    _carray.resize_smart(a, n + 1)
+    a.data.as_longlongs[n] = <long long>v
     return 0
 
 
-cdef inline int _sample(object samples, object v) except -1:
-    """``samples.append(v)``; into an ``array('q')`` here."""
-    cdef _carray.array a
-    cdef Py_ssize_t n
-    if type(samples) is _carray.array and (<_carray.array>samples).ob_descr.typecode == c'q':
-        a = <_carray.array>samples
-        n = len(a)
-        _carray.resize_smart(a, n + 1)
-        a.data.as_longlongs[n] = <long long>v
+cdef class Tally:
+    """The twin's ``Tally``: what the core counted for a report, in C until ``fold``."""
+
+    cdef public long long attempted, sent, bytes_sent, answered, same, different
+    cdef public long long first_send_ns, last_answer_ns
+    cdef long long recorded[T_CODES]
+    cdef long long statuses[T_CODES]
+    cdef dict other_recorded, other_statuses, changes
+    cdef _carray.array latency, intended
+
+    def __cinit__(self):
+        self._reset()
+
+    cdef void _reset(self) except *:
+        self.attempted = self.sent = self.bytes_sent = self.answered = 0
+        self.same = self.different = self.first_send_ns = self.last_answer_ns = 0
+        memset(self.recorded, 0, sizeof(self.recorded))
+        memset(self.statuses, 0, sizeof(self.statuses))
+        self.other_recorded = {}
+        self.other_statuses = {}
+        self.changes = {}
+        self.latency = _array("q")
+        self.intended = _array("q")
+
+    cdef inline int tried(self, object recorded) except -1:
+        self.attempted += 1
+        if recorded is not None:
+            _code(self.recorded, self.other_recorded, recorded)
+        return 0
+
+    cdef inline int sent_one(self, Py_ssize_t nbytes, long long now) except -1:
+        self.sent += 1
+        self.bytes_sent += nbytes
+        if not self.first_send_ns:
+            self.first_send_ns = now
+        return 0
+
+    cdef inline int answer(self, Attempt att, object status, object now) except -1:
+        recorded = att.req.recorded_status
+        intended = att.deadline if att.deadline is not None else att.sent_ns
+        self.answered += 1
+        self.last_answer_ns = now
+        _code(self.statuses, self.other_statuses, status)
+        _sample(self.latency, now - att.sent_ns)
+        _sample(self.intended, now - intended)
+        if recorded == status:
+            self.same += 1
+        else:
+            self.different += 1
+            key = (recorded, status)
+            self.changes[key] = self.changes.get(key, 0) + 1
+        return 0
+
+    def fold(self, report):
+        """Add what was counted into ``report`` (a ``Report``) and start again from nothing."""
+        cdef int code
+        report.attempted += self.attempted
+        report.sent += self.sent
+        report.bytes_sent += self.bytes_sent
+        report.answered += self.answered
+        report.same += self.same
+        report.different += self.different
+        if self.first_send_ns and (not report.first_send_ns
+                                   or self.first_send_ns < report.first_send_ns):
+            report.first_send_ns = self.first_send_ns
+        if self.last_answer_ns > report.last_answer_ns:
+            report.last_answer_ns = self.last_answer_ns
+        for code in range(T_CODES):
+            if self.recorded[code]:
+                report.recorded_statuses[code] += self.recorded[code]
+            if self.statuses[code]:
+                report.statuses[code] += self.statuses[code]
+        for k, v in self.other_recorded.items():
+            report.recorded_statuses[k] += v
+        for k, v in self.other_statuses.items():
+            report.statuses[k] += v
+        for (r, st), v in self.changes.items():
+            report.changes[f"{r} -> {st}"] += v
+        report.latency.extend(self.latency)
+        report.latency_intended.extend(self.intended)
+        self._reset()
+
+
+cdef inline int _code(long long* counts, dict other, object code) except -1:
+    if type(code) is int and 0 <= code < T_CODES:
+        counts[<int>code] += 1
     else:
-        samples.append(v)
+        other[code] = other.get(code, 0) + 1
     return 0
 
 
@@ -3693,31 +3770,12 @@ cdef inline int _count_took(object player) except -1:
     return 0
 
 
-cdef inline int _count_tried(object player, object report, object req) except -1:
+cdef inline int _count_tried(object player, Tally tally, object req) except -1:
     if player.budget is not None:
         player.budget -= 1
         if player.budget == 0 and player.room is not None:
             player.room.set()
-    report.attempted += 1
-    status = req.recorded_status
-    if status is not None:
-        _tally(report.recorded_statuses, status)
-    return 0
-
-
-cdef inline int _count_answer(object report, Attempt att, object status, object now) except -1:
-    recorded = att.req.recorded_status
-    intended = att.deadline if att.deadline is not None else att.sent_ns
-    report.answered += 1
-    report.last_answer_ns = now
-    _tally(report.statuses, status)
-    _sample(report.latency, now - att.sent_ns)
-    _sample(report.latency_intended, now - intended)
-    if recorded == status:
-        report.same += 1
-    else:
-        report.different += 1
-        _tally(report.changes, f"{recorded} -> {status}")
+    tally.tried(req.recorded_status)
     return 0
 
 
@@ -3729,7 +3787,7 @@ cdef class PumpCore:
     cdef public bint closed, reusable
     cdef public object answers, rx, rx_answered
     cdef bint _clock            # ``now`` is time.monotonic_ns: read CLOCK_MONOTONIC here
-    cdef bint _counts           # the player and its report let the core count in their place
+    cdef Tally _tally           # the report's, when the player lets the core count (else None)
     cdef object __weakref__
     cdef dict __dict__
 
@@ -3738,8 +3796,9 @@ cdef class PumpCore:
         self.loop = player.loop
         self.now = player.clock.now
         self._clock = self.now is _monotonic_ns
-        self._counts = bool(getattr(player, "core_counts", False)
-                            and getattr(player.report, "core_counts", False))
+        tally = getattr(player.report, "tally", None) if getattr(player, "core_counts", False) \
+            else None
+        self._tally = tally if type(tally) is Tally else None
         self.transport = None
         self.framer = None
         self.pending = _deque()
@@ -3790,10 +3849,9 @@ cdef class PumpCore:
             head = _field(m, fast, M_HEAD_LENGTH, "head_length")
             if head and connection_closes(data, head):
                 self.reusable = False
-            if self._counts and not (<Attempt>att).unknown and player.on_exchange is None \
-                    and (<Attempt>att).req.recorded_status is not None:
-                _count_answer(player.report, <Attempt>att, _field(m, fast, M_STATUS, "status"),
-                              now)
+            if self._tally is not None and not (<Attempt>att).unknown \
+                    and player.on_exchange is None and (<Attempt>att).req.recorded_status is not None:
+                self._tally.answer(<Attempt>att, _field(m, fast, M_STATUS, "status"), now)
             else:
                 player.answered(att, m, now, self)
         if not pending:
@@ -3806,7 +3864,7 @@ cdef class PumpCore:
         cdef bint ok
         if self.pending or self.pump is None:
             ok = False
-        elif self._counts:
+        elif self._tally is not None:
             try:
                 ok = self.pump_next()
             except Exception as e:  # (a bug: the player stops the run and raises it at the end)
@@ -3841,18 +3899,15 @@ cdef class PumpCore:
         report = player.report
         while True:
             req = items.popleft()
-            if self._counts:
+            if self._tally is not None:
                 _count_took(player)
-                _count_tried(player, report, req)
+                _count_tried(player, self._tally, req)
             else:
                 player._took()
                 player._tried(req)
             t = self.send(Attempt(req, it, None, conn_id))
-            if self._counts:
-                report.sent += 1
-                report.bytes_sent += len(req.data)
-                if not report.first_send_ns:
-                    report.first_send_ns = t
+            if self._tally is not None:
+                self._tally.sent_one(len(req.data), t)
             else:
                 report.on_sent(len(req.data), None, False, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:

@@ -2237,6 +2237,32 @@ def connection_closes(data: bytes, head_length: int) -> bool:
     return data.startswith(b"HTTP/1.0") and not (value and b"keep-alive" in value)
 
 
+class Tally:
+    """What the core counted for a ``Report`` (``report.tally``) in the place of its
+    ``on_attempt``, ``on_sent`` and ``on_answer``, until ``fold(report)`` adds it in. This twin
+    counts nothing itself: its ``PumpCore`` calls the player's and the report's methods, which
+    are the reference; the compiled ``PumpCore`` counts here (``Player.core_counts``)."""
+
+    def __init__(self):
+        self.attempted = self.sent = self.bytes_sent = self.answered = 0
+        self.same = self.different = self.first_send_ns = self.last_answer_ns = 0
+
+    def fold(self, report) -> None:
+        """Add what was counted into ``report`` and start again from nothing."""
+        report.attempted += self.attempted
+        report.sent += self.sent
+        report.bytes_sent += self.bytes_sent
+        report.answered += self.answered
+        report.same += self.same
+        report.different += self.different
+        if self.first_send_ns and (not report.first_send_ns
+                                   or self.first_send_ns < report.first_send_ns):
+            report.first_send_ns = self.first_send_ns
+        if self.last_answer_ns > report.last_answer_ns:
+            report.last_answer_ns = self.last_answer_ns
+        self.__init__()
+
+
 class PumpCore:
     """The hot part of a replay connection (the base of ``replay.play.sender.ReplayProtocol``,
     which holds the rest: connecting, losing the connection, waiting, sending again): the

@@ -33,6 +33,7 @@ make_messages = impl.make_messages
 first_field = impl.first_field
 Attempt = impl.Attempt
 PumpCore = impl.PumpCore
+Tally = impl.Tally
 StreamPlanner = impl.StreamPlanner
 connection_closes = impl.connection_closes
 STAT_NAMES = impl.STAT_NAMES

@@ -205,7 +205,8 @@ class _Room:
 
 class _CountingPlayer(_Player):
     """A player whose counting is ``sender.Player``'s own, with a real ``Report``: the compiled
-    core counts in its place (``core_counts``), the pure twin calls these methods."""
+    core counts in its place (``core_counts``, into the report's ``Tally``), the pure twin calls
+    these methods."""
 
     from replay.play.sender import Player as _P
 
@@ -276,7 +277,8 @@ def _run(core, seed, counting=False):
                     player.report.bytes_received, player.report.unsolicited))
     if counting:
         r = player.report
-        log.append(("report", r.to_dict(), list(r.latency), list(r.latency_intended),
+        d = r.to_dict()          # (the tally the compiled core counted into is added here)
+        log.append(("report", d, sorted(r.latency), sorted(r.latency_intended),
                     r.first_send_ns, r.last_answer_ns, player.fed))
     return log
 

@@ -27,6 +27,8 @@ import math
 from array import array
 from collections import Counter, deque
 
+from replay import core
+
 ERROR_KINDS = ("refused", "reset", "timeout", "bad_response", "closed", "connect", "tls")
 NS_PER_MS = 1_000_000
 
@@ -56,11 +58,6 @@ def _samples():
 
 
 class Report:
-    # the core's PumpCore counts a request tried, sent and answered in this report's place, with
-    # the same effects as on_attempt, on_sent and on_answer (a subclass that counts otherwise
-    # sets it False)
-    core_counts = True
-
     def __init__(self, meta: dict | None = None, bounded: bool = False):
         self.meta = dict(meta or {})
         if bounded:
@@ -98,6 +95,13 @@ class Report:
         self.first_send_ns = 0
         self.last_answer_ns = 0
         self.wall_offset_ns: int | None = None    # clock ns + this = Unix ns (set by the run)
+        # what the core's PumpCore counts in the place of on_attempt, on_sent and on_answer (at
+        # --speed max), added in by fold(): before the report is read, and at the end of a run
+        self.tally = None if bounded else core.Tally()
+
+    def fold(self) -> None:
+        if self.tally is not None:
+            self.tally.fold(self)
 
     # -- events ------------------------------------------------------------------------------
     def on_attempt(self, recorded_status):
@@ -185,6 +189,7 @@ class Report:
         return max(0.0, (end - self.started_ns) / 1e9) if self.started_ns else 0.0
 
     def progress_text(self, now: int) -> str:
+        self.fold()
         p99 = "-"
         if self.recent_lateness:
             s = sorted(self.recent_lateness)
@@ -196,6 +201,7 @@ class Report:
         """The report as JSON-ready values; ``histograms``: with the latency, lateness and
         connect samples as encoded HdrHistograms (``HISTOGRAMS``), which ``merge_reports``
         adds up exactly (the --report file of each replayer of a group)."""
+        self.fold()
         errors = {k: self.errors.get(k, 0) for k in ERROR_KINDS}
         errors.update({k: v for k, v in self.errors.items() if k not in errors})
         wall = ((self.last_answer_ns - self.first_send_ns) / 1e9

@@ -411,6 +411,7 @@ class PlaySession:
             ev.close()
             asyncio.set_event_loop(None)
             gc.unfreeze()
+            report.fold()
             if status is not None:
                 status.stop()
         if player.crash is not None:
