@@ -472,6 +472,7 @@ class Player:
         feeds: dict = {}         # (conn, pass) -> _Feed
         late: OrderedDict = OrderedDict()   # (conn, index, pass) -> request, its status to come
         running: dict = {}       # (conn, pass) -> the task of its last feed, while it runs
+        timed = sched.timed
         self.fed = 0
         self.room = asyncio.Event()
         try:
@@ -517,7 +518,7 @@ class Player:
                     late[(req.conn, req.index, it)] = req
                     if len(late) > MAX_LATE_ANSWERS // 10:    # (they hold their bodies)
                         late.popitem(last=False)
-                d = sched.deadline(req.t, req.seq, it)
+                d = sched.deadline(req.t, req.seq, it) if timed else None
                 if d is not None:
                     if self.end_ns is not None and d >= self.end_ns:
                         break
@@ -557,9 +558,17 @@ class Player:
                         lambda t, k=key: running.pop(k) if running.get(k) is t else None)
                     self.tasks.add(task)
                     task.add_done_callback(self._task_done)
+                    f.put(req)
                 else:
                     feeds[key] = feeds.pop(key)  # most recently fed last
-                f.put(req)
+                    # f.put(req), without two calls a request
+                    f.items.append(req)
+                    self.fed += 1
+                    if f.pumping is not None and req.pipelined and len(f.items) == 1:
+                        self._pump(f.pumping)
+                    w = f.waiter
+                    if w is not None and not w.done():
+                        w.set_result(None)
                 if self.lookahead is not None and d is not None:
                     self.lookahead.push(d)
                 if self.on_recorded is not None and it == 0:
