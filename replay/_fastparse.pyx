@@ -4095,6 +4095,12 @@ cdef class StreamPlanner:
                     self.early.popitem(last=False)
         return self._release(False)
 
+    def advance(self, now):
+        if self.now is None or now <= self.now:
+            return []
+        self.now = now
+        return self._release(False)
+
     def finish(self):
         out = self._release(True)
         self.ended.extend(self.conns.keys())
@@ -4229,3 +4235,143 @@ cdef class StreamPlanner:
                 break
             del conns[conn]
             self.ended.append(conn)
+
+
+# -- planned requests across the reader's pipe ----------------------------------------------------
+#
+# The twin of ``pack_planned`` / ``unpack_planned`` in ``replay._fastparse_py`` (its docstrings
+# give the layout): one record a request, written and read with memcpy, the strings as UTF-8.
+
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+
+
+cdef packed struct PackedHead:
+    int64_t it
+    uint64_t conn
+    int64_t index
+    int64_t t
+    int64_t head_length
+    int64_t recorded_status
+    int64_t seq
+    int64_t body_length
+    int64_t flags
+    uint32_t data_len
+    uint32_t method_len
+    uint32_t uri_len
+    uint8_t bits              # 1: pipelined, 2: a recorded status
+
+
+cdef enum:
+    PK_PIPELINED = 1
+    PK_STATUS = 2
+
+
+cdef inline bint _exact_int(object v):
+    return type(v) is int
+
+
+def pack_planned(list batch not None):
+    """The twin's ``pack_planned``."""
+    cdef bytearray out = bytearray()
+    cdef list others = []
+    cdef PackedHead h
+    cdef Py_ssize_t pos = 0, i, at
+    cdef const char* m
+    cdef const char* u
+    cdef char* p
+    cdef Py_ssize_t mlen, ulen
+    for i in range(len(batch)):
+        entry = batch[i]
+        if _packable(entry):
+            item = (<tuple>entry)[1]
+            r = (<tuple>item)[0]
+            try:
+                h.it = (<tuple>entry)[0]
+                h.conn = r.conn
+                h.index = r.index
+                h.t = r.t
+                h.head_length = r.head_length
+                status = r.recorded_status
+                h.recorded_status = 0 if status is None else status
+                h.seq = r.seq
+                h.body_length = r.body_length
+                h.flags = r.flags
+                m = PyUnicode_AsUTF8AndSize(r.method, &mlen)
+                u = PyUnicode_AsUTF8AndSize(r.uri, &ulen)
+            except (OverflowError, UnicodeError):
+                others.append((i, entry))
+                continue
+            data = r.data
+            if mlen > 0xFFFFFFFF or ulen > 0xFFFFFFFF or len(data) > 0xFFFFFFFF:
+                others.append((i, entry))
+                continue
+            h.data_len = <uint32_t>len(data)
+            h.method_len = <uint32_t>mlen
+            h.uri_len = <uint32_t>ulen
+            h.bits = (PK_PIPELINED if r.pipelined else 0) | (0 if status is None else PK_STATUS)
+            at = len(out)
+            PyByteArray_Resize(out, at + sizeof(PackedHead) + h.data_len + mlen + ulen)
+            p = PyByteArray_AS_STRING(out) + at
+            memcpy(p, &h, sizeof(PackedHead))
+            p += sizeof(PackedHead)
+            memcpy(p, PyBytes_AS_STRING(data), h.data_len)
+            p += h.data_len
+            memcpy(p, m, mlen)
+            memcpy(p + mlen, u, ulen)
+        else:
+            others.append((i, entry))
+    return bytes(out), others
+
+
+cdef bint _packable(object entry):
+    """``(it, (PlannedRequest, None, None))`` whose fields are of the types a plan makes."""
+    if type(entry) is not tuple or len(<tuple>entry) != 2 or not _exact_int((<tuple>entry)[0]):
+        return False
+    item = (<tuple>entry)[1]
+    if type(item) is not tuple or len(<tuple>item) != 3 or (<tuple>item)[1] is not None \
+            or (<tuple>item)[2] is not None:
+        return False
+    r = (<tuple>item)[0]
+    if type(r) is not PlannedRequest:
+        return False
+    status = r.recorded_status
+    return (_exact_int(r.conn) and _exact_int(r.index) and _exact_int(r.t)
+            and _exact_int(r.head_length) and (status is None or _exact_int(status))
+            and _exact_int(r.seq) and _exact_int(r.body_length) and _exact_int(r.flags)
+            and type(r.pipelined) is bool and type(r.data) is bytes
+            and type(r.method) is str and type(r.uri) is str)
+
+
+def unpack_planned(bytes blob not None, list others not None):
+    """The twin's ``unpack_planned``."""
+    cdef list out = []
+    cdef PackedHead h
+    cdef const char* p = PyBytes_AS_STRING(blob)
+    cdef const char* end = p + PyBytes_GET_SIZE(blob)
+    cdef Py_ssize_t k = 0, n_others = len(others)
+    cdef dict methods = {}
+    while p < end or k < n_others:
+        if k < n_others and (<tuple>others[k])[0] == len(out):
+            out.append((<tuple>others[k])[1])
+            k += 1
+            continue
+        if end - p < <Py_ssize_t>sizeof(PackedHead):
+            raise ValueError("a packed batch of planned requests is cut short")
+        memcpy(&h, p, sizeof(PackedHead))
+        p += sizeof(PackedHead)
+        if end - p < <Py_ssize_t>h.data_len + h.method_len + h.uri_len:
+            raise ValueError("a packed batch of planned requests is cut short")
+        data = PyBytes_FromStringAndSize(p, h.data_len)
+        p += h.data_len
+        mkey = PyBytes_FromStringAndSize(p, h.method_len)
+        method = methods.get(mkey)
+        if method is None:
+            method = methods[mkey] = PyUnicode_DecodeUTF8(p, h.method_len, NULL)
+        p += h.method_len
+        uri = PyUnicode_DecodeUTF8(p, h.uri_len, NULL)
+        p += h.uri_len
+        r = _planned(h.conn, h.index, h.t, data, method, uri, h.head_length,
+                     h.recorded_status if h.bits & PK_STATUS else None,
+                     True if h.bits & PK_PIPELINED else False, h.seq, h.body_length, h.flags)
+        out.append((h.it, (r, None, None)))
+    return out

@@ -155,6 +155,10 @@ def run_both(msgs, host, keep_host, header, max_pending):
         if got[0] == "error":
             return None
         assert _state(a) == _state(b)
+        if m.index % 3 == 1:             # a quiet moment of a live source, now and then
+            later = m.ts_last + (m.index % 5) * 700 * MS
+            assert _step(a, lambda: a.advance(later)) == _step(b, lambda: b.advance(later))
+            assert _state(a) == _state(b)
     assert _step(a, a.finish) == _step(b, b.finish)
     assert _state(a) == _state(b)
     return a
@@ -189,3 +193,52 @@ def test_host_edit_is_byte_exact():
         assert out[0][0].data == b"GET / HTTP/1.1\r\nHOST: new:1\r\nX: y\r\n\r\nbody"
         r = out[0][0]
         assert r.head_length == r.data.index(b"\r\n\r\n") + 4 and r.body_length == 4
+
+
+# -- planned requests across the reader's pipe ----------------------------------------------------
+
+_ints = st.one_of(st.integers(-3, 3), st.integers(-(1 << 63), (1 << 63) - 1),
+                  st.integers(-(1 << 70), 1 << 70))
+_texts = st.one_of(st.sampled_from(["GET", "POST", "", "/api/x?y=1"]), st.text(max_size=6),
+                   st.just("\udcff"))
+
+
+@st.composite
+def planned_request(draw):
+    return PlannedRequest(
+        draw(st.one_of(st.integers(0, (1 << 64) - 1), _ints)), draw(_ints), draw(_ints),
+        draw(st.binary(max_size=40)), draw(_texts), draw(_texts), draw(_ints),
+        draw(st.one_of(st.none(), st.integers(0, 999), _ints)),
+        draw(st.one_of(st.booleans(), st.just(1))), draw(_ints), draw(_ints), draw(_ints))
+
+
+_entries = st.one_of(
+    st.tuples(st.integers(0, 3), st.tuples(planned_request(), st.none(), st.none())),
+    st.tuples(st.integers(0, 3), st.tuples(planned_request(), st.just("recorded"), st.none())),
+    st.tuples(st.integers(0, 3), st.tuples(st.just("end_conn"), st.integers(0, 9))),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_entries, max_size=12), st.sampled_from([(pure, compiled), (compiled, pure),
+                                                          (compiled, compiled)]))
+def test_packed_batches_come_back_whole(batch, ends):
+    packer, unpacker = ends
+    blob, others = packer.pack_planned(batch)
+    assert (blob, others) == (pure if packer is compiled else compiled).pack_planned(batch)
+    got = unpacker.unpack_planned(blob, others)
+    assert got == batch
+    for a, b in zip(got, batch):
+        if isinstance(a[1][0], PlannedRequest):
+            assert [type(getattr(a[1][0], f)) for f in PlannedRequest.__slots__] == \
+                [type(getattr(b[1][0], f)) for f in PlannedRequest.__slots__]
+
+
+@pytest.mark.parametrize("mod", [pure, compiled], ids=["pure", "compiled"])
+def test_cut_batch_is_refused(mod):
+    r = PlannedRequest(1, 2, 3, b"GET / HTTP/1.1\r\n\r\n", "GET", "/", 18, 200, False, 0, 0, 0)
+    blob, others = mod.pack_planned([(0, (r, None, None))] * 2)
+    assert others == [] and mod.unpack_planned(blob, []) == [(0, (r, None, None))] * 2
+    for cut in (1, len(blob) // 2 - 1, len(blob) // 2 + 5, len(blob) - 1):
+        with pytest.raises(ValueError):
+            mod.unpack_planned(blob[:cut], [])

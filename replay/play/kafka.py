@@ -216,10 +216,9 @@ class KafkaStreamReader(StreamReader):
         """The topic is quiet and read to its end: the planner's clock moves on to ``now_ns``
         (see consumer.py), so that what it held waiting for later traffic goes out."""
         p = self.planner
-        if p is None or p.now is None or now_ns <= p.now:
+        if p is None:
             return
-        p.now = now_ns
-        for item in p._release(False):
+        for item in p.advance(now_ns):
             if not self._put(0, item):
                 return
         ended, p.ended = p.ended, []

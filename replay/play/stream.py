@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from replay.core import StreamPlanner
+from replay.core import StreamPlanner, pack_planned, unpack_planned
 from replay.errors import InputError, ReplayError
 from replay.events import F_REPLAYED, KIND_REQUEST, PlannedRequest
 # the planner's window: both implementations of the core take it from replay.limits
@@ -259,10 +259,16 @@ class StreamReader:
         if batch is None:
             self.done = True
             return False
-        for item in batch:
-            if item[1][0].__class__ is str and item[1][0] == STATS:
-                self.plan.absorb(item[1][1])
-        self.items.extend(batch)
+        blob, others = batch
+        for _, (_, item) in others:        # (the reader's marks are never packed)
+            if item[0].__class__ is str and item[0] == STATS:
+                self.plan.absorb(item[1])
+        try:
+            self.items.extend(unpack_planned(blob, others))
+        except ValueError as e:
+            self.done = True
+            self.items.append((0, (FAILED, InputError(f"{self.plan.path}: the plan's reader sent "
+                                                      f"what cannot be read back ({e})"))))
         return True
 
     def _lost(self) -> bool:
@@ -333,7 +339,7 @@ class StreamReader:
     def _flush(self) -> None:
         if self.batch:
             b, self.batch = self.batch, []
-            self._tx.send(b)
+            self._tx.send(pack_planned(b))
 
     def _wait_for(self, req, it) -> bool:
         """Until ``hold`` lets ``req`` of pass ``it`` go; False when stopping."""
