@@ -13,7 +13,8 @@ import pytest
 from play_helpers import SinkThread
 from test_play_stream import big_log, run_bounded
 
-from replay.play.stream import Shard, StreamHeader, shard_assignment
+from replay.play.stream import Shard, StreamHeader, index_header, shard_assignment
+from tests.conftest import ROOT
 from replay.play.workers import apportion, plan_shares
 
 
@@ -88,6 +89,31 @@ def test_every_connection_has_one_worker_listed_or_not():
                 assert owners[0] == assign[int(np.searchsorted(conns, np.uint64(c)))]
             else:
                 assert owners[0] == c % n
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_a_share_picked_from_the_tables_is_the_share_kept(tmp_path, listed):
+    """``Shard.select`` (rows picked from each block's table) gives what ``Shard.keep`` (every
+    message made, then filtered) gives: the same messages, in the same order."""
+    from replay.log import LogReader, LogWriter
+    from replay.pipeline import open_input
+
+    path = tmp_path / "w.rlog"
+    with LogWriter(str(path), meta={"command": "convert"}, block_records=7) as w:
+        for m in open_input(str(ROOT / "captures/sample.pcap")):
+            w.write(m)
+    h = index_header(LogReader(str(path)))
+    conns = h.conns if listed else np.zeros(0, np.uint64)
+    for n in (1, 2, 3):
+        assign = shard_assignment(conns, h.last_index[:len(conns)], n)
+        got = []
+        for i in range(n):
+            s = Shard(i, n, conns, assign)
+            kept = list(s.keep(LogReader(str(path))))
+            assert list(s.select(LogReader(str(path)))) == kept
+            got += kept
+        assert sorted((m.conn, m.kind, m.index) for m in got) == \
+            sorted((m.conn, m.kind, m.index) for m in LogReader(str(path)))
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -469,6 +469,11 @@ class Shard:
         listed = ids[j] == conns
         return np.where(listed, self.assign[j] == self.i, conns % np.uint64(self.n) == self.i)
 
+    def select(self, reader):
+        """The messages of ``reader`` (a ``LogReader``) on this share's connections, picked from
+        each block's table before they are made: as ``keep``, at a fraction of the cost."""
+        return reader.select(lambda cols: self.mask(cols["conn"]))
+
     def keep(self, msgs, first=None):
         """The messages of ``msgs`` on this share's connections; ``first(ts_first)`` is told
         the time of the first message of ``msgs``, this share's or not."""
