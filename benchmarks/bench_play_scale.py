@@ -27,7 +27,8 @@ What is measured
    connections: like for like with wrk, the one the target is about) and ``mixed`` (the log of
    part 1, whose short connections are opened as recorded, one per 2 requests or so). The
    replay's own rate (from its report: first send to last answer, startup excluded) is printed
-   beside each, so the share of the startup shows.
+   beside each, so the share of the startup shows. The keep-alive log is replayed again with
+   ``--workers N`` for each N of ``--workers`` (default ``1,2``: one more run, two workers).
 3. **Timing unchanged**, cheaply: the lateness of the ``--speed 1 --duration`` runs at the sink
    (arrival - deadline, the deadline being the schedule's start from the report plus the
    request's recorded offset), for both logs, and the tool's own lateness from its report. The
@@ -493,12 +494,13 @@ def wrk_run(ns: Netns, seconds: int, conns: int) -> float | None:
     return float(m.group(1))
 
 
-def max_run(ns: Netns, log: Path, n: int, work: Path) -> dict:
+def max_run(ns: Netns, log: Path, n: int, work: Path, workers: int = 1) -> dict:
     """One ``replay play --speed max`` against nginx, timed from launch to exit."""
     report = work / f"report-max-{time.monotonic_ns()}.json"
+    more = ["--workers", workers] if workers > 1 else []
     m = run_measured(replay_argv("play", log, "--target", f"http://127.0.0.1:{NGINX_PORT}",
                                  "--speed", "max", "--connections", WRK_CONNS, "--limit", n,
-                                 "--report", report, "-q"),
+                                 "--report", report, "-q", *more),
                      300 + n / 500, work, ns=ns)
     if m["returncode"] != 0 or not report.exists():
         raise Failure(f"replay play --speed max: exit {m['returncode']}: {m['output'][-300:]}")
@@ -527,6 +529,9 @@ def part_throughput(logs: dict, args, work: Path) -> dict:
             wrk_run(ns, 1, WRK_CONNS)                                   # warm-up
             for name, log in logs.items():
                 runs[name] = max_run(ns, log, n, work)
+            for w in args.workers:
+                if w > 1:
+                    runs[f"keep-alive --workers {w}"] = max_run(ns, logs["keep-alive"], n, work, w)
             wrk = wrk_run(ns, secs, WRK_CONNS)
         finally:
             server.stop()
@@ -539,8 +544,9 @@ def part_throughput(logs: dict, args, work: Path) -> dict:
               f"{r['connections_opened']} connections opened; {own:.0f}/s once sending; "
               f"peak RSS {r['peak_rss_mib']:.0f} MiB)")
         print(f"    / wrk: {r['ratio']:.3f} whole command, {own / wrk:.3f} once sending")
-    best = runs["keep-alive"]["ratio"]
-    print(f"  target (keep-alive log, whole command / wrk >= {TARGET_RATIO}): "
+    best = max(r["ratio"] for name, r in runs.items() if name.startswith("keep-alive"))
+    print(f"  target (keep-alive log, whole command / wrk >= {TARGET_RATIO}, best of the "
+          f"worker counts): "
           f"{'MET' if best >= TARGET_RATIO else 'NOT MET'} ({best:.3f})", flush=True)
     return {"limit": n, "connections": WRK_CONNS, "wrk_rps": wrk, "wrk_seconds": secs, "runs": runs}
 
@@ -579,6 +585,9 @@ def main(argv=None) -> int:
     ap.add_argument("--replay-root", metavar="DIR",
                     help="measure the replay package in DIR (a checkout) instead of the installed one")
     ap.add_argument("--json", metavar="FILE", help="write the figures to FILE")
+    ap.add_argument("--workers", default="1,2", type=lambda v: [int(x) for x in v.split(",")],
+                    help="part 2: the keep-alive log is also replayed with play --workers N for "
+                         "each N of this list (1: the plain command)")
     ap.add_argument("--watchdog", type=float, default=0.0,
                     help="hard limit for the whole script, s (0: from the sizes)")
     args = ap.parse_args(argv)

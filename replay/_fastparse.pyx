@@ -3663,6 +3663,7 @@ from array import array as _array
 
 cdef enum:
     T_CODES = 1000          # status codes counted in arrays; others in dicts
+    T_FOLD_AT = 65536       # latencies held before they go into the report on their own
 
 
 cdef inline int _sample(_carray.array a, object v) except -1:
@@ -3681,8 +3682,10 @@ cdef class Tally:
     cdef long long statuses[T_CODES]
     cdef dict other_recorded, other_statuses, changes
     cdef _carray.array latency, intended
+    cdef object report
 
-    def __cinit__(self):
+    def __cinit__(self, report=None):
+        self.report = report
         self._reset()
 
     cdef void _reset(self) except *:
@@ -3723,6 +3726,8 @@ cdef class Tally:
             self.different += 1
             key = (recorded, status)
             self.changes[key] = self.changes.get(key, 0) + 1
+        if len(self.latency) >= T_FOLD_AT and self.report is not None:
+            self.fold(self.report)           # memory stays bounded in a run never read
         return 0
 
     def fold(self, report):
@@ -4014,7 +4019,9 @@ cdef class _ConnState:
 
 
 cdef class StreamPlanner:
-    """The twin's ``StreamPlanner``, with the same API."""
+    """The twin's ``StreamPlanner``, with the same API, for messages whose fields are as the core
+    and the log make them (ints within the log's widths: a ``head_length`` or ``flags`` beyond
+    64 bits is an OverflowError here)."""
 
     cdef readonly object host, header
     cdef readonly bint keep_host
@@ -4115,8 +4122,8 @@ cdef class StreamPlanner:
         cdef _Waiting p
         now = self.now
         while heap:
-            top = <tuple>heap[0]
-            p = <_Waiting>top[4]
+            top = <tuple?>heap[0]
+            p = <_Waiting?>top[4]
             if not everything and len(heap) <= self.max_pending:
                 age = now - top[0]
                 if age < REORDER_NS or (p.final is None and age < ANSWER_WAIT_NS):
@@ -4350,6 +4357,10 @@ def unpack_planned(bytes blob not None, list others not None):
     cdef const char* end = p + PyBytes_GET_SIZE(blob)
     cdef Py_ssize_t k = 0, n_others = len(others)
     cdef dict methods = {}
+    for o in others:
+        if type(o) is not tuple or len(<tuple>o) != 2:
+            raise ValueError("a packed batch of planned requests lists what is not (position, "
+                             "entry)")
     while p < end or k < n_others:
         if k < n_others and (<tuple>others[k])[0] == len(out):
             out.append((<tuple>others[k])[1])

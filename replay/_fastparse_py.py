@@ -2243,7 +2243,11 @@ class Tally:
     counts nothing itself: its ``PumpCore`` calls the player's and the report's methods, which
     are the reference; the compiled ``PumpCore`` counts here (``Player.core_counts``)."""
 
-    def __init__(self):
+    def __init__(self, report=None):
+        self.report = report       # (the compiled twin folds into it past 65,536 latencies)
+        self._reset()
+
+    def _reset(self) -> None:
         self.attempted = self.sent = self.bytes_sent = self.answered = 0
         self.same = self.different = self.first_send_ns = self.last_answer_ns = 0
 
@@ -2260,7 +2264,7 @@ class Tally:
             report.first_send_ns = self.first_send_ns
         if self.last_answer_ns > report.last_answer_ns:
             report.last_answer_ns = self.last_answer_ns
-        self.__init__()
+        self._reset()
 
 
 class PumpCore:
@@ -2271,9 +2275,11 @@ class PumpCore:
     same in C, counting into the report without a Python call per request.
 
     It reads and sets: ``player`` (``clock``, ``report``, ``on_exchange``, ``late_answers``,
-    ``budget``, ``stopping``, ``fed``/``room``, ``answered``, ``_took``, ``_tried``), ``loop``,
-    ``transport``, ``framer`` (a ``ResponseFramer``), ``pending`` (a deque of ``Attempt``),
-    ``pump`` ((feed, pass, conn id) or None), ``retry``, ``waiter``, and its counters."""
+    ``budget``, ``stopping``, ``fed``/``room``, ``answered``, ``_took``, ``_tried``, ``_pump``;
+    the compiled twin also ``core_counts``, ``room_at``, ``_crashed`` and the report's
+    ``tally``), ``loop``, ``transport``, ``framer`` (a ``ResponseFramer``), ``pending`` (a deque
+    of ``Attempt``), ``pump`` ((feed, pass, conn id) or None), ``retry``, ``waiter``, and its
+    counters."""
 
     def init_core(self, player) -> None:
         self.player = player
@@ -2613,7 +2619,10 @@ def pack_planned(batch: list) -> tuple:
 
 
 def unpack_planned(blob: bytes, others: list) -> list:
-    """The batch ``pack_planned`` packed (ValueError when ``blob`` is cut short)."""
+    """The batch ``pack_planned`` packed (ValueError when ``blob`` is cut short or ``others``
+    is not of its making)."""
+    if any(type(o) is not tuple or len(o) != 2 for o in others):
+        raise ValueError("a packed batch of planned requests lists what is not (position, entry)")
     out = []
     pos = 0
     k = 0

@@ -104,8 +104,9 @@ class PlannedRequest:
     flags: int = 0               # F_CHUNKED when ``data`` is chunked
 
     def __reduce__(self):
-        # the streamed plan crosses a pipe: a plain tuple pickles three times faster than the
-        # __getstate__ of a slotted dataclass, and loads three times faster in the sender
+        # what the streamed plan's reader cannot pack (``pack_planned``: requests that carry
+        # their recorded messages, for -o) crosses its pipe pickled: a plain tuple pickles three
+        # times faster than the __getstate__ of a slotted dataclass, and loads three times faster
         return (type(self), _FIELDS(self))
 
 

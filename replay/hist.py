@@ -109,6 +109,10 @@ class SharedHist(Hist):
 
     append = add
 
+    def extend(self, ns) -> None:
+        with self.lock:
+            Hist.extend(self, ns)
+
     def __len__(self) -> int:
         with self.lock:
             return Hist.__len__(self)

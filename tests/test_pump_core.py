@@ -230,7 +230,7 @@ class _CountingPlayer(_Player):
         self.log.append(("cancel",))
 
 
-def _run(core, seed, counting=False):
+def _run(core, seed, counting=False, before_fold=None):
     rng = random.Random(seed)
     log: list = []
     n = rng.randint(1, 12)
@@ -277,6 +277,8 @@ def _run(core, seed, counting=False):
                     player.report.bytes_received, player.report.unsolicited))
     if counting:
         r = player.report
+        if before_fold is not None:
+            before_fold(r)
         d = r.to_dict()          # (the tally the compiled core counted into is added here)
         log.append(("report", d, sorted(r.latency), sorted(r.latency_intended),
                     r.first_send_ns, r.last_answer_ns, player.fed))
@@ -299,7 +301,19 @@ def test_pump_core_counts_alike(seed):
 
 @needs_compiled
 def test_pump_core_counts_answers():
-    reports = [_run(compiled, seed, counting=True)[-1][1] for seed in range(40)]
+    """The compiled core counted into the tally, not through the methods (which would give the
+    same report): before the fold the report itself holds no request tried or sent, and only
+    the answers whose recorded status was unknown (those go through ``Player.answered``)."""
+    tallied = []
+
+    def look(r):
+        assert r.attempted == r.sent == 0 and r.answered == r.unrecorded
+        tallied.append((r.tally.attempted, r.tally.answered, r.answered))
+
+    reports = [_run(compiled, seed, counting=True, before_fold=look)[-1][1] for seed in range(40)]
+    assert sum(t[0] for t in tallied) == sum(r["attempted"] for r in reports) > 0
+    assert sum(t[1] + t[2] for t in tallied) == sum(r["answered"] for r in reports)
+    assert sum(t[1] for t in tallied) > 0
     assert sum(r["answered"] for r in reports) > 50
     compared = [r["status_comparison"] for r in reports]
     assert sum(c["same"] for c in compared) > 0 and sum(c["different"] for c in compared) > 0
@@ -318,3 +332,40 @@ def test_attempt_alike(recorded):
         a.unknown = False
         a.deadline = 12
         assert (a.sent_ns, a.unknown, a.deadline) == (5, False, 12)
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_tally_folds_into_any_report_and_on_its_own(bounded):
+    """A report of fixed-size histograms (a long or looping run) takes the tally's latencies as
+    an exact one does, and a tally never read folds itself every 65,536 answers."""
+    from replay.play.report import Report
+
+    r = Report(bounded=bounded)
+    if compiled is None or type(r.tally) is not compiled.Tally:
+        pytest.skip("the compiled core counts into the tally")
+    n = 70_000
+    player = _CountingPlayer([], None, random.Random(1))
+    player.report = r
+    player.fed = 10**9
+
+    class Conn(compiled.PumpCore):
+        pass
+
+    c = Conn()
+    c.init_core(player)
+    c.transport = _Transport([])
+    c.framer = compiled.ResponseFramer(("127.0.0.1", 40000), ("127.0.0.1", 80))
+    reqs = [_request(3, "GET", False) for _ in range(n)]
+    for q in reqs:
+        q.recorded_status = 200
+    c.pump = (_Feed(reqs), 0, 7)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert c.pump_next()
+    for _ in range(n - 1):
+        c.data_received(answer)
+        player.loop.run()
+    assert r.answered == 65_536          # folded once on its own, the rest still in the tally
+    c.data_received(answer)
+    d = r.to_dict()
+    assert d["answered"] == d["attempted"] == n and d["statuses"] == {"200": n}
+    assert len(r.latency) == n and d["latency_ms"]["max"] is not None

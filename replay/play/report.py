@@ -96,8 +96,9 @@ class Report:
         self.last_answer_ns = 0
         self.wall_offset_ns: int | None = None    # clock ns + this = Unix ns (set by the run)
         # what the core's PumpCore counts in the place of on_attempt, on_sent and on_answer (at
-        # --speed max), added in by fold(): before the report is read, and at the end of a run
-        self.tally = None if bounded else core.Tally()
+        # --speed max), added in by fold(): before the report is read, at the end of a run, and
+        # by the tally itself every 65,536 answers
+        self.tally = core.Tally(self)
 
     def fold(self) -> None:
         if self.tally is not None:

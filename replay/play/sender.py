@@ -290,9 +290,9 @@ class Player:
     tried with the bytes sent and the response received, or a ``failed`` record whose data is
     the error's kind (for ``--output``).
 
-    ``core_counts``: ``_took``, ``_tried`` and ``answered`` are as the core's ``PumpCore`` does
-    them itself on the way of a request (``replay._fastparse``); a subclass that changes them
-    sets it False.
+    ``core_counts``: ``_took``, ``_tried``, ``answered`` and ``_pump`` are as the compiled
+    core's ``PumpCore`` does them itself on the way of a request (counting into the report's
+    ``Tally``); a subclass that changes any of them sets it False.
     """
 
     core_counts = True
@@ -561,7 +561,7 @@ class Player:
                     f.put(req)
                 else:
                     feeds[key] = feeds.pop(key)  # most recently fed last
-                    # f.put(req), without two calls a request
+                    # _Feed.put(req), without two calls a request (keep the two in step)
                     f.items.append(req)
                     self.fed += 1
                     if f.pumping is not None and req.pipelined and len(f.items) == 1:

@@ -8,12 +8,16 @@ capture of minutes, not for a day of production. For a ``.rlog`` log, ``Streamin
    first and last request times, the connection ids' bound, how many connections, and the last
    request of each connection (so its replay connection can close after it, as recorded);
 2. then, in a process of its own (``StreamReader``, forked), reads the messages block by block
-   through the rules and plans them with ``StreamPlanner`` (sans-IO): requests come out in
-   recorded time order, each with the status of its recorded final response and the pipelining
-   of ``build_plan``, in batches through a pipe, a timed run's no further than ``READ_AHEAD_NS``
-   ahead of the schedule; the sender takes them as their deadlines approach.
+   through the rules and plans them with the core's ``StreamPlanner`` (sans-IO; compiled, with
+   its pure twin in ``replay._fastparse_py``): requests come out in recorded time order, each
+   with the status of its recorded final response and the pipelining of ``build_plan``, in
+   batches through a pipe (packed by the core's ``pack_planned``: no pickling a request), a
+   timed run's no further than ``READ_AHEAD_NS`` ahead of the schedule; the sender takes them
+   as their deadlines approach. With ``--workers``, each worker's reader picks its share's
+   rows from each block's table (``Shard.select``) before any message is made.
 
-Rules (``StreamPlanner``), beyond those of ``plan.py``:
+Rules (``StreamPlanner``; the window's bounds are in ``replay.limits``), beyond those of
+``plan.py``:
 - a log is written in completion order, a request when its last byte was captured: a request is
   released once the log has gone ``REORDER_NS`` past its start (a request that took longer to
   arrive than that comes out late and is counted in ``reordered``), and once its final response
@@ -46,9 +50,6 @@ import numpy as np
 from replay.core import StreamPlanner, pack_planned, unpack_planned
 from replay.errors import InputError, ReplayError
 from replay.events import F_REPLAYED, KIND_REQUEST, PlannedRequest
-# the planner's window: both implementations of the core take it from replay.limits
-from replay.limits import (ANSWER_WAIT_NS, CONN_IDLE_NS, EXPIRE_EVERY_NS,  # noqa: F401
-                           MAX_EARLY, MAX_LATE, MAX_PENDING, REORDER_NS)
 
 NS = 1_000_000_000
 QUEUE_ITEMS = 20_000         # planned requests read ahead of the sender
@@ -129,7 +130,7 @@ def _max_by(keys: np.ndarray, values: np.ndarray):
 
 # items of the reader's queue
 END_CONN, END_PASS, FAILED, LATE, STATS = "end_conn", "end_pass", "failed", "late", "stats"
-BATCH = 64                   # items per message on the reader's pipe (~0.5 ms to unpickle)
+BATCH = 64                   # items per message on the reader's pipe (packed: pack_planned)
 
 
 class StreamingPlan:
@@ -259,13 +260,14 @@ class StreamReader:
         if batch is None:
             self.done = True
             return False
-        blob, others = batch
-        for _, (_, item) in others:        # (the reader's marks are never packed)
-            if item[0].__class__ is str and item[0] == STATS:
-                self.plan.absorb(item[1])
         try:
-            self.items.extend(unpack_planned(blob, others))
-        except ValueError as e:
+            blob, others = batch
+            got = unpack_planned(blob, others)
+            for _, (_, item) in others:        # (the reader's marks are never packed)
+                if item[0].__class__ is str and item[0] == STATS:
+                    self.plan.absorb(item[1])
+            self.items.extend(got)
+        except (ValueError, TypeError) as e:
             self.done = True
             self.items.append((0, (FAILED, InputError(f"{self.plan.path}: the plan's reader sent "
                                                       f"what cannot be read back ({e})"))))
