@@ -72,25 +72,25 @@ cdef enum:
 _SLOT_NAMES = ("kind", "conn", "index", "ts_first", "ts_last", "client", "server", "flags",
                "data", "method", "uri", "status", "body_length", "head_length")
 cdef Py_ssize_t _slot[M_FIELDS]
-cdef bint _slots_known = True
+cdef bint _slots_known
 _new_object = object.__new__
 
 
-def _find_slots():
-    global _slots_known
-    if hasattr(Message, "__post_init__") or tuple(Message.__dataclass_fields__) != _SLOT_NAMES:
-        _slots_known = False
-        return
-    for k, name in enumerate(_SLOT_NAMES):
-        d = Message.__dict__.get(name)
+cdef bint _find_offsets(object cls, tuple names, Py_ssize_t* out) except? False:
+    """The offsets of the slots ``names`` of ``cls`` (a slotted dataclass with exactly those
+    fields, in that order, and no __post_init__) into ``out``; False when they cannot be known."""
+    if hasattr(cls, "__post_init__") or tuple(cls.__dataclass_fields__) != names:
+        return False
+    for k, name in enumerate(names):
+        d = cls.__dict__.get(name)
         if d is None or type(d) is not <object>&PyMemberDescr_Type \
                 or (<PyMemberDescrObject*>d).d_member.type != T_OBJECT_EX:
-            _slots_known = False
-            return
-        _slot[k] = (<PyMemberDescrObject*>d).d_member.offset
+            return False
+        out[k] = (<PyMemberDescrObject*>d).d_member.offset
+    return True
 
 
-_find_slots()
+_slots_known = _find_offsets(Message, _SLOT_NAMES, _slot)
 
 
 cdef inline object _field(object m, bint fast, int k, str name):
@@ -3942,25 +3942,10 @@ cdef enum:
 _PLANNED_NAMES = ("conn", "index", "t", "data", "method", "uri", "head_length", "recorded_status",
                   "pipelined", "seq", "body_length", "flags")
 cdef Py_ssize_t _pslot[P_FIELDS]
-cdef bint _pslots_known = True
+cdef bint _pslots_known
 
 
-def _find_planned_slots():
-    global _pslots_known
-    if hasattr(PlannedRequest, "__post_init__") or \
-            tuple(PlannedRequest.__dataclass_fields__) != _PLANNED_NAMES:
-        _pslots_known = False
-        return
-    for k, name in enumerate(_PLANNED_NAMES):
-        d = PlannedRequest.__dict__.get(name)
-        if d is None or type(d) is not <object>&PyMemberDescr_Type \
-                or (<PyMemberDescrObject*>d).d_member.type != T_OBJECT_EX:
-            _pslots_known = False
-            return
-        _pslot[k] = (<PyMemberDescrObject*>d).d_member.offset
-
-
-_find_planned_slots()
+_pslots_known = _find_offsets(PlannedRequest, _PLANNED_NAMES, _pslot)
 
 
 cdef inline void _pput(object r, int k, object v):
