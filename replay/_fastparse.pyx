@@ -23,7 +23,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(void*)
@@ -3928,12 +3928,31 @@ cdef class PumpCore:
 # (a head that cannot be read plainly, a Transfer-Encoding field, a request cut by the capture)
 # is handed to those same helpers (``replay.httpmsg``).
 
-from heapq import heappop as _heappop, heappush as _heappush
+cdef struct _HeapItem:       # a request waiting in the window: its order, and its _Waiting
+    int64_t t
+    uint64_t conn
+    int64_t index
+    int64_t seq
+    PyObject* p
+
+
+cdef inline bint _before(const _HeapItem* a, const _HeapItem* b) noexcept nogil:
+    """The twin's heap order: (ts_first, conn, index, seq), seq unique."""
+    if a.t != b.t:
+        return a.t < b.t
+    if a.conn != b.conn:
+        return a.conn < b.conn
+    if a.index != b.index:
+        return a.index < b.index
+    return a.seq < b.seq
+
 from replay.events import CUT as _CUT_FLAGS, PlannedRequest
 from replay.limits import (ANSWER_WAIT_NS, CONN_IDLE_NS, EXPIRE_EVERY_NS, MAX_EARLY, MAX_LATE,
                            MAX_PENDING, REORDER_NS)
 
 cdef int CF_CUT = _CUT_FLAGS
+cdef int64_t C_REORDER_NS = REORDER_NS
+cdef int64_t C_ANSWER_WAIT_NS = ANSWER_WAIT_NS
 
 cdef enum:
     P_CONN, P_INDEX, P_T, P_DATA, P_METHOD, P_URI, P_HEAD_LENGTH, P_RECORDED_STATUS, P_PIPELINED,
@@ -4011,7 +4030,8 @@ cdef class StreamPlanner:
     cdef readonly object host, header
     cdef readonly bint keep_host
     cdef readonly Py_ssize_t max_pending
-    cdef readonly list heap
+    cdef _HeapItem* _heap       # a binary heap, as heapq keeps the twin's list
+    cdef Py_ssize_t _n, _cap
     cdef readonly dict waiting
     cdef readonly object early, conns, late
     cdef public list ended
@@ -4035,7 +4055,7 @@ cdef class StreamPlanner:
                 self._host_b = (<str>host).encode("latin-1")
             except UnicodeEncodeError:
                 pass                       # the twin's helper says so, at the first request
-        self.heap = []
+        self._n = 0
         self.waiting = {}
         self.early = OrderedDict()
         self.conns = OrderedDict()
@@ -4069,7 +4089,7 @@ cdef class StreamPlanner:
                 self.n += 1
                 p.final = self.early.pop(key, None)
                 self.waiting[key] = p
-                _heappush(self.heap, (_field(m, fast, M_TS_FIRST, "ts_first"), conn, index, seq, p))
+                self._push(_field(m, fast, M_TS_FIRST, "ts_first"), conn, index, seq, p)
         elif index >= 0 and not flags & CF_INTERIM:
             got = self.waiting.get(key)
             if got is not None:
@@ -4100,20 +4120,87 @@ cdef class StreamPlanner:
         self.early.clear()
         return out
 
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self._heap != NULL:
+            for i in range(self._n):
+                Py_XDECREF(self._heap[i].p)
+            free(self._heap)
+            self._heap = NULL
+
+    @property
+    def heap(self):
+        """The window's requests, as the twin's heap holds them (in the heap's order)."""
+        cdef Py_ssize_t i
+        return [(self._heap[i].t, self._heap[i].conn, self._heap[i].index, self._heap[i].seq,
+                 <object>self._heap[i].p) for i in range(self._n)]
+
+    cdef int _push(self, object t, object conn, object index, Py_ssize_t seq,
+                   _Waiting p) except -1:
+        cdef _HeapItem item
+        cdef _HeapItem* grown
+        cdef Py_ssize_t i, up
+        item.t = t
+        item.conn = conn
+        item.index = index
+        item.seq = seq
+        if self._n == self._cap:
+            grown = <_HeapItem*>realloc(self._heap, (self._cap * 2 + 64) * sizeof(_HeapItem))
+            if grown == NULL:
+                raise MemoryError()
+            self._heap = grown
+            self._cap = self._cap * 2 + 64
+        Py_INCREF(p)
+        item.p = <PyObject*>p
+        i = self._n
+        self._n += 1
+        while i > 0:
+            up = (i - 1) >> 1
+            if not _before(&item, &self._heap[up]):
+                break
+            self._heap[i] = self._heap[up]
+            i = up
+        self._heap[i] = item
+        return 0
+
+    cdef _Waiting _pop(self):
+        """The first of the window (its reference passes to the caller)."""
+        cdef _HeapItem last
+        cdef Py_ssize_t i = 0, child, n
+        cdef PyObject* first = self._heap[0].p
+        self._n -= 1
+        n = self._n
+        if n > 0:
+            last = self._heap[n]
+            while True:
+                child = 2 * i + 1
+                if child >= n:
+                    break
+                if child + 1 < n and _before(&self._heap[child + 1], &self._heap[child]):
+                    child += 1
+                if not _before(&self._heap[child], &last):
+                    break
+                self._heap[i] = self._heap[child]
+                i = child
+            self._heap[i] = last
+        p = <_Waiting>first
+        Py_XDECREF(first)            # (``p`` holds it now)
+        return p
+
     cdef list _release(self, bint everything):
         cdef list out = []
-        cdef list heap = self.heap
-        cdef tuple top
         cdef _Waiting p
+        cdef int64_t now_c = 0, age
         now = self.now
-        while heap:
-            top = <tuple?>heap[0]
-            p = <_Waiting?>top[4]
-            if not everything and len(heap) <= self.max_pending:
-                age = now - top[0]
-                if age < REORDER_NS or (p.final is None and age < ANSWER_WAIT_NS):
+        if now is not None:
+            now_c = now
+        while self._n:
+            p = <_Waiting>self._heap[0].p
+            if not everything and self._n <= self.max_pending:
+                age = now_c - self._heap[0].t
+                if age < C_REORDER_NS or (p.final is None and age < C_ANSWER_WAIT_NS):
                     break
-            _heappop(heap)
+            self._pop()
             del self.waiting[p.key]
             got = self._plan(p)
             if got is not None:

@@ -69,8 +69,9 @@ def request_data(draw):
 def log(draw):
     """Messages as a log holds them (about completion order, with some disorder)."""
     n_conns = draw(st.integers(1, 4))
+    base = draw(st.sampled_from([0, 0, 2**63 - 2, 2**64 - 5]))     # ids up to the log's width
     msgs = []
-    for conn in range(n_conns):
+    for conn in range(base, base + n_conns):
         t = T0 + draw(st.integers(0, 3000)) * MS
         for index in range(draw(st.integers(1, 6))):
             t += draw(st.integers(0, 1500)) * MS
@@ -82,7 +83,7 @@ def log(draw):
             end = t + draw(st.integers(0, 800)) * MS
             method = draw(st.sampled_from(["GET", "POST", "", None]))
             uri = draw(st.sampled_from(["/x", "", None]))
-            msgs.append(Message(KIND_REQUEST, conn, index, t, end, ("10.0.0.1", 1000 + conn),
+            msgs.append(Message(KIND_REQUEST, conn, index, t, end, ("10.0.0.1", 1000 + conn % 1000),
                                 ("10.0.0.2", 80), flags, data, method, uri, 0, 0, hl))
             for interim in range(draw(st.integers(0, 1))):
                 msgs.append(Message(KIND_RESPONSE, conn, index, end, end + MS, ("10.0.0.1", 1),
