@@ -199,6 +199,7 @@ cdef enum:
     NOT_HTTP_SCAN_LIMIT = 64 * 1024
     RESYNC_KEEP = 8192      # bytes after the last line end kept while resynchronising
 
+cdef int64_t MAX_CHUNK = 10**18  # a chunk size above this is not a length (the twin's MAX_CHUNK)
 cdef int CF_INCOMPLETE = F_INCOMPLETE
 cdef int CF_TRUNCATED = F_TRUNCATED
 cdef int CF_GAP = F_GAP
@@ -985,7 +986,7 @@ cdef class Framer:
                 except ValueError:
                     self._bad_chunk()
                     continue
-                if size < 0:
+                if size < 0 or size > MAX_CHUNK:       # beyond 10**18 bytes: no real chunk
                     self._bad_chunk()
                     continue
                 self.pos = nl + 1

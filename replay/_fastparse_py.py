@@ -359,6 +359,9 @@ def parse_head(head: bytes):
     return is_req, method, uri, status, fields
 
 
+MAX_CHUNK = 10**18      # a chunk size above this is not a length (as a Content-Length's 18 digits)
+
+
 def _content_length(fields):
     """RFC 9112 §6.3 rule 5: the value, -1 when absent, -2 when invalid."""
     vals = fields.get(b"content-length")
@@ -590,7 +593,7 @@ class Framer:
                 except ValueError:
                     self._bad_chunk()
                     continue
-                if size < 0:
+                if size < 0 or size > MAX_CHUNK:       # beyond 10**18 bytes: no real chunk
                     self._bad_chunk()
                     continue
                 self.pos = nl + 1

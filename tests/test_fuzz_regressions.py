@@ -65,3 +65,30 @@ def test_rlog_section_declaring_a_huge_size_allocates_nothing_of_it():
     assert got == table and peak < 16 << 20
     with pytest.raises(fmt.FormatError, match="length mismatch"):
         fmt._inflate(dctx, frame, 10, "A")
+
+
+@pytest.mark.parametrize("size", [b"FFFFFFFFFFFFFFFFFFFF", b"DE0B6B3A7640001", b"DE0B6B3A7640000"],
+                         ids=["beyond-64-bits", "just-above-1e18", "1e18"])
+def test_chunk_size_beyond_any_length_is_a_bad_chunk(size):
+    """A chunk size past 64 bits raised OverflowError in the compiled framer (fuzz_decode);
+    beyond 10**18 bytes it is now a bad chunk in both cores, as a Content-Length of more than
+    18 digits is invalid, and both frame the rest alike."""
+    from replay import _fastparse_py as pure
+
+    cores = [pure]
+    try:
+        from replay import _fastparse as compiled
+
+        cores.append(compiled)
+    except ImportError:
+        pass
+    wire = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\nabc"
+            + b"HTTP/1.1 204 No Content\r\n\r\n")
+    got = []
+    for core in cores:
+        f = core.ResponseFramer(("127.0.0.1", 40000), ("127.0.0.1", 80))
+        f.expect("GET")
+        f.expect("GET")
+        msgs = f.feed(wire, 1) + f.eof(2)
+        got.append([(m.status, m.flags, m.data) for m in msgs])
+    assert all(g == got[0] for g in got)
