@@ -64,7 +64,7 @@ class RecordedSource:
                     src = self._read = plan.reading = LogReader(path)
                     if rules is not None:
                         return rules.apply(src, shard=shard)
-                    return src if shard is None else shard.select(src)
+                    return src if shard is None else shard.keep(src)
 
                 plan = StreamingPlan(path, header, open_messages, host,
                                      keep_host or (rules is not None and rules.sets_host), rules)

@@ -14,7 +14,7 @@ capture of minutes, not for a day of production. For a ``.rlog`` log, ``Streamin
    batches through a pipe (packed by the core's ``pack_planned``: no pickling a request), a
    timed run's no further than ``READ_AHEAD_NS`` ahead of the schedule; the sender takes them
    as their deadlines approach. With ``--workers``, each worker's reader picks its share's
-   rows from each block's table (``Shard.select``) before any message is made.
+   rows from each block's table (``Shard.keep``) before any message is made.
 
 Rules (``StreamPlanner``; the window's bounds are in ``replay.limits``), beyond those of
 ``plan.py``:
@@ -471,14 +471,18 @@ class Shard:
         listed = ids[j] == conns
         return np.where(listed, self.assign[j] == self.i, conns % np.uint64(self.n) == self.i)
 
-    def select(self, reader):
-        """The messages of ``reader`` (a ``LogReader``) on this share's connections, picked from
-        each block's table before they are made: as ``keep``, at a fraction of the cost."""
-        return reader.select(lambda cols: self.mask(cols["conn"]))
-
     def keep(self, msgs, first=None):
         """The messages of ``msgs`` on this share's connections; ``first(ts_first)`` is told
-        the time of the first message of ``msgs``, this share's or not."""
+        the time of the first message of ``msgs``, this share's or not. From a ``LogReader``
+        (and no ``first``), the rows are picked from each block's table before any message is
+        made."""
+        from replay.log.reader import LogReader
+
+        if first is None and isinstance(msgs, LogReader):
+            return msgs.select(lambda cols: self.mask(cols["conn"]))
+        return self._keep(msgs, first)
+
+    def _keep(self, msgs, first):
         mine: dict = {}
         owns = self.owns
         for m in msgs:
