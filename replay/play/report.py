@@ -101,8 +101,7 @@ class Report:
         self.tally = core.Tally(self)
 
     def fold(self) -> None:
-        if self.tally is not None:
-            self.tally.fold(self)
+        self.tally.fold(self)
 
     # -- events ------------------------------------------------------------------------------
     def on_attempt(self, recorded_status):

@@ -558,17 +558,9 @@ class Player:
                         lambda t, k=key: running.pop(k) if running.get(k) is t else None)
                     self.tasks.add(task)
                     task.add_done_callback(self._task_done)
-                    f.put(req)
                 else:
                     feeds[key] = feeds.pop(key)  # most recently fed last
-                    # _Feed.put(req), without two calls a request (keep the two in step)
-                    f.items.append(req)
-                    self.fed += 1
-                    if f.pumping is not None and req.pipelined and len(f.items) == 1:
-                        self._pump(f.pumping)
-                    w = f.waiter
-                    if w is not None and not w.done():
-                        w.set_result(None)
+                f.put(req)
                 if self.lookahead is not None and d is not None:
                     self.lookahead.push(d)
                 if self.on_recorded is not None and it == 0:
