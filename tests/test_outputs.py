@@ -4,8 +4,10 @@ replaces a file only with a complete new one (``replay.outputs``). Real processe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -199,20 +201,35 @@ def test_two_converts_to_one_path_one_wins_and_the_log_is_whole(big, tmp_path):
     assert names(tmp_path) == {"same.rlog"}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_convert_keeps_what_it_converted(big, sample_log, tmp_path, sig):
-    """Like tcpdump -w: an interrupted convert keeps its work, a whole log marked interrupted,
-    renamed over the path as a finished one would be; no temporary or lock file is left."""
-    from replay.log import LogReader
+@pytest.fixture(scope="module")
+def big_log(tmp_path_factory) -> Path:
+    """The sample capture's messages 4,000 times over (300,000 messages, new connections and
+    times each round): a log that ``filter`` and ``convert`` take long enough to read."""
+    from replay.log import LogWriter
+    from replay.pipeline import open_input
 
-    out = tmp_path / "out.rlog"
-    out.write_bytes(sample_log.read_bytes())
-    before = out.read_bytes()
-    p = subprocess.Popen(cmd("convert", big, "-o", out), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env())
+    msgs = list(open_input(str(SAMPLE)))
+    conns = max(m.conn for m in msgs) + 1
+    path = tmp_path_factory.mktemp("biglog") / "big.rlog"
+    w = LogWriter(str(path), {"source": "sample x4000"})
+    for k in range(4000):
+        shift = k * 10 * 10**9
+        for m in msgs:
+            w.write(dataclasses.replace(m, conn=m.conn + k * conns, ts_first=m.ts_first + shift,
+                                        ts_last=m.ts_last + shift))
+    w.close()
+    return path
+
+
+def _interrupt(args, out: Path, tmp_path: Path, sig) -> str:
+    """Run ``replay ARGS``, signal it once its first block is out, and return its stderr once
+    it exited with 130, leaving one whole log marked interrupted and nothing else."""
+    before = out.read_bytes() if out.exists() else None
+    p = subprocess.Popen(cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env())
     try:
         wait_until_writing(tmp_path, out, before, p)
-        # until a first block is out: the conversion is under way, not still starting
+        # until a first block is out: the command is under way, not still starting
         end = time.monotonic() + 60
         while time.monotonic() < end and p.poll() is None and _temp_size(tmp_path) <= 4096:
             time.sleep(0.002)
@@ -226,11 +243,70 @@ def test_interrupted_convert_keeps_what_it_converted(big, sample_log, tmp_path, 
     assert "Traceback" not in err and "(interrupted)" in err
     r = LogReader(str(out))
     assert r.meta["interrupted"] is True and not r.warnings
-    assert names(tmp_path) == {"out.rlog"}, err
+    assert names(tmp_path) == {out.name}, err
+    return err
+
+
+def _summary_counts(err: str) -> tuple:
+    m = re.search(r"-> .*?([\d,]+) requests, ([\d,]+) responses", err)
+    assert m, err
+    return int(m.group(1).replace(",", "")), int(m.group(2).replace(",", ""))
+
+
+def _kinds(path: Path) -> tuple:
+    kinds = [m.kind for m in LogReader(str(path))]
+    return kinds.count(0), len(kinds) - kinds.count(0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_convert_keeps_what_it_converted(big, sample_log, tmp_path, sig):
+    """Like tcpdump -w: an interrupted convert keeps its work, a whole log marked interrupted,
+    renamed over the path as a finished one would be; no temporary or lock file is left."""
+    out = tmp_path / "out.rlog"
+    out.write_bytes(sample_log.read_bytes())
+    err = _interrupt(["convert", big, "-o", out], out, tmp_path, sig)
     # every message the summary counts is in the log (those finished when the signal came too)
-    tail = err.split("->", 1)[1]
-    n = int(tail.split(" requests")[0].split()[-1]) + int(tail.split(" responses")[0].split()[-1])
-    assert n > 0 and len(list(r)) == n, err
+    requests, responses = _summary_counts(err)
+    assert requests > 0 and _kinds(out) == (requests, responses), err
+
+
+@pytest.mark.parametrize("command", ["convert", "filter"])
+def test_interrupted_log_to_log_counts_what_it_wrote(big_log, tmp_path, command):
+    """A log read to another log (convert, filter) and stopped by a signal: its summary counts
+    exactly the messages in what it wrote, however the signal fell between them."""
+    out = tmp_path / "out.rlog"
+    args = [command, big_log, "-o", out] + (["--method", "GET"] if command == "filter" else [])
+    err = _interrupt(args, out, tmp_path, signal.SIGINT)
+    requests, responses = _summary_counts(err)
+    assert 0 < requests + responses < 300_000, err
+    assert _kinds(out) == (requests, responses), err
+
+
+def test_a_second_signal_interrupts_at_once():
+    """``Interrupts``: the first signal is noted for the command to stop at its next safe point;
+    a second raises KeyboardInterrupt where it lands; the previous handlers come back."""
+    from replay.cli.stopping import Interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    with Interrupts() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop.requested == "SIGTERM" and stop.asked()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        with pytest.raises(KeyboardInterrupt):
+            list(stop.between([1, 2]))
+    assert signal.getsignal(signal.SIGINT) is before
+    with Interrupts() as stop:
+        seen = []
+        with pytest.raises(KeyboardInterrupt):
+            for x in stop.between(iter([1, 2, 3])):
+                seen.append(x)
+                if x == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.01)
+        assert seen == [1, 2]     # stopped after the item in hand was handled, not before
 
 
 def test_convert_of_a_missing_capture_leaves_the_output_alone(tmp_path):

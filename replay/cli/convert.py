@@ -13,6 +13,7 @@ import click
 
 from replay.cli.kafkaopts import range_options, settings_option
 from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
+from replay.cli.stopping import Interrupts
 from replay.cli.types import PORT
 
 
@@ -96,39 +97,42 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
         else:
             writer = formats.open_writer(out.path, out.detach(), meta, level=level)
         try:
-            try:
-                write_many = getattr(writer, "write_many", None)
-                write_rows = getattr(writer, "write_rows", None)
-                if is_capture and write_rows is not None:   # rows: no Message objects at all
-                    fewer_collections()
-                    reader.keep_rows()
-                    write_rows(reader.engine.rows)   # the writer holds them from now on
-                    try:
-                        for rows in reader.row_buffers():
-                            write_rows(rows)
-                    finally:
-                        st = reader.stats or reader.engine.stats()
-                        requests, responses = st["requests"], st["responses"]
-                elif is_capture and write_many is not None:   # whole lists, as the core gives them
-                    fewer_collections()
-                    for msgs in reader.lists():
-                        write_many(msgs)
-                        n = sum([m.kind for m in msgs])     # kinds 0 and 1 only, from the core
-                        requests += len(msgs) - n
-                        responses += n
-                else:
-                    for msg in reader:
-                        if is_capture or not ports or msg.server[1] in ports \
-                                or msg.client[1] in ports:
-                            writer.write(msg)
-                            if msg.kind == 0:
-                                requests += 1
-                            else:
-                                responses += 1
-            except KeyboardInterrupt:       # Ctrl-C or SIGTERM: keep what was converted
-                interrupted = True
-                if is_capture:
-                    reader.stats = reader.engine.stats()
+            with Interrupts() as stop:     # a signal stops between batches: counts = log
+                try:
+                    write_many = getattr(writer, "write_many", None)
+                    write_rows = getattr(writer, "write_rows", None)
+                    if is_capture and write_rows is not None:   # rows: no Message objects at all
+                        fewer_collections()
+                        reader.keep_rows()
+                        write_rows(reader.engine.rows)   # the writer holds them from now on
+                        try:
+                            for rows in stop.between(reader.row_buffers()):
+                                write_rows(rows)
+                        finally:
+                            st = reader.stats or reader.engine.stats()
+                            requests, responses = st["requests"], st["responses"]
+                    elif is_capture and write_many is not None:   # whole lists, from the core
+                        fewer_collections()
+                        for msgs in stop.between(reader.lists()):
+                            write_many(msgs)
+                            n = sum([m.kind for m in msgs])     # kinds 0 and 1 only, from the core
+                            requests += len(msgs) - n
+                            responses += n
+                    else:
+                        if hasattr(reader, "stop"):      # a topic: it ends its wait for records
+                            reader.stop = stop.asked
+                        for msg in stop.between(reader):
+                            if is_capture or not ports or msg.server[1] in ports \
+                                    or msg.client[1] in ports:
+                                writer.write(msg)
+                                if msg.kind == 0:
+                                    requests += 1
+                                else:
+                                    responses += 1
+                except KeyboardInterrupt:       # Ctrl-C or SIGTERM: keep what was converted
+                    interrupted = True
+                    if is_capture:
+                        reader.stats = reader.engine.stats()
             end = {"interrupted": interrupted, "warnings": list(getattr(reader, "warnings", ()))}
             if is_capture:
                 end.update({"stats": reader.stats, "packets_read": reader.source.packets_read})

@@ -9,6 +9,7 @@ import click
 
 from replay.cli.kafkaopts import settings_option
 from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwargs
+from replay.cli.stopping import Interrupts
 
 
 @click.command("filter")
@@ -80,13 +81,16 @@ def command(path, output, dry_run, ports, level, quiet, kafka_settings, **kwargs
                     writer = KafkaWriter(output, settings, meta)
                 else:
                     writer = formats.open_writer(out.path, out.detach(), meta, level=level)
-            try:
-                for m in rules.apply(src):
-                    counts["requests" if m.kind == KIND_REQUEST else "responses"] += 1
-                    if writer is not None:
-                        writer.write(m)
-            except KeyboardInterrupt:       # Ctrl-C or SIGTERM: keep what was written
-                interrupted = True
+            with Interrupts() as stop:     # a signal stops between messages: counts = log
+                if hasattr(src, "stop"):        # a topic: it ends its wait for records
+                    src.stop = stop.asked
+                try:
+                    for m in stop.between(rules.apply(src)):
+                        counts["requests" if m.kind == KIND_REQUEST else "responses"] += 1
+                        if writer is not None:
+                            writer.write(m)
+                except KeyboardInterrupt:       # Ctrl-C or SIGTERM: keep what was written
+                    interrupted = True
             st = dict(rules.stats)
             if writer is not None:
                 writer.update_meta({"counts": {

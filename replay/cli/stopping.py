@@ -34,3 +34,51 @@ class StopSignals:
     def restore(self) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+class Interrupts:
+    """SIGINT and SIGTERM during a command that reads a file to its end (``convert``,
+    ``filter``): the first asks it to stop at the next point where what it counted is what it
+    wrote (``between(items)`` raises ``KeyboardInterrupt`` there); a second one interrupts at
+    once, as the default handlers would. Outside the main thread it changes nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "Interrupts":
+        try:
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._on_signal)
+        except ValueError:
+            pass                    # not the main thread: signals stay as they were
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def _on_signal(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def between(self, items):
+        """``items``, stopping with ``KeyboardInterrupt`` before the next one once a signal
+        came (the caller has handled every item it was given)."""
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        for item in items:
+            yield item
+            if self.requested is not None:
+                raise KeyboardInterrupt
+        if self.requested is not None:     # a source that ends on its own when asked to stop
+            raise KeyboardInterrupt
+
+    def asked(self) -> bool:
+        """Whether a signal asked to stop (for a source's own ``stop`` callable)."""
+        return self.requested is not None
