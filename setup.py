@@ -1,6 +1,8 @@
-"""Build the compiled core, replay._fastparse, from its Cython source.
+"""Build the compiled core, replay._fastparse, and the replay's send loop, replay._sendloop, from
+their Cython sources.
 
-REPLAY_NO_EXTENSIONS=1 skips the build (the pure-Python twin, replay._fastparse_py, is then used).
+REPLAY_NO_EXTENSIONS=1 skips the build (the pure-Python twins, replay._fastparse_py and
+replay._sendloop_py, are then used).
 """
 
 import os
@@ -12,7 +14,8 @@ if os.environ.get("REPLAY_NO_EXTENSIONS", "") in ("", "0"):
     from Cython.Build import cythonize
 
     ext_modules = cythonize(
-        [Extension("replay._fastparse", ["replay/_fastparse.pyx"], extra_compile_args=["-O3"])],
+        [Extension("replay._fastparse", ["replay/_fastparse.pyx"], extra_compile_args=["-O3"]),
+         Extension("replay._sendloop", ["replay/_sendloop.pyx"], extra_compile_args=["-O3"])],
         # bounds and negative-index checks stay on, as the first line of the .pyx says (that line
         # wins over these; the two say the same so that neither misleads): the hot paths read raw
         # pointers in nogil C functions, where the checks do not apply, and the rest indexes

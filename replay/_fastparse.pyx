@@ -3789,7 +3789,7 @@ cdef class PumpCore:
     """The twin's ``PumpCore``: receiving, answering and ``--speed max``'s sending of a replay
     connection, in C. ``replay.play.sender.ReplayProtocol`` (a Python subclass) holds the rest."""
 
-    cdef public object player, loop, now, transport, framer, pending, waiter, pump, retry
+    cdef public object player, loop, now, transport, framer, pending, waiter, pump, retry, soon
     cdef public bint closed, reusable
     cdef public object answers, rx, rx_answered
     cdef bint _clock            # ``now`` is time.monotonic_ns: read CLOCK_MONOTONIC here
@@ -3812,6 +3812,7 @@ cdef class PumpCore:
         self.reusable = True
         self.waiter = None
         self.pump = None
+        self.soon = None
         self.answers = 0
         self.rx = 0
         self.rx_answered = 0
@@ -3863,8 +3864,10 @@ cdef class PumpCore:
         if not pending:
             if self.pump is None:
                 self._wake(True)
-            else:
+            elif self.soon is None:
                 self.loop.call_soon(self._pump_or_wake)
+            else:
+                self.soon(self._pump_or_wake)
 
     def _pump_or_wake(self):
         cdef bint ok

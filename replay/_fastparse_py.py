@@ -2281,7 +2281,8 @@ class PumpCore:
     ``budget``, ``stopping``, ``fed``/``room``, ``answered``, ``_took``, ``_tried``, ``_pump``;
     the compiled twin also ``core_counts``, ``room_at``, ``_crashed`` and the report's
     ``tally``), ``loop``, ``transport``, ``framer`` (a ``ResponseFramer``), ``pending`` (a deque
-    of ``Attempt``), ``pump`` ((feed, pass, conn id) or None), ``retry``, ``waiter``, and its
+    of ``Attempt``), ``pump`` ((feed, pass, conn id) or None), ``retry``, ``waiter``, ``soon`` (how a
+    read runs what its answers let go: None for the loop's ``call_soon``), and its
     counters."""
 
     def init_core(self, player) -> None:
@@ -2295,6 +2296,7 @@ class PumpCore:
         self.reusable = True
         self.waiter = None
         self.pump = None
+        self.soon = None            # how a read runs what its answers let go (None: call_soon)
         self.answers = 0            # final answers read here: > 0 means the connection was reused
         self.rx = 0                 # bytes received
         self.rx_answered = 0        # bytes of the final answers among them
@@ -2331,8 +2333,12 @@ class PumpCore:
                 self._wake(True)
             else:
                 # after the callbacks of this read: with uvloop (--speed max's loop) a FIN
-                # read with the answer is seen first, and the request goes on a new connection
-                self.loop.call_soon(self._pump_or_wake)
+                # read with the answer is seen first, and the request goes on a new connection;
+                # a SendLoop's transport runs it at the end of its reads (``soon``)
+                if self.soon is None:
+                    self.loop.call_soon(self._pump_or_wake)
+                else:
+                    self.soon(self._pump_or_wake)
 
     def _pump_or_wake(self) -> None:
         if self.pending or self.pump is None or not self.player._pump(self):

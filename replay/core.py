@@ -1,8 +1,11 @@
 """The one place that picks the implementation of the core.
 
 ``replay._fastparse`` (compiled from Cython) is used when it was built; ``REPLAY_NO_EXTENSIONS=1``
-forces the pure-Python twin ``replay._fastparse_py``. Both have the same API and produce the same
-``replay.events.Message`` objects and counters.
+forces the pure-Python twin ``replay._fastparse_py``. Both have the same API and produce the
+same ``replay.events.Message`` objects and counters.
+
+The replay's send loop (``SendLoop``: the sockets of ``--speed max``, kept out of the sans-IO
+core) is picked by the same rule: ``replay._sendloop`` or its twin ``replay._sendloop_py``.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ NO_EXTENSIONS = os.environ.get("REPLAY_NO_EXTENSIONS", "") not in ("", "0")
 
 if NO_EXTENSIONS:
     from replay import _fastparse_py as impl
+    from replay import _sendloop_py as sendloop
     COMPILED = False
 else:
     try:
         from replay import _fastparse as impl  # type: ignore[attr-defined]
+        from replay import _sendloop as sendloop  # type: ignore[attr-defined]
         COMPILED = True
     except ImportError:
         from replay import _fastparse_py as impl
+        from replay import _sendloop_py as sendloop
         COMPILED = False
 
 Engine = impl.Engine
@@ -38,6 +44,7 @@ StreamPlanner = impl.StreamPlanner
 pack_planned = impl.pack_planned
 unpack_planned = impl.unpack_planned
 connection_closes = impl.connection_closes
+SendLoop = sendloop.SendLoop
 STAT_NAMES = impl.STAT_NAMES
 SUPPORTED_LINKTYPES = impl.SUPPORTED_LINKTYPES
 IMPLEMENTATION = "compiled" if COMPILED else "pure"

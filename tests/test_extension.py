@@ -34,3 +34,20 @@ def test_same_api():
         assert hasattr(mod, name), name
     for name in ("feed_batch", "feed", "finish", "take_closed", "stats", "relieve"):
         assert hasattr(mod.Engine, name), name
+
+
+def test_send_loop_follows_the_core():
+    """The replay's send loop is compiled where the core is, and has its twin's API."""
+    from replay import _sendloop_py
+
+    if NO_EXTENSIONS or load_compiled() is None:
+        assert core.sendloop is _sendloop_py
+        return
+    from replay import _sendloop
+
+    assert core.sendloop is _sendloop and _sendloop.__file__.endswith((".so", ".pyd"))
+    for name in ("READ_SIZE", "READS", "EVENTS"):
+        assert getattr(_sendloop, name) == getattr(_sendloop_py, name), name
+    for cls in ("SendLoop", "LoopTransport"):
+        want = {n for n in vars(getattr(_sendloop_py, cls)) if not n.startswith("_")}
+        assert want <= set(dir(getattr(_sendloop, cls))), (cls, want - set(dir(getattr(_sendloop, cls))))

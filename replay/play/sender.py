@@ -153,6 +153,7 @@ class Options:
     duration: float = 0.0          # s of schedule (0: all)
     loop: bool = False
     start_barrier: object = None   # ``workers.StartBarrier``: a timed run's start and t0, agreed
+    send_loop: bool = True         # --speed max, http: connections on a ``core.SendLoop``
 
 
 Attempt = core.Attempt
@@ -172,6 +173,8 @@ class ReplayProtocol(core.PumpCore, asyncio.Protocol):
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
+        # a SendLoop's transport runs what an answer lets go at the end of its reads
+        self.soon = getattr(transport, "after_read", None)
         local = transport.get_extra_info("sockname") or ("", 0)
         peer = transport.get_extra_info("peername") or ("", 0)
         self.local, self.peer = tuple(local[:2]), tuple(peer[:2])
@@ -324,6 +327,7 @@ class Player:
         self.room_at = MAX_FED // 2  # fed below this: the launcher may feed again
         self.slots = None
         self.crash = None           # an exception that escaped a connection task: a bug
+        self.send_loop = None       # the core.SendLoop of an untimed http run
 
     # -- results -----------------------------------------------------------------------------
     def answered(self, att: Attempt, m: Message, now: int, proto: ReplayProtocol):
@@ -403,6 +407,16 @@ class Player:
     async def run(self):
         self.loop = asyncio.get_running_loop()
         self.slots = asyncio.Semaphore(max(1, self.opts.connections))
+        if self.opts.send_loop and not self.schedule.timed and self.target.ssl is None:
+            self.send_loop = core.SendLoop(self.loop)
+            self.send_loop.start()
+        try:
+            await self._run()
+        finally:
+            if self.send_loop is not None:
+                self.send_loop.close()
+
+    async def _run(self):
         if self.plan.streaming:
             await self._prefill()
         barrier = self.opts.start_barrier if self.schedule.timed else None
@@ -639,10 +653,13 @@ class Player:
         r = self.report
         start = self.clock.now()
         try:
-            _, proto = await asyncio.wait_for(self.loop.create_connection(
-                lambda: ReplayProtocol(self), t.addr, t.port, ssl=t.ssl,
-                server_hostname=t.host if t.ssl else None, family=t.family),
-                self.opts.timeout)
+            if self.send_loop is not None:
+                proto = await asyncio.wait_for(self._connect(), self.opts.timeout)
+            else:
+                _, proto = await asyncio.wait_for(self.loop.create_connection(
+                    lambda: ReplayProtocol(self), t.addr, t.port, ssl=t.ssl,
+                    server_hostname=t.host if t.ssl else None, family=t.family),
+                    self.opts.timeout)
         except ConnectionRefusedError:
             return None, "refused"
         except (asyncio.TimeoutError, TimeoutError):
@@ -653,6 +670,22 @@ class Player:
             return None, "connect"
         r.on_connect(self.clock.now() - start)
         return proto, None
+
+    async def _connect(self) -> ReplayProtocol:
+        """A connection on the run's ``SendLoop``: connected by the event loop, then read and
+        written by the send loop (with TCP_NODELAY, as asyncio's own TCP transports)."""
+        t = self.target
+        sock = socket.socket(t.family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await self.loop.sock_connect(sock, (t.addr, t.port))
+            proto = ReplayProtocol(self)
+            self.send_loop.transport(sock, proto)
+        except BaseException:
+            sock.close()
+            raise
+        return proto
 
     async def _reopen(self, proto: ReplayProtocol | None):
         """After ``proto`` was lost: a new connection carrying its requests to send again.

@@ -1,0 +1,289 @@
+# cython: language_level=3, boundscheck=True, wraparound=False, cdivision=True
+"""The kept-alive connections of a ``--speed max`` replay on one epoll, in C: the twin of
+``replay._sendloop_py``, whose opening gives the rules. The same classes and steps; the epoll
+wait, the reads and the writes are system calls made here, into one buffer, without a Python
+object per event but the bytes read."""
+
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+
+import os
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void* ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    ssize_t recv(int fd, void* buf, size_t n, int flags)
+    enum:
+        MSG_NOSIGNAL
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+cdef enum:
+    C_READ_SIZE = 256 * 1024
+    C_READS = 16
+    C_EVENTS = 256
+
+READ_SIZE = C_READ_SIZE
+READS = C_READS
+EVENTS = C_EVENTS
+
+cdef uint32_t _IN = EPOLLIN | EPOLLRDHUP
+cdef uint32_t _ENDING = EPOLLRDHUP | EPOLLHUP | EPOLLERR
+
+
+cdef inline bint _again(int e) noexcept nogil:
+    return e == EAGAIN or e == EINTR      # (EWOULDBLOCK is EAGAIN on Linux)
+
+
+cdef object _error(int e):
+    return OSError(e, os.strerror(e))
+
+
+cdef class SendLoop:
+    """The twin's ``SendLoop``."""
+
+    cdef public object loop
+    cdef public dict transports
+    cdef public list later
+    cdef public bint started
+    cdef public long long calls
+    cdef int ep
+    cdef char* buf
+    cdef epoll_event* events
+
+    def __cinit__(self, loop):
+        self.ep = -1
+        self.buf = <char*>malloc(C_READ_SIZE)
+        self.events = <epoll_event*>malloc(C_EVENTS * sizeof(epoll_event))
+        if self.buf == NULL or self.events == NULL:
+            raise MemoryError()
+        self.ep = epoll_create1(EPOLL_CLOEXEC)
+        if self.ep < 0:
+            raise _error(errno)
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.transports = {}
+        self.later = []
+        self.started = False
+        self.calls = 0
+
+    def __dealloc__(self):
+        if self.ep >= 0:
+            close(self.ep)
+        free(self.buf)
+        free(self.events)
+
+    def fileno(self):
+        return self.ep
+
+    def start(self):
+        self.loop.add_reader(self.ep, self.ready)
+        self.started = True
+
+    def close(self):
+        if self.started:
+            self.loop.remove_reader(self.ep)
+            self.started = False
+        for t in list(self.transports.values()):
+            t.abort()
+        if self.ep >= 0:
+            close(self.ep)
+            self.ep = -1
+
+    def transport(self, sock, protocol):
+        cdef LoopTransport t = LoopTransport(self, sock, protocol)
+        self.transports[t.fd] = t
+        self._ctl(EPOLL_CTL_ADD, t.fd, _IN)
+        protocol.connection_made(t)
+        return t
+
+    cdef int _ctl(self, int op, int fd, uint32_t events) except -1:
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.u64 = 0
+        ev.data.fd = fd
+        if epoll_ctl(self.ep, op, fd, &ev) < 0:
+            raise _error(errno)
+        return 0
+
+    def ready(self):
+        cdef int n, i, fd
+        cdef uint32_t ev
+        cdef LoopTransport t
+        self.calls += 1
+        if self.ep < 0:
+            return
+        n = epoll_wait(self.ep, self.events, C_EVENTS, 0)
+        if n <= 0:
+            return
+        for i in range(n):
+            fd = self.events[i].data.fd
+            ev = self.events[i].events
+            o = self.transports.get(fd)
+            if o is None:
+                continue
+            t = <LoopTransport>o
+            if ev & EPOLLOUT and not t.closed:
+                t._flush()
+            if ev & (EPOLLIN | _ENDING) and not t.closed and not t.closing:
+                t._read(self.buf, (ev & _ENDING) != 0)
+        if self.later:
+            later = self.later
+            self.later = []
+            for pair in later:
+                if not (<LoopTransport>(<tuple>pair)[0]).closed:
+                    (<tuple>pair)[1]()
+
+    cdef void _forget(self, LoopTransport t):
+        cdef epoll_event ev
+        if self.transports.get(t.fd) is t:
+            del self.transports[t.fd]
+            if self.ep >= 0:
+                epoll_ctl(self.ep, EPOLL_CTL_DEL, t.fd, &ev)
+
+
+cdef class LoopTransport:
+    """The twin's ``LoopTransport``."""
+
+    cdef public SendLoop owner
+    cdef public object sock, protocol
+    cdef public int fd
+    cdef public bytearray pending
+    cdef public bint closing, closed
+    cdef public dict extra
+
+    def __init__(self, SendLoop owner, sock, protocol):
+        self.owner = owner
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.protocol = protocol
+        self.pending = bytearray()
+        self.closing = False
+        self.closed = False
+        self.extra = {"socket": sock, "sockname": sock.getsockname(),
+                      "peername": sock.getpeername()}
+
+    def get_extra_info(self, name, default=None):
+        return self.extra.get(name, default)
+
+    def is_closing(self):
+        return self.closing or self.closed
+
+    def write(self, data):
+        cdef Py_buffer view
+        cdef ssize_t n
+        cdef Py_ssize_t size
+        if self.closing or self.closed or not data:
+            return
+        if len(self.pending):
+            self.pending += data
+            return
+        cdef int e = 0
+        if type(data) is bytes:
+            size = PyBytes_GET_SIZE(data)
+            n = send(self.fd, PyBytes_AS_STRING(data), size, MSG_NOSIGNAL)
+            e = errno
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            size = view.len
+            n = send(self.fd, view.buf, size, MSG_NOSIGNAL)
+            e = errno
+            PyBuffer_Release(&view)
+        if n < 0:
+            if not _again(e):
+                self._lost(_error(e))
+                return
+            n = 0
+        if n < size:
+            self.pending += memoryview(data)[n:]
+            self.owner._ctl(EPOLL_CTL_MOD, self.fd, _IN | EPOLLOUT)
+
+    def close(self):
+        if self.closing or self.closed:
+            return
+        self.closing = True
+        if not len(self.pending):
+            self._lost(None)
+        else:
+            self.owner._ctl(EPOLL_CTL_MOD, self.fd, EPOLLOUT)
+
+    def abort(self):
+        if not self.closed:
+            self._lost(None)
+
+    def after_read(self, callback):
+        self.owner.later.append((self, callback))
+
+    cdef int _read(self, char* buf, bint ending) except -1:
+        cdef ssize_t n
+        cdef int k
+        for k in range(C_READS):
+            n = recv(self.fd, buf, C_READ_SIZE, 0)
+            if n < 0:
+                if not _again(errno):
+                    self._lost(_error(errno))
+                return 0
+            if n == 0:
+                if not self.protocol.eof_received():
+                    self._lost(None)
+                return 0
+            self.protocol.data_received(PyBytes_FromStringAndSize(buf, n))
+            if self.closed or (n < C_READ_SIZE and not ending):
+                return 0
+        return 0
+
+    cdef int _flush(self) except -1:
+        cdef ssize_t n = send(self.fd, <char*>self.pending, len(self.pending), MSG_NOSIGNAL)
+        if n < 0:
+            if not _again(errno):
+                self._lost(_error(errno))
+            return 0
+        del self.pending[:n]
+        if not len(self.pending):
+            if self.closing:
+                self._lost(None)
+            else:
+                self.owner._ctl(EPOLL_CTL_MOD, self.fd, _IN)
+        return 0
+
+    cpdef _lost(self, exc):
+        if self.closed:
+            return
+        self.closed = True
+        del self.pending[:]
+        self.owner._forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.owner.loop.call_soon(self.protocol.connection_lost, exc)

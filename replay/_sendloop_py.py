@@ -1,0 +1,213 @@
+"""The kept-alive connections of a ``--speed max`` replay on one epoll: the pure twin of
+``replay._sendloop`` (compiled), and the reference for what it does.
+
+A ``SendLoop`` is one epoll set of non-blocking TCP sockets, itself watched by the event loop
+(``loop.add_reader`` on the epoll's descriptor). When any of its sockets can be read or written,
+the event loop makes one call (``ready``), which reads every socket that has bytes, hands them to
+the connection's protocol (``data_received``, as an asyncio transport would), writes what was
+waiting to be written, and then runs what the protocols asked to run after the reads
+(``after_read``: the core's ``PumpCore`` sends the next request there). So an answer and the
+request it lets go cost no event-loop handle and no callback of their own, and the sockets are
+read and written without a Python call per byte moved.
+
+A ``LoopTransport`` is the asyncio transport of one such socket, with the parts of
+``asyncio.Transport`` a replay connection uses: ``write`` (sent at once; what the socket does not
+take waits for it to be writable, in order), ``close`` (after what waits is written),
+``abort``, ``is_closing``, ``get_extra_info('sockname' | 'peername' | 'socket')``. Its rules
+are asyncio's selector transport's:
+- ``connection_lost`` is called once, on the event loop, after the socket is closed (``exc`` is
+  the error that closed it, or None);
+- the peer's end of stream calls ``eof_received``; unless it returns true, the transport closes;
+- a write after ``close`` or a failure is ignored; a write that fails closes the transport with
+  its error;
+- a read of 0 bytes is the end of stream; a read that fills the buffer reads again (at most
+  ``READS`` times), one that does not is all there was.
+
+Connecting stays with the event loop (``loop.sock_connect``), and so do TLS, timers and the
+rest of a replay connection's life (``replay.play.sender``).
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+
+READ_SIZE = 256 * 1024        # bytes read at once from a socket
+READS = 16                    # reads of one socket in one call, while each fills the buffer
+EVENTS = 256                  # sockets looked at in one call
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+
+
+class SendLoop:
+    """One epoll set of ``LoopTransport`` sockets, read and written when the event loop says
+    its descriptor is ready. ``start()`` adds it to the loop, ``close()`` removes it (the
+    transports still open are aborted)."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.ep = select.epoll()
+        self.transports: dict = {}       # fd -> LoopTransport
+        self.later: list = []            # (transport, callback) to run after this call's reads
+        self.started = False
+        self.calls = 0                   # ready() calls (for tests and benchmarks)
+
+    def fileno(self) -> int:
+        return self.ep.fileno()
+
+    def start(self) -> None:
+        self.loop.add_reader(self.ep.fileno(), self.ready)
+        self.started = True
+
+    def close(self) -> None:
+        if self.started:
+            self.loop.remove_reader(self.ep.fileno())
+            self.started = False
+        for t in list(self.transports.values()):
+            t.abort()
+        self.ep.close()
+
+    def transport(self, sock: socket.socket, protocol) -> "LoopTransport":
+        """``sock`` (connected, non-blocking) as ``protocol``'s transport: ``connection_made`` is
+        called now."""
+        t = LoopTransport(self, sock, protocol)
+        self.transports[t.fd] = t
+        self.ep.register(t.fd, _IN)
+        protocol.connection_made(t)
+        return t
+
+    def ready(self) -> None:
+        """The event loop's call: every socket that can be read or written, then what the reads
+        asked to run after them."""
+        self.calls += 1
+        try:
+            events = self.ep.poll(0, EVENTS)
+        except OSError:
+            return
+        for fd, ev in events:
+            t = self.transports.get(fd)
+            if t is None:
+                continue
+            if ev & select.EPOLLOUT and not t.closed:
+                t._flush()
+            if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR) \
+                    and not t.closed and not t.closing:
+                t._read(bool(ev & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)))
+        later, self.later = self.later, []
+        for t, cb in later:
+            if not t.closed:
+                cb()
+
+    def _forget(self, t: "LoopTransport") -> None:
+        if self.transports.get(t.fd) is t:
+            del self.transports[t.fd]
+            try:
+                self.ep.unregister(t.fd)
+            except (OSError, ValueError):
+                pass
+
+
+class LoopTransport:
+    """One socket of a ``SendLoop``, as the asyncio transport of its protocol."""
+
+    def __init__(self, owner: SendLoop, sock: socket.socket, protocol):
+        self.owner = owner
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.protocol = protocol
+        self.pending = bytearray()       # written, not yet taken by the socket
+        self.closing = False             # close() asked: the rest of ``pending`` goes first
+        self.closed = False              # the socket is closed; connection_lost is on its way
+        self.extra = {"socket": sock, "sockname": sock.getsockname(),
+                      "peername": sock.getpeername()}
+
+    # -- asyncio.Transport ---------------------------------------------------------------------
+    def get_extra_info(self, name, default=None):
+        return self.extra.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self.closing or self.closed
+
+    def write(self, data) -> None:
+        if self.closing or self.closed or not data:
+            return
+        if self.pending:
+            self.pending += data
+            return
+        try:
+            n = self.sock.send(data)
+        except OSError as e:
+            if e.errno in _AGAIN:
+                n = 0
+            else:
+                self._lost(e)
+                return
+        if n < len(data):
+            self.pending += memoryview(data)[n:]
+            self.owner.ep.modify(self.fd, _IN | select.EPOLLOUT)
+
+    def close(self) -> None:
+        if self.closing or self.closed:
+            return
+        self.closing = True          # nothing more is read (asyncio's rule)
+        if not self.pending:
+            self._lost(None)
+        else:
+            self.owner.ep.modify(self.fd, select.EPOLLOUT)
+
+    def abort(self) -> None:
+        if not self.closed:
+            self._lost(None)
+
+    def after_read(self, callback) -> None:
+        """Run ``callback()`` at the end of the loop's current call, after every read of it (a
+        protocol's ``call_soon`` for what an answer lets go), unless this transport closed."""
+        self.owner.later.append((self, callback))
+
+    # -- the loop's side -------------------------------------------------------------------------
+    def _read(self, ending: bool) -> None:
+        sock = self.sock
+        for _ in range(READS):
+            try:
+                data = sock.recv(READ_SIZE)
+            except OSError as e:
+                if e.errno in _AGAIN:
+                    return
+                self._lost(e)
+                return
+            if not data:
+                if not self.protocol.eof_received():
+                    self._lost(None)
+                return
+            self.protocol.data_received(data)
+            if self.closed or (len(data) < READ_SIZE and not ending):
+                return
+
+    def _flush(self) -> None:
+        try:
+            n = self.sock.send(self.pending)
+        except OSError as e:
+            if e.errno in _AGAIN:
+                return
+            self._lost(e)
+            return
+        del self.pending[:n]
+        if not self.pending:
+            if self.closing:
+                self._lost(None)
+            else:
+                self.owner.ep.modify(self.fd, _IN)
+
+    def _lost(self, exc) -> None:
+        """Close the socket now; ``connection_lost(exc)`` soon, on the event loop."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pending.clear()
+        self.owner._forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.owner.loop.call_soon(self.protocol.connection_lost, exc)

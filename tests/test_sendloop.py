@@ -1,0 +1,311 @@
+"""The send loop of ``--speed max`` (``replay._sendloop`` and its pure twin): both twins, on
+real TCP sockets on loopback, under the event loops a replay uses, give a protocol the same
+calls as an asyncio transport would: every byte written reaches the peer in order (including
+what the socket could not take at once), every byte the peer sent is handed over, the peer's
+end of stream, a reset and a close each end the connection once, on the event loop; what a read
+asks to run after it runs after every read of that call, and not for a connection that ended.
+
+Then whole replays, with and without the send loop, against one sink and nginx's stand-in:
+the same requests sent, the same answers counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import struct
+import time
+
+import pytest
+from play_helpers import SinkThread, spread_capture
+
+from replay import _sendloop_py as pure
+from replay.play import session as ps
+from replay.play.scheduler import Schedule
+from replay.play.sender import Options, parse_target
+from replay.play.source import RecordedSource
+
+try:
+    from replay import _sendloop as compiled
+except ImportError:         # pragma: no cover - the pure run
+    compiled = None
+
+TWINS = [pure] + ([compiled] if compiled is not None else [])
+IDS = ["pure"] + (["compiled"] if compiled is not None else [])
+
+
+def _loops():
+    out = [asyncio.new_event_loop]
+    try:
+        import uvloop
+
+        out.append(uvloop.new_event_loop)
+    except ImportError:      # pragma: no cover
+        pass
+    return out
+
+
+LOOPS = _loops()
+
+
+class Rec(asyncio.Protocol):
+    """A protocol that writes down every call, and can ask for a call after each read."""
+
+    def __init__(self, loop, after=False):
+        self.loop = loop
+        self.events = []
+        self.data = bytearray()
+        self.after = after
+        self.lost = loop.create_future()
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.events.append("made")
+
+    def data_received(self, data):
+        if not self.events or self.events[-1] != "data":
+            self.events.append("data")
+        self.data += data
+        if self.after:
+            self.transport.after_read(lambda n=len(self.data): self.events.append(("after", n)))
+
+    def eof_received(self):
+        self.events.append("eof")
+        return False
+
+    def connection_lost(self, exc):
+        self.events.append(("lost", type(exc).__name__ if exc is not None else None))
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+def _pair(loop, twin, after=False):
+    """A SendLoop on ``loop``, one of its transports connected to a server socket accepted here;
+    (send loop, protocol, server socket)."""
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(1)
+    sock = socket.socket()
+    sock.setblocking(False)
+    loop.run_until_complete(loop.sock_connect(sock, lsn.getsockname()))
+    srv, _ = lsn.accept()
+    lsn.close()
+    sl = twin.SendLoop(loop)
+    sl.start()
+    proto = Rec(loop, after)
+    sl.transport(sock, proto)
+    return sl, proto, srv
+
+
+def _until(loop, cond, timeout=10.0):
+    async def wait():
+        end = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < end, "timed out"
+            await asyncio.sleep(0.001)
+    loop.run_until_complete(wait())
+
+
+def _recv_all(srv, n, timeout=10.0):
+    srv.settimeout(timeout)
+    got = bytearray()
+    while len(got) < n:
+        b = srv.recv(1 << 20)
+        if not b:
+            break
+        got += b
+    return bytes(got)
+
+
+@pytest.fixture(params=LOOPS, ids=lambda f: f.__module__.split(".")[0])
+def loop(request):
+    lp = request.param()
+    yield lp
+    lp.close()
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_bytes_both_ways_then_the_peers_end(loop, twin):
+    sl, proto, srv = _pair(loop, twin)
+    t = proto.transport
+    assert t.get_extra_info("peername") == srv.getsockname()
+    assert t.get_extra_info("sockname") == srv.getpeername()
+    t.write(b"GET / HTTP/1.1\r\n\r\n")
+    t.write(bytearray(b"second"))
+    t.write(memoryview(b"-third"))
+    assert _recv_all(srv, 30) == b"GET / HTTP/1.1\r\n\r\nsecond-third"
+    srv.sendall(b"HTTP/1.1 200 OK\r\n")
+    _until(loop, lambda: len(proto.data) == 17)
+    srv.sendall(b"Content-Length: 0\r\n\r\n")
+    srv.shutdown(socket.SHUT_WR)
+    loop.run_until_complete(asyncio.wait_for(proto.lost, 10))
+    assert bytes(proto.data) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert proto.events == ["made", "data", "eof", ("lost", None)]
+    assert t.is_closing() and not sl.transports
+    t.write(b"ignored")          # after the end: nothing happens, as with asyncio
+    sl.close()
+    srv.close()
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_a_write_the_socket_cannot_take_goes_out_whole_and_in_order(loop, twin):
+    """16 MiB to a peer that does not read yet: the rest waits for the socket, later writes
+    queue behind it, ``close`` sends it all before the end."""
+    sl, proto, srv = _pair(loop, twin)
+    t = proto.transport
+    big = bytes(range(256)) * (16 * 4096)
+    t.write(big)
+    assert len(t.pending) > 0            # the socket took only part of it
+    t.write(b"tail")
+    t.close()
+    assert t.is_closing() and proto.events == ["made"]     # not lost before it is written
+    got = bytearray()
+    srv.setblocking(False)
+
+    async def drain():
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            try:
+                b = srv.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+                continue
+            if not b:
+                return
+            got.extend(b)
+    loop.run_until_complete(drain())
+    loop.run_until_complete(asyncio.wait_for(proto.lost, 10))
+    assert bytes(got) == big + b"tail"
+    assert proto.events == ["made", ("lost", None)]
+    sl.close()
+    srv.close()
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_a_reset_ends_the_connection_with_its_error(loop, twin):
+    sl, proto, srv = _pair(loop, twin)
+    proto.transport.write(b"GET / HTTP/1.1\r\n\r\n")
+    _recv_all(srv, 18)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    srv.close()                                  # RST
+    exc = loop.run_until_complete(asyncio.wait_for(proto.lost, 10))
+    assert isinstance(exc, ConnectionResetError)
+    assert proto.events == ["made", ("lost", "ConnectionResetError")]
+    sl.close()
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_a_write_to_a_reset_connection_ends_it_with_its_error(loop, twin):
+    sl, proto, srv = _pair(loop, twin)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    srv.close()
+    time.sleep(0.05)                             # the RST is in before the loop looks
+    proto.transport.write(b"GET / HTTP/1.1\r\n\r\n")
+    exc = loop.run_until_complete(asyncio.wait_for(proto.lost, 10))
+    assert isinstance(exc, (ConnectionResetError, BrokenPipeError))
+    assert proto.events[0] == "made" and proto.events.count(proto.events[-1]) == 1
+    sl.close()
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_abort_ends_at_once_and_tells_the_protocol_on_the_loop(loop, twin):
+    sl, proto, srv = _pair(loop, twin)
+    t = proto.transport
+    t.write(b"x" * (8 << 20))            # (what waits is dropped)
+    t.abort()
+    assert proto.events == ["made"] and t.is_closing()       # connection_lost comes soon
+    t.abort()
+    t.close()
+    loop.run_until_complete(asyncio.wait_for(proto.lost, 10))
+    assert proto.events == ["made", ("lost", None)]
+    srv.settimeout(10)
+    while srv.recv(1 << 20):             # the peer sees the end (after what left before it)
+        pass
+    sl.close()
+    srv.close()
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_what_a_read_asks_runs_after_the_reads_unless_the_connection_ended(loop, twin):
+    sl, proto, srv = _pair(loop, twin, after=True)
+    srv.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    _until(loop, lambda: ("after", 27) in proto.events)
+    assert proto.events == ["made", "data", ("after", 27)]
+    # an answer and the peer's end in one go: the end is read in the same call, the callback
+    # of the read before it does not run (the connection is over)
+    srv.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    srv.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    loop.run_until_complete(asyncio.wait_for(proto.lost, 10))
+    assert proto.events == ["made", "data", ("after", 27), "data", "eof", ("lost", None)]
+    assert sl.calls >= 2
+    sl.close()
+    srv.close()
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_many_connections_each_get_their_own_bytes(loop, twin):
+    n = 40
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(n)
+    sl = twin.SendLoop(loop)
+    sl.start()
+    protos, servers = [], []
+    for i in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        loop.run_until_complete(loop.sock_connect(s, lsn.getsockname()))
+        servers.append(lsn.accept()[0])
+        p = Rec(loop)
+        sl.transport(s, p)
+        protos.append(p)
+    for i, (p, srv) in enumerate(zip(protos, servers)):
+        p.transport.write(b"req %d" % i)
+    for i, (p, srv) in enumerate(zip(protos, servers)):
+        assert _recv_all(srv, len(b"req %d" % i)) == b"req %d" % i
+        srv.sendall(b"answer %d " % i * (1 + i * 997))
+        srv.close()
+    loop.run_until_complete(asyncio.wait_for(asyncio.gather(*(p.lost for p in protos)), 20))
+    for i, p in enumerate(protos):
+        assert bytes(p.data) == b"answer %d " % i * (1 + i * 997)
+        assert p.events == ["made", "data", "eof", ("lost", None)]
+    assert not sl.transports
+    sl.close()
+    lsn.close()
+
+
+# -- whole replays, with and without the send loop --------------------------------------------
+
+def _replay(plan, url, send_loop, limit=0):
+    tgt = parse_target(url)
+    sched = Schedule(plan.t0, plan.span_ns, plan.requests, speed=None)
+    s = ps.PlaySession(plan, sched, tgt, Options(connections=64, limit=limit, timeout=10,
+                                                 send_loop=send_loop),
+                       ps.About("in", tgt.display))
+    report = s.run()
+    used = s.player.send_loop is not None
+    assert used is send_loop and (not used or s.player.send_loop.calls > 0)
+    return report
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["planned", "streamed"])
+def test_replay_at_full_speed_sends_the_same_with_and_without_the_send_loop(tmp_path, stream):
+    from tests.test_play_stream import to_log
+
+    cap = spread_capture(tmp_path / "in.pcap", n=300, conns=12, span_ns=300_000_000)
+    log = to_log(str(cap), tmp_path / "in.rlog")
+    got = {}
+    for send_loop in (True, False):
+        src = RecordedSource(log, stream=stream)
+        with SinkThread() as sink:
+            plan = src.plan(parse_target(sink.url).host_header)
+            report = _replay(plan, sink.url, send_loop)
+            order = {c: [r.split(b" ")[1] for r in v] for c, v in sink.by_conn().items()}
+        d = report.to_dict()
+        got[send_loop] = (d["attempted"], d["answered"], d["sent"], d["bytes"], d["errors"],
+                          d["statuses"], d["connections"]["opened"], collections.Counter(
+                              tuple(v) for v in order.values()))
+    assert got[True][1] == 300 and got[True] == got[False]
