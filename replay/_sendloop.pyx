@@ -11,6 +11,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 
 import os
+from socket import SO_ERROR, SOL_SOCKET
 
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:
@@ -73,6 +74,7 @@ cdef class SendLoop:
 
     cdef public object loop
     cdef public dict transports
+    cdef public dict connecting
     cdef public list later
     cdef public bint started
     cdef public long long calls
@@ -93,6 +95,7 @@ cdef class SendLoop:
     def __init__(self, loop):
         self.loop = loop
         self.transports = {}
+        self.connecting = {}
         self.later = []
         self.started = False
         self.calls = 0
@@ -120,12 +123,45 @@ cdef class SendLoop:
             close(self.ep)
             self.ep = -1
 
+    def connect(self, sock, address):
+        fut = self.loop.create_future()
+        try:
+            sock.connect(address)
+        except BlockingIOError:
+            self.connecting[sock.fileno()] = (sock, fut)
+            self._ctl(EPOLL_CTL_ADD, sock.fileno(), EPOLLOUT | _IN)
+        except OSError as e:
+            fut.set_exception(e)
+        else:
+            fut.set_result(None)
+        return fut
+
+    def forget(self, sock):
+        cdef epoll_event ev
+        fd = sock.fileno()
+        if self.connecting.pop(fd, None) is not None and self.ep >= 0:
+            epoll_ctl(self.ep, EPOLL_CTL_DEL, fd, &ev)
+
     def transport(self, sock, protocol):
         cdef LoopTransport t = LoopTransport(self, sock, protocol)
         self.transports[t.fd] = t
-        self._ctl(EPOLL_CTL_ADD, t.fd, _IN)
+        if self.connecting.pop(t.fd, None) is None:
+            self._ctl(EPOLL_CTL_ADD, t.fd, _IN)
         protocol.connection_made(t)
         return t
+
+    cdef int _connected(self, int fd) except -1:
+        sock, fut = self.connecting[fd]
+        err = sock.getsockopt(SOL_SOCKET, SO_ERROR)
+        if err:
+            self.forget(sock)
+            if not fut.done():
+                fut.set_exception(_error(err))
+            return 0
+        self._ctl(EPOLL_CTL_MOD, fd, _IN)
+        if not fut.done():
+            fut.set_result(None)
+        return 0
 
     cdef int _ctl(self, int op, int fd, uint32_t events) except -1:
         cdef epoll_event ev
@@ -151,6 +187,8 @@ cdef class SendLoop:
             ev = self.events[i].events
             o = self.transports.get(fd)
             if o is None:
+                if ev & EPOLLOUT and fd in self.connecting:
+                    self._connected(fd)
                 continue
             t = <LoopTransport>o
             if ev & EPOLLOUT and not t.closed:
@@ -165,11 +203,8 @@ cdef class SendLoop:
                     (<tuple>pair)[1]()
 
     cdef void _forget(self, LoopTransport t):
-        cdef epoll_event ev
         if self.transports.get(t.fd) is t:
             del self.transports[t.fd]
-            if self.ep >= 0:
-                epoll_ctl(self.ep, EPOLL_CTL_DEL, t.fd, &ev)
 
 
 cdef class LoopTransport:

@@ -23,13 +23,15 @@ are asyncio's selector transport's:
 - a read of 0 bytes is the end of stream; a read that fills the buffer reads again (at most
   ``READS`` times), one that does not is all there was.
 
-Connecting stays with the event loop (``loop.sock_connect``), and so do TLS, timers and the
-rest of a replay connection's life (``replay.play.sender``).
+``connect`` connects a socket through the same epoll (a future of the event loop says when);
+TLS, timers and the rest of a replay connection's life stay with the event loop
+(``replay.play.sender``).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 
@@ -49,6 +51,7 @@ class SendLoop:
         self.loop = loop
         self.ep = select.epoll()
         self.transports: dict = {}       # fd -> LoopTransport
+        self.connecting: dict = {}       # fd -> (socket, future) of a connect under way
         self.later: list = []            # (transport, callback) to run after this call's reads
         self.started = False
         self.calls = 0                   # ready() calls (for tests and benchmarks)
@@ -68,12 +71,38 @@ class SendLoop:
             t.abort()
         self.ep.close()
 
+    def connect(self, sock: socket.socket, address):
+        """Connect ``sock`` (non-blocking) to ``address``: a future of the event loop, done
+        when it is connected (None) or could not be (the ``OSError``). ``forget(sock)`` before
+        closing a socket whose connect was given up."""
+        fut = self.loop.create_future()
+        try:
+            sock.connect(address)
+        except BlockingIOError:
+            self.connecting[sock.fileno()] = (sock, fut)
+            self.ep.register(sock.fileno(), select.EPOLLOUT | _IN)
+        except OSError as e:
+            fut.set_exception(e)
+        else:
+            fut.set_result(None)
+        return fut
+
+    def forget(self, sock: socket.socket) -> None:
+        """A connect given up (its future cancelled): the socket leaves the set."""
+        fd = sock.fileno()
+        if self.connecting.pop(fd, None) is not None:
+            try:
+                self.ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
     def transport(self, sock: socket.socket, protocol) -> "LoopTransport":
-        """``sock`` (connected, non-blocking) as ``protocol``'s transport: ``connection_made`` is
-        called now."""
+        """``sock`` (connected, non-blocking; by ``connect`` or not) as ``protocol``'s
+        transport: ``connection_made`` is called now."""
         t = LoopTransport(self, sock, protocol)
         self.transports[t.fd] = t
-        self.ep.register(t.fd, _IN)
+        if self.connecting.pop(t.fd, None) is None:     # (else it waits for reads already)
+            self.ep.register(t.fd, _IN)
         protocol.connection_made(t)
         return t
 
@@ -88,6 +117,8 @@ class SendLoop:
         for fd, ev in events:
             t = self.transports.get(fd)
             if t is None:
+                if ev & select.EPOLLOUT and fd in self.connecting:
+                    self._connected(fd)
                 continue
             if ev & select.EPOLLOUT and not t.closed:
                 t._flush()
@@ -99,13 +130,22 @@ class SendLoop:
             if not t.closed:
                 cb()
 
+    def _connected(self, fd: int) -> None:
+        sock, fut = self.connecting[fd]
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.forget(sock)
+            if not fut.done():
+                fut.set_exception(OSError(err, os.strerror(err)))
+            return
+        self.ep.modify(fd, _IN)          # (what it reads before its transport waits for it)
+        if not fut.done():
+            fut.set_result(None)
+
     def _forget(self, t: "LoopTransport") -> None:
+        # (closing its socket, the only descriptor of it, takes it out of the epoll set)
         if self.transports.get(t.fd) is t:
             del self.transports[t.fd]
-            try:
-                self.ep.unregister(t.fd)
-            except (OSError, ValueError):
-                pass
 
 
 class LoopTransport:

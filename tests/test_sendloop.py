@@ -81,19 +81,23 @@ class Rec(asyncio.Protocol):
             self.lost.set_result(exc)
 
 
-def _pair(loop, twin, after=False):
-    """A SendLoop on ``loop``, one of its transports connected to a server socket accepted here;
-    (send loop, protocol, server socket)."""
+def _pair(loop, twin, after=False, by_loop=False):
+    """A SendLoop on ``loop``, one of its transports connected (by the send loop, or by the
+    event loop) to a server socket accepted here; (send loop, protocol, server socket)."""
     lsn = socket.socket()
     lsn.bind(("127.0.0.1", 0))
     lsn.listen(1)
     sock = socket.socket()
     sock.setblocking(False)
-    loop.run_until_complete(loop.sock_connect(sock, lsn.getsockname()))
-    srv, _ = lsn.accept()
-    lsn.close()
     sl = twin.SendLoop(loop)
     sl.start()
+    if by_loop:
+        loop.run_until_complete(loop.sock_connect(sock, lsn.getsockname()))
+    else:
+        loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()), 10))
+        assert list(sl.connecting) == [sock.fileno()]      # until it has its transport
+    srv, _ = lsn.accept()
+    lsn.close()
     proto = Rec(loop, after)
     sl.transport(sock, proto)
     return sl, proto, srv
@@ -127,8 +131,10 @@ def loop(request):
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=IDS)
-def test_bytes_both_ways_then_the_peers_end(loop, twin):
-    sl, proto, srv = _pair(loop, twin)
+@pytest.mark.parametrize("by_loop", [False, True], ids=["own-connect", "loop-connect"])
+def test_bytes_both_ways_then_the_peers_end(loop, twin, by_loop):
+    sl, proto, srv = _pair(loop, twin, by_loop=by_loop)
+    assert not sl.connecting
     t = proto.transport
     assert t.get_extra_info("peername") == srv.getsockname()
     assert t.get_extra_info("sockname") == srv.getpeername()
@@ -246,6 +252,37 @@ def test_what_a_read_asks_runs_after_the_reads_unless_the_connection_ended(loop,
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_a_refused_connect_and_one_given_up(loop, twin):
+    """A port nobody listens on: the future fails with ConnectionRefusedError and the socket
+    leaves the set; a connect given up (``forget``) leaves nothing behind either."""
+    sl = twin.SendLoop(loop)
+    sl.start()
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    addr = free.getsockname()
+    free.close()
+    sock = socket.socket()
+    sock.setblocking(False)
+    with pytest.raises(ConnectionRefusedError):
+        loop.run_until_complete(asyncio.wait_for(sl.connect(sock, addr), 10))
+    assert not sl.connecting and not sl.transports
+    sock.close()
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(1)
+    sock = socket.socket()
+    sock.setblocking(False)
+    fut = sl.connect(sock, lsn.getsockname())
+    fut.cancel()                  # as a timeout would
+    sl.forget(sock)
+    sock.close()
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert not sl.connecting and not sl.transports
+    sl.close()
+    lsn.close()
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
 def test_many_connections_each_get_their_own_bytes(loop, twin):
     n = 40
     lsn = socket.socket()
@@ -257,7 +294,7 @@ def test_many_connections_each_get_their_own_bytes(loop, twin):
     for i in range(n):
         s = socket.socket()
         s.setblocking(False)
-        loop.run_until_complete(loop.sock_connect(s, lsn.getsockname()))
+        loop.run_until_complete(sl.connect(s, lsn.getsockname()))
         servers.append(lsn.accept()[0])
         p = Rec(loop)
         sl.transport(s, p)

@@ -672,17 +672,17 @@ class Player:
         return proto, None
 
     async def _connect(self) -> ReplayProtocol:
-        """A connection on the run's ``SendLoop``: connected by the event loop, then read and
-        written by the send loop (with TCP_NODELAY, as asyncio's own TCP transports)."""
+        """A connection on the run's ``SendLoop``, connected, read and written by it (with
+        TCP_NODELAY, as asyncio's own TCP transports)."""
         t = self.target
-        sock = socket.socket(t.family, socket.SOCK_STREAM)
+        sock = socket.socket(t.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self.loop.sock_connect(sock, (t.addr, t.port))
+            await self.send_loop.connect(sock, (t.addr, t.port))
             proto = ReplayProtocol(self)
             self.send_loop.transport(sock, proto)
         except BaseException:
+            self.send_loop.forget(sock)
             sock.close()
             raise
         return proto
