@@ -2100,7 +2100,12 @@ cdef class _ResponseState:
         return self.conn.tunnel
 
     def feed(self, data, int64_t ts):
-        cdef const uint8_t[::1] view = data
+        cdef const uint8_t[::1] view
+        if type(data) is bytes:         # (what a socket read gives: no buffer to acquire)
+            self.framer.feed_ptr(<const uint8_t*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
+                                 ts, -1)
+            return
+        view = data
         self.framer.feed_ptr(&view[0], view.shape[0], ts, -1)
 
     def eof(self, int64_t ts):
@@ -3677,7 +3682,7 @@ cdef inline int _sample(_carray.array a, object v) except -1:
 cdef class Tally:
     """The twin's ``Tally``: what the core counted for a report, in C until ``fold``."""
 
-    cdef public long long attempted, sent, bytes_sent, answered, same, different
+    cdef public long long attempted, sent, bytes_sent, bytes_received, answered, same, different
     cdef public long long first_send_ns, last_answer_ns
     cdef long long recorded[T_CODES]
     cdef long long statuses[T_CODES]
@@ -3690,7 +3695,7 @@ cdef class Tally:
         self._reset()
 
     cdef void _reset(self) except *:
-        self.attempted = self.sent = self.bytes_sent = self.answered = 0
+        self.attempted = self.sent = self.bytes_sent = self.bytes_received = self.answered = 0
         self.same = self.different = self.first_send_ns = self.last_answer_ns = 0
         memset(self.recorded, 0, sizeof(self.recorded))
         memset(self.statuses, 0, sizeof(self.statuses))
@@ -3737,6 +3742,7 @@ cdef class Tally:
         report.attempted += self.attempted
         report.sent += self.sent
         report.bytes_sent += self.bytes_sent
+        report.bytes_received += self.bytes_received
         report.answered += self.answered
         report.same += self.same
         report.different += self.different
@@ -3829,8 +3835,10 @@ cdef class PumpCore:
         now = self._now()
         n = len(data)
         self.rx += n
-        report = self.player.report
-        report.bytes_received += n
+        if self._tally is not None:
+            self._tally.bytes_received += n
+        else:
+            self.player.report.bytes_received += n
         msgs = self.framer.feed(data, now)
         if msgs:
             self._answered(msgs, now)

@@ -2251,7 +2251,7 @@ class Tally:
         self._reset()
 
     def _reset(self) -> None:
-        self.attempted = self.sent = self.bytes_sent = self.answered = 0
+        self.attempted = self.sent = self.bytes_sent = self.bytes_received = self.answered = 0
         self.same = self.different = self.first_send_ns = self.last_answer_ns = 0
 
     def fold(self, report) -> None:
@@ -2259,6 +2259,7 @@ class Tally:
         report.attempted += self.attempted
         report.sent += self.sent
         report.bytes_sent += self.bytes_sent
+        report.bytes_received += self.bytes_received
         report.answered += self.answered
         report.same += self.same
         report.different += self.different

@@ -232,6 +232,13 @@ class _CountingPlayer(_Player):
         self.log.append(("cancel",))
 
 
+def _received(report) -> int:
+    """The bytes received so far: the report's, and what the compiled core counted in its
+    tally and not yet folded in."""
+    tally = getattr(report, "tally", None)
+    return report.bytes_received + (tally.bytes_received if tally is not None else 0)
+
+
 def _run(core, seed, counting=False, before_fold=None):
     rng = random.Random(seed)
     log: list = []
@@ -276,7 +283,7 @@ def _run(core, seed, counting=False, before_fold=None):
         player.loop.run()
         log.append(("state", len(c.pending), c.reusable, c.closed, c.answers, c.rx,
                     c.rx_answered, c.framer.tunnel, len(feed.items), player.budget,
-                    player.report.bytes_received, player.report.unsolicited))
+                    _received(player.report), player.report.unsolicited))
     if counting:
         r = player.report
         if before_fold is not None:
@@ -304,18 +311,20 @@ def test_pump_core_counts_alike(seed):
 @needs_compiled
 def test_pump_core_counts_answers():
     """The compiled core counted into the tally, not through the methods (which would give the
-    same report): before the fold the report itself holds no request tried or sent, and only
-    the answers whose recorded status was unknown (those go through ``Player.answered``)."""
+    same report): before the fold the report itself holds no request tried or sent, no byte
+    received, and only the answers whose recorded status was unknown (those go through
+    ``Player.answered``)."""
     tallied = []
 
     def look(r):
-        assert r.attempted == r.sent == 0 and r.answered == r.unrecorded
-        tallied.append((r.tally.attempted, r.tally.answered, r.answered))
+        assert r.attempted == r.sent == r.bytes_received == 0 and r.answered == r.unrecorded
+        tallied.append((r.tally.attempted, r.tally.answered, r.answered, r.tally.bytes_received))
 
     reports = [_run(compiled, seed, counting=True, before_fold=look)[-1][1] for seed in range(40)]
     assert sum(t[0] for t in tallied) == sum(r["attempted"] for r in reports) > 0
     assert sum(t[1] + t[2] for t in tallied) == sum(r["answered"] for r in reports)
     assert sum(t[1] for t in tallied) > 0
+    assert sum(t[3] for t in tallied) == sum(r["bytes"]["received"] for r in reports) > 0
     assert sum(r["answered"] for r in reports) > 50
     compared = [r["status_comparison"] for r in reports]
     assert sum(c["same"] for c in compared) > 0 and sum(c["different"] for c in compared) > 0
