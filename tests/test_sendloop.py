@@ -5,8 +5,8 @@ what the socket could not take at once), every byte the peer sent is handed over
 end of stream, a reset and a close each end the connection once, on the event loop; what a read
 asks to run after it runs after every read of that call, and not for a connection that ended.
 
-Then whole replays, with and without the send loop, against one sink and nginx's stand-in:
-the same requests sent, the same answers counted.
+Then whole replays, timed and at full speed, with and without the send loop, against one sink:
+the same requests sent on the same connections in the same order, the same answers counted.
 """
 
 from __future__ import annotations
@@ -316,11 +316,10 @@ def test_many_connections_each_get_their_own_bytes(loop, twin):
 
 # -- whole replays, with and without the send loop --------------------------------------------
 
-def _replay(plan, url, send_loop, limit=0):
+def _replay(plan, url, send_loop, speed=None):
     tgt = parse_target(url)
-    sched = Schedule(plan.t0, plan.span_ns, plan.requests, speed=None)
-    s = ps.PlaySession(plan, sched, tgt, Options(connections=64, limit=limit, timeout=10,
-                                                 send_loop=send_loop),
+    sched = Schedule(plan.t0, plan.span_ns, plan.requests, speed=speed)
+    s = ps.PlaySession(plan, sched, tgt, Options(connections=64, timeout=10, send_loop=send_loop),
                        ps.About("in", tgt.display))
     report = s.run()
     used = s.player.send_loop is not None
@@ -328,8 +327,9 @@ def _replay(plan, url, send_loop, limit=0):
     return report
 
 
+@pytest.mark.parametrize("speed", [None, 10.0], ids=["max", "10x"])
 @pytest.mark.parametrize("stream", [False, True], ids=["planned", "streamed"])
-def test_replay_at_full_speed_sends_the_same_with_and_without_the_send_loop(tmp_path, stream):
+def test_replay_sends_the_same_with_and_without_the_send_loop(tmp_path, stream, speed):
     from tests.test_play_stream import to_log
 
     cap = spread_capture(tmp_path / "in.pcap", n=300, conns=12, span_ns=300_000_000)
@@ -339,7 +339,7 @@ def test_replay_at_full_speed_sends_the_same_with_and_without_the_send_loop(tmp_
         src = RecordedSource(log, stream=stream)
         with SinkThread() as sink:
             plan = src.plan(parse_target(sink.url).host_header)
-            report = _replay(plan, sink.url, send_loop)
+            report = _replay(plan, sink.url, send_loop, speed)
             order = {c: [r.split(b" ")[1] for r in v] for c, v in sink.by_conn().items()}
         d = report.to_dict()
         got[send_loop] = (d["attempted"], d["answered"], d["sent"], d["bytes"], d["errors"],

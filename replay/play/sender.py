@@ -13,6 +13,11 @@ sends its next request itself (``Player._pump``), just after the read that broug
 only wakes when there is something to decide (nothing queued, a lost or closed connection, the
 end of the run), so a request costs no task switch.
 
+Over plain http the connections live on one ``core.SendLoop`` (one epoll, connected, read and
+written in C, whose descriptor the event loop watches): a read hands its bytes to the
+connection, and what its answer lets go is sent at the end of the same call. TLS connections
+are asyncio's.
+
 Rules:
 - a connection is opened ``CONNECT_LEAD`` before its first request is due (a recorded connection
   was open before its first request too), and again, if it was closed, before its next request;
@@ -153,7 +158,7 @@ class Options:
     duration: float = 0.0          # s of schedule (0: all)
     loop: bool = False
     start_barrier: object = None   # ``workers.StartBarrier``: a timed run's start and t0, agreed
-    send_loop: bool = True         # --speed max, http: connections on a ``core.SendLoop``
+    send_loop: bool = True         # http: the connections on a ``core.SendLoop``
 
 
 Attempt = core.Attempt
@@ -327,7 +332,7 @@ class Player:
         self.room_at = MAX_FED // 2  # fed below this: the launcher may feed again
         self.slots = None
         self.crash = None           # an exception that escaped a connection task: a bug
-        self.send_loop = None       # the core.SendLoop of an untimed http run
+        self.send_loop = None       # the core.SendLoop of an http run
 
     # -- results -----------------------------------------------------------------------------
     def answered(self, att: Attempt, m: Message, now: int, proto: ReplayProtocol):
@@ -407,7 +412,7 @@ class Player:
     async def run(self):
         self.loop = asyncio.get_running_loop()
         self.slots = asyncio.Semaphore(max(1, self.opts.connections))
-        if self.opts.send_loop and not self.schedule.timed and self.target.ssl is None:
+        if self.opts.send_loop and self.target.ssl is None:
             self.send_loop = core.SendLoop(self.loop)
             self.send_loop.start()
         try:
