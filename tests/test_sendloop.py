@@ -346,3 +346,37 @@ def test_replay_sends_the_same_with_and_without_the_send_loop(tmp_path, stream, 
                           d["statuses"], d["connections"]["opened"], collections.Counter(
                               tuple(v) for v in order.values()))
     assert got[True][1] == 300 and got[True] == got[False]
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback (::1) here")
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_ipv6_connections(loop, twin):
+    lsn = socket.socket(socket.AF_INET6)
+    lsn.bind(("::1", 0))
+    lsn.listen(1)
+    sl = twin.SendLoop(loop)
+    sl.start()
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()[:2]), 10))
+    srv, _ = lsn.accept()
+    proto = Rec(loop)
+    sl.transport(sock, proto)
+    assert proto.transport.get_extra_info("peername")[:2] == lsn.getsockname()[:2]
+    proto.transport.write(b"GET / HTTP/1.1\r\n\r\n")
+    assert _recv_all(srv, 18) == b"GET / HTTP/1.1\r\n\r\n"
+    srv.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    srv.close()
+    loop.run_until_complete(asyncio.wait_for(proto.lost, 10))
+    assert bytes(proto.data) == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert proto.events == ["made", "data", "eof", ("lost", None)]
+    sl.close()
+    lsn.close()
