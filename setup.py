@@ -6,6 +6,7 @@ replay._sendloop_py, are then used).
 """
 
 import os
+import sys
 
 from setuptools import Extension, setup
 
@@ -13,9 +14,12 @@ ext_modules = []
 if os.environ.get("REPLAY_NO_EXTENSIONS", "") in ("", "0"):
     from Cython.Build import cythonize
 
+    exts = [Extension("replay._fastparse", ["replay/_fastparse.pyx"], extra_compile_args=["-O3"])]
+    if sys.platform.startswith("linux"):     # (epoll; elsewhere the replay uses asyncio's sockets)
+        exts.append(Extension("replay._sendloop", ["replay/_sendloop.pyx"],
+                              extra_compile_args=["-O3"]))
     ext_modules = cythonize(
-        [Extension("replay._fastparse", ["replay/_fastparse.pyx"], extra_compile_args=["-O3"]),
-         Extension("replay._sendloop", ["replay/_sendloop.pyx"], extra_compile_args=["-O3"])],
+        exts,
         # bounds and negative-index checks stay on, as the first line of the .pyx says (that line
         # wins over these; the two say the same so that neither misleads): the hot paths read raw
         # pointers in nogil C functions, where the checks do not apply, and the rest indexes

@@ -1,5 +1,5 @@
-# cython: language_level=3, boundscheck=True, wraparound=False, cdivision=True
-"""The kept-alive connections of a ``--speed max`` replay on one epoll, in C: the twin of
+# cython: language_level=3, boundscheck=True, wraparound=True, cdivision=True
+"""The connections of a replay over plain http on one epoll, in C (Linux): the twin of
 ``replay._sendloop_py``, whose opening gives the rules. The same classes and steps; the epoll
 wait, the reads and the writes are system calls made here, into one buffer, without a Python
 object per event but the bytes read."""
@@ -117,6 +117,7 @@ cdef class SendLoop:
         if self.started:
             self.loop.remove_reader(self.ep)
             self.started = False
+        self.later = []
         for t in list(self.transports.values()):
             t.abort()
         if self.ep >= 0:
@@ -147,7 +148,12 @@ cdef class SendLoop:
         self.transports[t.fd] = t
         if self.connecting.pop(t.fd, None) is None:
             self._ctl(EPOLL_CTL_ADD, t.fd, _IN)
-        protocol.connection_made(t)
+        try:
+            protocol.connection_made(t)
+        except BaseException:
+            t.closed = True
+            self._forget(t)
+            raise
         return t
 
     cdef int _connected(self, int fd) except -1:
@@ -193,18 +199,27 @@ cdef class SendLoop:
             t = <LoopTransport>o
             if ev & EPOLLOUT and not t.closed:
                 t._flush()
-            if ev & (EPOLLIN | _ENDING) and not t.closed and not t.closing:
+            if ev & (EPOLLIN | _ENDING) and t._reads():
                 t._read(self.buf, (ev & _ENDING) != 0)
         if self.later:
             later = self.later
             self.later = []
             for pair in later:
                 if not (<LoopTransport>(<tuple>pair)[0]).closed:
-                    (<tuple>pair)[1]()
+                    try:
+                        (<tuple>pair)[1]()
+                    except Exception as e:
+                        self.loop.call_exception_handler({
+                            "message": "Exception in a callback after a read", "exception": e,
+                            "transport": (<tuple>pair)[0]})
 
-    cdef void _forget(self, LoopTransport t):
+    cdef int _forget(self, LoopTransport t) except -1:
+        cdef epoll_event ev
         if self.transports.get(t.fd) is t:
             del self.transports[t.fd]
+            if self.ep >= 0:
+                epoll_ctl(self.ep, EPOLL_CTL_DEL, t.fd, &ev)
+        return 0
 
 
 cdef class LoopTransport:
@@ -214,7 +229,8 @@ cdef class LoopTransport:
     cdef public object sock, protocol
     cdef public int fd
     cdef public bytearray pending
-    cdef public bint closing, closed
+    cdef public bint closing, eof, closed
+    cdef public uint32_t events
     cdef public dict extra
 
     def __init__(self, SendLoop owner, sock, protocol):
@@ -224,9 +240,11 @@ cdef class LoopTransport:
         self.protocol = protocol
         self.pending = bytearray()
         self.closing = False
+        self.eof = False
         self.closed = False
-        self.extra = {"socket": sock, "sockname": sock.getsockname(),
-                      "peername": sock.getpeername()}
+        self.events = _IN
+        self.extra = {"socket": sock, "sockname": _name(sock.getsockname),
+                      "peername": _name(sock.getpeername)}
 
     def get_extra_info(self, name, default=None):
         return self.extra.get(name, default)
@@ -238,12 +256,12 @@ cdef class LoopTransport:
         cdef Py_buffer view
         cdef ssize_t n
         cdef Py_ssize_t size
+        cdef int e = 0
         if self.closing or self.closed or not data:
             return
         if len(self.pending):
             self.pending += data
             return
-        cdef int e = 0
         if type(data) is bytes:
             size = PyBytes_GET_SIZE(data)
             n = send(self.fd, PyBytes_AS_STRING(data), size, MSG_NOSIGNAL)
@@ -261,7 +279,7 @@ cdef class LoopTransport:
             n = 0
         if n < size:
             self.pending += memoryview(data)[n:]
-            self.owner._ctl(EPOLL_CTL_MOD, self.fd, _IN | EPOLLOUT)
+            self._update()
 
     def close(self):
         if self.closing or self.closed:
@@ -270,7 +288,7 @@ cdef class LoopTransport:
         if not len(self.pending):
             self._lost(None)
         else:
-            self.owner._ctl(EPOLL_CTL_MOD, self.fd, EPOLLOUT)
+            self._update()
 
     def abort(self):
         if not self.closed:
@@ -279,36 +297,70 @@ cdef class LoopTransport:
     def after_read(self, callback):
         self.owner.later.append((self, callback))
 
+    def _reading(self):
+        return self._reads()
+
+    cdef inline bint _reads(self):
+        return not (self.closing or self.eof or self.closed)
+
+    cdef int _update(self) except -1:
+        cdef uint32_t ev = (_IN if self._reads() else 0) | (EPOLLOUT if len(self.pending) else 0)
+        if ev != self.events:
+            self.events = ev
+            self.owner._ctl(EPOLL_CTL_MOD, self.fd, ev)
+        return 0
+
     cdef int _read(self, char* buf, bint ending) except -1:
         cdef ssize_t n
-        cdef int k
+        cdef int k, e
         for k in range(C_READS):
             n = recv(self.fd, buf, C_READ_SIZE, 0)
             if n < 0:
-                if not _again(errno):
-                    self._lost(_error(errno))
+                e = errno
+                if not _again(e):
+                    self._lost(_error(e))
                 return 0
             if n == 0:
-                if not self.protocol.eof_received():
-                    self._lost(None)
+                try:
+                    keep = self.protocol.eof_received()
+                except Exception as exc:
+                    self._fatal(exc, "eof_received")
+                    return 0
+                if keep:
+                    self.eof = True
+                    self._update()
+                else:
+                    self.close()
                 return 0
-            self.protocol.data_received(PyBytes_FromStringAndSize(buf, n))
-            if self.closed or (n < C_READ_SIZE and not ending):
+            try:
+                self.protocol.data_received(PyBytes_FromStringAndSize(buf, n))
+            except Exception as exc:
+                self._fatal(exc, "data_received")
+                return 0
+            if not self._reads() or (n < C_READ_SIZE and not ending):
                 return 0
         return 0
 
     cdef int _flush(self) except -1:
         cdef ssize_t n = send(self.fd, <char*>self.pending, len(self.pending), MSG_NOSIGNAL)
+        cdef int e = errno
         if n < 0:
-            if not _again(errno):
-                self._lost(_error(errno))
+            if not _again(e):
+                self._lost(_error(e))
             return 0
         del self.pending[:n]
         if not len(self.pending):
             if self.closing:
                 self._lost(None)
             else:
-                self.owner._ctl(EPOLL_CTL_MOD, self.fd, _IN)
+                self._update()
+        return 0
+
+    cdef int _fatal(self, exc, str what) except -1:
+        self.owner.loop.call_exception_handler({
+            "message": f"Fatal error: protocol.{what}() call failed.", "exception": exc,
+            "transport": self, "protocol": self.protocol})
+        self._lost(exc)
         return 0
 
     cpdef _lost(self, exc):
@@ -321,4 +373,19 @@ cdef class LoopTransport:
             self.sock.close()
         except OSError:
             pass
-        self.owner.loop.call_soon(self.protocol.connection_lost, exc)
+        self.owner.loop.call_soon(self._call_lost, exc)
+
+    def _call_lost(self, exc):
+        try:
+            self.protocol.connection_lost(exc)
+        finally:
+            self.protocol = None
+            self.sock = None
+            self.extra.pop("socket", None)
+
+
+cdef object _name(get):
+    try:
+        return get()
+    except OSError:
+        return None

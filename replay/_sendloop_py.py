@@ -1,31 +1,39 @@
-"""The kept-alive connections of a ``--speed max`` replay on one epoll: the pure twin of
-``replay._sendloop`` (compiled), and the reference for what it does.
+"""The connections of a replay over plain http on one epoll: the pure twin of
+``replay._sendloop`` (compiled), and the reference for what it does. Linux only (epoll):
+``replay.core.SendLoop`` is None elsewhere, and the replay keeps asyncio's transports.
 
 A ``SendLoop`` is one epoll set of non-blocking TCP sockets, itself watched by the event loop
 (``loop.add_reader`` on the epoll's descriptor). When any of its sockets can be read or written,
 the event loop makes one call (``ready``), which reads every socket that has bytes, hands them to
 the connection's protocol (``data_received``, as an asyncio transport would), writes what was
 waiting to be written, and then runs what the protocols asked to run after the reads
-(``after_read``: the core's ``PumpCore`` sends the next request there). So an answer and the
-request it lets go cost no event-loop handle and no callback of their own, and the sockets are
-read and written without a Python call per byte moved.
+(``after_read``: at ``--speed max`` the core's ``PumpCore`` sends the next request there). So an
+answer and the request it lets go cost no event-loop handle of their own, and no Python code of
+asyncio's runs per read or write.
 
 A ``LoopTransport`` is the asyncio transport of one such socket, with the parts of
 ``asyncio.Transport`` a replay connection uses: ``write`` (sent at once; what the socket does not
 take waits for it to be writable, in order), ``close`` (after what waits is written),
 ``abort``, ``is_closing``, ``get_extra_info('sockname' | 'peername' | 'socket')``. Its rules
 are asyncio's selector transport's:
-- ``connection_lost`` is called once, on the event loop, after the socket is closed (``exc`` is
-  the error that closed it, or None);
-- the peer's end of stream calls ``eof_received``; unless it returns true, the transport closes;
+- ``connection_lost`` is called once, on the event loop (``call_soon``), after the socket is
+  closed (``exc`` is the error that closed it, or None); then the transport lets go of its
+  protocol and socket;
+- nothing is read after ``close()``; the peer's end of stream calls ``eof_received`` and
+  nothing more is read; unless it returned true, the transport closes (what waits to be
+  written goes first);
 - a write after ``close`` or a failure is ignored; a write that fails closes the transport with
   its error;
+- an exception raised by the protocol's ``data_received`` or ``eof_received`` goes to the event
+  loop's exception handler and closes the transport with it; one raised by an ``after_read``
+  callback goes to the handler;
 - a read of 0 bytes is the end of stream; a read that fills the buffer reads again (at most
-  ``READS`` times), one that does not is all there was.
+  ``READS`` times), one that does not is all there was, unless epoll said the peer's end came
+  too (``EPOLLRDHUP``): then it reads on to that end, so the end is seen before ``after_read``.
 
 ``connect`` connects a socket through the same epoll (a future of the event loop says when);
 TLS, timers and the rest of a replay connection's life stay with the event loop
-(``replay.play.sender``).
+(``replay.play.sender``). Each socket is removed from the epoll set when it closes.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ READ_SIZE = 256 * 1024        # bytes read at once from a socket
 READS = 16                    # reads of one socket in one call, while each fills the buffer
 EVENTS = 256                  # sockets looked at in one call
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
-_IN = select.EPOLLIN | select.EPOLLRDHUP
+_IN = select.EPOLLIN | select.EPOLLRDHUP if hasattr(select, "epoll") else 0
 
 
 class SendLoop:
@@ -67,6 +75,7 @@ class SendLoop:
         if self.started:
             self.loop.remove_reader(self.ep.fileno())
             self.started = False
+        self.later = []
         for t in list(self.transports.values()):
             t.abort()
         self.ep.close()
@@ -103,7 +112,12 @@ class SendLoop:
         self.transports[t.fd] = t
         if self.connecting.pop(t.fd, None) is None:     # (else it waits for reads already)
             self.ep.register(t.fd, _IN)
-        protocol.connection_made(t)
+        try:
+            protocol.connection_made(t)
+        except BaseException:
+            t.closed = True              # the caller closes the socket
+            self._forget(t)
+            raise
         return t
 
     def ready(self) -> None:
@@ -123,12 +137,17 @@ class SendLoop:
             if ev & select.EPOLLOUT and not t.closed:
                 t._flush()
             if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR) \
-                    and not t.closed and not t.closing:
+                    and t._reading():
                 t._read(bool(ev & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)))
         later, self.later = self.later, []
         for t, cb in later:
             if not t.closed:
-                cb()
+                try:
+                    cb()
+                except Exception as e:  # noqa: BLE001  (as the event loop does with a callback)
+                    self.loop.call_exception_handler({
+                        "message": "Exception in a callback after a read", "exception": e,
+                        "transport": t})
 
     def _connected(self, fd: int) -> None:
         sock, fut = self.connecting[fd]
@@ -143,9 +162,12 @@ class SendLoop:
             fut.set_result(None)
 
     def _forget(self, t: "LoopTransport") -> None:
-        # (closing its socket, the only descriptor of it, takes it out of the epoll set)
         if self.transports.get(t.fd) is t:
             del self.transports[t.fd]
+            try:                         # (a copy of the descriptor elsewhere would keep it in)
+                self.ep.unregister(t.fd)
+            except (OSError, ValueError):
+                pass
 
 
 class LoopTransport:
@@ -158,9 +180,11 @@ class LoopTransport:
         self.protocol = protocol
         self.pending = bytearray()       # written, not yet taken by the socket
         self.closing = False             # close() asked: the rest of ``pending`` goes first
+        self.eof = False                 # the peer's end was read (eof_received kept it open)
         self.closed = False              # the socket is closed; connection_lost is on its way
-        self.extra = {"socket": sock, "sockname": sock.getsockname(),
-                      "peername": sock.getpeername()}
+        self.events = _IN                # what the epoll set waits for on it
+        self.extra = {"socket": sock, "sockname": _name(sock.getsockname),
+                      "peername": _name(sock.getpeername)}
 
     # -- asyncio.Transport ---------------------------------------------------------------------
     def get_extra_info(self, name, default=None):
@@ -185,16 +209,16 @@ class LoopTransport:
                 return
         if n < len(data):
             self.pending += memoryview(data)[n:]
-            self.owner.ep.modify(self.fd, _IN | select.EPOLLOUT)
+            self._update()
 
     def close(self) -> None:
         if self.closing or self.closed:
             return
-        self.closing = True          # nothing more is read (asyncio's rule)
+        self.closing = True              # nothing more is read
         if not self.pending:
             self._lost(None)
         else:
-            self.owner.ep.modify(self.fd, select.EPOLLOUT)
+            self._update()
 
     def abort(self) -> None:
         if not self.closed:
@@ -206,6 +230,15 @@ class LoopTransport:
         self.owner.later.append((self, callback))
 
     # -- the loop's side -------------------------------------------------------------------------
+    def _reading(self) -> bool:
+        return not (self.closing or self.eof or self.closed)
+
+    def _update(self) -> None:
+        ev = (_IN if self._reading() else 0) | (select.EPOLLOUT if self.pending else 0)
+        if ev != self.events:
+            self.events = ev
+            self.owner.ep.modify(self.fd, ev)
+
     def _read(self, ending: bool) -> None:
         sock = self.sock
         for _ in range(READS):
@@ -217,11 +250,23 @@ class LoopTransport:
                 self._lost(e)
                 return
             if not data:
-                if not self.protocol.eof_received():
-                    self._lost(None)
+                try:
+                    keep = self.protocol.eof_received()
+                except Exception as e:  # noqa: BLE001  (asyncio's rule: the handler, then close)
+                    self._fatal(e, "eof_received")
+                    return
+                if keep:
+                    self.eof = True
+                    self._update()
+                else:
+                    self.close()
                 return
-            self.protocol.data_received(data)
-            if self.closed or (len(data) < READ_SIZE and not ending):
+            try:
+                self.protocol.data_received(data)
+            except Exception as e:  # noqa: BLE001
+                self._fatal(e, "data_received")
+                return
+            if not self._reading() or (len(data) < READ_SIZE and not ending):
                 return
 
     def _flush(self) -> None:
@@ -237,7 +282,13 @@ class LoopTransport:
             if self.closing:
                 self._lost(None)
             else:
-                self.owner.ep.modify(self.fd, _IN)
+                self._update()
+
+    def _fatal(self, exc, what: str) -> None:
+        self.owner.loop.call_exception_handler({
+            "message": f"Fatal error: protocol.{what}() call failed.", "exception": exc,
+            "transport": self, "protocol": self.protocol})
+        self._lost(exc)
 
     def _lost(self, exc) -> None:
         """Close the socket now; ``connection_lost(exc)`` soon, on the event loop."""
@@ -250,4 +301,19 @@ class LoopTransport:
             self.sock.close()
         except OSError:
             pass
-        self.owner.loop.call_soon(self.protocol.connection_lost, exc)
+        self.owner.loop.call_soon(self._call_lost, exc)
+
+    def _call_lost(self, exc) -> None:
+        try:
+            self.protocol.connection_lost(exc)
+        finally:
+            self.protocol = None         # (the protocol holds its transport: no cycle left)
+            self.sock = None
+            self.extra.pop("socket", None)
+
+
+def _name(get):
+    try:
+        return get()
+    except OSError:                      # (a peer that reset at once: asyncio says None too)
+        return None

@@ -4,29 +4,38 @@
 forces the pure-Python twin ``replay._fastparse_py``. Both have the same API and produce the
 same ``replay.events.Message`` objects and counters.
 
-The replay's send loop (``SendLoop``: the sockets of ``--speed max``, kept out of the sans-IO
-core) is picked by the same rule: ``replay._sendloop`` or its twin ``replay._sendloop_py``.
+The replay's send loop (``SendLoop``: the sockets of a replay over plain http, kept out of the
+sans-IO core) is picked by the same rule, ``replay._sendloop`` or its twin
+``replay._sendloop_py``, where there is epoll (Linux); elsewhere ``SendLoop`` is None.
 """
 
 from __future__ import annotations
 
 import os
+import select
 
 NO_EXTENSIONS = os.environ.get("REPLAY_NO_EXTENSIONS", "") not in ("", "0")
 
 if NO_EXTENSIONS:
     from replay import _fastparse_py as impl
-    from replay import _sendloop_py as sendloop
     COMPILED = False
 else:
     try:
         from replay import _fastparse as impl  # type: ignore[attr-defined]
-        from replay import _sendloop as sendloop  # type: ignore[attr-defined]
         COMPILED = True
     except ImportError:
         from replay import _fastparse_py as impl
-        from replay import _sendloop_py as sendloop
         COMPILED = False
+
+sendloop = None                 # (no epoll: the replay keeps asyncio's transports)
+if hasattr(select, "epoll"):
+    if COMPILED:
+        try:
+            from replay import _sendloop as sendloop  # type: ignore[attr-defined]
+        except ImportError:
+            sendloop = None
+    if sendloop is None:
+        from replay import _sendloop_py as sendloop
 
 Engine = impl.Engine
 ResponseFramer = impl.ResponseFramer
@@ -44,7 +53,7 @@ StreamPlanner = impl.StreamPlanner
 pack_planned = impl.pack_planned
 unpack_planned = impl.unpack_planned
 connection_closes = impl.connection_closes
-SendLoop = sendloop.SendLoop
+SendLoop = sendloop.SendLoop if sendloop is not None else None
 STAT_NAMES = impl.STAT_NAMES
 SUPPORTED_LINKTYPES = impl.SUPPORTED_LINKTYPES
 IMPLEMENTATION = "compiled" if COMPILED else "pure"

@@ -1,8 +1,9 @@
-"""The send loop of ``--speed max`` (``replay._sendloop`` and its pure twin): both twins, on
-real TCP sockets on loopback, under the event loops a replay uses, give a protocol the same
-calls as an asyncio transport would: every byte written reaches the peer in order (including
-what the socket could not take at once), every byte the peer sent is handed over, the peer's
-end of stream, a reset and a close each end the connection once, on the event loop; what a read
+"""The send loop of a replay over plain http (``replay._sendloop`` and its pure twin): both
+twins, on real TCP sockets on loopback, under the event loops a replay uses, give a protocol
+the same calls as an asyncio transport would: every byte written reaches the peer in order
+(including what the socket could not take at once), every byte the peer sent is handed over,
+nothing after ``close()``, the peer's end once (kept open if the protocol says so), a reset, a
+close or an error of the protocol each end the connection once, on the event loop; what a read
 asks to run after it runs after every read of that call, and not for a connection that ended.
 
 Then whole replays, timed and at full speed, with and without the send loop, against one sink:
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import socket
 import struct
 import time
@@ -20,7 +22,10 @@ import time
 import pytest
 from play_helpers import SinkThread, spread_capture
 
-from replay import _sendloop_py as pure
+if not hasattr(select, "epoll"):
+    pytest.skip("the send loop is for Linux (epoll)", allow_module_level=True)
+
+from replay import _sendloop_py as pure  # noqa: E402
 from replay.play import session as ps
 from replay.play.scheduler import Schedule
 from replay.play.sender import Options, parse_target
@@ -379,4 +384,144 @@ def test_ipv6_connections(loop, twin):
     assert bytes(proto.data) == b"HTTP/1.1 204 No Content\r\n\r\n"
     assert proto.events == ["made", "data", "eof", ("lost", None)]
     sl.close()
+    lsn.close()
+
+
+class Half(Rec):
+    """Keeps its side open at the peer's end (``eof_received`` true), as a half-closed client."""
+
+    def eof_received(self):
+        self.events.append("eof")
+        return True
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_the_peers_end_kept_open_is_read_once_and_writes_still_go(loop, twin):
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(1)
+    sl = twin.SendLoop(loop)
+    sl.start()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()), 10))
+    srv, _ = lsn.accept()
+    proto = Half(loop)
+    sl.transport(sock, proto)
+    srv.sendall(b"bye")
+    srv.shutdown(socket.SHUT_WR)
+    _until(loop, lambda: "eof" in proto.events)
+    calls = sl.calls
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert sl.calls - calls < 5            # nothing left to read: no call after call
+    assert proto.events == ["made", "data", "eof"] and not proto.transport.is_closing()
+    proto.transport.write(b"still here")
+    assert _recv_all(srv, 10) == b"still here"
+    proto.transport.close()
+    loop.run_until_complete(asyncio.wait_for(proto.lost, 10))
+    assert proto.events[-1] == ("lost", None)
+    sl.close()
+    srv.close()
+    lsn.close()
+
+
+class ClosesAtOnce(Rec):
+    def data_received(self, data):
+        super().data_received(data)
+        self.transport.write(b"w" * (8 << 20))      # (more than the socket takes at once)
+        self.transport.close()                    # closing, not closed: that waits first
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_nothing_is_read_after_close(loop, twin):
+    """A protocol that closes in ``data_received`` while more bytes wait to be read (more than
+    one read takes) gets no more of them, while what it wrote before closing waits to go."""
+    import threading
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(1)
+    sl = twin.SendLoop(loop)
+    sl.start()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()), 10))
+    srv, _ = lsn.accept()
+    srv.settimeout(10)
+    srv.sendall(b"z" * (2 << 20))
+    srv.shutdown(socket.SHUT_WR)
+    time.sleep(0.1)
+    got = []
+
+    def drain():               # (our close, with bytes left unread, resets the connection)
+        try:
+            got.append(_recv_all(srv, 8 << 20))
+        except OSError:
+            pass
+    reader = threading.Thread(target=drain)
+    reader.start()
+    proto = ClosesAtOnce(loop)
+    sl.transport(sock, proto)
+    loop.run_until_complete(asyncio.wait_for(proto.lost, 20))
+    reader.join(20)
+    assert proto.events == ["made", "data", ("lost", None)]
+    assert 0 < len(proto.data) <= twin.READ_SIZE
+    sl.close()
+    srv.close()
+    lsn.close()
+
+
+class Boom(Rec):
+    def data_received(self, data):
+        super().data_received(data)
+        raise ValueError("a bug in the protocol")
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_an_error_in_the_protocol_closes_the_connection_with_it(loop, twin):
+    seen = []
+    loop.set_exception_handler(lambda lp, ctx: seen.append(ctx))
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(1)
+    sl = twin.SendLoop(loop)
+    sl.start()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()), 10))
+    srv, _ = lsn.accept()
+    proto = Boom(loop)
+    sl.transport(sock, proto)
+    srv.sendall(b"x")
+    exc = loop.run_until_complete(asyncio.wait_for(proto.lost, 10))
+    assert isinstance(exc, ValueError) and proto.events == ["made", "data", ("lost", "ValueError")]
+    assert [type(c["exception"]) for c in seen] == [ValueError]
+    assert not sl.transports and proto.transport.protocol is None     # no cycle left
+    sl.close()
+    srv.close()
+    lsn.close()
+
+
+class Refuses(Rec):
+    def connection_made(self, transport):
+        raise RuntimeError("no")
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_a_protocol_that_fails_to_start_leaves_nothing_behind(loop, twin):
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(1)
+    sl = twin.SendLoop(loop)
+    sl.start()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()), 10))
+    with pytest.raises(RuntimeError):
+        sl.transport(sock, Refuses(loop))
+    assert not sl.transports and not sl.connecting
+    sock.close()
+    # the next socket (likely the same descriptor number) works as a new one
+    sl2, proto, srv = _pair(loop, twin)
+    proto.transport.write(b"ok")
+    assert _recv_all(srv, 2) == b"ok"
+    sl.close()
+    sl2.close()
+    srv.close()
     lsn.close()

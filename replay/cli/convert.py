@@ -119,7 +119,7 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
                             requests += len(msgs) - n
                             responses += n
                     else:
-                        if hasattr(reader, "stop"):      # a topic: it ends its wait for records
+                        if is_kafka_url(capture):   # a topic: it ends its wait for records
                             reader.stop = stop.asked
                         for msg in stop.between(reader):
                             if is_capture or not ports or msg.server[1] in ports \

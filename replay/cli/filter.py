@@ -82,7 +82,7 @@ def command(path, output, dry_run, ports, level, quiet, kafka_settings, **kwargs
                 else:
                     writer = formats.open_writer(out.path, out.detach(), meta, level=level)
             with Interrupts() as stop:     # a signal stops between messages: counts = log
-                if hasattr(src, "stop"):        # a topic: it ends its wait for records
+                if is_kafka_url(path):          # a topic: it ends its wait for records
                     src.stop = stop.asked
                 try:
                     for m in stop.between(rules.apply(src)):

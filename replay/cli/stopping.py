@@ -1,9 +1,13 @@
-"""Signals that stop a live session (``capture``, ``shadow``): one place for their wiring.
+"""Signals that stop a command: one place for their wiring.
 
-SIGINT, SIGTERM and SIGHUP ask the session to stop (``session.request_stop(name)``), so that
-it drains, closes its outputs and prints its summary. A signal that arrives before the session
-exists (while the interface opens) is kept and handed to it once attached: no traceback, no
-lost request to stop. ``restore()`` puts the previous handlers back.
+``StopSignals``, for a live session (``capture``, ``shadow``): SIGINT, SIGTERM and SIGHUP ask the
+session to stop (``session.request_stop(name)``), so that it drains, closes its outputs and
+prints its summary. A signal that arrives before the session exists (while the interface opens)
+is kept and handed to it once attached: no traceback, no lost request to stop. ``restore()``
+puts the previous handlers back.
+
+``Interrupts``, for a command that reads a file to its end (``convert``, ``filter``): the first
+SIGINT or SIGTERM stops it between two batches, so that its summary counts what it wrote.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ class StopSignals:
 class Interrupts:
     """SIGINT and SIGTERM during a command that reads a file to its end (``convert``,
     ``filter``): the first asks it to stop at the next point where what it counted is what it
-    wrote (``between(items)`` raises ``KeyboardInterrupt`` there); a second one interrupts at
-    once, as the default handlers would. Outside the main thread it changes nothing.
+    wrote (``between(items)`` raises ``KeyboardInterrupt`` there); a second one raises
+    ``KeyboardInterrupt`` at once, wherever it lands. Outside the main thread it changes
+    nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -59,7 +64,8 @@ class Interrupts:
 
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
-            signal.signal(s, h)
+            # (None: a handler installed from C, which cannot be put back from Python)
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
         self._old = {}
 
     def _on_signal(self, signum, frame):

@@ -13,10 +13,11 @@ sends its next request itself (``Player._pump``), just after the read that broug
 only wakes when there is something to decide (nothing queued, a lost or closed connection, the
 end of the run), so a request costs no task switch.
 
-Over plain http the connections live on one ``core.SendLoop`` (one epoll, connected, read and
-written in C, whose descriptor the event loop watches): a read hands its bytes to the
-connection, and what its answer lets go is sent at the end of the same call. TLS connections
-are asyncio's.
+Over plain http (on Linux) the connections live on one ``core.SendLoop``: one epoll set of
+non-blocking sockets, connected, read and written by the send loop (in C when compiled), whose
+descriptor the event loop watches; a read hands its bytes to the connection and, at ``--speed
+max``, what its answer lets go is sent at the end of the same call. TLS connections (and every
+connection where there is no epoll) are asyncio's.
 
 Rules:
 - a connection is opened ``CONNECT_LEAD`` before its first request is due (a recorded connection
@@ -61,6 +62,7 @@ START_DELAY_NS = 50_000_000           # first deadline after the loop starts: ro
 DEFAULT_PORTS = {"http": 80, "https": 443}
 AHEAD_NS = 300_000_000                # a streamed request is handed to its connection this early
 FEED_SLACK_NS = 20_000_000            # ... or up to this much earlier: one wait per 20 ms of them
+FEED_RUN = 256                        # timed: requests fed in a row before the other tasks run
 MAX_FED = 10_000                      # --speed max: streamed requests handed over, not yet taken
 READ_AHEAD_NS = 1_000_000_000         # a timed stream is planned this far ahead of the schedule
 PREFILL_S = 3.0                       # at most this long reading before the first deadline
@@ -413,7 +415,7 @@ class Player:
     async def run(self):
         self.loop = asyncio.get_running_loop()
         self.slots = asyncio.Semaphore(max(1, self.opts.connections))
-        if self.opts.send_loop and self.target.ssl is None:
+        if self.opts.send_loop and self.target.ssl is None and core.SendLoop is not None:
             self.send_loop = core.SendLoop(self.loop)
             self.send_loop.start()
         try:
@@ -482,9 +484,9 @@ class Player:
         in recorded time order; each recorded connection (per pass) gets a ``_Feed`` that its
         task reads, opened as its first request comes and ended after its last. The feeder
         keeps ``AHEAD_NS`` ahead of the schedule, waking once for all the requests due within
-        ``FEED_SLACK_NS`` of each other (one wait per request cost a 10x replay of 2000
-        requests/s most of its time); ``--speed max``: at most ``MAX_FED`` requests fed and not
-        yet taken."""
+        ``FEED_SLACK_NS`` of each other (a timer per request would cost more than the rest of
+        the feeding), and letting the other tasks run after ``FEED_RUN`` requests fed without a
+        wait; ``--speed max``: at most ``MAX_FED`` requests fed and not yet taken."""
         from replay.play import stream as S
 
         plan, sched, pacer, clock = self.plan, self.schedule, self.pacer, self.clock
@@ -495,6 +497,7 @@ class Player:
         late: OrderedDict = OrderedDict()   # (conn, index, pass) -> request, its status to come
         running: dict = {}       # (conn, pass) -> the task of its last feed, while it runs
         timed = sched.timed
+        run = 0                  # timed: requests fed since the last wait
         self.fed = 0
         self.room = asyncio.Event()
         try:
@@ -547,6 +550,12 @@ class Player:
                     if d - AHEAD_NS > clock.now() + FEED_SLACK_NS:
                         # a wait, then every request due within FEED_SLACK_NS of it at once
                         await pacer.sleep_until(d - AHEAD_NS)
+                        run = 0
+                    else:
+                        run += 1
+                        if run >= FEED_RUN:      # (a fast --speed: many in 20 ms)
+                            run = 0
+                            await asyncio.sleep(0)
                 else:
                     while self.fed >= MAX_FED and not self.stopping and self.budget != 0:
                         self.room.clear()

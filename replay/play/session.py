@@ -398,7 +398,8 @@ class PlaySession:
         thresholds = gc.get_threshold()
         if not schedule.timed:
             # --speed max allocates a few objects per request, nearly all freed by reference
-            # counting; a young collection every 700 of them cost the sender 9 % of its time
+            # counting: a young collection every 700 of those that outlive their request (the
+            # default) would take a tenth of the sender's time
             gc.set_threshold(UNTIMED_GC_THRESHOLD, 10, 10)
         started_wall = time.time()
         try:
