@@ -86,24 +86,27 @@ class Rec(asyncio.Protocol):
             self.lost.set_result(exc)
 
 
-def _pair(loop, twin, after=False, by_loop=False):
+def _pair(loop, twin, after=False, by_loop=False, cls=None, rcvbuf=None, family=socket.AF_INET):
     """A SendLoop on ``loop``, one of its transports connected (by the send loop, or by the
-    event loop) to a server socket accepted here; (send loop, protocol, server socket)."""
-    lsn = socket.socket()
-    lsn.bind(("127.0.0.1", 0))
+    event loop) to a server socket accepted here, its protocol a ``cls`` (``Rec``); (send
+    loop, protocol, server socket)."""
+    lsn = socket.socket(family)
+    lsn.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
     lsn.listen(1)
-    sock = socket.socket()
+    sock = socket.socket(family)
     sock.setblocking(False)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sl = twin.SendLoop(loop)
     sl.start()
     if by_loop:
         loop.run_until_complete(loop.sock_connect(sock, lsn.getsockname()))
     else:
-        loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()), 10))
+        loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()[:2]), 10))
         assert list(sl.connecting) == [sock.fileno()]      # until it has its transport
     srv, _ = lsn.accept()
     lsn.close()
-    proto = Rec(loop, after)
+    proto = (cls or Rec)(loop, after)
     sl.transport(sock, proto)
     return sl, proto, srv
 
@@ -365,17 +368,8 @@ def _has_ipv6() -> bool:
 @pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback (::1) here")
 @pytest.mark.parametrize("twin", TWINS, ids=IDS)
 def test_ipv6_connections(loop, twin):
-    lsn = socket.socket(socket.AF_INET6)
-    lsn.bind(("::1", 0))
-    lsn.listen(1)
-    sl = twin.SendLoop(loop)
-    sl.start()
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()[:2]), 10))
-    srv, _ = lsn.accept()
-    proto = Rec(loop)
-    sl.transport(sock, proto)
-    assert proto.transport.get_extra_info("peername")[:2] == lsn.getsockname()[:2]
+    sl, proto, srv = _pair(loop, twin, family=socket.AF_INET6)
+    assert proto.transport.get_extra_info("peername")[:2] == srv.getsockname()[:2]
     proto.transport.write(b"GET / HTTP/1.1\r\n\r\n")
     assert _recv_all(srv, 18) == b"GET / HTTP/1.1\r\n\r\n"
     srv.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
@@ -384,7 +378,6 @@ def test_ipv6_connections(loop, twin):
     assert bytes(proto.data) == b"HTTP/1.1 204 No Content\r\n\r\n"
     assert proto.events == ["made", "data", "eof", ("lost", None)]
     sl.close()
-    lsn.close()
 
 
 class Half(Rec):
@@ -397,16 +390,7 @@ class Half(Rec):
 
 @pytest.mark.parametrize("twin", TWINS, ids=IDS)
 def test_the_peers_end_kept_open_is_read_once_and_writes_still_go(loop, twin):
-    lsn = socket.socket()
-    lsn.bind(("127.0.0.1", 0))
-    lsn.listen(1)
-    sl = twin.SendLoop(loop)
-    sl.start()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()), 10))
-    srv, _ = lsn.accept()
-    proto = Half(loop)
-    sl.transport(sock, proto)
+    sl, proto, srv = _pair(loop, twin, cls=Half)
     srv.sendall(b"bye")
     srv.shutdown(socket.SHUT_WR)
     _until(loop, lambda: "eof" in proto.events)
@@ -421,7 +405,6 @@ def test_the_peers_end_kept_open_is_read_once_and_writes_still_go(loop, twin):
     assert proto.events[-1] == ("lost", None)
     sl.close()
     srv.close()
-    lsn.close()
 
 
 class ClosesAtOnce(Rec):
@@ -436,37 +419,26 @@ def test_nothing_is_read_after_close(loop, twin):
     """A protocol that closes in ``data_received`` while more bytes wait to be read (more than
     one read takes) gets no more of them, while what it wrote before closing waits to go."""
     import threading
-    lsn = socket.socket()
-    lsn.bind(("127.0.0.1", 0))
-    lsn.listen(1)
-    sl = twin.SendLoop(loop)
-    sl.start()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()), 10))
-    srv, _ = lsn.accept()
+
+    sl, proto, srv = _pair(loop, twin, cls=ClosesAtOnce, rcvbuf=4 << 20)
     srv.settimeout(10)
     srv.sendall(b"z" * (2 << 20))
     srv.shutdown(socket.SHUT_WR)
     time.sleep(0.1)
-    got = []
 
     def drain():               # (our close, with bytes left unread, resets the connection)
         try:
-            got.append(_recv_all(srv, 8 << 20))
+            _recv_all(srv, 8 << 20)
         except OSError:
             pass
     reader = threading.Thread(target=drain)
     reader.start()
-    proto = ClosesAtOnce(loop)
-    sl.transport(sock, proto)
     loop.run_until_complete(asyncio.wait_for(proto.lost, 20))
     reader.join(20)
     assert proto.events == ["made", "data", ("lost", None)]
     assert 0 < len(proto.data) <= twin.READ_SIZE
     sl.close()
     srv.close()
-    lsn.close()
 
 
 class Boom(Rec):
@@ -479,16 +451,7 @@ class Boom(Rec):
 def test_an_error_in_the_protocol_closes_the_connection_with_it(loop, twin):
     seen = []
     loop.set_exception_handler(lambda lp, ctx: seen.append(ctx))
-    lsn = socket.socket()
-    lsn.bind(("127.0.0.1", 0))
-    lsn.listen(1)
-    sl = twin.SendLoop(loop)
-    sl.start()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    loop.run_until_complete(asyncio.wait_for(sl.connect(sock, lsn.getsockname()), 10))
-    srv, _ = lsn.accept()
-    proto = Boom(loop)
-    sl.transport(sock, proto)
+    sl, proto, srv = _pair(loop, twin, cls=Boom)
     srv.sendall(b"x")
     exc = loop.run_until_complete(asyncio.wait_for(proto.lost, 10))
     assert isinstance(exc, ValueError) and proto.events == ["made", "data", ("lost", "ValueError")]
@@ -496,7 +459,6 @@ def test_an_error_in_the_protocol_closes_the_connection_with_it(loop, twin):
     assert not sl.transports and proto.transport.protocol is None     # no cycle left
     sl.close()
     srv.close()
-    lsn.close()
 
 
 class Refuses(Rec):
