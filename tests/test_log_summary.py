@@ -43,7 +43,9 @@ def fields(h):
 
 
 def write(path, msgs, block_records=37):
-    with LogWriter(path, block_records=block_records) as w:
+    # (a fixed creation time: two logs of the same messages are the same bytes, whenever made)
+    with LogWriter(path, {"created": "2026-01-01T00:00:00+00:00"},
+                   block_records=block_records) as w:
         w.write_many(msgs)
     return path
 
