@@ -3818,7 +3818,7 @@ cdef class PumpCore:
         self.reusable = True
         self.waiter = None
         self.pump = None
-        self.soon = None
+        self.soon = self.loop.call_soon
         self.answers = 0
         self.rx = 0
         self.rx_answered = 0
@@ -3872,8 +3872,6 @@ cdef class PumpCore:
         if not pending:
             if self.pump is None:
                 self._wake(True)
-            elif self.soon is None:
-                self.loop.call_soon(self._pump_or_wake)
             else:
                 self.soon(self._pump_or_wake)
 

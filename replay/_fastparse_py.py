@@ -2283,7 +2283,7 @@ class PumpCore:
     the compiled twin also ``core_counts``, ``room_at``, ``_crashed`` and the report's
     ``tally``), ``loop``, ``transport``, ``framer`` (a ``ResponseFramer``), ``pending`` (a deque
     of ``Attempt``), ``pump`` ((feed, pass, conn id) or None), ``retry``, ``waiter``, ``soon`` (how a
-    read runs what its answers let go: None for the loop's ``call_soon``), and its
+    read runs what its answers let go: the loop's ``call_soon``, or a transport's own), and its
     counters."""
 
     def init_core(self, player) -> None:
@@ -2297,7 +2297,7 @@ class PumpCore:
         self.reusable = True
         self.waiter = None
         self.pump = None
-        self.soon = None            # how a read runs what its answers let go (None: call_soon)
+        self.soon = self.loop.call_soon   # how a read runs what its answers let go
         self.answers = 0            # final answers read here: > 0 means the connection was reused
         self.rx = 0                 # bytes received
         self.rx_answered = 0        # bytes of the final answers among them
@@ -2336,10 +2336,7 @@ class PumpCore:
                 # after the callbacks of this read: with uvloop (--speed max's loop) a FIN
                 # read with the answer is seen first, and the request goes on a new connection;
                 # a SendLoop's transport runs it at the end of its reads (``soon``)
-                if self.soon is None:
-                    self.loop.call_soon(self._pump_or_wake)
-                else:
-                    self.soon(self._pump_or_wake)
+                self.soon(self._pump_or_wake)
 
     def _pump_or_wake(self) -> None:
         if self.pending or self.pump is None or not self.player._pump(self):

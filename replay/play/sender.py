@@ -182,7 +182,7 @@ class ReplayProtocol(core.PumpCore, asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         # a SendLoop's transport runs what an answer lets go at the end of its reads
-        self.soon = getattr(transport, "after_read", None)
+        self.soon = getattr(transport, "after_read", self.loop.call_soon)
         local = transport.get_extra_info("sockname") or ("", 0)
         peer = transport.get_extra_info("peername") or ("", 0)
         self.local, self.peer = tuple(local[:2]), tuple(peer[:2])
