@@ -138,10 +138,9 @@ cdef class SendLoop:
         return fut
 
     def forget(self, sock):
-        cdef epoll_event ev
         fd = sock.fileno()
-        if self.connecting.pop(fd, None) is not None and self.ep >= 0:
-            epoll_ctl(self.ep, EPOLL_CTL_DEL, fd, &ev)
+        if self.connecting.pop(fd, None) is not None:
+            self._unwatch(fd)
 
     def transport(self, sock, protocol):
         cdef LoopTransport t = LoopTransport(self, sock, protocol)
@@ -214,12 +213,15 @@ cdef class SendLoop:
                             "transport": (<tuple>pair)[0]})
 
     cdef int _forget(self, LoopTransport t) except -1:
-        cdef epoll_event ev
         if self.transports.get(t.fd) is t:
             del self.transports[t.fd]
-            if self.ep >= 0:
-                epoll_ctl(self.ep, EPOLL_CTL_DEL, t.fd, &ev)
+            self._unwatch(t.fd)
         return 0
+
+    cdef void _unwatch(self, int fd) noexcept:
+        cdef epoll_event ev
+        if self.ep >= 0:
+            epoll_ctl(self.ep, EPOLL_CTL_DEL, fd, &ev)
 
 
 cdef class LoopTransport:
@@ -296,9 +298,6 @@ cdef class LoopTransport:
 
     def after_read(self, callback):
         self.owner.later.append((self, callback))
-
-    def _reading(self):
-        return self._reads()
 
     cdef inline bint _reads(self):
         return not (self.closing or self.eof or self.closed)

@@ -100,10 +100,7 @@ class SendLoop:
         """A connect given up (its future cancelled): the socket leaves the set."""
         fd = sock.fileno()
         if self.connecting.pop(fd, None) is not None:
-            try:
-                self.ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
+            self._unwatch(fd)
 
     def transport(self, sock: socket.socket, protocol) -> "LoopTransport":
         """``sock`` (connected, non-blocking; by ``connect`` or not) as ``protocol``'s
@@ -164,10 +161,13 @@ class SendLoop:
     def _forget(self, t: "LoopTransport") -> None:
         if self.transports.get(t.fd) is t:
             del self.transports[t.fd]
-            try:                         # (a copy of the descriptor elsewhere would keep it in)
-                self.ep.unregister(t.fd)
-            except (OSError, ValueError):
-                pass
+            self._unwatch(t.fd)
+
+    def _unwatch(self, fd: int) -> None:
+        try:                             # (a copy of the descriptor elsewhere would keep it in)
+            self.ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
 
 
 class LoopTransport:
