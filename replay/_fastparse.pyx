@@ -3796,6 +3796,7 @@ cdef class PumpCore:
     connection, in C. ``replay.play.sender.ReplayProtocol`` (a Python subclass) holds the rest."""
 
     cdef public object player, loop, now, transport, framer, pending, waiter, pump, retry, soon
+    cdef public object due
     cdef public bint closed, reusable
     cdef public object answers, rx, rx_answered
     cdef bint _clock            # ``now`` is time.monotonic_ns: read CLOCK_MONOTONIC here
@@ -3818,6 +3819,7 @@ cdef class PumpCore:
         self.reusable = True
         self.waiter = None
         self.pump = None
+        self.due = None
         self.soon = self.loop.call_soon
         self.answers = 0
         self.rx = 0
@@ -3905,12 +3907,14 @@ cdef class PumpCore:
         return t
 
     def pump_next(self):
-        feed, it, conn_id = self.pump
+        feed, it, conn_id, dues = self.pump
         items = feed.items
         player = self.player
         if not items or player.stopping or player.budget == 0 or self.closed or \
                 not self.reusable or self.retry or self.framer.tunnel:
             return False
+        if dues is not None:
+            return self.due is not None or self._pump_timed(items, it, conn_id, dues, True)
         report = player.report
         while True:
             req = items.popleft()
@@ -3927,6 +3931,50 @@ cdef class PumpCore:
                 report.on_sent(len(req.data), None, False, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
+
+    cdef bint _pump_timed(self, object items, object it, object conn_id, object dues,
+                          bint held) except -1:
+        cdef object player = self.player
+        cdef object report = player.report
+        cdef object sched = player.schedule
+        while True:
+            req = items[0]
+            d = sched.deadline(req.t, req.seq, it)
+            if player.end_ns is not None and d >= player.end_ns:
+                return False
+            if d > self._now():
+                self.due = req
+                dues.add(d, self, req)
+                return True
+            items.popleft()
+            if self._tally is not None:
+                _count_took(player)
+                _count_tried(player, self._tally, req)
+            else:
+                player._took()
+                player._tried(req)
+            t = self.send(Attempt(req, it, d, conn_id))
+            report.on_sent(len(req.data), t - d, held, t)
+            if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
+                return True
+            held = False
+
+    def send_due(self, req):
+        if self.due is not req or self.pump is None:
+            return
+        feed, it, conn_id, dues = self.pump
+        items = feed.items
+        player = self.player
+        if not items or items[0] is not req or (self.pending and not req.pipelined):
+            self.due = None
+            return
+        if player.stopping or player.budget == 0 or self.closed or not self.reusable or \
+                self.retry or self.framer.tunnel:
+            self._wake(True)
+            return
+        self.due = None
+        if not self._pump_timed(items, it, conn_id, dues, False):
+            self._wake(True)
 
 
 # -- the streamed replay's planner ----------------------------------------------------------------

@@ -2274,17 +2274,20 @@ class Tally:
 class PumpCore:
     """The hot part of a replay connection (the base of ``replay.play.sender.ReplayProtocol``,
     which holds the rest: connecting, losing the connection, waiting, sending again): the
-    responses framed as bytes arrive, each answering the oldest request outstanding, and at
-    ``--speed max`` the requests its answers let go (``pump_next``). The compiled core does the
+    responses framed as bytes arrive, each answering the oldest request outstanding, and the
+    requests its answers let go (``pump_next``: at once at ``--speed max``, timed each at its
+    deadline). The compiled core does the
     same in C, counting into the report without a Python call per request.
 
     It reads and sets: ``player`` (``clock``, ``report``, ``on_exchange``, ``late_answers``,
-    ``budget``, ``stopping``, ``fed``/``room``, ``answered``, ``_took``, ``_tried``, ``_pump``;
-    the compiled twin also ``core_counts``, ``room_at``, ``_crashed`` and the report's
-    ``tally``), ``loop``, ``transport``, ``framer`` (a ``ResponseFramer``), ``pending`` (a deque
-    of ``Attempt``), ``pump`` ((feed, pass, conn id) or None), ``retry``, ``waiter``, ``soon`` (how a
-    read runs what its answers let go: the loop's ``call_soon``, or a transport's own), and its
-    counters."""
+    ``budget``, ``stopping``, ``fed``/``room``, ``answered``, ``_took``, ``_tried``, ``_pump``,
+    and timed ``schedule`` and ``end_ns``; the compiled twin also ``core_counts``, ``room_at``,
+    ``_crashed`` and the report's ``tally``), ``loop``, ``transport``, ``framer`` (a
+    ``ResponseFramer``), ``pending`` (a deque of ``Attempt``), ``pump`` ((feed, pass, conn id,
+    dues) or None: ``dues``, timed, what sends a request at its deadline, its ``add(deadline,
+    core, request)`` calling ``send_due(request)`` then), ``due``, ``retry``, ``waiter``,
+    ``soon`` (how a read runs what its answers let go: the loop's ``call_soon``, or a
+    transport's own), and its counters."""
 
     def init_core(self, player) -> None:
         self.player = player
@@ -2297,6 +2300,7 @@ class PumpCore:
         self.reusable = True
         self.waiter = None
         self.pump = None
+        self.due = None             # timed: the request the pump holds for its deadline
         self.soon = self.loop.call_soon   # how a read runs what its answers let go
         self.answers = 0            # final answers read here: > 0 means the connection was reused
         self.rx = 0                 # bytes received
@@ -2356,15 +2360,18 @@ class PumpCore:
         return t
 
     def pump_next(self) -> bool:
-        """Every answer is in (``--speed max``): send the next request of the feed now, and
+        """Every answer is in, or a pipelined request came: send the next request of the feed, and
         those pipelined after it, as the connection's task would; False when the task must
-        decide (the feed is empty, the run stops, the connection cannot be reused)."""
-        feed, it, conn_id = self.pump
+        decide (the feed is empty, the run stops, the connection cannot be reused). At ``--speed
+        max`` (``dues`` None) it goes now; timed, at its deadline (``_pump_timed``)."""
+        feed, it, conn_id, dues = self.pump
         items = feed.items
         player = self.player
         if not items or player.stopping or player.budget == 0 or self.closed or \
                 not self.reusable or self.retry or self.framer.tunnel:
             return False
+        if dues is not None:
+            return self.due is not None or self._pump_timed(items, it, conn_id, dues, True)
         report = player.report
         while True:
             req = items.popleft()
@@ -2374,6 +2381,51 @@ class PumpCore:
             report.on_sent(len(req.data), None, False, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
+
+    def _pump_timed(self, items, it, conn_id, dues, held) -> bool:
+        """Timed: the head of the feed goes at its deadline: now if that is past (``held``: the
+        answer that let it go came after it), else from ``dues`` when it comes (``send_due``;
+        ``due`` holds it meanwhile); then those pipelined after it, each at its own deadline.
+        False when the task must decide: a deadline at or past ``--duration``'s end."""
+        player = self.player
+        report = player.report
+        while True:
+            req = items[0]
+            d = player.schedule.deadline(req.t, req.seq, it)
+            if player.end_ns is not None and d >= player.end_ns:
+                return False
+            if d > self.now():
+                self.due = req
+                dues.add(d, self, req)
+                return True
+            items.popleft()
+            player._took()
+            player._tried(req)
+            t = self.send(Attempt(req, it, d, conn_id))
+            report.on_sent(len(req.data), t - d, held, t)
+            if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
+                return True
+            held = False
+
+    def send_due(self, req) -> None:
+        """``dues``: the deadline of ``req`` has come. Sent if the connection still holds it
+        for its deadline (its task did not take over meanwhile) and may still send; else its
+        task decides."""
+        if self.due is not req or self.pump is None:
+            return
+        feed, it, conn_id, dues = self.pump
+        items = feed.items
+        player = self.player
+        if not items or items[0] is not req or (self.pending and not req.pipelined):
+            self.due = None          # (not the head of the feed, or not idle: never so)
+            return
+        if player.stopping or player.budget == 0 or self.closed or not self.reusable or \
+                self.retry or self.framer.tunnel:
+            self._wake(True)         # ``due`` kept: its task sees what it waited for
+            return
+        self.due = None
+        if not self._pump_timed(items, it, conn_id, dues, False):
+            self._wake(True)
 
 
 # -- the streamed replay's planner ----------------------------------------------------------------

@@ -131,6 +131,8 @@ class _Player:
         self.report = _Report(log)
         self.stopping = False
         self.budget = budget
+        self.schedule = None
+        self.end_ns = None
 
     def answered(self, att, m, now, proto):
         self.log.append(("answered", att.req.index, att.sent_ns, m.status, len(m.data), now,
@@ -146,6 +148,37 @@ class _Player:
 
     def _pump(self, proto):
         return proto.pump_next()
+
+
+class _Schedule:
+    """Deadlines ``base + t * step`` (``t`` a request's recorded time), each asked written down."""
+
+    def __init__(self, log, base, step):
+        self.log, self.base, self.step = log, base, step
+
+    def deadline(self, t, seq, it):
+        self.log.append(("deadline", t, seq, it))
+        return self.base + t * self.step
+
+
+class _Dues:
+    """A ``DueSends`` that writes down what it is given, and sends it when the test says."""
+
+    def __init__(self, log):
+        self.log = log
+        self.entries = []
+
+    def add(self, d, core, req):
+        self.log.append(("due", d, req.index))
+        self.entries.append((d, core, req))
+
+    def fire(self, rng):
+        got, self.entries = self.entries, []
+        for d, core, req in got:
+            if rng.random() < 0.1:
+                core.send_due(_request(99, "GET", False))      # an entry its task took over
+            core.send_due(req)
+            self.log.append(("fired", d, req.index, core.due is None))
 
 
 class _Transport:
@@ -239,7 +272,7 @@ def _received(report) -> int:
     return report.bytes_received + (tally.bytes_received if tally is not None else 0)
 
 
-def _run(core, seed, counting=False, before_fold=None):
+def _run(core, seed, counting=False, before_fold=None, timed=False):
     rng = random.Random(seed)
     log: list = []
     n = rng.randint(1, 12)
@@ -257,7 +290,13 @@ def _run(core, seed, counting=False, before_fold=None):
     c.framer = core.ResponseFramer(("127.0.0.1", 40000), ("127.0.0.1", 80))
     c.waiter = _Waiter(log)
     feed = _Feed(reqs)
-    c.pump = (feed, 0, 7)
+    dues = None
+    if timed:
+        # deadlines before, among and after the clock's readings; some past --duration's end
+        player.schedule = _Schedule(log, rng.choice([0, 1_000, 1_050]), rng.choice([0, 9, 40]))
+        player.end_ns = rng.choice([None, None, 1_200])
+        dues = _Dues(log)
+    c.pump = (feed, 0, 7, dues)
     if rng.random() < 0.1:
         c.retry = [object()]
     sent = []
@@ -273,6 +312,9 @@ def _run(core, seed, counting=False, before_fold=None):
             method = sent[answered].split(b" ", 1)[0].decode()
             wire += _response(rng, method, answered)
             answered += 1
+        if not wire and dues is not None and dues.entries:
+            dues.fire(rng)
+            continue
         if not wire:
             break
         k = rng.randint(1, max(1, len(wire)))
@@ -281,6 +323,10 @@ def _run(core, seed, counting=False, before_fold=None):
             chunk = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" + chunk    # unsolicited
         c.data_received(chunk)
         player.loop.run()
+        if dues is not None:
+            if rng.random() < 0.05:
+                player.stopping = True
+            dues.fire(rng)
         log.append(("state", len(c.pending), c.reusable, c.closed, c.answers, c.rx,
                     c.rx_answered, c.framer.tunnel, len(feed.items), player.budget,
                     _received(player.report), player.report.unsolicited))
@@ -306,6 +352,61 @@ def test_pump_core_counts_alike(seed):
     """The compiled core counts into a real ``Report`` itself; the twin calls the player's and
     the report's methods: the same report, to the sample."""
     assert _run(compiled, seed, counting=True) == _run(pure, seed, counting=True)
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed", range(200))
+def test_pump_core_timed_alike(seed):
+    """Timed: the requests that answers let go, each sent at once when its deadline is past or
+    held for its deadline (``dues``) until then; what the run's end, a stop, or a stale
+    entry does with them."""
+    assert _run(compiled, seed, timed=True) == _run(pure, seed, timed=True)
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed", range(100))
+def test_pump_core_timed_counts_alike(seed):
+    assert _run(compiled, seed, counting=True, timed=True) == \
+        _run(pure, seed, counting=True, timed=True)
+
+
+def test_pump_core_timed_sends_at_the_deadline():
+    """Each twin: an answer that comes before the next request's deadline holds it for
+    ``dues``; sent when it comes, late by what the clock says, not held by the answer; an
+    answer that comes after it sends it at once, counted as held by that answer."""
+    for core in CORES:
+        log: list = []
+        player = _Player(log, None)
+        player.schedule = _Schedule(log, 1_000, 100)
+
+        class Conn(core.PumpCore):
+            pass
+
+        c = Conn()
+        c.init_core(player)
+        c.transport = _Transport(log)
+        c.framer = core.ResponseFramer(("127.0.0.1", 40000), ("127.0.0.1", 80))
+        c.waiter = _Waiter(log)
+        dues = _Dues(log)
+        reqs = [_request(i, "GET", False) for i in range(3)]       # due 1000, 1100, 1200
+        c.pump = (_Feed(reqs), 0, 7, dues)
+        player.clock.t = 990
+        assert c.pump_next() and c.due is reqs[0] and dues.entries[0][0] == 1_000
+        assert c.pump_next() and len(dues.entries) == 1           # held already: nothing more
+        player.clock.t = 1_003
+        dues.fire(random.Random(5))
+        sent = [e for e in log if e[0] == "on_sent"]
+        assert sent == [("on_sent", (len(reqs[0].data), 1_017 - 1_000, False, 1_017))]
+        c.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")   # before 1100
+        player.loop.run()
+        assert c.due is reqs[1] and dues.entries[0][0] == 1_100
+        dues.entries.clear()          # (lost: the next answer comes after 1200)
+        c.due = None
+        c.pending.clear()
+        player.clock.t = 1_300
+        assert c.pump_next()
+        sent = [e for e in log if e[0] == "on_sent"]
+        assert sent[-1] == ("on_sent", (len(reqs[1].data), 1_314 - 1_100, True, 1_314)), core
 
 
 @needs_compiled
@@ -370,7 +471,7 @@ def test_tally_folds_into_any_report_and_on_its_own(bounded):
     reqs = [_request(3, "GET", False) for _ in range(n)]
     for q in reqs:
         q.recorded_status = 200
-    c.pump = (_Feed(reqs), 0, 7)
+    c.pump = (_Feed(reqs), 0, 7, None)
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
     assert c.pump_next()
     for _ in range(n - 1):

@@ -324,14 +324,19 @@ def test_many_connections_each_get_their_own_bytes(loop, twin):
 
 # -- whole replays, with and without the send loop --------------------------------------------
 
-def _replay(plan, url, send_loop, speed=None):
+def _replay(plan, url, send_loop, speed=None, timed_pump=True):
     tgt = parse_target(url)
     sched = Schedule(plan.t0, plan.span_ns, plan.requests, speed=speed)
-    s = ps.PlaySession(plan, sched, tgt, Options(connections=64, timeout=10, send_loop=send_loop),
+    s = ps.PlaySession(plan, sched, tgt, Options(connections=64, timeout=10, send_loop=send_loop,
+                                                 timed_pump=timed_pump),
                        ps.About("in", tgt.display))
     report = s.run()
     used = s.player.send_loop is not None
     assert used is send_loop and (not used or s.player.send_loop.calls > 0)
+    dues = s.player.dues
+    assert (dues is not None) is (timed_pump and speed is not None)
+    if dues is not None and speed == 1.0:
+        assert dues.n > 0             # answers let requests go, each at its deadline
     return report
 
 
@@ -353,6 +358,34 @@ def test_replay_sends_the_same_with_and_without_the_send_loop(tmp_path, stream, 
         got[send_loop] = (d["attempted"], d["answered"], d["sent"], d["bytes"], d["errors"],
                           d["statuses"], d["connections"]["opened"], collections.Counter(
                               tuple(v) for v in order.values()))
+    assert got[True][1] == 300 and got[True] == got[False]
+
+
+@pytest.mark.parametrize("speed", [1.0, 10.0], ids=["1x", "10x"])
+@pytest.mark.parametrize("send_loop,stream", [(True, True), (False, True), (True, False)],
+                         ids=["sendloop-streamed", "asyncio-streamed", "sendloop-planned"])
+def test_timed_replay_sends_the_same_with_and_without_the_timed_pump(tmp_path, send_loop, stream,
+                                                                    speed):
+    """A timed replay whose answers send the next requests at their deadlines (``DueSends``)
+    sends what the connection tasks alone send: the same requests, on the same connections, in
+    the same order, with the same counts; and each request is sent at or after its deadline (no
+    lateness below zero)."""
+    from tests.test_play_stream import to_log
+
+    cap = spread_capture(tmp_path / "in.pcap", n=300, conns=12, span_ns=300_000_000)
+    log = to_log(str(cap), tmp_path / "in.rlog")
+    got = {}
+    for timed_pump in (True, False):
+        src = RecordedSource(log, stream=stream)
+        with SinkThread() as sink:
+            plan = src.plan(parse_target(sink.url).host_header)
+            report = _replay(plan, sink.url, send_loop, speed, timed_pump)
+            order = {c: [r.split(b" ")[1] for r in v] for c, v in sink.by_conn().items()}
+        d = report.to_dict()
+        assert min(report.lateness) >= 0 and len(report.lateness) == 300
+        got[timed_pump] = (d["attempted"], d["answered"], d["sent"], d["bytes"], d["errors"],
+                           d["statuses"], d["connections"]["opened"], collections.Counter(
+                               tuple(v) for v in order.values()))
     assert got[True][1] == 300 and got[True] == got[False]
 
 

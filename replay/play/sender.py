@@ -8,10 +8,12 @@ a slow target delays only the connection it is slow on, and that delay shows as 
 
 Responses are framed by ``core.ResponseFramer`` (the capture's own framing rules, sans-IO) as
 bytes arrive; each final response answers the oldest request outstanding on its connection.
-At ``--speed max`` on a kept-alive streamed connection, the answer that empties a connection
-sends its next request itself (``Player._pump``), just after the read that brought it: the task
-only wakes when there is something to decide (nothing queued, a lost or closed connection, the
-end of the run), so a request costs no task switch.
+On a kept-alive connection, the answer that empties a connection sends its next
+request itself (``Player._pump``): at ``--speed max`` just after the read that brought it; in a
+timed run at its deadline, from the run's ``DueSends`` (one loop timer for all connections, a
+heap of deadlines), or at once when the answer came after it. The task only wakes when there
+is something to decide (nothing queued, a lost or closed connection, the end of the run), so a
+request costs no task switch.
 
 Over plain http (on Linux) the connections live on one ``core.SendLoop``: one epoll set of
 non-blocking sockets, connected, read and written by the send loop (in C when compiled), whose
@@ -40,6 +42,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import ipaddress
 import itertools
 import socket
@@ -69,6 +72,7 @@ PREFILL_S = 3.0                       # at most this long reading before the fir
 PREFILL_MAX_ITEMS = 1024              # --speed max: requests read before the first is sent
 POLL_S = 0.005                        # the stream launcher's wait for the reader (300 ms ahead)
 MAX_LATE_ANSWERS = 100_000            # answers kept waiting for a recorded status read late
+LONG_SLEEP_NS = 1_000_000            # DueSends: a longer wait is slept in two parts
 SLOT_WAIT_S = 0.05                    # ... and, every slot taken, between looks for an idle one
 # a request lost with its connection may be sent again only if its method is idempotent
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))   # RFC 9110 §9.2.2
@@ -162,6 +166,7 @@ class Options:
     loop: bool = False
     start_barrier: object = None   # ``workers.StartBarrier``: a timed run's start and t0, agreed
     send_loop: bool = True         # http: the connections on a ``core.SendLoop``
+    timed_pump: bool = True        # timed: answers send what they let go at its time (``DueSends``)
 
 
 Attempt = core.Attempt
@@ -289,6 +294,68 @@ class ReplayProtocol(core.PumpCore, asyncio.Protocol):
             self.transport.abort()
 
 
+class DueSends:
+    """A timed run's requests that answers let go before they are due (``PumpCore.send_due``),
+    each sent at its deadline: one loop timer, armed ``spin_ns`` before the earliest deadline;
+    when it fires it waits out the rest on the clock (as ``Pacer.wait_until`` does), sends what
+    is then due, and arms again for the next. A request costs a heap entry, not a task step, a
+    future and a timer of its own. An entry whose connection no longer holds it (its task took
+    over) does nothing when it comes. ``now`` is the loop's clock in ns (``time.monotonic_ns``);
+    ``on_error(exc)`` is told of an exception a send raised (a bug)."""
+
+    def __init__(self, loop, now, spin_ns: int, on_error):
+        self.loop = loop
+        self.now = now
+        self.spin_ns = spin_ns
+        self.on_error = on_error
+        self.heap: list = []
+        self.n = 0                  # entries made: their order among equal deadlines
+        self.handle = None
+        self.armed = None           # the deadline the timer is armed for
+
+    def add(self, deadline: int, core, req) -> None:
+        self.n += 1
+        heapq.heappush(self.heap, (deadline, self.n, core, req))
+        if self.armed is None or deadline < self.armed:
+            self._arm(deadline)
+
+    def _arm(self, deadline: int) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.armed = deadline
+        wait = deadline - self.spin_ns - self.now()
+        if wait > LONG_SLEEP_NS:
+            # a longer sleep overshoots more (a few % of it on a virtual machine): wake a
+            # little early, then sleep again for the rest
+            wait -= wait >> 3
+        self.handle = self.loop.call_later(wait / NS, self._fire)
+
+    def _fire(self) -> None:
+        self.handle = self.armed = None
+        heap, now = self.heap, self.now
+        if not heap:
+            return
+        d = heap[0][0]
+        t = now()
+        if d - t <= self.spin_ns:
+            while t < d:
+                t = now()
+            while heap and heap[0][0] <= t:
+                _, _, core, req = heapq.heappop(heap)
+                try:
+                    core.send_due(req)
+                except Exception as e:  # noqa: BLE001  (a bug: the run stops, raises it at its end)
+                    self.on_error(e)
+        if heap and self.armed is None:
+            self._arm(heap[0][0])
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.handle = self.armed = None
+        self.heap.clear()
+
+
 def _expire(fut):
     if not fut.done():
         fut.set_result(False)
@@ -336,6 +403,7 @@ class Player:
         self.slots = None
         self.crash = None           # an exception that escaped a connection task: a bug
         self.send_loop = None       # the core.SendLoop of an http run
+        self.dues = None            # a timed run's DueSends (its clock the loop's)
 
     # -- results -----------------------------------------------------------------------------
     def answered(self, att: Attempt, m: Message, now: int, proto: ReplayProtocol):
@@ -418,9 +486,13 @@ class Player:
         if self.opts.send_loop and self.target.ssl is None and core.SendLoop is not None:
             self.send_loop = core.SendLoop(self.loop)
             self.send_loop.start()
+        if self.schedule.timed and self.opts.timed_pump and self.clock.now is time.monotonic_ns:
+            self.dues = DueSends(self.loop, self.clock.now, self.pacer.spin_ns, self._crashed)
         try:
             await self._run()
         finally:
+            if self.dues is not None:
+                self.dues.close()
             if self.send_loop is not None:
                 self.send_loop.close()
 
@@ -630,9 +702,10 @@ class Player:
             r.t0_ns.value = first
 
     def _pump(self, proto: ReplayProtocol) -> bool:
-        """``proto`` has every answer (``--speed max``): its ``pump_next`` sends the next request
-        of its feed now, and those pipelined after it, as its task would; False when its task
-        must decide (the feed is empty, the run stops, the connection cannot be reused)."""
+        """``proto`` has every answer (or a pipelined request came): its ``pump_next`` sends the
+        next request of its feed (now, or timed at its deadline), and those pipelined after it,
+        as its task would; False when its task must decide (the feed is empty, the run stops,
+        the connection cannot be reused)."""
         try:
             return proto.pump_next()
         except Exception as e:  # noqa: BLE001  (a bug: stop the run and raise it at the end)
@@ -744,12 +817,15 @@ class Player:
         if after is not None:
             # the same recorded connection's previous feed still runs: keep its order
             await asyncio.gather(after, return_exceptions=True)
-        requests = cp if isinstance(cp, _Feed) else _aiter(cp.requests)
-        # --speed max, kept alive, streamed: between requests the connection waits for its
-        # answer *before* taking the next request, and the answer's callback sends the next
-        # ones itself while it can (``_pump``): no task switch per request
-        pump = (cp, it, conn_id) if isinstance(cp, _Feed) and not sched.timed and \
-            opts.keepalive else None
+        if not isinstance(cp, _Feed):           # planned whole: all its requests at once
+            cp = _Feed.of(self, cp.requests)
+        requests = cp
+        # kept alive: between requests the connection waits for its answer *before* taking the
+        # next request, and the answer's callback sends the next ones itself while it can
+        # (``_pump``; timed, each at its deadline, from ``dues``): no task switch per request
+        pump = None
+        if opts.keepalive and (self.dues is not None or not sched.timed):
+            pump = (cp, it, conn_id, self.dues if sched.timed else None)
         try:
             while True:
                 if pump is not None and proto is not None and proto.pending and \
@@ -762,6 +838,10 @@ class Player:
                     finally:
                         held.pump = None
                         cp.pumping = None
+                        waited, held.due = held.due, None
+                    if waited is not None and proto is not None and proto.closed:
+                        # the target closed it while idle, before that request was due
+                        report.on_reconnect(0)
                 try:
                     req = await requests.__anext__()
                 except StopAsyncIteration:
@@ -1034,14 +1114,10 @@ class _Hold:
         return max(0.0, (start_ns + off - READ_AHEAD_NS - time.monotonic_ns()) / NS)
 
 
-async def _aiter(items):
-    for x in items:
-        yield x
-
-
 class _Feed:
-    """The requests of one streamed recorded connection, handed over as the reader plans them;
-    its connection task reads them with ``async for``, until ``end()``."""
+    """The requests of one recorded connection, handed over as the stream's reader plans them
+    (or all at once: ``of``); its connection task reads them with ``async for``, until
+    ``end()``."""
 
     __slots__ = ("player", "items", "waiter", "ended", "pumping")
 
@@ -1060,6 +1136,15 @@ class _Feed:
             # would have sent it
             self.player._pump(self.pumping)
         self._wake()
+
+    @classmethod
+    def of(cls, player, requests) -> "_Feed":
+        """A feed handed all of ``requests`` (a connection of a plan held whole) and ended."""
+        f = cls(player)
+        f.items.extend(requests)
+        player.fed += len(f.items)
+        f.ended = True
+        return f
 
     def end(self) -> None:
         self.ended = True
