@@ -3914,7 +3914,7 @@ cdef class PumpCore:
                 not self.reusable or self.retry or self.framer.tunnel:
             return False
         if dues is not None:
-            return self.due is not None or self._pump_timed(items, it, conn_id, dues, True)
+            return self.due is not None or self._pump_timed(items, it, conn_id, dues, True, None)
         report = player.report
         while True:
             req = items.popleft()
@@ -3933,13 +3933,14 @@ cdef class PumpCore:
                 return True
 
     cdef bint _pump_timed(self, object items, object it, object conn_id, object dues,
-                          bint held) except -1:
+                          bint held, object d) except -1:
         cdef object player = self.player
         cdef object report = player.report
         cdef object sched = player.schedule
         while True:
             req = items[0]
-            d = sched.deadline(req.t, req.seq, it)
+            if d is None:
+                d = sched.deadline(req.t, req.seq, it)
             if player.end_ns is not None and d >= player.end_ns:
                 return False
             if d > self._now():
@@ -3958,8 +3959,9 @@ cdef class PumpCore:
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
             held = False
+            d = None
 
-    def send_due(self, req):
+    def send_due(self, req, deadline):
         if self.due is not req or self.pump is None:
             return
         feed, it, conn_id, dues = self.pump
@@ -3973,7 +3975,7 @@ cdef class PumpCore:
             self._wake(True)
             return
         self.due = None
-        if not self._pump_timed(items, it, conn_id, dues, False):
+        if not self._pump_timed(items, it, conn_id, dues, False, deadline):
             self._wake(True)
 
 

@@ -2285,7 +2285,7 @@ class PumpCore:
     ``_crashed`` and the report's ``tally``), ``loop``, ``transport``, ``framer`` (a
     ``ResponseFramer``), ``pending`` (a deque of ``Attempt``), ``pump`` ((feed, pass, conn id,
     dues) or None: ``dues``, timed, what sends a request at its deadline, its ``add(deadline,
-    core, request)`` calling ``send_due(request)`` then), ``due``, ``retry``, ``waiter``,
+    core, request)`` calling ``send_due(request, deadline)`` then), ``due``, ``retry``, ``waiter``,
     ``soon`` (how a read runs what its answers let go: the loop's ``call_soon``, or a
     transport's own), and its counters."""
 
@@ -2371,7 +2371,7 @@ class PumpCore:
                 not self.reusable or self.retry or self.framer.tunnel:
             return False
         if dues is not None:
-            return self.due is not None or self._pump_timed(items, it, conn_id, dues, True)
+            return self.due is not None or self._pump_timed(items, it, conn_id, dues, True, None)
         report = player.report
         while True:
             req = items.popleft()
@@ -2382,16 +2382,18 @@ class PumpCore:
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
 
-    def _pump_timed(self, items, it, conn_id, dues, held) -> bool:
+    def _pump_timed(self, items, it, conn_id, dues, held, d) -> bool:
         """Timed: the head of the feed goes at its deadline: now if that is past (``held``: the
         answer that let it go came after it), else from ``dues`` when it comes (``send_due``;
         ``due`` holds it meanwhile); then those pipelined after it, each at its own deadline.
-        False when the task must decide: a deadline at or past ``--duration``'s end."""
+        False when the task must decide: a deadline at or past ``--duration``'s end. ``d``: the
+        head's deadline, when known."""
         player = self.player
         report = player.report
         while True:
             req = items[0]
-            d = player.schedule.deadline(req.t, req.seq, it)
+            if d is None:
+                d = player.schedule.deadline(req.t, req.seq, it)
             if player.end_ns is not None and d >= player.end_ns:
                 return False
             if d > self.now():
@@ -2406,8 +2408,9 @@ class PumpCore:
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
             held = False
+            d = None
 
-    def send_due(self, req) -> None:
+    def send_due(self, req, deadline) -> None:
         """``dues``: the deadline of ``req`` has come. Sent if the connection still holds it
         for its deadline (its task did not take over meanwhile) and may still send; else its
         task decides."""
@@ -2424,7 +2427,7 @@ class PumpCore:
             self._wake(True)         # ``due`` kept: its task sees what it waited for
             return
         self.due = None
-        if not self._pump_timed(items, it, conn_id, dues, False):
+        if not self._pump_timed(items, it, conn_id, dues, False, deadline):
             self._wake(True)
 
 

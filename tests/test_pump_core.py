@@ -176,8 +176,8 @@ class _Dues:
         got, self.entries = self.entries, []
         for d, core, req in got:
             if rng.random() < 0.1:
-                core.send_due(_request(99, "GET", False))      # an entry its task took over
-            core.send_due(req)
+                core.send_due(_request(99, "GET", False), d)   # an entry its task took over
+            core.send_due(req, d)
             self.log.append(("fired", d, req.index, core.due is None))
 
 

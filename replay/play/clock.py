@@ -25,8 +25,9 @@ class PreciseSelector(selectors.EpollSelector if hasattr(selectors, "EpollSelect
                       else selectors.DefaultSelector):
     def select(self, timeout=None):
         if timeout is not None and timeout > 0 and hasattr(self, "_selector"):
-            # wait on the epoll fd with microsecond resolution; events are read below
-            select.select([self._selector.fileno()], [], [], timeout)
+            # wait on the epoll fd with microsecond resolution; events are read below, if any
+            if not select.select([self._selector.fileno()], [], [], timeout)[0]:
+                return []            # the timer's time: nothing to read
             timeout = 0
         return super().select(timeout)
 

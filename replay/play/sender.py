@@ -341,9 +341,9 @@ class DueSends:
             while t < d:
                 t = now()
             while heap and heap[0][0] <= t:
-                _, _, core, req = heapq.heappop(heap)
+                d, _, core, req = heapq.heappop(heap)
                 try:
-                    core.send_due(req)
+                    core.send_due(req, d)
                 except Exception as e:  # noqa: BLE001  (a bug: the run stops, raises it at its end)
                     self.on_error(e)
         if heap and self.armed is None:
@@ -561,11 +561,12 @@ class Player:
         wait; ``--speed max``: at most ``MAX_FED`` requests fed and not yet taken."""
         from replay.play import stream as S
 
-        plan, sched, pacer, clock = self.plan, self.schedule, self.pacer, self.clock
+        plan, sched, pacer, now = self.plan, self.schedule, self.pacer, self.clock.now
         reader = self.reader
+        queued = reader.items    # what the reader sent, unpacked (``get`` takes more in)
         stride = plan.conn_stride
         self.late_answers = OrderedDict()
-        feeds: dict = {}         # (conn, pass) -> _Feed
+        feeds: OrderedDict = OrderedDict()   # (conn, pass) -> _Feed, least recently fed first
         late: OrderedDict = OrderedDict()   # (conn, index, pass) -> request, its status to come
         running: dict = {}       # (conn, pass) -> the task of its last feed, while it runs
         timed = sched.timed
@@ -574,7 +575,7 @@ class Player:
         self.room = asyncio.Event()
         try:
             while not self.stopping and self.budget != 0:
-                got = reader.get()
+                got = queued.popleft() if queued else reader.get()
                 if got is None:
                     if reader.done:
                         break
@@ -619,7 +620,7 @@ class Player:
                 if d is not None:
                     if self.end_ns is not None and d >= self.end_ns:
                         break
-                    if d - AHEAD_NS > clock.now() + FEED_SLACK_NS:
+                    if d - AHEAD_NS > now() + FEED_SLACK_NS:
                         # a wait, then every request due within FEED_SLACK_NS of it at once
                         await pacer.sleep_until(d - AHEAD_NS)
                         run = 0
@@ -664,9 +665,9 @@ class Player:
                     self.tasks.add(task)
                     task.add_done_callback(self._task_done)
                 else:
-                    feeds[key] = feeds.pop(key)  # most recently fed last
+                    feeds.move_to_end(key)       # most recently fed last
                 f.put(req)
-                if self.lookahead is not None and d is not None:
+                if d is not None and self.lookahead is not None:
                     self.lookahead.push(d)
                 if self.on_recorded is not None and it == 0:
                     self.on_recorded(rec_req, rec_final)
