@@ -131,6 +131,7 @@ def _max_by(keys: np.ndarray, values: np.ndarray):
 # items of the reader's queue
 END_CONN, END_PASS, FAILED, LATE, STATS = "end_conn", "end_pass", "failed", "late", "stats"
 BATCH = 64                   # items per message on the reader's pipe (packed: pack_planned)
+HOLD_SLACK_S = 0.02          # timed: a reader that waited lets this much more come due first
 
 
 class StreamingPlan:
@@ -356,7 +357,9 @@ class StreamReader:
                 return True
             self._flush()
             self._state.value = 1
-            time.sleep(0.05 if wait is None else min(wait, 0.05))
+            # a little past its time: what comes due meanwhile then goes in full batches, not
+            # one request to a batch (a message on the pipe each for the sender to take in)
+            time.sleep(0.05 if wait is None else min(wait + HOLD_SLACK_S, 0.05))
         return False
 
     def _put(self, it, item) -> bool:
