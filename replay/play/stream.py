@@ -346,7 +346,7 @@ class StreamReader:
 
     def _wait_for(self, req, it) -> bool:
         """Until ``hold`` lets ``req`` of pass ``it`` go; False when stopping."""
-        while not self._stop.value and os.getppid() == self.parent:
+        while not self._stop.value:
             self.hold.schedule.t0 = self.t0_ns.value     # the parent may move the start
             off = self.hold.offset(req, it)
             if off is None:
@@ -355,6 +355,8 @@ class StreamReader:
             if wait is not None and wait <= 0:
                 self._state.value = 0
                 return True
+            if os.getppid() != self.parent:             # (only before a wait: a system call)
+                break
             self._flush()
             self._state.value = 1
             # a little past its time: what comes due meanwhile then goes in full batches, not
