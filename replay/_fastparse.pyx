@@ -3948,13 +3948,13 @@ cdef class PumpCore:
                 dues.add(d, self, req)
                 return True
             items.popleft()
+            t = self.send(Attempt(req, it, d, conn_id))
             if self._tally is not None:
                 _count_took(player)
                 _count_tried(player, self._tally, req)
             else:
                 player._took()
                 player._tried(req)
-            t = self.send(Attempt(req, it, d, conn_id))
             report.on_sent(len(req.data), t - d, held, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True

@@ -2401,9 +2401,9 @@ class PumpCore:
                 dues.add(d, self, req)
                 return True
             items.popleft()
+            t = self.send(Attempt(req, it, d, conn_id))      # (counted after: on time first)
             player._took()
             player._tried(req)
-            t = self.send(Attempt(req, it, d, conn_id))
             report.on_sent(len(req.data), t - d, held, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
