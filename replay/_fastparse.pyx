@@ -3785,15 +3785,16 @@ cdef inline int _count_took(object player) except -1:
 cdef inline int _count_tried(object player, Tally tally, object req) except -1:
     if player.budget is not None:
         player.budget -= 1
-        if player.budget == 0 and player.room is not None:
-            player.room.set()
+        if player.budget == 0:
+            player._spent()
     tally.tried(req.recorded_status)
     return 0
 
 
 cdef class PumpCore:
-    """The twin's ``PumpCore``: receiving, answering and ``--speed max``'s sending of a replay
-    connection, in C. ``replay.play.sender.ReplayProtocol`` (a Python subclass) holds the rest."""
+    """The twin's ``PumpCore``: receiving, answering, and sending what the answers let go (at
+    once at ``--speed max``, timed at its deadline) of a replay connection, in C.
+    ``replay.play.sender.ReplayProtocol`` (a Python subclass) holds the rest."""
 
     cdef public object player, loop, now, transport, framer, pending, waiter, pump, retry, soon
     cdef public object due
@@ -3914,7 +3915,8 @@ cdef class PumpCore:
                 not self.reusable or self.retry or self.framer.tunnel:
             return False
         if dues is not None:
-            return self.due is not None or self._pump_timed(items, it, conn_id, dues, True, None)
+            return self.due is not None or self._pump_timed(
+                items, it, conn_id, dues, not self.pending and not items[0].pipelined, None)
         report = player.report
         while True:
             req = items.popleft()

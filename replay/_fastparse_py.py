@@ -2371,7 +2371,9 @@ class PumpCore:
                 not self.reusable or self.retry or self.framer.tunnel:
             return False
         if dues is not None:
-            return self.due is not None or self._pump_timed(items, it, conn_id, dues, True, None)
+            # held by the answer that let it go (a pipelined request waits for none)
+            return self.due is not None or self._pump_timed(
+                items, it, conn_id, dues, not self.pending and not items[0].pipelined, None)
         report = player.report
         while True:
             req = items.popleft()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -107,3 +108,60 @@ def test_lookahead_finds_the_next_deadline_across_passes():
     # after the last request of pass 0 comes the first of pass 1
     assert look.next_after(1_100 * MS) == 1_000 * MS + int(s.period)
     assert Lookahead(Schedule(0, 1, 2, speed=None), [0, 1]).next_after(5) is None
+
+
+# -- DueSends: the timed pump's requests, each at its deadline ------------------------------------
+
+class _Core:
+    """A connection holding requests for their deadlines, as ``PumpCore`` does (``due``)."""
+
+    def __init__(self, name, sent, then=None):
+        self.name, self.sent, self.then = name, sent, then
+        self.due = None
+        self.woken = 0
+
+    def send_due(self, req, deadline):
+        assert self.due is req
+        self.due = None
+        self.sent.append((req, deadline, time.monotonic_ns()))
+        if self.then is not None:          # holds its next request, from inside the firing
+            nxt, d = self.then
+            self.then = None
+            self.due = nxt
+            self.dues.add(d, self, nxt)
+
+    def _wake(self, value):
+        self.woken += 1
+
+
+def test_due_sends_in_deadline_order_never_early():
+    """Each request at or after its deadline, in deadline order, also when a send holds the
+    connection's next request (armed for it) while an earlier one of another connection waits;
+    a request its connection no longer holds is never sent; ``wake_all`` hands what is held to
+    the tasks."""
+    from replay.play.clock import new_event_loop
+    from replay.play.sender import DueSends
+
+    loop = new_event_loop(precise=True)
+    sent, errors = [], []
+    dues = DueSends(loop, time.monotonic_ns, 250_000, errors.append)
+    now = time.monotonic_ns()
+    ms = 1_000_000
+    a = _Core("a", sent, then=("a2", now + 600 * ms))
+    b, c, e = _Core("b", sent), _Core("c", sent), _Core("e", sent)
+    for core in (a, b, c, e):
+        core.dues = dues
+    for core, req, d in ((a, "a1", now + 20 * ms), (b, "b1", now + 60 * ms),
+                         (c, "c1", now + 40 * ms), (e, "e1", now + 60_000 * ms)):
+        core.due = req
+        dues.add(d, core, req)
+    c.due = None                          # c's task took its request over
+    loop.run_until_complete(asyncio.sleep(0.8))
+    assert [r for r, _, _ in sent] == ["a1", "b1", "a2"] and not errors
+    assert all(t >= d for _, d, t in sent)
+    assert sent[1][2] < now + 500 * ms    # b1 did not wait for a2's timer
+    assert c.woken == 0 and e.woken == 0
+    dues.wake_all()
+    assert e.woken == 1 and not dues.heap and dues.handle is None
+    dues.close()
+    loop.close()

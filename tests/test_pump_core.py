@@ -244,8 +244,9 @@ class _CountingPlayer(_Player):
     from replay.play.sender import Player as _P
 
     core_counts = True
-    _took, _tried, answered, _status_came, _pump, _crashed = (
-        _P._took, _P._tried, _P.answered, _P._status_came, _P._pump, _P._crashed)
+    _took, _tried, _spent, answered, _status_came, _pump, _crashed = (
+        _P._took, _P._tried, _P._spent, _P.answered, _P._status_came, _P._pump, _P._crashed)
+    dues = None
 
     def __init__(self, log, budget, rng, core=None):
         from replay.play.report import Report
@@ -407,6 +408,12 @@ def test_pump_core_timed_sends_at_the_deadline():
         assert c.pump_next()
         sent = [e for e in log if e[0] == "on_sent"]
         assert sent[-1] == ("on_sent", (len(reqs[1].data), 1_314 - 1_100, True, 1_314)), core
+        # a pipelined request that came late, answers outstanding: late, but held by none
+        piped = _request(3, "GET", True)           # due 1300
+        c.pump[0].items.append(piped)
+        assert c.pending and c.pump_next()
+        sent = [e for e in log if e[0] == "on_sent"]
+        assert sent[-1] == ("on_sent", (len(piped.data), 1_342 - 1_300, False, 1_342)), core
 
 
 @needs_compiled

@@ -389,6 +389,32 @@ def test_timed_replay_sends_the_same_with_and_without_the_timed_pump(tmp_path, s
     assert got[True][1] == 300 and got[True] == got[False]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["planned", "streamed"])
+def test_timed_limit_ends_the_run_without_waiting_for_held_deadlines(tmp_path, stream):
+    """``--limit`` reached while another connection holds its next request for a deadline a
+    second away: that connection's task is told at once, and the run ends then, not at that
+    deadline (requests 1 s apart, alternating between two connections; the 4th is due at 3 s)."""
+    from tests.test_play_stream import to_log
+
+    cap = spread_capture(tmp_path / "in.pcap", n=8, conns=2, span_ns=7_000_000_000)
+    log = to_log(str(cap), tmp_path / "in.rlog")
+    src = RecordedSource(log, stream=stream)
+    with SinkThread() as sink:
+        plan = src.plan(parse_target(sink.url).host_header)
+        tgt = parse_target(sink.url)
+        sched = Schedule(plan.t0, plan.span_ns, plan.requests, speed=1.0)
+        s = ps.PlaySession(plan, sched, tgt, Options(connections=8, timeout=10, limit=3),
+                           ps.About("in", tgt.display))
+        report = s.run()
+        got = sorted(r.split(b" ")[1] for v in sink.by_conn().values() for r in v)
+    d = report.to_dict()
+    assert d["attempted"] == d["sent"] == d["answered"] == 3
+    assert got == [b"/r/0", b"/r/1", b"/r/2"]
+    if not stream:        # (streamed, the 4th is handed to its connection 0.3 s before it is due)
+        assert s.player.dues.n >= 1                   # the 4th was held for its deadline
+    assert report.ended_ns < sched.start + 2_800_000_000
+
+
 def _has_ipv6() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:

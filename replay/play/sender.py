@@ -2,9 +2,10 @@
 
 One asyncio task per recorded connection (a *replay connection*), started just before its first
 request is due and holding one of ``--connections`` slots while it runs. Its requests go out in
-recorded order, each at its deadline (``scheduler.Pacer``); a request waits for the previous
-response unless the capture shows it pipelined. Across connections nothing waits for anything:
-a slow target delays only the connection it is slow on, and that delay shows as lateness.
+recorded order, each at its deadline (``scheduler.Pacer``, or ``DueSends`` below); a request
+waits for the previous response unless the capture shows it pipelined. Across connections
+nothing waits for anything: a slow target delays only the connection it is slow on, and that
+delay shows as lateness.
 
 Responses are framed by ``core.ResponseFramer`` (the capture's own framing rules, sans-IO) as
 bytes arrive; each final response answers the oldest request outstanding on its connection.
@@ -17,9 +18,9 @@ request costs no task switch.
 
 Over plain http (on Linux) the connections live on one ``core.SendLoop``: one epoll set of
 non-blocking sockets, connected, read and written by the send loop (in C when compiled), whose
-descriptor the event loop watches; a read hands its bytes to the connection and, at ``--speed
-max``, what its answer lets go is sent at the end of the same call. TLS connections (and every
-connection where there is no epoll) are asyncio's.
+descriptor the event loop watches; a read hands its bytes to the connection and what its answer
+lets go at once (``--speed max``, or a timed request already due) is sent at the end of the same
+call. TLS connections (and every connection where there is no epoll) are asyncio's.
 
 Rules:
 - a connection is opened ``CONNECT_LEAD`` before its first request is due (a recorded connection
@@ -71,9 +72,9 @@ READ_AHEAD_NS = 1_000_000_000         # a timed stream is planned this far ahead
 PREFILL_S = 3.0                       # at most this long reading before the first deadline
 PREFILL_MAX_ITEMS = 1024              # --speed max: requests read before the first is sent
 POLL_S = 0.005                        # the stream launcher's wait for the reader (300 ms ahead)
-MAX_LATE_ANSWERS = 100_000            # answers kept waiting for a recorded status read late
-LONG_SLEEP_NS = 1_000_000            # DueSends: a longer wait is slept in two parts
 SLOT_WAIT_S = 0.05                    # ... and, every slot taken, between looks for an idle one
+MAX_LATE_ANSWERS = 100_000            # answers kept waiting for a recorded status read late
+LONG_SLEEP_NS = 1_000_000             # DueSends: a longer wait is slept in two parts
 # a request lost with its connection may be sent again only if its method is idempotent
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))   # RFC 9110 §9.2.2
 
@@ -174,8 +175,9 @@ Attempt = core.Attempt
 
 class ReplayProtocol(core.PumpCore, asyncio.Protocol):
     """One replay connection (an asyncio protocol): writes requests, frames the responses, fails
-    what is left on loss. Receiving, answering and ``--speed max``'s sending are the core's
-    ``PumpCore`` (compiled: no Python call per request); the rest is here."""
+    what is left on loss. Receiving, answering and sending what the answers let go are the
+    core's ``PumpCore`` (compiled: no Python call per request at ``--speed max``); the rest is
+    here."""
 
     def __init__(self, player: "Player"):
         self.init_core(player)
@@ -296,12 +298,14 @@ class ReplayProtocol(core.PumpCore, asyncio.Protocol):
 
 class DueSends:
     """A timed run's requests that answers let go before they are due (``PumpCore.send_due``),
-    each sent at its deadline: one loop timer, armed ``spin_ns`` before the earliest deadline;
+    each sent at its deadline: one loop timer, armed ``spin_ns`` before the earliest deadline
+    (a wait longer than ``LONG_SLEEP_NS`` in two sleeps, the first ending an eighth early);
     when it fires it waits out the rest on the clock (as ``Pacer.wait_until`` does), sends what
-    is then due, and arms again for the next. A request costs a heap entry, not a task step, a
-    future and a timer of its own. An entry whose connection no longer holds it (its task took
-    over) does nothing when it comes. ``now`` is the loop's clock in ns (``time.monotonic_ns``);
-    ``on_error(exc)`` is told of an exception a send raised (a bug)."""
+    is then due, and arms again for the earliest left. A request costs a heap entry, not a task
+    step, a future and a timer of its own. An entry whose connection no longer holds it (its
+    task took over) is dropped when it comes first. ``wake_all`` hands every request held back
+    to its connection's task (``--limit`` reached). ``now`` is the loop's clock in ns
+    (``time.monotonic_ns``); ``on_error(exc)`` is told of an exception a send raised (a bug)."""
 
     def __init__(self, loop, now, spin_ns: int, on_error):
         self.loop = loop
@@ -313,9 +317,11 @@ class DueSends:
         self.handle = None
         self.armed = None           # the deadline the timer is armed for
 
-    def add(self, deadline: int, core, req) -> None:
+    def add(self, deadline: int, conn, req) -> None:
+        """``conn`` (a ``PumpCore``, holding ``req`` in its ``due``) sends ``req`` at
+        ``deadline``."""
         self.n += 1
-        heapq.heappush(self.heap, (deadline, self.n, core, req))
+        heapq.heappush(self.heap, (deadline, self.n, conn, req))
         if self.armed is None or deadline < self.armed:
             self._arm(deadline)
 
@@ -333,6 +339,8 @@ class DueSends:
     def _fire(self) -> None:
         self.handle = self.armed = None
         heap, now = self.heap, self.now
+        while heap and heap[0][2].due is not heap[0][3]:
+            heapq.heappop(heap)          # its connection's task took it over: no spin for it
         if not heap:
             return
         d = heap[0][0]
@@ -341,13 +349,24 @@ class DueSends:
             while t < d:
                 t = now()
             while heap and heap[0][0] <= t:
-                d, _, core, req = heapq.heappop(heap)
+                d, _, conn, req = heapq.heappop(heap)
                 try:
-                    core.send_due(req, d)
+                    conn.send_due(req, d)
                 except Exception as e:  # noqa: BLE001  (a bug: the run stops, raises it at its end)
                     self.on_error(e)
-        if heap and self.armed is None:
+        # (a send may have added an entry, and armed for it, while one earlier waits)
+        if heap and (self.armed is None or heap[0][0] < self.armed):
             self._arm(heap[0][0])
+
+    def wake_all(self) -> None:
+        """Every request held back goes to its connection's task (which then decides)."""
+        got, self.heap = self.heap, []
+        if self.handle is not None:
+            self.handle.cancel()
+        self.handle = self.armed = None
+        for _, _, conn, req in got:
+            if conn.due is req:
+                conn._wake(True)
 
     def close(self) -> None:
         if self.handle is not None:
@@ -722,9 +741,17 @@ class Player:
         """``req`` is tried now: it counts against ``--limit`` and in the report."""
         if self.budget is not None:
             self.budget -= 1
-            if self.budget == 0 and self.room is not None:
-                self.room.set()          # the stream launcher may wait for room
+            if self.budget == 0:
+                self._spent()
         self.report.on_attempt(req.recorded_status)
+
+    def _spent(self) -> None:
+        """``--limit`` is reached: whoever waits to send is told (the stream launcher, which
+        may wait for room; the connections holding a request for its deadline)."""
+        if self.room is not None:
+            self.room.set()
+        if self.dues is not None:
+            self.dues.wake_all()
 
     def _took(self):
         """A feed's request was taken by its connection."""
@@ -827,6 +854,7 @@ class Player:
         pump = None
         if opts.keepalive and (self.dues is not None or not sched.timed):
             pump = (cp, it, conn_id, self.dues if sched.timed else None)
+        idle_lost = False
         try:
             while True:
                 if pump is not None and proto is not None and proto.pending and \
@@ -840,9 +868,10 @@ class Player:
                         held.pump = None
                         cp.pumping = None
                         waited, held.due = held.due, None
-                    if waited is not None and proto is not None and proto.closed:
-                        # the target closed it while idle, before that request was due
-                        report.on_reconnect(0)
+                    # the target closed it while idle, before that request was due: a reconnect
+                    # (counted if it is made)
+                    idle_lost = waited is not None and proto is not None and \
+                        (proto.closed or not proto.reusable)
                 try:
                     req = await requests.__anext__()
                 except StopAsyncIteration:
@@ -861,6 +890,9 @@ class Player:
                         if not proto.closed:
                             proto.transport.close()
                         proto = None
+                        if idle_lost:
+                            report.on_reconnect(0)
+                    idle_lost = False
                     if deadline is not None and now() > deadline:
                         held = True
                 elif proto is not None and proto.closed:
