@@ -3920,12 +3920,7 @@ cdef class PumpCore:
         report = player.report
         while True:
             req = items.popleft()
-            if self._tally is not None:
-                _count_took(player)
-                _count_tried(player, self._tally, req)
-            else:
-                player._took()
-                player._tried(req)
+            self._count(player, req)
             t = self.send(Attempt(req, it, None, conn_id))
             if self._tally is not None:
                 self._tally.sent_one(len(req.data), t)
@@ -3933,6 +3928,16 @@ cdef class PumpCore:
                 report.on_sent(len(req.data), None, False, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
+
+    cdef inline int _count(self, object player, object req) except -1:
+        """A request of the feed taken and tried (``player._took``, ``player._tried``)."""
+        if self._tally is not None:
+            _count_took(player)
+            _count_tried(player, self._tally, req)
+        else:
+            player._took()
+            player._tried(req)
+        return 0
 
     cdef bint _pump_timed(self, object items, object it, object conn_id, object dues,
                           bint held, object d) except -1:
@@ -3951,12 +3956,7 @@ cdef class PumpCore:
                 return True
             items.popleft()
             t = self.send(Attempt(req, it, d, conn_id))
-            if self._tally is not None:
-                _count_took(player)
-                _count_tried(player, self._tally, req)
-            else:
-                player._took()
-                player._tried(req)
+            self._count(player, req)
             report.on_sent(len(req.data), t - d, held, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True

@@ -273,14 +273,8 @@ def _received(report) -> int:
     return report.bytes_received + (tally.bytes_received if tally is not None else 0)
 
 
-def _run(core, seed, counting=False, before_fold=None, timed=False):
-    rng = random.Random(seed)
-    log: list = []
-    n = rng.randint(1, 12)
-    reqs = [_request(i, rng.choice(["GET", "GET", "HEAD", "POST"]), i > 0 and rng.random() < 0.3)
-            for i in range(n)]
-    budget = rng.choice([None, None, rng.randint(1, n)])
-    player = _CountingPlayer(log, budget, rng, core) if counting else _Player(log, budget)
+def _connection(core, player, log):
+    """A connection of ``core`` for ``player``, whose transport and waiter write to ``log``."""
 
     class Conn(core.PumpCore):
         pass
@@ -290,6 +284,18 @@ def _run(core, seed, counting=False, before_fold=None, timed=False):
     c.transport = _Transport(log)
     c.framer = core.ResponseFramer(("127.0.0.1", 40000), ("127.0.0.1", 80))
     c.waiter = _Waiter(log)
+    return c
+
+
+def _run(core, seed, counting=False, before_fold=None, timed=False):
+    rng = random.Random(seed)
+    log: list = []
+    n = rng.randint(1, 12)
+    reqs = [_request(i, rng.choice(["GET", "GET", "HEAD", "POST"]), i > 0 and rng.random() < 0.3)
+            for i in range(n)]
+    budget = rng.choice([None, None, rng.randint(1, n)])
+    player = _CountingPlayer(log, budget, rng, core) if counting else _Player(log, budget)
+    c = _connection(core, player, log)
     feed = _Feed(reqs)
     dues = None
     if timed:
@@ -379,15 +385,7 @@ def test_pump_core_timed_sends_at_the_deadline():
         log: list = []
         player = _Player(log, None)
         player.schedule = _Schedule(log, 1_000, 100)
-
-        class Conn(core.PumpCore):
-            pass
-
-        c = Conn()
-        c.init_core(player)
-        c.transport = _Transport(log)
-        c.framer = core.ResponseFramer(("127.0.0.1", 40000), ("127.0.0.1", 80))
-        c.waiter = _Waiter(log)
+        c = _connection(core, player, log)
         dues = _Dues(log)
         reqs = [_request(i, "GET", False) for i in range(3)]       # due 1000, 1100, 1200
         c.pump = (_Feed(reqs), 0, 7, dues)
