@@ -340,6 +340,20 @@ def _replay(plan, url, send_loop, speed=None, timed_pump=True):
     return report
 
 
+def _sent(log, stream, *args):
+    """A replay of ``log`` against a sink (``_replay(plan, url, *args)``): its report, and what
+    it sent, as the comparisons below need it."""
+    src = RecordedSource(log, stream=stream)
+    with SinkThread() as sink:
+        plan = src.plan(parse_target(sink.url).host_header)
+        report = _replay(plan, sink.url, *args)
+        order = {c: [r.split(b" ")[1] for r in v] for c, v in sink.by_conn().items()}
+    d = report.to_dict()
+    return report, (d["attempted"], d["answered"], d["sent"], d["bytes"], d["errors"],
+                    d["statuses"], d["connections"]["opened"],
+                    collections.Counter(tuple(v) for v in order.values()))
+
+
 @pytest.mark.parametrize("speed", [None, 10.0], ids=["max", "10x"])
 @pytest.mark.parametrize("stream", [False, True], ids=["planned", "streamed"])
 def test_replay_sends_the_same_with_and_without_the_send_loop(tmp_path, stream, speed):
@@ -347,17 +361,7 @@ def test_replay_sends_the_same_with_and_without_the_send_loop(tmp_path, stream, 
 
     cap = spread_capture(tmp_path / "in.pcap", n=300, conns=12, span_ns=300_000_000)
     log = to_log(str(cap), tmp_path / "in.rlog")
-    got = {}
-    for send_loop in (True, False):
-        src = RecordedSource(log, stream=stream)
-        with SinkThread() as sink:
-            plan = src.plan(parse_target(sink.url).host_header)
-            report = _replay(plan, sink.url, send_loop, speed)
-            order = {c: [r.split(b" ")[1] for r in v] for c, v in sink.by_conn().items()}
-        d = report.to_dict()
-        got[send_loop] = (d["attempted"], d["answered"], d["sent"], d["bytes"], d["errors"],
-                          d["statuses"], d["connections"]["opened"], collections.Counter(
-                              tuple(v) for v in order.values()))
+    got = {send_loop: _sent(log, stream, send_loop, speed)[1] for send_loop in (True, False)}
     assert got[True][1] == 300 and got[True] == got[False]
 
 
@@ -376,16 +380,8 @@ def test_timed_replay_sends_the_same_with_and_without_the_timed_pump(tmp_path, s
     log = to_log(str(cap), tmp_path / "in.rlog")
     got = {}
     for timed_pump in (True, False):
-        src = RecordedSource(log, stream=stream)
-        with SinkThread() as sink:
-            plan = src.plan(parse_target(sink.url).host_header)
-            report = _replay(plan, sink.url, send_loop, speed, timed_pump)
-            order = {c: [r.split(b" ")[1] for r in v] for c, v in sink.by_conn().items()}
-        d = report.to_dict()
+        report, got[timed_pump] = _sent(log, stream, send_loop, speed, timed_pump)
         assert min(report.lateness) >= 0 and len(report.lateness) == 300
-        got[timed_pump] = (d["attempted"], d["answered"], d["sent"], d["bytes"], d["errors"],
-                           d["statuses"], d["connections"]["opened"], collections.Counter(
-                               tuple(v) for v in order.values()))
     assert got[True][1] == 300 and got[True] == got[False]
 
 
