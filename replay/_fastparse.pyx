@@ -3911,8 +3911,7 @@ cdef class PumpCore:
         feed, it, conn_id, dues = self.pump
         items = feed.items
         player = self.player
-        if not items or player.stopping or player.budget == 0 or self.closed or \
-                not self.reusable or self.retry or self.framer.tunnel:
+        if not items or not self._may_send(player):
             return False
         if dues is not None:
             return self.due is not None or self._pump_timed(
@@ -3928,6 +3927,10 @@ cdef class PumpCore:
                 report.on_sent(len(req.data), None, False, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
+
+    cdef inline bint _may_send(self, object player) except -1:
+        return not (player.stopping or player.budget == 0 or self.closed or not self.reusable
+                    or self.retry or self.framer.tunnel)
 
     cdef inline int _count(self, object player, object req) except -1:
         """A request of the feed taken and tried (``player._took``, ``player._tried``)."""
@@ -3972,8 +3975,7 @@ cdef class PumpCore:
         if not items or items[0] is not req or (self.pending and not req.pipelined):
             self.due = None
             return
-        if player.stopping or player.budget == 0 or self.closed or not self.reusable or \
-                self.retry or self.framer.tunnel:
+        if not self._may_send(player):
             self._wake(True)
             return
         self.due = None

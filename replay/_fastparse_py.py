@@ -2367,8 +2367,7 @@ class PumpCore:
         feed, it, conn_id, dues = self.pump
         items = feed.items
         player = self.player
-        if not items or player.stopping or player.budget == 0 or self.closed or \
-                not self.reusable or self.retry or self.framer.tunnel:
+        if not items or not self._may_send(player):
             return False
         if dues is not None:
             # held by the answer that let it go (a pipelined request waits for none)
@@ -2383,6 +2382,11 @@ class PumpCore:
             report.on_sent(len(req.data), None, False, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
+
+    def _may_send(self, player) -> bool:
+        """The run goes on and this connection may carry another request."""
+        return not (player.stopping or player.budget == 0 or self.closed or not self.reusable
+                    or self.retry or self.framer.tunnel)
 
     def _pump_timed(self, items, it, conn_id, dues, held, d) -> bool:
         """Timed: the head of the feed goes at its deadline: now if that is past (``held``: the
@@ -2424,8 +2428,7 @@ class PumpCore:
         if not items or items[0] is not req or (self.pending and not req.pipelined):
             self.due = None          # (not the head of the feed, or not idle: never so)
             return
-        if player.stopping or player.budget == 0 or self.closed or not self.reusable or \
-                self.retry or self.framer.tunnel:
+        if not self._may_send(player):
             self._wake(True)         # ``due`` kept: its task sees what it waited for
             return
         self.due = None
