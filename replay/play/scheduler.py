@@ -78,8 +78,6 @@ class Schedule:
         return int((t - self.t0) / self.speed + iteration * self.period)
 
     def deadline(self, t: int, seq: int, iteration: int = 0) -> int | None:
-        if self.rate is None and self.speed is not None:      # (``offset``'s, once a request)
-            return self.start + int((t - self.t0) / self.speed + iteration * self.period)
         off = self.offset(t, seq, iteration)
         return None if off is None else self.start + off
 

@@ -325,9 +325,13 @@ class DueSends:
         if self.armed is None or deadline < self.armed:
             self._arm(deadline)
 
-    def _arm(self, deadline: int) -> None:
+    def _disarm(self) -> None:
         if self.handle is not None:
             self.handle.cancel()
+        self.handle = self.armed = None
+
+    def _arm(self, deadline: int) -> None:
+        self._disarm()
         self.armed = deadline
         wait = deadline - self.spin_ns - self.now()
         if wait > LONG_SLEEP_NS:
@@ -361,17 +365,13 @@ class DueSends:
     def wake_all(self) -> None:
         """Every request held back goes to its connection's task (which then decides)."""
         got, self.heap = self.heap, []
-        if self.handle is not None:
-            self.handle.cancel()
-        self.handle = self.armed = None
+        self._disarm()
         for _, _, conn, req in got:
             if conn.due is req:
                 conn._wake(True)
 
     def close(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-        self.handle = self.armed = None
+        self._disarm()
         self.heap.clear()
 
 
