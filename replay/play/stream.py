@@ -131,7 +131,7 @@ def _max_by(keys: np.ndarray, values: np.ndarray):
 # items of the reader's queue
 END_CONN, END_PASS, FAILED, LATE, STATS = "end_conn", "end_pass", "failed", "late", "stats"
 BATCH = 64                   # items per message on the reader's pipe (packed: pack_planned)
-READER_NICE = 10            # timed: the reader, a second ahead, gives way to the sender
+READER_NICE = 10             # the reader, ahead of the schedule, gives way to the sender
 HOLD_SLACK_S = 0.02          # timed: a reader that waited lets this much more come due first
 
 
@@ -317,13 +317,16 @@ class StreamReader:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent decides when to stop
-        try:        # --realtime: one step below the sender, which then always goes first; timed
-            # otherwise: a lower priority (it reads a second ahead; the sender's work is now)
+        try:        # --realtime: one step below the sender, which then always goes first;
+            # otherwise a lower priority: it reads ahead (a second when timed, a pipe's worth at
+            # --speed max), while the sender's work is now. At --speed max on 2 cores shared
+            # with the target, the sender then waits less for the CPU: 21.6-23.4k requests/s
+            # against 19.4-20.4k at the same priority (benchmarks/bench_play_scale.py's log)
             if os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR):
                 prio = os.sched_getparam(0).sched_priority
                 os.sched_setscheduler(0, os.sched_getscheduler(0),
                                       os.sched_param(max(1, prio - 1)))
-            elif self.hold is not None and self.hold.schedule.timed:
+            else:
                 os.nice(READER_NICE)
         except (AttributeError, OSError):
             pass
