@@ -41,6 +41,9 @@ header (16 bytes per recorded connection).
 from __future__ import annotations
 
 import os
+import pickle
+import select
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -133,6 +136,9 @@ END_CONN, END_PASS, FAILED, LATE, STATS = "end_conn", "end_pass", "failed", "lat
 BATCH = 64                   # items per message on the reader's pipe (packed: pack_planned)
 READER_NICE = 10             # the reader, ahead of the schedule, gives way to the sender
 HOLD_SLACK_S = 0.02          # timed: a reader that waited lets this much more come due first
+PIPE_SIZE = 1 << 20          # the pipe's capacity asked for (Linux; 64 KiB otherwise)
+READ_MAX = 1 << 20           # bytes the sender takes from the pipe at once
+_FRAME = struct.Struct("<qI")    # a batch's packed bytes (-1: the end mark), its pickled extras
 
 
 class StreamingPlan:
@@ -196,6 +202,94 @@ class StreamingPlan:
             self.refused_rewrites = stats.get("refused_rewrites", 0)
 
 
+class PipeWriter:
+    """The reader's end of its pipe to the sender: ``send((blob, others))`` writes one batch
+    (``pack_planned``'s packed requests, and the few other items pickled), ``send(None)`` the
+    end mark. Blocking: the reader waits while the sender has a full pipe to take in.
+
+    A plain pipe with a 12-byte frame header, rather than a ``multiprocessing`` connection:
+    taking a batch in costs the sender one ``read`` for many batches, where the connection's
+    ``poll`` built a selector on each call and its ``recv`` read each batch in three system
+    calls (about 9 % of the sender's time at ``--speed max``)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def send(self, batch) -> None:
+        if batch is None:
+            parts = [_FRAME.pack(-1, 0)]
+        else:
+            blob, others = batch
+            extra = pickle.dumps(others, protocol=pickle.HIGHEST_PROTOCOL) if others else b""
+            parts = [_FRAME.pack(len(blob), len(extra)), blob, extra]
+        data = memoryview(b"".join(parts))
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+class PipeReader:
+    """The sender's end of the reader's pipe (non-blocking): ``take()`` returns the batches
+    complete in it now (``(blob, others)``, or None for the end mark), and raises EOFError when
+    the reader's end closed without its end mark; ``wait(seconds)`` whether there is more."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = bytearray()
+        os.set_blocking(fd, False)
+
+    def wait(self, seconds: float) -> bool:
+        return bool(select.select([self.fd], [], [], max(0.0, seconds))[0])
+
+    def take(self) -> list:
+        try:
+            chunk = os.read(self.fd, READ_MAX)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            raise EOFError("the reader's pipe closed")
+        buf = self.buf
+        buf += chunk
+        out = []
+        pos, n = 0, len(buf)
+        while n - pos >= _FRAME.size:
+            size, extra = _FRAME.unpack_from(buf, pos)
+            if size < 0:
+                out.append(None)
+                pos += _FRAME.size
+                break
+            end = pos + _FRAME.size + size + extra
+            if end > n:
+                break
+            start = pos + _FRAME.size
+            blob = bytes(buf[start:start + size])
+            others = pickle.loads(buf[start + size:end]) if extra else []
+            out.append((blob, others))
+            pos = end
+        del buf[:pos]
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def _pipe() -> tuple:
+    r, w = os.pipe()
+    try:
+        import fcntl
+
+        fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except (ImportError, OSError):
+        pass           # (a smaller pipe: more, smaller reads)
+    return PipeReader(r), PipeWriter(w)
+
+
 class StreamReader:
     """The process that reads and plans (forked: the log's decompression and the planning never
     hold the sender's GIL; a thread did, and made requests late by tens of milliseconds).
@@ -218,7 +312,7 @@ class StreamReader:
         self.passes = passes
         self.hold = hold
         self.keep_recorded = keep_recorded
-        self.rx, self._tx = ctx.Pipe(duplex=False)
+        self.rx, self._tx = _pipe()
         self.start_ns = ctx.Value("q", 0, lock=False)      # the schedule's start, 0 before
         self.t0_ns = ctx.Value("q", plan.t0, lock=False)   # the first kept request's time
         self._stop = ctx.Value("b", 0, lock=False)
@@ -243,36 +337,44 @@ class StreamReader:
         return self._state.value == 2
 
     def receive(self, block: float = 0.0) -> bool:
-        """Take one batch from the pipe if there is one (waiting up to ``block`` s)."""
+        """Take the batches complete in the pipe (waiting up to ``block`` s for one): True when
+        it took any."""
         if self.done:
             return False
         try:
-            if not self.rx.poll(block):
-                if not self.proc.is_alive() and not self.rx.poll(0):
-                    return self._lost()
-                return False
-            batch = self.rx.recv()
+            batches = self.rx.take()
+            if not batches:
+                if block > 0 and self.rx.wait(block):
+                    batches = self.rx.take()
+                if not batches and not self.proc.is_alive():
+                    batches = self.rx.take()       # (what it wrote before it ended)
+                    if not batches:
+                        return self._lost()
         except (EOFError, OSError):
             return self._lost()
         except Exception as e:  # noqa: BLE001  (what the child sent cannot be read back)
-            self.done = True
-            self.items.append((0, (FAILED, InputError(f"{self.plan.path}: the plan's reader sent "
-                                                      f"what cannot be read back ({e})"))))
-            return True
-        if batch is None:
-            self.done = True
-            return False
-        try:
-            blob, others = batch
-            got = unpack_planned(blob, others)
-            for _, (_, item) in others:        # (the reader's marks are never packed)
-                if item[0].__class__ is str and item[0] == STATS:
-                    self.plan.absorb(item[1])
-            self.items.extend(got)
-        except (ValueError, TypeError) as e:
-            self.done = True
-            self.items.append((0, (FAILED, InputError(f"{self.plan.path}: the plan's reader sent "
-                                                      f"what cannot be read back ({e})"))))
+            return self._unreadable(e)
+        took = False
+        for batch in batches:
+            if batch is None:
+                self.done = True
+                break
+            try:
+                blob, others = batch
+                got = unpack_planned(blob, others)
+                for _, (_, item) in others:        # (the reader's marks are never packed)
+                    if item[0].__class__ is str and item[0] == STATS:
+                        self.plan.absorb(item[1])
+                self.items.extend(got)
+            except (ValueError, TypeError) as e:
+                return self._unreadable(e)
+            took = True
+        return took
+
+    def _unreadable(self, e: Exception) -> bool:
+        self.done = True
+        self.items.append((0, (FAILED, InputError(f"{self.plan.path}: the plan's reader sent "
+                                                  f"what cannot be read back ({e})"))))
         return True
 
     def _lost(self) -> bool:
