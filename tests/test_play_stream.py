@@ -394,3 +394,56 @@ def test_a_recorded_status_that_comes_while_its_request_is_on_its_way_is_counted
             player.failed(att, "reset", True)
     assert report.recorded_statuses == {201: 2}
     assert report.different == 1 and report.unrecorded == 0
+
+
+def test_the_readers_pipe_hands_over_every_batch_whole_and_in_order():
+    """``PipeWriter`` and ``PipeReader`` (the reader's process to the sender): batches of every
+    size, from empty to several times the pipe's capacity, with and without extra items, come
+    out whole and in order, however the reads cut them; then the end mark, after which nothing
+    is read; a pipe closed without the end mark is an EOFError once what it held is taken."""
+    import threading
+
+    rng = random.Random(7)
+    sent = [(rng.randbytes(rng.choice([0, 1, 11, 700, 70_000, 3 << 20])),
+             [(k, ("late", (k, 2, 200, None)))] * rng.randint(0, 2)) for k in range(120)]
+    rx, tx = S._pipe()
+
+    def write():
+        for b in sent:
+            tx.send(b)
+        tx.send(None)
+        tx.close()
+
+    t = threading.Thread(target=write)
+    t.start()
+    got = []
+    while not got or got[-1] is not None:
+        if not rx.wait(5):
+            break
+        got += rx.take()
+    t.join(10)
+    rx.close()
+    assert got[:-1] == sent and got[-1] is None
+
+    rx, tx = S._pipe()
+    tx.send((b"abc", []))
+    tx.close()
+    assert rx.take() == [(b"abc", [])]
+    with pytest.raises(EOFError):
+        rx.take()
+    rx.close()
+
+
+def test_a_batch_that_cannot_be_read_back_stops_the_replay_with_its_reason():
+    import os
+
+    r = S.StreamReader(S.StreamingPlan("x.rlog", S.StreamHeader(), None, None, False), 1)
+    r.rx.close()
+    r._tx.close()
+    r.rx, tx = S._pipe()
+    os.write(tx.fd, S._FRAME.pack(3, 5) + b"abc" + b"nope!")
+    assert r.receive(1.0)
+    assert r.done and r.items[0][1][0] == S.FAILED
+    assert "x.rlog: the plan's reader sent what cannot be read back" in str(r.items[0][1][1])
+    tx.close()
+    r.rx.close()
