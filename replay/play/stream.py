@@ -12,9 +12,8 @@ capture of minutes, not for a day of production. For a ``.rlog`` log, ``Streamin
    its pure twin in ``replay._fastparse_py``): requests come out in recorded time order, each
    with the status of its recorded final response and the pipelining of ``build_plan``, in
    batches through a pipe (``PipeWriter`` to ``PipeReader``; the requests packed by the core's
-   ``pack_planned``: no pickling a request), a
-   timed run's no further than ``READ_AHEAD_NS`` ahead of the schedule; the sender takes them
-   as their deadlines approach. With ``--workers``, each worker's reader picks its share's
+   ``pack_planned``: no pickling a request), a timed run's no further than ``READ_AHEAD_NS``
+   ahead of the schedule; the sender takes them as their deadlines approach. With ``--workers``, each worker's reader picks its share's
    rows from each block's table (``Shard.keep``) before any message is made.
 
 Rules (``StreamPlanner``; the window's bounds are in ``replay.limits``), beyond those of
