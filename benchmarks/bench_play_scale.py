@@ -22,13 +22,16 @@ What is measured
    nginx with one worker answering ``/api/`` with 200 and a small JSON body from memory):
    ``replay play LOG --speed max --connections 32 --limit N`` (N = requests / 5, at least 20 000),
    its wall time from launch to exit, startup included -> requests/s; ``wrk -t2 -c32 -d10s`` on the
-   same nginx, same 32 keep-alive connections, in the same run -> requests/s; the ratio (target
+   same nginx, same 32 keep-alive connections, just before -> requests/s; the ratio (target
    >= 0.5). Two logs of the large size: ``keep-alive`` (every request on the 32 keep-alive
    connections: like for like with wrk, the one the target is about) and ``mixed`` (the log of
    part 1, whose short connections are opened as recorded, one per 2 requests or so). The
    replay's own rate (from its report: first send to last answer, startup excluded) is printed
-   beside each, so the share of the startup shows. The keep-alive log is replayed again with
-   ``--workers N`` for each N of ``--workers`` (default ``1,2``: one more run, two workers).
+   beside each, so the share of the startup shows. wrk and the keep-alive log's replays (one
+   process, then ``--workers N`` for each N of ``--workers``, default ``1,2``) take turns
+   ``--rounds`` times (default 3; the machine's speed drifts within minutes), each way of
+   running judged on the median of its ratios; the mixed log is replayed once, against the
+   median wrk.
 3. **Timing unchanged**, cheaply: the lateness of the ``--speed 1 --duration`` runs at the sink
    (arrival - deadline, the deadline being the schedule's start from the report plus the
    request's recorded offset), for both logs, and the tool's own lateness from its report. The
@@ -514,15 +517,18 @@ def max_run(ns: Netns, log: Path, n: int, work: Path, workers: int = 1) -> dict:
 
 
 def part_throughput(logs: dict, args, work: Path) -> dict:
-    """Part 2: the whole ``--speed max`` command against wrk, same nginx, same connections. The
-    keep-alive log and wrk take turns, ``--rounds`` times (this machine's speed drifts by tens
-    of % within minutes: each ratio is of two runs next to each other); the target is judged
-    on the median of those ratios. The other runs are once each, against the median wrk."""
+    """Part 2: the whole ``--speed max`` command against wrk, same nginx, same connections. wrk
+    and the keep-alive log's replays (one process, then each ``--workers`` count) take turns,
+    ``--rounds`` times: this machine's speed drifts by tens of % within minutes, so each ratio
+    is of runs next to each other, and each way of running is judged on the median (the lower
+    middle one) of its ratios. The mixed log is replayed once, against the median wrk."""
     n = max(20_000, args.requests // 5)
     secs = 3 if args.quick else 10
     www = work / "www"
     www.mkdir(exist_ok=True)
-    runs, rounds = {}, []
+    names = ["keep-alive"] + [f"keep-alive --workers {w}" for w in args.workers if w > 1]
+    rounds: dict = {name: [] for name in names}
+    wrks = []
     with Netns("bscale") as ns:
         server = start_nginx(ns, www, port=NGINX_PORT, workdir=work / "nginx", workers=1,
                              extra_server=NGINX_API)
@@ -533,43 +539,47 @@ def part_throughput(logs: dict, args, work: Path) -> dict:
             wrk_run(ns, 1, WRK_CONNS)                                   # warm-up
             for k in range(args.rounds):
                 w = wrk_run(ns, secs, WRK_CONNS)
-                r = max_run(ns, logs["keep-alive"], n, work)
-                r["wrk_rps"], r["ratio"] = w, round(r["whole_command_rps"] / w, 3)
-                rounds.append(r)
-                print(f"  round {k + 1}: wrk -t2 -c{WRK_CONNS} -d{secs}s {w:.0f} requests/s, "
-                      f"replay {r['whole_command_rps']:.0f} requests/s whole command "
-                      f"({r['answered']} answered, {r['errors']} errors in {r['wall_s']:.2f} s; "
-                      f"{r['replay_own_rps'] or 0:.0f}/s once sending; peak RSS "
-                      f"{r['peak_rss_mib']:.0f} MiB): {r['ratio']:.3f}", flush=True)
-            for name, log in logs.items():
-                if name != "keep-alive":
-                    runs[name] = max_run(ns, log, n, work)
-            for w in args.workers:
-                if w > 1:
-                    runs[f"keep-alive --workers {w}"] = max_run(ns, logs["keep-alive"], n, work, w)
+                wrks.append(w)
+                line = [f"  round {k + 1}: wrk -t2 -c{WRK_CONNS} -d{secs}s {w:.0f}/s"]
+                for name in names:
+                    workers = int(name.rsplit(" ", 1)[1]) if "--workers" in name else 1
+                    r = max_run(ns, logs["keep-alive"], n, work, workers)
+                    r["wrk_rps"], r["ratio"] = w, round(r["whole_command_rps"] / w, 3)
+                    rounds[name].append(r)
+                    line.append(f"{name} {r['whole_command_rps']:.0f}/s ({r['ratio']:.3f})")
+                print("; ".join(line), flush=True)
+            mixed = max_run(ns, logs["mixed"], n, work) if "mixed" in logs else None
         finally:
             server.stop()
-    wrk = statistics.median(r["wrk_rps"] for r in rounds)
-    mid = sorted(rounds, key=lambda r: r["ratio"])[(len(rounds) - 1) // 2]
-    runs = {"keep-alive": mid, **runs}
-    each = ", ".join(f"{r['ratio']:.3f}" for r in rounds)
-    print(f"  keep-alive log, median of {len(rounds)} rounds: {mid['ratio']:.3f} of wrk "
-          f"(rounds {each})")
-    for name, r in runs.items():
-        if name == "keep-alive":
-            continue
-        r["ratio"] = round(r["whole_command_rps"] / wrk, 3)
-        own = r["replay_own_rps"] or 0
-        print(f"  replay, {name} log: {r['whole_command_rps']:.0f} requests/s whole command "
-              f"({r['answered']} answered, {r['errors']} errors in {r['wall_s']:.2f} s, "
-              f"{r['connections_opened']} connections opened; {own:.0f}/s once sending; "
-              f"peak RSS {r['peak_rss_mib']:.0f} MiB)")
-        print(f"    / median wrk ({wrk:.0f}/s): {r['ratio']:.3f} whole command, "
+    wrk = statistics.median_low(wrks)
+    runs = {}
+    for name in names:
+        mid = sorted(rounds[name], key=lambda r: r["ratio"])[(len(rounds[name]) - 1) // 2]
+        runs[name] = mid
+        own = mid["replay_own_rps"] or 0
+        print(f"  replay, {name} log, the median of {len(rounds[name])} rounds: "
+              f"{mid['whole_command_rps']:.0f} requests/s whole command ({mid['answered']} "
+              f"answered, {mid['errors']} errors in {mid['wall_s']:.2f} s, "
+              f"{mid['connections_opened']} connections opened; {own:.0f}/s once sending; "
+              f"peak RSS {mid['peak_rss_mib']:.0f} MiB)")
+        print(f"    / wrk of its round ({mid['wrk_rps']:.0f}/s): {mid['ratio']:.3f} whole command, "
+              f"{own / mid['wrk_rps']:.3f} once sending (rounds: "
+              f"{', '.join(format(r['ratio'], '.3f') for r in rounds[name])})")
+    if mixed is not None:
+        mixed["wrk_rps"], mixed["ratio"] = wrk, round(mixed["whole_command_rps"] / wrk, 3)
+        runs["mixed"] = mixed
+        own = mixed["replay_own_rps"] or 0
+        print(f"  replay, mixed log: {mixed['whole_command_rps']:.0f} requests/s whole command "
+              f"({mixed['answered']} answered, {mixed['errors']} errors in "
+              f"{mixed['wall_s']:.2f} s, {mixed['connections_opened']} connections opened; "
+              f"{own:.0f}/s once sending; peak RSS {mixed['peak_rss_mib']:.0f} MiB)")
+        print(f"    / the median wrk ({wrk:.0f}/s): {mixed['ratio']:.3f} whole command, "
               f"{own / wrk:.3f} once sending")
-    best = max(r["ratio"] for name, r in runs.items() if name.startswith("keep-alive"))
-    print(f"  target (keep-alive log, whole command / wrk >= {TARGET_RATIO}: the median round, "
-          f"or --workers against the median wrk, the best of them): "
+    best = max(runs[name]["ratio"] for name in names)
+    print(f"  target (keep-alive log, whole command / wrk >= {TARGET_RATIO}, the median round, "
+          f"best of the worker counts): "
           f"{'MET' if best >= TARGET_RATIO else 'NOT MET'} ({best:.3f})", flush=True)
+    # each run carries the wrk rate it is divided by (its round's; the mixed log's: the median)
     return {"limit": n, "connections": WRK_CONNS, "wrk_rps": wrk, "wrk_seconds": secs,
             "rounds": rounds, "runs": runs}
 
@@ -599,7 +609,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--requests", type=int, default=1_000_000, help="requests in the large log")
     ap.add_argument("--quick", action="store_true",
-                    help="100 000 requests, a 5 s timed run, a 3 s wrk run")
+                    help="100 000 requests, a 5 s timed run, 3 s wrk runs")
     ap.add_argument("--duration", type=float, default=20.0, help="length of the timed run, s")
     ap.add_argument("--workdir", default="/tmp/replay-bench-scale",
                     help="where the generated logs are cached")
@@ -612,14 +622,14 @@ def main(argv=None) -> int:
                     help="part 2: the keep-alive log is also replayed with play --workers N for "
                          "each N of this list (1: the plain command)")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="part 2: wrk and the keep-alive replay take turns this many times")
+                    help="part 2: wrk and the keep-alive log's replays take turns this many times")
     ap.add_argument("--watchdog", type=float, default=0.0,
                     help="hard limit for the whole script, s (0: from the sizes)")
     args = ap.parse_args(argv)
     if args.quick:
         args.requests, args.duration = 100_000, 5.0
-    if args.requests < BASELINE or args.duration < 1:
-        ap.error(f"--requests must be >= {BASELINE} and --duration >= 1")
+    if args.requests < BASELINE or args.duration < 1 or args.rounds < 1:
+        ap.error(f"--requests must be >= {BASELINE}, --duration >= 1 and --rounds >= 1")
 
     me = "bench_play_scale.py"
     if not args.loopback_only:
@@ -648,7 +658,8 @@ def main(argv=None) -> int:
         print(f"{me}: the replay package is not importable ({e}): pip install -e .", file=sys.stderr)
         return 2
 
-    limit = args.watchdog or (900 if args.quick else 600 + args.requests / 400 + 2 * args.duration)
+    limit = args.watchdog or ((900 if args.quick else 600 + args.requests / 400 + 2 * args.duration)
+                              + 60 * args.rounds * len(args.workers))
 
     def on_alarm(*_):
         raise Failure(f"watchdog: the script ran longer than {limit:.0f} s")

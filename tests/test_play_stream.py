@@ -399,8 +399,9 @@ def test_a_recorded_status_that_comes_while_its_request_is_on_its_way_is_counted
 def test_the_readers_pipe_hands_over_every_batch_whole_and_in_order():
     """``PipeWriter`` and ``PipeReader`` (the reader's process to the sender): batches of every
     size, from empty to several times the pipe's capacity, with and without extra items, come
-    out whole and in order, however the reads cut them; then the end mark, after which nothing
-    is read; a pipe closed without the end mark is an EOFError once what it held is taken."""
+    out whole and in order, however the reads cut them, then the end mark; a pipe closed
+    without the end mark is an EOFError once what it held is taken."""
+    import pickle
     import threading
 
     rng = random.Random(7)
@@ -418,30 +419,40 @@ def test_the_readers_pipe_hands_over_every_batch_whole_and_in_order():
     t.start()
     got = []
     while not got or got[-1] is not None:
-        if not rx.wait(5):
-            break
-        got += rx.take()
+        b = rx.next()
+        if b is S.NOTHING:
+            assert rx.wait(5)
+            continue
+        got.append(b if b is None else (b[0], pickle.loads(b[1]) if b[1] else []))
     t.join(10)
-    rx.close()
     assert got[:-1] == sent and got[-1] is None
+    rx.close()
 
     rx, tx = S._pipe()
     tx.send((b"abc", []))
     tx.close()
-    assert rx.take() == [(b"abc", [])]
+    assert rx.next() == (b"abc", b"")
     with pytest.raises(EOFError):
-        rx.take()
+        rx.next()
     rx.close()
 
 
 def test_a_batch_that_cannot_be_read_back_stops_the_replay_with_its_reason():
+    """The batches before it are taken; then one line naming the log."""
     import os
+
+    from replay.core import pack_planned
 
     r = S.StreamReader(S.StreamingPlan("x.rlog", S.StreamHeader(), None, None, False), 1)
     r.rx.close()
     r._tx.close()
     r.rx, tx = S._pipe()
+    req = (0, (S.PlannedRequest(1, 0, 5, b"GET / HTTP/1.1\r\n\r\n", "GET", "/", 18, 200, False,
+                                0, 0, 0), None, None))
+    tx.send(pack_planned([req]))
     os.write(tx.fd, S._FRAME.pack(3, 5) + b"abc" + b"nope!")
+    assert r.receive(1.0) and not r.done
+    assert r.items.popleft()[1][0].data == b"GET / HTTP/1.1\r\n\r\n"
     assert r.receive(1.0)
     assert r.done and r.items[0][1][0] == S.FAILED
     assert "x.rlog: the plan's reader sent what cannot be read back" in str(r.items[0][1][1])

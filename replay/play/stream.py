@@ -13,8 +13,9 @@ capture of minutes, not for a day of production. For a ``.rlog`` log, ``Streamin
    with the status of its recorded final response and the pipelining of ``build_plan``, in
    batches through a pipe (``PipeWriter`` to ``PipeReader``; the requests packed by the core's
    ``pack_planned``: no pickling a request), a timed run's no further than ``READ_AHEAD_NS``
-   ahead of the schedule; the sender takes them as their deadlines approach. With ``--workers``, each worker's reader picks its share's
-   rows from each block's table (``Shard.keep``) before any message is made.
+   ahead of the schedule; the sender takes them as their deadlines approach. With
+   ``--workers``, each worker's reader picks its share's rows from each block's table
+   (``Shard.keep``) before any message is made.
 
 Rules (``StreamPlanner``; the window's bounds are in ``replay.limits``), beyond those of
 ``plan.py``:
@@ -137,8 +138,9 @@ BATCH = 64                   # items per message on the reader's pipe (packed: p
 READER_NICE = 10             # the reader, ahead of the schedule, gives way to the sender
 HOLD_SLACK_S = 0.02          # timed: a reader that waited lets this much more come due first
 PIPE_SIZE = 1 << 20          # the pipe's capacity asked for (Linux; 64 KiB otherwise)
-READ_MAX = 1 << 20           # bytes the sender takes from the pipe at once
-_FRAME = struct.Struct("<qI")    # a batch's packed bytes (-1: the end mark), its pickled extras
+READ_MAX = 1 << 20           # bytes the sender reads from the pipe at once, at most
+_FRAME = struct.Struct("<qI")    # a batch's header: the length of its packed requests (-1: the
+                                 # end mark), then that of its pickled extras
 
 
 class StreamingPlan:
@@ -233,50 +235,75 @@ class PipeWriter:
 
 
 class PipeReader:
-    """The sender's end of the reader's pipe (non-blocking): ``take()`` returns the batches
-    complete in it now (``(blob, others)``, or None for the end mark), and raises EOFError when
-    the reader's end closed without its end mark; ``wait(seconds)`` whether there is more."""
+    """The sender's end of the reader's pipe (non-blocking). ``next()`` returns the next batch
+    (``(blob, pickled extras)``, or None for the end mark) or ``NOTHING`` when none is complete
+    yet; it reads the pipe only when the batches already read are used up, and then takes in
+    all that is there (``READ_MAX`` at most) with one ``read``, keeping the batches as bytes
+    until asked for: the sender unpacks one batch at a time, as its deadlines need them, not a
+    second of them at once. EOFError: the reader's end closed without its end mark (once what
+    it held is taken). ``wait(seconds)``: whether there is something to read."""
 
     def __init__(self, fd: int):
         self.fd = fd
         self.buf = bytearray()
+        self.frames: deque = deque()
+        self.eof = False
         os.set_blocking(fd, False)
+        self._poll = None
+        if hasattr(select, "poll"):          # (select() cannot watch a descriptor past 1023)
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN)
 
     def wait(self, seconds: float) -> bool:
+        if self.frames:
+            return True
+        if self._poll is not None:
+            return bool(self._poll.poll(max(0.0, seconds) * 1000))
         return bool(select.select([self.fd], [], [], max(0.0, seconds))[0])
 
-    def take(self) -> list:
+    def next(self):
+        if not self.frames and not self.eof:
+            self._read()
+        if self.frames:
+            return self.frames.popleft()
+        if self.eof:
+            raise EOFError("the reader's pipe closed")
+        return NOTHING
+
+    def _read(self) -> None:
         try:
             chunk = os.read(self.fd, READ_MAX)
         except BlockingIOError:
-            return []
+            return
         if not chunk:
-            raise EOFError("the reader's pipe closed")
+            self.eof = True
+            return
         buf = self.buf
         buf += chunk
-        out = []
         pos, n = 0, len(buf)
         while n - pos >= _FRAME.size:
             size, extra = _FRAME.unpack_from(buf, pos)
             if size < 0:
-                out.append(None)
+                self.frames.append(None)
                 pos += _FRAME.size
                 break
             end = pos + _FRAME.size + size + extra
             if end > n:
                 break
             start = pos + _FRAME.size
-            blob = bytes(buf[start:start + size])
-            others = pickle.loads(buf[start + size:end]) if extra else []
-            out.append((blob, others))
+            self.frames.append((bytes(buf[start:start + size]), bytes(buf[start + size:end])))
             pos = end
         del buf[:pos]
-        return out
 
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
+            if self._poll is not None:
+                self._poll = None
             os.close(fd)
+
+
+NOTHING = object()       # PipeReader.next: no complete batch yet
 
 
 def _pipe() -> tuple:
@@ -284,7 +311,9 @@ def _pipe() -> tuple:
     try:
         import fcntl
 
-        fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+        setsize = getattr(fcntl, "F_SETPIPE_SZ", None)      # (Linux)
+        if setsize is not None:
+            fcntl.fcntl(w, setsize, PIPE_SIZE)
     except (ImportError, OSError):
         pass           # (a smaller pipe: more, smaller reads)
     return PipeReader(r), PipeWriter(w)
@@ -337,39 +366,41 @@ class StreamReader:
         return self._state.value == 2
 
     def receive(self, block: float = 0.0) -> bool:
-        """Take the batches complete in the pipe (waiting up to ``block`` s for one): True when
-        it took any."""
+        """Take the next batch from the pipe, if one is there (waiting up to ``block`` s for
+        it): True when it took one (or the reader's failure)."""
         if self.done:
             return False
+        rx = self.rx
         try:
-            batches = self.rx.take()
-            if not batches:
-                if block > 0 and self.rx.wait(block):
-                    batches = self.rx.take()
-                if not batches and not self.proc.is_alive():
-                    batches = self.rx.take()       # (what it wrote before it ended)
-                    if not batches:
-                        return self._lost()
+            batch = rx.next()
+            if batch is NOTHING and block > 0 and rx.wait(block):
+                batch = rx.next()
+            if batch is NOTHING and not self.proc.is_alive():
+                # what it wrote before it ended (a pipe's worth at most), then the end of file
+                for _ in range(PIPE_SIZE // READ_MAX + 64):
+                    batch = rx.next()
+                    if batch is not NOTHING:
+                        break
+                else:
+                    return self._lost()
         except (EOFError, OSError):
             return self._lost()
+        if batch is NOTHING:
+            return False
+        if batch is None:
+            self.done = True
+            return False
+        try:
+            blob, extra = batch
+            others = pickle.loads(extra) if extra else []
+            got = unpack_planned(blob, others)
+            for _, (_, item) in others:        # (the reader's marks are never packed)
+                if item[0].__class__ is str and item[0] == STATS:
+                    self.plan.absorb(item[1])
         except Exception as e:  # noqa: BLE001  (what the child sent cannot be read back)
             return self._unreadable(e)
-        took = False
-        for batch in batches:
-            if batch is None:
-                self.done = True
-                break
-            try:
-                blob, others = batch
-                got = unpack_planned(blob, others)
-                for _, (_, item) in others:        # (the reader's marks are never packed)
-                    if item[0].__class__ is str and item[0] == STATS:
-                        self.plan.absorb(item[1])
-                self.items.extend(got)
-            except (ValueError, TypeError) as e:
-                return self._unreadable(e)
-            took = True
-        return took
+        self.items.extend(got)
+        return True
 
     def _unreadable(self, e: Exception) -> bool:
         self.done = True
