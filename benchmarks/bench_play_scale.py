@@ -516,6 +516,16 @@ def max_run(ns: Netns, log: Path, n: int, work: Path, workers: int = 1) -> dict:
             "connections_opened": rep["connections"]["opened"]}
 
 
+def print_max_run(what: str, r: dict, against: str, more: str = "") -> None:
+    own = r["replay_own_rps"] or 0
+    print(f"  replay, {what}: {r['whole_command_rps']:.0f} requests/s whole command "
+          f"({r['answered']} answered, {r['errors']} errors in {r['wall_s']:.2f} s, "
+          f"{r['connections_opened']} connections opened; {own:.0f}/s once sending; "
+          f"peak RSS {r['peak_rss_mib']:.0f} MiB)")
+    print(f"    / {against}: {r['ratio']:.3f} whole command, {own / r['wrk_rps']:.3f} once "
+          f"sending{more}")
+
+
 def part_throughput(logs: dict, args, work: Path) -> dict:
     """Part 2: the whole ``--speed max`` command against wrk, same nginx, same connections. wrk
     and the keep-alive log's replays (one process, then each ``--workers`` count) take turns,
@@ -526,8 +536,8 @@ def part_throughput(logs: dict, args, work: Path) -> dict:
     secs = 3 if args.quick else 10
     www = work / "www"
     www.mkdir(exist_ok=True)
-    names = ["keep-alive"] + [f"keep-alive --workers {w}" for w in args.workers if w > 1]
-    rounds: dict = {name: [] for name in names}
+    ways = {"keep-alive": 1, **{f"keep-alive --workers {w}": w for w in args.workers if w > 1}}
+    rounds: dict = {name: [] for name in ways}
     wrks = []
     with Netns("bscale") as ns:
         server = start_nginx(ns, www, port=NGINX_PORT, workdir=work / "nginx", workers=1,
@@ -541,8 +551,7 @@ def part_throughput(logs: dict, args, work: Path) -> dict:
                 w = wrk_run(ns, secs, WRK_CONNS)
                 wrks.append(w)
                 line = [f"  round {k + 1}: wrk -t2 -c{WRK_CONNS} -d{secs}s {w:.0f}/s"]
-                for name in names:
-                    workers = int(name.rsplit(" ", 1)[1]) if "--workers" in name else 1
+                for name, workers in ways.items():
                     r = max_run(ns, logs["keep-alive"], n, work, workers)
                     r["wrk_rps"], r["ratio"] = w, round(r["whole_command_rps"] / w, 3)
                     rounds[name].append(r)
@@ -553,29 +562,16 @@ def part_throughput(logs: dict, args, work: Path) -> dict:
             server.stop()
     wrk = statistics.median_low(wrks)
     runs = {}
-    for name in names:
-        mid = sorted(rounds[name], key=lambda r: r["ratio"])[(len(rounds[name]) - 1) // 2]
-        runs[name] = mid
-        own = mid["replay_own_rps"] or 0
-        print(f"  replay, {name} log, the median of {len(rounds[name])} rounds: "
-              f"{mid['whole_command_rps']:.0f} requests/s whole command ({mid['answered']} "
-              f"answered, {mid['errors']} errors in {mid['wall_s']:.2f} s, "
-              f"{mid['connections_opened']} connections opened; {own:.0f}/s once sending; "
-              f"peak RSS {mid['peak_rss_mib']:.0f} MiB)")
-        print(f"    / wrk of its round ({mid['wrk_rps']:.0f}/s): {mid['ratio']:.3f} whole command, "
-              f"{own / mid['wrk_rps']:.3f} once sending (rounds: "
-              f"{', '.join(format(r['ratio'], '.3f') for r in rounds[name])})")
+    for name in ways:
+        mid = runs[name] = sorted(rounds[name], key=lambda r: r["ratio"])[(args.rounds - 1) // 2]
+        each = ", ".join(format(r["ratio"], ".3f") for r in rounds[name])
+        print_max_run(f"{name} log, the median of {args.rounds} rounds", mid,
+                      f"wrk of its round ({mid['wrk_rps']:.0f}/s)", f" (rounds: {each})")
     if mixed is not None:
         mixed["wrk_rps"], mixed["ratio"] = wrk, round(mixed["whole_command_rps"] / wrk, 3)
         runs["mixed"] = mixed
-        own = mixed["replay_own_rps"] or 0
-        print(f"  replay, mixed log: {mixed['whole_command_rps']:.0f} requests/s whole command "
-              f"({mixed['answered']} answered, {mixed['errors']} errors in "
-              f"{mixed['wall_s']:.2f} s, {mixed['connections_opened']} connections opened; "
-              f"{own:.0f}/s once sending; peak RSS {mixed['peak_rss_mib']:.0f} MiB)")
-        print(f"    / the median wrk ({wrk:.0f}/s): {mixed['ratio']:.3f} whole command, "
-              f"{own / wrk:.3f} once sending")
-    best = max(runs[name]["ratio"] for name in names)
+        print_max_run("mixed log", mixed, f"the median wrk ({wrk:.0f}/s)")
+    best = max(runs[name]["ratio"] for name in ways)
     print(f"  target (keep-alive log, whole command / wrk >= {TARGET_RATIO}, the median round, "
           f"best of the worker counts): "
           f"{'MET' if best >= TARGET_RATIO else 'NOT MET'} ({best:.3f})", flush=True)

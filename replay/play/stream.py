@@ -298,8 +298,7 @@ class PipeReader:
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            if self._poll is not None:
-                self._poll = None
+            self._poll = None
             os.close(fd)
 
 
