@@ -207,6 +207,11 @@ cdef int CF_MIDSTREAM = F_MIDSTREAM
 cdef int CF_INTERIM = F_INTERIM
 cdef int CF_REPLAYED = F_REPLAYED
 cdef int CKIND_REQUEST = KIND_REQUEST
+# connections remembered by a hash of their key in each Engine (a power of two): with tens of
+# connections interleaved, most packets find theirs there, without a key object or a dict lookup
+cdef enum:
+    CONN_CACHE = 256
+cdef int64_t SEQ_MASK = 0xFFFFFFFF    # (a C constant: the literal would be a Python int)
 cdef int CF_UPGRADE = F_UPGRADE
 cdef int CF_CLOSE_DELIMITED = F_CLOSE_DELIMITED
 cdef int CF_CHUNKED = F_CHUNKED
@@ -735,6 +740,18 @@ cdef class _Pending:
         self.upgrade = upgrade
 
 
+cdef inline _Pending _new_pending(int64_t index, method, uri, int64_t start, bint upgrade):
+    """``_Pending(...)`` without a call through the type (its ints made and read back)."""
+    cdef _Pending p = _Pending.__new__(_Pending)
+    p.index = index
+    p.method = method
+    p.uri = uri
+    p.start = start
+    p.end = -1
+    p.upgrade = upgrade
+    return p
+
+
 @cython.final
 cdef class _Mark:
     """One delivery into a framer's buffer: where it ends in buf, its capture time, its ack.
@@ -908,14 +925,15 @@ cdef class Framer:
         self.pos = 0
         self.flags = 0
 
-    cdef tuple _mark_at(self, Py_ssize_t off):
-        """(ts, ack) of the delivery that carried buf[off]."""
+    cdef int64_t _ts_at(self, Py_ssize_t off) except? -1:
+        """The capture time of the delivery that carried buf[off] (the twin's ``_mark_at``'s
+        first item; no tuple, no int objects: this runs twice a message)."""
         cdef _Mark m
         for m in self.marks:
             if off < m.end:
-                return m.ts, m.ack
+                return m.ts
         m = self.marks[-1]
-        return m.ts, m.ack
+        return m.ts
 
     cdef run(self, bint final):
         cdef Engine eng = self.eng
@@ -1253,7 +1271,7 @@ cdef class Framer:
         self.resync_flag = 0
         if is_req:
             self.method, self.uri, self.status = method, uri, 0
-            p = _Pending(conn.next_index, method, uri, self.base, upgrade)
+            p = _new_pending(conn.next_index, method, uri, self.base, upgrade)
             conn.next_index += 1
             self.pending = p
             conn.pending.append(p)
@@ -1420,8 +1438,8 @@ cdef class Framer:
         cdef Py_ssize_t k, nm
         if self.state == S_BODY_CLOSE:
             self.body_len = end - self.head_len
-        ts_first = self._mark_at(0)[0]
-        ts_last = self._mark_at(end - 1)[0] if end > 0 else ts_first
+        cdef int64_t ts_first = self._ts_at(0)
+        cdef int64_t ts_last = self._ts_at(end - 1) if end > 0 else ts_first
         if ts_end is not None and not self.marks:
             ts_last = ts_end
         cdef int flags = self.flags
@@ -1459,20 +1477,21 @@ cdef class Framer:
         # cut buf at end
         del self.buf[:end]
         self.base += end
-        marks = self.marks
+        marks = self.marks          # (cut in place: no new list a message)
         nm = len(marks)
         k = 0
         while k < nm and (<_Mark>marks[k]).end <= end:
             k += 1
         if k == nm:
-            if marks and PyByteArray_GET_SIZE(self.buf):
+            if nm and PyByteArray_GET_SIZE(self.buf):
                 m = marks[nm - 1]
-                self.marks = [_new_mark(0, m.ts, m.ack)]
+                del marks[:]
+                marks.append(_new_mark(0, m.ts, m.ack))
             else:
-                self.marks = []
-        else:
-            self.marks = marks[k:]
-        for m in self.marks:
+                del marks[:]
+        elif k:
+            del marks[:k]
+        for m in marks:
             m.end -= end
         self.pos = 0
         self.flags = 0
@@ -1484,7 +1503,7 @@ cdef class Framer:
         self.truncated_pending = False
         if self.state != S_TUNNEL and self.state != S_WAIT:
             self.state = S_START
-        if kind == KIND_REQUEST and conn.pending and (<_Pending>conn.pending[-1]).upgrade and index == (<_Pending>conn.pending[-1]).index:
+        if kind == CKIND_REQUEST and conn.pending and (<_Pending>conn.pending[-1]).upgrade and index == (<_Pending>conn.pending[-1]).index:
             self.state = S_WAIT
 
 
@@ -1777,6 +1796,7 @@ cdef class Engine:
     cdef public int64_t max_message
     cdef public int64_t max_head
     cdef dict conns
+    cdef list recent              # CONN_CACHE connections by a hash of their key (see _packet)
     cdef int64_t next_id
     cdef list out
     cdef readonly bint track_closed
@@ -1813,6 +1833,7 @@ cdef class Engine:
         self.max_message = max_message
         self.max_head = max_head
         self.conns = {}
+        self.recent = [None] * CONN_CACHE
         self.next_id = 0
         self.out = []
         self.track_closed = bool(track_closed)
@@ -1902,6 +1923,9 @@ cdef class Engine:
         cdef int code, side, c
         cdef bint first, has_data
         cdef uint8_t keybuf[36]
+        cdef int i, klen
+        cdef uint32_t h
+        cdef Py_ssize_t slot
         cdef Connection conn
         cdef Stream st
         cdef int64_t seq
@@ -1939,8 +1963,23 @@ cdef class Engine:
             memcpy(keybuf, r.dst, r.alen)
             memcpy(keybuf + r.alen, r.src, r.alen)
             _put_ports(keybuf + 2 * r.alen, r.dport, r.sport)
-        key = PyBytes_FromStringAndSize(<char*>keybuf, 2 * r.alen + 4)
-        cobj = self.conns.get(key)
+        # the connection: first where this key's hash last put one (most packets: no key object
+        # made, no dict lookup), then in ``conns``; a connection closed is never taken from there
+        klen = 2 * r.alen + 4
+        h = 2166136261
+        for i in range(klen):
+            h = (h ^ keybuf[i]) * 16777619
+        slot = h & (CONN_CACHE - 1)
+        cobj = self.recent[slot]
+        if cobj is not None and not (<Connection>cobj).closed \
+                and PyBytes_GET_SIZE((<Connection>cobj).key) == klen \
+                and memcmp(PyBytes_AS_STRING((<Connection>cobj).key), keybuf, klen) == 0:
+            key = (<Connection>cobj).key
+        else:
+            key = PyBytes_FromStringAndSize(<char*>keybuf, klen)
+            cobj = self.conns.get(key)
+            if cobj is not None:
+                self.recent[slot] = cobj
         has_data = r.pay_end > r.pay_off or r.missing
         if cobj is not None:
             conn = <Connection>cobj
@@ -1960,6 +1999,7 @@ cdef class Engine:
             conn.side0_first = first
             self.next_id += 1
             self.conns[key] = conn
+            self.recent[slot] = conn
             self.st_connections += 1
             side = 0
         conn.last_ts = ts
@@ -1970,10 +2010,10 @@ cdef class Engine:
                 st.syn_seen = True
                 st.isn = seq
                 st.synced = True
-                st.nxt = (seq + 1) & 0xFFFFFFFF
+                st.nxt = (seq + 1) & SEQ_MASK
                 st.framer.base = st.nxt
                 conn.set_client(side if not r.flags & TH_ACK else 1 - side)
-            seq = (seq + 1) & 0xFFFFFFFF
+            seq = (seq + 1) & SEQ_MASK
         if r.flags & TH_ACK:
             (<Stream>conn.streams[1 - side]).on_peer_ack(r.ack)
         if has_data or r.flags & TH_FIN:
@@ -2744,6 +2784,12 @@ cdef int64_t _row_i(object v, str name) except? -1:
         raise unfit(name, v) from None
 
 
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_COMPACT_ASCII(object o)
+
+
 cdef bytes _utf8(object s):
     """UTF-8 of a str (or a subclass: str's own encoding, as the twin's ``_text``)."""
     return PyUnicode_AsEncodedString(s, "utf-8", "surrogatepass")
@@ -2783,15 +2829,31 @@ cdef uint32_t _row_string(str name, object s, dict ids, list texts) except? 0xFF
     if k is None:
         k = len(ids) + 1
         ids[s] = k
-        texts.append(_utf8(s))
+        texts.append(_text_of(s))
     return k
 
 
-cdef inline void _put_u32(bytearray out, uint32_t v):
-    out.append(v & 0xFF)
-    out.append((v >> 8) & 0xFF)
-    out.append((v >> 16) & 0xFF)
-    out.append(v >> 24)
+cdef object _text_of(object s):
+    """What a string table holds of ``s``: ``s`` itself when it is an ASCII str (whose UTF-8 is
+    its own data: no bytes made, as for nearly every target), else its UTF-8 bytes (``_utf8``:
+    surrogates pass). ``_text_ptr`` reads either."""
+    if type(s) is str and PyUnicode_IS_COMPACT_ASCII(s):
+        return s
+    return _utf8(s)
+
+
+cdef inline const char* _text_ptr(object t, Py_ssize_t* n) except NULL:
+    if type(t) is bytes:
+        n[0] = PyBytes_GET_SIZE(t)
+        return PyBytes_AS_STRING(t)
+    return PyUnicode_AsUTF8AndSize(t, n)
+
+
+cdef inline void _le32(char* p, uint32_t v) noexcept:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+    p[2] = (v >> 16) & 0xFF
+    p[3] = v >> 24
 
 
 def gather_rows(msgs):
@@ -2850,33 +2912,50 @@ cdef class _Strings:
     cdef int prepare(self) except -1:
         """Once every row is named: the tail (the address table, then the strings: the uris
         first, then the methods that are no uri) and the C arrays ``elide`` and ``fill`` use."""
-        cdef Py_ssize_t i, nu = len(self.uri_texts), nm = len(self.method_texts)
-        cdef bytes t
+        cdef Py_ssize_t i, j, pos, nu = len(self.uri_texts), nm = len(self.method_texts)
+        cdef bytes tail
+        cdef char* out
         self.text = <const char**>malloc((nu + nm + 1) * sizeof(char*))
         self.text_len = <Py_ssize_t*>malloc((nu + nm + 1) * sizeof(Py_ssize_t))
         self.final = <uint32_t*>malloc((nm + 1) * sizeof(uint32_t))
         if self.text == NULL or self.text_len == NULL or self.final == NULL:
             raise MemoryError()
         self.nuri = nu
-        for i, t in enumerate(self.uri_texts + self.method_texts):
-            self.text[i] = PyBytes_AS_STRING(t)
-            self.text_len[i] = PyBytes_GET_SIZE(t)
+        cdef Py_ssize_t size, nt = nu, at = len(self.addr_table)
+        size = 8 + at
+        for i in range(nu):
+            self.text[i] = _text_ptr(self.uri_texts[i], &self.text_len[i])
+            size += 4 + self.text_len[i]
         self.final[0] = 0
-        extra = []
-        for i, (s, t) in enumerate(zip(self.methods, self.method_texts)):
-            k = self.uris.get(s)
-            if k is None:
-                extra.append(t)
-                k = len(self.uris) + len(extra)
-            self.final[i + 1] = k
-        tail = bytearray()
-        _put_u32(tail, len(self.addrs))
-        tail += self.addr_table
-        _put_u32(tail, nu + len(extra))
-        for t in self.uri_texts + extra:
-            _put_u32(tail, len(t))
-            tail += t
-        self.tail = bytes(tail)
+        cdef uint32_t* extra = <uint32_t*>malloc((nm + 1) * sizeof(uint32_t))   # the tail's
+        if extra == NULL:                                                        # methods
+            raise MemoryError()
+        try:
+            for i, s in enumerate(self.methods):
+                self.text[nu + i] = _text_ptr(self.method_texts[i], &self.text_len[nu + i])
+                k = self.uris.get(s)
+                if k is None:
+                    extra[nt - nu] = nu + i
+                    nt += 1
+                    k = nt
+                    size += 4 + self.text_len[nu + i]
+                self.final[i + 1] = k
+            # the tail: the address table, then the uris and the methods that are no uri
+            tail = PyBytes_FromStringAndSize(NULL, size)
+            out = PyBytes_AS_STRING(tail)
+            _le32(out, len(self.addrs))
+            memcpy(out + 4, PyByteArray_AS_STRING(self.addr_table), at)
+            pos = 4 + at
+            _le32(out + pos, nt)
+            pos += 4
+            for i in range(nt):
+                j = i if i < nu else extra[i - nu]
+                _le32(out + pos, self.text_len[j])
+                memcpy(out + pos + 4, self.text[j], self.text_len[j])
+                pos += 4 + self.text_len[j]
+        finally:
+            free(extra)
+        self.tail = tail
         return 0
 
     cdef Py_ssize_t elide(self, Row* r, Py_ssize_t n, const char** dp, const Py_ssize_t* ds,
@@ -3086,7 +3165,11 @@ cdef class RowBuffer(_Rows):
         self.used += size
         self.size[self.n] = size
         self.n += 1
-        self.refs += (client, server, uri, method)
+        cdef list refs = self.refs          # (four appends: no tuple a message)
+        refs.append(client)
+        refs.append(server)
+        refs.append(uri)
+        refs.append(method)
         return 0
 
     def block_end(self, Py_ssize_t records, Py_ssize_t max_bytes):
