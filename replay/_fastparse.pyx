@@ -211,6 +211,8 @@ cdef int CKIND_REQUEST = KIND_REQUEST
 # connections interleaved, most packets find theirs there, without a key object or a dict lookup
 cdef enum:
     CONN_CACHE = 256
+cdef enum:
+    ADDR_SEEN = 64          # addresses a block's string tables remember by object (a power of 2)
 cdef int64_t SEQ_MASK = 0xFFFFFFFF    # (a C constant: the literal would be a Python int)
 cdef int CF_UPGRADE = F_UPGRADE
 cdef int CF_CLOSE_DELIMITED = F_CLOSE_DELIMITED
@@ -740,6 +742,28 @@ cdef class _Pending:
         self.upgrade = upgrade
 
 
+cdef object _method_text(const char* cp, Py_ssize_t n):
+    """A request's method as text: one str for each common method (its hash kept for the
+    string tables' lookups), not a new one a request."""
+    if n == 3:
+        if memcmp(cp, b"GET", 3) == 0:
+            return "GET"
+        if memcmp(cp, b"PUT", 3) == 0:
+            return "PUT"
+    elif n == 4:
+        if memcmp(cp, b"POST", 4) == 0:
+            return "POST"
+        if memcmp(cp, b"HEAD", 4) == 0:
+            return "HEAD"
+    elif n == 5 and memcmp(cp, b"PATCH", 5) == 0:
+        return "PATCH"
+    elif n == 6 and memcmp(cp, b"DELETE", 6) == 0:
+        return "DELETE"
+    elif n == 7 and memcmp(cp, b"OPTIONS", 7) == 0:
+        return "OPTIONS"
+    return PyUnicode_DecodeLatin1(cp, n, NULL)
+
+
 cdef inline _Pending _new_pending(int64_t index, method, uri, int64_t start, bint upgrade):
     """``_Pending(...)`` without a call through the type (its ints made and read back)."""
     cdef _Pending p = _Pending.__new__(_Pending)
@@ -1247,7 +1271,7 @@ cdef class Framer:
             te = h.te
             cl = h.cl
             if is_req:
-                method = PyUnicode_DecodeLatin1(cp, h.m_end, NULL)
+                method = _method_text(cp, h.m_end)
                 uri = PyUnicode_DecodeLatin1(cp + h.u_start, h.u_end - h.u_start, NULL)
                 upgrade = h.upgrade or method == "CONNECT"
         else:
@@ -1485,12 +1509,12 @@ cdef class Framer:
         if k == nm:
             if nm and PyByteArray_GET_SIZE(self.buf):
                 m = marks[nm - 1]
-                del marks[:]
+                PyList_SetSlice(marks, 0, nm, NULL)
                 marks.append(_new_mark(0, m.ts, m.ack))
             else:
-                del marks[:]
+                PyList_SetSlice(marks, 0, nm, NULL)
         elif k:
-            del marks[:k]
+            PyList_SetSlice(marks, 0, k, NULL)
         for m in marks:
             m.end -= end
         self.pos = 0
@@ -2060,6 +2084,11 @@ cdef class Engine:
             if worst is None:
                 return
             worst.skip_hole()
+
+
+cdef extern from "Python.h":
+    # (a cut of a list without slice objects; NULL: delete)
+    int PyList_SetSlice(object lst, Py_ssize_t low, Py_ssize_t high, PyObject* itemlist) except -1
 
 
 cdef inline void _put_ports(uint8_t* p, int a, int b) noexcept nogil:
@@ -2874,6 +2903,8 @@ cdef class _Strings:
     cdef list uri_texts, method_texts
     cdef object last_client, last_server
     cdef uint32_t client_id, server_id
+    cdef list seen                   # ADDR_SEEN addresses by their object's address, and
+    cdef uint32_t seen_id[ADDR_SEEN]  # their ids: rows of interleaved connections hash none
     cdef readonly bytes tail
     cdef const char** text           # uri_texts then method_texts
     cdef Py_ssize_t* text_len
@@ -2889,6 +2920,7 @@ cdef class _Strings:
         self.method_texts = []
         self.last_client = _NOTHING
         self.last_server = _NOTHING
+        self.seen = [None] * ADDR_SEEN
 
     def __dealloc__(self):
         free(self.text)
@@ -2898,16 +2930,27 @@ cdef class _Strings:
     cdef int name(self, Row* row, object client, object server, object uri,
                   object method) except -1:
         if client is not self.last_client:       # the same object: the same id
-            self.client_id = _row_address("client", client, self.addrs, self.addr_table)
+            self.client_id = self._address("client", client)
             self.last_client = client
         row.client = self.client_id
         if server is not self.last_server:
-            self.server_id = _row_address("server", server, self.addrs, self.addr_table)
+            self.server_id = self._address("server", server)
             self.last_server = server
         row.server = self.server_id
         row.uri = _row_string("uri", uri, self.uris, self.uri_texts)
         row.method = _row_string("method", method, self.methods, self.method_texts)
         return 0
+
+    cdef uint32_t _address(self, str name, object a) except? 0xFFFFFFFF:
+        """``_row_address``, first looked up by the object (each connection's addresses are
+        the same two objects on all its rows)."""
+        cdef Py_ssize_t slot = (<size_t><void*>a >> 4) & (ADDR_SEEN - 1)
+        if self.seen[slot] is a:
+            return self.seen_id[slot]
+        k = _row_address(name, a, self.addrs, self.addr_table)
+        self.seen[slot] = a
+        self.seen_id[slot] = k
+        return k
 
     cdef int prepare(self) except -1:
         """Once every row is named: the tail (the address table, then the strings: the uris
