@@ -2191,7 +2191,7 @@ cdef class _ResponseState:
 # list that reaches ``out`` only when the walk succeeds. Every byte is read through a pointer
 # checked against its text's end.
 
-from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 
 from cpython.set cimport PySet_Add
 
@@ -2849,19 +2849,6 @@ cdef uint32_t _row_address(str name, object a, dict addrs, bytearray table) exce
     return k
 
 
-cdef uint32_t _row_string(str name, object s, dict ids, list texts) except? 0xFFFFFFFF:
-    if s is None:
-        return 0
-    if not isinstance(s, str):
-        raise unfit(name, s)
-    k = ids.get(s)
-    if k is None:
-        k = len(ids) + 1
-        ids[s] = k
-        texts.append(_text_of(s))
-    return k
-
-
 cdef object _text_of(object s):
     """What a string table holds of ``s``: ``s`` itself when it is an ASCII str (whose UTF-8 is
     its own data: no bytes made, as for nearly every target), else its UTF-8 bytes (``_utf8``:
@@ -2878,7 +2865,7 @@ cdef inline const char* _text_ptr(object t, Py_ssize_t* n) except NULL:
     return PyUnicode_AsUTF8AndSize(t, n)
 
 
-cdef inline void _le32(char* p, uint32_t v) noexcept:
+cdef inline void _le32(char* p, uint32_t v) noexcept nogil:
     p[0] = v & 0xFF
     p[1] = (v >> 8) & 0xFF
     p[2] = (v >> 16) & 0xFF
@@ -2895,34 +2882,41 @@ def gather_rows(msgs):
 
 
 cdef class _Strings:
-    """A block's address and string tables as its rows name them (ids in order of first use),
-    then (``prepare``, with the GIL) the block's tail and the texts as C arrays, so that the
-    payload can be made without the GIL (``elide``, ``fill``)."""
-    cdef dict addrs, uris, methods
+    """A block's address and string tables as its rows name them (ids in order of first use).
+
+    ``name`` (with the GIL, row by row) gives each row its address ids and keeps where the
+    UTF-8 of its uri and method is; ``prepare`` (once, in the writer's thread, its loops
+    without the GIL) gives the uris and methods their ids through C hash tables of those bytes,
+    then makes the block's tail and the text arrays ``elide`` and ``fill`` use. The texts stay
+    where they are: in the row's str (ASCII: its own data), or in a bytes object kept here."""
+    cdef dict addrs
     cdef bytearray addr_table
-    cdef list uri_texts, method_texts
+    cdef list keep                   # the UTF-8 bytes of the texts that are not ASCII
     cdef object last_client, last_server
     cdef uint32_t client_id, server_id
     cdef list seen                   # ADDR_SEEN addresses by their object's address, and
     cdef uint32_t seen_id[ADDR_SEEN]  # their ids: rows of interleaved connections hash none
+    cdef const char** rtext          # each row's uri, then its method (NULL: None)
+    cdef Py_ssize_t* rlen
+    cdef Py_ssize_t rn, rcap
+    cdef bint prepared
     cdef readonly bytes tail
-    cdef const char** text           # uri_texts then method_texts
+    cdef const char** text           # the uris (in id order), then the methods
     cdef Py_ssize_t* text_len
     cdef uint32_t* final             # method id -> the table's string id
     cdef Py_ssize_t nuri
 
     def __cinit__(self):
         self.addrs = {}
-        self.uris = {}
-        self.methods = {}
         self.addr_table = bytearray()
-        self.uri_texts = []
-        self.method_texts = []
+        self.keep = []
         self.last_client = _NOTHING
         self.last_server = _NOTHING
-        self.seen = [None] * ADDR_SEEN
+        self.seen = [_NOTHING] * ADDR_SEEN
 
     def __dealloc__(self):
+        free(self.rtext)
+        free(self.rlen)
         free(self.text)
         free(self.text_len)
         free(self.final)
@@ -2937,8 +2931,38 @@ cdef class _Strings:
             self.server_id = self._address("server", server)
             self.last_server = server
         row.server = self.server_id
-        row.uri = _row_string("uri", uri, self.uris, self.uri_texts)
-        row.method = _row_string("method", method, self.methods, self.method_texts)
+        if self.rn + 2 > self.rcap:
+            self._grow()
+        self._text("uri", uri)
+        self._text("method", method)
+        return 0
+
+    cdef int _grow(self) except -1:
+        cdef Py_ssize_t cap = max(64, 2 * self.rcap)
+        cdef void* p = realloc(self.rtext, cap * sizeof(char*))
+        if p == NULL:
+            raise MemoryError()
+        self.rtext = <const char**>p
+        p = realloc(self.rlen, cap * sizeof(Py_ssize_t))
+        if p == NULL:
+            raise MemoryError()
+        self.rlen = <Py_ssize_t*>p
+        self.rcap = cap
+        return 0
+
+    cdef int _text(self, str name, object s) except -1:
+        cdef Py_ssize_t n = 0
+        cdef const char* p = NULL
+        if s is not None:
+            if not isinstance(s, str):
+                raise unfit(name, s)
+            t = _text_of(s)
+            if t is not s:
+                self.keep.append(t)
+            p = _text_ptr(t, &n)
+        self.rtext[self.rn] = p
+        self.rlen[self.rn] = n
+        self.rn += 1
         return 0
 
     cdef uint32_t _address(self, str name, object a) except? 0xFFFFFFFF:
@@ -2952,53 +2976,72 @@ cdef class _Strings:
         self.seen_id[slot] = k
         return k
 
-    cdef int prepare(self) except -1:
-        """Once every row is named: the tail (the address table, then the strings: the uris
-        first, then the methods that are no uri) and the C arrays ``elide`` and ``fill`` use."""
-        cdef Py_ssize_t i, j, pos, nu = len(self.uri_texts), nm = len(self.method_texts)
+    cdef int prepare(self, Row* r, Py_ssize_t n) except -1:
+        """Once all ``n`` rows ``r`` are named: their uri and method ids, the tail (the
+        address table, then the strings: the uris first, then the methods that are no uri)
+        and the C arrays ``elide`` and ``fill`` use. A second call changes nothing."""
+        if self.prepared:
+            return 0
+        if 2 * n != self.rn:
+            raise ValueError(f"{n} rows, {self.rn // 2} named")
+        cdef Py_ssize_t i, j, pos, nu = 0, nm = 0, nt, size, at = len(self.addr_table)
         cdef bytes tail
         cdef char* out
-        self.text = <const char**>malloc((nu + nm + 1) * sizeof(char*))
-        self.text_len = <Py_ssize_t*>malloc((nu + nm + 1) * sizeof(Py_ssize_t))
-        self.final = <uint32_t*>malloc((nm + 1) * sizeof(uint32_t))
-        if self.text == NULL or self.text_len == NULL or self.final == NULL:
+        cdef _TextTable uris, methods
+        cdef uint32_t* extra = <uint32_t*>malloc((n + 1) * sizeof(uint32_t))  # the tail's methods
+        self.text = <const char**>malloc((2 * n + 1) * sizeof(char*))
+        self.text_len = <Py_ssize_t*>malloc((2 * n + 1) * sizeof(Py_ssize_t))
+        self.final = <uint32_t*>malloc((n + 1) * sizeof(uint32_t))
+        if extra == NULL or self.text == NULL or self.text_len == NULL or self.final == NULL:
+            free(extra)
             raise MemoryError()
-        self.nuri = nu
-        cdef Py_ssize_t size, nt = nu, at = len(self.addr_table)
-        size = 8 + at
-        for i in range(nu):
-            self.text[i] = _text_ptr(self.uri_texts[i], &self.text_len[i])
-            size += 4 + self.text_len[i]
-        self.final[0] = 0
-        cdef uint32_t* extra = <uint32_t*>malloc((nm + 1) * sizeof(uint32_t))   # the tail's
-        if extra == NULL:                                                        # methods
+        if _table_init(&uris, n) < 0 or _table_init(&methods, n) < 0:
+            _table_free(&uris)
+            free(extra)
             raise MemoryError()
         try:
-            for i, s in enumerate(self.methods):
-                self.text[nu + i] = _text_ptr(self.method_texts[i], &self.text_len[nu + i])
-                k = self.uris.get(s)
-                if k is None:
-                    extra[nt - nu] = nu + i
-                    nt += 1
-                    k = nt
-                    size += 4 + self.text_len[nu + i]
-                self.final[i + 1] = k
-            # the tail: the address table, then the uris and the methods that are no uri
+            with nogil:
+                for i in range(n):          # the uris, ids in order of first use
+                    r[i].uri = _table_id(&uris, self.rtext[2 * i], self.rlen[2 * i], self.text,
+                                         self.text_len, &nu)
+                self.nuri = nu
+                for i in range(n):          # the methods, after them in text
+                    r[i].method = _table_id(&methods, self.rtext[2 * i + 1],
+                                            self.rlen[2 * i + 1], self.text + nu,
+                                            self.text_len + nu, &nm)
+                self.final[0] = 0
+                nt = nu
+                size = 8 + at
+                for i in range(nu):
+                    size += 4 + self.text_len[i]
+                for i in range(nm):         # a method that is also a uri is that string
+                    j = _table_find(&uris, self.text[nu + i], self.text_len[nu + i], self.text,
+                                    self.text_len)
+                    if j == 0:
+                        extra[nt - nu] = nu + i
+                        nt += 1
+                        j = nt
+                        size += 4 + self.text_len[nu + i]
+                    self.final[i + 1] = j
             tail = PyBytes_FromStringAndSize(NULL, size)
             out = PyBytes_AS_STRING(tail)
             _le32(out, len(self.addrs))
             memcpy(out + 4, PyByteArray_AS_STRING(self.addr_table), at)
-            pos = 4 + at
-            _le32(out + pos, nt)
-            pos += 4
-            for i in range(nt):
-                j = i if i < nu else extra[i - nu]
-                _le32(out + pos, self.text_len[j])
-                memcpy(out + pos + 4, self.text[j], self.text_len[j])
-                pos += 4 + self.text_len[j]
+            with nogil:
+                pos = 4 + at
+                _le32(out + pos, nt)
+                pos += 4
+                for i in range(nt):
+                    j = i if i < nu else extra[i - nu]
+                    _le32(out + pos, self.text_len[j])
+                    memcpy(out + pos + 4, self.text[j], self.text_len[j])
+                    pos += 4 + self.text_len[j]
         finally:
             free(extra)
+            _table_free(&uris)
+            _table_free(&methods)
         self.tail = tail
+        self.prepared = True
         return 0
 
     cdef Py_ssize_t elide(self, Row* r, Py_ssize_t n, const char** dp, const Py_ssize_t* ds,
@@ -3075,8 +3118,88 @@ cdef class _Strings:
     cdef tuple assemble(self, Row* r, Py_ssize_t n, const char** dp, const Py_ssize_t* ds):
         """(tail, payload) of the rows ``r``, every one named, whose bytes are
         ``dp[i][:ds[i]]``."""
-        self.prepare()
+        self.prepare(r, n)
         return self.tail, self.payload(r, n, dp, ds)
+
+
+cdef struct _TextTable:
+    # open addressing over texts by their bytes: slot -> 1 + the text's index, 0 empty
+    uint32_t* slot
+    uint64_t* hash
+    Py_ssize_t mask
+
+
+cdef int _table_init(_TextTable* t, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t cap = 16
+    while cap < 2 * n + 2:
+        cap <<= 1
+    t.slot = <uint32_t*>calloc(cap, sizeof(uint32_t))
+    t.hash = <uint64_t*>malloc(cap * sizeof(uint64_t))
+    t.mask = cap - 1
+    if t.slot == NULL or t.hash == NULL:
+        free(t.slot)
+        free(t.hash)
+        t.slot = NULL
+        t.hash = NULL
+        return -1
+    return 0
+
+
+cdef void _table_free(_TextTable* t) noexcept:
+    free(t.slot)
+    free(t.hash)
+    t.slot = NULL
+    t.hash = NULL
+
+
+cdef inline uint64_t _text_hash(const char* p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t h = 0x9E3779B97F4A7C15ULL ^ <uint64_t>n, w
+    while n >= 8:
+        memcpy(&w, p, 8)
+        h = (h ^ w) * 0xff51afd7ed558ccdULL
+        h ^= h >> 32
+        p += 8
+        n -= 8
+    w = 0
+    memcpy(&w, p, n)
+    h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL
+    return h ^ (h >> 29)
+
+
+cdef inline Py_ssize_t _table_slot(_TextTable* t, const char* p, Py_ssize_t n, uint64_t h,
+                                   const char** text, const Py_ssize_t* text_len) noexcept nogil:
+    """Where the text ``p[:n]`` is, or the empty slot where it would go."""
+    cdef Py_ssize_t i = <Py_ssize_t>(h & <uint64_t>t.mask)
+    cdef uint32_t k
+    while True:
+        k = t.slot[i]
+        if k == 0 or (t.hash[i] == h and text_len[k - 1] == n
+                      and memcmp(text[k - 1], p, n) == 0):
+            return i
+        i = (i + 1) & t.mask
+
+
+cdef uint32_t _table_id(_TextTable* t, const char* p, Py_ssize_t n, const char** text,
+                        Py_ssize_t* text_len, Py_ssize_t* count) noexcept nogil:
+    """The id (1 on) of the text ``p[:n]`` among ``text``, added there when new; 0 for None
+    (``p`` NULL)."""
+    if p == NULL:
+        return 0
+    cdef uint64_t h = _text_hash(p, n)
+    cdef Py_ssize_t i = _table_slot(t, p, n, h, text, text_len)
+    if t.slot[i] == 0:
+        text[count[0]] = p
+        text_len[count[0]] = n
+        count[0] += 1
+        t.slot[i] = <uint32_t>count[0]
+        t.hash[i] = h
+    return t.slot[i]
+
+
+cdef inline uint32_t _table_find(_TextTable* t, const char* p, Py_ssize_t n, const char** text,
+                                 const Py_ssize_t* text_len) noexcept nogil:
+    """The id of the text ``p[:n]`` in the table filled from ``text``, 0 when not there."""
+    return t.slot[_table_slot(t, p, n, _text_hash(p, n), text, text_len)]
 
 
 cdef tuple _gather(list ms, Row* r):
@@ -3245,11 +3368,10 @@ cdef class RowBuffer(_Rows):
         memcpy(b.size, self.size + f, count * sizeof(Py_ssize_t))
         memcpy(b.buf, self.buf + self.head, nbytes)
         b.refs = self.refs[4 * f:4 * (f + count)]
-        b.names = _Strings()            # named here, so that encode needs little of the GIL
+        b.names = _Strings()            # named here (what needs the GIL), prepared by encode
         for i in range(count):
             b.names.name(&b.rows[i], b.refs[4 * i], b.refs[4 * i + 1], b.refs[4 * i + 2],
                          b.refs[4 * i + 3])
-        b.names.prepare()
         # nothing can fail from here on: the rows leave this buffer
         self.first += count
         self.head += nbytes
@@ -3289,6 +3411,7 @@ cdef class RowBlock(_Rows):
         cdef Py_ssize_t i, n = self.n, pos = 0
         if self.names is None:
             raise ValueError("a RowBlock is made by RowBuffer.take")
+        self.names.prepare(self.rows, n)
         cdef Row* r = <Row*>malloc(n * sizeof(Row))
         cdef const char** dp = <const char**>malloc(n * sizeof(char*))
         if r == NULL or dp == NULL:
