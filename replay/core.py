@@ -27,15 +27,30 @@ else:
         from replay import _fastparse_py as impl
         COMPILED = False
 
-sendloop = None                 # (no epoll: the replay keeps asyncio's transports)
-if hasattr(select, "epoll"):
+
+def _sendloop():
+    """The send loop's module, or None without epoll (the replay keeps asyncio's transports)."""
+    if not hasattr(select, "epoll"):
+        return None
     if COMPILED:
         try:
-            from replay import _sendloop as sendloop  # type: ignore[attr-defined]
+            from replay import _sendloop as module  # type: ignore[attr-defined]
+            return module
         except ImportError:
-            sendloop = None
-    if sendloop is None:
-        from replay import _sendloop_py as sendloop
+            pass
+    from replay import _sendloop_py as module
+    return module
+
+
+def __getattr__(name):
+    # ``sendloop`` and ``SendLoop`` are imported when first asked for: the commands that do
+    # not replay (convert, capture, ls) do not load it and the socket module it needs
+    if name in ("sendloop", "SendLoop"):
+        module = _sendloop()
+        globals()["sendloop"] = module
+        globals()["SendLoop"] = module.SendLoop if module is not None else None
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 Engine = impl.Engine
 ResponseFramer = impl.ResponseFramer
@@ -53,7 +68,6 @@ StreamPlanner = impl.StreamPlanner
 pack_planned = impl.pack_planned
 unpack_planned = impl.unpack_planned
 connection_closes = impl.connection_closes
-SendLoop = sendloop.SendLoop if sendloop is not None else None
 STAT_NAMES = impl.STAT_NAMES
 SUPPORTED_LINKTYPES = impl.SUPPORTED_LINKTYPES
 IMPLEMENTATION = "compiled" if COMPILED else "pure"
