@@ -212,7 +212,7 @@ cdef int CKIND_REQUEST = KIND_REQUEST
 cdef enum:
     CONN_CACHE = 256
 cdef enum:
-    ADDR_SEEN = 64          # addresses a block's string tables remember by object (a power of 2)
+    ADDR_SEEN = 1024        # addresses a block's string tables remember by object (a power of 2)
 cdef int64_t SEQ_MASK = 0xFFFFFFFF    # (a C constant: the literal would be a Python int)
 cdef int CF_UPGRADE = F_UPGRADE
 cdef int CF_CLOSE_DELIMITED = F_CLOSE_DELIMITED
@@ -1434,7 +1434,9 @@ cdef class Framer:
         if 100 <= status < 200 and status != 101:
             return pend[0]
         self.gap_since_pair = False
-        return pend.pop(0)
+        p0 = pend[0]
+        PyList_SetSlice(pend, 0, 1, NULL)      # (pop(0) without an index object)
+        return p0
 
     cdef _bad_chunk(self):
         self.flags |= CF_INCOMPLETE
@@ -1499,7 +1501,10 @@ cdef class Framer:
                                     self.body_len, head_len))
         self.produced += 1
         # cut buf at end
-        del self.buf[:end]
+        if end == PyByteArray_GET_SIZE(self.buf) and _empty_bytearray(self.buf):
+            pass        # (all of it: emptied keeping its memory, for the next message)
+        else:
+            del self.buf[:end]
         self.base += end
         marks = self.marks          # (cut in place: no new list a message)
         nm = len(marks)
@@ -2084,6 +2089,27 @@ cdef class Engine:
             if worst is None:
                 return
             worst.skip_hole()
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyByteArrayObject:
+        Py_ssize_t ob_alloc
+        char* ob_bytes
+        char* ob_start
+        Py_ssize_t ob_exports
+    void Py_SET_SIZE(object o, Py_ssize_t size)
+
+
+cdef inline bint _empty_bytearray(bytearray b) noexcept:
+    """Empty ``b`` keeping its allocation (``del b[:]`` gives it back, and the next message
+    takes it again), unless a buffer of it is exported: False then, and ``b`` is as it was."""
+    cdef PyByteArrayObject* o = <PyByteArrayObject*>b
+    if o.ob_exports > 0 or o.ob_bytes == NULL:
+        return False
+    o.ob_start = o.ob_bytes
+    Py_SET_SIZE(b, 0)
+    o.ob_bytes[0] = 0               # (the trailing null a bytearray keeps)
+    return True
 
 
 cdef extern from "Python.h":
