@@ -212,6 +212,8 @@ cdef int CKIND_REQUEST = KIND_REQUEST
 cdef enum:
     CONN_CACHE = 256
 cdef enum:
+    KEEP_BUFFER = 65536     # bytes a framer's emptied buffer keeps allocated, at most
+cdef enum:
     ADDR_SEEN = 1024        # addresses a block's string tables remember by object (a power of 2)
 cdef int64_t SEQ_MASK = 0xFFFFFFFF    # (a C constant: the literal would be a Python int)
 cdef int CF_UPGRADE = F_UPGRADE
@@ -1952,8 +1954,7 @@ cdef class Engine:
         cdef int code, side, c
         cdef bint first, has_data
         cdef uint8_t keybuf[36]
-        cdef int i, klen
-        cdef uint32_t h
+        cdef int klen
         cdef Py_ssize_t slot
         cdef Connection conn
         cdef Stream st
@@ -1995,10 +1996,7 @@ cdef class Engine:
         # the connection: first where this key's hash last put one (most packets: no key object
         # made, no dict lookup), then in ``conns``; a connection closed is never taken from there
         klen = 2 * r.alen + 4
-        h = 2166136261
-        for i in range(klen):
-            h = (h ^ keybuf[i]) * 16777619
-        slot = h & (CONN_CACHE - 1)
+        slot = _key_slot(keybuf, klen)
         cobj = self.recent[slot]
         if cobj is not None and not (<Connection>cobj).closed \
                 and PyBytes_GET_SIZE((<Connection>cobj).key) == klen \
@@ -2062,6 +2060,9 @@ cdef class Engine:
         conn.finish(clean)
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+        slot = _key_slot(<const uint8_t*>PyBytes_AS_STRING(conn.key), PyBytes_GET_SIZE(conn.key))
+        if self.recent[slot] is conn:        # (it would keep the connection's memory)
+            self.recent[slot] = None
         for st in conn.streams:
             self.total_ooo -= (<Stream>st).ooo_bytes
             (<Stream>st).ooo_bytes = 0
@@ -2102,9 +2103,11 @@ cdef extern from "Python.h":
 
 cdef inline bint _empty_bytearray(bytearray b) noexcept:
     """Empty ``b`` keeping its allocation (``del b[:]`` gives it back, and the next message
-    takes it again), unless a buffer of it is exported: False then, and ``b`` is as it was."""
+    takes it again), unless a buffer of it is exported or the allocation is over
+    ``KEEP_BUFFER`` (an idle connection then holds no large buffer): False then, and ``b`` is
+    as it was."""
     cdef PyByteArrayObject* o = <PyByteArrayObject*>b
-    if o.ob_exports > 0 or o.ob_bytes == NULL:
+    if o.ob_exports > 0 or o.ob_bytes == NULL or o.ob_alloc > KEEP_BUFFER:
         return False
     o.ob_start = o.ob_bytes
     Py_SET_SIZE(b, 0)
@@ -2115,6 +2118,15 @@ cdef inline bint _empty_bytearray(bytearray b) noexcept:
 cdef extern from "Python.h":
     # (a cut of a list without slice objects; NULL: delete)
     int PyList_SetSlice(object lst, Py_ssize_t low, Py_ssize_t high, PyObject* itemlist) except -1
+
+
+cdef inline Py_ssize_t _key_slot(const uint8_t* key, Py_ssize_t n) noexcept:
+    """Where ``Engine.recent`` keeps the connection of this key (FNV-1a of its bytes)."""
+    cdef uint32_t h = 2166136261
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ key[i]) * 16777619
+    return h & (CONN_CACHE - 1)
 
 
 cdef inline void _put_ports(uint8_t* p, int a, int b) noexcept nogil:
