@@ -212,7 +212,7 @@ cdef int CKIND_REQUEST = KIND_REQUEST
 cdef enum:
     CONN_CACHE = 256
 cdef enum:
-    KEEP_BUFFER = 65536     # bytes a framer's emptied buffer keeps allocated, at most
+    KEEP_BUFFER = 2048      # bytes a framer's emptied buffer keeps allocated, at most
 cdef enum:
     ADDR_SEEN = 1024        # addresses a block's string tables remember by object (a power of 2)
 cdef int64_t SEQ_MASK = 0xFFFFFFFF    # (a C constant: the literal would be a Python int)
@@ -745,8 +745,7 @@ cdef class _Pending:
 
 
 cdef object _method_text(const char* cp, Py_ssize_t n):
-    """A request's method as text: one str for each common method (its hash kept for the
-    string tables' lookups), not a new one a request."""
+    """A request's method as text: one str for each common method, not a new one a request."""
     if n == 3:
         if memcmp(cp, b"GET", 3) == 0:
             return "GET"
@@ -2099,15 +2098,18 @@ cdef extern from "Python.h":
         char* ob_start
         Py_ssize_t ob_exports
     void Py_SET_SIZE(object o, Py_ssize_t size)
+    int PY_VERSION_HEX
 
 
 cdef inline bint _empty_bytearray(bytearray b) noexcept:
-    """Empty ``b`` keeping its allocation (``del b[:]`` gives it back, and the next message
-    takes it again), unless a buffer of it is exported or the allocation is over
-    ``KEEP_BUFFER`` (an idle connection then holds no large buffer): False then, and ``b`` is
-    as it was."""
+    """Empty ``b`` keeping its allocation (``del b[:]`` gives it back, and the next message,
+    if at least half as long, takes it again), unless a buffer of it is exported, the
+    allocation is over ``KEEP_BUFFER`` (a small message's: thousands of idle connections then
+    hold a few MiB, not a large buffer each), or the bytearray's layout may not be the one
+    declared here (CPython after 3.14): False then, and ``b`` is as it was."""
     cdef PyByteArrayObject* o = <PyByteArrayObject*>b
-    if o.ob_exports > 0 or o.ob_bytes == NULL or o.ob_alloc > KEEP_BUFFER:
+    if PY_VERSION_HEX >= 0x030F0000 or o.ob_exports > 0 or o.ob_bytes == NULL \
+            or o.ob_alloc > KEEP_BUFFER:
         return False
     o.ob_start = o.ob_bytes
     Py_SET_SIZE(b, 0)
@@ -2926,10 +2928,11 @@ cdef class _Strings:
     UTF-8 of its uri and method is; ``prepare`` (once, in the writer's thread, its loops
     without the GIL) gives the uris and methods their ids through C hash tables of those bytes,
     then makes the block's tail and the text arrays ``elide`` and ``fill`` use. The texts stay
-    where they are: in the row's str (ASCII: its own data), or in a bytes object kept here."""
+    where they are: in the row's str (ASCII: its own data), or in a bytes object, each kept
+    here (a text read through a property may be a new object, gone once read)."""
     cdef dict addrs
     cdef bytearray addr_table
-    cdef list keep                   # the UTF-8 bytes of the texts that are not ASCII
+    cdef list keep                   # each text ``rtext`` points into (a str, or its UTF-8)
     cdef object last_client, last_server
     cdef uint32_t client_id, server_id
     cdef list seen                   # ADDR_SEEN addresses by their object's address, and
@@ -2995,8 +2998,7 @@ cdef class _Strings:
             if not isinstance(s, str):
                 raise unfit(name, s)
             t = _text_of(s)
-            if t is not s:
-                self.keep.append(t)
+            self.keep.append(t)     # (what ``rtext`` points into lives as long as this)
             p = _text_ptr(t, &n)
         self.rtext[self.rn] = p
         self.rlen[self.rn] = n
@@ -3027,6 +3029,9 @@ cdef class _Strings:
         cdef char* out
         cdef _TextTable uris, methods
         cdef uint32_t* extra = <uint32_t*>malloc((n + 1) * sizeof(uint32_t))  # the tail's methods
+        free(self.text)             # (what a first call that failed left)
+        free(self.text_len)
+        free(self.final)
         self.text = <const char**>malloc((2 * n + 1) * sizeof(char*))
         self.text_len = <Py_ssize_t*>malloc((2 * n + 1) * sizeof(Py_ssize_t))
         self.final = <uint32_t*>malloc((n + 1) * sizeof(uint32_t))
@@ -3190,8 +3195,13 @@ cdef void _table_free(_TextTable* t) noexcept:
     t.hash = NULL
 
 
+# a seed drawn once a process, as Python's own string hash has: crafted targets cannot make a
+# block's string table slow
+cdef uint64_t _TEXT_SEED = int.from_bytes(__import__("os").urandom(8), "little")
+
+
 cdef inline uint64_t _text_hash(const char* p, Py_ssize_t n) noexcept nogil:
-    cdef uint64_t h = 0x9E3779B97F4A7C15ULL ^ <uint64_t>n, w
+    cdef uint64_t h = (_TEXT_SEED ^ 0x9E3779B97F4A7C15ULL) + <uint64_t>n, w
     while n >= 8:
         memcpy(&w, p, 8)
         h = (h ^ w) * 0xff51afd7ed558ccdULL

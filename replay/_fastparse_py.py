@@ -1924,15 +1924,18 @@ def _address(name: str, a, addrs: dict, table: bytearray) -> int:
 
 
 def _string(name: str, s, ids: dict, texts: list) -> int:
-    """The 1-based id of ``s`` in ``ids`` (added when new), 0 for None."""
+    """The 1-based id of ``s`` in ``ids`` (added when new), 0 for None. Strings are the same
+    when their UTF-8 is (``ids`` is keyed by it: a str subclass's own ``__eq__`` plays no
+    part, as in the compiled core's tables of bytes)."""
     if s is None:
         return 0
     if not isinstance(s, str):
         raise unfit(name, s)
-    k = ids.get(s)
+    t = _text(s)
+    k = ids.get(t)
     if k is None:
-        k = ids[s] = len(ids) + 1
-        texts.append(_text(s))
+        k = ids[t] = len(ids) + 1
+        texts.append(t)
     return k
 
 
@@ -1986,8 +1989,8 @@ def gather_rows(msgs) -> tuple:
     # string ids: the uris first, then the methods that are no uri
     final = [0]
     extra = []
-    for s, t in zip(methods, method_texts):
-        k = uris.get(s)
+    for t in method_texts:
+        k = uris.get(t)
         if k is None:
             extra.append(t)
             k = len(uris) + len(extra)

@@ -151,3 +151,26 @@ def test_bad_targets_say_what_to_write(target, words):
     no_traceback(p)
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert p.returncode == 2 and len(lines) == 1 and words in lines[0] and "--target" in lines[0], p.stderr
+
+
+def test_the_collector_is_tuned_only_when_the_program_starts():
+    """Started as the program, the command's modules load with hardly a collection and are
+    then frozen out of later ones; imported by other code (a test), the collector is left as
+    it was."""
+    probe = ("import gc, sys\n"
+             "import replay.cli.main as m\n"
+             "print(gc.get_threshold(), gc.get_freeze_count() > 0)\n")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0] == f"{(700, 10, 10)} False"
+    probe = ("import gc, runpy, sys\n"
+             "sys.argv = ['replay', 'info', sys.argv[1]]\n"
+             "try:\n"
+             "    runpy.run_module('replay.cli.main', run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    print(e.code, gc.get_threshold(), gc.get_freeze_count() > 0)\n")
+    r = subprocess.run([sys.executable, "-c", probe, str(ROOT / "captures" / "sample.pcap")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().split("\n")[-1] == f"0 {(700, 10, 10)} True"

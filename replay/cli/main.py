@@ -7,18 +7,22 @@ instant. Every ``ReplayError`` becomes one line on stderr and its exit code; a t
 from __future__ import annotations
 
 import gc
+import os
+import sys
 
-# Hardly a collection while the command's modules load (click's and ours: some tens of
-# thousands of objects, none garbage, walked again at each collection the default threshold
-# makes); once loaded, they are frozen out of every later collection and the threshold is put
-# back (``_loaded``). A convert's start-up ran 42 million instructions of collections, and its
-# exit 20 million more over those objects.
-_THRESHOLD = gc.get_threshold()
-gc.set_threshold(1_000_000, *_THRESHOLD[1:])
+# When this module starts the program (the ``replay`` script, ``python -m replay.cli.main``;
+# not when other code imports it): hardly a collection while the command's modules load
+# (click's and ours: some tens of thousands of objects, none garbage, walked again at each
+# collection the default threshold makes); once loaded, they are frozen out of every later
+# collection and the threshold is put back (``_loaded``). A convert's start-up ran 42 million
+# instructions of collections, and its exit 20 million more over those objects.
+_THRESHOLD = None
+if __name__ == "__main__" or os.path.basename(sys.argv[0] or "") == "replay":
+    _THRESHOLD = gc.get_threshold()
+    gc.set_threshold(1_000_000, *_THRESHOLD[1:])
 
 import importlib  # noqa: E402
 import signal  # noqa: E402
-import sys  # noqa: E402
 
 import click  # noqa: E402
 
@@ -66,7 +70,8 @@ def cli():
 
 def _loaded() -> None:
     """The modules are loaded: what they made leaves the collector's work (``gc.freeze``), and
-    the threshold is the usual one again (once: a command may set its own)."""
+    the threshold is the usual one again (once: a command may set its own). Nothing when the
+    module was imported by other code."""
     global _THRESHOLD
     if _THRESHOLD is not None:
         gc.freeze()
