@@ -734,14 +734,7 @@ cdef class _Pending:
     cdef public int64_t start
     cdef public int64_t end
     cdef public bint upgrade
-
-    def __init__(self, int64_t index, method, uri, int64_t start, bint upgrade):
-        self.index = index
-        self.method = method
-        self.uri = uri
-        self.start = start
-        self.end = -1
-        self.upgrade = upgrade
+    # (made by _new_pending, the twin's constructor)
 
 
 cdef object _method_text(const char* cp, Py_ssize_t n):
@@ -766,7 +759,8 @@ cdef object _method_text(const char* cp, Py_ssize_t n):
 
 
 cdef inline _Pending _new_pending(int64_t index, method, uri, int64_t start, bint upgrade):
-    """``_Pending(...)`` without a call through the type (its ints made and read back)."""
+    """The twin's ``_Pending(...)``, without a call through the type (ints made and read
+    back)."""
     cdef _Pending p = _Pending.__new__(_Pending)
     p.index = index
     p.method = method
@@ -1377,7 +1371,7 @@ cdef class Framer:
         self.status = status
         if is_req:
             self.method, self.uri = method, uri
-            p = _Pending(conn.next_index, method, uri, self.base, False)
+            p = _new_pending(conn.next_index, method, uri, self.base, False)
             conn.next_index += 1
             self.pending = p
             conn.pending.append(p)
@@ -2199,7 +2193,7 @@ cdef class _ResponseState:
 
     def expect(self, method):
         cdef Connection conn = self.conn
-        conn.pending.append(_Pending(conn.next_index, method, None, 0, method == "CONNECT"))
+        conn.pending.append(_new_pending(conn.next_index, method, None, 0, method == "CONNECT"))
         conn.next_index += 1
 
     def outstanding(self):
