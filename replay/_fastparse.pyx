@@ -1496,9 +1496,8 @@ cdef class Framer:
                                     self.body_len, head_len))
         self.produced += 1
         # cut buf at end
-        if end == PyByteArray_GET_SIZE(self.buf) and _empty_bytearray(self.buf):
-            pass        # (all of it: emptied keeping its memory, for the next message)
-        else:
+        # (all of it: emptied keeping its memory, for the next message, where it can be)
+        if not (end == PyByteArray_GET_SIZE(self.buf) and _empty_bytearray(self.buf)):
             del self.buf[:end]
         self.base += end
         marks = self.marks          # (cut in place: no new list a message)
@@ -2093,6 +2092,8 @@ cdef extern from "Python.h":
         Py_ssize_t ob_exports
     void Py_SET_SIZE(object o, Py_ssize_t size)
     int PY_VERSION_HEX
+    # (a cut of a list without slice objects; NULL: delete)
+    int PyList_SetSlice(object lst, Py_ssize_t low, Py_ssize_t high, PyObject* itemlist) except -1
 
 
 cdef inline bint _empty_bytearray(bytearray b) noexcept:
@@ -2109,11 +2110,6 @@ cdef inline bint _empty_bytearray(bytearray b) noexcept:
     Py_SET_SIZE(b, 0)
     o.ob_bytes[0] = 0               # (the trailing null a bytearray keeps)
     return True
-
-
-cdef extern from "Python.h":
-    # (a cut of a list without slice objects; NULL: delete)
-    int PyList_SetSlice(object lst, Py_ssize_t low, Py_ssize_t high, PyObject* itemlist) except -1
 
 
 cdef inline Py_ssize_t _key_slot(const uint8_t* key, Py_ssize_t n) noexcept:
@@ -2927,8 +2923,6 @@ cdef class _Strings:
     cdef dict addrs
     cdef bytearray addr_table
     cdef list keep                   # each text ``rtext`` points into (a str, or its UTF-8)
-    cdef object last_client, last_server
-    cdef uint32_t client_id, server_id
     cdef list seen                   # ADDR_SEEN addresses by their object's address, and
     cdef uint32_t seen_id[ADDR_SEEN]  # their ids: rows of interleaved connections hash none
     cdef const char** rtext          # each row's uri, then its method (NULL: None)
@@ -2945,8 +2939,6 @@ cdef class _Strings:
         self.addrs = {}
         self.addr_table = bytearray()
         self.keep = []
-        self.last_client = _NOTHING
-        self.last_server = _NOTHING
         self.seen = [_NOTHING] * ADDR_SEEN
 
     def __dealloc__(self):
@@ -2958,14 +2950,8 @@ cdef class _Strings:
 
     cdef int name(self, Row* row, object client, object server, object uri,
                   object method) except -1:
-        if client is not self.last_client:       # the same object: the same id
-            self.client_id = self._address("client", client)
-            self.last_client = client
-        row.client = self.client_id
-        if server is not self.last_server:
-            self.server_id = self._address("server", server)
-            self.last_server = server
-        row.server = self.server_id
+        row.client = self._address("client", client)
+        row.server = self._address("server", server)
         if self.rn + 2 > self.rcap:
             self._grow()
         self._text("uri", uri)
