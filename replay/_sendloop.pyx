@@ -5,15 +5,12 @@ wait, the reads and the writes are system calls made here, into one buffer, with
 object per event but the bytes read."""
 
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
-from cpython.object cimport PyObject
-from cpython.ref cimport Py_INCREF, Py_DECREF
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 
 import os
-import time
 from socket import SO_ERROR, SOL_SOCKET
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -50,26 +47,6 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
-    ssize_t read(int fd, void* buf, size_t n)
-
-cdef extern from "<time.h>" nogil:
-    struct timespec:
-        long tv_sec
-        long tv_nsec
-    struct itimerspec:
-        timespec it_interval
-        timespec it_value
-    enum:
-        CLOCK_MONOTONIC
-    int clock_gettime(int clk, timespec* ts)
-
-cdef extern from "<sys/timerfd.h>" nogil:
-    int timerfd_create(int clockid, int flags)
-    int timerfd_settime(int fd, int flags, const itimerspec* new_value, itimerspec* old_value)
-    enum:
-        TFD_NONBLOCK
-        TFD_CLOEXEC
-        TFD_TIMER_ABSTIME
 
 cdef enum:
     C_READ_SIZE = 256 * 1024
@@ -101,7 +78,6 @@ cdef class SendLoop:
     cdef public list later
     cdef public bint started
     cdef public long long calls
-    cdef DueSends timed         # a timed run's deadlines, on a timer of this epoll set
     cdef int ep
     cdef char* buf
     cdef epoll_event* events
@@ -142,19 +118,11 @@ cdef class SendLoop:
             self.loop.remove_reader(self.ep)
             self.started = False
         self.later = []
-        if self.timed is not None:
-            self.timed.close()
         for t in list(self.transports.values()):
             t.abort()
         if self.ep >= 0:
             close(self.ep)
             self.ep = -1
-
-    def dues(self, now, long long spin_ns, on_error):
-        """The twin's ``dues``: a ``DueSends`` whose timer is a timerfd in this epoll set."""
-        if self.timed is None:
-            self.timed = DueSends(self, now, spin_ns, on_error)
-        return self.timed
 
     def connect(self, sock, address):
         fut = self.loop.create_future()
@@ -210,27 +178,18 @@ cdef class SendLoop:
         return 0
 
     def ready(self):
-        cdef int n
+        cdef int n, i, fd
+        cdef uint32_t ev
+        cdef LoopTransport t
         self.calls += 1
         if self.ep < 0:
             return
         n = epoll_wait(self.ep, self.events, C_EVENTS, 0)
         if n <= 0:
             return
-        self._events(n)
-        if self.timed is not None and self.timed.size:
-            self.timed._run()
-
-    cdef int _events(self, int n) except -1:
-        cdef int i, fd
-        cdef uint32_t ev
-        cdef LoopTransport t
         for i in range(n):
             fd = self.events[i].data.fd
             ev = self.events[i].events
-            if self.timed is not None and fd == self.timed.tfd:
-                self.timed._expired()
-                continue
             o = self.transports.get(fd)
             if o is None:
                 if ev & EPOLLOUT and fd in self.connecting:
@@ -252,7 +211,6 @@ cdef class SendLoop:
                         self.loop.call_exception_handler({
                             "message": "Exception in a callback after a read", "exception": e,
                             "transport": (<tuple>pair)[0]})
-        return 0
 
     cdef int _forget(self, LoopTransport t) except -1:
         if self.transports.get(t.fd) is t:
@@ -430,223 +388,3 @@ cdef object _name(get):
         return get()
     except OSError:
         return None
-
-
-cdef struct _Due:           # a request held for its deadline: (deadline, n) orders the heap
-    int64_t d
-    uint64_t n
-    PyObject* conn
-    PyObject* req
-
-
-cdef inline bint _earlier(const _Due* a, const _Due* b) noexcept nogil:
-    return a.d < b.d or (a.d == b.d and a.n < b.n)
-
-
-cdef inline int64_t _mono() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1_000_000_000 + ts.tv_nsec
-
-
-cdef class DueSends:
-    """The twin's ``DueSends`` on a ``SendLoop`` (``SendLoop.dues``): the deadlines in a C heap,
-    the timer a timerfd in the send loop's epoll set (armed ``spin_ns`` before the earliest
-    deadline, on CLOCK_MONOTONIC, which is ``time.monotonic_ns``), and what is due sent from
-    the send loop's ``ready``, after its reads, without an event-loop handle, a Python timer or
-    a Python call per request but the connection's ``send_due``."""
-
-    cdef SendLoop owner
-    cdef object on_error
-    cdef readonly int64_t spin_ns
-    cdef readonly int64_t armed       # the deadline the timer is armed for (0: none)
-    cdef readonly int tfd
-    cdef _Due* heap
-    cdef readonly Py_ssize_t size
-    cdef Py_ssize_t cap
-    cdef public uint64_t n            # entries made: their order among equal deadlines
-
-    def __cinit__(self, SendLoop owner, now, long long spin_ns, on_error):
-        self.tfd = -1
-        self.heap = NULL
-
-    def __init__(self, SendLoop owner, now, long long spin_ns, on_error):
-        cdef epoll_event ev
-        if now is not time.monotonic_ns:
-            raise ValueError("a send loop's deadlines are on time.monotonic_ns")
-        self.owner = owner
-        self.on_error = on_error
-        self.spin_ns = spin_ns
-        self.armed = 0
-        self.size = self.cap = 0
-        self.n = 0
-        self.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
-        if self.tfd < 0:
-            raise _error(errno)
-        ev.events = EPOLLIN
-        ev.data.u64 = 0
-        ev.data.fd = self.tfd
-        if epoll_ctl(owner.ep, EPOLL_CTL_ADD, self.tfd, &ev) < 0:
-            e = errno
-            close(self.tfd)
-            self.tfd = -1
-            raise _error(e)
-
-    def __dealloc__(self):
-        self._clear()
-        free(self.heap)
-        if self.tfd >= 0:
-            close(self.tfd)
-
-    def __len__(self):
-        return self.size
-
-    def add(self, long long deadline, conn, req):
-        """``conn`` (a ``PumpCore``, holding ``req`` in its ``due``) sends ``req`` at
-        ``deadline``."""
-        cdef _Due* grown
-        cdef Py_ssize_t i, up
-        cdef _Due item
-        if self.tfd < 0:
-            raise ValueError("closed")
-        if self.size == self.cap:
-            grown = <_Due*>realloc(self.heap, (self.cap * 2 + 64) * sizeof(_Due))
-            if grown == NULL:
-                raise MemoryError()
-            self.heap = grown
-            self.cap = self.cap * 2 + 64
-        self.n += 1
-        item.d = deadline
-        item.n = self.n
-        item.conn = <PyObject*>conn
-        item.req = <PyObject*>req
-        Py_INCREF(conn)
-        Py_INCREF(req)
-        i = self.size
-        self.size += 1
-        while i > 0:
-            up = (i - 1) >> 1
-            if not _earlier(&item, &self.heap[up]):
-                break
-            self.heap[i] = self.heap[up]
-            i = up
-        self.heap[i] = item
-        if self.armed == 0 or deadline < self.armed:
-            self._arm(deadline)
-
-    cdef _Due _pop(self) noexcept:
-        """The earliest entry (its references now the caller's)."""
-        cdef _Due top = self.heap[0]
-        cdef _Due last
-        cdef Py_ssize_t i = 0, c
-        self.size -= 1
-        if self.size:
-            last = self.heap[self.size]
-            while True:
-                c = 2 * i + 1
-                if c >= self.size:
-                    break
-                if c + 1 < self.size and _earlier(&self.heap[c + 1], &self.heap[c]):
-                    c += 1
-                if not _earlier(&self.heap[c], &last):
-                    break
-                self.heap[i] = self.heap[c]
-                i = c
-            self.heap[i] = last
-        return top
-
-    cdef int _arm(self, int64_t deadline) except -1:
-        """The timer at ``spin_ns`` before ``deadline`` (at once, if that is past)."""
-        cdef itimerspec its
-        cdef int64_t at = deadline - self.spin_ns
-        if at <= 0:
-            at = 1               # (an absolute time in the past fires at once; 0 would disarm)
-        its.it_interval.tv_sec = its.it_interval.tv_nsec = 0
-        its.it_value.tv_sec = at // 1_000_000_000
-        its.it_value.tv_nsec = at % 1_000_000_000
-        if timerfd_settime(self.tfd, TFD_TIMER_ABSTIME, &its, NULL) < 0:
-            raise _error(errno)
-        self.armed = deadline
-        return 0
-
-    cdef int _disarm(self) except -1:
-        cdef itimerspec its
-        if self.armed and self.tfd >= 0:
-            its.it_interval.tv_sec = its.it_interval.tv_nsec = 0
-            its.it_value.tv_sec = its.it_value.tv_nsec = 0
-            timerfd_settime(self.tfd, 0, &its, NULL)
-        self.armed = 0
-        return 0
-
-    cdef int _expired(self) except -1:
-        """The timer fired (the send loop saw its descriptor): read it; ``_run`` follows."""
-        cdef uint64_t count
-        read(self.tfd, &count, sizeof(count))
-        self.armed = 0
-        return 0
-
-    cdef int _run(self) except -1:
-        """The twin's ``_fire``, from the send loop's ``ready``: drop the entries whose
-        connection no longer holds them; if the earliest is due within ``spin_ns``, wait it out
-        on the clock and send every request then due; arm for the earliest left."""
-        cdef _Due top
-        cdef int64_t t, d
-        while self.size:
-            conn = <object>self.heap[0].conn
-            if conn.due is <object>self.heap[0].req:
-                break
-            top = self._pop()        # its connection's task took it over: no spin for it
-            Py_DECREF(<object>top.conn)
-            Py_DECREF(<object>top.req)
-        if not self.size:
-            return self._disarm()
-        d = self.heap[0].d
-        t = _mono()
-        if d - t <= self.spin_ns:
-            while t < d:
-                t = _mono()
-            while self.size and self.heap[0].d <= t:
-                top = self._pop()
-                conn = <object>top.conn
-                req = <object>top.req
-                Py_DECREF(conn)       # (the two locals hold them now)
-                Py_DECREF(req)
-                try:
-                    conn.send_due(req, top.d)
-                except Exception as e:  # (a bug: the run stops, raises it at its end)
-                    self.on_error(e)
-        if self.size and (self.armed == 0 or self.heap[0].d < self.armed):
-            self._arm(self.heap[0].d)
-        return 0
-
-    def wake_all(self):
-        """Every request held back goes to its connection's task (which then decides)."""
-        cdef _Due top
-        got = []
-        while self.size:
-            top = self._pop()
-            got.append((<object>top.conn, <object>top.req))
-            Py_DECREF(<object>top.conn)
-            Py_DECREF(<object>top.req)
-        self._disarm()
-        for conn, req in got:
-            if conn.due is req:
-                conn._wake(True)
-
-    cdef void _clear(self) noexcept:
-        cdef _Due top
-        while self.size:
-            top = self._pop()
-            Py_DECREF(<object>top.conn)
-            Py_DECREF(<object>top.req)
-
-    def close(self):
-        self._clear()
-        self._disarm()
-        if self.tfd >= 0:
-            if self.owner is not None:
-                self.owner._unwatch(self.tfd)
-                if self.owner.timed is self:
-                    self.owner.timed = None
-            close(self.tfd)
-            self.tfd = -1

@@ -39,7 +39,6 @@ TLS, timers and the rest of a replay connection's life stay with the event loop
 from __future__ import annotations
 
 import errno
-import heapq
 import os
 import select
 import socket
@@ -47,8 +46,6 @@ import socket
 READ_SIZE = 256 * 1024        # bytes read at once from a socket
 READS = 16                    # reads of one socket in one call, while each fills the buffer
 EVENTS = 256                  # sockets looked at in one call
-LONG_SLEEP_NS = 1_000_000     # DueSends: a longer wait is slept in two parts
-NS = 1_000_000_000
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 _IN = select.EPOLLIN | select.EPOLLRDHUP if hasattr(select, "epoll") else 0
 
@@ -66,7 +63,6 @@ class SendLoop:
         self.later: list = []            # (transport, callback) to run after this call's reads
         self.started = False
         self.calls = 0                   # ready() calls (for tests and benchmarks)
-        self.timed = None                # a timed run's DueSends (``dues``)
 
     def fileno(self) -> int:
         return self.ep.fileno()
@@ -80,20 +76,9 @@ class SendLoop:
             self.loop.remove_reader(self.ep.fileno())
             self.started = False
         self.later = []
-        if self.timed is not None:
-            self.timed.close()
-            self.timed = None
         for t in list(self.transports.values()):
             t.abort()
         self.ep.close()
-
-    def dues(self, now, spin_ns: int, on_error) -> "DueSends":
-        """The ``DueSends`` of a timed run on this send loop (one; ``close()`` closes it).
-        Here on the event loop's timer; compiled, on a timerfd in the epoll set, its requests
-        sent from ``ready``."""
-        if self.timed is None:
-            self.timed = DueSends(self.loop, now, spin_ns, on_error)
-        return self.timed
 
     def connect(self, sock: socket.socket, address):
         """Connect ``sock`` (non-blocking) to ``address``: a future of the event loop, done
@@ -332,85 +317,3 @@ def _name(get):
         return get()
     except OSError:                      # (a peer that reset at once: asyncio says None too)
         return None
-
-
-class DueSends:
-    """A timed run's requests that answers let go before they are due (``PumpCore.send_due``),
-    each sent at its deadline: one loop timer, armed ``spin_ns`` before the earliest deadline
-    (a wait longer than ``LONG_SLEEP_NS`` in two sleeps, the first ending an eighth early);
-    when it fires it waits out the rest on the clock (as ``Pacer.wait_until`` does), sends what
-    is then due, and arms again for the earliest left. A request costs a heap entry, not a task
-    step, a future and a timer of its own. An entry whose connection no longer holds it (its
-    task took over) is dropped when it comes first. ``wake_all`` hands every request held back
-    to its connection's task (``--limit`` reached). ``now`` is the loop's clock in ns
-    (``time.monotonic_ns``); ``on_error(exc)`` is told of an exception a send raised (a bug)."""
-
-    def __init__(self, loop, now, spin_ns: int, on_error):
-        self.loop = loop
-        self.now = now
-        self.spin_ns = spin_ns
-        self.on_error = on_error
-        self.heap: list = []
-        self.n = 0                  # entries made: their order among equal deadlines
-        self.handle = None
-        self.armed = None           # the deadline the timer is armed for
-
-    def __len__(self) -> int:
-        return len(self.heap)
-
-    def add(self, deadline: int, conn, req) -> None:
-        """``conn`` (a ``PumpCore``, holding ``req`` in its ``due``) sends ``req`` at
-        ``deadline``."""
-        self.n += 1
-        heapq.heappush(self.heap, (deadline, self.n, conn, req))
-        if self.armed is None or deadline < self.armed:
-            self._arm(deadline)
-
-    def _disarm(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-        self.handle = self.armed = None
-
-    def _arm(self, deadline: int) -> None:
-        self._disarm()
-        self.armed = deadline
-        wait = deadline - self.spin_ns - self.now()
-        if wait > LONG_SLEEP_NS:
-            # a longer sleep overshoots more (a few % of it on a virtual machine): wake a
-            # little early, then sleep again for the rest
-            wait -= wait >> 3
-        self.handle = self.loop.call_later(wait / NS, self._fire)
-
-    def _fire(self) -> None:
-        self.handle = self.armed = None
-        heap, now = self.heap, self.now
-        while heap and heap[0][2].due is not heap[0][3]:
-            heapq.heappop(heap)          # its connection's task took it over: no spin for it
-        if not heap:
-            return
-        d = heap[0][0]
-        t = now()
-        if d - t <= self.spin_ns:
-            while t < d:
-                t = now()
-            while heap and heap[0][0] <= t:
-                d, _, conn, req = heapq.heappop(heap)
-                try:
-                    conn.send_due(req, d)
-                except Exception as e:  # noqa: BLE001  (a bug: the run stops, raises it at its end)
-                    self.on_error(e)
-        # (a send may have added an entry, and armed for it, while one earlier waits)
-        if heap and (self.armed is None or heap[0][0] < self.armed):
-            self._arm(heap[0][0])
-
-    def wake_all(self) -> None:
-        """Every request held back goes to its connection's task (which then decides)."""
-        got, self.heap = self.heap, []
-        self._disarm()
-        for _, _, conn, req in got:
-            if conn.due is req:
-                conn._wake(True)
-
-    def close(self) -> None:
-        self._disarm()
-        self.heap.clear()

@@ -134,46 +134,17 @@ class _Core:
         self.woken += 1
 
 
-def _due_sends_kinds():
-    """The ways a timed run holds its requests: on the event loop's timer, and on a send
-    loop's (each twin; compiled, a timerfd in its epoll set)."""
-    import select
-
-    kinds = ["loop"]
-    if hasattr(select, "epoll"):
-        kinds.append("sendloop-pure")
-        try:
-            from replay import _sendloop  # noqa: F401
-
-            kinds.append("sendloop-compiled")
-        except ImportError:      # pragma: no cover - the pure run
-            pass
-    return kinds
-
-
-@pytest.mark.parametrize("kind", _due_sends_kinds())
-def test_due_sends_in_deadline_order_never_early(kind):
+def test_due_sends_in_deadline_order_never_early():
     """Each request at or after its deadline, in deadline order, also when a send holds the
     connection's next request (armed for it) while an earlier one of another connection waits;
     a request its connection no longer holds is never sent; ``wake_all`` hands what is held to
-    the tasks; ``close`` lets go of the timer."""
+    the tasks."""
     from replay.play.clock import new_event_loop
     from replay.play.sender import DueSends
 
     loop = new_event_loop(precise=True)
     sent, errors = [], []
-    send_loop = None
-    if kind == "loop":
-        dues = DueSends(loop, time.monotonic_ns, 250_000, errors.append)
-    else:
-        if kind == "sendloop-pure":
-            from replay._sendloop_py import SendLoop
-        else:
-            from replay._sendloop import SendLoop
-        send_loop = SendLoop(loop)
-        send_loop.start()
-        dues = send_loop.dues(time.monotonic_ns, 250_000, errors.append)
-        assert send_loop.dues(time.monotonic_ns, 250_000, errors.append) is dues   # one a run
+    dues = DueSends(loop, time.monotonic_ns, 250_000, errors.append)
     now = time.monotonic_ns()
     ms = 1_000_000
     a = _Core("a", sent, then=("a2", now + 600 * ms))
@@ -189,17 +160,14 @@ def test_due_sends_in_deadline_order_never_early(kind):
     assert [r for r, _, _ in sent] == ["a1", "b1", "a2"] and not errors
     assert all(t >= d for _, d, t in sent)
     assert sent[1][2] < now + 500 * ms    # b1 did not wait for a2's timer
-    assert c.woken == 0 and e.woken == 0 and len(dues) == 1 and dues.n == 5
+    assert c.woken == 0 and e.woken == 0 and len(dues.heap) == 1 and dues.n == 5
     dues.wake_all()
-    assert e.woken == 1 and len(dues) == 0
+    assert e.woken == 1 and not dues.heap and dues.handle is None
     dues.close()
-    if send_loop is not None:
-        send_loop.close()
     loop.close()
 
 
-@pytest.mark.parametrize("kind", _due_sends_kinds())
-def test_due_sends_many_deadlines_and_a_failing_send(kind):
+def test_due_sends_many_deadlines_and_a_failing_send():
     """Hundreds of requests on many connections, deadlines in random order and some equal:
     each sent once, at or after its deadline, in deadline order (equal ones in the order they
     were added); a send that raises is told to ``on_error`` and the others still go."""
@@ -210,17 +178,7 @@ def test_due_sends_many_deadlines_and_a_failing_send(kind):
 
     loop = new_event_loop(precise=True)
     sent, errors = [], []
-    send_loop = None
-    if kind == "loop":
-        dues = DueSends(loop, time.monotonic_ns, 100_000, errors.append)
-    else:
-        if kind == "sendloop-pure":
-            from replay._sendloop_py import SendLoop
-        else:
-            from replay._sendloop import SendLoop
-        send_loop = SendLoop(loop)
-        send_loop.start()
-        dues = send_loop.dues(time.monotonic_ns, 100_000, errors.append)
+    dues = DueSends(loop, time.monotonic_ns, 100_000, errors.append)
 
     class Bad(_Core):
         def send_due(self, req, deadline):
@@ -241,9 +199,7 @@ def test_due_sends_many_deadlines_and_a_failing_send(kind):
     loop.run_until_complete(asyncio.sleep(0.3))
     want = [f"r{i}" for d, i in sorted(order) if i != 17]
     assert [r for r, _, _ in sent] == want
-    assert all(t >= d for _, d, t in sent) and len(dues) == 0
+    assert all(t >= d for _, d, t in sent) and not dues.heap
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
     dues.close()
-    if send_loop is not None:
-        send_loop.close()
     loop.close()

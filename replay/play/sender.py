@@ -2,7 +2,7 @@
 
 One asyncio task per recorded connection (a *replay connection*), started just before its first
 request is due and holding one of ``--connections`` slots while it runs. Its requests go out in
-recorded order, each at its deadline (``scheduler.Pacer``, or a ``DueSends``); a request
+recorded order, each at its deadline (``scheduler.Pacer``, or ``DueSends`` below); a request
 waits for the previous response unless the capture shows it pipelined. Across connections
 nothing waits for anything: a slow target delays only the connection it is slow on, and that
 delay shows as lateness.
@@ -11,9 +11,8 @@ Responses are framed by ``core.ResponseFramer`` (the capture's own framing rules
 bytes arrive; each final response answers the oldest request outstanding on its connection.
 On a kept-alive connection, the answer that empties a connection sends its next
 request itself (``Player._pump``): at ``--speed max`` just after the read that brought it; in a
-timed run at its deadline, from the run's ``DueSends`` (one timer for all connections, a
-heap of deadlines: on the ``SendLoop``, a timerfd in its epoll set and the sends made from its
-``ready``; else the event loop's timer), or at once when the answer came after it. The task only wakes when there
+timed run at its deadline, from the run's ``DueSends`` (one loop timer for all connections, a
+heap of deadlines), or at once when the answer came after it. The task only wakes when there
 is something to decide (nothing queued, a lost or closed connection, the end of the run), so a
 request costs no task switch.
 
@@ -44,7 +43,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import functools
+import heapq
 import ipaddress
 import itertools
 import socket
@@ -55,7 +54,6 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from replay import core
-from replay._sendloop_py import DueSends
 from replay.errors import UsageError
 from replay.events import (F_FAILED, F_INCOMPLETE, F_REPLAYED, KIND_REQUEST,
                            KIND_RESPONSE, Message)
@@ -76,6 +74,7 @@ PREFILL_MAX_ITEMS = 1024              # --speed max: requests read before the fi
 POLL_S = 0.005                        # the stream launcher's wait for the reader (300 ms ahead)
 SLOT_WAIT_S = 0.05                    # ... and, every slot taken, between looks for an idle one
 MAX_LATE_ANSWERS = 100_000            # answers kept waiting for a recorded status read late
+LONG_SLEEP_NS = 1_000_000             # DueSends: a longer wait is slept in two parts
 # a request lost with its connection may be sent again only if its method is idempotent
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))   # RFC 9110 §9.2.2
 
@@ -297,6 +296,85 @@ class ReplayProtocol(core.PumpCore, asyncio.Protocol):
             self.transport.abort()
 
 
+class DueSends:
+    """A timed run's requests that answers let go before they are due (``PumpCore.send_due``),
+    each sent at its deadline: one loop timer, armed ``spin_ns`` before the earliest deadline
+    (a wait longer than ``LONG_SLEEP_NS`` in two sleeps, the first ending an eighth early);
+    when it fires it waits out the rest on the clock (as ``Pacer.wait_until`` does), sends what
+    is then due, and arms again for the earliest left. A request costs a heap entry, not a task
+    step, a future and a timer of its own. An entry whose connection no longer holds it (its
+    task took over) is dropped when it comes first. ``wake_all`` hands every request held back
+    to its connection's task (``--limit`` reached). ``now`` is the loop's clock in ns
+    (``time.monotonic_ns``); ``on_error(exc)`` is told of an exception a send raised (a bug)."""
+
+    def __init__(self, loop, now, spin_ns: int, on_error):
+        self.loop = loop
+        self.now = now
+        self.spin_ns = spin_ns
+        self.on_error = on_error
+        self.heap: list = []
+        self.n = 0                  # entries made: their order among equal deadlines
+        self.handle = None
+        self.armed = None           # the deadline the timer is armed for
+
+    def add(self, deadline: int, conn, req) -> None:
+        """``conn`` (a ``PumpCore``, holding ``req`` in its ``due``) sends ``req`` at
+        ``deadline``."""
+        self.n += 1
+        heapq.heappush(self.heap, (deadline, self.n, conn, req))
+        if self.armed is None or deadline < self.armed:
+            self._arm(deadline)
+
+    def _disarm(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.handle = self.armed = None
+
+    def _arm(self, deadline: int) -> None:
+        self._disarm()
+        self.armed = deadline
+        wait = deadline - self.spin_ns - self.now()
+        if wait > LONG_SLEEP_NS:
+            # a longer sleep overshoots more (a few % of it on a virtual machine): wake a
+            # little early, then sleep again for the rest
+            wait -= wait >> 3
+        self.handle = self.loop.call_later(wait / NS, self._fire)
+
+    def _fire(self) -> None:
+        self.handle = self.armed = None
+        heap, now = self.heap, self.now
+        while heap and heap[0][2].due is not heap[0][3]:
+            heapq.heappop(heap)          # its connection's task took it over: no spin for it
+        if not heap:
+            return
+        d = heap[0][0]
+        t = now()
+        if d - t <= self.spin_ns:
+            while t < d:
+                t = now()
+            while heap and heap[0][0] <= t:
+                d, _, conn, req = heapq.heappop(heap)
+                try:
+                    conn.send_due(req, d)
+                except Exception as e:  # noqa: BLE001  (a bug: the run stops, raises it at its end)
+                    self.on_error(e)
+        # (a send may have added an entry, and armed for it, while one earlier waits)
+        if heap and (self.armed is None or heap[0][0] < self.armed):
+            self._arm(heap[0][0])
+
+    def wake_all(self) -> None:
+        """Every request held back goes to its connection's task (which then decides)."""
+        got, self.heap = self.heap, []
+        self._disarm()
+        for _, _, conn, req in got:
+            if conn.due is req:
+                conn._wake(True)
+
+    def close(self) -> None:
+        self._disarm()
+        self.heap.clear()
+
+
 def _expire(fut):
     if not fut.done():
         fut.set_result(False)
@@ -428,9 +506,7 @@ class Player:
             self.send_loop = core.SendLoop(self.loop)
             self.send_loop.start()
         if self.schedule.timed and self.opts.timed_pump and self.clock.now is time.monotonic_ns:
-            make = self.send_loop.dues if self.send_loop is not None else \
-                functools.partial(DueSends, self.loop)
-            self.dues = make(self.clock.now, self.pacer.spin_ns, self._crashed)
+            self.dues = DueSends(self.loop, self.clock.now, self.pacer.spin_ns, self._crashed)
         try:
             await self._run()
         finally:
