@@ -16,7 +16,12 @@ What it does
    (replay runs inside the namespace) and prints
    lateness p50/p99/max against the recorded schedule twice: from tcpdump's arrival times (the
    deadline of each request is the run's start, from its report, plus its recorded offset divided
-   by the speed) and from the tool's own report (time of the ``send`` call - deadline).
+   by the speed) and from the tool's own report (time of the ``send`` call - deadline), for
+   every request and for those not held by a previous answer (a request whose connection still
+   waits for the answer to the one before at its deadline goes when the answer comes: how late
+   that is, is the target's doing). After each plain run, the same for the timing baseline,
+   ``timed_sender.c`` (compiled with ``cc``): the same schedule, connections and rules in a few
+   lines of C, timerfd and epoll, no spin; what any sender gets from this target on this machine.
 4. At ``--speed max`` (``--loop --duration``) with the same number of connections, prints
    requests/s for replay (asyncio and uvloop event loops) and for ``wrk`` on the same nginx, same
    connections, in the same run, and the ratio.
@@ -191,25 +196,76 @@ def fmt_ms(v):
 
 
 def timed_run(ns, cap, workdir, offsets, speed, *extra):
+    rep = measured(ns, workdir, offsets, speed, f"speed {speed:>4}" + (" " + " ".join(extra) if extra else ""),
+                   lambda: replay(ns, cap, workdir, "--speed", speed, *extra))
+    return rep
+
+
+def measured(ns, workdir, offsets, speed, title, run):
+    """``run()`` (a replay or the baseline, returning its report) with tcpdump at the target;
+    prints the lateness at the target and the sender's own, all and not held by an answer."""
     pcap = Path(workdir) / f"arrivals-{speed}.pcap"
     td = Tcpdump(ns, pcap)
-    rep = replay(ns, cap, workdir, "--speed", speed, *extra)
+    rep = run()
     time.sleep(1.5)       # tcpdump hands packets over in blocks that time out after 1 s
     dropped = td.stop()
     arr = arrivals(pcap)
     start = rep["schedule"]["start_unix_ns"]
     late = [arr[u] - (start + int(off / speed)) for u, off in offsets.items() if u in arr]
     absl = [abs(x) for x in late]
-    tool = rep["lateness_ms"]
-    print(f"speed {speed:>4}{' ' + ' '.join(extra) if extra else ''}: {rep['answered']}/{len(offsets)} answered, {rep['error_total']} errors, "
+    tool, free = rep["lateness_ms"], rep.get("lateness_not_held_ms") or {}
+    print(f"{title}: {rep['answered']}/{len(offsets)} answered, {rep.get('error_total', 0)} errors, "
           f"{len(late)} arrivals seen by tcpdump ({dropped} dropped), "
           f"{rep['held_by_response']} held by a previous response")
     print(f"  lateness at the target (tcpdump), ms   p50 {fmt_ms(pct(late, 50))}  "
           f"p99 {fmt_ms(pct(late, 99))}  max {fmt_ms(max(late) if late else float('nan'))}  "
           f"|p99| {fmt_ms(pct(absl, 99))}  min {fmt_ms(min(late) if late else float('nan'))}")
-    print(f"  lateness of the send (tool's report), ms p50 {tool['p50']:8.3f}  "
+    print(f"  lateness of the send (sender's own), ms p50 {tool['p50']:8.3f}  "
           f"p99 {tool['p99']:8.3f}  max {tool['max']:8.3f}")
+    if free:
+        print(f"    of those not held by an answer, ms   p50 {free['p50']:8.3f}  "
+              f"p99 {free['p99']:8.3f}  max {free['max']:8.3f}")
+    if "cpu_s" in rep:
+        print(f"  CPU of the sender: {rep['cpu_s']:.2f} s ({rep['cpu_s'] / max(1, rep['answered']) * 1e6:.0f} µs a request)")
     return late, rep
+
+
+# -- the timing baseline: the same schedule sent by a few lines of C ----------------------------
+
+def build_baseline(workdir):
+    """Compile ``timed_sender.c`` (timerfd + epoll, no spin): the path of the program, or None
+    without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    exe = Path(workdir) / "timed_sender"
+    r = subprocess.run([cc, "-O2", "-o", str(exe), str(Path(__file__).with_name("timed_sender.c"))],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        print(f"timed_sender.c did not compile: {r.stderr.strip()[:300]}")
+        return None
+    return exe
+
+
+def write_schedule(path, offsets):
+    """``offsets`` ({uri: offset}) as the baseline reads them: "offset connection uri", in time
+    order (the connection is the uri's ``c=``)."""
+    with open(path, "w") as f:
+        for uri, off in sorted(offsets.items(), key=lambda kv: kv[1]):
+            f.write(f"{off} {int(uri.split('c=')[1].split('&')[0])} {uri}\n")
+
+
+def baseline(ns, exe, schedule, speed):
+    """Run the baseline at ``speed``: its figures in the shape of a replay's report."""
+    r = ns.run([str(exe), str(schedule), str(PORT), str(speed)], capture_output=True, text=True,
+               timeout=300)
+    if r.returncode != 0:
+        raise SystemExit(f"timed_sender failed ({r.returncode}): {r.stderr.strip()}")
+    d = json.loads(r.stdout)
+    return {"schedule": {"start_unix_ns": d["start_unix_ns"]}, "answered": d["answered"],
+            "held_by_response": d["held"], "lateness_ms": d["lateness_ms"],
+            "lateness_not_held_ms": d["lateness_not_held_ms"],
+            "cpu_s": d["cpu_user_s"] + d["cpu_sys_s"]}
 
 
 def wrk_run(ns, seconds, conns):
@@ -231,6 +287,8 @@ def main():
     ap.add_argument("--streamed", action="store_true",
                     help="replay the capture converted to a .rlog (a plan streamed by a reading "
                          "process as the replay goes) instead of the pcap (planned whole)")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip the timing baseline (timed_sender.c, compiled with cc)")
     args = ap.parse_args()
 
     ok, why = netns_available()
@@ -267,9 +325,18 @@ def main():
             variants = [(), ("--realtime",)]
             if args.play_args:
                 variants.append(tuple(args.play_args.split()))
+            exe = build_baseline(work) if not args.no_baseline else None
+            schedule = Path(work) / "schedule.txt"
+            write_schedule(schedule, offsets)
             for extra in variants:
                 for speed in (1, 10):
                     timed_run(ns, cap, work, offsets, speed, *extra)
+                    if exe is not None and not extra:
+                        measured(ns, work, offsets, speed,
+                                 f"baseline (timed_sender.c) speed {speed:>4}",
+                                 lambda: baseline(ns, exe, schedule, speed))
+            if exe is None:
+                print("no timing baseline (no C compiler, or --no-baseline)")
             print(f"speed max, {args.conns} connections, {args.max_seconds:g} s each:")
             rates = {}
             for ev in ("asyncio", "uvloop"):
