@@ -1590,6 +1590,40 @@ class ResponseFramer:
         return self._eng.stats()
 
 
+# -- classic pcap records -------------------------------------------------------------------------
+
+_PCAP_LE = struct.Struct("<IIII")
+_PCAP_BE = struct.Struct(">IIII")
+
+
+def pcap_records(buf, start: int, end: int, swapped: bool, nano: bool, snapshot: int,
+                 max_packets: int) -> tuple:
+    """The packets of a classic pcap file (``replay.sources.pcapfile``) whole in
+    ``buf[start:end]`` (``start`` at a record's header), at most ``max_packets``, in pcapy-ng's
+    ``next_batch`` layout: ``(meta, pos, odd, nbytes)``. ``meta`` holds a 16-byte record ``sec,
+    usec, offset, caplen`` (native uint32) a packet, ``offset`` counted from ``start``; a
+    nanosecond file's fraction is cut to microseconds (as libpcap does); ``swapped``: the file's
+    byte order is big-endian. ``pos`` is where the next record starts (``end``, or a record not
+    whole there); ``odd`` is true when it stopped at a record whose ``caplen`` is over
+    ``snapshot`` (libpcap's rules decide what becomes of it); ``nbytes`` sums the caplens."""
+    rec = _PCAP_BE if swapped else _PCAP_LE
+    out = []
+    pos = start
+    nbytes = 0
+    odd = False
+    while len(out) < max_packets and end - pos >= 16:
+        sec, frac, caplen, _wire = rec.unpack_from(buf, pos)
+        if caplen > snapshot:
+            odd = True
+            break
+        if end - pos - 16 < caplen:
+            break
+        out.append(_META.pack(sec, frac // 1000 if nano else frac, pos + 16 - start, caplen))
+        nbytes += caplen
+        pos += 16 + caplen
+    return b"".join(out), pos, odd, nbytes
+
+
 # -- JSON bodies compared in lockstep ----------------------------------------------------------
 #
 # ``json_diff(a, b, out)`` walks two JSON texts at once, token by token, and adds to ``out`` the

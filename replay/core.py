@@ -59,6 +59,7 @@ split_strings = impl.split_strings
 gather_rows = impl.gather_rows
 encode_block = impl.encode_block
 restore_payload = impl.restore_payload
+pcap_records = impl.pcap_records
 make_messages = impl.make_messages
 first_field = impl.first_field
 Attempt = impl.Attempt

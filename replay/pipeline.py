@@ -80,7 +80,8 @@ class CaptureReader:
 
         tune_allocator()
         self.path = path
-        self.source = PcapFile(seekable(path), batch_size=batch_size)
+        # the compiled core copies what it keeps of a packet: it reads from the reading buffer
+        self.source = PcapFile(seekable(path), batch_size=batch_size, reuse=core.COMPILED)
         opts = dict(ENGINE_DEFAULTS)
         opts.update(engine_opts)
         if self.source.linktype not in core.SUPPORTED_LINKTYPES:

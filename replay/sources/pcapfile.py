@@ -1,10 +1,17 @@
 """Packets from a pcap or pcapng file, in pcapy-ng batches.
 
 Rules:
-- the file is read through libpcap (pcapy-ng ``open_offline``), so every format libpcap reads is
+- the file is opened through libpcap (pcapy-ng ``open_offline``), so every format libpcap reads is
   accepted: pcap in either byte order, micro- or nanosecond resolution, and pcapng;
 - packets cross into the core in batches (``next_batch``): one buffer of packet bytes and an array
   of 16-byte records ``sec, usec, offset, caplen`` (native uint32);
+- a classic pcap file (not pcapng) is read here, in reads of ``CHUNK`` bytes, its records
+  written by the core (``pcap_records``), with libpcap's rules: a nanosecond fraction is cut to
+  microseconds; a record whose caplen is over the header's snapshot length (or over
+  ``MAX_CAPLEN``) hands the rest of the file to libpcap from that packet on, and so does a record
+  cut short, so whatever libpcap does there (and says) is what happens. With ``reuse``, a batch's
+  buffer is a view of the reading buffer, valid until the next batch is asked for (for a core
+  that copies what it keeps: the compiled one); otherwise each batch is bytes of its own;
 - a file cut short (a torn last packet) keeps every packet before the cut: libpcap reports the
   cut for the whole batch, so the batch is read again one packet at a time up to the cut; the
   problem is kept in ``warnings``, never raised;
@@ -20,6 +27,9 @@ from replay.errors import InputError
 from replay.spool import given_name
 
 _META = struct.Struct("=IIII")
+
+CHUNK = 4 << 20          # bytes read at once from a classic pcap file
+MAX_CAPLEN = 262144      # libpcap's largest caplen for the link types the core reads
 
 PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
@@ -38,11 +48,12 @@ def is_capture(path: str) -> bool:
 class PcapFile:
     """An open capture file. Iterate ``batches()`` for ``(buf, meta)`` pairs."""
 
-    def __init__(self, path: str, batch_size: int = 4096):
+    def __init__(self, path: str, batch_size: int = 4096, reuse: bool = False):
         import pcapy
 
         self.path = path
         self.batch_size = batch_size
+        self.reuse = reuse
         self.warnings: list[str] = []
         self.packets_read = 0
         self.bytes_read = 0
@@ -72,9 +83,17 @@ class PcapFile:
             raise InputError(f"{path}: cannot read capture: {msg}") from None
         self.linktype = self._reader.datalink()
         self.size = st.st_size
+        self._classic = _classic_header(path)
 
     def batches(self):
         """Yield ``(buf, meta)`` until the end of the file or the first unreadable packet."""
+        if self._classic is not None:
+            if (yield from self._own_batches()):
+                return
+            self._skip(self.packets_read)       # libpcap goes on where the records stopped
+        yield from self._libpcap_batches()
+
+    def _libpcap_batches(self):
         import pcapy
 
         reader = self._reader
@@ -90,6 +109,50 @@ class PcapFile:
             self.packets_read += len(meta) // 16
             self.bytes_read += len(buf)
             yield buf, meta
+
+    def _own_batches(self):
+        """A classic pcap file's batches, read here; True at its end, False where libpcap has to
+        go on (an odd record, or one cut short)."""
+        from replay.core import pcap_records
+
+        swapped, nano, snapshot = self._classic
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        start = end = 0
+        eof = False
+        n = self.batch_size
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(24)
+            while True:
+                meta, pos, odd, nbytes = pcap_records(buf, start, end, swapped, nano, snapshot, n)
+                if meta:
+                    self.packets_read += len(meta) // 16
+                    self.bytes_read += nbytes
+                    yield (view[start:pos] if self.reuse else bytes(view[start:pos])), meta
+                    start = pos
+                    continue
+                if odd:
+                    return False
+                if eof:
+                    return start == end
+                if start:                  # the record begun at the end goes to the front
+                    buf[:end - start] = bytes(view[start:end])      # (the two may overlap)
+                    end -= start
+                    start = 0
+                got = f.readinto(view[end:])
+                if got:
+                    end += got
+                else:
+                    eof = True
+
+    def _skip(self, count: int) -> None:
+        """Move libpcap's reader past the first ``count`` packets."""
+        reader = self._reader
+        while count:
+            _, meta = reader.next_batch(min(count, self.batch_size))
+            if not meta:
+                return
+            count -= len(meta) // 16
 
     def _salvage(self, error: str):
         """Re-read, one packet at a time, the batch that hit a cut, and stop at the cut."""
@@ -126,6 +189,25 @@ class PcapFile:
 
     def close(self):
         self._reader = None
+
+
+def _classic_header(path: str):
+    """``(swapped, nano, snapshot)`` of a classic pcap file of version 2.4 (big-endian,
+    nanoseconds, the caplen over which libpcap's rules apply), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or head[:4] not in PCAP_MAGICS:
+        return None
+    swapped = head[:4] in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d")
+    nano = head[:4] in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+    major, minor, _zone, _sigfigs, snaplen = struct.unpack((">" if swapped else "<") + "HHiII",
+                                                            head[4:20])
+    if (major, minor) != (2, 4):
+        return None
+    return swapped, nano, snaplen if 0 < snaplen <= MAX_CAPLEN else MAX_CAPLEN
 
     def __enter__(self):
         return self
