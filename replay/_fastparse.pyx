@@ -1809,6 +1809,8 @@ cdef class Engine:
     message before its close. Off (the default), nothing is kept.
     """
 
+    copies_input = True     # a batch's buffer may be reused once feed_batch returns
+
     cdef readonly int linktype
     cdef readonly frozenset ports
     cdef uint8_t port_map[65536]
@@ -2231,7 +2233,8 @@ def pcap_records(buf, Py_ssize_t start, Py_ssize_t end, bint swapped, bint nano,
     cdef bint odd = False
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
-        if start < 0 or end > view.len or start > end or max_packets < 0:
+        if start < 0 or end > view.len or start > end or max_packets < 0 \
+                or end - start > 0xFFFFFFFF:
             raise ValueError("pcap_records: bounds outside the buffer")
         out = PyBytes_FromStringAndSize(NULL, 16 * min(max_packets, (end - start) // 16))
         rec = <uint32_t*>PyBytes_AS_STRING(out)
@@ -2239,12 +2242,12 @@ def pcap_records(buf, Py_ssize_t start, Py_ssize_t end, bint swapped, bint nano,
         with nogil:
             while n < max_packets and end - pos >= 16:
                 caplen = _u32(b + pos + 8, swapped)
-                if caplen > snapshot:
+                frac = _u32(b + pos + 4, swapped)
+                if caplen > snapshot or (nano and frac >= 1_000_000_000):
                     odd = True
                     break
                 if end - pos - 16 < caplen:
                     break
-                frac = _u32(b + pos + 4, swapped)
                 rec[4 * n] = _u32(b + pos, swapped)
                 rec[4 * n + 1] = frac // 1000 if nano else frac
                 rec[4 * n + 2] = <uint32_t>(pos + 16 - start)

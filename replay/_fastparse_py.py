@@ -1127,6 +1127,7 @@ class Stream:
         i = len(ooo)
         while i > 0 and ooo[i - 1][0] > start:
             i -= 1
+        data = bytes(data)          # its own bytes: not a view that pins (or outlives) the batch
         ooo.insert(i, [start, end, data, ts, ack, missing])
         self.ooo_bytes += len(data)
         eng = self.conn.engine
@@ -1352,6 +1353,10 @@ class Engine:
     from which the log writer takes them a block at a time (``LogWriter.write_rows``). The
     compiled core then makes no ``Message`` for them, only table rows and one buffer of bytes.
     """
+
+    # a batch's buffer must stay as it is while the engine runs (parts of a packet are kept as
+    # views of it); the compiled engine copies them, and a reader may reuse its buffer there
+    copies_input = False
 
     def __init__(self, linktype, ports=(), max_stream_buffer=MAX_STREAM_BUFFER,
                  max_total_buffer=MAX_TOTAL_BUFFER, idle_timeout=IDLE_TIMEOUT,
@@ -1605,7 +1610,11 @@ def pcap_records(buf, start: int, end: int, swapped: bool, nano: bool, snapshot:
     nanosecond file's fraction is cut to microseconds (as libpcap does); ``swapped``: the file's
     byte order is big-endian. ``pos`` is where the next record starts (``end``, or a record not
     whole there); ``odd`` is true when it stopped at a record whose ``caplen`` is over
-    ``snapshot`` (libpcap's rules decide what becomes of it); ``nbytes`` sums the caplens."""
+    ``snapshot``, or whose nanoseconds are a second or more (libpcap's rules decide what becomes
+    of it); ``nbytes`` sums the caplens. Bounds outside the buffer raise ``ValueError``."""
+    if start < 0 or end > len(memoryview(buf)) or start > end or max_packets < 0 \
+            or end - start > 0xFFFFFFFF:
+        raise ValueError("pcap_records: bounds outside the buffer")
     rec = _PCAP_BE if swapped else _PCAP_LE
     out = []
     pos = start
@@ -1613,7 +1622,7 @@ def pcap_records(buf, start: int, end: int, swapped: bool, nano: bool, snapshot:
     odd = False
     while len(out) < max_packets and end - pos >= 16:
         sec, frac, caplen, _wire = rec.unpack_from(buf, pos)
-        if caplen > snapshot:
+        if caplen > snapshot or (nano and frac >= 1_000_000_000):
             odd = True
             break
         if end - pos - 16 < caplen:

@@ -68,8 +68,9 @@ def allocator_for_scans() -> None:
     mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
-# Packets per next_batch call: on the 470 MB benchmark capture, reading and parsing took
-# 0.40-0.44 s with 1024 against 0.54-0.84 s with 4096 (pcapy-ng's read alone: 0.16 s against 0.24 s).
+# Packets a batch: on the 470 MB benchmark capture, reading through libpcap and parsing took
+# 0.40-0.44 s with 1024 against 0.54-0.84 s with 4096 (pcapy-ng's read alone: 0.16 s against
+# 0.24 s); a batch's packets then stay in the caches while the core reads them.
 BATCH_SIZE = 1024
 
 
@@ -80,8 +81,10 @@ class CaptureReader:
 
         tune_allocator()
         self.path = path
-        # the compiled core copies what it keeps of a packet: it reads from the reading buffer
-        self.source = PcapFile(seekable(path), batch_size=batch_size, reuse=core.COMPILED)
+        # an engine that copies what it keeps of a packet (the compiled one) reads the packets
+        # from the reading buffer
+        self.source = PcapFile(seekable(path), batch_size=batch_size,
+                               reuse=getattr(core.Engine, "copies_input", False))
         opts = dict(ENGINE_DEFAULTS)
         opts.update(engine_opts)
         if self.source.linktype not in core.SUPPORTED_LINKTYPES:

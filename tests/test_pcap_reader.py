@@ -134,3 +134,85 @@ def test_both_cores_write_the_same_records(tmp_path):
                 assert a == b
     with pytest.raises(ValueError):
         compiled.pcap_records(b"x" * 10, 0, 11, False, False, 65535, 1)
+
+
+def test_refills_of_the_reading_buffer(tmp_path, monkeypatch):
+    """Records across the end of the reading buffer (moved to its front, then read on), with
+    buffers of many sizes: the same as libpcap, with ``reuse`` and without."""
+    import replay.sources.pcapfile as pcapfile
+
+    pk = _packets()
+    path = _write(tmp_path / "a.pcap", pk * 3, nano=True)
+    largest = max(len(d) for _, _, d in pk) + 16
+    _, want = _read(path, False, 5)
+    for chunk in list(range(largest, largest + 40)) + [5000, 7777, 65536]:
+        monkeypatch.setattr(pcapfile, "CHUNK", chunk)
+        for own_batch in (1, 5, 1024):
+            for reuse in (True, False):
+                pf = PcapFile(str(path), batch_size=own_batch, reuse=reuse)
+                got = []
+                for buf, meta in pf.batches():
+                    buf = bytes(buf)
+                    got.extend((s, u, buf[o:o + c]) for s, u, o, c in struct.iter_unpack("=IIII", meta))
+                assert (got, pf.warnings, pf.packets_read, pf.bytes_read) == want[:4]
+
+
+def test_a_file_cut_while_read_ends_with_a_warning(tmp_path, monkeypatch):
+    """The file is cut short after its first batches were read (the rest of it through libpcap,
+    which no longer finds the packets read): a warning, no exception, what was read kept."""
+    import replay.sources.pcapfile as pcapfile
+
+    monkeypatch.setattr(pcapfile, "CHUNK", 4096)
+    pk = _packets() * 4
+    snap = max(len(d) for _, _, d in pk)
+    path = _write(tmp_path / "a.pcap", pk + [(1, 1, b"\x00" * (snap + 1))], snaplen=snap)   # odd last
+    pf = PcapFile(str(path), batch_size=8, reuse=True)
+    it = pf.batches()
+    first = next(it)
+    with open(path, "r+b") as f:
+        f.truncate(2000)
+    rest = list(it)
+    assert first and pf.packets_read >= 8
+    assert len(pf.warnings) == 1 and "cut short" in pf.warnings[0]
+    assert sum(len(m) // 16 for _, m in [first] + rest) == pf.packets_read
+
+
+def test_what_libpcap_reads_otherwise_goes_to_libpcap(tmp_path):
+    """Nanoseconds of a second or more (libpcap reads them its own way), a big-endian Linux
+    cooked capture (libpcap swaps its CAN pseudo-headers), a link type the core does not read:
+    the same as libpcap."""
+    pk = _packets()
+    raw = bytearray(_write(tmp_path / "n.pcap", pk, nano=True).read_bytes())
+    struct.pack_into("<I", raw, 24 + 16 + len(pk[0][2]) + 4, 4_000_000_123)   # 2nd record
+    (tmp_path / "n.pcap").write_bytes(raw)
+    got = _same(tmp_path / "n.pcap", batch_size=3)
+    assert len(got[0]) == len(pk)
+    _same(_write(tmp_path / "sll.pcap", pk, big=True, linktype=113), batch_size=3, classic=False)
+    _same(_write(tmp_path / "sll-le.pcap", pk, linktype=113), batch_size=3, classic=True)
+    _same(_write(tmp_path / "usb.pcap", pk, linktype=189), batch_size=3, classic=False)
+
+
+def test_a_reader_is_read_once_and_closes_as_a_context():
+    with PcapFile(str(SAMPLE), reuse=True) as pf:
+        assert sum(len(m) // 16 for _, m in pf.batches()) == 377
+        assert list(pf.batches()) == [] and pf.packets_read == 377
+
+
+def test_the_buffer_is_reused_only_for_an_engine_that_copies(monkeypatch):
+    import replay.core as core
+    from replay.pipeline import CaptureReader
+
+    assert CaptureReader(str(SAMPLE)).source.reuse is bool(getattr(core.Engine, "copies_input",
+                                                                   False))
+    monkeypatch.setattr(core, "Engine", pure.Engine)
+    assert CaptureReader(str(SAMPLE)).source.reuse is False
+
+
+@pytest.mark.parametrize("twin", [pure] + ([compiled] if compiled is not None else []),
+                         ids=["pure"] + (["compiled"] if compiled is not None else []))
+def test_pcap_records_refuses_bounds_outside_the_buffer(twin):
+    for start, end in ((-1, 5), (0, 11), (6, 5)):
+        with pytest.raises(ValueError):
+            twin.pcap_records(b"x" * 10, start, end, False, False, 65535, 1)
+    with pytest.raises(ValueError):
+        twin.pcap_records(b"x" * 10, 0, 10, False, False, 65535, -1)

@@ -30,6 +30,8 @@ _META = struct.Struct("=IIII")
 
 CHUNK = 4 << 20          # bytes read at once from a classic pcap file
 MAX_CAPLEN = 262144      # libpcap's largest caplen for the link types the core reads
+assert CHUNK > 16 + MAX_CAPLEN      # (a record always fits: an empty read is the file's end)
+_SWAPPED_PSEUDO_HEADERS = (113, 276)     # DLT_LINUX_SLL, DLT_LINUX_SLL2
 
 PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
@@ -83,14 +85,25 @@ class PcapFile:
             raise InputError(f"{path}: cannot read capture: {msg}") from None
         self.linktype = self._reader.datalink()
         self.size = st.st_size
-        self._classic = _classic_header(path)
+        self._classic = _classic_header(path, self.linktype)
+        self._started = False
 
     def batches(self):
-        """Yield ``(buf, meta)`` until the end of the file or the first unreadable packet."""
+        """Yield ``(buf, meta)`` until the end of the file or the first unreadable packet (once:
+        a second call yields nothing more)."""
+        import pcapy
+
+        if self._started:
+            return
+        self._started = True
         if self._classic is not None:
             if (yield from self._own_batches()):
                 return
-            self._skip(self.packets_read)       # libpcap goes on where the records stopped
+            try:
+                self._skip(self.packets_read)   # libpcap goes on where the records stopped
+            except pcapy.PcapError as e:        # (the file changed under us)
+                self._cut(str(e), self.packets_read)
+                return
         yield from self._libpcap_batches()
 
     def _libpcap_batches(self):
@@ -158,13 +171,17 @@ class PcapFile:
         """Re-read, one packet at a time, the batch that hit a cut, and stop at the cut."""
         import pcapy
 
-        reader = pcapy.open_offline(self.path)
-        skip = self.packets_read
-        while skip:
-            buf, meta = reader.next_batch(min(skip, self.batch_size))
-            if not meta:
-                break
-            skip -= len(meta) // 16
+        try:
+            reader = pcapy.open_offline(self.path)
+            skip = self.packets_read
+            while skip:
+                buf, meta = reader.next_batch(min(skip, self.batch_size))
+                if not meta:
+                    break
+                skip -= len(meta) // 16
+        except pcapy.PcapError:         # the file was cut further under us: stop where we are
+            self._cut(error, self.packets_read)
+            return
         parts = []
         recs = []
         off = 0
@@ -179,21 +196,37 @@ class PcapFile:
             parts.append(data)
             recs.append(_META.pack(sec, usec, off, len(data)))
             off += len(data)
-        self.warnings.append(
-            f"{given_name(self.path)}: capture is cut short after packet {self.packets_read + len(recs)} "
-            f"({error}); every packet before the cut was read")
+        self._cut(error, self.packets_read + len(recs))
         if recs:
             self.packets_read += len(recs)
             self.bytes_read += off
             yield b"".join(parts), b"".join(recs)
 
+    def _cut(self, error: str, count: int) -> None:
+        self.warnings.append(
+            f"{given_name(self.path)}: capture is cut short after packet {count} "
+            f"({error}); every packet before the cut was read")
+
     def close(self):
         self._reader = None
 
 
-def _classic_header(path: str):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _classic_header(path: str, linktype: int):
     """``(swapped, nano, snapshot)`` of a classic pcap file of version 2.4 (big-endian,
-    nanoseconds, the caplen over which libpcap's rules apply), else None."""
+    nanoseconds, the caplen over which libpcap's rules apply) whose packets libpcap hands over as
+    they are, else None: a link type the core reads, and not one whose pseudo-header libpcap
+    byte-swaps in a big-endian file (Linux cooked v1/v2, for CAN)."""
+    from replay.core import SUPPORTED_LINKTYPES
+
+    if linktype not in SUPPORTED_LINKTYPES:
+        return None
     try:
         with open(path, "rb") as f:
             head = f.read(24)
@@ -205,12 +238,6 @@ def _classic_header(path: str):
     nano = head[:4] in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
     major, minor, _zone, _sigfigs, snaplen = struct.unpack((">" if swapped else "<") + "HHiII",
                                                             head[4:20])
-    if (major, minor) != (2, 4):
+    if (major, minor) != (2, 4) or (swapped and linktype in _SWAPPED_PSEUDO_HEADERS):
         return None
     return swapped, nano, snaplen if 0 < snaplen <= MAX_CAPLEN else MAX_CAPLEN
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
