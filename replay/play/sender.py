@@ -1,7 +1,8 @@
 """The network side of ``replay play``: connections to the target, sending on time, reading answers.
 
 One asyncio task per recorded connection (a *replay connection*), started just before its first
-request is due and holding one of ``--connections`` slots while it runs. Its requests go out in
+request is due (streamed: as its first request is handed over, ``AHEAD_NS`` before, while a slot
+is free) and holding one of ``--connections`` slots while it runs. Its requests go out in
 recorded order, each at its deadline (``scheduler.Pacer``, or ``DueSends`` below); a request
 waits for the previous response unless the capture shows it pipelined. Across connections
 nothing waits for anything: a slow target delays only the connection it is slow on, and that
@@ -655,7 +656,12 @@ class Player:
                 key = (req.conn, it)
                 f = feeds.get(key)
                 if f is None:
-                    if d is not None:
+                    if d is not None and self.slots.locked():
+                        # every slot taken: wait until this connection is needed (its task, made
+                        # at once when a slot is free, waits itself to connect ``lead`` before
+                        # its first request; the feeder keeps feeding meanwhile: at the start of
+                        # a run, a wait here per connection left the whole of AHEAD_NS to feed
+                        # while the first requests were due)
                         await pacer.sleep_until(d - self.lead)
                     while True:
                         if self.slots.locked():
