@@ -100,7 +100,7 @@ class PcapFile:
             if (yield from self._own_batches()):
                 return
             try:
-                self._skip(self.packets_read)   # libpcap goes on where the records stopped
+                self._skip(self._reader, self.packets_read)   # libpcap goes on from there
             except pcapy.PcapError as e:        # (the file changed under us)
                 self._cut(str(e), self.packets_read)
                 return
@@ -158,9 +158,8 @@ class PcapFile:
                 else:
                     eof = True
 
-    def _skip(self, count: int) -> None:
-        """Move libpcap's reader past the first ``count`` packets."""
-        reader = self._reader
+    def _skip(self, reader, count: int) -> None:
+        """Move a libpcap reader past the first ``count`` packets."""
         while count:
             _, meta = reader.next_batch(min(count, self.batch_size))
             if not meta:
@@ -173,12 +172,7 @@ class PcapFile:
 
         try:
             reader = pcapy.open_offline(self.path)
-            skip = self.packets_read
-            while skip:
-                buf, meta = reader.next_batch(min(skip, self.batch_size))
-                if not meta:
-                    break
-                skip -= len(meta) // 16
+            self._skip(reader, self.packets_read)
         except pcapy.PcapError:         # the file was cut further under us: stop where we are
             self._cut(error, self.packets_read)
             return
