@@ -579,7 +579,8 @@ class Player:
         ``FEED_SLACK_NS`` of each other (a timer per request would cost more than the rest of
         the feeding), and letting the other tasks run after ``FEED_SLICE_NS`` of feeding without
         a wait (a request costs it a few µs: at 20,000 requests/s, the 400 due within 20 ms took
-        it 1.7 ms in one piece, and the sends and answers due meanwhile waited); ``--speed max``: at most ``MAX_FED`` requests fed and not yet taken."""
+        it 1.7 ms in one piece, and the sends and answers due meanwhile waited); ``--speed max``:
+        at most ``MAX_FED`` requests fed and not yet taken."""
         from replay.play import stream as S
 
         plan, sched, pacer, now = self.plan, self.schedule, self.pacer, self.clock.now
