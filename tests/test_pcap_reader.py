@@ -126,9 +126,9 @@ def test_both_cores_write_the_same_records(tmp_path):
     for big in (False, True):
         for nano in (False, True):
             raw = bytearray(_write(tmp_path / "x.pcap", pk, big=big, nano=nano).read_bytes())
-            for start, end, limit, snap in ((24, len(raw), 1000, 65535), (24, len(raw) - 5, 3, 65535),
-                                            (24, len(raw), 1000, 60), (24, 24, 5, 65535),
-                                            (24, 30, 5, 65535)):
+            cases = ((24, len(raw), 1000, 65535), (24, len(raw) - 5, 3, 65535),
+                     (24, len(raw), 1000, 60), (24, 24, 5, 65535), (24, 30, 5, 65535))
+            for start, end, limit, snap in cases:
                 a = pure.pcap_records(raw, start, end, big, nano, snap, limit)
                 b = compiled.pcap_records(raw, start, end, big, nano, snap, limit)
                 assert a == b
@@ -153,7 +153,8 @@ def test_refills_of_the_reading_buffer(tmp_path, monkeypatch):
                 got = []
                 for buf, meta in pf.batches():
                     buf = bytes(buf)
-                    got.extend((s, u, buf[o:o + c]) for s, u, o, c in struct.iter_unpack("=IIII", meta))
+                    got.extend((s, u, buf[o:o + c])
+                               for s, u, o, c in struct.iter_unpack("=IIII", meta))
                 assert (got, pf.warnings, pf.packets_read, pf.bytes_read) == want[:4]
 
 
