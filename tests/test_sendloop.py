@@ -411,6 +411,33 @@ def test_timed_limit_ends_the_run_without_waiting_for_held_deadlines(tmp_path, s
     assert report.ended_ns < sched.start + 2_800_000_000
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["planned", "streamed"])
+def test_timed_limit_counts_requests_in_deadline_order(tmp_path, stream):
+    """``--limit 2`` with connection A's requests at 0 and 100 ms and connection B's first at
+    350 ms: A's two are sent, not B's, also when B's task is made as its first request is handed
+    over (streamed, 300 ms ahead); a request is tried from ``lead`` before it is due."""
+    from play_helpers import MS, T0, get, ok_response, write_capture
+    from tests.test_play_stream import to_log
+
+    cap = write_capture(tmp_path / "in.pcap", [
+        [(T0, get("/a/0"), ok_response()), (T0 + 100 * MS, get("/a/1"), ok_response())],
+        [(T0 + 350 * MS, get("/b/0"), ok_response()), (T0 + 400 * MS, get("/b/1"), ok_response())],
+    ])
+    log = to_log(str(cap), tmp_path / "in.rlog")
+    src = RecordedSource(log, stream=stream)
+    with SinkThread() as sink:
+        plan = src.plan(parse_target(sink.url).host_header)
+        tgt = parse_target(sink.url)
+        sched = Schedule(plan.t0, plan.span_ns, plan.requests, speed=1.0)
+        s = ps.PlaySession(plan, sched, tgt, Options(connections=8, timeout=10, limit=2),
+                           ps.About("in", tgt.display))
+        report = s.run()
+        got = sorted(r.split(b" ")[1] for v in sink.by_conn().values() for r in v)
+    d = report.to_dict()
+    assert got == [b"/a/0", b"/a/1"]
+    assert d["attempted"] == d["sent"] == d["answered"] == 2
+
+
 def _has_ipv6() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:

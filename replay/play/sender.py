@@ -1,12 +1,13 @@
 """The network side of ``replay play``: connections to the target, sending on time, reading answers.
 
 One asyncio task per recorded connection (a *replay connection*), started just before its first
-request is due (streamed: as its first request is handed over, ``AHEAD_NS`` before, while a slot
-is free) and holding one of ``--connections`` slots while it runs. Its requests go out in
-recorded order, each at its deadline (``scheduler.Pacer``, or ``DueSends`` below); a request
-waits for the previous response unless the capture shows it pipelined. Across connections
-nothing waits for anything: a slow target delays only the connection it is slow on, and that
-delay shows as lateness.
+request is due (streamed: as its first request is handed over, up to ``AHEAD_NS`` +
+``FEED_SLACK_NS`` before, while a slot is free; it connects, and tries that request, from
+``CONNECT_LEAD`` before) and holding one of ``--connections`` slots from then until it ends. Its
+requests go out in recorded order, each at its deadline (``scheduler.Pacer``, or ``DueSends``
+below); a request waits for the previous response unless the capture shows it pipelined. Across
+connections nothing waits for anything: a slow target delays only the connection it is slow on, and
+that delay shows as lateness.
 
 Responses are framed by ``core.ResponseFramer`` (the capture's own framing rules, sans-IO) as
 bytes arrive; each final response answers the oldest request outstanding on its connection.
@@ -578,8 +579,9 @@ class Player:
         keeps ``AHEAD_NS`` ahead of the schedule, waking once for all the requests due within
         ``FEED_SLACK_NS`` of each other (a timer per request would cost more than the rest of
         the feeding), and letting the other tasks run after ``FEED_SLICE_NS`` of feeding without
-        a wait (a request costs it a few µs: at 20,000 requests/s, the 400 due within 20 ms took
-        it 1.7 ms in one piece, and the sends and answers due meanwhile waited); ``--speed max``:
+        a wait (a request costs it a few µs: at 20,000 requests/s, the 400 due within 20 ms would
+        take 1.7 ms in one piece; in runs of 256 the sends and answers due meanwhile waited up to
+        1 ms); ``--speed max``:
         at most ``MAX_FED`` requests fed and not yet taken."""
         from replay.play import stream as S
 
@@ -674,6 +676,9 @@ class Player:
                                 if not g.items and g.waiter is not None:
                                     feeds.pop(k).end()
                                     break
+                        if not self.slots.locked():
+                            await self.slots.acquire()       # (free: no waiting task and timer)
+                            break
                         try:
                             await asyncio.wait_for(self.slots.acquire(), SLOT_WAIT_S)
                             break
@@ -888,6 +893,14 @@ class Player:
                 deadline = sched.deadline(req.t, req.seq, it)
                 if deadline is not None and self.end_ns is not None and deadline >= self.end_ns:
                     break
+                if proto is None and deadline is not None:
+                    # no connection yet (a streamed one's task is made as its first request is
+                    # handed over, up to AHEAD_NS before it is due): the request is tried from
+                    # ``lead`` before it, as a planned run's are, so that ``--limit`` and the
+                    # counts of what was tried go in deadline order
+                    await pacer.sleep_until(deadline - self.lead)
+                    if self.stopping or self.budget == 0:
+                        break
                 self._tried(req)
                 att = Attempt(req, it, deadline, conn_id)
                 held = False
