@@ -385,24 +385,31 @@ def test_timed_replay_sends_the_same_with_and_without_the_timed_pump(tmp_path, s
     assert got[True][1] == 300 and got[True] == got[False]
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["planned", "streamed"])
-def test_timed_limit_ends_the_run_without_waiting_for_held_deadlines(tmp_path, stream):
-    """``--limit`` reached while another connection holds its next request for a deadline a
-    second away: that connection's task is told at once, and the run ends then, not at that
-    deadline (requests 1 s apart, alternating between two connections; the 4th is due at 3 s)."""
+def _limited(tmp_path, cap, stream, limit):
+    """A 1x replay of ``cap`` (as a log: planned whole or streamed) with ``--limit``: the session,
+    its schedule, its report and the request targets the sink got, sorted."""
     from tests.test_play_stream import to_log
 
-    cap = spread_capture(tmp_path / "in.pcap", n=8, conns=2, span_ns=7_000_000_000)
     log = to_log(str(cap), tmp_path / "in.rlog")
     src = RecordedSource(log, stream=stream)
     with SinkThread() as sink:
         plan = src.plan(parse_target(sink.url).host_header)
         tgt = parse_target(sink.url)
         sched = Schedule(plan.t0, plan.span_ns, plan.requests, speed=1.0)
-        s = ps.PlaySession(plan, sched, tgt, Options(connections=8, timeout=10, limit=3),
+        s = ps.PlaySession(plan, sched, tgt, Options(connections=8, timeout=10, limit=limit),
                            ps.About("in", tgt.display))
         report = s.run()
         got = sorted(r.split(b" ")[1] for v in sink.by_conn().values() for r in v)
+    return s, sched, report, got
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["planned", "streamed"])
+def test_timed_limit_ends_the_run_without_waiting_for_held_deadlines(tmp_path, stream):
+    """``--limit`` reached while another connection holds its next request for a deadline a
+    second away: that connection's task is told at once, and the run ends then, not at that
+    deadline (requests 1 s apart, alternating between two connections; the 4th is due at 3 s)."""
+    cap = spread_capture(tmp_path / "in.pcap", n=8, conns=2, span_ns=7_000_000_000)
+    s, sched, report, got = _limited(tmp_path, cap, stream, 3)
     d = report.to_dict()
     assert d["attempted"] == d["sent"] == d["answered"] == 3
     assert got == [b"/r/0", b"/r/1", b"/r/2"]
@@ -417,22 +424,12 @@ def test_timed_limit_counts_requests_in_deadline_order(tmp_path, stream):
     350 ms: A's two are sent, not B's, also when B's task is made as its first request is handed
     over (streamed, 300 ms ahead); a request is tried from ``lead`` before it is due."""
     from play_helpers import MS, T0, get, ok_response, write_capture
-    from tests.test_play_stream import to_log
 
     cap = write_capture(tmp_path / "in.pcap", [
         [(T0, get("/a/0"), ok_response()), (T0 + 100 * MS, get("/a/1"), ok_response())],
         [(T0 + 350 * MS, get("/b/0"), ok_response()), (T0 + 400 * MS, get("/b/1"), ok_response())],
     ])
-    log = to_log(str(cap), tmp_path / "in.rlog")
-    src = RecordedSource(log, stream=stream)
-    with SinkThread() as sink:
-        plan = src.plan(parse_target(sink.url).host_header)
-        tgt = parse_target(sink.url)
-        sched = Schedule(plan.t0, plan.span_ns, plan.requests, speed=1.0)
-        s = ps.PlaySession(plan, sched, tgt, Options(connections=8, timeout=10, limit=2),
-                           ps.About("in", tgt.display))
-        report = s.run()
-        got = sorted(r.split(b" ")[1] for v in sink.by_conn().values() for r in v)
+    report, got = _limited(tmp_path, cap, stream, 2)[2:]
     d = report.to_dict()
     assert got == [b"/a/0", b"/a/1"]
     assert d["attempted"] == d["sent"] == d["answered"] == 2
