@@ -196,9 +196,9 @@ def fmt_ms(v):
 
 
 def timed_run(ns, cap, workdir, offsets, speed, *extra):
-    rep = measured(ns, workdir, offsets, speed, f"speed {speed:>4}" + (" " + " ".join(extra) if extra else ""),
-                   lambda: replay(ns, cap, workdir, "--speed", speed, *extra))
-    return rep
+    title = f"speed {speed:>4}" + (" " + " ".join(extra) if extra else "")
+    return measured(ns, workdir, offsets, speed, title,
+                    lambda: replay(ns, cap, workdir, "--speed", speed, *extra))
 
 
 def measured(ns, workdir, offsets, speed, title, run):

@@ -581,8 +581,7 @@ class Player:
         the feeding), and letting the other tasks run after ``FEED_SLICE_NS`` of feeding without
         a wait (a request costs it a few µs: at 20,000 requests/s, the 400 due within 20 ms would
         take 1.7 ms in one piece; in runs of 256 the sends and answers due meanwhile waited up to
-        1 ms); ``--speed max``:
-        at most ``MAX_FED`` requests fed and not yet taken."""
+        1 ms); ``--speed max``: at most ``MAX_FED`` requests fed and not yet taken."""
         from replay.play import stream as S
 
         plan, sched, pacer, now = self.plan, self.schedule, self.pacer, self.clock.now

@@ -70,8 +70,8 @@ class PcapFile:
         if st.st_size == 0:
             raise InputError(f"{path}: empty file, not a capture")
         try:
-            with open(path, "rb"):
-                pass
+            with open(path, "rb") as f:
+                head = f.read(24)
         except OSError as e:
             raise InputError(f"{path}: {e.strerror}") from None
         try:
@@ -85,7 +85,7 @@ class PcapFile:
             raise InputError(f"{path}: cannot read capture: {msg}") from None
         self.linktype = self._reader.datalink()
         self.size = st.st_size
-        self._classic = _classic_header(path, self.linktype)
+        self._classic = _classic_header(head, self.linktype)
         self._started = False
 
     def batches(self):
@@ -204,7 +204,6 @@ class PcapFile:
     def close(self):
         self._reader = None
 
-
     def __enter__(self):
         return self
 
@@ -212,24 +211,18 @@ class PcapFile:
         self.close()
 
 
-def _classic_header(path: str, linktype: int):
-    """``(swapped, nano, snapshot)`` of a classic pcap file of version 2.4 (big-endian,
+def _classic_header(head: bytes, linktype: int):
+    """``(swapped, nano, snapshot)`` of a classic pcap file (``head``: its first 24 bytes) of
+    version 2.4 (big-endian,
     nanoseconds, the caplen over which libpcap's rules apply) whose packets libpcap hands over as
     they are, else None: a link type the core reads, and not one whose pseudo-header libpcap
     byte-swaps in a big-endian file (Linux cooked v1/v2, for CAN)."""
     from replay.core import SUPPORTED_LINKTYPES
 
-    if linktype not in SUPPORTED_LINKTYPES:
+    if linktype not in SUPPORTED_LINKTYPES or len(head) < 24 or head[:4] not in PCAP_MAGICS:
         return None
-    try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-    except OSError:
-        return None
-    if len(head) < 24 or head[:4] not in PCAP_MAGICS:
-        return None
-    swapped = head[:4] in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d")
-    nano = head[:4] in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+    kind = PCAP_MAGICS.index(head[:4])      # (µs little-endian, µs big, ns little, ns big)
+    swapped, nano = kind % 2 == 1, kind >= 2
     major, minor, _zone, _sigfigs, snaplen = struct.unpack((">" if swapped else "<") + "HHiII",
                                                             head[4:20])
     if (major, minor) != (2, 4) or (swapped and linktype in _SWAPPED_PSEUDO_HEADERS):
