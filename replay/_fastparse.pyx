@@ -3433,24 +3433,48 @@ cdef class RowBuffer(_Rows):
         cdef Py_ssize_t i, nbytes = 0, f = self.first
         for i in range(count):
             nbytes += self.size[f + i]
+        cdef Py_ssize_t rest = self.used - nbytes
+        cdef char* fresh = NULL
+        cdef void* q
         b.rows = <Row*>malloc(count * sizeof(Row))
         b.size = <Py_ssize_t*>malloc(count * sizeof(Py_ssize_t))
-        b.buf = <char*>malloc(max(nbytes, 1))
-        if b.rows == NULL or b.size == NULL or b.buf == NULL:
+        if b.rows == NULL or b.size == NULL:
             raise MemoryError()         # b frees what it got
+        if self.head == 0 and rest <= nbytes // 4:
+            # the block takes the buffer itself, and what follows its rows moves to a new one
+            # of the same room: a block of large bodies is not copied once more (8 MiB a block)
+            fresh = <char*>malloc(self.room)
+            if fresh == NULL:
+                raise MemoryError()
+            memcpy(fresh, self.buf + nbytes, rest)
+        else:
+            b.buf = <char*>malloc(max(nbytes, 1))
+            if b.buf == NULL:
+                raise MemoryError()
+            memcpy(b.buf, self.buf + self.head, nbytes)
         b.n = count
         b.nbytes = nbytes
         memcpy(b.rows, self.rows + f, count * sizeof(Row))
         memcpy(b.size, self.size + f, count * sizeof(Py_ssize_t))
-        memcpy(b.buf, self.buf + self.head, nbytes)
-        b.refs = self.refs[4 * f:4 * (f + count)]
-        b.names = _Strings()            # named here (what needs the GIL), prepared by encode
-        for i in range(count):
-            b.names.name(&b.rows[i], b.refs[4 * i], b.refs[4 * i + 1], b.refs[4 * i + 2],
-                         b.refs[4 * i + 3])
+        try:
+            b.refs = self.refs[4 * f:4 * (f + count)]
+            b.names = _Strings()        # named here (what needs the GIL), prepared by encode
+            for i in range(count):
+                b.names.name(&b.rows[i], b.refs[4 * i], b.refs[4 * i + 1], b.refs[4 * i + 2],
+                             b.refs[4 * i + 3])
+        except BaseException:
+            free(fresh)
+            raise
         # nothing can fail from here on: the rows leave this buffer
+        if fresh != NULL:
+            b.buf = self.buf
+            self.buf = fresh
+            q = realloc(b.buf, max(nbytes, 1))     # (the room beyond the block given back)
+            if q != NULL:
+                b.buf = <char*>q
+        else:
+            self.head += nbytes
         self.first += count
-        self.head += nbytes
         self.n -= count
         self.used -= nbytes
         if not self.n:
@@ -3465,7 +3489,8 @@ cdef class RowBuffer(_Rows):
         cdef void* p
         memmove(self.rows, self.rows + self.first, self.n * sizeof(Row))
         memmove(self.size, self.size + self.first, self.n * sizeof(Py_ssize_t))
-        memmove(self.buf, self.buf + self.head, self.used)
+        if self.head:
+            memmove(self.buf, self.buf + self.head, self.used)
         del self.refs[:4 * self.first]
         self.first = self.head = 0
         if self.room > 4 * room:

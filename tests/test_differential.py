@@ -424,3 +424,36 @@ def test_row_buffer_takes_only_what_it_holds(mod):
     assert len(first) == 1 and len(rows) == 2 and rows.nbytes == 36
     assert [m.data for m in first.messages()] == [b"GET / HTTP/1.1\r\n\r\n"]
     assert first.encode() == first.encode()     # encoding leaves the block as it was
+
+
+@pytest.mark.parametrize("mod", [pure, compiled], ids=["pure", "compiled"])
+def test_row_buffer_takes_in_any_order(mod):
+    """Blocks taken from the front of the buffer, after other takes, with rows left behind or
+    none, and rows added between: each block holds its messages, and the rows left theirs
+    (the compiled buffer hands its memory to a block taken from its start with at most a
+    quarter of its bytes after it, and copies otherwise)."""
+    eng = mod.Engine(1, rows=True)
+    reqs = [b"GET /%02d HTTP/1.1\r\n\r\n" % i for i in range(20)]      # 20 bytes each
+    seq, fed = 1000, 0
+
+    def add(n):
+        nonlocal seq, fed
+        for data in reqs[fed:fed + n]:
+            assert eng.feed(T0 + seq, frame(CLIENT, SERVER, seq, 7, 0x18, data)) == []
+            seq += len(data)
+        fed += n
+
+    rows = eng.rows
+    add(5)
+    a = rows.take(4)            # from the start, a quarter after it: the buffer itself
+    b = rows.take(1)            # all that was left, after a take
+    add(6)
+    c = rows.take(2)            # from the start, twice as much after it: a copy
+    d = rows.take(3)            # after a take: a copy
+    add(9)
+    e = rows.take(8)            # from the start, 40 bytes after 160: the buffer itself
+    f = rows.take(len(rows))
+    got = [[m.data for m in blk.messages()] for blk in (a, b, c, d, e, f)]
+    assert got == [reqs[0:4], reqs[4:5], reqs[5:7], reqs[7:10], reqs[10:18], reqs[18:20]]
+    assert len(rows) == 0 and rows.nbytes == 0
+    assert [blk.nbytes for blk in (a, b, c, d, e, f)] == [20 * len(g) for g in got]

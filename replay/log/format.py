@@ -17,7 +17,13 @@ docs/log-format.md describes every byte; this module is its executable form. Rul
 from __future__ import annotations
 
 import struct
-import zlib
+
+try:
+    # ISA-L's CRC-32 (the same polynomial and values as zlib's) runs at ~11 GB/s here against
+    # zlib's ~3.3: on a log of large bodies the checksums were a tenth of the writer's time
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover  (no wheel for this platform)
+    from zlib import crc32
 
 import zstandard as zstd
 
@@ -108,7 +114,7 @@ class FormatError(Exception):
 
 def pack_file_header() -> bytes:
     head = FILE_HEADER.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, FILE_HEADER_LEN, 0)
-    return head + CRC.pack(zlib.crc32(head))
+    return head + CRC.pack(crc32(head))
 
 
 def unpack_file_header(buf: bytes) -> tuple[int, int, int]:
@@ -126,7 +132,7 @@ def unpack_file_header(buf: bytes) -> tuple[int, int, int]:
     if len(buf) < hlen:
         raise FormatError("cut short inside its file header")
     (crc,) = CRC.unpack_from(buf, hlen - 4)
-    if zlib.crc32(buf[:hlen - 4]) != crc:
+    if crc32(buf[:hlen - 4]) != crc:
         raise FormatError("file header checksum mismatch")
     return major, minor, hlen
 
@@ -169,8 +175,8 @@ def pack_block(btype: int, flags: int, count: int, t_min: int, t_max: int,
     if len(a) > MAX_SECTION or len(b) > MAX_SECTION or a_raw > MAX_SECTION or b_raw > MAX_SECTION:
         raise ValueError("a block section exceeds 4 GiB")
     head = BLOCK_HEADER.pack(SYNC, btype, flags, BLOCK_HEADER_LEN, count, t_min, t_max,
-                             len(a), a_raw, len(b), b_raw, zlib.crc32(a), zlib.crc32(b))
-    return [head + CRC.pack(zlib.crc32(head)), a, b]
+                             len(a), a_raw, len(b), b_raw, crc32(a), crc32(b))
+    return [head + CRC.pack(crc32(head)), a, b]
 
 
 def unpack_block_header(buf, offset: int = 0) -> BlockHeader:
@@ -186,7 +192,7 @@ def unpack_block_header(buf, offset: int = 0) -> BlockHeader:
     if len(buf) - offset < hlen:
         raise FormatError("cut short")
     (crc,) = CRC.unpack_from(buf, offset + hlen - 4)
-    if zlib.crc32(buf[offset:offset + hlen - 4]) != crc:
+    if crc32(buf[offset:offset + hlen - 4]) != crc:
         raise FormatError("header checksum mismatch")
     return BlockHeader(btype, flags, hlen, count, t_min, t_max, a_len, a_raw, b_len, b_raw,
                        a_crc, b_crc)
@@ -199,9 +205,9 @@ def check_body(h: BlockHeader, buf, offset: int, want_b: bool = True) -> None:
     b0 = a0 + h.a_len
     if b0 + h.b_len > len(buf):
         raise FormatError("cut short")
-    if zlib.crc32(buf[a0:b0]) != h.a_crc:
+    if crc32(buf[a0:b0]) != h.a_crc:
         raise FormatError("checksum mismatch in section A")
-    if want_b and zlib.crc32(buf[b0:b0 + h.b_len]) != h.b_crc:
+    if want_b and crc32(buf[b0:b0 + h.b_len]) != h.b_crc:
         raise FormatError("checksum mismatch in section B")
 
 
