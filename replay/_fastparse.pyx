@@ -30,7 +30,7 @@ cdef extern from "Python.h":
 
 from replay.errors import InputError
 from replay.limits import (ADDR_TEXT_KEEP, IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE,
-                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER)
+                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER, ROWS_HAND_OVER)
 from replay.events import (
     F_CHUNKED,
     F_CLOSE_DELIMITED,
@@ -3356,9 +3356,11 @@ cdef class RowBuffer(_Rows):
     cdef Py_ssize_t cap
     cdef Py_ssize_t used, room
     cdef Py_ssize_t first, head
+    cdef public Py_ssize_t hand_over     # a block this large takes the buffer (``take``)
 
     def __cinit__(self):
         self.refs = []
+        self.hand_over = ROWS_HAND_OVER
 
     @property
     def nbytes(self):
@@ -3433,17 +3435,19 @@ cdef class RowBuffer(_Rows):
         cdef Py_ssize_t i, nbytes = 0, f = self.first
         for i in range(count):
             nbytes += self.size[f + i]
-        cdef Py_ssize_t rest = self.used - nbytes
+        cdef Py_ssize_t rest = self.used - nbytes, room = 0
         cdef char* fresh = NULL
         cdef void* q
         b.rows = <Row*>malloc(count * sizeof(Row))
         b.size = <Py_ssize_t*>malloc(count * sizeof(Py_ssize_t))
         if b.rows == NULL or b.size == NULL:
             raise MemoryError()         # b frees what it got
-        if self.head == 0 and rest <= nbytes // 4:
+        if self.head == 0 and nbytes >= self.hand_over and rest <= nbytes // 4:
             # the block takes the buffer itself, and what follows its rows moves to a new one
-            # of the same room: a block of large bodies is not copied once more (8 MiB a block)
-            fresh = <char*>malloc(self.room)
+            # with room for another such block: a block of large bodies is not copied once more
+            # (8 MiB a block)
+            room = rest + nbytes + nbytes // 2
+            fresh = <char*>malloc(room)
             if fresh == NULL:
                 raise MemoryError()
             memcpy(fresh, self.buf + nbytes, rest)
@@ -3469,6 +3473,7 @@ cdef class RowBuffer(_Rows):
         if fresh != NULL:
             b.buf = self.buf
             self.buf = fresh
+            self.room = room
             q = realloc(b.buf, max(nbytes, 1))     # (the room beyond the block given back)
             if q != NULL:
                 b.buf = <char*>q

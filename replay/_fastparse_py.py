@@ -71,7 +71,7 @@ from replay.events import (
 from replay.layout import ROW_FIELDS, ROW_STRUCT, TABLE_COLUMNS, WIDTHS, bad_address, unfit
 from replay.limits import (ADDR_TEXT_KEEP, ANSWER_WAIT_NS, CONN_IDLE_NS, EXPIRE_EVERY_NS,
                            IDLE_TIMEOUT, MAX_EARLY, MAX_HEAD, MAX_LATE, MAX_MESSAGE, MAX_PENDING,
-                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER, REORDER_NS)
+                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER, REORDER_NS, ROWS_HAND_OVER)
 from replay.seqnum import unwrap
 
 # Link types (https://www.tcpdump.org/linktypes.html)
@@ -1284,6 +1284,10 @@ class RowBuffer:
 
     def __init__(self):
         self.held: list = []
+        # the compiled buffer hands its memory itself to a block of at least this many bytes
+        # taken from its start (``ROWS_HAND_OVER``); nothing here, where a block's messages are
+        # only referred to
+        self.hand_over = ROWS_HAND_OVER
 
     def __len__(self):
         return len(self.held)

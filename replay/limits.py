@@ -23,6 +23,12 @@ of recorded time, bounded in time and in count:
 - ``EXPIRE_EVERY_NS``: log time between two looks for connections idle ``CONN_IDLE_NS``;
 - ``MAX_EARLY``: final responses read before their request, kept at most;
 - ``MAX_LATE``: requests planned before their answer ended, whose status may still come.
+
+The rows a convert or capture keeps for the log writer (``RowBuffer``):
+- ``ROWS_HAND_OVER``: bytes of a block taken from the start of the compiled buffer from which
+  the block takes the buffer's memory itself, rather than a copy (large bodies: a block is cut
+  at the writer's 8 MiB); smaller blocks are copied out, so that the buffer is not allocated
+  anew for each of them (API messages: 20 MiB more held at the peak of a convert).
 """
 
 MAX_HEAD = 64 << 10
@@ -31,6 +37,7 @@ MAX_STREAM_BUFFER = 4 << 20
 MAX_TOTAL_BUFFER = 256 << 20
 IDLE_TIMEOUT = 120.0
 ADDR_TEXT_KEEP = 65536
+ROWS_HAND_OVER = 4 << 20
 
 REORDER_NS = 1_000_000_000
 ANSWER_WAIT_NS = 2_000_000_000

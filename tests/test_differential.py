@@ -430,10 +430,11 @@ def test_row_buffer_takes_only_what_it_holds(mod):
 def test_row_buffer_takes_in_any_order(mod):
     """Blocks taken from the front of the buffer, after other takes, with rows left behind or
     none, and rows added between: each block holds its messages, and the rows left theirs
-    (the compiled buffer hands its memory to a block taken from its start with at most a
-    quarter of its bytes after it, and copies otherwise)."""
+    (the compiled buffer hands its memory to a block of ``hand_over`` bytes or more taken from
+    its start with at most a quarter of its bytes after it, and copies otherwise)."""
     eng = mod.Engine(1, rows=True)
-    reqs = [b"GET /%02d HTTP/1.1\r\n\r\n" % i for i in range(20)]      # 20 bytes each
+    eng.rows.hand_over = 100
+    reqs = [b"GET /%02d HTTP/1.1\r\n\r\n" % i for i in range(23)]      # 20 bytes each
     seq, fed = 1000, 0
 
     def add(n):
@@ -444,16 +445,19 @@ def test_row_buffer_takes_in_any_order(mod):
         fed += n
 
     rows = eng.rows
-    add(5)
-    a = rows.take(4)            # from the start, a quarter after it: the buffer itself
-    b = rows.take(1)            # all that was left, after a take
+    add(2)
+    z = rows.take(1)            # under hand_over: a copy
     add(6)
-    c = rows.take(2)            # from the start, twice as much after it: a copy
+    a = rows.take(5)            # from the start, a fifth after it: the buffer itself
+    b = rows.take(1)            # all that was left, under hand_over
+    add(6)
+    c = rows.take(2)            # under hand_over
     d = rows.take(3)            # after a take: a copy
     add(9)
     e = rows.take(8)            # from the start, 40 bytes after 160: the buffer itself
     f = rows.take(len(rows))
-    got = [[m.data for m in blk.messages()] for blk in (a, b, c, d, e, f)]
-    assert got == [reqs[0:4], reqs[4:5], reqs[5:7], reqs[7:10], reqs[10:18], reqs[18:20]]
+    got = [[m.data for m in blk.messages()] for blk in (z, a, b, c, d, e, f)]
+    assert got == [reqs[0:1], reqs[1:6], reqs[6:7], reqs[7:9], reqs[9:12], reqs[12:20],
+                   reqs[20:23]]
     assert len(rows) == 0 and rows.nbytes == 0
-    assert [blk.nbytes for blk in (a, b, c, d, e, f)] == [20 * len(g) for g in got]
+    assert [blk.nbytes for blk in (z, a, b, c, d, e, f)] == [20 * len(g) for g in got]
