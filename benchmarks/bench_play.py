@@ -22,6 +22,9 @@ What it does
    that is, is the target's doing). After each plain run, the same for the timing baseline,
    ``timed_sender.c`` (compiled with ``cc``): the same schedule, connections and rules in a few
    lines of C, timerfd and epoll, no spin; what any sender gets from this target on this machine.
+   With ``--pin``, nginx runs on the last CPU and everything else (replay and its reading
+   process, the baseline, tcpdump, wrk) on the others, as with a target on a machine of its own:
+   the lateness is then the sender's and not the two competing for the same cores.
 4. At ``--speed max`` (``--loop --duration``) with the same number of connections, prints
    requests/s for replay (asyncio and uvloop event loops) and for ``wrk`` on the same nginx, same
    connections, in the same run, and the ratio.
@@ -268,6 +271,22 @@ def baseline(ns, exe, schedule, speed):
             "cpu_s": d["cpu_user_s"] + d["cpu_sys_s"]}
 
 
+def pin(server):
+    """nginx (its master and workers) on the last CPU; this process, and so everything it
+    starts from now on, on the others."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        print("--pin: one CPU only, nothing pinned")
+        return
+    kids = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True,
+                          text=True).stdout.split()
+    for pid in [server.proc.pid, *map(int, kids)]:
+        os.sched_setaffinity(pid, {cpus[-1]})
+    os.sched_setaffinity(0, set(cpus[:-1]))
+    print(f"pinned: nginx on CPU {cpus[-1]}, the senders and tcpdump on "
+          f"{', '.join(map(str, cpus[:-1]))}")
+
+
 def wrk_run(ns, seconds, conns):
     r = ns.run(["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", f"http://127.0.0.1:{PORT}/f/small.txt"],
                capture_output=True, text=True, timeout=seconds + 30)
@@ -289,6 +308,9 @@ def main():
                          "process as the replay goes) instead of the pcap (planned whole)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the timing baseline (timed_sender.c, compiled with cc)")
+    ap.add_argument("--pin", action="store_true",
+                    help="nginx on the last CPU, the senders and tcpdump on the others (the "
+                         "target as on a machine of its own)")
     args = ap.parse_args()
 
     ok, why = netns_available()
@@ -320,6 +342,8 @@ def main():
         (www / "f").mkdir(parents=True)
         (www / "f" / "small.txt").write_bytes(BODY)
         server = start_nginx(ns, www, port=PORT, workdir=Path(work) / "nginx", workers=1)
+        if args.pin:
+            pin(server)
         try:
             replay(ns, cap, work, "--speed", "max", "--limit", "200")      # warm-up
             variants = [(), ("--realtime",)]
