@@ -278,9 +278,10 @@ def pin(server):
     if len(cpus) < 2:
         print("--pin: one CPU only, nothing pinned")
         return
+    os.sched_setaffinity(server.proc.pid, {cpus[-1]})     # first: a worker forked later inherits
     kids = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True,
                           text=True).stdout.split()
-    for pid in [server.proc.pid, *map(int, kids)]:
+    for pid in map(int, kids):
         os.sched_setaffinity(pid, {cpus[-1]})
     os.sched_setaffinity(0, set(cpus[:-1]))
     print(f"pinned: nginx on CPU {cpus[-1]}, the senders and tcpdump on "
@@ -342,9 +343,9 @@ def main():
         (www / "f").mkdir(parents=True)
         (www / "f" / "small.txt").write_bytes(BODY)
         server = start_nginx(ns, www, port=PORT, workdir=Path(work) / "nginx", workers=1)
-        if args.pin:
-            pin(server)
         try:
+            if args.pin:
+                pin(server)
             replay(ns, cap, work, "--speed", "max", "--limit", "200")      # warm-up
             variants = [(), ("--realtime",)]
             if args.play_args:

@@ -3327,6 +3327,7 @@ cdef tuple _gather(list ms, Row* r):
 
 
 cdef Py_ssize_t ROWS_ROOM_KEEP = 1 << 20   # bytes a RowBuffer keeps allocated at least
+cdef Py_ssize_t ROWS_FRESH_MAX = 16 << 20  # room of the buffer made by a hand-over, at most
 
 
 cdef class _Rows:
@@ -3351,12 +3352,15 @@ cdef class RowBuffer(_Rows):
     table rows, their bytes one after another in one buffer, and their addresses and strings
     (the objects a Message would hold); no Message is made for them. The log writer takes them
     a block at a time (``block_end``, ``take``). The rows held are ``first`` on (their bytes
-    ``head`` on): taking only moves those, and what was taken is let go of at the next ``add``,
-    so that taking many blocks in a row costs no more than the blocks."""
+    ``head`` on): taking a block copies its rows out and only moves those, and what was taken
+    is let go of at the next ``add``, so that taking many blocks in a row costs no more than the
+    blocks. A block of ``hand_over`` bytes or more, taken from the start of the buffer with at
+    most a quarter of its size held after it, takes the buffer itself instead (large bodies:
+    no copy of them), and the rows left move to a new one."""
     cdef Py_ssize_t cap
     cdef Py_ssize_t used, room
     cdef Py_ssize_t first, head
-    cdef public Py_ssize_t hand_over     # a block this large takes the buffer (``take``)
+    cdef public Py_ssize_t hand_over     # a block this large may take the buffer (``take``)
 
     def __cinit__(self):
         self.refs = []
@@ -3446,8 +3450,8 @@ cdef class RowBuffer(_Rows):
             # the block takes the buffer itself, and what follows its rows moves to a new one
             # with room for another such block: a block of large bodies is not copied once more
             # (8 MiB a block)
-            room = rest + nbytes + nbytes // 2
-            fresh = <char*>malloc(room)
+            room = rest + min(nbytes + nbytes // 2, ROWS_FRESH_MAX)
+            fresh = <char*>malloc(max(room, 1))
             if fresh == NULL:
                 raise MemoryError()
             memcpy(fresh, self.buf + nbytes, rest)
@@ -3470,6 +3474,8 @@ cdef class RowBuffer(_Rows):
             free(fresh)
             raise
         # nothing can fail from here on: the rows leave this buffer
+        self.n -= count
+        self.used -= nbytes
         if fresh != NULL:
             b.buf = self.buf
             self.buf = fresh
@@ -3477,11 +3483,15 @@ cdef class RowBuffer(_Rows):
             q = realloc(b.buf, max(nbytes, 1))     # (the room beyond the block given back)
             if q != NULL:
                 b.buf = <char*>q
-        else:
-            self.head += nbytes
+            # the rows left go to the front now, beside their bytes (no compaction at the next
+            # add, which would give the new buffer's room back)
+            memmove(self.rows, self.rows + f + count, self.n * sizeof(Row))
+            memmove(self.size, self.size + f + count, self.n * sizeof(Py_ssize_t))
+            del self.refs[:4 * (f + count)]
+            self.first = 0
+            return b
+        self.head += nbytes
         self.first += count
-        self.n -= count
-        self.used -= nbytes
         if not self.n:
             self._compact()
         return b

@@ -433,7 +433,7 @@ def test_row_buffer_takes_in_any_order(mod):
     (the compiled buffer hands its memory to a block of ``hand_over`` bytes or more taken from
     its start with at most a quarter of its bytes after it, and copies otherwise)."""
     eng = mod.Engine(1, rows=True)
-    eng.rows.hand_over = 100
+    eng.rows.hand_over = 40
     reqs = [b"GET /%02d HTTP/1.1\r\n\r\n" % i for i in range(23)]      # 20 bytes each
     seq, fed = 1000, 0
 
@@ -447,17 +447,20 @@ def test_row_buffer_takes_in_any_order(mod):
     rows = eng.rows
     add(2)
     z = rows.take(1)            # under hand_over: a copy
-    add(6)
-    a = rows.take(5)            # from the start, a fifth after it: the buffer itself
-    b = rows.take(1)            # all that was left, under hand_over
-    add(6)
-    c = rows.take(2)            # under hand_over
-    d = rows.take(3)            # after a take: a copy
-    add(9)
-    e = rows.take(8)            # from the start, 40 bytes after 160: the buffer itself
-    f = rows.take(len(rows))
+    add(4)
+    a = rows.take(4)            # 80 bytes from the start, 20 after: the buffer itself
+    add(4)
+    b = rows.take(1)            # under hand_over, after rows added to a new buffer
+    c = rows.take(2)            # after a take: a copy
+    add(8)
+    d = rows.take(8)            # 160 bytes from the start (compacted), 40 after: the buffer
+    e = rows.take(2)            # the buffer again, nothing after it
+    add(5)
+    f = rows.take(5)            # the buffer, into an empty one
     got = [[m.data for m in blk.messages()] for blk in (z, a, b, c, d, e, f)]
-    assert got == [reqs[0:1], reqs[1:6], reqs[6:7], reqs[7:9], reqs[9:12], reqs[12:20],
-                   reqs[20:23]]
+    assert got == [reqs[0:1], reqs[1:5], reqs[5:6], reqs[6:8], reqs[8:16], reqs[16:18],
+                   reqs[18:23]]
     assert len(rows) == 0 and rows.nbytes == 0
     assert [blk.nbytes for blk in (z, a, b, c, d, e, f)] == [20 * len(g) for g in got]
+    assert [blk.encode() for blk in (z, a, b, c, d, e, f)] == \
+        [pure.encode_block(blk.messages()) for blk in (z, a, b, c, d, e, f)]

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,15 @@ def block_ends(reader: LogReader) -> list:
 
 # ---------------------------------------------------------------------------------------------
 # round trips
+
+
+def test_checksums_are_zlibs_crc32():
+    """The format's CRC-32 is zlib's (docs/log-format.md), whichever code computes it."""
+    rnd = random.Random(7)
+    for n in (0, 1, 15, 16, 63, 64, 255, 4096, 100_003, (1 << 20) + 7):
+        data = rnd.randbytes(n)
+        assert fmt.crc32(data) == zlib.crc32(data)
+        assert fmt.crc32(memoryview(data)[1:]) == zlib.crc32(data[1:])
 
 
 @pytest.mark.parametrize("threads", [True, False])

@@ -73,7 +73,7 @@ class LogWriter:
         self._closed = False
         self._cctx = zstd.ZstdCompressor(level=level)  # used by one thread at a time
         self._tctx = zstd.ZstdCompressor(level=max(level, TABLE_LEVEL))
-        self._fast = zstd.ZstdCompressor(level=FAST_LEVEL) if level > FAST_LEVEL else None
+        self._fast = zstd.ZstdCompressor(level=FAST_LEVEL) if level > -1 else None
         self._meta = {
             "format": f"rlog {fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}",
             "tool": f"replay {__version__}",
@@ -293,10 +293,11 @@ class LogWriter:
 
         Bodies that are already compressed (images, gzip, archives) gain almost nothing from
         compression but cost it in full: zstd level 3 runs at ~350 MB/s on them, level -3 at
-        ~2.7 GB/s (-1 at ~2 GB/s), to within 2 % of the size. So a large payload is compressed at
-        ``FAST_LEVEL`` first; when that does not shrink it by 15 %, the fast frame is kept,
-        otherwise the payload is compressed again at ``level``. (Storing such payloads raw was tried: it
-        saved 0.1 s on a 450 MB capture and cost 8 % of the log's size.)"""
+        ~2.7 GB/s (-1 at ~2 GB/s), to within 2 % of the size. So at a level of 0 or more a large
+        payload is compressed at ``FAST_LEVEL`` first; when that does not shrink it by 15 %, the
+        fast frame is kept, otherwise the payload is compressed again at ``level``. (Storing
+        such payloads raw was tried: it saved 0.1 s on a 450 MB capture and cost 8 % of the log's
+        size.)"""
         fast = self._fast
         n = len(payload)
         if fast is None or n < FAST_PROBE_MIN:
