@@ -3485,10 +3485,8 @@ cdef class RowBuffer(_Rows):
                 b.buf = <char*>q
             # the rows left go to the front now, beside their bytes (no compaction at the next
             # add, which would give the new buffer's room back)
-            memmove(self.rows, self.rows + f + count, self.n * sizeof(Row))
-            memmove(self.size, self.size + f + count, self.n * sizeof(Py_ssize_t))
-            del self.refs[:4 * (f + count)]
-            self.first = 0
+            self.first += count
+            self._to_front()
             return b
         self.head += nbytes
         self.first += count
@@ -3496,18 +3494,23 @@ cdef class RowBuffer(_Rows):
             self._compact()
         return b
 
-    cdef int _compact(self) except -1:
-        """Let go of the rows taken: the rows held move to the front, and a buffer grown far
-        beyond what is held is given back (one huge message in a long capture would otherwise
-        keep its size allocated until the end)."""
-        cdef Py_ssize_t room = max(self.used * 2, ROWS_ROOM_KEEP)
-        cdef void* p
+    cdef int _to_front(self) except -1:
+        """The rows held (``first`` on, their bytes ``head`` on) move to the front."""
         memmove(self.rows, self.rows + self.first, self.n * sizeof(Row))
         memmove(self.size, self.size + self.first, self.n * sizeof(Py_ssize_t))
         if self.head:
             memmove(self.buf, self.buf + self.head, self.used)
         del self.refs[:4 * self.first]
         self.first = self.head = 0
+        return 0
+
+    cdef int _compact(self) except -1:
+        """Let go of the rows taken: the rows held move to the front, and a buffer grown far
+        beyond what is held is given back (one huge message in a long capture would otherwise
+        keep its size allocated until the end)."""
+        cdef Py_ssize_t room = max(self.used * 2, ROWS_ROOM_KEEP)
+        cdef void* p
+        self._to_front()
         if self.room > 4 * room:
             p = realloc(self.buf, room)
             if p != NULL:

@@ -213,10 +213,9 @@ class PcapFile:
 
 def _classic_header(head: bytes, linktype: int):
     """``(swapped, nano, snapshot)`` of a classic pcap file (``head``: its first 24 bytes) of
-    version 2.4 (big-endian,
-    nanoseconds, the caplen over which libpcap's rules apply) whose packets libpcap hands over as
-    they are, else None: a link type the core reads, and not one whose pseudo-header libpcap
-    byte-swaps in a big-endian file (Linux cooked v1/v2, for CAN)."""
+    version 2.4 (big-endian, nanoseconds, the caplen over which libpcap's rules apply) whose
+    packets libpcap hands over as they are, else None: a link type the core reads, and not one
+    whose pseudo-header libpcap byte-swaps in a big-endian file (Linux cooked v1/v2, for CAN)."""
     from replay.core import SUPPORTED_LINKTYPES
 
     if linktype not in SUPPORTED_LINKTYPES or len(head) < 24 or head[:4] not in PCAP_MAGICS:
