@@ -150,6 +150,26 @@ def test_middleware_in_another_language(tmp_path):
     assert got == [m.data for m in open_input(str(SAMPLE)) if m.kind == KIND_REQUEST]
 
 
+def test_middleware_gets_the_users_environment(tmp_path):
+    """replay runs numpy's OpenBLAS on one thread (``OPENBLAS_NUM_THREADS=1``, set by itself);
+    the middleware it starts for the user gets the environment as the user gave it."""
+    seen = tmp_path / "env.txt"
+    (tmp_path / "mw.py").write_text(
+        "import os, sys\n"
+        f"open({str(seen)!r}, 'w').write(os.environ.get('OPENBLAS_NUM_THREADS', '-'))\n"
+        "for line in sys.stdin:\n    sys.stdout.write(line); sys.stdout.flush()\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    for given, expected in ((None, "-"), ("3", "3")):
+        if given is not None:
+            env["OPENBLAS_NUM_THREADS"] = given
+        p = subprocess.run([sys.executable, "-m", "replay.cli.main", "filter", str(SAMPLE), "-o",
+                            str(tmp_path / "o.rlog"), "--middleware", f"{sys.executable} mw.py"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                           env=dict(env, PYTHONPATH=str(ROOT)))
+        assert p.returncode == 0, p.stderr
+        assert seen.read_text() == expected
+
+
 def test_middleware_failure_stop_or_skip(tmp_path):
     crash = f"{sys.executable} -c \"import sys; sys.stderr.write('mw: cannot go on\\n'); sys.exit(3)\""
     p = replay("filter", SAMPLE, "-o", tmp_path / "a.rlog", "--middleware", crash)

@@ -20,6 +20,14 @@ _THRESHOLD = None
 if __name__ == "__main__" or os.path.basename(sys.argv[0] or "") == "replay":
     _THRESHOLD = gc.get_threshold()
     gc.set_threshold(1_000_000, *_THRESHOLD[1:])
+    # numpy's OpenBLAS starts a thread per core as numpy loads, each spinning for a while
+    # (0.1 s of CPU at every start on 2 cores, beside the sender's), though nothing here does
+    # linear algebra: one thread, unless the user asked otherwise
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        import replay
+
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        replay.ENV_SET.append("OPENBLAS_NUM_THREADS")
 
 import importlib  # noqa: E402
 import signal  # noqa: E402

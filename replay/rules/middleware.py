@@ -77,6 +77,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 
+import replay
 from replay.errors import MiddlewareError, UsageError
 from replay.events import F_REPLAYED, KIND_REQUEST
 from replay.httpmsg import with_data
@@ -214,7 +215,8 @@ class Middleware:
 
     # -- process -----------------------------------------------------------------------------
     def _start(self):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = {k: v for k, v in os.environ.items() if k not in replay.ENV_SET}
+        env["PYTHONUNBUFFERED"] = "1"
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, env=env, start_new_session=True,
