@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from replay.play.scheduler import NS, SPIN_NS, Lookahead, Pacer, Schedule
+from replay.play.scheduler import NS, SPIN_NS, Lookahead, Pacer, Schedule, StreamLookahead
 
 MS = 1_000_000
 
@@ -108,6 +108,31 @@ def test_lookahead_finds_the_next_deadline_across_passes():
     # after the last request of pass 0 comes the first of pass 1
     assert look.next_after(1_100 * MS) == 1_000 * MS + int(s.period)
     assert Lookahead(Schedule(0, 1, 2, speed=None), [0, 1]).next_after(5) is None
+
+
+def test_stream_lookahead_the_next_deadline_handed_over_and_what_it_holds():
+    """The first deadline after ``now`` of those the feeder handed over, whichever were asked
+    before; past ones are forgotten: what it holds stays within a few thousand past the clock,
+    in a run of any length, looked at seldom or often."""
+    import random
+
+    look = StreamLookahead()
+    assert look.next_after(0) is None
+    rng = random.Random(3)
+    pushed: list = []
+    now = 0
+    held = 0
+    for step in range(2_000):
+        for _ in range(rng.randint(0, 60)):
+            pushed.append((pushed[-1] if pushed else 0) + rng.choice([0, 1, 50, 400]))
+            look.push(pushed[-1])
+        now += rng.choice([0, 10, 300, 9_000, 40_000])
+        want = next((d for d in pushed if d > now), None)
+        assert look.next_after(now) == want
+        assert look.next_after(now) == want          # asked again: the same
+        pushed = [d for d in pushed if d > now]
+        held = max(held, len(look.due))
+    assert held < 2 * StreamLookahead.COMPACT_AT + 200
 
 
 # -- DueSends: the timed pump's requests, each at its deadline ------------------------------------

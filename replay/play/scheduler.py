@@ -20,7 +20,6 @@ Rules:
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from typing import Protocol
 
 # How long before a deadline the coarse sleep ends and the spin starts. With a sleep that wakes
@@ -149,16 +148,32 @@ class Pacer:
 
 class StreamLookahead:
     """``Lookahead`` for a streamed plan: the deadlines handed to connections, in the order they
-    were (recorded time order), forgotten once past. Holds what the feeder is ahead of the clock."""
+    were (recorded time order), forgotten once past. Holds what the feeder is ahead of the clock.
+
+    ``next_after`` finds the first deadline after ``now`` by bisection from the last one found,
+    and drops those before it in one step once they are half of what is held: it runs between
+    requests (the status line's, the output log's look for a quiet moment), and a look that
+    stepped over every deadline gone by since the last one (5,000 a quarter-second at 20,000
+    requests/s) held the sender for a millisecond each time."""
+
+    COMPACT_AT = 4096           # past deadlines kept before they are dropped (and half held)
 
     def __init__(self):
-        self.due: deque = deque()
+        self.due: list = []
+        self.head = 0           # due[:head] are past
 
     def push(self, deadline: int) -> None:
         self.due.append(deadline)
 
     def next_after(self, now: int) -> int | None:
         due = self.due
-        while due and due[0] <= now:
-            due.popleft()
-        return due[0] if due else None
+        i = bisect.bisect_right(due, now, self.head)
+        if i >= len(due):
+            due.clear()
+            self.head = 0
+            return None
+        if i >= self.COMPACT_AT and i >= len(due) >> 1:
+            del due[:i]
+            i = 0
+        self.head = i
+        return due[i]
