@@ -1813,7 +1813,7 @@ cdef class Engine:
 
     cdef readonly int linktype
     cdef readonly frozenset ports
-    cdef uint8_t port_map[65536]
+    cdef uint8_t* port_map        # 65,536 flags, when ``ports`` are given (NULL: any port)
     cdef bint any_port
     cdef public int64_t max_stream_buffer
     cdef public int64_t max_total_buffer
@@ -1847,11 +1847,18 @@ cdef class Engine:
             raise InputError(f"unsupported link type {linktype}")
         self.linktype = linktype
         self.ports = frozenset(ports)
-        memset(self.port_map, 0, sizeof(self.port_map))
-        for p in self.ports:
-            if 0 <= p < 65536:
-                self.port_map[p] = 1
         self.any_port = not self.ports
+        if not self.any_port and self.port_map == NULL:
+            # (on the heap, and only then: a response framer's engine, one per connection of
+            # a replay, would zero 64 KiB of fresh memory as the connection opens)
+            self.port_map = <uint8_t*>calloc(65536, 1)
+            if self.port_map == NULL:
+                raise MemoryError()
+        if self.port_map != NULL:
+            memset(self.port_map, 0, 65536)
+            for p in self.ports:
+                if 0 <= p < 65536:
+                    self.port_map[p] = 1
         self.max_stream_buffer = max_stream_buffer
         self.max_total_buffer = max_total_buffer
         self.idle_timeout_ns = int(idle_timeout * 1e9)
@@ -1870,6 +1877,9 @@ cdef class Engine:
         self.next_sweep = 0
         for name in STAT_NAMES:
             setattr(self, "st_" + name, 0)
+
+    def __dealloc__(self):
+        free(self.port_map)
 
     # -- input ----------------------------------------------------------------------------------
     def feed_batch(self, buf, meta):
@@ -3976,6 +3986,82 @@ cdef class Attempt:
         self.conn_id = conn_id
 
 
+cdef Attempt _attempt(object req, object iteration, object deadline, object conn_id):
+    """``Attempt(req, iteration, deadline, conn_id)``, without the call of its ``__init__``."""
+    cdef Attempt a = Attempt.__new__(Attempt)
+    a.req = req
+    a.unknown = req.recorded_status is None
+    a.iteration = iteration
+    a.deadline = deadline
+    a.sent_ns = 0
+    a.conn_id = conn_id
+    return a
+
+
+# The deadline of a request in a timed run: ``Schedule.deadline`` (replay.play.scheduler), the
+# same value computed here when the schedule is a ``Schedule`` whose numbers are as a run makes
+# them (float speed, rate and period; ints within 2**53, where a float holds them exactly, as
+# Python's own int-by-float division converts them): the same float operations, in the same
+# order, and ``int()``'s truncation. Any other schedule, or number, is asked.
+
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+
+cdef object _Schedule = None
+cdef double C_NS = 1_000_000_000.0
+cdef int64_t C_EXACT = 1 << 53
+
+
+cdef inline bint _exact(object v, int64_t* out) except -1:
+    """``v`` an int within +-2**53, into ``out``."""
+    cdef int overflow = 0
+    if type(v) is not int:
+        return False
+    out[0] = PyLong_AsLongLongAndOverflow(v, &overflow)
+    return not overflow and -C_EXACT < out[0] < C_EXACT
+
+
+def deadline(sched, t, seq, iteration=0):
+    """``sched.deadline(t, seq, iteration)``: the twin's ``deadline``."""
+    return _deadline(sched, t, seq, iteration)
+
+
+cdef object _deadline(object sched, object t, object seq, object it):
+    global _Schedule
+    cdef int64_t ct, cseq, cit, t0, start, requests, n
+    cdef double v, speed, period, rate
+    if _Schedule is None:
+        from replay.play.scheduler import Schedule
+        _Schedule = Schedule
+    if type(sched) is not _Schedule:
+        return sched.deadline(t, seq, it)
+    r = sched.rate
+    s = sched.speed
+    if not (_exact(it, &cit) and _exact(sched.start, &start)):
+        return sched.deadline(t, seq, it)
+    if r is not None:
+        if type(r) is not float or not (_exact(seq, &cseq) and _exact(sched.requests, &requests)):
+            return sched.deadline(t, seq, it)
+        rate = r
+        n = cseq + cit * requests
+        if not (-C_EXACT < n < C_EXACT) or not (-9_000_000_000 < n < 9_000_000_000):
+            return sched.deadline(t, seq, it)
+        v = <double>(n * 1_000_000_000) / rate
+    elif s is not None:
+        p = sched.period
+        if type(s) is not float or type(p) is not float \
+                or not (_exact(t, &ct) and _exact(sched.t0, &t0)) or not (-C_EXACT < ct - t0 < C_EXACT):
+            return sched.deadline(t, seq, it)
+        speed = s
+        period = p
+        v = <double>(ct - t0) / speed
+        v = v + <double>cit * period
+    else:
+        return None
+    if not (-4e18 < v < 4e18):       # (NaN too)
+        return sched.deadline(t, seq, it)
+    return start + <int64_t>v
+
+
 cdef inline bint _has(const unsigned char* h, Py_ssize_t n, const char* word, Py_ssize_t k):
     """``word`` (lower-case) in ``h[:n]``, case-insensitively."""
     cdef Py_ssize_t i, j
@@ -4051,11 +4137,11 @@ cdef class Tally:
     """The twin's ``Tally``: what the core counted for a report, in C until ``fold``."""
 
     cdef public long long attempted, sent, bytes_sent, bytes_received, answered, same, different
-    cdef public long long first_send_ns, last_answer_ns
+    cdef public long long first_send_ns, last_answer_ns, held
     cdef long long recorded[T_CODES]
     cdef long long statuses[T_CODES]
     cdef dict other_recorded, other_statuses, changes
-    cdef _carray.array latency, intended
+    cdef _carray.array latency, intended, late, late_free
     cdef object report
 
     def __cinit__(self, report=None):
@@ -4064,7 +4150,7 @@ cdef class Tally:
 
     cdef void _reset(self) except *:
         self.attempted = self.sent = self.bytes_sent = self.bytes_received = self.answered = 0
-        self.same = self.different = self.first_send_ns = self.last_answer_ns = 0
+        self.same = self.different = self.first_send_ns = self.last_answer_ns = self.held = 0
         memset(self.recorded, 0, sizeof(self.recorded))
         memset(self.statuses, 0, sizeof(self.statuses))
         self.other_recorded = {}
@@ -4072,6 +4158,8 @@ cdef class Tally:
         self.changes = {}
         self.latency = _array("q")
         self.intended = _array("q")
+        self.late = _array("q")
+        self.late_free = _array("q")
 
     cdef inline int tried(self, object recorded) except -1:
         self.attempted += 1
@@ -4084,6 +4172,19 @@ cdef class Tally:
         self.bytes_sent += nbytes
         if not self.first_send_ns:
             self.first_send_ns = now
+        return 0
+
+    cdef inline int sent_timed(self, Py_ssize_t nbytes, long long now, long long lateness,
+                               bint held) except -1:
+        """``Report.on_sent`` of a timed request."""
+        self.sent_one(nbytes, now)
+        _sample(self.late, lateness)
+        if held:
+            self.held += 1
+        else:
+            _sample(self.late_free, lateness)
+        if len(self.late) >= T_FOLD_AT and self.report is not None:
+            self.fold(self.report)
         return 0
 
     cdef inline int answer(self, Attempt att, object status, object now) except -1:
@@ -4132,6 +4233,11 @@ cdef class Tally:
             report.changes[f"{r} -> {st}"] += v
         report.latency.extend(self.latency)
         report.latency_intended.extend(self.intended)
+        if len(self.late):
+            report.lateness.extend(self.late)
+            report.lateness_free.extend(self.late_free)
+            report.recent_lateness.extend(self.late[-5000:])
+            report.held_by_response += self.held
         self._reset()
 
 
@@ -4288,7 +4394,7 @@ cdef class PumpCore:
         while True:
             req = items.popleft()
             self._count(player, req)
-            t = self.send(Attempt(req, it, None, conn_id))
+            t = self.send(_attempt(req, it, None, conn_id))
             if self._tally is not None:
                 self._tally.sent_one(len(req.data), t)
             else:
@@ -4318,7 +4424,7 @@ cdef class PumpCore:
         while True:
             req = items[0]
             if d is None:
-                d = sched.deadline(req.t, req.seq, it)
+                d = _deadline(sched, req.t, req.seq, it)
             if player.end_ns is not None and d >= player.end_ns:
                 return False
             if d > self._now():
@@ -4326,9 +4432,12 @@ cdef class PumpCore:
                 dues.add(d, self, req)
                 return True
             items.popleft()
-            t = self.send(Attempt(req, it, d, conn_id))
+            t = self.send(_attempt(req, it, d, conn_id))
             self._count(player, req)
-            report.on_sent(len(req.data), t - d, held, t)
+            if self._tally is not None:
+                self._tally.sent_timed(len(req.data), t, t - d, held)
+            else:
+                report.on_sent(len(req.data), t - d, held, t)
             if not items or not items[0].pipelined or player.budget == 0 or player.stopping:
                 return True
             held = False

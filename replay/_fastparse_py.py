@@ -2273,6 +2273,13 @@ class Attempt:
         self.conn_id = conn_id
 
 
+def deadline(sched, t, seq, iteration=0):
+    """``sched.deadline(t, seq, iteration)``: when a request of a timed run is due (a
+    ``replay.play.scheduler.Schedule``'s, or any object's with that method). The compiled core
+    computes a ``Schedule``'s itself, to the same value."""
+    return sched.deadline(t, seq, iteration)
+
+
 def connection_closes(data: bytes, head_length: int) -> bool:
     """Whether a response's head ends its connection: ``Connection: close``, or HTTP/1.0
     without ``Connection: keep-alive`` (the value of the first ``Connection`` field, as
@@ -2449,7 +2456,7 @@ class PumpCore:
         while True:
             req = items[0]
             if d is None:
-                d = player.schedule.deadline(req.t, req.seq, it)
+                d = deadline(player.schedule, req.t, req.seq, it)
             if player.end_ns is not None and d >= player.end_ns:
                 return False
             if d > self.now():

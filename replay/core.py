@@ -63,6 +63,7 @@ pcap_records = impl.pcap_records
 make_messages = impl.make_messages
 first_field = impl.first_field
 Attempt = impl.Attempt
+deadline = impl.deadline
 PumpCore = impl.PumpCore
 Tally = impl.Tally
 StreamPlanner = impl.StreamPlanner

@@ -287,7 +287,19 @@ def _connection(core, player, log):
     return c
 
 
-def _run(core, seed, counting=False, before_fold=None, timed=False):
+def _real_schedule(rng):
+    """A ``Schedule`` of the sender's own (the compiled core computes its deadlines itself),
+    whose deadlines fall before, among and after the test clock's readings."""
+    from replay.play.scheduler import Schedule
+
+    start = rng.choice([0, 1_000, 1_050])
+    if rng.random() < 0.3:
+        return Schedule(0, 11, 12, rate=rng.choice([1e8, 2.5e7, 3e7, 1.1e8]), start=start)
+    return Schedule(rng.choice([0, 2]), 11, 12, speed=rng.choice([10.0, 0.1, 0.025, 1 / 9]),
+                    start=start)
+
+
+def _run(core, seed, counting=False, before_fold=None, timed=False, real=False):
     rng = random.Random(seed)
     log: list = []
     n = rng.randint(1, 12)
@@ -300,7 +312,8 @@ def _run(core, seed, counting=False, before_fold=None, timed=False):
     dues = None
     if timed:
         # deadlines before, among and after the clock's readings; some past --duration's end
-        player.schedule = _Schedule(log, rng.choice([0, 1_000, 1_050]), rng.choice([0, 9, 40]))
+        player.schedule = _real_schedule(rng) if real else \
+            _Schedule(log, rng.choice([0, 1_000, 1_050]), rng.choice([0, 9, 40]))
         player.end_ns = rng.choice([None, None, 1_200])
         dues = _Dues(log)
     c.pump = (feed, 0, 7, dues)
@@ -343,7 +356,8 @@ def _run(core, seed, counting=False, before_fold=None, timed=False):
             before_fold(r)
         d = r.to_dict()          # (the tally the compiled core counted into is added here)
         log.append(("report", d, sorted(r.latency), sorted(r.latency_intended),
-                    r.first_send_ns, r.last_answer_ns, player.fed))
+                    r.first_send_ns, r.last_answer_ns, player.fed, sorted(r.lateness),
+                    sorted(r.lateness_free), sorted(r.recent_lateness), r.held_by_response))
     return log
 
 
@@ -375,6 +389,48 @@ def test_pump_core_timed_alike(seed):
 def test_pump_core_timed_counts_alike(seed):
     assert _run(compiled, seed, counting=True, timed=True) == \
         _run(pure, seed, counting=True, timed=True)
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed", range(100))
+def test_pump_core_timed_by_the_senders_schedule_alike(seed):
+    """With the sender's own ``Schedule``, whose deadlines the compiled core computes itself
+    (``deadline``), and its lateness counted into the tally: the same sends, and the same
+    report, lateness and requests held by an answer included."""
+    assert _run(compiled, seed, timed=True, real=True) == _run(pure, seed, timed=True, real=True)
+    assert _run(compiled, seed, counting=True, timed=True, real=True) == \
+        _run(pure, seed, counting=True, timed=True, real=True)
+
+
+def _schedules():
+    ints = st.integers(-(1 << 60), 1 << 60)
+    near = st.integers(-(1 << 54), 1 << 54)
+    speed = st.one_of(st.floats(1e-6, 1e6), st.sampled_from([1.0, 10.0, 0.5, 1 / 3, 2]))
+    rate = st.one_of(st.none(), st.floats(1e-3, 1e9), st.sampled_from([1234.5, 500, 10**6]))
+    return st.tuples(st.one_of(near, ints), st.integers(0, 1 << 62), st.integers(1, 10**9),
+                     speed, rate, st.one_of(near, st.integers(0, 1 << 62)),
+                     st.one_of(near, ints), st.one_of(st.integers(0, 10**7), near),
+                     st.integers(0, 10**5))
+
+
+@needs_compiled
+@settings(max_examples=3000, deadline=None)
+@given(_schedules())
+def test_deadline_is_the_schedules(case):
+    """The compiled ``deadline`` of a ``Schedule`` is ``Schedule.deadline``'s value, whether
+    computed in C (float speed or rate, numbers within 2**53) or asked of the schedule (an int
+    speed or rate, numbers beyond), including the errors the schedule raises."""
+    from replay.play.scheduler import Schedule
+
+    t0, span, requests, speed, rate, start, t, seq, it = case
+    sched = Schedule(t0, span, requests, speed=speed, rate=rate, start=start)
+    try:
+        want = sched.deadline(t, seq, it)
+    except OverflowError as e:
+        with pytest.raises(type(e)):
+            compiled.deadline(sched, t, seq, it)
+        return
+    assert compiled.deadline(sched, t, seq, it) == want == pure.deadline(sched, t, seq, it)
 
 
 def test_pump_core_timed_sends_at_the_deadline():
@@ -451,11 +507,14 @@ def test_attempt_alike(recorded):
         assert (a.sent_ns, a.unknown, a.deadline) == (5, False, 12)
 
 
+@pytest.mark.parametrize("timed", [False, True])
 @pytest.mark.parametrize("bounded", [False, True])
-def test_tally_folds_into_any_report_and_on_its_own(bounded):
+def test_tally_folds_into_any_report_and_on_its_own(bounded, timed):
     """A report of fixed-size histograms (a long or looping run) takes the tally's latencies as
-    an exact one does, and a tally never read folds itself every 65,536 answers."""
+    an exact one does, and a tally never read folds itself every 65,536 answers (timed: and
+    every 65,536 sends, with their lateness)."""
     from replay.play.report import Report
+    from replay.play.scheduler import Schedule
 
     if compiled is None:
         pytest.skip("the compiled core counts into the tally")
@@ -476,14 +535,25 @@ def test_tally_folds_into_any_report_and_on_its_own(bounded):
     reqs = [_request(3, "GET", False) for _ in range(n)]
     for q in reqs:
         q.recorded_status = 200
-    c.pump = (_Feed(reqs), 0, 7, None)
+    dues = None
+    if timed:     # every deadline long past: each request sent as its answer lets it go
+        player.schedule = Schedule(0, 1, 2, speed=1e9, start=0)
+        dues = object()
+    c.pump = (_Feed(reqs), 0, 7, dues)
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
     assert c.pump_next()
     for _ in range(n - 1):
         c.data_received(answer)
         player.loop.run()
-    assert r.answered == 65_536          # folded once on its own, the rest still in the tally
+    # folded once on its own, the rest still in the tally (timed: at the 65,536th send, which
+    # the 65,535th answer let go)
+    assert r.answered == (65_535 if timed else 65_536)
+    if timed:
+        assert r.sent == len(r.lateness) == 65_536
     c.data_received(answer)
     d = r.to_dict()
     assert d["answered"] == d["attempted"] == n and d["statuses"] == {"200": n}
     assert len(r.latency) == n and d["latency_ms"]["max"] is not None
+    if timed:
+        assert len(r.lateness) == n and r.held_by_response == n and len(r.lateness_free) == 0
+        assert len(r.recent_lateness) == 5000 and d["lateness_ms"]["max"] is not None

@@ -585,6 +585,7 @@ class Player:
         from replay.play import stream as S
 
         plan, sched, pacer, now = self.plan, self.schedule, self.pacer, self.clock.now
+        deadline = core.deadline
         reader = self.reader
         queued = reader.items    # what the reader sent, unpacked (``get`` takes more in)
         stride = plan.conn_stride
@@ -639,7 +640,7 @@ class Player:
                     late[(req.conn, req.index, it)] = req
                     if len(late) > MAX_LATE_ANSWERS // 10:    # (they hold their bodies)
                         late.popitem(last=False)
-                d = sched.deadline(req.t, req.seq, it) if timed else None
+                d = deadline(sched, req.t, req.seq, it) if timed else None
                 if d is not None:
                     if self.end_ns is not None and d >= self.end_ns:
                         break
@@ -889,7 +890,7 @@ class Player:
                     break
                 if self.stopping or self.budget == 0:
                     break
-                deadline = sched.deadline(req.t, req.seq, it)
+                deadline = core.deadline(sched, req.t, req.seq, it)
                 if deadline is not None and self.end_ns is not None and deadline >= self.end_ns:
                     break
                 if proto is None and deadline is not None:
