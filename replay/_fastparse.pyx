@@ -4999,3 +4999,70 @@ def unpack_planned(bytes blob not None, list others not None):
                      True if h.bits & PK_PIPELINED else False, h.seq, h.body_length, h.flags)
         out.append((h.it, (r, None, None)))
     return out
+
+
+# -- the stream feeder's common step --------------------------------------------------------------
+#
+# The twin of ``feed_ready`` in ``replay._fastparse_py`` (its docstring gives the rules): the same
+# steps, with a planned request's fields read through its slots, the deadline computed here
+# (``_deadline``) and the clock read here when it is ``time.monotonic_ns``.
+
+cdef inline object _pf(object r, int k, str name):
+    cdef PyObject* v
+    if _pslots_known:
+        v = (<PyObject**>((<char*><PyObject*>r) + _pslot[k]))[0]
+        if v != NULL:
+            return <object>v
+    return getattr(r, name)
+
+
+def feed_ready(object queued, object feeds, object player, object sched, object due,
+               object on_recorded, int64_t slice_end, int64_t ahead):
+    """The twin's ``feed_ready``."""
+    cdef Py_ssize_t n = 0
+    cdef int64_t t
+    cdef timespec ts
+    cdef object now = player.clock.now
+    cdef bint clock = now is _monotonic_ns
+    cdef object get = feeds.get
+    cdef object to_end = feeds.move_to_end
+    cdef object popleft = queued.popleft
+    end_ns = player.end_ns
+    try:
+        while queued:
+            if clock:
+                clock_gettime(CLOCK_MONOTONIC, &ts)
+                t = <int64_t>ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+            else:
+                t = now()
+            if t >= slice_end:
+                break
+            got = queued[0]
+            it = (<tuple>got)[0]
+            item = (<tuple>got)[1]
+            req = (<tuple>item)[0]
+            if type(req) is not PlannedRequest or _pf(req, P_RECORDED_STATUS,
+                                                      "recorded_status") is None:
+                break
+            d = _deadline(sched, _pf(req, P_T, "t"), _pf(req, P_SEQ, "seq"), it)
+            if d is None or (end_ns is not None and d >= end_ns) or d - ahead > t:
+                break
+            key = (_pf(req, P_CONN, "conn"), it)
+            f = get(key)
+            if f is None or (f.pumping is not None and _pf(req, P_PIPELINED, "pipelined")):
+                break
+            popleft()
+            to_end(key)
+            f.items.append(req)
+            n += 1
+            w = f.waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+            if due is not None:
+                due.append(d)
+            if on_recorded is not None and it == 0:
+                on_recorded((<tuple>item)[1], (<tuple>item)[2])
+    finally:
+        if n:
+            player.fed += n
+    return n

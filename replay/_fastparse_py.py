@@ -2493,6 +2493,58 @@ class PumpCore:
             self._wake(True)
 
 
+# -- the stream feeder's common step --------------------------------------------------------------
+
+
+def feed_ready(queued, feeds, player, sched, due, on_recorded, slice_end, ahead) -> int:
+    """The planned requests at the head of ``queued`` (a streamed plan's ``(pass, item)``, in
+    recorded time order) that ``replay.play.sender.Player._launch_stream`` takes each without
+    waiting or deciding anything, handed over as it would: those with their recorded status,
+    due (``deadline``, by ``sched``) before ``player.end_ns`` and within ``ahead`` of the clock
+    (``player.clock.now``), while the clock is before ``slice_end``, for a connection already fed
+    (``feeds``: an OrderedDict of ``_Feed`` by (recorded connection, pass)), and not a pipelined
+    request to a connection whose answers send (``_Feed.put`` sends it itself). Each goes to the
+    end of its feed's ``items`` (its waiter woken), the feed to the end of ``feeds``, its
+    deadline to the end of ``due`` (a ``StreamLookahead``'s list, or None), and, of the first
+    pass, its recorded request and final response to ``on_recorded`` (or None);
+    ``player.fed`` counts them. The first that is not so stays in ``queued``, for the feeder's
+    own steps. Returns how many were handed over."""
+    n = 0
+    now = player.clock.now
+    end_ns = player.end_ns
+    try:
+        while queued:
+            t = now()
+            if t >= slice_end:
+                break
+            it, item = queued[0]
+            req = item[0]
+            if req.__class__ is not PlannedRequest or req.recorded_status is None:
+                break
+            d = deadline(sched, req.t, req.seq, it)
+            if d is None or (end_ns is not None and d >= end_ns) or d - ahead > t:
+                break
+            key = (req.conn, it)
+            f = feeds.get(key)
+            if f is None or (f.pumping is not None and req.pipelined):
+                break
+            queued.popleft()
+            feeds.move_to_end(key)
+            f.items.append(req)
+            n += 1
+            w = f.waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+            if due is not None:
+                due.append(d)
+            if on_recorded is not None and it == 0:
+                on_recorded(item[1], item[2])
+    finally:
+        if n:
+            player.fed += n
+    return n
+
+
 # -- the streamed replay's planner ----------------------------------------------------------------
 
 

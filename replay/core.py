@@ -64,6 +64,7 @@ make_messages = impl.make_messages
 first_field = impl.first_field
 Attempt = impl.Attempt
 deadline = impl.deadline
+feed_ready = impl.feed_ready
 PumpCore = impl.PumpCore
 Tally = impl.Tally
 StreamPlanner = impl.StreamPlanner

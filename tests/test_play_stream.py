@@ -133,6 +133,10 @@ def _run(plan, url, tmp_path, name, speed=None, loop=False, limit=0, recorded=No
                        ps.About("in", tgt.display), output=ps.ExchangeLog(out, recorded=recorded))
     report = s.run()
     outputs.commit()
+    if plan.streaming:
+        # the reader's process ended (when it read everything, it is joined after the run,
+        # not in the middle of the sends)
+        assert s.player.reader.proc.exitcode == 0 and not s.player.reader.proc.is_alive()
     return report, str(tmp_path / name)
 
 

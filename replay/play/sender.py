@@ -416,6 +416,7 @@ class Player:
         self.timeout_ns = int(options.timeout * NS)
         self.lead = CONNECT_LEAD_TLS_NS if target.ssl else CONNECT_LEAD_NS
         self.lookahead = None       # a StreamLookahead the stream launcher tells its deadlines
+        self.reader_ended = None    # a stream's reader that ended on its own, joined after the run
         self.late_answers = None    # streamed: (conn id, index) -> status, recorded status unknown
         self.on_recorded = None     # (request, final) of each streamed request, for the output log
         self.fed = 0
@@ -516,6 +517,8 @@ class Player:
                 self.dues.close()
             if self.send_loop is not None:
                 self.send_loop.close()
+            if self.reader_ended is not None:
+                self.reader_ended.stop()
 
     async def _run(self):
         if self.plan.streaming:
@@ -586,6 +589,8 @@ class Player:
 
         plan, sched, pacer, now = self.plan, self.schedule, self.pacer, self.clock.now
         deadline = core.deadline
+        ready = core.feed_ready if sched.timed else None     # (--speed max: room to wait for)
+        due = self.lookahead.due if self.lookahead is not None else None
         reader = self.reader
         queued = reader.items    # what the reader sent, unpacked (``get`` takes more in)
         stride = plan.conn_stride
@@ -599,6 +604,13 @@ class Player:
         self.room = asyncio.Event()
         try:
             while not self.stopping and self.budget != 0:
+                if ready is not None and queued:
+                    # the common case, in the core: requests of connections already fed,
+                    # due within AHEAD_NS (+ slack), until the slice ends; then one at a time
+                    ready(queued, feeds, self, sched, due, self.on_recorded, slice_end,
+                          AHEAD_NS + FEED_SLACK_NS)
+                    if not queued:
+                        continue
                 got = queued.popleft() if queued else reader.get()
                 if got is None:
                     if reader.done:
@@ -703,7 +715,12 @@ class Player:
                 if self.on_recorded is not None and it == 0:
                     self.on_recorded(rec_req, rec_final)
         finally:
-            reader.stop()
+            if reader.done:
+                # it ended on its own: its process is joined after the run (``run``), not now,
+                # which would hold the loop, and the sends due, while that process exits (4 ms)
+                self.reader_ended = reader
+            else:
+                reader.stop()
             for f in feeds.values():
                 f.end()
 
