@@ -462,3 +462,40 @@ def test_a_batch_that_cannot_be_read_back_stops_the_replay_with_its_reason():
     assert "x.rlog: the plan's reader sent what cannot be read back" in str(r.items[0][1][1])
     tx.close()
     r.rx.close()
+
+
+def test_the_reader_lets_go_what_the_hold_lets_go_and_nothing_sooner():
+    """The reading process hands over a timed run's request once it is due within
+    ``READ_AHEAD_NS`` of the clock: before the schedule starts, the first ``READ_AHEAD_NS`` of
+    it; after, what the hold let go stays let go (a request due before then goes without the
+    hold's calls), and a request due later waits (here: until the reader is stopped)."""
+    import time
+    import types
+
+    from replay.play import sender
+    from replay.events import PlannedRequest
+
+    sched = Schedule(0, 10 * sender.NS, 1000, speed=1.0)
+    r = S.StreamReader(types.SimpleNamespace(t0=0), 1, sender._Hold(sched))
+    r._released, r._until = r.hold.released_until, None     # (as the child sets them)
+
+    def req(t):
+        return PlannedRequest(conn=1, index=t, t=t, data=b"", method="GET", uri="/",
+                              head_length=0, seq=0)
+
+    ahead = sender.READ_AHEAD_NS
+    r.parent = -1      # (a request the hold would not let go then ends the wait at once)
+    assert r._wait_for(req(0), 0) and r._wait_for(req(ahead), 0)    # prefill: the first second
+    assert not r._wait_for(req(ahead + 1), 0)                       # ... and no more
+    start = time.monotonic_ns()
+    r.start_ns.value = start
+    rng = random.Random(5)
+    for _ in range(300):
+        off = rng.choice([0, ahead // 2, ahead, ahead + 2_000_000, 3 * ahead]) + rng.randint(0, 999)
+        now = time.monotonic_ns()
+        went = r._wait_for(req(off), 0)
+        if off <= now - start + ahead:
+            assert went, off
+        elif off > time.monotonic_ns() - start + ahead:
+            assert not went, off
+    assert r._until is not None                                      # the fast way was taken

@@ -1183,6 +1183,10 @@ class _Hold:
             return 0.0 if off - self.first <= READ_AHEAD_NS else None
         return max(0.0, (start_ns + off - READ_AHEAD_NS - time.monotonic_ns()) / NS)
 
+    def released_until(self, start_ns: int) -> int:
+        """Started: every request due at this offset or before may go now (and later)."""
+        return time.monotonic_ns() - start_ns + READ_AHEAD_NS
+
 
 class _Feed:
     """The requests of one recorded connection, handed over as the stream's reader plans them

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from replay.core import StreamPlanner, pack_planned, unpack_planned
+from replay.core import StreamPlanner, deadline, pack_planned, unpack_planned
 from replay.errors import InputError, ReplayError
 from replay.events import F_REPLAYED, KIND_REQUEST, PlannedRequest
 
@@ -466,6 +466,8 @@ class StreamReader:
         _die_with_parent()
         self.rx.close()
         self.batch: list = []
+        self._released = getattr(self.hold, "released_until", None)
+        self._until = None        # offsets let go, once started (``_wait_for``)
         # --speed max: nothing to wait for (the sender bounds what it takes)
         self.timed = self.hold is not None and self.hold.schedule.timed
         try:
@@ -484,15 +486,28 @@ class StreamReader:
             self._tx.send(pack_planned(b))
 
     def _wait_for(self, req, it) -> bool:
-        """Until ``hold`` lets ``req`` of pass ``it`` go; False when stopping."""
+        """Until ``hold`` lets ``req`` of pass ``it`` go; False when stopping.
+
+        Once the schedule has started, what ``hold`` let go is let go until a later time
+        (``hold.released_until``, when the hold has it): a request due before that goes at
+        once, its offset computed by the core (``deadline``), without the hold's calls."""
+        until = self._until
+        if until is not None:
+            sched = self.hold.schedule
+            d = deadline(sched, req.t, req.seq, it)
+            if d is not None and d - sched.start <= until:
+                return True
         while not self._stop.value:
             self.hold.schedule.t0 = self.t0_ns.value     # the parent may move the start
             off = self.hold.offset(req, it)
             if off is None:
                 return True
-            wait = self.hold(off, self.start_ns.value)
+            start = self.start_ns.value
+            wait = self.hold(off, start)
             if wait is not None and wait <= 0:
                 self._state.value = 0
+                if start and self._released is not None:
+                    self._until = self._released(start)
                 return True
             if os.getppid() != self.parent:             # (only before a wait: a system call)
                 break
@@ -507,7 +522,7 @@ class StreamReader:
         if self._stop.value:
             return False
         head = item[0]
-        if isinstance(head, PlannedRequest):
+        if head.__class__ is PlannedRequest:
             if self.timed and not self._wait_for(head, it):
                 return False
             if not self.keep_recorded:
