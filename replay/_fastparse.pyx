@@ -1798,6 +1798,7 @@ cdef class Connection:
                 fr.eof(self.last_ts, clean)
 
 
+@cython.auto_pickle(False)
 cdef class Engine:
     """Packets in, HTTP messages out. One Engine per capture.
 
@@ -1877,6 +1878,9 @@ cdef class Engine:
         self.next_sweep = 0
         for name in STAT_NAMES:
             setattr(self, "st_" + name, 0)
+
+    def __cinit__(self, *args, **kwargs):
+        self.any_port = True          # (until __init__ says otherwise: port_map is NULL)
 
     def __dealloc__(self):
         free(self.port_map)
@@ -4000,24 +4004,26 @@ cdef Attempt _attempt(object req, object iteration, object deadline, object conn
 
 # The deadline of a request in a timed run: ``Schedule.deadline`` (replay.play.scheduler), the
 # same value computed here when the schedule is a ``Schedule`` whose numbers are as a run makes
-# them (float speed, rate and period; ints within 2**53, where a float holds them exactly, as
-# Python's own int-by-float division converts them): the same float operations, in the same
-# order, and ``int()``'s truncation. Any other schedule, or number, is asked.
+# them (float speed, rate and period; ints that int64 holds with room, recorded times of the
+# Unix epoch in ns included): the same float operations in the same order (an int turned into a
+# float rounds to nearest, ties to even, in C as in Python; the build keeps a product and a sum
+# rounded apart), and ``int()``'s truncation. Any other schedule, or number, is asked.
 
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 
 cdef object _Schedule = None
-cdef double C_NS = 1_000_000_000.0
-cdef int64_t C_EXACT = 1 << 53
+cdef int64_t C_EXACT = 1 << 53      # an int a float holds exactly
+cdef int64_t C_ROOM = 1 << 62       # an int whose sum or difference with another stays in int64
+cdef int64_t C_SMALL = 1 << 31      # ints whose product stays in int64
 
 
-cdef inline bint _exact(object v, int64_t* out) except -1:
-    """``v`` an int within +-2**53, into ``out``."""
+cdef inline bint _int64(object v, int64_t bound, int64_t* out) except -1:
+    """``v`` an int within +-``bound``, into ``out``."""
     cdef int overflow = 0
     if type(v) is not int:
         return False
     out[0] = PyLong_AsLongLongAndOverflow(v, &overflow)
-    return not overflow and -C_EXACT < out[0] < C_EXACT
+    return not overflow and -bound < out[0] < bound
 
 
 def deadline(sched, t, seq, iteration=0):
@@ -4036,20 +4042,21 @@ cdef object _deadline(object sched, object t, object seq, object it):
         return sched.deadline(t, seq, it)
     r = sched.rate
     s = sched.speed
-    if not (_exact(it, &cit) and _exact(sched.start, &start)):
+    if not (_int64(it, C_EXACT, &cit) and _int64(sched.start, C_ROOM, &start)):
         return sched.deadline(t, seq, it)
     if r is not None:
-        if type(r) is not float or not (_exact(seq, &cseq) and _exact(sched.requests, &requests)):
+        if type(r) is not float or not (_int64(seq, C_SMALL, &cseq) and _int64(
+                sched.requests, C_SMALL, &requests)) or not -C_SMALL < cit < C_SMALL:
             return sched.deadline(t, seq, it)
         rate = r
-        n = cseq + cit * requests
-        if not (-C_EXACT < n < C_EXACT) or not (-9_000_000_000 < n < 9_000_000_000):
+        n = cseq + cit * requests               # (within 2**63: each within 2**31)
+        if not -9_000_000_000 < n < 9_000_000_000:
             return sched.deadline(t, seq, it)
         v = <double>(n * 1_000_000_000) / rate
     elif s is not None:
         p = sched.period
         if type(s) is not float or type(p) is not float \
-                or not (_exact(t, &ct) and _exact(sched.t0, &t0)) or not (-C_EXACT < ct - t0 < C_EXACT):
+                or not (_int64(t, C_ROOM, &ct) and _int64(sched.t0, C_ROOM, &t0)):
             return sched.deadline(t, seq, it)
         speed = s
         period = p
@@ -4123,7 +4130,7 @@ from array import array as _array
 
 cdef enum:
     T_CODES = 1000          # status codes counted in arrays; others in dicts
-    T_FOLD_AT = 65536       # latencies held before they go into the report on their own
+    T_FOLD_AT = 65536       # latencies, or lateness of sends, held before the report takes them
 
 
 cdef inline int _sample(_carray.array a, object v) except -1:
@@ -5038,9 +5045,9 @@ def feed_ready(object queued, object feeds, object player, object sched, object 
             if t >= slice_end:
                 break
             got = queued[0]
-            it = (<tuple>got)[0]
-            item = (<tuple>got)[1]
-            req = (<tuple>item)[0]
+            it = (<tuple?>got)[0]
+            item = (<tuple?>got)[1]
+            req = (<tuple?>item)[0]
             if type(req) is not PlannedRequest or _pf(req, P_RECORDED_STATUS,
                                                       "recorded_status") is None:
                 break
@@ -5061,7 +5068,7 @@ def feed_ready(object queued, object feeds, object player, object sched, object 
             if due is not None:
                 due.append(d)
             if on_recorded is not None and it == 0:
-                on_recorded((<tuple>item)[1], (<tuple>item)[2])
+                on_recorded((<tuple?>item)[1], (<tuple?>item)[2])
     finally:
         if n:
             player.fed += n

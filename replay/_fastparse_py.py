@@ -2304,7 +2304,8 @@ class Tally:
     are the reference; the compiled ``PumpCore`` counts here (``Player.core_counts``)."""
 
     def __init__(self, report=None):
-        self.report = report       # (the compiled twin folds into it past 65,536 latencies)
+        self.report = report       # (the compiled twin folds into it every 65,536 answers or
+        #                             timed sends)
         self._reset()
 
     def _reset(self) -> None:

@@ -51,3 +51,25 @@ def test_send_loop_follows_the_core():
     for cls in ("SendLoop", "LoopTransport"):
         want = {n for n in vars(getattr(_sendloop_py, cls)) if not n.startswith("_")}
         assert want <= set(dir(getattr(_sendloop, cls))), (cls, want - set(dir(getattr(_sendloop, cls))))
+
+
+def test_an_engine_is_not_pickled_and_filters_only_once_made():
+    """An Engine holds C state (its port flags on the heap): it cannot be pickled or copied (a
+    clear error, where a copy of its pointer would crash), and one made without ``__init__``
+    passes every port instead of reading flags it does not have."""
+    import copy
+    import pickle
+
+    mod = load_compiled()
+    if mod is None:
+        pytest.skip("replay._fastparse is not built")
+    for eng in (mod.Engine(1), mod.Engine(1, ports=(80,))):
+        with pytest.raises(TypeError):
+            pickle.dumps(eng)
+        with pytest.raises(TypeError):
+            copy.deepcopy(eng)
+    bare = mod.Engine.__new__(mod.Engine)
+    del bare                                  # (freed without flags: nothing to free)
+    eng = mod.Engine(1, ports=(80,))
+    eng.__init__(1)                           # made again without ports: every port passes
+    eng.__init__(1, ports=(8080,))            # and again with some: their flags alone

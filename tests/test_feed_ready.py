@@ -60,13 +60,15 @@ class _Player:
 def _scenario(seed):
     rng = random.Random(seed)
     player = _Player(rng)
+    base = rng.choice([0, 1_795_471_418_243_554_000])     # recorded times: from the epoch
     if rng.random() < 0.3:
-        sched = Schedule(0, 10**6, 1000, rate=rng.choice([1e5, 3e4]), start=rng.choice([0, 5_000]))
+        sched = Schedule(base, 10**6, 1000, rate=rng.choice([1e5, 3e4]),
+                         start=rng.choice([0, 5_000]))
     else:
-        sched = Schedule(0, 10**6, 1000, speed=rng.choice([1.0, 10.0, 0.5]),
+        sched = Schedule(base, 10**6, 1000, speed=rng.choice([1.0, 10.0, 0.5]),
                          start=rng.choice([0, 5_000]))
     queued = deque()
-    t = 0
+    t = base
     for i in range(rng.randint(0, 40)):
         if rng.random() < 0.08:
             queued.append((rng.randint(0, 1), ("mark", i)))

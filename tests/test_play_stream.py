@@ -499,3 +499,5 @@ def test_the_reader_lets_go_what_the_hold_lets_go_and_nothing_sooner():
         elif off > time.monotonic_ns() - start + ahead:
             assert not went, off
     assert r._until is not None                                      # the fast way was taken
+    r.rx.close()
+    r._tx.close()

@@ -205,9 +205,10 @@ class _Waiter:
         self.log.append(("woken", v))
 
 
-def _request(i, method, pipelined):
+def _request(i, method, pipelined, base=0):
     data = f"{method} /r/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
-    return PlannedRequest(t=i, seq=i, conn=1, index=i, method=method, uri=f"/r/{i}", data=data,
+    return PlannedRequest(t=base + i, seq=i, conn=1, index=i, method=method, uri=f"/r/{i}",
+                          data=data,
                           head_length=len(data), pipelined=pipelined,
                           recorded_status=200 if i % 3 else None)
 
@@ -287,24 +288,29 @@ def _connection(core, player, log):
     return c
 
 
-def _real_schedule(rng):
+EPOCH = 1_795_471_418_243_554_000     # a recorded time: ns of the Unix epoch (the sample capture's)
+
+
+def _real_schedule(rng, base):
     """A ``Schedule`` of the sender's own (the compiled core computes its deadlines itself),
-    whose deadlines fall before, among and after the test clock's readings."""
+    whose deadlines fall before, among and after the test clock's readings; recorded times
+    from ``base``."""
     from replay.play.scheduler import Schedule
 
     start = rng.choice([0, 1_000, 1_050])
     if rng.random() < 0.3:
-        return Schedule(0, 11, 12, rate=rng.choice([1e8, 2.5e7, 3e7, 1.1e8]), start=start)
-    return Schedule(rng.choice([0, 2]), 11, 12, speed=rng.choice([10.0, 0.1, 0.025, 1 / 9]),
-                    start=start)
+        return Schedule(base, 11, 12, rate=rng.choice([1e8, 2.5e7, 3e7, 1.1e8]), start=start)
+    return Schedule(base + rng.choice([0, 2]), 11, 12,
+                    speed=rng.choice([10.0, 0.1, 0.025, 1 / 9]), start=start)
 
 
 def _run(core, seed, counting=False, before_fold=None, timed=False, real=False):
     rng = random.Random(seed)
     log: list = []
     n = rng.randint(1, 12)
-    reqs = [_request(i, rng.choice(["GET", "GET", "HEAD", "POST"]), i > 0 and rng.random() < 0.3)
-            for i in range(n)]
+    base = rng.choice([0, EPOCH]) if real else 0
+    reqs = [_request(i, rng.choice(["GET", "GET", "HEAD", "POST"]), i > 0 and rng.random() < 0.3,
+                     base) for i in range(n)]
     budget = rng.choice([None, None, rng.randint(1, n)])
     player = _CountingPlayer(log, budget, rng, core) if counting else _Player(log, budget)
     c = _connection(core, player, log)
@@ -312,7 +318,7 @@ def _run(core, seed, counting=False, before_fold=None, timed=False, real=False):
     dues = None
     if timed:
         # deadlines before, among and after the clock's readings; some past --duration's end
-        player.schedule = _real_schedule(rng) if real else \
+        player.schedule = _real_schedule(rng, base) if real else \
             _Schedule(log, rng.choice([0, 1_000, 1_050]), rng.choice([0, 9, 40]))
         player.end_ns = rng.choice([None, None, 1_200])
         dues = _Dues(log)
@@ -403,14 +409,16 @@ def test_pump_core_timed_by_the_senders_schedule_alike(seed):
 
 
 def _schedules():
-    ints = st.integers(-(1 << 60), 1 << 60)
+    ints = st.integers(-(1 << 64), 1 << 64)
     near = st.integers(-(1 << 54), 1 << 54)
+    epoch = st.integers(EPOCH - (1 << 50), EPOCH + (1 << 50))
     speed = st.one_of(st.floats(1e-6, 1e6), st.sampled_from([1.0, 10.0, 0.5, 1 / 3, 2]))
     rate = st.one_of(st.none(), st.floats(1e-3, 1e9), st.sampled_from([1234.5, 500, 10**6]))
-    return st.tuples(st.one_of(near, ints), st.integers(0, 1 << 62), st.integers(1, 10**9),
-                     speed, rate, st.one_of(near, st.integers(0, 1 << 62)),
-                     st.one_of(near, ints), st.one_of(st.integers(0, 10**7), near),
-                     st.integers(0, 10**5))
+    return st.tuples(st.one_of(epoch, near, ints), st.integers(0, 1 << 62),
+                     st.one_of(st.integers(1, 10**9), st.integers(1, 1 << 62)), speed, rate,
+                     st.one_of(near, st.integers(0, 1 << 62)), st.one_of(epoch, near, ints),
+                     st.one_of(st.integers(0, 10**7), near),
+                     st.one_of(st.integers(0, 10**5), st.integers(0, 1 << 60)))
 
 
 @needs_compiled
@@ -431,6 +439,34 @@ def test_deadline_is_the_schedules(case):
             compiled.deadline(sched, t, seq, it)
         return
     assert compiled.deadline(sched, t, seq, it) == want == pure.deadline(sched, t, seq, it)
+
+
+@needs_compiled
+def test_deadline_of_recorded_times_is_computed_in_c(monkeypatch):
+    """The deadlines of a run (recorded times of the Unix epoch, a monotonic start, float speed
+    or rate, passes of ``--loop``) are computed in C, without asking the schedule, to the
+    schedule's own value; an int speed is asked."""
+    from replay.play.scheduler import Schedule
+
+    asked = []
+    own = Schedule.deadline
+    monkeypatch.setattr(Schedule, "deadline",
+                        lambda self, *a: asked.append(a) or own(self, *a))
+    rng = random.Random(7)
+    for _ in range(3000):
+        t0 = EPOCH + rng.randint(-10**12, 10**12)
+        start = rng.choice([10**9, 10**12 + 7, 1 << 60])
+        if rng.random() < 0.3:
+            s = Schedule(t0, 10**12, 10**5, rate=rng.choice([500.0, 2000.0, 1234.5]), start=start)
+        else:
+            s = Schedule(t0, 10**12, 10**6, speed=rng.choice([1.0, 10.0, 0.5, 1 / 3, 1.1]),
+                         start=start)
+        t = t0 + rng.randint(0, 10**13)
+        seq, it = rng.randint(0, 10**6), rng.choice([0, 0, 1, 5, 9435])
+        assert compiled.deadline(s, t, seq, it) == own(s, t, seq, it)
+    assert asked == []
+    s = Schedule(EPOCH, 10**9, 10, speed=2, start=5)
+    assert compiled.deadline(s, EPOCH + 10, 0, 0) == own(s, EPOCH + 10, 0, 0) and len(asked) == 1
 
 
 def test_pump_core_timed_sends_at_the_deadline():

@@ -95,9 +95,9 @@ class Report:
         self.first_send_ns = 0
         self.last_answer_ns = 0
         self.wall_offset_ns: int | None = None    # clock ns + this = Unix ns (set by the run)
-        # what the core's PumpCore counts in the place of on_attempt, on_sent and on_answer (at
-        # --speed max), added in by fold(): before the report is read, at the end of a run, and
-        # by the tally itself every 65,536 answers
+        # what the core's PumpCore counts in the place of on_attempt, on_sent (with a timed
+        # send's lateness) and on_answer, added in by fold(): before the report is read, at the
+        # end of a run, and by the tally itself every 65,536 answers or timed sends
         self.tally = core.Tally(self)
 
     def fold(self) -> None:

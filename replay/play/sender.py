@@ -513,12 +513,14 @@ class Player:
         try:
             await self._run()
         finally:
-            if self.dues is not None:
-                self.dues.close()
-            if self.send_loop is not None:
-                self.send_loop.close()
-            if self.reader_ended is not None:
-                self.reader_ended.stop()
+            try:
+                if self.dues is not None:
+                    self.dues.close()
+                if self.send_loop is not None:
+                    self.send_loop.close()
+            finally:
+                if self.reader_ended is not None:
+                    self.reader_ended.stop()
 
     async def _run(self):
         if self.plan.streaming:
@@ -715,7 +717,7 @@ class Player:
                 if self.on_recorded is not None and it == 0:
                     self.on_recorded(rec_req, rec_final)
         finally:
-            if reader.done:
+            if reader.done and reader.finished:
                 # it ended on its own: its process is joined after the run (``run``), not now,
                 # which would hold the loop, and the sends due, while that process exits (4 ms)
                 self.reader_ended = reader
