@@ -93,13 +93,19 @@ cdef bint _find_offsets(object cls, tuple names, Py_ssize_t* out) except? False:
 _slots_known = _find_offsets(Message, _SLOT_NAMES, _slot)
 
 
-cdef inline object _field(object m, bint fast, int k, str name):
+cdef inline object _at(object o, bint known, Py_ssize_t offset, str name):
+    """The slot at ``offset`` of ``o`` when its class's layout is ``known`` and the slot is
+    set, else the attribute ``name``."""
     cdef PyObject* v
-    if fast:
-        v = (<PyObject**>((<char*><PyObject*>m) + _slot[k]))[0]
+    if known:
+        v = (<PyObject**>((<char*><PyObject*>o) + offset))[0]
         if v != NULL:
             return <object>v
-    return getattr(m, name)
+    return getattr(o, name)
+
+
+cdef inline object _field(object m, bint fast, int k, str name):
+    return _at(m, fast, _slot[k], name)
 
 
 cdef inline void _put(object m, int k, object v):
@@ -5015,12 +5021,7 @@ def unpack_planned(bytes blob not None, list others not None):
 # (``_deadline``) and the clock read here when it is ``time.monotonic_ns``.
 
 cdef inline object _pf(object r, int k, str name):
-    cdef PyObject* v
-    if _pslots_known:
-        v = (<PyObject**>((<char*><PyObject*>r) + _pslot[k]))[0]
-        if v != NULL:
-            return <object>v
-    return getattr(r, name)
+    return _at(r, _pslots_known, _pslot[k], name)
 
 
 def feed_ready(object queued, object feeds, object player, object sched, object due,
