@@ -3981,6 +3981,13 @@ cdef extern from "<time.h>" nogil:
 cdef object _monotonic_ns = _time.monotonic_ns
 
 
+cdef inline int64_t _monotonic() noexcept nogil:
+    """``time.monotonic_ns()``, read here."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+
+
 cdef class Attempt:
     """One planned request on its way: its deadline, when it was sent, on which pass."""
 
@@ -3988,23 +3995,22 @@ cdef class Attempt:
     cdef public bint unknown
 
     def __init__(self, req, iteration, deadline, conn_id):
+        self._set(req, iteration, deadline, conn_id)
+
+    cdef int _set(self, object req, object iteration, object deadline, object conn_id) except -1:
         self.req = req
         self.unknown = req.recorded_status is None     # as counted when it was tried
         self.iteration = iteration
         self.deadline = deadline
         self.sent_ns = 0
         self.conn_id = conn_id
+        return 0
 
 
 cdef Attempt _attempt(object req, object iteration, object deadline, object conn_id):
     """``Attempt(req, iteration, deadline, conn_id)``, without the call of its ``__init__``."""
     cdef Attempt a = Attempt.__new__(Attempt)
-    a.req = req
-    a.unknown = req.recorded_status is None
-    a.iteration = iteration
-    a.deadline = deadline
-    a.sent_ns = 0
-    a.conn_id = conn_id
+    a._set(req, iteration, deadline, conn_id)
     return a
 
 
@@ -4249,7 +4255,8 @@ cdef class Tally:
         if len(self.late):
             report.lateness.extend(self.late)
             report.lateness_free.extend(self.late_free)
-            report.recent_lateness.extend(self.late[-5000:])
+            recent = report.recent_lateness          # (a deque of the last ``maxlen``)
+            recent.extend(self.late[-recent.maxlen:] if recent.maxlen else self.late)
             report.held_by_response += self.held
         self._reset()
 
@@ -4315,10 +4322,8 @@ cdef class PumpCore:
         self.retry = []
 
     cdef inline object _now(self):
-        cdef timespec ts
         if self._clock:
-            clock_gettime(CLOCK_MONOTONIC, &ts)
-            return <int64_t>ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+            return _monotonic()
         return self.now()
 
     def data_received(self, data):
@@ -5029,7 +5034,6 @@ def feed_ready(object queued, object feeds, object player, object sched, object 
     """The twin's ``feed_ready``."""
     cdef Py_ssize_t n = 0
     cdef int64_t t
-    cdef timespec ts
     cdef object now = player.clock.now
     cdef bint clock = now is _monotonic_ns
     cdef object get = feeds.get
@@ -5038,11 +5042,7 @@ def feed_ready(object queued, object feeds, object player, object sched, object 
     end_ns = player.end_ns
     try:
         while queued:
-            if clock:
-                clock_gettime(CLOCK_MONOTONIC, &ts)
-                t = <int64_t>ts.tv_sec * 1_000_000_000 + ts.tv_nsec
-            else:
-                t = now()
+            t = _monotonic() if clock else now()
             if t >= slice_end:
                 break
             got = queued[0]

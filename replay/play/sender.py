@@ -1183,7 +1183,7 @@ class _Hold:
             if self.first is None:
                 self.first = off
             return 0.0 if off - self.first <= READ_AHEAD_NS else None
-        return max(0.0, (start_ns + off - READ_AHEAD_NS - time.monotonic_ns()) / NS)
+        return max(0.0, (off - self.released_until(start_ns)) / NS)
 
     def released_until(self, start_ns: int) -> int:
         """Started: every request due at this offset or before may go now (and later)."""
