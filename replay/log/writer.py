@@ -39,12 +39,28 @@ from replay.log import format as fmt
 
 
 FAST_PROBE_MIN = 64 << 10   # smaller payloads go straight to the configured level
-# Tables are compressed at this level at least: on API traffic a table is a fifth of a block's raw
-# bytes and half of its compressed size, and level 8 stores it 10 % smaller than level 3 (its
+# Tables are compressed as level 8 would at least: on API traffic a table is a fifth of a block's
+# raw bytes and half of its compressed size, and level 8 stores it 10 % smaller than level 3 (its
 # request targets above all). Level 9 stores API tables no smaller, in 1.4 times the time.
 TABLE_LEVEL = 8
+# ... but with level 8's match finder (lazy2) searching less (8 candidates, not 16) for longer
+# matches (6 bytes, not 5): the same size on API tables (100,000 exchanges: 1,432,274 bytes
+# against 1,432,670) in 0.70 of the time (86 against 123 ms); 1.8 % larger on the tables of large
+# bodies (a 396 MB log: 194 KB against 191 KB), 0.2 % on the corpus's. On a convert of API
+# traffic the table's compression was half the writer's CPU, which competes with the reading
+# (benchmarks/bench_convert.py --api). Used for levels up to TABLE_LEVEL; above, the level's own.
+TABLE_PARAMS = dict(window_log=21, chain_log=16, hash_log=17, search_log=3, min_match=6,
+                    target_length=0, strategy=zstd.STRATEGY_LAZY2)
 FAST_KEEP_RATIO = 0.85      # a fast frame this size or larger (of the raw bytes) is kept
 FAST_LEVEL = -3             # the first try of a large payload (see _compress_payload)
+
+
+def _table_compressor(level: int):
+    """The compressor of a block's table at the writer's ``level``: ``TABLE_PARAMS`` up to
+    ``TABLE_LEVEL``, the level itself above it."""
+    if level > TABLE_LEVEL:
+        return zstd.ZstdCompressor(level=level)
+    return zstd.ZstdCompressor(compression_params=zstd.ZstdCompressionParameters(**TABLE_PARAMS))
 
 
 class LogWriter:
@@ -72,7 +88,7 @@ class LogWriter:
         self._error_reported = False
         self._closed = False
         self._cctx = zstd.ZstdCompressor(level=level)  # used by one thread at a time
-        self._tctx = zstd.ZstdCompressor(level=max(level, TABLE_LEVEL))
+        self._tctx = _table_compressor(level)
         self._fast = zstd.ZstdCompressor(level=FAST_LEVEL) if level > -1 else None
         self._meta = {
             "format": f"rlog {fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}",
