@@ -501,3 +501,29 @@ def test_the_reader_lets_go_what_the_hold_lets_go_and_nothing_sooner():
     assert r._until is not None                                      # the fast way was taken
     r.rx.close()
     r._tx.close()
+
+
+def test_a_reader_that_read_everything_lingers_until_stopped(tmp_path):
+    """Its end mark comes at once, but its process exits only at ``stop()`` (after the run: its
+    exit is 4 ms of a CPU the sender may share), and then at once, with exit code 0."""
+    import time
+
+    cap = spread_capture(tmp_path / "in.pcap", n=12, conns=3, span_ns=100 * MS)
+    plan = RecordedSource(to_log(str(cap), tmp_path / "in.rlog")).plan("h")
+    r = plan.start(1)
+    deadline_s = time.monotonic() + 10
+    got = []
+    while not r.done and time.monotonic() < deadline_s:
+        item = r.get()
+        if item is None:
+            r.receive(0.05)
+        else:
+            got.append(item)
+    assert r.done and r.finished
+    assert sum(isinstance(i[1][0], S.PlannedRequest) for i in got) == 12
+    time.sleep(0.3)
+    assert r.proc.is_alive()                 # done reading, still there
+    t = time.monotonic()
+    r.stop()
+    assert not r.proc.is_alive() and r.proc.exitcode == 0
+    assert time.monotonic() - t < 0.9        # let go, not the 1 s check nor a kill

@@ -123,7 +123,10 @@ class KafkaPlan(StreamingPlan):
 
 
 class KafkaStreamReader(StreamReader):
-    """``StreamReader`` with a way back: the sender's acknowledgements (parent -> child)."""
+    """``StreamReader`` with a way back: the sender's acknowledgements (parent -> child). Its
+    process ends with its last commit (``close`` waits for that), without lingering."""
+
+    LINGER = False
 
     def __init__(self, plan: KafkaPlan, passes, hold=None, keep_recorded: bool = False):
         import multiprocessing as mp
