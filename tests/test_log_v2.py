@@ -276,7 +276,7 @@ def test_small_api_messages_take_a_third_less_than_in_version_1(tmp_path):
     fmt.encode_table = lambda block: (*rlog_v1.encode_table_v1(block), real(block)[4])
     try:
         with LogWriter(old, block_records=4096) as w:
-            w._tctx = w._cctx
+            w.table_level = w.level
             for m in msgs:
                 w.write(m)
     finally:

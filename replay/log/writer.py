@@ -7,8 +7,8 @@ Rules it keeps:
   name and renames a temporary file into place) and ``path`` only names it in messages;
 - ``write`` only buffers; a block is cut when it holds ``block_records`` messages or
   ``block_bytes`` message bytes, its table is encoded in the caller's thread, then it is
-  compressed and written by one background worker (zstd releases the GIL, so parsing and
-  compression overlap on two cores). At most ``max_pending`` blocks wait; order is kept;
+  compressed by one of ``WORKERS`` background threads and written in order (zstd releases the
+  GIL, so parsing and compression overlap on two cores). At most ``max_pending`` blocks wait;
 - ``write_rows`` takes the messages the core kept as rows (``Engine(rows=True)``) in the same
   blocks, and the worker encodes them too (the compiled core's rows are encoded mostly without
   the GIL): no ``Message`` object is made for them at all. ``convert`` of a capture goes this way;
@@ -28,6 +28,7 @@ import errno
 import json
 import os
 import stat
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -53,6 +54,11 @@ TABLE_PARAMS = dict(window_log=21, chain_log=16, hash_log=17, search_log=3, min_
                     target_length=0, strategy=zstd.STRATEGY_LAZY2)
 FAST_KEEP_RATIO = 0.85      # a fast frame this size or larger (of the raw bytes) is kept
 FAST_LEVEL = -3             # the first try of a large payload (see _compress_payload)
+# Blocks encoded and compressed at once, each by its own thread (and its own zstd contexts), then
+# written in the order they were given. One thread was the longer of the two on a convert: while
+# the reading waits for it (at most ``max_pending`` blocks queued) and at the end, when the last
+# blocks queued are compressed, a second one uses the core the reading leaves idle.
+WORKERS = 2
 
 
 def _table_compressor(level: int):
@@ -87,9 +93,10 @@ class LogWriter:
         self._error: OutputError | None = None
         self._error_reported = False
         self._closed = False
-        self._cctx = zstd.ZstdCompressor(level=level)  # used by one thread at a time
-        self._tctx = _table_compressor(level)
-        self._fast = zstd.ZstdCompressor(level=FAST_LEVEL) if level > -1 else None
+        self.level = level
+        self.table_level = None      # None: as ``_table_compressor`` says; else this level
+        self._local = threading.local()     # each thread's zstd contexts (``_zstd``)
+        self._turn = None            # set once the last job submitted has written its block
         self._meta = {
             "format": f"rlog {fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}",
             "tool": f"replay {__version__}",
@@ -109,7 +116,8 @@ class LogWriter:
                     os.fchmod(self._fd, 0o600)  # also when the file existed with another mode
             except OSError:
                 pass
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="rlog-writer") if threads else None
+        self._executor = (ThreadPoolExecutor(WORKERS, thread_name_prefix="rlog-writer")
+                          if threads else None)
         try:
             self._write_parts([fmt.pack_file_header()], None)
             self._submit(self._job_meta, self._meta_bytes())
@@ -264,10 +272,12 @@ class LogWriter:
         if self._error is not None:
             self._raise()
         if self._executor is None:
-            self._run(job, *args)
+            self._run(job, None, None, *args)
             return
+        before, turn = self._turn, threading.Event()
+        self._turn = turn
         pending = self._pending
-        pending.append(self._executor.submit(self._run, job, *args))
+        pending.append(self._executor.submit(self._run, job, before, turn, *args))
         while pending and (len(pending) > self.max_pending or pending[0].done()):
             self._result(pending.popleft())
 
@@ -281,28 +291,60 @@ class LogWriter:
         if self._error is not None:
             self._raise()
 
-    def _run(self, job, *args) -> None:
-        if self._error is None:  # after a failure nothing more is appended
-            job(*args)
+    def _run(self, job, before, turn, *args) -> None:
+        """``job(before, *args)`` on a worker: a job prepares its block (encodes, compresses),
+        then waits for ``before`` (the previous job's turn: written, or given up) to write it;
+        ``turn`` is set when this one is done, whatever happened."""
+        try:
+            if self._error is None:  # after a failure nothing more is appended
+                job(before, *args)
+        finally:
+            if turn is not None:
+                turn.set()
 
-    def _job_data(self, table: bytes, datas: list, count: int, t_min: int, t_max: int,
+    def _my_turn(self, before) -> bool:
+        """Wait until the jobs submitted before are done: True when this one may write."""
+        if before is not None:
+            before.wait()
+        return self._error is None
+
+    def _zstd(self, kind: str):
+        """This thread's zstd context: ``payload``, ``table``, or ``fast`` (None below level
+        0). A context is used by one thread at a time, and made again when the levels change."""
+        local = self._local
+        key = (kind, self.level, self.table_level)
+        ctx = local.__dict__.get(key, local)
+        if ctx is local:
+            if kind == "payload":
+                ctx = zstd.ZstdCompressor(level=self.level)
+            elif kind == "table":
+                ctx = (_table_compressor(self.level) if self.table_level is None
+                       else zstd.ZstdCompressor(level=self.table_level))
+            else:
+                ctx = zstd.ZstdCompressor(level=FAST_LEVEL) if self.level > -1 else None
+            local.__dict__[key] = ctx
+        return ctx
+
+    def _job_data(self, before, table: bytes, datas: list, count: int, t_min: int, t_max: int,
                   summary=None) -> None:
+        payload = b"".join(datas)
+        a = self._zstd("table").compress(table)
+        b = self._compress_payload(payload)
+        parts = fmt.pack_block(fmt.BLOCK_DATA, fmt.BF_A_ZSTD | fmt.BF_B_ZSTD, count, t_min, t_max,
+                               a, len(table), b, len(payload))
+        if not self._my_turn(before):
+            return
         if self._summary is not None and summary is not None:
             try:
                 if not self._summary.add(summary):
                     self._summary = None
             except Exception:  # noqa: BLE001  (the summary is optional: readers then scan)
                 self._summary = None
-        payload = b"".join(datas)
-        a = self._tctx.compress(table)
-        b = self._compress_payload(payload)
-        parts = fmt.pack_block(fmt.BLOCK_DATA, fmt.BF_A_ZSTD | fmt.BF_B_ZSTD, count, t_min, t_max,
-                               a, len(table), b, len(payload))
         self._write_parts(parts, (t_min, t_max, count, fmt.BLOCK_DATA))
 
-    def _job_rows(self, block) -> None:
+    def _job_rows(self, before, block) -> None:
         table, payload, t_min, t_max, summary = block.encode()
-        self._job_data(table, [payload], len(block), t_min, t_max, summary)
+        self._job_data(before, table, [payload], len(block), t_min, t_max, summary)
 
     def _compress_payload(self, payload: bytes) -> bytes:
         """Message bytes as a zstd frame: the configured level only where it pays.
@@ -314,29 +356,34 @@ class LogWriter:
         fast frame is kept, otherwise the payload is compressed again at ``level``. (Storing
         such payloads raw was tried: it saved 0.1 s on a 450 MB capture and cost 8 % of the log's
         size.)"""
-        fast = self._fast
+        fast = self._zstd("fast")
         n = len(payload)
         if fast is None or n < FAST_PROBE_MIN:
-            return self._cctx.compress(payload)
+            return self._zstd("payload").compress(payload)
         quick = fast.compress(payload)
         if len(quick) > FAST_KEEP_RATIO * n:
             return quick
-        return self._cctx.compress(payload)
+        return self._zstd("payload").compress(payload)
 
-    def _job_meta(self, data: bytes) -> None:
-        parts = fmt.pack_block(fmt.BLOCK_META, fmt.BF_A_ZSTD, 0, 0, 0, self._cctx.compress(data),
-                               len(data))
-        self._write_parts(parts, (0, 0, 0, fmt.BLOCK_META))
+    def _job_meta(self, before, data: bytes) -> None:
+        parts = fmt.pack_block(fmt.BLOCK_META, fmt.BF_A_ZSTD, 0, 0, 0,
+                               self._zstd("payload").compress(data), len(data))
+        if self._my_turn(before):
+            self._write_parts(parts, (0, 0, 0, fmt.BLOCK_META))
 
-    def _job_summary(self) -> None:
+    def _job_summary(self, before) -> None:
+        if not self._my_turn(before):        # (every block's summary added)
+            return
         if self._summary is None or not self._summary.holds():
             return
         data = fmt.encode_summary(self._summary)
         parts = fmt.pack_block(fmt.BLOCK_SUMMARY, fmt.BF_A_ZSTD, 0, 0, 0,
-                               self._cctx.compress(data), len(data))
+                               self._zstd("payload").compress(data), len(data))
         self._write_parts(parts, (0, 0, 0, fmt.BLOCK_SUMMARY))
 
-    def _job_index(self) -> None:
+    def _job_index(self, before) -> None:
+        if not self._my_turn(before):
+            return
         data = [e for e in self._entries if e[4] == fmt.BLOCK_DATA]
         t_min = min((e[1] for e in data), default=0)
         t_max = max((e[2] for e in data), default=0)
