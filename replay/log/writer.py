@@ -55,10 +55,15 @@ TABLE_PARAMS = dict(window_log=21, chain_log=16, hash_log=17, search_log=3, min_
 FAST_KEEP_RATIO = 0.85      # a fast frame this size or larger (of the raw bytes) is kept
 FAST_LEVEL = -3             # the first try of a large payload (see _compress_payload)
 # Blocks encoded and compressed at once, each by its own thread (and its own zstd contexts), then
-# written in the order they were given. One thread was the longer of the two on a convert: while
-# the reading waits for it (at most ``max_pending`` blocks queued) and at the end, when the last
-# blocks queued are compressed, a second one uses the core the reading leaves idle.
+# written in the order they were given. On a convert of small API messages the writer's one
+# thread was the longer of the two (the table's compression above all): while the reading waits
+# for it and at the end, when the last blocks queued are compressed, a second one uses the core
+# the reading leaves idle (the tail after the last packet: 35-40 ms -> 14-25 ms).
 WORKERS = 2
+# ... but payloads of this many bytes or more are compressed one at a time: the work on large
+# bodies is copies and a fast zstd level, bound by memory, and two at once made a convert of
+# them slower (465 MB capture: 0.96-1.16 s against 0.80-0.87 s) and 38 MiB larger at its peak.
+ALONE_FROM = 4 << 20
 
 
 def _table_compressor(level: int):
@@ -96,6 +101,7 @@ class LogWriter:
         self.level = level
         self.table_level = None      # None: as ``_table_compressor`` says; else this level
         self._local = threading.local()     # each thread's zstd contexts (``_zstd``)
+        self._alone = threading.Lock()      # held to compress a payload of ALONE_FROM bytes
         self._turn = None            # set once the last job submitted has written its block
         self._meta = {
             "format": f"rlog {fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}",
@@ -327,11 +333,32 @@ class LogWriter:
 
     def _job_data(self, before, table: bytes, datas: list, count: int, t_min: int, t_max: int,
                   summary=None) -> None:
+        if sum(len(d) for d in datas) >= ALONE_FROM:
+            with self._alone:
+                parts = self._data_block(table, datas, count, t_min, t_max)
+        else:
+            parts = self._data_block(table, datas, count, t_min, t_max)
+        self._write_data(before, parts, count, t_min, t_max, summary)
+
+    def _job_rows(self, before, block) -> None:
+        if block.nbytes >= ALONE_FROM:       # (its encoding copies the payload: inside too)
+            with self._alone:
+                table, payload, t_min, t_max, summary = block.encode()
+                parts = self._data_block(table, [payload], len(block), t_min, t_max)
+        else:
+            table, payload, t_min, t_max, summary = block.encode()
+            parts = self._data_block(table, [payload], len(block), t_min, t_max)
+        self._write_data(before, parts, len(block), t_min, t_max, summary)
+
+    def _data_block(self, table: bytes, datas: list, count: int, t_min: int, t_max: int) -> list:
         payload = b"".join(datas)
         a = self._zstd("table").compress(table)
         b = self._compress_payload(payload)
-        parts = fmt.pack_block(fmt.BLOCK_DATA, fmt.BF_A_ZSTD | fmt.BF_B_ZSTD, count, t_min, t_max,
-                               a, len(table), b, len(payload))
+        return fmt.pack_block(fmt.BLOCK_DATA, fmt.BF_A_ZSTD | fmt.BF_B_ZSTD, count, t_min, t_max,
+                              a, len(table), b, len(payload))
+
+    def _write_data(self, before, parts: list, count: int, t_min: int, t_max: int,
+                    summary) -> None:
         if not self._my_turn(before):
             return
         if self._summary is not None and summary is not None:
@@ -341,10 +368,6 @@ class LogWriter:
             except Exception:  # noqa: BLE001  (the summary is optional: readers then scan)
                 self._summary = None
         self._write_parts(parts, (t_min, t_max, count, fmt.BLOCK_DATA))
-
-    def _job_rows(self, before, block) -> None:
-        table, payload, t_min, t_max, summary = block.encode()
-        self._job_data(before, table, [payload], len(block), t_min, t_max, summary)
 
     def _compress_payload(self, payload: bytes) -> bytes:
         """Message bytes as a zstd frame: the configured level only where it pays.
