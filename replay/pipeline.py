@@ -19,8 +19,10 @@ def tune_allocator() -> None:
     """Ask glibc's malloc to keep freed large blocks for reuse instead of returning them to the
     kernel at once: the packet batches and message buffers of a capture are a few MiB each, and
     with the default (dynamic) mmap threshold every one of them costs fresh zeroed pages. On
-    /tmp/bench.pcap this takes convert's core from 0.52 s to 0.37 s. Elsewhere (musl, macOS)
-    nothing happens."""
+    /tmp/bench.pcap this takes convert's core from 0.52 s to 0.37 s. And one heap for all the
+    process's threads (``M_ARENA_MAX``), for ``convert``'s two writer threads. For every reading
+    of a capture file (``CaptureReader``: ``convert``, and ``play``, ``filter``, ``ls`` of a
+    capture), ``capture`` and ``shadow``. Elsewhere (musl, macOS) nothing happens."""
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return

@@ -139,33 +139,93 @@ def test_threaded_and_inline_writers_write_the_same_bytes(tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
-def test_blocks_compressed_out_of_order_are_written_in_order(tmp_path, monkeypatch):
-    """``WORKERS`` threads compress blocks at once; a block that is ready before the one given
-    before it waits for it: the file, its index and the bytes are those of the inline writer."""
+def _slow_even_blocks(monkeypatch, msgs, per_block, fail_at=None):
+    """Block ``i`` of ``msgs`` (``per_block`` messages each) takes 40 ms longer to make when
+    ``i`` is even, so with two workers the odd one after it is ready first; block ``fail_at``
+    raises. Returns the block numbers in the order they were made."""
     import threading
     import time
 
+    first = {min(m.ts_first for m in msgs[i:i + per_block]): i // per_block
+             for i in range(0, len(msgs), per_block)}
+    real = LogWriter._data_block
+    lock, made = threading.Lock(), []
+
+    def data_block(self, table, datas, count, t_min, t_max):
+        i = first[t_min]
+        if i == fail_at:
+            raise RuntimeError(f"block {i} cannot be made")
+        time.sleep(0.04 if i % 2 == 0 else 0.0)
+        out = real(self, table, datas, count, t_min, t_max)
+        with lock:
+            made.append(i)
+        return out
+
+    monkeypatch.setattr(LogWriter, "_data_block", data_block)
+    return made
+
+
+def test_blocks_compressed_out_of_order_are_written_in_order(tmp_path, monkeypatch):
+    """With ``WORKERS`` threads, a block ready before the one given before it waits for it: the
+    file, its index and its bytes are those of the inline writer, rows or messages."""
     assert writer_mod.WORKERS >= 2
     msgs = make_messages(2000)
     meta = {"created": "fixed"}
     inline = write_log(tmp_path / "inline.rlog", msgs, meta=meta, block_records=100, threads=False)
-    real = LogWriter._compress_payload
-    first = {}
-
-    def compress(self, payload):
-        # every other block takes longer than the next one: each pair ends in reverse order
-        who = threading.current_thread().name
-        first.setdefault(who, len(first))
-        time.sleep(0.03 if (len(payload) // 7) % 2 else 0.0)
-        return real(self, payload)
-
-    monkeypatch.setattr(LogWriter, "_compress_payload", compress)
+    made = _slow_even_blocks(monkeypatch, msgs, 100)
     threaded = write_log(tmp_path / "threaded.rlog", msgs, meta=meta, block_records=100,
-                         threads=True)
-    assert len(first) >= 2            # (both workers compressed blocks)
+                         workers=writer_mod.WORKERS)
+    assert sorted(made) == list(range(20)) and made != sorted(made), made  # some made out of order
     assert threaded.read_bytes() == inline.read_bytes()
     with LogReader(threaded) as r:
         assert r.indexed and list(r) == msgs
+
+
+def test_a_block_that_cannot_be_made_stops_the_writing_after_the_blocks_before(tmp_path,
+                                                                             monkeypatch):
+    """Its exception reaches the caller; the blocks before it are in the file, in order, and
+    none after it (though the other worker had one ready)."""
+    msgs = make_messages(2000)
+    _slow_even_blocks(monkeypatch, msgs, 100, fail_at=5)
+    path = tmp_path / "broken.rlog"
+    w = LogWriter(path, block_records=100, workers=writer_mod.WORKERS)
+    with pytest.raises(RuntimeError, match="block 5 cannot be made"):
+        for m in msgs:
+            w.write(m)
+        w.close()
+    w.close()
+    monkeypatch.undo()
+    with LogReader(path) as r:
+        assert list(r) == msgs[:500] and not r.indexed
+
+
+def test_a_block_interrupted_as_it_is_handed_over_does_not_hang_the_close(tmp_path):
+    """A Ctrl-C that lands inside the hand-over to a worker: the block is lost with it, but the
+    blocks after it are written and ``close`` returns."""
+    import threading
+
+    msgs = make_messages(1000)
+    w = LogWriter(tmp_path / "i.rlog", block_records=100, workers=writer_mod.WORKERS)
+    real, calls = w._executor.submit, [0]
+
+    def submit(*a, **k):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    w._executor.submit = submit
+    with pytest.raises(KeyboardInterrupt):
+        for m in msgs:
+            w.write(m)
+    for m in msgs[len(msgs) // 2:]:
+        w.write(m)
+    t = threading.Thread(target=w.close, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    with LogReader(tmp_path / "i.rlog") as r:
+        assert r.indexed and len(r) > 0
 
 
 @pytest.mark.parametrize("pcap", sorted(p.name for p in DATA.glob("*.pcap")) + ["sample.pcap"])

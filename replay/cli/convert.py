@@ -95,7 +95,10 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
 
             writer = KafkaWriter(output, settings, meta)
         else:
-            writer = formats.open_writer(out.path, out.detach(), meta, level=level)
+            from replay.log.writer import WORKERS
+
+            writer = formats.open_writer(out.path, out.detach(), meta, level=level,
+                                         workers=WORKERS)
         try:
             with Interrupts() as stop:     # a signal stops between batches: counts = log
                 try:

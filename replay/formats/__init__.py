@@ -69,8 +69,9 @@ def output_format(path: str) -> str:
     return "rlog"
 
 
-def open_writer(path: str, fd: int, meta: dict, level: int = 3, **options):
-    """A writer for ``path`` by its extension (``.rlog`` and anything unknown: a log)."""
+def open_writer(path: str, fd: int, meta: dict, level: int = 3, workers: int = 1, **options):
+    """A writer for ``path`` by its extension (``.rlog`` and anything unknown: a log, written
+    by ``workers`` threads)."""
     low = os.fspath(path).lower()
     for ext, (name, mod_path) in WRITERS:
         if low.endswith(ext):
@@ -83,4 +84,4 @@ def open_writer(path: str, fd: int, meta: dict, level: int = 3, **options):
             return mod.open_writer(path, fd, meta, format=name, **options)
     from replay.log import LogWriter
 
-    return LogWriter(path, fd=fd, meta=meta, level=level)
+    return LogWriter(path, fd=fd, meta=meta, level=level, workers=workers)

@@ -7,10 +7,11 @@ Rules it keeps:
   name and renames a temporary file into place) and ``path`` only names it in messages;
 - ``write`` only buffers; a block is cut when it holds ``block_records`` messages or
   ``block_bytes`` message bytes, its table is encoded in the caller's thread, then it is
-  compressed by one of ``WORKERS`` background threads and written in order (zstd releases the
-  GIL, so parsing and compression overlap on two cores). At most ``max_pending`` blocks wait;
+  compressed by a background thread (``workers`` of them: ``convert`` asks for ``WORKERS``) and
+  written in the order given (zstd releases the GIL, so parsing and compression overlap on two
+  cores). At most ``max_pending`` blocks wait;
 - ``write_rows`` takes the messages the core kept as rows (``Engine(rows=True)``) in the same
-  blocks, and the worker encodes them too (the compiled core's rows are encoded mostly without
+  blocks, and the workers encode them too (the compiled core's rows are encoded mostly without
   the GIL): no ``Message`` object is made for them at all. ``convert`` of a capture goes this way;
 - ``flush`` writes the partial block and waits until everything queued is in the file (then
   fsyncs): what a live capture calls every second so a kill loses at most that second;
@@ -20,6 +21,8 @@ Rules it keeps:
   reader rebuilds the index by scanning;
 - a failed write (disk full, I/O error) raises ``OutputError`` naming the file, once; the file is
   cut back to the end of the last complete block, so everything written before stays readable.
+  A block that could not be made (an exception in its encoding or compression) is raised to the
+  caller, and no block after it is written.
 """
 
 from __future__ import annotations
@@ -40,22 +43,27 @@ from replay.log import format as fmt
 
 
 FAST_PROBE_MIN = 64 << 10   # smaller payloads go straight to the configured level
-# Tables are compressed as level 8 would at least: on API traffic a table is a fifth of a block's
-# raw bytes and half of its compressed size, and level 8 stores it 10 % smaller than level 3 (its
-# request targets above all). Level 9 stores API tables no smaller, in 1.4 times the time.
+# Tables are compressed about as small as level 8 would at least: on API traffic a table is a
+# fifth of a block's raw bytes and half of its compressed size, and level 8 stores it 10 % smaller
+# than level 3 (its request targets above all). Level 9 stores API tables no smaller, in 1.4 times
+# the time.
 TABLE_LEVEL = 8
-# ... but with level 8's match finder (lazy2) searching less (8 candidates, not 16) for longer
-# matches (6 bytes, not 5): the same size on API tables (100,000 exchanges: 1,432,274 bytes
-# against 1,432,670) in 0.70 of the time (86 against 123 ms); 1.8 % larger on the tables of large
-# bodies (a 396 MB log: 194 KB against 191 KB), 0.2 % on the corpus's. On a convert of API
-# traffic the table's compression was half the writer's CPU, which competes with the reading
+# ... with level 8's match finder (lazy2) set for time: 8 candidates searched, not 16, for matches
+# of 6 bytes at least, not 5; no target length (16); smaller hash and chain tables (2^17 and 2^16
+# entries, not 2^20 and 2^19: a table is under 1 MiB). The same size on API tables of 8,192 rows
+# (100,000 exchanges: 1,432,274 bytes against 1,432,670) in 0.70 of the time (86 against 123 ms);
+# up to 2.4 % larger on tables of fewer rows, 1.8 % on the tables of large bodies (a 396 MB log:
+# 194 KB against 191 KB), 0.2 % on the corpus's. On a convert of API traffic the table's
+# compression was half the writer's CPU, which competes with the reading
 # (benchmarks/bench_convert.py --api). Used for levels up to TABLE_LEVEL; above, the level's own.
 TABLE_PARAMS = dict(window_log=21, chain_log=16, hash_log=17, search_log=3, min_match=6,
                     target_length=0, strategy=zstd.STRATEGY_LAZY2)
 FAST_KEEP_RATIO = 0.85      # a fast frame this size or larger (of the raw bytes) is kept
 FAST_LEVEL = -3             # the first try of a large payload (see _compress_payload)
-# Blocks encoded and compressed at once, each by its own thread (and its own zstd contexts), then
-# written in the order they were given. On a convert of small API messages the writer's one
+# ``replay convert``'s writer threads: blocks encoded and compressed at once, each by its own
+# thread (and its own zstd contexts), then written in the order they were given (``workers``;
+# other writers keep one: a replay's output log shares its process with the sender, a live
+# capture its CPU with the capture, neither measured with two). On a convert of small API messages the writer's one
 # thread was the longer of the two (the table's compression above all): while the reading waits
 # for it and at the end, when the last blocks queued are compressed, a second one uses the core
 # the reading leaves idle (the tail after the last packet: 35-40 ms -> 14-25 ms).
@@ -77,7 +85,7 @@ def _table_compressor(level: int):
 class LogWriter:
     def __init__(self, path, meta: dict | None = None, block_records: int = 8192,
                  block_bytes: int = 8 << 20, level: int = 3, threads: bool = True,
-                 max_pending: int = 4, fd: int | None = None):
+                 max_pending: int = 4, fd: int | None = None, workers: int = 1):
         from replay import __version__
 
         if block_records < 1 or block_bytes < 1:
@@ -94,7 +102,7 @@ class LogWriter:
         self._entries: list = []     # (offset, t_min, t_max, count, type) of written blocks
         self._records_on_disk = 0
         self._summary: fmt.Summary | None = fmt.Summary()    # None: given up (too many conns)
-        self._offset = 0             # end of the last complete block (worker-owned)
+        self._offset = 0             # end of the last complete block (the writing job's)
         self._error: OutputError | None = None
         self._error_reported = False
         self._closed = False
@@ -103,6 +111,7 @@ class LogWriter:
         self._local = threading.local()     # each thread's zstd contexts (``_zstd``)
         self._alone = threading.Lock()      # held to compress a payload of ALONE_FROM bytes
         self._turn = None            # set once the last job submitted has written its block
+        self._broken = False         # a job raised: no block after it is written
         self._meta = {
             "format": f"rlog {fmt.VERSION_MAJOR}.{fmt.VERSION_MINOR}",
             "tool": f"replay {__version__}",
@@ -122,7 +131,7 @@ class LogWriter:
                     os.fchmod(self._fd, 0o600)  # also when the file existed with another mode
             except OSError:
                 pass
-        self._executor = (ThreadPoolExecutor(WORKERS, thread_name_prefix="rlog-writer")
+        self._executor = (ThreadPoolExecutor(max(1, workers), thread_name_prefix="rlog-writer")
                           if threads else None)
         try:
             self._write_parts([fmt.pack_file_header()], None)
@@ -180,7 +189,7 @@ class LogWriter:
 
     def write_rows(self, rows) -> None:
         """The messages the core holds in ``rows`` (its ``RowBuffer``), in the blocks ``write``
-        would cut: each full block is taken now, to be encoded and written by the worker; rows
+        would cut: each full block is taken now, to be encoded and written by the workers; rows
         short of a block stay in ``rows`` until the next call, ``flush`` or ``close``."""
         if self._closed:
             raise ValueError("write to a closed LogWriter")
@@ -281,9 +290,10 @@ class LogWriter:
             self._run(job, None, None, *args)
             return
         before, turn = self._turn, threading.Event()
-        self._turn = turn
+        fut = self._executor.submit(self._run, job, before, turn, *args)
+        self._turn = turn            # (only once submitted: a turn nobody sets would hang them all)
         pending = self._pending
-        pending.append(self._executor.submit(self._run, job, before, turn, *args))
+        pending.append(fut)
         while pending and (len(pending) > self.max_pending or pending[0].done()):
             self._result(pending.popleft())
 
@@ -299,12 +309,21 @@ class LogWriter:
 
     def _run(self, job, before, turn, *args) -> None:
         """``job(before, *args)`` on a worker: a job prepares its block (encodes, compresses),
-        then waits for ``before`` (the previous job's turn: written, or given up) to write it;
-        ``turn`` is set when this one is done, whatever happened."""
+        then waits for ``before`` (the previous job's turn: written, or given up) to write it.
+        ``turn`` is set once this one is done and every one before it too, whatever happened; a
+        job that raised breaks the chain: no later one writes."""
+        failed = False
         try:
-            if self._error is None:  # after a failure nothing more is appended
+            if self._error is None and not self._broken:  # after a failure nothing is appended
                 job(before, *args)
+        except BaseException:
+            failed = True
+            raise
         finally:
+            if before is not None:
+                before.wait()         # (the blocks before this one are written first)
+            if failed:
+                self._broken = True
             if turn is not None:
                 turn.set()
 
@@ -312,7 +331,7 @@ class LogWriter:
         """Wait until the jobs submitted before are done: True when this one may write."""
         if before is not None:
             before.wait()
-        return self._error is None
+        return self._error is None and not self._broken
 
     def _zstd(self, kind: str):
         """This thread's zstd context: ``payload``, ``table``, or ``fast`` (None below level
