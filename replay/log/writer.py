@@ -63,10 +63,11 @@ FAST_LEVEL = -3             # the first try of a large payload (see _compress_pa
 # ``replay convert``'s writer threads: blocks encoded and compressed at once, each by its own
 # thread (and its own zstd contexts), then written in the order they were given (``workers``;
 # other writers keep one: a replay's output log shares its process with the sender, a live
-# capture its CPU with the capture, neither measured with two). On a convert of small API messages the writer's one
-# thread was the longer of the two (the table's compression above all): while the reading waits
-# for it and at the end, when the last blocks queued are compressed, a second one uses the core
-# the reading leaves idle (the tail after the last packet: 35-40 ms -> 14-25 ms).
+# capture its CPU with the capture, neither measured with two). On a convert of small API
+# messages the writer's one thread was the longer of the two (the table's compression above
+# all): while the reading waits for it and at the end, when the last blocks queued are
+# compressed, a second one uses the core the reading leaves idle (the tail after the last
+# packet: 35-40 ms -> 14-25 ms).
 WORKERS = 2
 # ... but payloads of this many bytes or more are compressed one at a time: the work on large
 # bodies is copies and a fast zstd level, bound by memory, and two at once made a convert of
