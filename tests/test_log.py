@@ -228,6 +228,84 @@ def test_a_block_interrupted_as_it_is_handed_over_does_not_hang_the_close(tmp_pa
         assert r.indexed and len(r) > 0
 
 
+def _direct_or_skip(path):
+    w = LogWriter(path, direct=True)
+    ok = w.direct
+    w.close()
+    if not ok:
+        pytest.skip(f"no O_DIRECT on the file system of {path}")
+
+
+@pytest.fixture
+def small_stage(monkeypatch):
+    """A stage of 3 pages, written out from 1: every path of the stage runs on small logs."""
+    monkeypatch.setattr(writer_mod, "DIRECT_STAGE", 3 * writer_mod.PAGE)
+    monkeypatch.setattr(writer_mod, "DIRECT_OUT", writer_mod.PAGE)
+
+
+@pytest.mark.parametrize("stage", ["small", "default"])
+def test_a_direct_writer_writes_the_bytes_of_the_page_cache_one(tmp_path, monkeypatch, stage):
+    """Past the page cache, whole pages at a time: the same file, also after a flush in the
+    middle (the file then ends where the last block does) and more blocks after it."""
+    _direct_or_skip(tmp_path / "probe.rlog")
+    if stage == "small":
+        monkeypatch.setattr(writer_mod, "DIRECT_STAGE", 3 * writer_mod.PAGE)
+        monkeypatch.setattr(writer_mod, "DIRECT_OUT", 2 * writer_mod.PAGE)
+    msgs = make_messages(3000)
+    meta = {"created": "fixed"}
+    for direct in (False, True):
+        path = tmp_path / f"direct-{direct}.rlog"
+        w = LogWriter(path, meta=meta, block_records=100, direct=direct, workers=2)
+        assert w.direct is direct
+        for m in msgs[:1234]:
+            w.write(m)
+        w.flush(fsync=False)
+        assert path.stat().st_size == w.bytes_written
+        with LogReader(path) as r:
+            assert list(r) == msgs[:1234]
+        for m in msgs[1234:]:
+            w.write(m)
+        w.close()
+    assert (tmp_path / "direct-True.rlog").read_bytes() == \
+        (tmp_path / "direct-False.rlog").read_bytes()
+
+
+@pytest.mark.parametrize("rescue", [True, False])
+def test_a_direct_write_that_fails_keeps_the_whole_blocks(tmp_path, monkeypatch, small_stage,
+                                                          rescue):
+    """The complete blocks still staged go in through the page cache (``rescue``); when that
+    fails too, the file keeps the blocks whole on the disk. Either way it reads back without a
+    torn block, and the error counts what it keeps."""
+    _direct_or_skip(tmp_path / "probe.rlog")
+    msgs = make_messages(1000)
+    path = tmp_path / "full.rlog"
+    real, calls, fail_at = os.pwrite, [0], [0]
+
+    def pwrite(fd, data, offset):
+        calls[0] += 1
+        if fail_at[0] and (calls[0] == fail_at[0] or (calls[0] > fail_at[0] and not rescue)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer_mod.os, "pwrite", pwrite)
+    write_log(tmp_path / "count.rlog", msgs, block_records=100, direct=True)
+    assert calls[0] > 4
+    calls[0], fail_at[0] = 0, calls[0] // 2      # half way through the writes
+    w = LogWriter(path, block_records=100, direct=True)
+    with pytest.raises(OutputError) as e:
+        for m in msgs:
+            w.write(m)
+        w.close()
+    w.close()
+    monkeypatch.undo()
+    with LogReader(path) as r:
+        back = list(r)
+        assert r.warnings == [] and not r.indexed
+    assert 0 < len(back) < len(msgs) and back == msgs[:len(back)]
+    assert str(e.value) == (f"{path}: cannot write: {os.strerror(errno.ENOSPC).lower()} "
+                            f"({len(back)} messages written before it are kept)")
+
+
 @pytest.mark.parametrize("pcap", sorted(p.name for p in DATA.glob("*.pcap")) + ["sample.pcap"])
 def test_round_trip_of_real_captures(tmp_path, pcap):
     from replay.pipeline import CaptureReader

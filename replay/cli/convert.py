@@ -98,7 +98,7 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
             from replay.log.writer import WORKERS
 
             writer = formats.open_writer(out.path, out.detach(), meta, level=level,
-                                         workers=WORKERS)
+                                         workers=WORKERS, direct=True)
         try:
             with Interrupts() as stop:     # a signal stops between batches: counts = log
                 try:

@@ -69,9 +69,10 @@ def output_format(path: str) -> str:
     return "rlog"
 
 
-def open_writer(path: str, fd: int, meta: dict, level: int = 3, workers: int = 1, **options):
+def open_writer(path: str, fd: int, meta: dict, level: int = 3, workers: int = 1,
+                direct: bool = False, **options):
     """A writer for ``path`` by its extension (``.rlog`` and anything unknown: a log, written
-    by ``workers`` threads)."""
+    by ``workers`` threads, past the page cache when ``direct``)."""
     low = os.fspath(path).lower()
     for ext, (name, mod_path) in WRITERS:
         if low.endswith(ext):
@@ -84,4 +85,4 @@ def open_writer(path: str, fd: int, meta: dict, level: int = 3, workers: int = 1
             return mod.open_writer(path, fd, meta, format=name, **options)
     from replay.log import LogWriter
 
-    return LogWriter(path, fd=fd, meta=meta, level=level, workers=workers)
+    return LogWriter(path, fd=fd, meta=meta, level=level, workers=workers, direct=direct)
