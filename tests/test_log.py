@@ -270,6 +270,76 @@ def test_a_direct_writer_writes_the_bytes_of_the_page_cache_one(tmp_path, monkey
         (tmp_path / "direct-False.rlog").read_bytes()
 
 
+def test_a_file_system_that_refuses_direct_writes_gets_them_through_the_page_cache(
+        tmp_path, monkeypatch, small_stage):
+    """O_DIRECT taken by ``fcntl`` but its writes refused (EINVAL, as some file systems do):
+    the log is written whole through the page cache, the same bytes, and no error."""
+    import fcntl
+
+    _direct_or_skip(tmp_path / "probe.rlog")
+    msgs = make_messages(1000)
+    meta = {"created": "fixed"}
+    plain = write_log(tmp_path / "plain.rlog", msgs, meta=meta, block_records=100)
+    real, refused = os.pwrite, [0]
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and offset >= 2 * writer_mod.PAGE:
+            refused[0] += 1
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer_mod.os, "pwrite", pwrite)
+    path = tmp_path / "refused.rlog"
+    with LogWriter(path, meta=meta, block_records=100, direct=True) as w:
+        for m in msgs:
+            w.write(m)
+    assert refused[0] == 1 and not w.direct
+    assert path.read_bytes() == plain.read_bytes()
+
+
+def test_a_direct_writer_keeps_the_blocks_before_one_that_cannot_be_made(tmp_path, monkeypatch,
+                                                                         small_stage):
+    """The complete blocks still staged go into the file as the writer closes, as the page
+    cache writer's would be there."""
+    _direct_or_skip(tmp_path / "probe.rlog")
+    msgs = make_messages(1000)
+    _slow_even_blocks(monkeypatch, msgs, 100, fail_at=5)
+    path = tmp_path / "broken.rlog"
+    w = LogWriter(path, block_records=100, direct=True, workers=2)
+    with pytest.raises(RuntimeError, match="block 5 cannot be made"):
+        for m in msgs:
+            w.write(m)
+        w.close()
+    w.close()
+    monkeypatch.undo()
+    with LogReader(path) as r:
+        assert list(r) == msgs[:500] and r.warnings == [] and not r.indexed
+
+
+def test_a_direct_write_that_fails_after_a_flush_keeps_what_was_flushed(tmp_path, monkeypatch,
+                                                                        small_stage):
+    _direct_or_skip(tmp_path / "probe.rlog")
+    msgs = make_messages(1000)
+    path = tmp_path / "flushed.rlog"
+    w = LogWriter(path, block_records=100, direct=True)
+    for m in msgs[:550]:
+        w.write(m)
+    w.flush(fsync=False)
+
+    def pwrite(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer_mod.os, "pwrite", pwrite)
+    with pytest.raises(OutputError, match=r"\(550 messages written before it are kept\)"):
+        for m in msgs[550:]:
+            w.write(m)
+        w.close()
+    w.close()
+    monkeypatch.undo()
+    with LogReader(path) as r:
+        assert list(r) == msgs[:550] and r.warnings == []
+
+
 @pytest.mark.parametrize("rescue", [True, False])
 def test_a_direct_write_that_fails_keeps_the_whole_blocks(tmp_path, monkeypatch, small_stage,
                                                           rescue):

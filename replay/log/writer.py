@@ -466,8 +466,10 @@ class LogWriter:
                 if stage.n >= DIRECT_OUT:
                     stage.out()
             except OSError as e:
-                self._direct_failed(start, e)
-                return
+                if e.errno != errno.EINVAL or not self._direct_refused(start):
+                    self._direct_failed(start, e)
+                    return
+                return self._write_parts(parts, entry)     # through the page cache from here
             self._offset = start + size
             if entry is not None:
                 self._entries.append((start, *entry))
@@ -504,12 +506,28 @@ class LogWriter:
                 self._direct_failed(self._offset, e)
                 self._raise()
 
+    def _direct_refused(self, start: int) -> bool:
+        """The file system took O_DIRECT but refuses its writes (EINVAL): the blocks before
+        ``start`` still staged go in through the page cache, which writes the rest. False when
+        that fails too."""
+        stage = self._stage
+        try:
+            if stage.rescue(start) < start:
+                return False
+            os.lseek(self._fd, start, os.SEEK_SET)
+        except OSError:
+            return False
+        self._stage = None
+        stage.close()
+        return True
+
     def _direct_failed(self, start: int, e: OSError) -> None:
         """A direct write failed: the complete blocks before ``start`` still staged go in
         through the page cache; if that fails too, the file keeps the blocks that are whole on
         the disk. Then the write fails as ``_write_parts`` does."""
         stage, self._stage = self._stage, None
         kept = stage.rescue(start)
+        stage.close()
         if kept < start:            # the last blocks that are whole in the file
             ends = [(b, a[3] if a[4] == fmt.BLOCK_DATA else 0)
                     for a, b in zip(self._entries, [x[0] for x in self._entries[1:]] + [start])]
@@ -544,6 +562,14 @@ class LogWriter:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        stage, self._stage = self._stage, None
+        if stage is not None:       # (also when closing failed: the complete blocks staged)
+            try:
+                if stage.rescue(self._offset) >= self._offset:
+                    os.ftruncate(self._fd, self._offset)
+            except OSError:
+                pass
+            stage.close()
         try:
             os.close(self._fd)
         except OSError:
@@ -562,6 +588,14 @@ class _Stage:
         self.view = memoryview(self.buf)
         self.n = 0
         self.disk = 0
+        self.tailed = 0         # the file is whole up to here (``tail``)
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self.buf.close()
+        except BufferError:     # a slice still held (by an exception's frame): freed with it
+            pass
 
     @classmethod
     def open(cls, fd: int):
@@ -605,6 +639,8 @@ class _Stage:
         the write; on again after)."""
         import fcntl
 
+        if upto <= self.disk:
+            return
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
         fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         try:
@@ -619,6 +655,7 @@ class _Stage:
         whole, with what follows)."""
         if self.n:
             self._buffered(self.disk + self.n)
+        self.tailed = self.disk + self.n
 
     def rescue(self, upto: int) -> int:
         """After a failed write: the staged bytes before ``upto`` into the file, O_DIRECT off
@@ -629,7 +666,7 @@ class _Stage:
             self._buffered(upto)
             whole = upto
         except OSError:
-            whole = self.disk
+            whole = min(max(self.disk, self.tailed), upto)
         try:
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         except OSError:
