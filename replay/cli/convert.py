@@ -95,10 +95,11 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
 
             writer = KafkaWriter(output, settings, meta)
         else:
-            from replay.log.writer import WORKERS
+            from replay.log.writer import DIRECT_FROM_INPUT, WORKERS
 
             writer = formats.open_writer(out.path, out.detach(), meta, level=level,
-                                         workers=WORKERS, direct=True)
+                                         workers=WORKERS,
+                                         direct=_input_size(capture) >= DIRECT_FROM_INPUT)
         try:
             with Interrupts() as stop:     # a signal stops between batches: counts = log
                 try:
@@ -166,3 +167,14 @@ def command(capture, output, ports, level, quiet, kafka_settings, from_, until, 
                        err=True)
     if interrupted:
         raise KeyboardInterrupt
+
+
+def _input_size(path) -> int:
+    """Bytes of the input file (0: not a regular file, or a topic)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0

@@ -80,6 +80,9 @@ ALONE_FROM = 4 << 20
 # copy cost 0.14 s of CPU per 400 MB, 1.2-1.5 s on pages this VM had not touched yet, against
 # 0.02 s direct; the whole convert took 0.57-0.72 s against 0.80-0.94 s (465 MB capture).
 DIRECT_STAGE = 8 << 20
+# ``replay convert`` writes directly from an input of this size (a smaller log stays in the page
+# cache, where what reads it next finds it, and grows block by block as it is written)
+DIRECT_FROM_INPUT = 256 << 20
 DIRECT_OUT = 4 << 20        # staged bytes written out once a block leaves this many
 PAGE = 4096                 # O_DIRECT's alignment of memory, length and file offset
 
