@@ -50,6 +50,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import re
 import shutil
 import signal
@@ -188,10 +189,15 @@ def replay(ns, cap, workdir, *args, timeout=120):
     rep = Path(workdir) / f"report-{time.monotonic_ns()}.json"
     cmd = [sys.executable, "-m", "replay.cli.main", "play", str(cap), "--target",
            f"http://127.0.0.1:{PORT}", "--report", str(rep), "-q", *map(str, args)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = ns.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise SystemExit(f"replay play failed ({r.returncode}): {r.stderr.strip()}")
-    return json.loads(rep.read_text())
+    out = json.loads(rep.read_text())
+    # the whole command's CPU (its start, and the process reading a log, included)
+    out["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return out
 
 
 def fmt_ms(v):

@@ -30,7 +30,8 @@ cdef extern from "Python.h":
 
 from replay.errors import InputError
 from replay.limits import (ADDR_TEXT_KEEP, IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE,
-                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER, ROWS_HAND_OVER)
+                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER, ROWS_DIRECT_FROM,
+                           ROWS_HAND_OVER)
 from replay.events import (
     F_CHUNKED,
     F_CLOSE_DELIMITED,
@@ -797,6 +798,9 @@ cdef inline _Mark _new_mark(Py_ssize_t end, int64_t ts, int64_t ack):
     return m
 
 
+cdef Py_ssize_t DIRECT_FIRST = 8 << 20    # a message framed into its own memory: at first
+
+
 cdef class Framer:
     """HTTP/1.x framing of one direction of one connection."""
 
@@ -826,6 +830,14 @@ cdef class Framer:
     cdef bint truncated_pending
     cdef int64_t lost_upto
     cdef int64_t sniff_from
+    # a Content-Length message framed straight into memory of its own (``_go_direct``), which
+    # its row takes: head and body so far, and the times of its first and last bytes
+    cdef char* dbuf               # NULL: buf holds the message, as always
+    cdef Py_ssize_t dlen, dcap
+    cdef int64_t d_ts_first, d_ts_last
+
+    def __dealloc__(self):
+        free(self.dbuf)
 
     def __init__(self, Connection conn, int side):
         self.conn = conn
@@ -857,10 +869,26 @@ cdef class Framer:
 
     # -- input from the stream ------------------------------------------------------------------
     cdef feed_ptr(self, const uint8_t* data, Py_ssize_t n, int64_t ts, int64_t ack):
-        cdef Py_ssize_t old
+        cdef Py_ssize_t old, take
         if self.state >= S_TUNNEL and self.state != S_RESYNC:
             self.eng.st_skipped_bytes += n
             return
+        if self.dbuf != NULL:
+            # the body goes straight into the message's memory; what follows its end, as always
+            take = n if n < self.remaining else <Py_ssize_t>self.remaining
+            if take:
+                self._direct_room(take)
+                memcpy(self.dbuf + self.dlen, data, take)
+                self.dlen += take
+                self.remaining -= take
+                self.base += take
+                self.d_ts_last = ts
+            if self.remaining == 0:
+                self._emit(0, None)
+            if take == n:
+                return
+            data += take
+            n -= take
         old = PyByteArray_GET_SIZE(self.buf)
         PyByteArray_Resize(self.buf, old + n)
         if n:
@@ -973,6 +1001,8 @@ cdef class Framer:
             if st == S_BODY_LEN:
                 avail = n - self.pos
                 if avail <= 0:
+                    if not final:
+                        self._go_direct()
                     return
                 take = avail if avail < self.remaining else self.remaining
                 self.pos += take
@@ -980,7 +1010,8 @@ cdef class Framer:
                 if self.remaining == 0:
                     self._emit(self.pos, None)
                 else:
-                    self._oversize()
+                    if not self._oversize():
+                        self._go_direct()
                     return
             elif st == S_START:
                 if n == 0:
@@ -1444,6 +1475,59 @@ cdef class Framer:
         self._emit(self.pos, None)
         self._lose_sync(0)
 
+    cdef int _go_direct(self) except -1:
+        """In a Content-Length body, with all of buf this message's: when the rows will keep it
+        (``Engine(rows=True)``) and it is of ``direct_from`` bytes or more and no more than
+        ``max_message``, the message so far moves to memory of its own, where the rest of its
+        body will go as it comes (``feed_ptr``), and which its row takes as it is (``_emit``).
+        Framed the same: ``base`` counts the bytes moved as ``buf``'s, and ``pos`` is 0."""
+        cdef Engine eng = self.eng
+        if eng.rows is None or self.dbuf != NULL or self.remaining <= 0:
+            return 0
+        cdef Py_ssize_t n = PyByteArray_GET_SIZE(self.buf)
+        cdef int64_t total = n + self.remaining
+        if (total < (<RowBuffer>eng.rows).direct_from or total > eng.max_message
+                or self.pos != n or n == 0 or not self.marks):
+            return 0
+        cdef Py_ssize_t cap = <Py_ssize_t>total if total <= DIRECT_FIRST else max(n, DIRECT_FIRST)
+        self.dbuf = <char*>malloc(cap)
+        if self.dbuf == NULL:
+            raise MemoryError()
+        memcpy(self.dbuf, PyByteArray_AS_STRING(self.buf), n)
+        self.dlen = n
+        self.dcap = cap
+        self.d_ts_first = self._ts_at(0)
+        self.d_ts_last = self._ts_at(n - 1)
+        self.base += n
+        if not _empty_bytearray(self.buf):
+            self.buf = bytearray()
+        PyList_SetSlice(self.marks, 0, len(self.marks), NULL)
+        self.pos = 0
+        return 0
+
+    cdef int _direct_room(self, Py_ssize_t more) except -1:
+        """Room in ``dbuf`` for ``more`` bytes: doubled, up to the whole message."""
+        if self.dlen + more <= self.dcap:
+            return 0
+        cdef int64_t total = self.dlen + self.remaining
+        cdef Py_ssize_t cap = max(2 * self.dcap, self.dlen + more)
+        if cap > total:
+            cap = <Py_ssize_t>total
+        cdef void* p = realloc(self.dbuf, cap)
+        if p == NULL:
+            raise MemoryError()
+        self.dbuf = <char*>p
+        self.dcap = cap
+        return 0
+
+    cdef Py_ssize_t _drop_direct(self):
+        """Let go of a message framed into memory of its own, unfinished: its size (0: none)."""
+        cdef Py_ssize_t n = self.dlen if self.dbuf != NULL else 0
+        free(self.dbuf)
+        self.dbuf = NULL
+        self.dlen = self.dcap = 0
+        return n
+
     cdef bint _oversize(self) except -1:
         cdef Engine eng = self.eng
         if self.pos > eng.max_message:
@@ -1463,18 +1547,27 @@ cdef class Framer:
         cdef list marks
         cdef _Mark m
         cdef Py_ssize_t k, nm
-        if self.state == S_BODY_CLOSE:
-            self.body_len = end - self.head_len
-        cdef int64_t ts_first = self._ts_at(0)
-        cdef int64_t ts_last = self._ts_at(end - 1) if end > 0 else ts_first
-        if ts_end is not None and not self.marks:
-            ts_last = ts_end
+        cdef bint direct = self.dbuf != NULL     # (the message is dbuf[:dlen]; buf is empty)
+        cdef int64_t ts_first, ts_last
+        cdef char* dbuf
+        cdef void* q
+        if direct:
+            end = self.dlen
+            ts_first = self.d_ts_first
+            ts_last = self.d_ts_last
+        else:
+            if self.state == S_BODY_CLOSE:
+                self.body_len = end - self.head_len
+            ts_first = self._ts_at(0)
+            ts_last = self._ts_at(end - 1) if end > 0 else ts_first
+            if ts_end is not None and not self.marks:
+                ts_last = ts_end
         cdef int flags = self.flags
         if self.role == ROLE_CLIENT:
             p = self.pending
             index = p.index if p is not None else -1
             if p is not None:
-                p.end = self.base + end
+                p.end = self.base + (0 if direct else end)
             self.pending = None
             kind = KIND_REQUEST
             eng.st_requests += 1
@@ -1491,7 +1584,18 @@ cdef class Framer:
         if self.truncated_pending:
             flags |= CF_TRUNCATED
         cdef Py_ssize_t head_len = self.head_len if self.head_len <= end else end
-        if eng.rows is not None:
+        if direct:
+            dbuf = self.dbuf
+            if self.dcap > end:         # (the room not used, given back)
+                q = realloc(dbuf, max(end, 1))
+                if q != NULL:
+                    dbuf = <char*>q
+            self.dbuf = NULL        # the row takes it
+            self.dlen = self.dcap = 0
+            (<RowBuffer>eng.rows).add(kind, conn.id, index, ts_first, ts_last, conn.client,
+                                      conn.server, flags, dbuf, end, self.method, self.uri,
+                                      self.status, self.body_len, head_len, True)
+        elif eng.rows is not None:
             (<RowBuffer>eng.rows).add(kind, conn.id, index, ts_first, ts_last, conn.client,
                                       conn.server, flags, PyByteArray_AS_STRING(self.buf), end,
                                       self.method, self.uri, self.status, self.body_len, head_len)
@@ -1501,6 +1605,8 @@ cdef class Framer:
                                     conn.server, flags, data, self.method, self.uri, self.status,
                                     self.body_len, head_len))
         self.produced += 1
+        if direct:
+            end = 0                 # (buf is empty: base counts the message already)
         # cut buf at end
         # (all of it: emptied keeping its memory, for the next message, where it can be)
         if not (end == PyByteArray_GET_SIZE(self.buf) and _empty_bytearray(self.buf)):
@@ -1770,6 +1876,7 @@ cdef class Connection:
         self.engine.st_upgraded_connections += 1
         for st in self.streams:
             fr = (<Stream>st).framer
+            self.engine.st_skipped_bytes += fr._drop_direct()
             if PyByteArray_GET_SIZE(fr.buf):
                 self.engine.st_skipped_bytes += PyByteArray_GET_SIZE(fr.buf)
             fr.buf = bytearray()
@@ -3351,14 +3458,22 @@ cdef Py_ssize_t ROWS_FRESH_MAX = 16 << 20  # room of the buffer made by a hand-o
 
 
 cdef class _Rows:
-    """Rows, each message's size, their bytes one after another, and their references."""
+    """Rows, each message's size, their bytes one after another, and their references. A row
+    whose message was framed into memory of its own (``ROWS_DIRECT_FROM``) keeps that memory:
+    its ``ext`` is not NULL, and its bytes are not in ``buf``."""
     cdef Row* rows
     cdef Py_ssize_t* size        # bytes of each row's message
     cdef Py_ssize_t n
     cdef char* buf
+    cdef char** ext              # each row's own memory, or NULL (the array: NULL until needed)
     cdef list refs               # client, server, uri, method of each row
 
     def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.ext != NULL:
+            for i in range(self.n):
+                free(self.ext[i])
+        free(self.ext)
         free(self.rows)
         free(self.size)
         free(self.buf)
@@ -3378,23 +3493,75 @@ cdef class RowBuffer(_Rows):
     most a quarter of its size held after it, takes the buffer itself instead (large bodies:
     no copy of them), and the rows left move to a new one."""
     cdef Py_ssize_t cap
-    cdef Py_ssize_t used, room
+    cdef Py_ssize_t used, room           # bytes in buf, and its size
+    cdef Py_ssize_t owned                # bytes of the rows held in memory of their own
     cdef Py_ssize_t first, head
     cdef public Py_ssize_t hand_over     # a block this large may take the buffer (``take``)
+    cdef public Py_ssize_t direct_from   # a framer's message this large gets memory of its own
 
     def __cinit__(self):
         self.refs = []
         self.hand_over = ROWS_HAND_OVER
+        self.direct_from = ROWS_DIRECT_FROM
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.ext != NULL:        # (the rows held are first on; those before were taken)
+            for i in range(self.first, self.first + self.n):
+                free(self.ext[i])
+            free(self.ext)
+            self.ext = NULL
 
     @property
     def nbytes(self):
         """Bytes of the messages held."""
-        return self.used
+        return self.used + self.owned
 
     cdef int add(self, uint8_t kind, uint64_t conn, int64_t index, int64_t ts_first,
                  int64_t ts_last, object client, object server, uint32_t flags,
                  const char* data, Py_ssize_t size, object method, object uri, uint16_t status,
-                 uint64_t body_length, Py_ssize_t head_length) except -1:
+                 uint64_t body_length, Py_ssize_t head_length, bint own=False) except -1:
+        """A row for the message ``data[:size]``, its bytes copied in; with ``own``, ``data``
+        is memory of its own (``malloc``) that the row takes as it is, whatever happens (on an
+        exception it is freed)."""
+        if own:
+            try:
+                self._room_for(0, head_length, True)
+            except BaseException:
+                free(<void*>data)
+                raise
+        else:
+            self._room_for(size, head_length, False)
+        cdef Row* r = &self.rows[self.n]
+        r.kind = kind
+        r.flags = flags
+        r.conn = conn
+        r.index = index
+        r.ts_first = ts_first
+        r.ts_last = ts_last
+        r.status = status
+        r.body_length = body_length
+        r.head_length = head_length
+        if own:
+            self.ext[self.n] = <char*>data
+            self.owned += size
+        else:
+            if self.ext != NULL:
+                self.ext[self.n] = NULL
+            memcpy(self.buf + self.used, data, size)
+            self.used += size
+        self.size[self.n] = size
+        self.n += 1
+        cdef list refs = self.refs          # (four appends: no tuple a message)
+        refs.append(client)
+        refs.append(server)
+        refs.append(uri)
+        refs.append(method)
+        return 0
+
+    cdef int _room_for(self, Py_ssize_t size, Py_ssize_t head_length, bint own) except -1:
+        """Room for one more row, and ``size`` more bytes in ``buf``; for a row of its own
+        memory, its place in ``ext``."""
         cdef Py_ssize_t cap, room
         cdef void* p
         if head_length > 0xFFFFFFFF:        # the column's range, as encode_block checks it
@@ -3411,7 +3578,16 @@ cdef class RowBuffer(_Rows):
             if p == NULL:
                 raise MemoryError()
             self.size = <Py_ssize_t*>p
+            if self.ext != NULL:
+                p = realloc(self.ext, cap * sizeof(char*))
+                if p == NULL:
+                    raise MemoryError()
+                self.ext = <char**>p
             self.cap = cap
+        if own and self.ext == NULL:
+            self.ext = <char**>calloc(self.cap, sizeof(char*))
+            if self.ext == NULL:
+                raise MemoryError()
         if self.used + size > self.room:
             room = max(1 << 16, 2 * self.room, self.used + size)
             p = realloc(self.buf, room)
@@ -3419,25 +3595,6 @@ cdef class RowBuffer(_Rows):
                 raise MemoryError()
             self.buf = <char*>p
             self.room = room
-        cdef Row* r = &self.rows[self.n]
-        r.kind = kind
-        r.flags = flags
-        r.conn = conn
-        r.index = index
-        r.ts_first = ts_first
-        r.ts_last = ts_last
-        r.status = status
-        r.body_length = body_length
-        r.head_length = head_length
-        memcpy(self.buf + self.used, data, size)
-        self.used += size
-        self.size[self.n] = size
-        self.n += 1
-        cdef list refs = self.refs          # (four appends: no tuple a message)
-        refs.append(client)
-        refs.append(server)
-        refs.append(uri)
-        refs.append(method)
         return 0
 
     def block_end(self, Py_ssize_t records, Py_ssize_t max_bytes):
@@ -3457,29 +3614,39 @@ cdef class RowBuffer(_Rows):
             raise ValueError(f"take {count} of {self.n} rows")
         cdef RowBlock b = RowBlock.__new__(RowBlock)
         cdef Py_ssize_t i, nbytes = 0, f = self.first
+        cdef Py_ssize_t inb = 0             # of those, bytes in buf (not in memory of their own)
         for i in range(count):
             nbytes += self.size[f + i]
-        cdef Py_ssize_t rest = self.used - nbytes, room = 0
+            if self.ext == NULL or self.ext[f + i] == NULL:
+                inb += self.size[f + i]
+        cdef Py_ssize_t rest = self.used - inb, room = 0
         cdef char* fresh = NULL
+        cdef char** ext = NULL
         cdef void* q
         b.rows = <Row*>malloc(count * sizeof(Row))
         b.size = <Py_ssize_t*>malloc(count * sizeof(Py_ssize_t))
         if b.rows == NULL or b.size == NULL:
             raise MemoryError()         # b frees what it got
-        if self.head == 0 and nbytes >= self.hand_over and rest <= nbytes // 4:
+        if inb != nbytes:
+            ext = <char**>malloc(count * sizeof(char*))
+            if ext == NULL:
+                raise MemoryError()
+        if self.head == 0 and inb >= self.hand_over and rest <= inb // 4:
             # the block takes the buffer itself, and what follows its rows moves to a new one
             # with room for another such block: a block of large bodies is not copied once more
             # (8 MiB a block)
-            room = rest + min(nbytes + nbytes // 2, ROWS_FRESH_MAX)
+            room = rest + min(inb + inb // 2, ROWS_FRESH_MAX)
             fresh = <char*>malloc(max(room, 1))
             if fresh == NULL:
+                free(ext)
                 raise MemoryError()
-            memcpy(fresh, self.buf + nbytes, rest)
+            memcpy(fresh, self.buf + inb, rest)
         else:
-            b.buf = <char*>malloc(max(nbytes, 1))
+            b.buf = <char*>malloc(max(inb, 1))
             if b.buf == NULL:
+                free(ext)
                 raise MemoryError()
-            memcpy(b.buf, self.buf + self.head, nbytes)
+            memcpy(b.buf, self.buf + self.head, inb)
         b.n = count
         b.nbytes = nbytes
         memcpy(b.rows, self.rows + f, count * sizeof(Row))
@@ -3492,15 +3659,21 @@ cdef class RowBuffer(_Rows):
                              b.refs[4 * i + 3])
         except BaseException:
             free(fresh)
+            free(ext)
             raise
         # nothing can fail from here on: the rows leave this buffer
+        if ext != NULL:             # (their own memory goes with them)
+            memcpy(ext, self.ext + f, count * sizeof(char*))
+            memset(self.ext + f, 0, count * sizeof(char*))
+            b.ext = ext
+            self.owned -= nbytes - inb
         self.n -= count
-        self.used -= nbytes
+        self.used -= inb
         if fresh != NULL:
             b.buf = self.buf
             self.buf = fresh
             self.room = room
-            q = realloc(b.buf, max(nbytes, 1))     # (the room beyond the block given back)
+            q = realloc(b.buf, max(inb, 1))     # (the room beyond the block given back)
             if q != NULL:
                 b.buf = <char*>q
             # the rows left go to the front now, beside their bytes (no compaction at the next
@@ -3508,7 +3681,7 @@ cdef class RowBuffer(_Rows):
             self.first += count
             self._to_front()
             return b
-        self.head += nbytes
+        self.head += inb
         self.first += count
         if not self.n:
             self._compact()
@@ -3518,6 +3691,9 @@ cdef class RowBuffer(_Rows):
         """The rows held (``first`` on, their bytes ``head`` on) move to the front."""
         memmove(self.rows, self.rows + self.first, self.n * sizeof(Row))
         memmove(self.size, self.size + self.first, self.n * sizeof(Py_ssize_t))
+        if self.ext != NULL and self.first:
+            memmove(self.ext, self.ext + self.first, self.n * sizeof(char*))
+            memset(self.ext + self.n, 0, self.first * sizeof(char*))   # (moved: not theirs)
         if self.head:
             memmove(self.buf, self.buf + self.head, self.used)
         del self.refs[:4 * self.first]
@@ -3560,8 +3736,11 @@ cdef class RowBlock(_Rows):
             with nogil:
                 memcpy(r, self.rows, n * sizeof(Row))
                 for i in range(n):
-                    dp[i] = self.buf + pos
-                    pos += self.size[i]
+                    if self.ext != NULL and self.ext[i] != NULL:
+                        dp[i] = self.ext[i]
+                    else:
+                        dp[i] = self.buf + pos
+                        pos += self.size[i]
             payload = self.names.payload(r, n, dp, self.size)
             return _encode_rows(r, n, self.names.tail, payload)
         finally:
@@ -3576,12 +3755,14 @@ cdef class RowBlock(_Rows):
         cdef list refs = self.refs
         for i in range(self.n):
             r = &self.rows[i]
+            if self.ext != NULL and self.ext[i] != NULL:
+                data = PyBytes_FromStringAndSize(self.ext[i], self.size[i])
+            else:
+                data = PyBytes_FromStringAndSize(self.buf + pos, self.size[i])
+                pos += self.size[i]
             out.append(_message(r.kind, r.conn, r.index, r.ts_first, r.ts_last, refs[4 * i],
-                                refs[4 * i + 1], r.flags,
-                                PyBytes_FromStringAndSize(self.buf + pos, self.size[i]),
-                                refs[4 * i + 3], refs[4 * i + 2], r.status, r.body_length,
-                                r.head_length))
-            pos += self.size[i]
+                                refs[4 * i + 1], r.flags, data, refs[4 * i + 3], refs[4 * i + 2],
+                                r.status, r.body_length, r.head_length))
         return out
 
 

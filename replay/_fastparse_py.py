@@ -71,7 +71,8 @@ from replay.events import (
 from replay.layout import ROW_FIELDS, ROW_STRUCT, TABLE_COLUMNS, WIDTHS, bad_address, unfit
 from replay.limits import (ADDR_TEXT_KEEP, ANSWER_WAIT_NS, CONN_IDLE_NS, EXPIRE_EVERY_NS,
                            IDLE_TIMEOUT, MAX_EARLY, MAX_HEAD, MAX_LATE, MAX_MESSAGE, MAX_PENDING,
-                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER, REORDER_NS, ROWS_HAND_OVER)
+                           MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER, REORDER_NS, ROWS_DIRECT_FROM,
+                           ROWS_HAND_OVER)
 from replay.seqnum import unwrap
 
 # Link types (https://www.tcpdump.org/linktypes.html)
@@ -1288,6 +1289,9 @@ class RowBuffer:
         # taken from its start (``ROWS_HAND_OVER``); nothing here, where a block's messages are
         # only referred to
         self.hand_over = ROWS_HAND_OVER
+        # the compiled core frames a Content-Length message of at least this many bytes into
+        # memory its row takes (``ROWS_DIRECT_FROM``); here every message is framed alike
+        self.direct_from = ROWS_DIRECT_FROM
 
     def __len__(self):
         return len(self.held)

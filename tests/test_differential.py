@@ -337,10 +337,14 @@ def test_response_framers_agree(script):
 
 
 # -- rows (Engine(rows=True)): the messages kept as table rows for the log writer ---------------
-def run_rows(mod, packets, cuts, records, max_bytes, **opts):
+def run_rows(mod, packets, cuts, records, max_bytes, direct_from=None, **opts):
     """``Engine(rows=True)`` through ``feed_batch``, its blocks taken after each call as
-    ``LogWriter.write_rows`` takes them, and the rest at the end."""
+    ``LogWriter.write_rows`` takes them, and the rest at the end. ``direct_from``: the rows'
+    (the compiled core frames a Content-Length message of that many bytes or more into memory
+    its row takes; 1: every one)."""
     eng = mod.Engine(1, rows=True, **opts)
+    if direct_from is not None:
+        eng.rows.direct_from = direct_from
     blocks = []
 
     def take():
@@ -376,8 +380,8 @@ def writer_cuts(msgs, records, max_bytes):
        st.sampled_from([1, 200, 1 << 20]))
 def test_rows_are_the_messages(packets, cuts, records, max_bytes):
     want, stats = run_batches(pure, packets, cuts)
-    for mod in (pure, compiled):
-        blocks, got_stats = run_rows(mod, packets, cuts, records, max_bytes)
+    for mod, direct_from in ((pure, None), (compiled, None), (compiled, 1)):
+        blocks, got_stats = run_rows(mod, packets, cuts, records, max_bytes, direct_from)
         assert got_stats == stats
         assert [m for b in blocks for m in b.messages()] == want
         assert [len(b) for b in blocks] == writer_cuts(want, records, max_bytes)
@@ -389,10 +393,84 @@ def test_rows_are_the_messages(packets, cuts, records, max_bytes):
             at += len(b)
 
 
+def _large_body_packets(case):
+    """One connection: a 200 KB POST and a 300 KB answer in 1,448-byte segments, then a GET;
+    ``case`` says what happens on the way (see the test)."""
+    body = bytes(range(256)) * 800
+    req = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    get = b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n"
+    rbody = body + body[:100_000]
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(rbody) + rbody
+    ok = b"HTTP/1.1 204 No Content\r\n\r\n"
+    pk, t, nxt = [], [T0], [1000, 5000]
+    ends = (CLIENT, SERVER)
+
+    def add(side, flags, payload=b"", skip=False):
+        t[0] += 20_000
+        if not skip:
+            pk.append((t[0], frame(ends[side], ends[1 - side], nxt[side], nxt[1 - side], flags,
+                                   payload)))
+        nxt[side] += len(payload) + (1 if flags & 0x03 else 0)
+
+    add(0, 0x02)
+    add(1, 0x12)
+    add(0, 0x10)
+    client = req + get if case in ("pipelined", "gap-across-end") else req
+    segs = [client[i:i + 1448] for i in range(0, len(client), 1448)]
+    for k, seg in enumerate(segs):
+        # a segment lost in the middle of the body; or the one across its end and the next head
+        lost = (case == "gap-inside" and k == 40) or (case == "gap-across-end" and k == len(segs) - 1)
+        add(0, 0x18, seg, skip=lost)
+    if case == "gap-across-end":
+        add(0, 0x18, get)               # the GET after the lost one
+    for k in range(0, len(resp), 1448):
+        add(1, 0x18, resp[k:k + 1448], skip=case == "reset" and k > 100_000)
+        if case == "reset" and k > 150_000:
+            add(1, 0x04)                # a reset in the middle of the answer
+            return pk
+        if case == "cut" and k > 150_000:
+            return pk                   # the capture ends in the middle of the answer's body
+    if case != "pipelined":
+        add(0, 0x18, get)
+    add(1, 0x18, ok)
+    add(0, 0x11)
+    add(1, 0x11)
+    add(0, 0x10)
+    return pk
+
+
+@pytest.mark.parametrize("case", ["plain", "pipelined", "gap-inside", "gap-across-end", "cut",
+                                  "reset"])
+def test_large_bodies_framed_into_their_own_memory(case):
+    """Content-Length bodies of hundreds of KB (over ``ROWS_DIRECT_FROM``), which the compiled
+    core frames into memory of their own: the same rows and blocks as the twin's, whether the
+    body ends inside a segment that also starts the next request, loses a segment inside or
+    across its end, or is cut by the end of the capture or a reset."""
+    packets = _large_body_packets(case)
+    want, stats = run_batches(pure, packets, [])
+    assert any(len(m.data) > 200_000 for m in want)
+    for mod in (pure, compiled):
+        for records, max_bytes in ((1, 1 << 20), (3, 1 << 20), (500, 64 << 10)):
+            blocks, got_stats = run_rows(mod, packets, [], records, max_bytes)
+            assert got_stats == stats
+            assert [m for b in blocks for m in b.messages()] == want
+            at = 0
+            for b in blocks:
+                part = want[at:at + len(b)]
+                assert b.nbytes == sum(len(m.data) for m in part)
+                assert b.encode() == pure.encode_block(part)
+                at += len(b)
+
+
+@pytest.mark.parametrize("direct_from", [None, 1], ids=["direct-default", "direct-all"])
 @pytest.mark.parametrize("path", _captures(), ids=lambda p: p.name)
-def test_real_captures_rows_identical(path: Path):
+def test_real_captures_rows_identical(path: Path, direct_from):
+    """The rows' blocks of the two cores alike; ``direct_from`` 1: every Content-Length message
+    of the compiled core framed into memory of its own."""
     encoded = []
     for src, eng in _both_on(path, rows=True):
+        if direct_from is not None:
+            eng.rows.direct_from = direct_from
         blocks = []
         for buf, meta in src.batches():
             eng.feed_batch(buf, meta)
