@@ -25,14 +25,20 @@ What it does
    With ``--pin``, nginx runs on the last CPU and everything else (replay and its reading
    process, the baseline, tcpdump, wrk) on the others, as with a target on a machine of its own:
    the lateness is then the sender's and not the two competing for the same cores.
+   ``--speeds`` chooses the speeds (default 1 and 10); ``--rounds N`` does it all N times,
+   replay and the baseline in turn, and ends with each round's |lateness| p99 at the target
+   and the number of rounds at 1 ms or less (a timed replay's figures move from run to run with
+   whatever else the two cores do: one round says little).
 4. At ``--speed max`` (``--loop --duration``) with the same number of connections, prints
    requests/s for replay (asyncio and uvloop event loops) and for ``wrk`` on the same nginx, same
-   connections, in the same run, and the ratio.
+   connections, in the same run, and the ratio (``--no-max``: not).
 
 Usage::
 
     sudo python3 benchmarks/bench_play.py
     sudo python3 benchmarks/bench_play.py --requests 5000 --max-seconds 8
+    sudo python3 benchmarks/bench_play.py --requests 20000 --rps 2000 --conns 32 --streamed \
+        --speeds 10 --rounds 6 --no-max
 
 Rules: root, iproute2, nginx, tcpdump, wrk (the wrk line is skipped without it). Traffic stays on
 the namespace's loopback. Every run is bounded in time (each subprocess has a timeout; the whole
@@ -315,6 +321,10 @@ def main():
                          "process as the replay goes) instead of the pcap (planned whole)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the timing baseline (timed_sender.c, compiled with cc)")
+    ap.add_argument("--speeds", default="1,10", help="the timed runs' speeds (default 1,10)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="the timed runs, replay and baseline in turn, this many times")
+    ap.add_argument("--no-max", action="store_true", help="no --speed max runs")
     ap.add_argument("--pin", action="store_true",
                     help="nginx on the last CPU, the senders and tcpdump on the others (the "
                          "target as on a machine of its own)")
@@ -359,15 +369,33 @@ def main():
             exe = build_baseline(work) if not args.no_baseline else None
             schedule = Path(work) / "schedule.txt"
             write_schedule(schedule, offsets)
-            for extra in variants:
-                for speed in (1, 10):
-                    timed_run(ns, cap, work, offsets, speed, *extra)
-                    if exe is not None and not extra:
-                        measured(ns, work, offsets, speed,
-                                 f"baseline (timed_sender.c) speed {speed:>4}",
-                                 lambda: baseline(ns, exe, schedule, speed))
+            speeds = [int(x) for x in args.speeds.split(",") if x.strip()]
+            p99s = {}          # (title, speed) -> |lateness| p99 at the target of each round
+            for rnd in range(args.rounds):
+                if args.rounds > 1:
+                    print(f"-- round {rnd + 1} of {args.rounds}")
+                for extra in variants:
+                    for speed in speeds:
+                        late, _ = timed_run(ns, cap, work, offsets, speed, *extra)
+                        p99s.setdefault((" ".join(("replay",) + extra), speed), []).append(
+                            pct([abs(x) for x in late], 99))
+                        if exe is not None and not extra:
+                            late, _ = measured(ns, work, offsets, speed,
+                                               f"baseline (timed_sender.c) speed {speed:>4}",
+                                               lambda: baseline(ns, exe, schedule, speed))
+                            p99s.setdefault(("baseline", speed), []).append(
+                                pct([abs(x) for x in late], 99))
             if exe is None:
                 print("no timing baseline (no C compiler, or --no-baseline)")
+            if args.rounds > 1:
+                print(f"|lateness| p99 at the target, ms, in each of {args.rounds} rounds:")
+                for (title, speed), vals in p99s.items():
+                    within = sum(v <= 1e6 for v in vals)
+                    print(f"  {title:30} speed {speed:>3}: "
+                          + " ".join(f"{v / 1e6:6.3f}" for v in vals)
+                          + f"   ({within} of {len(vals)} at 1 ms or less)")
+            if args.no_max:
+                return
             print(f"speed max, {args.conns} connections, {args.max_seconds:g} s each:")
             rates = {}
             for ev in ("asyncio", "uvloop"):
