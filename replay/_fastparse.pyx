@@ -798,7 +798,7 @@ cdef inline _Mark _new_mark(Py_ssize_t end, int64_t ts, int64_t ack):
     return m
 
 
-cdef Py_ssize_t DIRECT_FIRST = 8 << 20    # a message framed into its own memory: at first
+cdef Py_ssize_t DIRECT_FIRST = 64 << 10   # a message framed into its own memory: at first
 
 
 cdef class Framer:
@@ -881,7 +881,6 @@ cdef class Framer:
                 memcpy(self.dbuf + self.dlen, data, take)
                 self.dlen += take
                 self.remaining -= take
-                self.base += take
                 self.d_ts_last = ts
             if self.remaining == 0:
                 self._emit(0, None)
@@ -1480,7 +1479,9 @@ cdef class Framer:
         (``Engine(rows=True)``) and it is of ``direct_from`` bytes or more and no more than
         ``max_message``, the message so far moves to memory of its own, where the rest of its
         body will go as it comes (``feed_ptr``), and which its row takes as it is (``_emit``).
-        Framed the same: ``base`` counts the bytes moved as ``buf``'s, and ``pos`` is 0."""
+        Framed the same: ``base`` stays where it is, at the message's first byte (as if
+        ``buf`` held it, ``dlen`` long: what is set from outside, a SYN's, holds as the twin's),
+        ``pos`` is 0, ``buf`` and ``marks`` are empty until the message is out."""
         cdef Engine eng = self.eng
         if eng.rows is None or self.dbuf != NULL or self.remaining <= 0:
             return 0
@@ -1489,7 +1490,8 @@ cdef class Framer:
         if (total < (<RowBuffer>eng.rows).direct_from or total > eng.max_message
                 or self.pos != n or n == 0 or not self.marks):
             return 0
-        cdef Py_ssize_t cap = <Py_ssize_t>total if total <= DIRECT_FIRST else max(n, DIRECT_FIRST)
+        # (no more than twice what came, at first: a claimed length is not memory to take)
+        cdef Py_ssize_t cap = <Py_ssize_t>min(total, max(2 * n, DIRECT_FIRST))
         self.dbuf = <char*>malloc(cap)
         if self.dbuf == NULL:
             raise MemoryError()
@@ -1498,7 +1500,6 @@ cdef class Framer:
         self.dcap = cap
         self.d_ts_first = self._ts_at(0)
         self.d_ts_last = self._ts_at(n - 1)
-        self.base += n
         if not _empty_bytearray(self.buf):
             self.buf = bytearray()
         PyList_SetSlice(self.marks, 0, len(self.marks), NULL)
@@ -1567,7 +1568,7 @@ cdef class Framer:
             p = self.pending
             index = p.index if p is not None else -1
             if p is not None:
-                p.end = self.base + (0 if direct else end)
+                p.end = self.base + end
             self.pending = None
             kind = KIND_REQUEST
             eng.st_requests += 1
@@ -1605,29 +1606,28 @@ cdef class Framer:
                                     conn.server, flags, data, self.method, self.uri, self.status,
                                     self.body_len, head_len))
         self.produced += 1
-        if direct:
-            end = 0                 # (buf is empty: base counts the message already)
-        # cut buf at end
-        # (all of it: emptied keeping its memory, for the next message, where it can be)
-        if not (end == PyByteArray_GET_SIZE(self.buf) and _empty_bytearray(self.buf)):
-            del self.buf[:end]
         self.base += end
-        marks = self.marks          # (cut in place: no new list a message)
-        nm = len(marks)
-        k = 0
-        while k < nm and (<_Mark>marks[k]).end <= end:
-            k += 1
-        if k == nm:
-            if nm and PyByteArray_GET_SIZE(self.buf):
-                m = marks[nm - 1]
-                PyList_SetSlice(marks, 0, nm, NULL)
-                marks.append(_new_mark(0, m.ts, m.ack))
-            else:
-                PyList_SetSlice(marks, 0, nm, NULL)
-        elif k:
-            PyList_SetSlice(marks, 0, k, NULL)
-        for m in marks:
-            m.end -= end
+        if not direct:              # (direct: buf and marks are empty)
+            # cut buf at end
+            # (all of it: emptied keeping its memory, for the next message, where it can be)
+            if not (end == PyByteArray_GET_SIZE(self.buf) and _empty_bytearray(self.buf)):
+                del self.buf[:end]
+            marks = self.marks          # (cut in place: no new list a message)
+            nm = len(marks)
+            k = 0
+            while k < nm and (<_Mark>marks[k]).end <= end:
+                k += 1
+            if k == nm:
+                if nm and PyByteArray_GET_SIZE(self.buf):
+                    m = marks[nm - 1]
+                    PyList_SetSlice(marks, 0, nm, NULL)
+                    marks.append(_new_mark(0, m.ts, m.ack))
+                else:
+                    PyList_SetSlice(marks, 0, nm, NULL)
+            elif k:
+                PyList_SetSlice(marks, 0, k, NULL)
+            for m in marks:
+                m.end -= end
         self.pos = 0
         self.flags = 0
         self.head_len = 0
