@@ -31,7 +31,7 @@ cdef extern from "Python.h":
 from replay.errors import InputError
 from replay.limits import (ADDR_TEXT_KEEP, IDLE_TIMEOUT, MAX_HEAD, MAX_MESSAGE,
                            MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER, ROWS_DIRECT_FROM,
-                           ROWS_HAND_OVER)
+                           ROWS_DIRECT_SPARE, ROWS_HAND_OVER)
 from replay.events import (
     F_CHUNKED,
     F_CLOSE_DELIMITED,
@@ -837,6 +837,8 @@ cdef class Framer:
     cdef int64_t d_ts_first, d_ts_last
 
     def __dealloc__(self):
+        if self.dbuf != NULL and self.eng is not None and self.eng.rows is not None:
+            (<RowBuffer>self.eng.rows).spare -= self.dcap - self.dlen
         free(self.dbuf)
 
     def __init__(self, Connection conn, int side):
@@ -880,6 +882,7 @@ cdef class Framer:
                 self._direct_room(take)
                 memcpy(self.dbuf + self.dlen, data, take)
                 self.dlen += take
+                (<RowBuffer>self.eng.rows).spare -= take
                 self.remaining -= take
                 self.d_ts_last = ts
             if self.remaining == 0:
@@ -1490,14 +1493,15 @@ cdef class Framer:
         if (total < (<RowBuffer>eng.rows).direct_from or total > eng.max_message
                 or self.pos != n or n == 0 or not self.marks):
             return 0
-        # (no more than twice what came, at first: a claimed length is not memory to take)
-        cdef Py_ssize_t cap = <Py_ssize_t>min(total, max(2 * n, DIRECT_FIRST))
-        self.dbuf = <char*>malloc(cap)
-        if self.dbuf == NULL:
-            raise MemoryError()
+        cdef Py_ssize_t cap = self._direct_cap(n, 0, total)
+        cdef char* d = <char*>malloc(cap)
+        if d == NULL:
+            return 0                # (framed in buf, as always)
+        self.dbuf = d
         memcpy(self.dbuf, PyByteArray_AS_STRING(self.buf), n)
         self.dlen = n
         self.dcap = cap
+        (<RowBuffer>eng.rows).spare += cap - n
         self.d_ts_first = self._ts_at(0)
         self.d_ts_last = self._ts_at(n - 1)
         if not _empty_bytearray(self.buf):
@@ -1506,17 +1510,28 @@ cdef class Framer:
         self.pos = 0
         return 0
 
+    cdef Py_ssize_t _direct_cap(self, Py_ssize_t need, Py_ssize_t cap, int64_t total):
+        """The size of a message's memory (``cap`` now, 0: none yet) that must hold ``need``
+        bytes of its ``total``: the whole message while the room the framers' memory has, not
+        filled, stays within the rows' ``direct_spare``, so that it is never copied as it grows
+        (as many large bodies at once as a busy server sends); beyond it, twice what it holds
+        (64 KiB at first): a length a head claims is not memory to take."""
+        cdef RowBuffer rows = <RowBuffer>self.eng.rows
+        if rows.spare + (total - need) - (cap - self.dlen) <= rows.direct_spare:
+            return <Py_ssize_t>total
+        cdef Py_ssize_t want = max(2 * cap, need, DIRECT_FIRST)
+        return <Py_ssize_t>total if want > total else want
+
     cdef int _direct_room(self, Py_ssize_t more) except -1:
-        """Room in ``dbuf`` for ``more`` bytes: doubled, up to the whole message."""
+        """Room in ``dbuf`` for ``more`` bytes (``_direct_cap``)."""
         if self.dlen + more <= self.dcap:
             return 0
-        cdef int64_t total = self.dlen + self.remaining
-        cdef Py_ssize_t cap = max(2 * self.dcap, self.dlen + more)
-        if cap > total:
-            cap = <Py_ssize_t>total
+        cdef Py_ssize_t cap = self._direct_cap(self.dlen + more, self.dcap,
+                                               self.dlen + self.remaining)
         cdef void* p = realloc(self.dbuf, cap)
         if p == NULL:
             raise MemoryError()
+        (<RowBuffer>self.eng.rows).spare += cap - self.dcap
         self.dbuf = <char*>p
         self.dcap = cap
         return 0
@@ -1524,6 +1539,8 @@ cdef class Framer:
     cdef Py_ssize_t _drop_direct(self):
         """Let go of a message framed into memory of its own, unfinished: its size (0: none)."""
         cdef Py_ssize_t n = self.dlen if self.dbuf != NULL else 0
+        if self.dbuf != NULL:
+            (<RowBuffer>self.eng.rows).spare -= self.dcap - self.dlen
         free(self.dbuf)
         self.dbuf = NULL
         self.dlen = self.dcap = 0
@@ -1587,6 +1604,7 @@ cdef class Framer:
         cdef Py_ssize_t head_len = self.head_len if self.head_len <= end else end
         if direct:
             dbuf = self.dbuf
+            (<RowBuffer>eng.rows).spare -= self.dcap - end
             if self.dcap > end:         # (the room not used, given back)
                 q = realloc(dbuf, max(end, 1))
                 if q != NULL:
@@ -3498,11 +3516,14 @@ cdef class RowBuffer(_Rows):
     cdef Py_ssize_t first, head
     cdef public Py_ssize_t hand_over     # a block this large may take the buffer (``take``)
     cdef public Py_ssize_t direct_from   # a framer's message this large gets memory of its own
+    cdef public Py_ssize_t direct_spare  # of which, all framers together, this much not filled
+    cdef readonly Py_ssize_t spare       # the room the framers' memory has now, not filled
 
     def __cinit__(self):
         self.refs = []
         self.hand_over = ROWS_HAND_OVER
         self.direct_from = ROWS_DIRECT_FROM
+        self.direct_spare = ROWS_DIRECT_SPARE
 
     def __dealloc__(self):
         cdef Py_ssize_t i

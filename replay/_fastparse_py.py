@@ -72,7 +72,7 @@ from replay.layout import ROW_FIELDS, ROW_STRUCT, TABLE_COLUMNS, WIDTHS, bad_add
 from replay.limits import (ADDR_TEXT_KEEP, ANSWER_WAIT_NS, CONN_IDLE_NS, EXPIRE_EVERY_NS,
                            IDLE_TIMEOUT, MAX_EARLY, MAX_HEAD, MAX_LATE, MAX_MESSAGE, MAX_PENDING,
                            MAX_STREAM_BUFFER, MAX_TOTAL_BUFFER, REORDER_NS, ROWS_DIRECT_FROM,
-                           ROWS_HAND_OVER)
+                           ROWS_DIRECT_SPARE, ROWS_HAND_OVER)
 from replay.seqnum import unwrap
 
 # Link types (https://www.tcpdump.org/linktypes.html)
@@ -1290,8 +1290,11 @@ class RowBuffer:
         # only referred to
         self.hand_over = ROWS_HAND_OVER
         # the compiled core frames a Content-Length message of at least this many bytes into
-        # memory its row takes (``ROWS_DIRECT_FROM``); here every message is framed alike
+        # memory its row takes (``ROWS_DIRECT_FROM``), of a room bounded by
+        # ``ROWS_DIRECT_SPARE``; here every message is framed alike
         self.direct_from = ROWS_DIRECT_FROM
+        self.direct_spare = ROWS_DIRECT_SPARE
+        self.spare = 0
 
     def __len__(self):
         return len(self.held)

@@ -33,8 +33,10 @@ The rows a convert or capture keeps for the log writer (``RowBuffer``):
   included, and not beyond ``MAX_MESSAGE``) is framed by the compiled core straight into memory
   of its own, which its row then takes as it is: its body is copied once from the capture, not
   into the framer's buffer and then into the rows' (large bodies: a third of convert's time).
-  That memory grows with the bytes that come (64 KiB, or twice what came, at first; doubled
-  as it fills, up to the message's length), never by the length a head claims.
+  That memory is the whole message's length at once (it never moves as it fills) while the
+  room such memory has, not yet filled, all framers together, stays within ``ROWS_DIRECT_SPARE``;
+  beyond it, the memory grows with the bytes that come (64 KiB, or twice what came, at first,
+  doubled as it fills): many heads that claim large bodies take no memory they do not fill.
 """
 
 MAX_HEAD = 64 << 10
@@ -45,6 +47,7 @@ IDLE_TIMEOUT = 120.0
 ADDR_TEXT_KEEP = 65536
 ROWS_HAND_OVER = 4 << 20
 ROWS_DIRECT_FROM = 32 << 10
+ROWS_DIRECT_SPARE = 64 << 20
 
 REORDER_NS = 1_000_000_000
 ANSWER_WAIT_NS = 2_000_000_000

@@ -339,17 +339,20 @@ def test_response_framers_agree(script):
 
 
 # -- rows (Engine(rows=True)): the messages kept as table rows for the log writer ---------------
-def run_rows(mod, packets, cuts, records, max_bytes, direct_from=None, hand_over=None, **opts):
+def run_rows(mod, packets, cuts, records, max_bytes, direct_from=None, hand_over=None,
+             direct_spare=None, **opts):
     """``Engine(rows=True)`` through ``feed_batch``, its blocks taken after each call as
     ``LogWriter.write_rows`` takes them, and the rest at the end. ``direct_from``: the rows'
     (the compiled core frames a Content-Length message of that many bytes or more into memory
-    its row takes; 1: every one); ``hand_over``: the rows' too (a block of that many bytes or
-    more taken from the buffer's start takes its memory)."""
+    its row takes; 1: every one), ``direct_spare`` (how much of such memory, all framers
+    together, may be reserved and not filled yet; 0: it grows as the bytes come);
+    ``hand_over``: the rows' too (a block of that many bytes or more taken from the buffer's
+    start takes its memory)."""
     eng = mod.Engine(1, rows=True, **opts)
-    if direct_from is not None:
-        eng.rows.direct_from = direct_from
-    if hand_over is not None:
-        eng.rows.hand_over = hand_over
+    for name, value in (("direct_from", direct_from), ("hand_over", hand_over),
+                        ("direct_spare", direct_spare)):
+        if value is not None:
+            setattr(eng.rows, name, value)
     blocks = []
 
     def take():
@@ -364,7 +367,7 @@ def run_rows(mod, packets, cuts, records, max_bytes, direct_from=None, hand_over
     take()
     if len(eng.rows):
         blocks.append(eng.rows.take(len(eng.rows)))
-    assert len(eng.rows) == 0 and eng.rows.nbytes == 0
+    assert len(eng.rows) == 0 and eng.rows.nbytes == 0 and eng.rows.spare == 0
     return blocks, eng.stats()
 
 
@@ -462,15 +465,17 @@ def test_large_bodies_framed_into_their_own_memory(case):
     body ends inside a segment that also starts the next request, loses a segment inside or
     across its end, is cut by the end of the capture or a reset, or (in a capture started
     mid-connection) has a SYN inside it that moves its stream's sequence; fed a packet a call
-    and in one."""
+    and in one; that memory the message's whole length at once, or grown as the bytes come
+    (``direct_spare`` 0), or the one and then the other."""
     packets = _large_body_packets(case)
     want, stats = run_batches(pure, packets, [])
     assert any(len(m.data) > 200_000 for m in want)
     every = list(range(1, len(packets)))
-    for mod in (pure, compiled):
+    for mod, spare in ((pure, None), (compiled, None), (compiled, 0), (compiled, 250_000)):
         for records, max_bytes, cuts in ((1, 1 << 20, []), (3, 1 << 20, every),
                                          (500, 64 << 10, [])):
-            blocks, got_stats = run_rows(mod, packets, cuts, records, max_bytes)
+            blocks, got_stats = run_rows(mod, packets, cuts, records, max_bytes,
+                                         direct_spare=spare)
             assert got_stats == stats
             assert [m for b in blocks for m in b.messages()] == want
             at = 0
