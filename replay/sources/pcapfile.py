@@ -28,7 +28,9 @@ from replay.spool import given_name
 
 _META = struct.Struct("=IIII")
 
-CHUNK = 4 << 20          # bytes read at once from a classic pcap file
+# bytes read at once from a classic pcap file: what the core reads next is still in the CPU's
+# cache (4 MiB reads: 5-10 % slower, median of 8 converts)
+CHUNK = 512 << 10
 MAX_CAPLEN = 262144      # libpcap's largest caplen for the link types the core reads
 assert CHUNK > 16 + MAX_CAPLEN      # (a record always fits: an empty read is the file's end)
 _SWAPPED_PSEUDO_HEADERS = (113, 276)     # DLT_LINUX_SLL, DLT_LINUX_SLL2
