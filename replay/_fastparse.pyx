@@ -801,11 +801,13 @@ cdef inline _Mark _new_mark(Py_ssize_t end, int64_t ts, int64_t ack):
 cdef Py_ssize_t DIRECT_FIRST = 64 << 10   # a message framed into its own memory: at first
 
 
+@cython.no_gc_clear   # (``rows`` is there for ``__dealloc__``, whatever order a cycle goes in)
 cdef class Framer:
     """HTTP/1.x framing of one direction of one connection."""
 
     cdef Connection conn
     cdef Engine eng
+    cdef RowBuffer rows           # the engine's (None: it keeps no rows)
     cdef int side
     cdef public int role
     cdef public int state
@@ -837,13 +839,14 @@ cdef class Framer:
     cdef int64_t d_ts_first, d_ts_last
 
     def __dealloc__(self):
-        if self.dbuf != NULL and self.eng is not None and self.eng.rows is not None:
-            (<RowBuffer>self.eng.rows).spare -= self.dcap - self.dlen
+        if self.dbuf != NULL and self.rows is not None:
+            self.rows.spare -= self.dcap - self.dlen
         free(self.dbuf)
 
     def __init__(self, Connection conn, int side):
         self.conn = conn
         self.eng = conn.engine
+        self.rows = self.eng.rows
         self.side = side
         self.role = ROLE_UNKNOWN
         self.state = S_START
@@ -882,7 +885,7 @@ cdef class Framer:
                 self._direct_room(take)
                 memcpy(self.dbuf + self.dlen, data, take)
                 self.dlen += take
-                (<RowBuffer>self.eng.rows).spare -= take
+                self.rows.spare -= take
                 self.remaining -= take
                 self.d_ts_last = ts
             if self.remaining == 0:
@@ -1490,7 +1493,7 @@ cdef class Framer:
             return 0
         cdef Py_ssize_t n = PyByteArray_GET_SIZE(self.buf)
         cdef int64_t total = n + self.remaining
-        if (total < (<RowBuffer>eng.rows).direct_from or total > eng.max_message
+        if (total < self.rows.direct_from or total > eng.max_message
                 or self.pos != n or n == 0 or not self.marks):
             return 0
         cdef Py_ssize_t cap = self._direct_cap(n, 0, total)
@@ -1501,7 +1504,7 @@ cdef class Framer:
         memcpy(self.dbuf, PyByteArray_AS_STRING(self.buf), n)
         self.dlen = n
         self.dcap = cap
-        (<RowBuffer>eng.rows).spare += cap - n
+        self.rows.spare += cap - n
         self.d_ts_first = self._ts_at(0)
         self.d_ts_last = self._ts_at(n - 1)
         if not _empty_bytearray(self.buf):
@@ -1514,9 +1517,10 @@ cdef class Framer:
         """The size of a message's memory (``cap`` now, 0: none yet) that must hold ``need``
         bytes of its ``total``: the whole message while the room the framers' memory has, not
         filled, stays within the rows' ``direct_spare``, so that it is never copied as it grows
-        (as many large bodies at once as a busy server sends); beyond it, twice what it holds
-        (64 KiB at first): a length a head claims is not memory to take."""
-        cdef RowBuffer rows = <RowBuffer>self.eng.rows
+        (as many large bodies at once as a busy server sends); beyond it, what it must hold and
+        at least 64 KiB at first, then twice its size as it fills: a length a head claims is not
+        memory to take."""
+        cdef RowBuffer rows = self.rows
         if rows.spare + (total - need) - (cap - self.dlen) <= rows.direct_spare:
             return <Py_ssize_t>total
         cdef Py_ssize_t want = max(2 * cap, need, DIRECT_FIRST)
@@ -1531,7 +1535,7 @@ cdef class Framer:
         cdef void* p = realloc(self.dbuf, cap)
         if p == NULL:
             raise MemoryError()
-        (<RowBuffer>self.eng.rows).spare += cap - self.dcap
+        self.rows.spare += cap - self.dcap
         self.dbuf = <char*>p
         self.dcap = cap
         return 0
@@ -1540,7 +1544,7 @@ cdef class Framer:
         """Let go of a message framed into memory of its own, unfinished: its size (0: none)."""
         cdef Py_ssize_t n = self.dlen if self.dbuf != NULL else 0
         if self.dbuf != NULL:
-            (<RowBuffer>self.eng.rows).spare -= self.dcap - self.dlen
+            self.rows.spare -= self.dcap - self.dlen
         free(self.dbuf)
         self.dbuf = NULL
         self.dlen = self.dcap = 0
@@ -1604,7 +1608,7 @@ cdef class Framer:
         cdef Py_ssize_t head_len = self.head_len if self.head_len <= end else end
         if direct:
             dbuf = self.dbuf
-            (<RowBuffer>eng.rows).spare -= self.dcap - end
+            self.rows.spare -= self.dcap - end
             if self.dcap > end:         # (the room not used, given back)
                 q = realloc(dbuf, max(end, 1))
                 if q != NULL:

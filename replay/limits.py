@@ -35,8 +35,8 @@ The rows a convert or capture keeps for the log writer (``RowBuffer``):
   into the framer's buffer and then into the rows' (large bodies: a third of convert's time).
   That memory is the whole message's length at once (it never moves as it fills) while the
   room such memory has, not yet filled, all framers together, stays within ``ROWS_DIRECT_SPARE``;
-  beyond it, the memory grows with the bytes that come (64 KiB, or twice what came, at first,
-  doubled as it fills): many heads that claim large bodies take no memory they do not fill.
+  beyond it, the memory grows with the bytes that come (64 KiB, or what came, at first, its
+  size doubled as it fills): many heads that claim large bodies take no memory they do not fill.
 """
 
 MAX_HEAD = 64 << 10
