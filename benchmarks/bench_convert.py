@@ -9,7 +9,10 @@ For one capture (made by ``make_capture.py`` when it does not exist yet) this pr
 * peak memory on the first half of the capture too, to show whether memory stays flat as the
   capture grows;
 * the log's size against the HTTP bytes it holds and against ``gzip -6`` of those bytes;
-* requests in the log against the lines of nginx's access log, when ``--access-log`` is given.
+* requests in the log against the lines of nginx's access log, when ``--access-log`` is given;
+* with ``--against DIR`` (a checkout of another release, its extension built in place): that
+  release's convert, timed in turn with this one and tcpdump, the ratios of both to the same
+  baseline.
 
 Usage::
 
@@ -17,6 +20,8 @@ Usage::
         --keep-access-log /tmp/replay-bench.access.log
     python3 benchmarks/bench_convert.py /tmp/replay-bench.pcap --access-log /tmp/replay-bench.access.log
     python3 benchmarks/bench_convert.py --api 100000     # small API messages: per-message cost
+    git worktree add /tmp/before v1 && (cd /tmp/before && python3 setup.py build_ext --inplace)
+    python3 benchmarks/bench_convert.py --skip-pure --repeat 8 --against /tmp/before
 
 Nothing here is a pass/fail test: the figures are for people to read.
 """
@@ -102,7 +107,12 @@ def main():
                          "requests and answers, 32 keep-alive connections and short ones), made "
                          "from bench_play_scale.py's log with `replay convert LOG -o X.pcap` and "
                          "cached in /tmp/replay-bench-scale")
+    ap.add_argument("--against", type=Path, metavar="DIR",
+                    help="a checkout of another release (extension built in place): its "
+                         "compiled convert timed in turn with this one")
     args = ap.parse_args()
+    if args.against and not (args.against / "replay" / "__init__.py").exists():
+        raise SystemExit(f"{args.against}: not a checkout of replay")
 
     cap = Path(args.capture)
     if args.api:
@@ -124,21 +134,33 @@ def main():
 
         # the package's bytecode, as an installed one has it (pip writes it at install time;
         # with PYTHONDONTWRITEBYTECODE each run would compile replay's modules again)
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "replay")],
-                       check=True)
+        for tree in [ROOT] + ([args.against] if args.against else []):
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "replay")],
+                           check=True)
+        # (PYTHONSAFEPATH: not the current directory first, which may be this checkout)
+        env_against = (dict(os.environ, PYTHONPATH=str(args.against.resolve()), PYTHONSAFEPATH="1")
+                       if args.against else None)
         print(f"capture: {cap} ({mb:.1f} MB, {npk} packets); best of {args.repeat}, "
               "tcpdump and the compiled convert in turn (median in brackets)")
         convert = replay + ["convert", str(cap), "-o", str(out), "-q"]
         impls = [("compiled", env)] + ([] if args.skip_pure else [("pure", env_pure)])
-        for name, e in list(impls):
+        for name, e in list(impls) + ([("against", env_against)] if args.against else []):
             check = subprocess.run(replay[:1] + ["-c", "import replay.core as c; print(c.IMPLEMENTATION)"],
                                    env=e, capture_output=True, text=True).stdout.strip()
+            if name == "against":
+                where = subprocess.run(replay[:1] + ["-c", "import replay; print(replay.__file__)"],
+                                       env=e, capture_output=True, text=True).stdout.strip()
+                if check != "compiled" or not where.startswith(str(args.against.resolve())):
+                    raise SystemExit(f"{args.against}: its compiled core does not load "
+                                     f"({check or 'no core'} from {where or 'nowhere'})")
+                continue
             if check != name:
                 print(f"replay convert ({name}): not available (core is {check})")
                 impls.remove((name, e))
         tcpdump = ["tcpdump", "-r", str(cap), "-w", "/dev/null"]
         timed = alternating([(tcpdump, None)] + [(convert, e) for name, e in impls[:1]
-                                                 if name == "compiled"], args.repeat)
+                                                 if name == "compiled"]
+                            + ([(convert, env_against)] if args.against else []), args.repeat)
         base, base_rss, _, base_med = timed[0]
         print(f"tcpdump -r:            {base:7.3f} s  {mb / base:8.1f} MB/s  "
               f"{npk / base:10.0f} packets/s  peak {base_rss:6.1f} MiB  ({base_med:.3f} s)")
@@ -152,6 +174,11 @@ def main():
             print(f"replay convert ({name:8s}): {dt:7.3f} s  {mb / dt:8.1f} MB/s  "
                   f"{npk / dt:10.0f} packets/s  peak {rss:6.1f} MiB  ratio {dt / base:5.1f}x "
                   f"tcpdump  ({med:.3f} s, {med / base_med:.1f}x)")
+        if args.against:
+            dt, rss, _, med = timed[-1]
+            print(f"replay convert (against {args.against}): {dt:7.3f} s  {mb / dt:8.1f} MB/s  "
+                  f"peak {rss:6.1f} MiB  ratio {dt / base:5.1f}x tcpdump  ({med:.3f} s, "
+                  f"{med / base_med:.1f}x)")
 
         # memory as the capture grows: first half
         half = tmp / "half.pcap"
