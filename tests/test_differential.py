@@ -373,6 +373,18 @@ def run_rows(mod, packets, cuts, records, max_bytes, direct_from=None, hand_over
     return blocks, eng.stats()
 
 
+def check_blocks(blocks, want):
+    """The blocks hold the messages ``want``, in order: as messages, in their byte counts, and
+    encoded as the twin encodes them."""
+    assert [m for b in blocks for m in b.messages()] == want
+    at = 0
+    for b in blocks:
+        part = want[at:at + len(b)]
+        assert b.nbytes == sum(len(m.data) for m in part)
+        assert b.encode() == pure.encode_block(part)
+        at += len(b)
+
+
 def writer_cuts(msgs, records, max_bytes):
     """Where LogWriter.write cuts ``msgs`` into blocks: the block sizes."""
     sizes, count, size = [], 0, 0
@@ -398,14 +410,8 @@ def test_rows_are_the_messages(packets, cuts, records, max_bytes, hand_over, lim
         blocks, got_stats = run_rows(mod, packets, cuts, records, max_bytes, direct_from,
                                      hand_over if mod is compiled else None, **limits)
         assert got_stats == stats
-        assert [m for b in blocks for m in b.messages()] == want
         assert [len(b) for b in blocks] == writer_cuts(want, records, max_bytes)
-        at = 0
-        for b in blocks:
-            part = want[at:at + len(b)]
-            assert b.nbytes == sum(len(m.data) for m in part)
-            assert b.encode() == pure.encode_block(part)
-            at += len(b)
+        check_blocks(blocks, want)
 
 
 def _large_body_packets(case):
@@ -479,13 +485,7 @@ def test_large_bodies_framed_into_their_own_memory(case):
             blocks, got_stats = run_rows(mod, packets, cuts, records, max_bytes,
                                          direct_spare=spare)
             assert got_stats == stats
-            assert [m for b in blocks for m in b.messages()] == want
-            at = 0
-            for b in blocks:
-                part = want[at:at + len(b)]
-                assert b.nbytes == sum(len(m.data) for m in part)
-                assert b.encode() == pure.encode_block(part)
-                at += len(b)
+            check_blocks(blocks, want)
 
 
 def _many_large_bodies(seed):
@@ -571,7 +571,7 @@ def test_many_large_bodies_at_once(seed):
         blocks, got_stats = run_rows(compiled, packets, cuts, 1000, 1 << 30, direct_spare=spare,
                                      **opts)
         assert got_stats == stats
-        assert [m for b in blocks for m in b.messages()] == want
+        check_blocks(blocks, want)
 
 
 @pytest.mark.skipif(compiled is None, reason="the compiled core is not built")
