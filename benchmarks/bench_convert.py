@@ -144,19 +144,19 @@ def main():
               "tcpdump and the compiled convert in turn (median in brackets)")
         convert = replay + ["convert", str(cap), "-o", str(out), "-q"]
         impls = [("compiled", env)] + ([] if args.skip_pure else [("pure", env_pure)])
-        for name, e in list(impls) + ([("against", env_against)] if args.against else []):
+        for name, e in list(impls):
             check = subprocess.run(replay[:1] + ["-c", "import replay.core as c; print(c.IMPLEMENTATION)"],
                                    env=e, capture_output=True, text=True).stdout.strip()
-            if name == "against":
-                where = subprocess.run(replay[:1] + ["-c", "import replay; print(replay.__file__)"],
-                                       env=e, capture_output=True, text=True).stdout.strip()
-                if check != "compiled" or not where.startswith(str(args.against.resolve())):
-                    raise SystemExit(f"{args.against}: its compiled core does not load "
-                                     f"({check or 'no core'} from {where or 'nowhere'})")
-                continue
             if check != name:
                 print(f"replay convert ({name}): not available (core is {check})")
                 impls.remove((name, e))
+        if args.against:        # (its compiled core, from that checkout)
+            got = subprocess.run(replay[:1] + ["-c", "import replay, replay.core as c; "
+                                               "print(c.IMPLEMENTATION, replay.__file__)"],
+                                 env=env_against, capture_output=True, text=True).stdout.split()
+            if got[:1] != ["compiled"] or not got[1].startswith(str(args.against.resolve())):
+                raise SystemExit(f"{args.against}: its compiled core does not load "
+                                 f"({' from '.join(got) or 'no replay'})")
         tcpdump = ["tcpdump", "-r", str(cap), "-w", "/dev/null"]
         timed = alternating([(tcpdump, None)] + [(convert, e) for name, e in impls[:1]
                                                  if name == "compiled"]

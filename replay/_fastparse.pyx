@@ -1488,12 +1488,11 @@ cdef class Framer:
         Framed the same: ``base`` stays where it is, at the message's first byte (as if
         ``buf`` held it, ``dlen`` long: what is set from outside, a SYN's, holds as the twin's),
         ``pos`` is 0, ``buf`` and ``marks`` are empty until the message is out."""
-        cdef Engine eng = self.eng
-        if eng.rows is None or self.dbuf != NULL or self.remaining <= 0:
+        if self.rows is None or self.dbuf != NULL or self.remaining <= 0:
             return 0
         cdef Py_ssize_t n = PyByteArray_GET_SIZE(self.buf)
         cdef int64_t total = n + self.remaining
-        if (total < self.rows.direct_from or total > eng.max_message
+        if (total < self.rows.direct_from or total > self.eng.max_message
                 or self.pos != n or n == 0 or not self.marks):
             return 0
         cdef Py_ssize_t cap = self._direct_cap(n, 0, total)
