@@ -18,7 +18,7 @@ Nothing here is a pass/fail test: the figures are for people to read.
 
 Usage::
 
-    python3 benchmarks/bench_log.py [CAPTURE ...] [--level 3] [--block-bytes 1048576]
+    python3 benchmarks/bench_log.py [CAPTURE ...] [--level 1] [--block-bytes 1048576]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from replay.limits import LOG_LEVEL  # noqa: E402
 from replay.log import LogReader, LogWriter  # noqa: E402
 from replay.pipeline import CaptureReader  # noqa: E402
 
@@ -108,7 +109,7 @@ def bench(cap: Path, tmp: Path, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("captures", nargs="*", type=Path)
-    ap.add_argument("--level", type=int, default=3)
+    ap.add_argument("--level", type=int, default=LOG_LEVEL)
     ap.add_argument("--block-bytes", type=int, default=1 << 20)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()

@@ -43,6 +43,7 @@ import time
 
 from replay.errors import CaptureError, OutputError
 from replay.events import KIND_REQUEST
+from replay.limits import LOG_LEVEL
 
 META_INTERVAL = 30.0
 DEFAULT_NICE = -10
@@ -114,7 +115,7 @@ class OutputFiles:
     """The log files of one capture: opened from a pattern, rotated by size and/or time."""
 
     def __init__(self, pattern: str, meta: dict, rotate_size: int | None = None,
-                 rotate_interval: float | None = None, level: int = 3, clock=time.time,
+                 rotate_interval: float | None = None, level: int = LOG_LEVEL, clock=time.time,
                  inputs: dict | None = None):
         self.pattern = pattern
         self.inputs = dict(inputs or {})   # label -> path of files the run reads

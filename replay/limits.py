@@ -37,6 +37,9 @@ The rows a convert or capture keeps for the log writer (``RowBuffer``):
   room such memory has, not yet filled, all framers together, stays within ``ROWS_DIRECT_SPARE``;
   beyond it, the memory grows with the bytes that come (64 KiB, or what came, at first, its
   size doubled as it fills): many heads that claim large bodies take no memory they do not fill.
+
+The log writer's zstd level (``LOG_LEVEL``): ``--level`` of convert, capture, shadow and filter
+(why level 1: ``replay/log/writer.py``).
 """
 
 MAX_HEAD = 64 << 10
@@ -48,6 +51,7 @@ ADDR_TEXT_KEEP = 65536
 ROWS_HAND_OVER = 4 << 20
 ROWS_DIRECT_FROM = 32 << 10
 ROWS_DIRECT_SPARE = 64 << 20
+LOG_LEVEL = 1
 
 REORDER_NS = 1_000_000_000
 ANSWER_WAIT_NS = 2_000_000_000

@@ -131,6 +131,81 @@ def test_block_bytes_cuts_blocks(tmp_path):
         assert len(r.blocks) > 5 and list(r) == msgs
 
 
+
+def _payload_frames(path) -> list:
+    """(compressed, raw length, window size) of each data block's payload section."""
+    import zstandard as zstd
+
+    out = []
+    with LogReader(path) as r:
+        for b in r.blocks:
+            h = fmt.unpack_block_header(r._mm, b.offset)
+            b0 = b.offset + h.hlen + h.a_len
+            frame = bytes(r._mm[b0:b0 + h.b_len])
+            out.append((len(frame), h.b_raw, zstd.get_frame_parameters(frame).window_size))
+    return out
+
+
+def _repeated_bodies(n: int, size: int, gap: int) -> list:
+    """``n`` responses of the same random body of ``size`` bytes, ``gap`` random bytes between
+    them (other responses), as a server sends the same image again and again."""
+    rnd = random.Random(5)
+    body = rnd.randbytes(size)
+    msgs = []
+    for i in range(n):
+        for data in (body, rnd.randbytes(gap)):
+            msgs.append(Message(kind=KIND_RESPONSE, conn=i, index=0, ts_first=T0 + len(msgs),
+                                ts_last=T0 + len(msgs), client=ADDRS[0], server=ADDRS[1],
+                                flags=0, data=data, method=None, uri=None, status=200,
+                                body_length=len(data), head_length=0))
+    return msgs
+
+
+@pytest.mark.parametrize("level", [1, 3])
+def test_a_payload_window_covers_the_block(tmp_path, level):
+    # the same 600 KB body three times, 1.2 MB apart: beyond level 1's 512 KiB window and level
+    # 3's 2 MiB, within one block's
+    msgs = _repeated_bodies(3, 600_000, 1_200_000)
+    path = write_log(tmp_path / "a.rlog", msgs, level=level)
+    (size, raw, window), = _payload_frames(path)
+    assert raw == 3 * 1_800_000
+    assert size < 4_250_000 and window >= 4 << 20     # (4.2 MB of random bytes; 5.4 without)
+    assert window <= 1 << writer_mod.PAYLOAD_WINDOW_LOG
+    with LogReader(path) as r:
+        assert list(r) == msgs
+
+
+def test_a_payload_window_is_8_mib_at_most_and_small_payloads_keep_the_levels(tmp_path):
+    big = _repeated_bodies(1, 20_000_000, 0)[:1]
+    small = make_messages(50)
+    path = write_log(tmp_path / "a.rlog", big + small, block_records=1)
+    frames = _payload_frames(path)
+    assert frames[0][1] == 20_000_000 and frames[0][2] == 1 << writer_mod.PAYLOAD_WINDOW_LOG
+    import zstandard as zstd
+
+    for (_, raw, window), m in zip(frames[1:], small):
+        if raw:     # as zstd's level 1 makes it for that size
+            assert window == zstd.get_frame_parameters(
+                zstd.ZstdCompressor(level=1).compress(m.data)).window_size
+    with LogReader(path) as r:
+        assert list(r) == big + small
+
+
+def test_random_bodies_at_a_slow_level_keep_the_fast_frame(tmp_path, monkeypatch):
+    # at level 3 or more, a payload that does not compress is compressed once, at FAST_LEVEL
+    # (the contexts made with a window: those of the payload; the meta's is the level's own)
+    levels = []
+    real = writer_mod._payload_compressor
+    monkeypatch.setattr(writer_mod, "_payload_compressor",
+                        lambda level, window: (window and levels.append(level)) or real(level, window))
+    msgs = _repeated_bodies(1, 3_000_000, 0)[:1]
+    for level in (1, 19):
+        levels.clear()
+        path = write_log(tmp_path / f"{level}.rlog", msgs, level=level, threads=False)
+        assert levels == [level if level < writer_mod.FAST_PROBE_FROM else writer_mod.FAST_LEVEL]
+        with LogReader(path) as r:
+            assert list(r) == msgs
+
 def test_threaded_and_inline_writers_write_the_same_bytes(tmp_path):
     msgs = make_messages(1000)
     meta = {"created": "fixed"}

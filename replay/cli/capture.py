@@ -14,6 +14,7 @@ from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwarg
 from replay.cli.stopping import StopSignals
 from replay.cli.types import DURATION
 from replay.errors import UsageError
+from replay.limits import LOG_LEVEL
 # the one duration and size parsers, used below
 from replay.units import parse_seconds, parse_size  # noqa: F401
 
@@ -85,7 +86,7 @@ def status_text(session) -> str:
               help="Packet batches that may wait for the parser in memory (bare number: MiB); "
                    "beyond it the kernel buffer takes the burst.")
 @reassembly_options()
-@click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
+@click.option("--level", type=click.IntRange(-7, 22), default=LOG_LEVEL, show_default=True,
               help="zstd compression level of the log's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No status line and no summary.")
 @settings_option()

@@ -15,6 +15,7 @@ from replay.cli.kafkaopts import range_options, settings_option
 from replay.cli.reassembly import engine_opts_from_kwargs, reassembly_options
 from replay.cli.stopping import Interrupts
 from replay.cli.types import PORT
+from replay.limits import LOG_LEVEL
 
 
 @click.command("convert")
@@ -27,7 +28,7 @@ from replay.cli.types import PORT
 @click.option("--port", "ports", type=PORT, multiple=True,
               help="Only connections to or from these ports (repeatable). Default: every TCP port.")
 @reassembly_options()
-@click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
+@click.option("--level", type=click.IntRange(-7, 22), default=LOG_LEVEL, show_default=True,
               help="zstd compression level of the log's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
 @settings_option()

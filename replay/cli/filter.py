@@ -10,6 +10,7 @@ import click
 from replay.cli.kafkaopts import settings_option
 from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwargs
 from replay.cli.stopping import Interrupts
+from replay.limits import LOG_LEVEL
 
 
 @click.command("filter")
@@ -20,7 +21,7 @@ from replay.cli.stopping import Interrupts
 @click.option("--dry-run", is_flag=True, help="Count what would be kept; write nothing.")
 @click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
               help="For a capture file: only these server ports (repeatable).")
-@click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
+@click.option("--level", type=click.IntRange(-7, 22), default=LOG_LEVEL, show_default=True,
               help="zstd compression level of the output's blocks.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
 @settings_option()

@@ -13,6 +13,7 @@ from replay.cli.ruleopts import rule_input_files, rule_options, rules_from_kwarg
 from replay.cli.stopping import StopSignals
 from replay.cli.types import DURATION
 from replay.errors import UsageError
+from replay.limits import LOG_LEVEL
 
 # filters on production's answer would hold each request until the answer: not in shadow
 SHADOW_EXCLUDED_RULES = ("status", "status-exclude")
@@ -130,7 +131,7 @@ def dry_run_echo(m, data, target, copy) -> None:
 @click.option("--rotate-size", metavar="SIZE", help="With -o: start a new file after SIZE bytes "
               "of HTTP messages (100M, 1G; bare: bytes).")
 @click.option("--rotate-interval", metavar="TIME", help="With -o: start a new file every TIME.")
-@click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
+@click.option("--level", type=click.IntRange(-7, 22), default=LOG_LEVEL, show_default=True,
               help="zstd compression level of the log's blocks.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the summary (per target: counts, drops, errors, latency and delay "

@@ -26,6 +26,8 @@ from __future__ import annotations
 import importlib
 import os
 
+from replay.limits import LOG_LEVEL
+
 # name -> module path; a module not (yet) present is skipped
 READERS = {"gor": "replay.formats.gor", "har": "replay.formats.har"}
 # extension (lower case, longest first) -> (format name, module path)
@@ -69,7 +71,7 @@ def output_format(path: str) -> str:
     return "rlog"
 
 
-def open_writer(path: str, fd: int, meta: dict, level: int = 3, workers: int = 1,
+def open_writer(path: str, fd: int, meta: dict, level: int = LOG_LEVEL, workers: int = 1,
                 direct: bool = False, **options):
     """A writer for ``path`` by its extension (``.rlog`` and anything unknown: a log, written
     by ``workers`` threads, past the page cache when ``direct``)."""

@@ -39,10 +39,31 @@ from datetime import datetime, timezone
 import zstandard as zstd
 
 from replay.errors import OutputError
+from replay.limits import LOG_LEVEL
 from replay.log import format as fmt
 
 
-FAST_PROBE_MIN = 64 << 10   # smaller payloads go straight to the configured level
+# The writer's default zstd level is 1 (``replay.limits.LOG_LEVEL``). A payload is compressed with
+# its window over the whole payload (``PAYLOAD_WINDOW_LOG``): the bodies a server sends again and
+# again (its images, scripts, the same JSON) lie further apart in a block than a level's own
+# window reaches (level 1: 512 KiB, level 3: 2 MiB), and a window over the block finds them.
+# Measured on the payload sections of bench_convert.py's two captures' logs (compressed size
+# against their raw bytes, and the CPU of compressing them all, best of 3):
+#   465 MB MTU-sized capture (441 MB): before (level 3, a level -3 probe first and its frame kept
+#   when it did not shrink by 15 %) 0.898 in 201 ms; level 1 with the window over the payload
+#   0.418 in 123 ms; level 3 so 0.413 in 362 ms (603 ms after the probe);
+#   API capture (48 MB of small JSON messages): before 0.0217 in 56 ms; level 1 so 0.0215 in
+#   27 ms; level 3 so 0.0217 in 32 ms.
+# Level 1 stores both as small as level 3 does, or smaller, in less than half its time; on bytes
+# that do not compress (random) it runs at 3.5-4 GB/s, as fast as the probe at level -3 did.
+# The window is 2^PAYLOAD_WINDOW_LOG bytes at most (a block's bytes, ``block_bytes``), so that a
+# reader that decompresses a payload as a stream (one above 64 MiB: a large body alone in its
+# block) holds a window of 8 MiB at most.
+PAYLOAD_WINDOW_LOG = 23
+# At levels of FAST_PROBE_FROM or more (lazier match finders, under 1 GB/s) a payload of
+# FAST_PROBE_MIN bytes or more is compressed at FAST_LEVEL first (see _compress_payload).
+FAST_PROBE_FROM = 3
+FAST_PROBE_MIN = 64 << 10
 # Tables are compressed about as small as level 8 would at least: on API traffic a table is a
 # fifth of a block's raw bytes and half of its compressed size, and level 8 stores it 10 % smaller
 # than level 3 (its request targets above all). Level 9 stores API tables no smaller, in 1.4 times
@@ -87,6 +108,25 @@ DIRECT_OUT = 4 << 20        # staged bytes written out once a block leaves this 
 PAGE = 4096                 # O_DIRECT's alignment of memory, length and file offset
 
 
+def _payload_window(level: int, size: int) -> int:
+    """The window (its log) of a payload of ``size`` bytes at ``level``: the level's own when
+    that covers it (0), else one over all of it, of 2^PAYLOAD_WINDOW_LOG bytes at most."""
+    if size <= 1 << zstd.ZstdCompressionParameters.from_level(level).window_log:
+        return 0
+    return min(max(size - 1, 1).bit_length(), PAYLOAD_WINDOW_LOG)
+
+
+def _payload_compressor(level: int, window: int):
+    """A compressor at ``level``, with the window 2^``window`` (0: the level's own)."""
+    if not window:
+        return zstd.ZstdCompressor(level=level)
+    p = zstd.ZstdCompressionParameters.from_level(level)
+    return zstd.ZstdCompressor(compression_params=zstd.ZstdCompressionParameters(
+        window_log=max(window, p.window_log), chain_log=p.chain_log, hash_log=p.hash_log,
+        search_log=p.search_log, min_match=p.min_match, target_length=p.target_length,
+        strategy=p.strategy))
+
+
 def _table_compressor(level: int):
     """The compressor of a block's table at the writer's ``level``: ``TABLE_PARAMS`` up to
     ``TABLE_LEVEL``, the level itself above it."""
@@ -97,7 +137,7 @@ def _table_compressor(level: int):
 
 class LogWriter:
     def __init__(self, path, meta: dict | None = None, block_records: int = 8192,
-                 block_bytes: int = 8 << 20, level: int = 3, threads: bool = True,
+                 block_bytes: int = 8 << 20, level: int = LOG_LEVEL, threads: bool = True,
                  max_pending: int = 4, fd: int | None = None, workers: int = 1,
                  direct: bool = False):
         from replay import __version__
@@ -356,20 +396,25 @@ class LogWriter:
             before.wait()
         return self._error is None and not self._broken
 
-    def _zstd(self, kind: str):
-        """This thread's zstd context: ``payload``, ``table``, or ``fast`` (None below level
-        0). A context is used by one thread at a time, and made again when the levels change."""
+    def _zstd(self, kind: str, size: int = 0):
+        """This thread's zstd context: ``payload`` (for ``size`` bytes), ``table``, or ``fast``
+        (None below level 0). A context is used by one thread at a time, and made again when the
+        levels change."""
         local = self._local
-        key = (kind, self.level, self.table_level)
+        level = self.level
+        window = 0
+        if kind != "table":
+            window = _payload_window(FAST_LEVEL if kind == "fast" else level, size)
+        key = (kind, level, self.table_level, window)
         ctx = local.__dict__.get(key, local)
         if ctx is local:
             if kind == "payload":
-                ctx = zstd.ZstdCompressor(level=self.level)
+                ctx = _payload_compressor(level, window)
             elif kind == "table":
-                ctx = (_table_compressor(self.level) if self.table_level is None
+                ctx = (_table_compressor(level) if self.table_level is None
                        else zstd.ZstdCompressor(level=self.table_level))
             else:
-                ctx = zstd.ZstdCompressor(level=FAST_LEVEL) if self.level > -1 else None
+                ctx = _payload_compressor(FAST_LEVEL, window) if level > -1 else None
             local.__dict__[key] = ctx
         return ctx
 
@@ -412,23 +457,21 @@ class LogWriter:
         self._write_parts(parts, (t_min, t_max, count, fmt.BLOCK_DATA))
 
     def _compress_payload(self, payload: bytes) -> bytes:
-        """Message bytes as a zstd frame: the configured level only where it pays.
+        """Message bytes as a zstd frame, its window over all of them (``LOG_LEVEL``).
 
-        Bodies that are already compressed (images, gzip, archives) gain almost nothing from
-        compression but cost it in full: zstd level 3 runs at ~350 MB/s on them, level -3 at
-        ~2.7 GB/s (-1 at ~2 GB/s), to within 2 % of the size. So at a level of 0 or more a large
-        payload is compressed at ``FAST_LEVEL`` first; when that does not shrink it by 15 %, the
-        fast frame is kept, otherwise the payload is compressed again at ``level``. (Storing
+        At a level of ``FAST_PROBE_FROM`` or more, bodies that are already compressed (images,
+        gzip, archives) would gain almost nothing from that level but cost it in full: level 3
+        runs at ~0.8 GB/s on them, level -3 at ~4 GB/s, to within 2 % of the size. So there a
+        large payload is compressed at ``FAST_LEVEL`` first; when that does not shrink it by 15 %,
+        the fast frame is kept, otherwise the payload is compressed again at the level. (Storing
         such payloads raw was tried: it saved 0.1 s on a 450 MB capture and cost 8 % of the log's
         size.)"""
-        fast = self._zstd("fast")
         n = len(payload)
-        if fast is None or n < FAST_PROBE_MIN:
-            return self._zstd("payload").compress(payload)
-        quick = fast.compress(payload)
-        if len(quick) > FAST_KEEP_RATIO * n:
-            return quick
-        return self._zstd("payload").compress(payload)
+        if self.level >= FAST_PROBE_FROM and n >= FAST_PROBE_MIN:
+            quick = self._zstd("fast", n).compress(payload)
+            if len(quick) > FAST_KEEP_RATIO * n:
+                return quick
+        return self._zstd("payload", n).compress(payload)
 
     def _job_meta(self, before, data: bytes) -> None:
         parts = fmt.pack_block(fmt.BLOCK_META, fmt.BF_A_ZSTD, 0, 0, 0,
