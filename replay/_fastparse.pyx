@@ -732,6 +732,7 @@ cdef int _is_chunked(dict fields):
     return 1 if last == b"chunked" else 2  # 2: encoded, but not chunked last
 
 
+@cython.no_gc      # (its objects are a method and a uri: str or None, never a cycle)
 cdef class _Pending:
     """A request awaiting its response."""
 
@@ -844,6 +845,11 @@ cdef class Framer:
         free(self.dbuf)
 
     def __init__(self, Connection conn, int side):
+        self._init(conn, side)
+
+    cdef _init(self, Connection conn, int side):
+        # (``_new_framer`` calls it, past the type's call and its arguments' parsing: a
+        # connection makes two framers, two streams and itself, short ones thousands a second)
         self.conn = conn
         self.eng = conn.engine
         self.rows = self.eng.rows
@@ -1683,6 +1689,9 @@ cdef class Stream:
     cdef int64_t isn
 
     def __init__(self, Connection conn, int side):
+        self._init(conn, side)
+
+    cdef _init(self, Connection conn, int side):
         self.conn = conn
         self.eng = conn.engine
         self.side = side
@@ -1695,7 +1704,8 @@ cdef class Stream:
         self.finished = False
         self.has_peer_ack = False
         self.peer_ack = 0
-        self.framer = Framer(conn, side)
+        self.framer = Framer.__new__(Framer)
+        self.framer._init(conn, side)
         self.syn_seen = False
         self.isn = -1
 
@@ -1849,12 +1859,18 @@ cdef class Connection:
     cdef bint tunnel
 
     def __init__(self, Engine engine, int64_t cid, key, src, int sport, dst, int dport):
+        self._init(engine, cid, key, src, sport, dst, dport)
+
+    cdef _init(self, Engine engine, int64_t cid, key, src, int sport, dst, int dport):
         self.engine = engine
         self.id = cid
         self.key = key
         self.addr = (src, dst)
         self.ports = (sport, dport)
-        self.streams = (Stream(self, 0), Stream(self, 1))
+        cdef Stream s0 = Stream.__new__(Stream), s1 = Stream.__new__(Stream)
+        s0._init(self, 0)
+        s1._init(self, 1)
+        self.streams = (s0, s1)
         self.side0_first = True
         self.client_side = -1
         self.client = None
@@ -2162,9 +2178,10 @@ cdef class Engine:
         if cobj is None:
             if not (r.flags & TH_SYN or has_data):
                 return
-            conn = Connection(self, self.next_id, key,
-                              PyBytes_FromStringAndSize(<char*>r.src, r.alen), r.sport,
-                              PyBytes_FromStringAndSize(<char*>r.dst, r.alen), r.dport)
+            conn = Connection.__new__(Connection)
+            conn._init(self, self.next_id, key,
+                       PyBytes_FromStringAndSize(<char*>r.src, r.alen), r.sport,
+                       PyBytes_FromStringAndSize(<char*>r.dst, r.alen), r.dport)
             conn.side0_first = first
             self.next_id += 1
             self.conns[key] = conn
@@ -3626,6 +3643,8 @@ cdef class RowBuffer(_Rows):
         fewer when their bytes reach ``max_bytes`` (the log writer's rule); 0 when the rows
         held do not fill a block yet."""
         cdef Py_ssize_t i, total = 0
+        if self.n < records and self.used + self.owned < max_bytes:
+            return 0        # (asked after every batch: the rows held, not a scan of them)
         for i in range(min(self.n, max(records, 1))):
             total += self.size[self.first + i]
             if i + 1 >= records or total >= max_bytes:
