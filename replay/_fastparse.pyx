@@ -578,7 +578,8 @@ cdef inline Py_ssize_t _line_end(const char* p, Py_ssize_t a, Py_ssize_t n) noex
 
 cdef int _read_head(const char* p, Py_ssize_t n, HeadInfo* h) noexcept nogil:
     """The head p[0:n] (it ends with its empty line): 1 read into h, 0 the Python path decides."""
-    cdef Py_ssize_t nl, e, i, k, a, colon, te_a = -1, te_b = -1
+    cdef Py_ssize_t nl, e, i, k, a, s, colon, te_a = -1, te_b = -1
+    cdef const void* q
     cdef int64_t seen = 0
     cdef int nseen = 0
     cdef bint cl_bad = False, cl_any = False
@@ -607,11 +608,10 @@ cdef int _read_head(const char* p, Py_ssize_t n, HeadInfo* h) noexcept nogil:
             return 0
         h.m_end = i
         h.u_start = i + 1
-        k = i + 1
-        while k < e and p[k] != 32:
-            k += 1
-        if k >= e:
+        q = memchr(p + i + 1, 32, e - (i + 1)) if i + 1 < e else NULL
+        if q == NULL:
             return 0
+        k = <const char*>q - p
         h.u_end = k
         # the version: exactly one more part, starting with HTTP/
         for a in range(k + 1, e):
@@ -630,18 +630,25 @@ cdef int _read_head(const char* p, Py_ssize_t n, HeadInfo* h) noexcept nogil:
         if e > a:
             if p[a] == 32 or p[a] == 9:
                 return 0        # obs-fold (or a first field that starts with white space)
-            colon = a
-            while colon < e and p[colon] != 58:
-                colon += 1
-            if colon < e:
-                if _name_is(p, a, colon, b"content-length", 14):
+            q = memchr(p + a, 58, e - a)
+            if q != NULL:
+                colon = <const char*>q - p
+                # the name, stripped as _name_is strips it; then one comparison, by its length
+                s = a
+                k = colon
+                while s < k and _ws(p[s]):
+                    s += 1
+                while k > s and _ws(p[k - 1]):
+                    k -= 1
+                k -= s
+                if k == 14 and _name_is(p, s, s + 14, b"content-length", 14):
                     cl_any = True
                     if not cl_bad:
                         if _cl_items(p, colon + 1, e, &seen, &nseen) < 0:
                             cl_bad = True
-                elif _name_is(p, a, colon, b"transfer-encoding", 17):
+                elif k == 17 and _name_is(p, s, s + 17, b"transfer-encoding", 17):
                     te_a, te_b = colon + 1, e        # the last coding of the last field decides
-                elif _name_is(p, a, colon, b"upgrade", 7):
+                elif k == 7 and _name_is(p, s, s + 7, b"upgrade", 7):
                     h.upgrade = 1
         a = nl + 1
     if not cl_any:

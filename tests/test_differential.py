@@ -281,7 +281,8 @@ def test_real_captures_close_alike(path: Path):
 # Start lines and header fields chosen to sit on each rule of that reading: Content-Length lists,
 # repeats, white space, signs and 18/19/25-digit values; Transfer-Encoding lists over several
 # fields; obs-fold lines; Upgrade in any case; start lines the twin refuses (two spaces, no
-# version, a 33-letter method, a status of two digits, tabs).
+# version, a 33-letter method, a status of two digits, tabs); names with white space of any
+# kind around them, and names one letter longer.
 START_REQ = [b"GET /a HTTP/1.1", b"POST /x?y=1 HTTP/1.0", b"GET  HTTP/1.1", b"GET /a  HTTP/1.1",
              b"get /a HTTP/1.1", b"M" * 33 + b" /a HTTP/1.1", b"M" * 32 + b" /a HTTP/1.1",
              b"GET /a HTTP/1.1\r", b"GET /\x80\xff HTTP/1.1", b"GET /a HTTX/1.1", b"GET /a",
@@ -300,7 +301,8 @@ FIELDS = [b"Host: t", b"Content-Length: 3", b"content-length: 3", b"Content-Leng
           b"Transfer-Encoding: gzip", b"Transfer-Encoding: ,", b"Transfer-Encoding:",
           b"Upgrade: websocket", b"UPGRADE :x", b"Connection: upgrade", b" folded: line",
           b"\tfolded", b"no colon here", b":empty name", b"X: a:b", b"Content-Length\t: 3",
-          b"X-Long: " + b"v" * 40]
+          b"X-Long: " + b"v" * 40, b"\x0bContent-Length: 3", b"Upgrade\x0c:x",
+          b"Transfer-Encoding\r: chunked", b"Content-Lengthy: 3", b"Upgrades: x"]
 
 
 @st.composite
