@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import os
 import stat
-import tempfile
 
 from replay.errors import InputError
 
@@ -32,6 +31,8 @@ def seekable(path) -> str:
         return path
     if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
         return path
+    import tempfile     # (only for a pipe: every reading of a file asks first)
+
     fd, tmp = tempfile.mkstemp(prefix="replay-input-")
     SPOOLED[tmp] = path
     _BY_SOURCE[path] = tmp
