@@ -773,6 +773,25 @@ cdef object _method_text(const char* cp, Py_ssize_t n):
     return PyUnicode_DecodeLatin1(cp, n, NULL)
 
 
+cdef extern from "Python.h":
+    bint PyUnicode_CheckExact(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+
+
+cdef inline bint _method_is(object m, str name) except -1:
+    """``m == name`` for a request's method (a str or None), without a full comparison of two
+    strings a message: the common methods are the same objects (``_method_text``), and others
+    mostly differ in length. (Cython compares two strs with PyUnicode_Compare: 400,000 calls on
+    100,000 exchanges.)"""
+    if m is name:
+        return True
+    if m is None:
+        return False
+    if PyUnicode_CheckExact(m) and PyUnicode_GET_LENGTH(m) != PyUnicode_GET_LENGTH(name):
+        return False
+    return m == name
+
+
 cdef inline _Pending _new_pending(int64_t index, method, uri, int64_t start, bint upgrade):
     """The twin's ``_Pending(...)``, without a call through the type (ints made and read
     back)."""
@@ -1323,7 +1342,7 @@ cdef class Framer:
             if is_req:
                 method = _method_text(cp, h.m_end)
                 uri = PyUnicode_DecodeLatin1(cp + h.u_start, h.u_end - h.u_start, NULL)
-                upgrade = h.upgrade or method == "CONNECT"
+                upgrade = h.upgrade or _method_is(method, "CONNECT")
         else:
             parsed = parse_head(bytes(self.buf[:end]))
             if parsed is None:
@@ -1333,7 +1352,7 @@ cdef class Framer:
                 te = _is_chunked(fields)
                 cl = _content_length(fields)
                 if is_req:
-                    upgrade = method == "CONNECT" or b"upgrade" in fields
+                    upgrade = _method_is(method, "CONNECT") or b"upgrade" in fields
         if parsed is None or is_req != (self.role == ROLE_CLIENT):
             self._lose_sync(0)
             self._drop_front(1)  # move past this false start
@@ -1374,9 +1393,9 @@ cdef class Framer:
             if status == 101:
                 conn.start_tunnel()
             return True
-        if self.method == "HEAD" or status == 204 or status == 304:
+        if _method_is(self.method, "HEAD") or status == 204 or status == 304:
             self._emit(end, None)
-        elif self.method == "CONNECT" and 200 <= status < 300:
+        elif _method_is(self.method, "CONNECT") and 200 <= status < 300:
             self.flags |= CF_UPGRADE
             self._emit(end, None)
             conn.start_tunnel()
@@ -1395,9 +1414,11 @@ cdef class Framer:
                 self.remaining = cl
                 self.body_len = cl
                 self.state = S_BODY_LEN
-        if answer is not None and answer.upgrade and self.method != "CONNECT" and status != 101:
+        if answer is not None and answer.upgrade and not _method_is(self.method, "CONNECT") \
+                and status != 101:
             conn.resume_client()
-        elif answer is not None and self.method == "CONNECT" and not (200 <= status < 300):
+        elif answer is not None and _method_is(self.method, "CONNECT") \
+                and not (200 <= status < 300):
             conn.resume_client()
         return True
 
