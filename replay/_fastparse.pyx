@@ -3088,6 +3088,7 @@ from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_COMPACT_ASCII(object o)
+    void* PyUnicode_DATA(object o)
 
 
 cdef bytes _utf8(object s):
@@ -3190,13 +3191,15 @@ cdef class _Strings:
         free(self.final)
 
     cdef int name(self, Row* row, object client, object server, object uri,
-                  object method) except -1:
+                  object method, bint held=False) except -1:
+        """``held``: the caller keeps ``uri`` and ``method`` alive as long as this (a
+        ``RowBlock``'s refs): an ASCII str's own data is pointed at, and not kept again."""
         row.client = self._address("client", client)
         row.server = self._address("server", server)
         if self.rn + 2 > self.rcap:
             self._grow()
-        self._text("uri", uri)
-        self._text("method", method)
+        self._text("uri", uri, held)
+        self._text("method", method, held)
         return 0
 
     cdef int _grow(self) except -1:
@@ -3212,10 +3215,13 @@ cdef class _Strings:
         self.rcap = cap
         return 0
 
-    cdef int _text(self, str name, object s) except -1:
+    cdef int _text(self, str name, object s, bint held) except -1:
         cdef Py_ssize_t n = 0
         cdef const char* p = NULL
-        if s is not None:
+        if held and type(s) is str and PyUnicode_IS_COMPACT_ASCII(s):
+            p = <const char*>PyUnicode_DATA(s)      # (its UTF-8: _text_of would return it)
+            n = PyUnicode_GET_LENGTH(s)
+        elif s is not None:
             if not isinstance(s, str):
                 raise unfit(name, s)
             t = _text_of(s)
@@ -3727,7 +3733,7 @@ cdef class RowBuffer(_Rows):
             b.names = _Strings()        # named here (what needs the GIL), prepared by encode
             for i in range(count):
                 b.names.name(&b.rows[i], b.refs[4 * i], b.refs[4 * i + 1], b.refs[4 * i + 2],
-                             b.refs[4 * i + 3])
+                             b.refs[4 * i + 3], True)     # (b.refs holds them while b lives)
         except BaseException:
             free(fresh)
             free(ext)
