@@ -1706,6 +1706,7 @@ cdef class Stream:
     cdef bint synced          # the twin's ``nxt is not None``
     cdef int64_t nxt          # absolute offset of the next byte expected
     cdef list ooo             # [start, end, data, ts, ack, missing] beyond a hole, sorted by start
+                              # (None until the first)
     cdef int64_t ooo_bytes
     cdef bint has_fin
     cdef int64_t fin          # absolute offset where the FIN sits
@@ -1725,7 +1726,7 @@ cdef class Stream:
         self.side = side
         self.synced = False
         self.nxt = 0
-        self.ooo = []
+        self.ooo = None           # (made at the first segment beyond a hole: most streams have none)
         self.ooo_bytes = 0
         self.has_fin = False
         self.fin = 0
@@ -1792,6 +1793,8 @@ cdef class Stream:
                 self.nxt = start + n + missing
 
     cdef _insert(self, int64_t start, int64_t end, bytes data, int64_t ts, int64_t ack, Py_ssize_t missing):
+        if self.ooo is None:
+            self.ooo = []
         cdef list ooo = self.ooo
         cdef Py_ssize_t i = len(ooo)
         while i > 0 and <int64_t>ooo[i - 1][0] > start:
@@ -1872,8 +1875,8 @@ cdef class Connection:
     cdef Engine engine
     cdef int64_t id
     cdef object key
-    cdef tuple addr
-    cdef tuple ports
+    cdef object src, dst          # the first packet's addresses (bytes) and ports
+    cdef int sport, dport
     cdef tuple streams
     cdef bint side0_first         # side 0 is the first endpoint of the key
     cdef int client_side
@@ -1893,8 +1896,10 @@ cdef class Connection:
         self.engine = engine
         self.id = cid
         self.key = key
-        self.addr = (src, dst)
-        self.ports = (sport, dport)
+        self.src = src
+        self.dst = dst
+        self.sport = sport
+        self.dport = dport
         cdef Stream s0 = Stream.__new__(Stream), s1 = Stream.__new__(Stream)
         s0._init(self, 0)
         s1._init(self, 1)
@@ -1915,8 +1920,8 @@ cdef class Connection:
             return
         self.client_side = side
         cdef int c = side, s = 1 - side
-        self.client = (_addr(self.addr[c]), self.ports[c])
-        self.server = (_addr(self.addr[s]), self.ports[s])
+        self.client = (_addr(self.src), self.sport) if c == 0 else (_addr(self.dst), self.dport)
+        self.server = (_addr(self.dst), self.dport) if c == 0 else (_addr(self.src), self.sport)
         (<Stream>self.streams[c]).framer.role = ROLE_CLIENT
         (<Stream>self.streams[s]).framer.role = ROLE_SERVER
 
