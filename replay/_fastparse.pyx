@@ -805,24 +805,13 @@ cdef inline _Pending _new_pending(int64_t index, method, uri, int64_t start, bin
     return p
 
 
-@cython.final
-cdef class _Mark:
-    """One delivery into a framer's buffer: where it ends in buf, its capture time, its ack.
-
-    (The twin uses a 3-item list; an extension type without object fields is not tracked by
-    the garbage collector, so the hot path allocates no tracked container per packet.)"""
-
-    cdef Py_ssize_t end
-    cdef int64_t ts
-    cdef int64_t ack
-
-
-cdef inline _Mark _new_mark(Py_ssize_t end, int64_t ts, int64_t ack):
-    cdef _Mark m = _Mark.__new__(_Mark)
-    m.end = end
-    m.ts = ts
-    m.ack = ack
-    return m
+cdef struct Mark:
+    # One delivery into a framer's buffer: where it ends in buf, its capture time, its ack (the
+    # twin's 3-item lists; here an array of the framer's own: no object a packet, and no list
+    # a framer for the collector to walk)
+    Py_ssize_t end
+    int64_t ts
+    int64_t ack
 
 
 cdef Py_ssize_t DIRECT_FIRST = 64 << 10   # a message framed into its own memory: at first
@@ -841,7 +830,8 @@ cdef class Framer:
     cdef bytearray buf
     cdef int64_t base
     cdef Py_ssize_t pos
-    cdef list marks
+    cdef Mark* marks              # the deliveries into buf, in order: nmarks of them
+    cdef Py_ssize_t nmarks, marks_cap
     cdef int flags
     cdef int64_t remaining
     cdef int64_t head_len
@@ -869,6 +859,40 @@ cdef class Framer:
         if self.dbuf != NULL and self.rows is not None:
             self.rows.spare -= self.dcap - self.dlen
         free(self.dbuf)
+        free(self.marks)
+
+    cdef int _mark(self, Py_ssize_t end, int64_t ts, int64_t ack) except -1:
+        """A delivery ending at buf[end] (appended)."""
+        cdef Py_ssize_t cap
+        cdef void* q
+        if self.nmarks == self.marks_cap:
+            cap = max(8, 2 * self.marks_cap)
+            q = realloc(self.marks, cap * sizeof(Mark))
+            if q == NULL:
+                raise MemoryError()
+            self.marks = <Mark*>q
+            self.marks_cap = cap
+        self.marks[self.nmarks].end = end
+        self.marks[self.nmarks].ts = ts
+        self.marks[self.nmarks].ack = ack
+        self.nmarks += 1
+        return 0
+
+    cdef void _marks_clear(self) noexcept:
+        """No delivery held (the memory of many given back)."""
+        self.nmarks = 0
+        if self.marks_cap > 64:
+            free(self.marks)
+            self.marks = NULL
+            self.marks_cap = 0
+
+    cdef void _marks_drop(self, Py_ssize_t k) noexcept:
+        """The first ``k`` deliveries gone."""
+        if k >= self.nmarks:
+            self.nmarks = 0
+            return
+        memmove(self.marks, self.marks + k, (self.nmarks - k) * sizeof(Mark))
+        self.nmarks -= k
 
     def __init__(self, Connection conn, int side):
         self._init(conn, side)
@@ -885,7 +909,7 @@ cdef class Framer:
         self.buf = bytearray()
         self.base = 0
         self.pos = 0
-        self.marks = []
+        self.nmarks = 0
         self.flags = 0
         self.remaining = 0
         self.head_len = 0
@@ -930,7 +954,7 @@ cdef class Framer:
         PyByteArray_Resize(self.buf, old + n)
         if n:
             memcpy(PyByteArray_AS_STRING(self.buf) + old, data, n)
-        self.marks.append(_new_mark(old + n, ts, ack))
+        self._mark(old + n, ts, ack)
         self.run(False)
 
     cdef gap(self, int64_t n, int64_t ts, bint truncated):
@@ -1002,7 +1026,7 @@ cdef class Framer:
             if self.produced == 0 and self.scanned + blen > 0:
                 eng.st_non_http_streams += 1
         self.buf = bytearray()
-        self.marks = []
+        self._marks_clear()
         self.pos = 0
         if st != S_TUNNEL and st != S_NOT_HTTP:
             self.state = S_TUNNEL if st == S_WAIT else S_START
@@ -1011,19 +1035,20 @@ cdef class Framer:
     cdef _reset_buf(self, int64_t lost):
         self.base += PyByteArray_GET_SIZE(self.buf) + lost
         self.buf = bytearray()
-        self.marks = []
+        self._marks_clear()
         self.pos = 0
         self.flags = 0
 
     cdef int64_t _ts_at(self, Py_ssize_t off) except? -1:
         """The capture time of the delivery that carried buf[off] (the twin's ``_mark_at``'s
         first item; no tuple, no int objects: this runs twice a message)."""
-        cdef _Mark m
-        for m in self.marks:
-            if off < m.end:
-                return m.ts
-        m = self.marks[-1]
-        return m.ts
+        cdef Py_ssize_t i
+        for i in range(self.nmarks):
+            if off < self.marks[i].end:
+                return self.marks[i].ts
+        if self.nmarks == 0:
+            raise IndexError("no delivery")
+        return self.marks[self.nmarks - 1].ts
 
     cdef run(self, bint final):
         cdef Engine eng = self.eng
@@ -1160,11 +1185,13 @@ cdef class Framer:
     cdef _drop_front(self, Py_ssize_t n):
         del self.buf[:n]
         self.base += n
-        cdef _Mark m
-        for m in self.marks:
-            m.end -= n
-        while self.marks and (<_Mark>self.marks[0]).end <= 0:
-            self.marks.pop(0)
+        cdef Py_ssize_t i, k = 0
+        for i in range(self.nmarks):
+            self.marks[i].end -= n
+        while k < self.nmarks and self.marks[k].end <= 0:
+            k += 1
+        if k:
+            self._marks_drop(k)
         self.pos = self.pos - n if self.pos > n else 0
 
     cdef Py_ssize_t _find_head_end(self):
@@ -1209,8 +1236,8 @@ cdef class Framer:
         role = ROLE_UNKNOWN
         if m is not None:
             role = ROLE_CLIENT if m.group(1) is not None else ROLE_SERVER
-        for mark in self.marks:
-            p = (<_Mark>mark).end
+        for i in range(self.nmarks):
+            p = self.marks[i].end
             if p < p0:
                 continue
             if p >= start:
@@ -1238,7 +1265,7 @@ cdef class Framer:
         eng.st_non_http_streams += 1
         eng.st_skipped_bytes += PyByteArray_GET_SIZE(self.buf)
         self.buf = bytearray()
-        self.marks = []
+        self._marks_clear()
         self.pos = 0
         self.state = S_NOT_HTTP
 
@@ -1280,8 +1307,8 @@ cdef class Framer:
         m = rx.search(buf, 1)
         # a start line also counts where a segment began, even if no line ended just before it
         limit = m.start() if m is not None else len(buf)
-        for mark in self.marks:
-            p = (<_Mark>mark).end
+        for i in range(self.nmarks):
+            p = self.marks[i].end
             if p >= limit:
                 break
             if p > 0 and rx_match(buf, p):
@@ -1317,7 +1344,7 @@ cdef class Framer:
         cdef Stream client = self.conn.streams[1 - self.side]
         if not client.synced or client.finished:
             return False
-        cdef int64_t ack = (<_Mark>self.marks[0]).ack if self.marks else -1
+        cdef int64_t ack = self.marks[0].ack if self.nmarks else -1
         if ack < 0:
             return False
         return unwrap(ack, client.nxt) > client.nxt
@@ -1474,7 +1501,7 @@ cdef class Framer:
     cdef _Pending _pair(self, int status):
         cdef Connection conn = self.conn
         cdef list pend = conn.pending
-        cdef int64_t ack = (<_Mark>self.marks[0]).ack if self.marks else -1
+        cdef int64_t ack = self.marks[0].ack if self.nmarks else -1
         cdef Stream client = conn.streams[1 - self.side]
         cdef bint has_abs = ack >= 0 and client.synced
         cdef int64_t ack_abs = unwrap(ack, client.nxt) if has_abs else 0
@@ -1527,7 +1554,7 @@ cdef class Framer:
         cdef Py_ssize_t n = PyByteArray_GET_SIZE(self.buf)
         cdef int64_t total = n + self.remaining
         if (total < self.rows.direct_from or total > self.eng.max_message
-                or self.pos != n or n == 0 or not self.marks):
+                or self.pos != n or n == 0 or not self.nmarks):
             return 0
         cdef Py_ssize_t cap = self._direct_cap(n, 0, total)
         cdef char* d = <char*>malloc(cap)
@@ -1542,7 +1569,7 @@ cdef class Framer:
         self.d_ts_last = self._ts_at(n - 1)
         if not _empty_bytearray(self.buf):
             self.buf = bytearray()
-        PyList_SetSlice(self.marks, 0, len(self.marks), NULL)
+        self._marks_clear()
         self.pos = 0
         return 0
 
@@ -1599,8 +1626,6 @@ cdef class Framer:
         cdef _Pending p, a
         cdef int64_t index
         cdef int kind
-        cdef list marks
-        cdef _Mark m
         cdef Py_ssize_t k, nm
         cdef bint direct = self.dbuf != NULL     # (the message is dbuf[:dlen]; buf is empty)
         cdef int64_t ts_first, ts_last
@@ -1615,7 +1640,7 @@ cdef class Framer:
                 self.body_len = end - self.head_len
             ts_first = self._ts_at(0)
             ts_last = self._ts_at(end - 1) if end > 0 else ts_first
-            if ts_end is not None and not self.marks:
+            if ts_end is not None and not self.nmarks:
                 ts_last = ts_end
         cdef int flags = self.flags
         if self.role == ROLE_CLIENT:
@@ -1667,22 +1692,21 @@ cdef class Framer:
             # (all of it: emptied keeping its memory, for the next message, where it can be)
             if not (end == PyByteArray_GET_SIZE(self.buf) and _empty_bytearray(self.buf)):
                 del self.buf[:end]
-            marks = self.marks          # (cut in place: no new list a message)
-            nm = len(marks)
+            nm = self.nmarks
             k = 0
-            while k < nm and (<_Mark>marks[k]).end <= end:
+            while k < nm and self.marks[k].end <= end:
                 k += 1
             if k == nm:
                 if nm and PyByteArray_GET_SIZE(self.buf):
-                    m = marks[nm - 1]
-                    PyList_SetSlice(marks, 0, nm, NULL)
-                    marks.append(_new_mark(0, m.ts, m.ack))
+                    self.marks[0] = self.marks[nm - 1]      # (the last one's time, from 0)
+                    self.marks[0].end = 0
+                    self.nmarks = 1
                 else:
-                    PyList_SetSlice(marks, 0, nm, NULL)
+                    self.nmarks = 0
             elif k:
-                PyList_SetSlice(marks, 0, k, NULL)
-            for m in marks:
-                m.end -= end
+                self._marks_drop(k)
+            for k in range(self.nmarks):
+                self.marks[k].end -= end
         self.pos = 0
         self.flags = 0
         self.head_len = 0
@@ -1950,7 +1974,7 @@ cdef class Connection:
             if PyByteArray_GET_SIZE(fr.buf):
                 self.engine.st_skipped_bytes += PyByteArray_GET_SIZE(fr.buf)
             fr.buf = bytearray()
-            fr.marks = []
+            fr._marks_clear()
             fr.pos = 0
             fr.state = S_TUNNEL
 
