@@ -2336,13 +2336,21 @@ cdef inline bint _empty_bytearray(bytearray b) noexcept:
     return True
 
 
-cdef inline Py_ssize_t _key_slot(const uint8_t* key, Py_ssize_t n) noexcept:
-    """Where ``Engine.recent`` keeps the connection of this key (FNV-1a of its bytes)."""
-    cdef uint32_t h = 2166136261
-    cdef Py_ssize_t i
-    for i in range(n):
-        h = (h ^ key[i]) * 16777619
-    return h & (CONN_CACHE - 1)
+cdef inline Py_ssize_t _key_slot(const uint8_t* key, Py_ssize_t n) noexcept nogil:
+    """Where ``Engine.recent`` keeps the connection of this key: a hash of its bytes, eight at
+    a time (a key is 12 bytes, 36 for IPv6; byte by byte it was 2 % of a convert)."""
+    cdef uint64_t h = 0x9E3779B97F4A7C15ULL, w
+    while n >= 8:
+        memcpy(&w, key, 8)
+        h = (h ^ w) * 0xff51afd7ed558ccdULL
+        h ^= h >> 32
+        key += 8
+        n -= 8
+    w = 0
+    memcpy(&w, key, n)
+    h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL
+    h ^= h >> 29
+    return <Py_ssize_t>(h & <uint64_t>(CONN_CACHE - 1))
 
 
 cdef inline void _put_ports(uint8_t* p, int a, int b) noexcept nogil:
@@ -3668,7 +3676,7 @@ cdef class RowBuffer(_Rows):
         memory, its place in ``ext``."""
         cdef Py_ssize_t cap, room
         cdef void* p
-        if head_length > 0xFFFFFFFF:        # the column's range, as encode_block checks it
+        if head_length > SEQ_MASK:          # the column's range (2^32 - 1), as encode_block checks it
             raise unfit("head_length", head_length)
         if self.first:
             self._compact()
