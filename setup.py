@@ -26,7 +26,7 @@ if os.environ.get("REPLAY_NO_EXTENSIONS", "") in ("", "0"):
         # bounds and negative-index checks stay on, as the first line of the .pyx says (that line
         # wins over these; the two say the same so that neither misleads): the hot paths read raw
         # pointers in nogil C functions, where the checks do not apply, and the rest indexes
-        # Python lists with negative indices (``marks[-1]``) that need wraparound. Built with
+        # Python lists with negative indices (``pending[-1]``) that need wraparound. Built with
         # both off in the .pyx's first line, convert crashed (SIGSEGV) on an API capture.
         compiler_directives={"language_level": "3", "boundscheck": True, "wraparound": True,
                              "cdivision": True, "initializedcheck": False},

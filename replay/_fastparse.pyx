@@ -739,7 +739,8 @@ cdef int _is_chunked(dict fields):
     return 1 if last == b"chunked" else 2  # 2: encoded, but not chunked last
 
 
-@cython.no_gc      # (its objects are a method and a uri: str or None, never a cycle)
+@cython.no_gc      # (its objects are a method and a uri: str or None, never a cycle; a method
+                   # given to ResponseFramer.expect is the caller's str)
 cdef class _Pending:
     """A request awaiting its response."""
 
@@ -803,6 +804,9 @@ cdef inline _Pending _new_pending(int64_t index, method, uri, int64_t start, bin
     p.end = -1
     p.upgrade = upgrade
     return p
+
+
+cdef Py_ssize_t MARKS_KEEP = 64   # deliveries a framer's array keeps room for, idle
 
 
 cdef struct Mark:
@@ -881,24 +885,33 @@ cdef class Framer:
     cdef void _marks_clear(self) noexcept:
         """No delivery held (the memory of many given back)."""
         self.nmarks = 0
-        if self.marks_cap > 64:
+        if self.marks_cap > MARKS_KEEP:
             free(self.marks)
             self.marks = NULL
             self.marks_cap = 0
 
     cdef void _marks_drop(self, Py_ssize_t k) noexcept:
-        """The first ``k`` deliveries gone."""
+        """The first ``k`` deliveries gone; the array's room follows what is left (a message cut
+        into thousands of segments does not keep its room on an idle connection)."""
+        cdef Py_ssize_t cap
+        cdef void* q
         if k >= self.nmarks:
-            self.nmarks = 0
+            self._marks_clear()
             return
         memmove(self.marks, self.marks + k, (self.nmarks - k) * sizeof(Mark))
         self.nmarks -= k
+        if self.marks_cap > MARKS_KEEP and self.nmarks < self.marks_cap // 4:
+            cap = max(MARKS_KEEP, 2 * self.nmarks)
+            q = realloc(self.marks, cap * sizeof(Mark))
+            if q != NULL:
+                self.marks = <Mark*>q
+                self.marks_cap = cap
 
     def __init__(self, Connection conn, int side):
         self._init(conn, side)
 
     cdef _init(self, Connection conn, int side):
-        # (``_new_framer`` calls it, past the type's call and its arguments' parsing: a
+        # (``Stream._init`` calls it, past the type's call and its arguments' parsing: a
         # connection makes two framers, two streams and itself, short ones thousands a second)
         self.conn = conn
         self.eng = conn.engine
@@ -1700,9 +1713,9 @@ cdef class Framer:
                 if nm and PyByteArray_GET_SIZE(self.buf):
                     self.marks[0] = self.marks[nm - 1]      # (the last one's time, from 0)
                     self.marks[0].end = 0
-                    self.nmarks = 1
+                    self._marks_drop(nm - 1)                # (one left: its room given back)
                 else:
-                    self.nmarks = 0
+                    self._marks_clear()
             elif k:
                 self._marks_drop(k)
             for k in range(self.nmarks):

@@ -576,6 +576,68 @@ def test_many_large_bodies_at_once(seed):
         check_blocks(blocks, want)
 
 
+def _c_heap() -> int | None:
+    """Bytes glibc's malloc has handed out (mallinfo2), None elsewhere."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    mallinfo2.restype = Info
+    gc.collect()
+    m = mallinfo2()
+    return m.uordblks + m.hblkhd
+
+
+def _idle_after_a_cut_response(n_conns: int, seg: int) -> float:
+    """C heap a connection holds, idle, after one 2 MB chunked response cut into ``seg``-byte
+    segments (its framer saw thousands of deliveries in one message)."""
+    eng = compiled.Engine(1, rows=True)
+    t = T0
+    before = _c_heap()
+
+    def feed(fr):
+        nonlocal t
+        t += 1000
+        eng.feed(t, fr)
+        while n := eng.rows.block_end(1, 1):
+            eng.rows.take(n)
+
+    body = b"x" * 2_000_000
+    resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body) + body \
+        + b"\r\n0\r\n\r\n"
+    q = b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n"
+    for c in range(n_conns):
+        cl, sv = (bytes([10, 0, c >> 8 & 255, c & 255]), 40000), (bytes([10, 0, 0, 2]), 80)
+        cs, ss = 1000, 5000
+        feed(frame(cl, sv, cs, 0, 0x02, b""))
+        feed(frame(sv, cl, ss, cs + 1, 0x12, b""))
+        cs, ss = cs + 1, ss + 1
+        feed(frame(cl, sv, cs, ss, 0x18, q))
+        cs += len(q)
+        for i in range(0, len(resp), seg):
+            feed(frame(sv, cl, ss, cs, 0x18, resp[i:i + seg]))
+            ss += len(resp[i:i + seg])
+    assert eng.stats()["responses"] == n_conns
+    return (_c_heap() - before) / n_conns
+
+
+@pytest.mark.skipif(compiled is None or _c_heap() is None,
+                    reason="the compiled core is not built, or no glibc mallinfo2")
+def test_an_idle_framer_gives_back_the_room_of_a_message_cut_small():
+    # 20,000 deliveries in one message: the framer's array of them held 800 KiB afterwards
+    small = _idle_after_a_cut_response(100, 100)
+    large = _idle_after_a_cut_response(100, 60_000)
+    assert small < large + 8 * 1024, (small, large)
+
+
 @pytest.mark.skipif(compiled is None, reason="the compiled core is not built")
 def test_engine_dropped_in_a_body_gives_its_room_back():
     """An engine let go in the middle of a body framed into memory of its own (a convert

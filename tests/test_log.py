@@ -131,7 +131,6 @@ def test_block_bytes_cuts_blocks(tmp_path):
         assert len(r.blocks) > 5 and list(r) == msgs
 
 
-
 def _payload_frames(path) -> list:
     """(compressed, raw length, window size) of each data block's payload section."""
     import zstandard as zstd
@@ -191,20 +190,39 @@ def test_a_payload_window_is_8_mib_at_most_and_small_payloads_keep_the_levels(tm
         assert list(r) == big + small
 
 
+@pytest.mark.parametrize("level", [1, 19, 22])
+def test_one_payload_context_a_level_serves_every_size(level):
+    # zstd fits the window to the payload it is given: payloads of any size above the level's own
+    # window share one context (a context at level 19 holds about 90 MiB), and levels whose own
+    # window is 8 MiB or more keep it
+    w = writer_mod._payload_window
+    own = writer_mod.zstd.ZstdCompressionParameters.from_level(level).window_log
+    sizes = (0, 100, 1 << 19, (1 << 19) + 1, 3_000_000, 20_000_000, 1 << 30)
+    wide = writer_mod.PAYLOAD_WINDOW_LOG
+    assert {w(level, n) for n in sizes} == ({0} if own >= wide else {0, wide})
+
+
 def test_random_bodies_at_a_slow_level_keep_the_fast_frame(tmp_path, monkeypatch):
     # at level 3 or more, a payload that does not compress is compressed once, at FAST_LEVEL
     # (the contexts made with a window: those of the payload; the meta's is the level's own)
     levels = []
     real = writer_mod._payload_compressor
-    monkeypatch.setattr(writer_mod, "_payload_compressor",
-                        lambda level, window: (window and levels.append(level)) or real(level, window))
+
+    def made(level, window):
+        if window:
+            levels.append(level)
+        return real(level, window)
+
+    monkeypatch.setattr(writer_mod, "_payload_compressor", made)
     msgs = _repeated_bodies(1, 3_000_000, 0)[:1]
-    for level in (1, 19):
+    for level in (1, 2, 0, 3, 19):       # (0 is zstd's default, level 3)
         levels.clear()
         path = write_log(tmp_path / f"{level}.rlog", msgs, level=level, threads=False)
-        assert levels == [level if level < writer_mod.FAST_PROBE_FROM else writer_mod.FAST_LEVEL]
+        slow = level >= writer_mod.FAST_PROBE_FROM or level == 0
+        assert levels == [writer_mod.FAST_LEVEL if slow else level]
         with LogReader(path) as r:
             assert list(r) == msgs
+
 
 def test_threaded_and_inline_writers_write_the_same_bytes(tmp_path):
     msgs = make_messages(1000)

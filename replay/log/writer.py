@@ -56,9 +56,9 @@ from replay.log import format as fmt
 #   27 ms; level 3 so 0.0217 in 32 ms.
 # Level 1 stores both as small as level 3 does, or smaller, in less than half its time; on bytes
 # that do not compress (random) it runs at 3.5-4 GB/s, as fast as the probe at level -3 did.
-# The window is 2^PAYLOAD_WINDOW_LOG bytes at most (a block's bytes, ``block_bytes``), so that a
-# reader that decompresses a payload as a stream (one above 64 MiB: a large body alone in its
-# block) holds a window of 8 MiB at most.
+# The window is 2^PAYLOAD_WINDOW_LOG bytes at most up to level 19 (a block's bytes, ``block_bytes``;
+# levels 20-22 keep their own, larger ones), so that a reader that decompresses a payload as a
+# stream (one above 64 MiB: a large body alone in its block) holds a window of 8 MiB at most.
 PAYLOAD_WINDOW_LOG = 23
 # At levels of FAST_PROBE_FROM or more (lazier match finders, under 1 GB/s) a payload of
 # FAST_PROBE_MIN bytes or more is compressed at FAST_LEVEL first (see _compress_payload).
@@ -109,11 +109,15 @@ PAGE = 4096                 # O_DIRECT's alignment of memory, length and file of
 
 
 def _payload_window(level: int, size: int) -> int:
-    """The window (its log) of a payload of ``size`` bytes at ``level``: the level's own when
-    that covers it (0), else one over all of it, of 2^PAYLOAD_WINDOW_LOG bytes at most."""
-    if size <= 1 << zstd.ZstdCompressionParameters.from_level(level).window_log:
+    """The window (its log) of a payload of ``size`` bytes at ``level``: 0, the level's own,
+    when that covers it or is no smaller than 2^PAYLOAD_WINDOW_LOG (levels 17 and up), else
+    PAYLOAD_WINDOW_LOG. (zstd fits the window to the payload's size, which it knows: one context
+    a thread and level serves every size, with frames byte for byte those of a window fitted
+    here.)"""
+    own = zstd.ZstdCompressionParameters.from_level(level).window_log
+    if size <= 1 << own or own >= PAYLOAD_WINDOW_LOG:
         return 0
-    return min(max(size - 1, 1).bit_length(), PAYLOAD_WINDOW_LOG)
+    return PAYLOAD_WINDOW_LOG
 
 
 def _payload_compressor(level: int, window: int):
@@ -398,8 +402,8 @@ class LogWriter:
 
     def _zstd(self, kind: str, size: int = 0):
         """This thread's zstd context: ``payload`` (for ``size`` bytes), ``table``, or ``fast``
-        (None below level 0). A context is used by one thread at a time, and made again when the
-        levels change."""
+        (``_compress_payload``'s probe). A context is used by one thread at a time, and made again
+        when the levels change."""
         local = self._local
         level = self.level
         window = 0
@@ -414,7 +418,7 @@ class LogWriter:
                 ctx = (_table_compressor(level) if self.table_level is None
                        else zstd.ZstdCompressor(level=self.table_level))
             else:
-                ctx = _payload_compressor(FAST_LEVEL, window) if level > -1 else None
+                ctx = _payload_compressor(FAST_LEVEL, window)
             local.__dict__[key] = ctx
         return ctx
 
@@ -467,7 +471,8 @@ class LogWriter:
         such payloads raw was tried: it saved 0.1 s on a 450 MB capture and cost 8 % of the log's
         size.)"""
         n = len(payload)
-        if self.level >= FAST_PROBE_FROM and n >= FAST_PROBE_MIN:
+        # (level 0 is zstd's default, level 3)
+        if (self.level >= FAST_PROBE_FROM or self.level == 0) and n >= FAST_PROBE_MIN:
             quick = self._zstd("fast", n).compress(payload)
             if len(quick) > FAST_KEEP_RATIO * n:
                 return quick
