@@ -121,12 +121,13 @@ def _payload_window(level: int, size: int) -> int:
 
 
 def _payload_compressor(level: int, window: int):
-    """A compressor at ``level``, with the window 2^``window`` (0: the level's own)."""
+    """A compressor at ``level``, with the window 2^``window`` (0: the level's own; else larger,
+    ``_payload_window``)."""
     if not window:
         return zstd.ZstdCompressor(level=level)
     p = zstd.ZstdCompressionParameters.from_level(level)
     return zstd.ZstdCompressor(compression_params=zstd.ZstdCompressionParameters(
-        window_log=max(window, p.window_log), chain_log=p.chain_log, hash_log=p.hash_log,
+        window_log=window, chain_log=p.chain_log, hash_log=p.hash_log,
         search_log=p.search_log, min_match=p.min_match, target_length=p.target_length,
         strategy=p.strategy))
 
